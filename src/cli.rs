@@ -1,0 +1,324 @@
+//! The `saeflow` command line.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use crate::cache::Cache;
+use crate::config::Override;
+use crate::exec::status::{self, State};
+use crate::exec::{self, Options, Reporter};
+use crate::plan::render::{render, DagFormat};
+use crate::plan::{self, FileHasher, Plan};
+use crate::stages::{Cancel, Registry};
+use crate::Error;
+
+#[derive(Parser)]
+#[command(
+    name = "saeflow",
+    version,
+    about = "Sparse-autoencoder interpretability pipelines with a content-addressed cache"
+)]
+struct Cli {
+    /// Cache directory.
+    #[arg(long, global = true, env = "SAEFLOW_CACHE", default_value = "cache")]
+    cache: PathBuf,
+    /// Print only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct PipelineArgs {
+    /// Pipeline file (TOML).
+    pipeline: PathBuf,
+    /// Override a parameter (`stage.param=value`) or sweep it (`stage.param=a,b,c`); repeat for a grid.
+    #[arg(short = 'S', long = "set", value_name = "STAGE.PARAM=VALUES")]
+    set: Vec<Override>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every stage that is not cached yet (or only TARGETS and what they need).
+    Run {
+        #[command(flatten)]
+        args: PipelineArgs,
+        /// Stage or instance names to run, with their upstream stages.
+        targets: Vec<String>,
+        /// How many stages may run at once.
+        #[arg(short, long, default_value_t = 1)]
+        jobs: usize,
+        /// Only say, per instance, whether it would run and why.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show every instance: cached, stale (and why) or missing.
+    Status {
+        #[command(flatten)]
+        args: PipelineArgs,
+    },
+    /// Explain field by field what changed in a stage's key since its last successful run.
+    Explain {
+        #[command(flatten)]
+        args: PipelineArgs,
+        /// Stage or instance name.
+        stage: String,
+    },
+    /// Draw the pipeline's DAG.
+    Dag {
+        #[command(flatten)]
+        args: PipelineArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "ascii")]
+        format: DagFormat,
+    },
+    /// Delete cache objects and partial work that no ref reaches.
+    Gc {
+        /// List what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Cache maintenance.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+    /// Write the pipeline JSON Schema (for editors).
+    Schema {
+        /// Output file (`-` for stdout).
+        #[arg(short, long, default_value = "schemas/pipeline.schema.json")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Re-hash every object's files against its manifest.
+    Verify,
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SAEFLOW_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn open_cache(path: &Path) -> Result<Cache, Error> {
+    Cache::open(path).map_err(Error::Other)
+}
+
+fn load_plan(args: &PipelineArgs, registry: &Registry, cache: &Cache) -> Result<Plan, Error> {
+    let mut hasher = FileHasher::open(cache.filehash_memo());
+    plan::load(&args.pipeline, &args.set, registry, &mut hasher)
+}
+
+fn dispatch(cli: Cli) -> Result<(), Error> {
+    let registry = Registry::builtin();
+    let reporter = Reporter::new(cli.quiet);
+    match cli.command {
+        Command::Run {
+            args,
+            targets,
+            jobs,
+            dry_run,
+        } => {
+            let cache = open_cache(&cli.cache)?;
+            let plan = load_plan(&args, &registry, &cache)?;
+            let selected = exec::selection(&plan, &targets).map_err(Error::Usage)?;
+            if dry_run {
+                for &n in plan.order.iter().filter(|n| selected.contains(n)) {
+                    let name = &plan.instance(n).name;
+                    match status::state(&plan, &cache, n) {
+                        State::Cached => println!("{name}: cached, would not run"),
+                        State::Missing => println!("{name}: would run (never run before)"),
+                        State::Stale(reasons) => {
+                            println!("{name}: would run ({})", reasons.join("; "))
+                        }
+                    }
+                }
+                return Ok(());
+            }
+            let cancel = Cancel::new();
+            install_signal_handlers(&cancel)?;
+            let options = Options { jobs, targets };
+            let outcome = exec::run(&plan, &registry, &cache, &options, &cancel, &reporter)
+                .map_err(Error::Usage)?;
+            reporter.println(&format!(
+                "{} computed, {} cached, {} failed, {} skipped",
+                outcome.computed.len(),
+                outcome.cached.len(),
+                outcome.failed.len(),
+                outcome.skipped.len()
+            ));
+            if !outcome.failed.is_empty() {
+                let names: Vec<_> = outcome.failed.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(Error::Failed(format!("stage failed: {}", names.join(", "))));
+            }
+            if outcome.cancelled {
+                return Err(Error::Interrupted);
+            }
+            Ok(())
+        }
+        Command::Status { args } => {
+            let cache = open_cache(&cli.cache)?;
+            let plan = load_plan(&args, &registry, &cache)?;
+            let width = plan
+                .order
+                .iter()
+                .map(|&n| plan.instance(n).name.len())
+                .max()
+                .unwrap_or(0);
+            for &n in &plan.order {
+                let inst = plan.instance(n);
+                let (word, why) = match status::state(&plan, &cache, n) {
+                    State::Cached => ("cached", String::new()),
+                    State::Missing => ("missing", String::new()),
+                    State::Stale(r) => ("stale", format!("  ({})", r.join("; "))),
+                };
+                println!(
+                    "{:width$}  {:7}  {}{why}",
+                    inst.name,
+                    word,
+                    inst.key.short()
+                );
+            }
+            Ok(())
+        }
+        Command::Explain { args, stage } => {
+            let cache = open_cache(&cli.cache)?;
+            let plan = load_plan(&args, &registry, &cache)?;
+            let nodes = plan.select(&stage);
+            if nodes.is_empty() {
+                return Err(Error::Usage(format!(
+                    "no stage or instance named `{stage}`"
+                )));
+            }
+            for n in nodes {
+                let inst = plan.instance(n);
+                match cache.read_ref(&plan.pipeline.header.name, &inst.name) {
+                    None => println!(
+                        "{}: never run successfully; current key {}",
+                        inst.name, inst.key
+                    ),
+                    Some(r) if r.key == inst.key.0 => println!(
+                        "{}: unchanged since its last run (key {})",
+                        inst.name, inst.key
+                    ),
+                    Some(r) => {
+                        println!(
+                            "{}: key {} -> {}",
+                            inst.name,
+                            &r.key[..12.min(r.key.len())],
+                            inst.key.short()
+                        );
+                        for reason in status::reasons(&plan, n, &r.preimage) {
+                            println!("  {reason}");
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Dag { args, format } => {
+            let cache = open_cache(&cli.cache)?;
+            let plan = load_plan(&args, &registry, &cache)?;
+            print!("{}", render(&plan, format));
+            Ok(())
+        }
+        Command::Gc { dry_run } => {
+            let cache = open_cache(&cli.cache)?;
+            let report = cache.gc(dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for (path, size) in &report.removed {
+                println!("{verb} {} ({})", path.display(), human_bytes(*size));
+            }
+            let total: u64 = report.removed.iter().map(|(_, s)| s).sum();
+            println!(
+                "{verb} {} entries, {}; kept {} referenced objects",
+                report.removed.len(),
+                human_bytes(total),
+                report.kept
+            );
+            Ok(())
+        }
+        Command::Cache {
+            command: CacheCommand::Verify,
+        } => {
+            let cache = open_cache(&cli.cache)?;
+            let keys = cache.object_keys()?;
+            let mut bad = 0;
+            for key in &keys {
+                let problems = cache.verify_object(key);
+                if !problems.is_empty() {
+                    bad += 1;
+                    println!("BAD {key}");
+                    for p in problems {
+                        println!("  {p}");
+                    }
+                }
+            }
+            println!("{} objects verified, {bad} damaged", keys.len());
+            if bad > 0 {
+                return Err(Error::Failed(format!(
+                    "{bad} damaged objects; delete them and rerun to recompute"
+                )));
+            }
+            Ok(())
+        }
+        Command::Schema { output } => {
+            let schema = crate::config::pipeline_schema(&registry);
+            let text = serde_json::to_string_pretty(&schema).expect("JSON") + "\n";
+            if output == Path::new("-") {
+                print!("{text}");
+            } else {
+                crate::cache::write_atomic(&output, text.as_bytes())?;
+                eprintln!("wrote {}", output.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn install_signal_handlers(cancel: &Cancel) -> Result<(), Error> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM] {
+        // A second signal while stopping exits at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.flag())
+            .map_err(anyhow::Error::from)?;
+        signal_hook::flag::register(sig, cancel.flag()).map_err(anyhow::Error::from)?;
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

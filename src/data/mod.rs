@@ -1,0 +1,3 @@
+//! Data formats shared by stages.
+
+pub mod parquet;

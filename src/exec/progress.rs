@@ -1,0 +1,189 @@
+//! Progress reporting: indicatif bars on a terminal, throttled plain lines elsewhere (Colab cells, CI logs).
+
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// How often a plain (non-terminal) progress line may be printed per stage.
+const PLAIN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Creates per-stage progress handles and prints run messages without tearing the bars.
+#[derive(Clone)]
+pub struct Reporter {
+    multi: Option<MultiProgress>,
+    quiet: bool,
+}
+
+impl Reporter {
+    /// Bars when stderr is a terminal, plain lines otherwise.
+    pub fn new(quiet: bool) -> Self {
+        let multi = (!quiet && std::io::stderr().is_terminal())
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10)));
+        Self { multi, quiet }
+    }
+
+    /// Prints a line to stderr above any bars.
+    pub fn println(&self, msg: &str) {
+        if self.quiet {
+            return;
+        }
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(msg);
+            }
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    /// A progress handle for one running stage.
+    pub fn stage(&self, name: &str) -> Progress {
+        let bar = self.multi.as_ref().map(|m| {
+            let bar = m.add(ProgressBar::new_spinner());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {prefix:.bold} {elapsed_precise} {wide_msg}",
+                )
+                .expect("valid template"),
+            );
+            bar.set_prefix(name.to_string());
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                bar,
+                plain: (!self.quiet && self.multi.is_none()).then(|| {
+                    Mutex::new(Plain {
+                        start: Instant::now(),
+                        last: Instant::now(),
+                        total: None,
+                        pos: 0,
+                        msg: String::new(),
+                    })
+                }),
+            }),
+        }
+    }
+}
+
+struct Plain {
+    start: Instant,
+    last: Instant,
+    total: Option<u64>,
+    pos: u64,
+    msg: String,
+}
+
+struct Inner {
+    name: String,
+    bar: Option<ProgressBar>,
+    plain: Option<Mutex<Plain>>,
+}
+
+/// A stage's progress: optional total, position, message. Cheap to clone and to call often.
+#[derive(Clone)]
+pub struct Progress {
+    inner: Arc<Inner>,
+}
+
+impl Progress {
+    /// A handle that shows nothing (tests, library use).
+    pub fn hidden() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                name: String::new(),
+                bar: None,
+                plain: None,
+            }),
+        }
+    }
+
+    /// Sets the amount of work (e.g. tokens), switching to a bar with rate and ETA.
+    pub fn set_total(&self, total: u64) {
+        if let Some(bar) = &self.inner.bar {
+            bar.set_length(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:.bold} [{bar:30}] {human_pos}/{human_len} {per_sec} ETA {eta} {wide_msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+        }
+        self.with_plain(|p| p.total = Some(total));
+    }
+
+    /// Advances by `n` units.
+    pub fn inc(&self, n: u64) {
+        if let Some(bar) = &self.inner.bar {
+            bar.inc(n);
+        }
+        self.with_plain(|p| p.pos += n);
+    }
+
+    /// Sets the position.
+    pub fn set_position(&self, pos: u64) {
+        if let Some(bar) = &self.inner.bar {
+            bar.set_position(pos);
+        }
+        self.with_plain(|p| p.pos = pos);
+    }
+
+    /// Sets the message shown after the bar.
+    pub fn set_message(&self, msg: &str) {
+        if let Some(bar) = &self.inner.bar {
+            bar.set_message(msg.to_string());
+        }
+        self.with_plain(|p| p.msg = msg.to_string());
+    }
+
+    /// Lets plain mode print a heartbeat line for stages without a total.
+    pub fn tick(&self) {
+        self.with_plain(|_| {});
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.inner.bar {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn with_plain(&self, f: impl FnOnce(&mut Plain)) {
+        let Some(plain) = &self.inner.plain else {
+            return;
+        };
+        let mut p = plain.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut p);
+        if p.last.elapsed() < PLAIN_INTERVAL {
+            return;
+        }
+        p.last = Instant::now();
+        let secs = p.start.elapsed().as_secs_f64();
+        let line = match p.total {
+            Some(total) if total > 0 => {
+                let rate = p.pos as f64 / secs.max(1e-9);
+                let eta = if rate > 0.0 {
+                    (total.saturating_sub(p.pos)) as f64 / rate
+                } else {
+                    f64::NAN
+                };
+                format!(
+                    "[{}] {:.0}% {}/{} ({:.1}/s, ETA {:.0}s) {}",
+                    self.inner.name,
+                    100.0 * p.pos as f64 / total as f64,
+                    p.pos,
+                    total,
+                    rate,
+                    eta,
+                    p.msg
+                )
+            }
+            _ => format!("[{}] running for {:.0}s {}", self.inner.name, secs, p.msg),
+        };
+        eprintln!("{}", line.trim_end());
+    }
+}

@@ -1,0 +1,252 @@
+//! Stage kinds: one file per kind, all behind the [`Stage`] trait, registered in [`Registry::builtin`].
+//!
+//! A stage knows its parameters, what it references (upstream stages, models, external files) and how to
+//! turn its inputs into files in an output directory. It knows nothing of scheduling, keys or caching.
+
+pub mod command;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use schemars::{JsonSchema, Schema};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::config::{DeviceSpec, ModelSpec};
+use crate::exec::progress::Progress;
+
+/// One segment of a key path inside a stage's table, used to point errors at the right place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySeg {
+    /// A table key.
+    Key(String),
+    /// An array index.
+    Index(usize),
+}
+
+/// Shorthand for a key path of plain keys.
+pub fn key_path(keys: &[&str]) -> Vec<KeySeg> {
+    keys.iter().map(|k| KeySeg::Key(k.to_string())).collect()
+}
+
+/// A name a stage refers to, and where in its table the reference is written.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    /// For inputs the role the upstream artifact plays (e.g. `sae`); for models and files, unused.
+    pub role: String,
+    /// Stage name, model name or file path.
+    pub target: String,
+    /// Where the reference is written in the stage's table.
+    pub at: Vec<KeySeg>,
+}
+
+/// Everything outside a stage's own parameters that its result depends on.
+#[derive(Debug, Clone, Default)]
+pub struct References {
+    /// Upstream stages whose artifacts this stage reads.
+    pub inputs: Vec<Reference>,
+    /// Models (from `[models.*]`) this stage loads.
+    pub models: Vec<Reference>,
+    /// External files or directories whose content enters the action key.
+    pub files: Vec<Reference>,
+}
+
+/// A parameter that deserialized but makes no sense; `at` names the offending key.
+#[derive(Debug, Clone)]
+pub struct ParamError {
+    /// Where in the stage's table the problem is.
+    pub at: Vec<KeySeg>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Cooperative cancellation (Ctrl-C, SIGTERM): long stages poll it and stop, keeping partial work.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// A flag that is not set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Asks every holder to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst)
+    }
+    /// Whether a stop was asked for.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    /// The underlying flag, for signal handlers.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
+
+/// Error a stage returns when it stopped because of [`Cancel`].
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled")]
+pub struct Cancelled;
+
+/// What a running stage gets from the runner.
+pub struct StageContext {
+    /// Instance name, e.g. `sae[k=32]`, for messages.
+    pub instance: String,
+    /// Upstream artifact directories by role.
+    pub inputs: BTreeMap<String, PathBuf>,
+    /// Models this stage referenced, with paths resolved.
+    pub models: BTreeMap<String, ModelSpec>,
+    /// Fresh, empty directory the stage writes its outputs into.
+    pub out_dir: PathBuf,
+    /// Directory that survives an interrupted run of the same key, for resumable work.
+    pub partial_dir: PathBuf,
+    /// Where to write the stage's log (kept beside the cache object).
+    pub log_path: PathBuf,
+    /// Directory relative paths in the pipeline are resolved against.
+    pub workdir: PathBuf,
+    /// Device requested by the pipeline.
+    pub device: DeviceSpec,
+    /// Pipeline seed.
+    pub seed: u64,
+    /// Progress reporting for this stage.
+    pub progress: Progress,
+    /// Set when the user asks the run to stop.
+    pub cancel: Cancel,
+    /// Summary numbers recorded in the manifest (loss, row counts, ...).
+    pub metrics: serde_json::Map<String, Json>,
+}
+
+/// A stage kind. Implement this, add the type to [`Registry::builtin`], and the pipeline format, the schema
+/// and the runner pick it up.
+pub trait Stage: Send + Sync + 'static {
+    /// Parameters as written under `[stages.NAME]` (besides `kind`); use `deny_unknown_fields`.
+    type Params: DeserializeOwned + Serialize + JsonSchema;
+    /// The `kind = "..."` value.
+    const KIND: &'static str;
+    /// Implementation version: bump when outputs for the same inputs change, so caches are invalidated.
+    const VERSION: u32;
+    /// One line for `--help`-style listings and the schema.
+    const ABOUT: &'static str;
+
+    /// What this instance reads besides its parameters.
+    fn references(_params: &Self::Params) -> References {
+        References::default()
+    }
+    /// Checks beyond what the type system expresses.
+    fn validate(_params: &Self::Params) -> Result<(), ParamError> {
+        Ok(())
+    }
+    /// Produces the outputs in `ctx.out_dir`.
+    fn run(params: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()>;
+}
+
+/// Object-safe view of a [`Stage`], working on resolved JSON parameters.
+pub trait StageKind: Send + Sync {
+    /// The `kind` name.
+    fn kind(&self) -> &'static str;
+    /// Implementation version.
+    fn version(&self) -> u32;
+    /// One-line description.
+    fn about(&self) -> &'static str;
+    /// JSON schema of the parameters (draft 2020-12).
+    fn schema(&self) -> Schema;
+    /// Deserializes a stage table (located, for errors) into resolved parameters with defaults filled in.
+    fn resolve(&self, de: toml::de::ValueDeserializer<'_>) -> Result<Json, toml::de::Error>;
+    /// Same as [`StageKind::resolve`] for a value without source positions (overrides, sweeps).
+    fn resolve_value(&self, value: toml::Value) -> Result<Json, String>;
+    /// References of resolved parameters.
+    fn references(&self, params: &Json) -> References;
+    /// Semantic checks of resolved parameters.
+    fn validate(&self, params: &Json) -> Result<(), ParamError>;
+    /// Runs the stage.
+    fn run(&self, params: &Json, ctx: &mut StageContext) -> anyhow::Result<()>;
+}
+
+struct Erased<S>(std::marker::PhantomData<S>);
+
+fn typed<S: Stage>(params: &Json) -> S::Params {
+    // Resolved parameters were produced by serializing `S::Params`, so this cannot fail.
+    serde_json::from_value(params.clone()).expect("resolved parameters round-trip")
+}
+
+impl<S: Stage> StageKind for Erased<S> {
+    fn kind(&self) -> &'static str {
+        S::KIND
+    }
+    fn version(&self) -> u32 {
+        S::VERSION
+    }
+    fn about(&self) -> &'static str {
+        S::ABOUT
+    }
+    fn schema(&self) -> Schema {
+        schemars::generate::SchemaSettings::draft2020_12()
+            .into_generator()
+            .into_root_schema_for::<S::Params>()
+    }
+    fn resolve(&self, de: toml::de::ValueDeserializer<'_>) -> Result<Json, toml::de::Error> {
+        let params: S::Params = serde::Deserialize::deserialize(de)?;
+        Ok(serde_json::to_value(&params).expect("parameters serialize to JSON"))
+    }
+    fn resolve_value(&self, value: toml::Value) -> Result<Json, String> {
+        let params: S::Params = value
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_string())?;
+        Ok(serde_json::to_value(&params).expect("parameters serialize to JSON"))
+    }
+    fn references(&self, params: &Json) -> References {
+        S::references(&typed::<S>(params))
+    }
+    fn validate(&self, params: &Json) -> Result<(), ParamError> {
+        S::validate(&typed::<S>(params))
+    }
+    fn run(&self, params: &Json, ctx: &mut StageContext) -> anyhow::Result<()> {
+        S::run(&typed::<S>(params), ctx)
+    }
+}
+
+/// The stage kinds a pipeline may use.
+#[derive(Clone)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn StageKind>>,
+}
+
+impl Registry {
+    /// An empty registry (tests add their own kinds).
+    pub fn empty() -> Self {
+        Self {
+            kinds: BTreeMap::new(),
+        }
+    }
+
+    /// Every built-in stage kind. New kinds are added here, and only here.
+    pub fn builtin() -> Self {
+        let mut registry = Self::empty();
+        registry.register::<command::Command>();
+        registry
+    }
+
+    /// Adds a stage kind.
+    pub fn register<S: Stage>(&mut self) {
+        self.kinds
+            .insert(S::KIND, Arc::new(Erased::<S>(std::marker::PhantomData)));
+    }
+
+    /// Looks a kind up by name.
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn StageKind>> {
+        self.kinds.get(kind)
+    }
+
+    /// Names of all kinds, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.kinds.keys().copied().collect()
+    }
+
+    /// All kinds, sorted by name.
+    pub fn kinds(&self) -> impl Iterator<Item = &Arc<dyn StageKind>> {
+        self.kinds.values()
+    }
+}
