@@ -165,7 +165,7 @@ pub struct StageDecl {
 pub struct Axis {
     /// Stage the parameter belongs to.
     pub stage: String,
-    /// Top-level parameter name.
+    /// Parameter name; dotted for a key inside a table parameter (`params.x`).
     pub param: String,
     /// The values, in the order given.
     pub values: Vec<toml::Value>,
@@ -286,16 +286,13 @@ pub fn load(
     let source = Source::read(path)?;
     let workdir = std::env::current_dir()
         .map_err(|e| source.error(None, format!("no working directory: {e}")))?;
-    Loader {
-        source: &source,
-        registry,
-    }
-    .load(overrides, workdir)
+    Loader { source: &source, registry, workdir: &workdir }.load(overrides, workdir.clone())
 }
 
 struct Loader<'a> {
     source: &'a Source,
     registry: &'a Registry,
+    workdir: &'a Path,
 }
 
 /// A stage table still carrying source positions.
@@ -393,10 +390,7 @@ impl Loader<'_> {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             if typed.len() == 1 {
-                tables
-                    .get_mut(&o.stage)
-                    .expect("stage exists")
-                    .insert(o.param.clone(), typed[0].clone());
+                set_param(tables.get_mut(&o.stage).expect("stage exists"), &o.param, typed[0].clone());
             } else {
                 axes.push(Axis {
                     stage: o.stage.clone(),
@@ -450,7 +444,7 @@ impl Loader<'_> {
             let raw = &raw_stages[&axis.stage];
             for value in &axis.values {
                 let mut table = decl.table.clone();
-                table.insert(axis.param.clone(), value.clone());
+                set_param(&mut table, &axis.param, value.clone());
                 let params = raw
                     .kind
                     .resolve_value(toml::Value::Table(table))
@@ -651,6 +645,7 @@ impl Loader<'_> {
 
     /// The parameter must be one the stage kind declares.
     fn check_param_exists(&self, raw: &RawStage<'_>, param: &str) -> Result<(), String> {
+        let param = param.split('.').next().unwrap_or(param);
         let schema = raw.kind.schema();
         let props = schema.get("properties").and_then(|p| p.as_object());
         match props {
@@ -679,7 +674,7 @@ impl Loader<'_> {
     ) -> Result<toml::Value, String> {
         let try_with = |v: &toml::Value| {
             let mut t = base.clone();
-            t.insert(param.to_string(), v.clone());
+            set_param(&mut t, param, v.clone());
             raw.kind.resolve_value(toml::Value::Table(t))
         };
         match try_with(&value) {
@@ -748,6 +743,14 @@ impl Loader<'_> {
                         r.target,
                         known.join(", ")
                     ),
+                ));
+            }
+        }
+        for r in &refs.files {
+            if !resolve_path(self.workdir, &r.target).exists() {
+                return Err(self.err(
+                    span_at(&raw.table, &r.at),
+                    format!("stage `{name}` depends on `{}`, which does not exist (relative to {})", r.target, self.workdir.display()),
                 ));
             }
         }
@@ -842,6 +845,22 @@ fn valid_stage_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Sets a (possibly dotted, e.g. `params.x`) parameter in a stage table, creating nested tables as needed.
+pub fn set_param(table: &mut toml::Table, path: &str, value: toml::Value) {
+    match path.split_once('.') {
+        None => {
+            table.insert(path.to_string(), value);
+        }
+        Some((head, rest)) => {
+            let child = table.entry(head.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !child.is_table() {
+                *child = toml::Value::Table(toml::Table::new());
+            }
+            set_param(child.as_table_mut().expect("table"), rest, value);
+        }
+    }
 }
 
 /// Expands `~` and resolves a relative path against `workdir`.

@@ -95,7 +95,7 @@ impl Plan {
                 let mut table = decl.table.clone();
                 for (axis, value) in &assignment {
                     if pipeline.axes[*axis].stage == *name {
-                        table.insert(pipeline.axes[*axis].param.clone(), value.clone());
+                        crate::config::set_param(&mut table, &pipeline.axes[*axis].param, value.clone());
                     }
                 }
                 let params = kind

@@ -39,6 +39,19 @@ pub struct CommandParams {
     /// Extra environment variables (placeholders allowed in values).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Free parameters (Snakemake's `params`): part of the key, available as `{name}` placeholders and as
+    /// `SAEFLOW_PARAM_<NAME>`; sweep them with `-S stage.params.name=a,b`.
+    #[serde(default)]
+    pub params: BTreeMap<String, serde_json::Value>,
+}
+
+const BUILTIN_PLACEHOLDERS: [&str; 4] = ["out", "partial", "seed", "device"];
+
+fn param_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// The `command` stage kind.
@@ -83,8 +96,16 @@ impl Stage for Command {
                     .into(),
             });
         }
+        for name in p.params.keys() {
+            if BUILTIN_PLACEHOLDERS.contains(&name.as_str()) || p.inputs.contains_key(name) {
+                return Err(ParamError {
+                    at: key_path(&["params", name]),
+                    message: format!("parameter `{name}` clashes with a built-in placeholder or an input role"),
+                });
+            }
+        }
         let known = |name: &str| {
-            ["out", "partial", "seed", "device"].contains(&name) || p.inputs.contains_key(name)
+            BUILTIN_PLACEHOLDERS.contains(&name) || p.inputs.contains_key(name) || p.params.contains_key(name)
         };
         let mut texts: Vec<(Vec<KeySeg>, &str)> = p
             .cmd
@@ -109,8 +130,9 @@ impl Stage for Command {
                 message,
             })? {
                 if !known(&name) {
-                    let mut names = vec!["out", "partial", "seed", "device"];
+                    let mut names = BUILTIN_PLACEHOLDERS.to_vec();
                     names.extend(p.inputs.keys().map(String::as_str));
+                    names.extend(p.params.keys().map(String::as_str));
                     return Err(ParamError {
                         at,
                         message: format!(
@@ -149,6 +171,9 @@ impl Stage for Command {
         for (role, dir) in &ctx.inputs {
             vars.insert(role.clone(), dir.display().to_string());
         }
+        for (name, value) in &p.params {
+            vars.insert(name.clone(), param_text(value));
+        }
         let subst = |s: &str| substitute(s, &vars);
 
         let mut process = match &p.shell {
@@ -174,6 +199,9 @@ impl Stage for Command {
             .env("SAEFLOW_DEVICE", ctx.device.to_string());
         for (role, dir) in &ctx.inputs {
             process.env(format!("SAEFLOW_INPUT_{}", role.to_uppercase()), dir);
+        }
+        for (name, value) in &p.params {
+            process.env(format!("SAEFLOW_PARAM_{}", name.to_uppercase()), param_text(value));
         }
         for (k, v) in &p.env {
             process.env(k, subst(v)?);
