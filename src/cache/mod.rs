@@ -448,7 +448,37 @@ impl Cache {
     pub fn gc(&self, dry_run: bool) -> anyhow::Result<GcReport> {
         let reachable = self.referenced_keys()?;
         let mut report = GcReport::default();
-        let remove = |path: PathBuf, report: &mut GcReport| -> anyhow::Result<()> {
+        // Held while deleting, so no run starts computing a key whose leftovers we are removing.
+        let mut held = Vec::new();
+        let mut doomed: BTreeSet<String> = BTreeSet::new();
+        for sub in ["objects", "partial", "logs"] {
+            let mut names: Vec<String> = std::fs::read_dir(self.root.join(sub))?
+                .map(|e| {
+                    e.map(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .trim_end_matches(".log")
+                            .to_string()
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            names.sort();
+            for key in names {
+                if reachable.contains(&key) {
+                    report.kept += usize::from(sub == "objects");
+                } else if !doomed.contains(&key) {
+                    // A key whose lock is held belongs to a live run: leave it alone.
+                    if let Some(l) = lock::try_lock(&self.lock_path(&Key(key.clone())))? {
+                        held.push(l);
+                        doomed.insert(key);
+                    }
+                }
+            }
+        }
+        let mut remove = |path: PathBuf| -> anyhow::Result<()> {
+            if !path.exists() {
+                return Ok(());
+            }
             let size = dir_size(&path);
             if !dry_run {
                 if path.is_dir() {
@@ -461,54 +491,22 @@ impl Cache {
             report.removed.push((path, size));
             Ok(())
         };
-        // Locks held for the duration of the sweep, so no run starts computing a key while we delete it.
-        let mut held = Vec::new();
-        for sub in ["objects", "partial"] {
-            let mut entries: Vec<_> =
-                std::fs::read_dir(self.root.join(sub))?.collect::<Result<_, _>>()?;
-            entries.sort_by_key(|e| e.file_name());
-            for entry in entries {
-                let key = Key(entry.file_name().to_string_lossy().into_owned());
-                if reachable.contains(&key.0) {
-                    report.kept += usize::from(sub == "objects");
-                    continue;
-                }
-                match lock::try_lock(&self.lock_path(&key))? {
-                    Some(l) => held.push(l),
-                    None => continue, // a live run owns it
-                }
-                remove(entry.path(), &mut report)?;
-                let log = self.log_path(&key);
-                if log.exists() && !self.object_dir(&key).exists() {
-                    remove(log, &mut report)?;
-                }
-            }
+        for key in &doomed {
+            remove(self.root.join("objects").join(key))?;
+            remove(self.root.join("partial").join(key))?;
+            remove(self.log_path(&Key(key.clone())))?;
         }
         for entry in std::fs::read_dir(self.root.join("tmp"))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let pid = name.split('.').nth(1).and_then(|p| p.parse::<i32>().ok());
             if pid.is_none_or(|p| !pid_alive(p)) {
-                remove(entry.path(), &mut report)?;
-            }
-        }
-        for entry in std::fs::read_dir(self.root.join("logs"))? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let key = name.trim_end_matches(".log");
-            if !reachable.contains(key)
-                && !self.root.join("objects").join(key).exists()
-                && !held.iter().any(|l| l.path.ends_with(format!("{key}.lock")))
-            {
-                if let Some(l) = lock::try_lock(&self.lock_path(&Key(key.to_string())))? {
-                    held.push(l);
-                    remove(entry.path(), &mut report)?;
-                }
+                remove(entry.path())?;
             }
         }
         if !dry_run {
-            // Unreferenced lock files: delete while holding them (try_lock re-checks the inode, so a racing
-            // locker notices the unlink and retries on a fresh file).
+            // Delete the lock files while holding them; `try_lock` re-checks the inode, so a racing locker
+            // notices the unlink and retries on a fresh file.
             for l in held.drain(..) {
                 let _ = std::fs::remove_file(&l.path);
             }

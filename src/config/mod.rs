@@ -266,7 +266,7 @@ fn span_at(root: &Spanned<DeValue<'_>>, path: &[KeySeg]) -> Range<usize> {
     for seg in path {
         let next = match (seg, node.get_ref()) {
             (KeySeg::Key(k), DeValue::Table(t)) => t.get(k.as_str()),
-            (KeySeg::Index(i), DeValue::Array(a)) => a.iter().nth(*i),
+            (KeySeg::Index(i), DeValue::Array(a)) => a.get(*i),
             _ => None,
         };
         match next {
@@ -286,7 +286,12 @@ pub fn load(
     let source = Source::read(path)?;
     let workdir = std::env::current_dir()
         .map_err(|e| source.error(None, format!("no working directory: {e}")))?;
-    Loader { source: &source, registry, workdir: &workdir }.load(overrides, workdir.clone())
+    Loader {
+        source: &source,
+        registry,
+        workdir: &workdir,
+    }
+    .load(overrides, workdir.clone())
 }
 
 struct Loader<'a> {
@@ -390,7 +395,11 @@ impl Loader<'_> {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             if typed.len() == 1 {
-                set_param(tables.get_mut(&o.stage).expect("stage exists"), &o.param, typed[0].clone());
+                set_param(
+                    tables.get_mut(&o.stage).expect("stage exists"),
+                    &o.param,
+                    typed[0].clone(),
+                );
             } else {
                 axes.push(Axis {
                     stage: o.stage.clone(),
@@ -750,7 +759,11 @@ impl Loader<'_> {
             if !resolve_path(self.workdir, &r.target).exists() {
                 return Err(self.err(
                     span_at(&raw.table, &r.at),
-                    format!("stage `{name}` depends on `{}`, which does not exist (relative to {})", r.target, self.workdir.display()),
+                    format!(
+                        "stage `{name}` depends on `{}`, which does not exist (relative to {})",
+                        r.target,
+                        self.workdir.display()
+                    ),
                 ));
             }
         }
@@ -854,7 +867,9 @@ pub fn set_param(table: &mut toml::Table, path: &str, value: toml::Value) {
             table.insert(path.to_string(), value);
         }
         Some((head, rest)) => {
-            let child = table.entry(head.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let child = table
+                .entry(head.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             if !child.is_table() {
                 *child = toml::Value::Table(toml::Table::new());
             }

@@ -95,7 +95,11 @@ impl Plan {
                 let mut table = decl.table.clone();
                 for (axis, value) in &assignment {
                     if pipeline.axes[*axis].stage == *name {
-                        crate::config::set_param(&mut table, &pipeline.axes[*axis].param, value.clone());
+                        crate::config::set_param(
+                            &mut table,
+                            &pipeline.axes[*axis].param,
+                            value.clone(),
+                        );
                     }
                 }
                 let params = kind

@@ -100,12 +100,16 @@ impl Stage for Command {
             if BUILTIN_PLACEHOLDERS.contains(&name.as_str()) || p.inputs.contains_key(name) {
                 return Err(ParamError {
                     at: key_path(&["params", name]),
-                    message: format!("parameter `{name}` clashes with a built-in placeholder or an input role"),
+                    message: format!(
+                        "parameter `{name}` clashes with a built-in placeholder or an input role"
+                    ),
                 });
             }
         }
         let known = |name: &str| {
-            BUILTIN_PLACEHOLDERS.contains(&name) || p.inputs.contains_key(name) || p.params.contains_key(name)
+            BUILTIN_PLACEHOLDERS.contains(&name)
+                || p.inputs.contains_key(name)
+                || p.params.contains_key(name)
         };
         let mut texts: Vec<(Vec<KeySeg>, &str)> = p
             .cmd
@@ -201,7 +205,10 @@ impl Stage for Command {
             process.env(format!("SAEFLOW_INPUT_{}", role.to_uppercase()), dir);
         }
         for (name, value) in &p.params {
-            process.env(format!("SAEFLOW_PARAM_{}", name.to_uppercase()), param_text(value));
+            process.env(
+                format!("SAEFLOW_PARAM_{}", name.to_uppercase()),
+                param_text(value),
+            );
         }
         for (k, v) in &p.env {
             process.env(k, subst(v)?);

@@ -1,0 +1,312 @@
+//! The runner end to end through the CLI, with `command` stages whose side effects count executions.
+mod common;
+
+use common::{lines, ok, run, text, write};
+
+/// a -> b -> c; every stage appends a line to counts/<stage> when it actually runs.
+const CHAIN: &str = r#"
+[pipeline]
+name = "chain"
+
+[stages.a]
+kind = "command"
+shell = "echo run >> counts/a; echo a > {out}/a.txt"
+outs = ["a.txt"]
+
+[stages.b]
+kind = "command"
+inputs = { up = "a" }
+params = { x = 0 }
+shell = "echo run >> counts/b; cat {up}/a.txt > {out}/b.txt; echo x={x} >> {out}/b.txt"
+outs = ["b.txt"]
+
+[stages.c]
+kind = "command"
+inputs = { up = "b" }
+shell = "echo run >> counts/c; tr a-z A-Z < {up}/b.txt > {out}/c.txt"
+outs = ["c.txt"]
+"#;
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("p.toml"), CHAIN);
+    std::fs::create_dir(dir.path().join("counts")).unwrap();
+    dir
+}
+
+#[test]
+fn sweep_runs_upstream_once_and_a_second_run_computes_nothing() {
+    let dir = setup();
+    let d = dir.path();
+    let out = ok(d, &["run", "p.toml", "-S", "b.params.x=1,2,3"]);
+    assert!(out.contains("7 computed, 0 cached"), "{out}");
+    assert_eq!(
+        (
+            lines(&d.join("counts/a")),
+            lines(&d.join("counts/b")),
+            lines(&d.join("counts/c"))
+        ),
+        (1, 3, 3)
+    );
+
+    let status = ok(d, &["status", "p.toml", "-S", "b.params.x=1,2,3"]);
+    let rows: Vec<&str> = status.lines().collect();
+    assert_eq!(rows.len(), 7, "{status}");
+    assert!(rows.iter().all(|r| r.contains(" cached ")), "{status}");
+    assert!(status.contains("c[b.params.x=2]"), "{status}");
+
+    let again = ok(d, &["run", "p.toml", "-S", "b.params.x=1,2,3"]);
+    assert!(again.contains("0 computed, 7 cached"), "{again}");
+    assert_eq!(
+        (
+            lines(&d.join("counts/a")),
+            lines(&d.join("counts/b")),
+            lines(&d.join("counts/c"))
+        ),
+        (1, 3, 3)
+    );
+
+    // Outputs flowed through: c[x=2] holds b's output uppercased.
+    let objects = common::published_outputs(&d.join("cache"));
+    assert_eq!(objects.len(), 7);
+    let c2 = std::fs::read_dir(d.join("cache/objects"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            std::fs::read_to_string(p.join("manifest.json"))
+                .unwrap()
+                .contains("\"c[b.params.x=2]\"")
+        })
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(c2.join("c.txt")).unwrap(),
+        "A\nX=2\n"
+    );
+}
+
+#[test]
+fn status_dry_run_and_explain_say_what_changed() {
+    let dir = setup();
+    let d = dir.path();
+    ok(d, &["run", "p.toml"]);
+    let status = ok(d, &["status", "p.toml", "-S", "b.params.x=5"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("a ") && l.contains("cached")),
+        "{status}"
+    );
+    assert!(
+        status.lines().any(|l| l.starts_with("b ")
+            && l.contains("stale")
+            && l.contains("params.params.x: 0 -> 5")),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("c ") && l.contains("stale") && l.contains("upstream b")),
+        "{status}"
+    );
+
+    let dry = ok(d, &["run", "--dry-run", "p.toml", "-S", "b.params.x=5"]);
+    assert!(dry.contains("a: cached, would not run"), "{dry}");
+    assert!(
+        dry.contains("b: would run (params.params.x: 0 -> 5)"),
+        "{dry}"
+    );
+    assert_eq!(
+        lines(&d.join("counts/b")),
+        1,
+        "dry run must not run anything"
+    );
+
+    let explain = ok(d, &["explain", "p.toml", "b", "-S", "b.params.x=5"]);
+    assert!(explain.contains("params.params.x: 0 -> 5"), "{explain}");
+    let explain = ok(d, &["explain", "p.toml", "a"]);
+    assert!(
+        explain.contains("unchanged since its last run"),
+        "{explain}"
+    );
+
+    // A changed dependency file is named as the reason.
+    write(&d.join("script.sh"), "echo v1\n");
+    let with_dep = std::fs::read_to_string(d.join("p.toml")).unwrap().replace(
+        "outs = [\"a.txt\"]",
+        "outs = [\"a.txt\"]\ndeps = [\"script.sh\"]",
+    );
+    write(&d.join("q.toml"), &with_dep);
+    ok(d, &["run", "q.toml"]);
+    write(&d.join("script.sh"), "echo v2\n");
+    let explain = ok(d, &["explain", "q.toml", "a"]);
+    assert!(explain.contains("script.sh content changed"), "{explain}");
+}
+
+#[test]
+fn a_failure_stops_dependents_keeps_finished_work_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("counts")).unwrap();
+    write(
+        &d.join("p.toml"),
+        r#"
+[pipeline]
+name = "fail"
+
+[stages.ok]
+kind = "command"
+shell = "echo run >> counts/ok; echo fine > {out}/f"
+
+[stages.bad]
+kind = "command"
+inputs = { up = "ok" }
+shell = "echo about to fail; exit 3"
+
+[stages.after]
+kind = "command"
+inputs = { up = "bad" }
+shell = "echo run >> counts/after"
+
+[stages.independent]
+kind = "command"
+shell = "echo run >> counts/independent"
+
+[stages.missing_out]
+kind = "command"
+shell = "true"
+outs = ["never.txt"]
+"#,
+    );
+    let out = run(d, &["run", "p.toml"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("FAILED bad: `sh` exited with status 3"), "{t}");
+    assert!(
+        t.contains("about to fail"),
+        "the failure shows the log tail: {t}"
+    );
+    assert!(
+        t.contains("did not write declared output `never.txt`"),
+        "{t}"
+    );
+    assert!(
+        t.contains("2 computed, 0 cached, 2 failed, 1 skipped"),
+        "{t}"
+    );
+    assert_eq!(lines(&d.join("counts/after")), 0);
+    assert_eq!(lines(&d.join("counts/independent")), 1);
+    // Nothing half-written was published, and no temporaries are left.
+    assert_eq!(
+        std::fs::read_dir(d.join("cache/objects")).unwrap().count(),
+        2
+    );
+    assert_eq!(std::fs::read_dir(d.join("cache/tmp")).unwrap().count(), 0);
+    // Finished work is kept: rerunning only retries what failed.
+    let again = run(d, &["run", "p.toml"]);
+    assert!(
+        text(&again).contains("0 computed, 2 cached"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(lines(&d.join("counts/ok")), 1);
+}
+
+#[test]
+fn gc_and_verify() {
+    let dir = setup();
+    let d = dir.path();
+    ok(d, &["run", "p.toml", "-S", "b.params.x=1,2"]);
+    ok(d, &["run", "p.toml", "-S", "b.params.x=3"]);
+    // Refs now point at the x=3 chain and at the swept instances; nothing is garbage yet.
+    let dry = ok(d, &["gc", "--dry-run"]);
+    assert!(dry.contains("would remove 0 entries"), "{dry}");
+    // Drop the refs of the sweep: its objects become unreachable.
+    for entry in std::fs::read_dir(d.join("cache/refs/chain")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.to_string_lossy().contains("x=") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let dry = ok(d, &["gc", "--dry-run"]);
+    assert!(dry.contains("would remove 8 entries"), "{dry}");
+    assert_eq!(
+        std::fs::read_dir(d.join("cache/objects")).unwrap().count(),
+        7
+    );
+    let gc = ok(d, &["gc"]);
+    assert!(
+        gc.contains("removed 8 entries") && gc.contains("kept 3 referenced objects"),
+        "{gc}"
+    );
+    assert_eq!(
+        std::fs::read_dir(d.join("cache/objects")).unwrap().count(),
+        3
+    );
+    assert!(ok(d, &["run", "p.toml", "-S", "b.params.x=3"]).contains("0 computed, 3 cached"));
+
+    let verify = ok(d, &["cache", "verify"]);
+    assert!(verify.contains("3 objects verified, 0 damaged"), "{verify}");
+    // Flip one byte of one output.
+    let obj = std::fs::read_dir(d.join("cache/objects"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(obj.join("manifest.json")).unwrap()).unwrap();
+    let file = obj.join(manifest["outputs"][0]["path"].as_str().unwrap());
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let out = run(d, &["cache", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("1 damaged") && text(&out).contains("manifest says"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn targets_run_only_what_they_need() {
+    let dir = setup();
+    let d = dir.path();
+    let out = ok(d, &["run", "p.toml", "b"]);
+    assert!(out.contains("2 computed"), "{out}");
+    assert_eq!(
+        (
+            lines(&d.join("counts/a")),
+            lines(&d.join("counts/b")),
+            lines(&d.join("counts/c"))
+        ),
+        (1, 1, 0)
+    );
+    let bad = run(d, &["run", "p.toml", "nope"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(text(&bad).contains("no stage or instance named `nope`"));
+}
+
+#[test]
+fn independent_stages_run_in_parallel_with_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Two stages that each wait for the other's marker: they can only finish if they run at the same time.
+    write(
+        &d.join("p.toml"),
+        r#"
+[pipeline]
+name = "par"
+
+[stages.x]
+kind = "command"
+shell = "touch started-x; for i in $(seq 100); do [ -e started-y ] && exit 0; sleep 0.05; done; exit 1"
+
+[stages.y]
+kind = "command"
+shell = "touch started-y; for i in $(seq 100); do [ -e started-x ] && exit 0; sleep 0.05; done; exit 1"
+"#,
+    );
+    let out = ok(d, &["run", "-j", "2", "p.toml"]);
+    assert!(out.contains("2 computed"), "{out}");
+}
