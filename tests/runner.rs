@@ -310,3 +310,81 @@ shell = "touch started-y; for i in $(seq 100); do [ -e started-x ] && exit 0; sl
     let out = ok(d, &["run", "-j", "2", "p.toml"]);
     assert!(out.contains("2 computed"), "{out}");
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_keeps_partial_work_and_the_rerun_resumes_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // First attempt records step 1 in {partial} and then takes long; a rerun finds step 1 and finishes.
+    write(
+        &d.join("p.toml"),
+        r#"
+[pipeline]
+name = "resume"
+
+[stages.slow]
+kind = "command"
+shell = "if [ -e {partial}/step1 ]; then echo resumed > {out}/result; else echo 1 > {partial}/step1; touch started; sleep 30; fi"
+"#,
+    );
+    let mut child = common::saeflow(d)
+        .args(["run", "p.toml"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if d.join("started").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(d.join("started").exists());
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "the stage's child was not stopped promptly"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("stopped slow (partial work kept)")
+            && stderr.contains("run again to resume"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(d.join("cache/objects")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(d.join("cache/tmp")).unwrap().count(),
+        0,
+        "the temp dir is removed"
+    );
+    let partial: Vec<_> = std::fs::read_dir(d.join("cache/partial"))
+        .unwrap()
+        .collect();
+    assert_eq!(partial.len(), 1);
+
+    let out = ok(d, &["run", "p.toml"]);
+    assert!(out.contains("1 computed"), "{out}");
+    let objects = common::published_outputs(&d.join("cache"));
+    assert_eq!(objects.len(), 1);
+    // Partial work is dropped once the object is published.
+    assert_eq!(
+        std::fs::read_dir(d.join("cache/partial")).unwrap().count(),
+        0
+    );
+    let obj = std::fs::read_dir(d.join("cache/objects"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::read_to_string(obj.join("result")).unwrap(),
+        "resumed\n"
+    );
+}
