@@ -327,7 +327,7 @@ kind = "command"
 shell = "if [ -e {partial}/step1 ]; then echo resumed > {out}/result; else echo 1 > {partial}/step1; touch started; sleep 30; fi"
 "#,
     );
-    let mut child = common::saeflow(d)
+    let child = common::saeflow(d)
         .args(["run", "p.toml"])
         .stderr(std::process::Stdio::piped())
         .spawn()
