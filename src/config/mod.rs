@@ -756,7 +756,13 @@ impl Loader<'_> {
             }
         }
         for r in &refs.files {
-            if !resolve_path(self.workdir, &r.target).exists() {
+            let full = resolve_path(self.workdir, &r.target);
+            let found = if crate::plan::filehash::is_glob(&r.target) {
+                crate::plan::filehash::expand_glob(&full).is_ok()
+            } else {
+                full.exists()
+            };
+            if !found {
                 return Err(self.err(
                     span_at(&raw.table, &r.at),
                     format!(

@@ -271,6 +271,7 @@ fn compute(
         out_dir: tmp.clone(),
         partial_dir: cache.partial_dir(&inst.key)?,
         log_path: cache.log_path(&inst.key),
+        downloads_dir: cache.root().join("downloads"),
         workdir: pipeline.workdir.clone(),
         device: pipeline.header.device,
         seed: pipeline.header.seed,

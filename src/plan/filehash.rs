@@ -99,6 +99,24 @@ impl FileHasher {
         Ok(hash)
     }
 
+    /// Like [`FileHasher::hash`] for a path relative to `workdir` that may be a glob (`data/*.jsonl`): the
+    /// hash then covers every match (sorted), and no match is an error.
+    pub fn hash_pattern(&mut self, workdir: &Path, pattern: &str) -> anyhow::Result<String> {
+        let full = crate::config::resolve_path(workdir, pattern);
+        if !is_glob(pattern) {
+            return self.hash(&full);
+        }
+        let matches = expand_glob(&full)?;
+        let mut hasher = blake3::Hasher::new();
+        for m in &matches {
+            hasher.update(m.to_string_lossy().as_bytes());
+            hasher.update(&[0]);
+            hasher.update(self.hash(m)?.as_bytes());
+            hasher.update(&[0]);
+        }
+        Ok(hasher.finalize().to_hex().to_string())
+    }
+
     /// Writes the memo back (atomically) if anything was hashed.
     pub fn save(&mut self) -> anyhow::Result<()> {
         if !self.dirty {
@@ -109,6 +127,26 @@ impl FileHasher {
         self.dirty = false;
         Ok(())
     }
+}
+
+/// Whether a path contains glob metacharacters.
+pub fn is_glob(path: &str) -> bool {
+    path.contains(['*', '?', '['])
+}
+
+/// Sorted matches of a glob pattern (an absolute or working-directory-relative path); none is an error.
+pub fn expand_glob(pattern: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let text = pattern.to_string_lossy();
+    let mut matches: Vec<PathBuf> = glob::glob(&text)
+        .with_context(|| format!("bad glob pattern `{text}`"))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("cannot expand `{text}`"))?;
+    matches.retain(|m| m.is_file());
+    matches.sort();
+    if matches.is_empty() {
+        anyhow::bail!("no file matches `{text}`");
+    }
+    Ok(matches)
 }
 
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {

@@ -121,7 +121,7 @@ impl Plan {
                 for r in &refs.files {
                     if !file_hashes.contains_key(&r.target) {
                         let h = hasher
-                            .hash(&resolve_path(&pipeline.workdir, &r.target))
+                            .hash_pattern(&pipeline.workdir, &r.target)
                             .with_context(|| {
                                 format!("stage `{name}`: dependency `{}`", r.target)
                             })?;

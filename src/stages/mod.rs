@@ -4,6 +4,7 @@
 //! turn its inputs into files in an output directory. It knows nothing of scheduling, keys or caching.
 
 pub mod command;
+pub mod dataset;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -105,6 +106,8 @@ pub struct StageContext {
     pub partial_dir: PathBuf,
     /// Where to write the stage's log (kept beside the cache object).
     pub log_path: PathBuf,
+    /// Shared, content-addressed download area of the cache (see `data::download`).
+    pub downloads_dir: PathBuf,
     /// Directory relative paths in the pipeline are resolved against.
     pub workdir: PathBuf,
     /// Device requested by the pipeline.
@@ -226,6 +229,7 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut registry = Self::empty();
         registry.register::<command::Command>();
+        registry.register::<dataset::Dataset>();
         registry
     }
 
