@@ -74,6 +74,16 @@ enum Command {
         #[arg(long, value_enum, default_value = "ascii")]
         format: DagFormat,
     },
+    /// Print the first rows and the label counts of a stage's tables.
+    Show {
+        #[command(flatten)]
+        args: PipelineArgs,
+        /// Stage or instance name.
+        stage: String,
+        /// Rows to print per table.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        limit: usize,
+    },
     /// Delete cache objects and partial work that no ref reaches.
     Gc {
         /// List what would be deleted, delete nothing.
@@ -241,6 +251,24 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             let cache = open_cache(&cli.cache)?;
             let plan = load_plan(&args, &registry, &cache)?;
             print!("{}", render(&plan, format));
+            Ok(())
+        }
+        Command::Show { args, stage, limit } => {
+            let cache = open_cache(&cli.cache)?;
+            let plan = load_plan(&args, &registry, &cache)?;
+            let nodes = plan.select(&stage);
+            if nodes.is_empty() {
+                return Err(Error::Usage(format!("no stage or instance named `{stage}`")));
+            }
+            for n in nodes {
+                let inst = plan.instance(n);
+                if !cache.has_object(&inst.key) {
+                    println!("{}: not computed yet (run `saeflow run {} {}`)", inst.name, args.pipeline.display(), inst.name);
+                    continue;
+                }
+                println!("== {} ({})", inst.name, inst.key.short());
+                print!("{}", crate::report::show::show(&cache.object_dir(&inst.key), limit)?);
+            }
             Ok(())
         }
         Command::Gc { dry_run } => {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod exec;
 pub mod plan;
+pub mod report;
 pub mod stages;
 
 /// Errors at the top level, each with its exit code.

@@ -250,8 +250,8 @@ fn instrumental_rows(path: &Path, set: &str) -> anyhow::Result<Vec<Row>> {
             .get(index.as_str())
             .ok_or_else(|| anyhow::anyhow!("{}: no `label` value", at()))?;
         let deceptive = match raw.as_f64() {
-            Some(v) if v == 0.0 => true,
-            Some(v) if v == 1.0 => false,
+            Some(0.0) => true,
+            Some(1.0) => false,
             _ => anyhow::bail!("{}: `label` must be 0 or 1, found {raw}", at()),
         };
         let label_raw = match raw {
