@@ -258,16 +258,26 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             let plan = load_plan(&args, &registry, &cache)?;
             let nodes = plan.select(&stage);
             if nodes.is_empty() {
-                return Err(Error::Usage(format!("no stage or instance named `{stage}`")));
+                return Err(Error::Usage(format!(
+                    "no stage or instance named `{stage}`"
+                )));
             }
             for n in nodes {
                 let inst = plan.instance(n);
                 if !cache.has_object(&inst.key) {
-                    println!("{}: not computed yet (run `saeflow run {} {}`)", inst.name, args.pipeline.display(), inst.name);
+                    println!(
+                        "{}: not computed yet (run `saeflow run {} {}`)",
+                        inst.name,
+                        args.pipeline.display(),
+                        inst.name
+                    );
                     continue;
                 }
                 println!("== {} ({})", inst.name, inst.key.short());
-                print!("{}", crate::report::show::show(&cache.object_dir(&inst.key), limit)?);
+                print!(
+                    "{}",
+                    crate::report::show::show(&cache.object_dir(&inst.key), limit)?
+                );
             }
             Ok(())
         }

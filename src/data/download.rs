@@ -51,13 +51,18 @@ fn hex(bytes: &[u8]) -> String {
 fn target(dir: &Path, url: &str, sha256: Option<&str>) -> PathBuf {
     match sha256 {
         Some(s) => dir.join("sha256").join(s.to_ascii_lowercase()),
-        None => dir.join("url").join(crate::data::rows::stable_id(&[url]).to_string()),
+        None => dir
+            .join("url")
+            .join(crate::data::rows::stable_id(&[url]).to_string()),
     }
 }
 
 fn offline_hint(e: &ureq::Error) -> &'static str {
     match e {
-        ureq::Error::Io(_) | ureq::Error::HostNotFound | ureq::Error::ConnectionFailed | ureq::Error::Timeout(_) => {
+        ureq::Error::Io(_)
+        | ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::Timeout(_) => {
             " (is this machine offline? point the source at a local copy with `path = ...`)"
         }
         _ => "",
@@ -159,10 +164,18 @@ pub fn fetch(
                 std::fs::rename(&part, &dest)?;
                 return verify(url, &dest, sha256);
             }
-            Ok(()) => last_error = format!("connection closed after {written} of {} bytes", total.unwrap_or(0)),
+            Ok(()) => {
+                last_error = format!(
+                    "connection closed after {written} of {} bytes",
+                    total.unwrap_or(0)
+                )
+            }
             Err(e) => last_error = format!("connection lost after {written} bytes: {e}"),
         }
-        progress.set_message(&format!("resuming download (attempt {}/{MAX_ATTEMPTS})", attempt + 1));
+        progress.set_message(&format!(
+            "resuming download (attempt {}/{MAX_ATTEMPTS})",
+            attempt + 1
+        ));
     }
     bail!("cannot download {url}: {last_error}")
 }
@@ -184,11 +197,19 @@ pub fn get_json(url: &str, headers: &[(String, String)]) -> anyhow::Result<serde
     for (k, v) in headers {
         request = request.header(k, v);
     }
-    let response = request.call().map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}{}", offline_hint(&e)))?;
+    let response = request
+        .call()
+        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}{}", offline_hint(&e)))?;
     let status = response.status().as_u16();
-    let body = response.into_body().read_to_string().with_context(|| format!("reading {url}"))?;
+    let body = response
+        .into_body()
+        .read_to_string()
+        .with_context(|| format!("reading {url}"))?;
     if status != 200 {
-        bail!("{url}: HTTP {status}: {}", body.chars().take(300).collect::<String>());
+        bail!(
+            "{url}: HTTP {status}: {}",
+            body.chars().take(300).collect::<String>()
+        );
     }
     serde_json::from_str(&body).with_context(|| format!("{url}: response is not JSON"))
 }
@@ -207,18 +228,27 @@ pub struct HubFile {
 /// The hub endpoint (`HF_ENDPOINT`, as huggingface_hub reads it) and auth headers (`HF_TOKEN`).
 pub fn hub_endpoint() -> (String, Vec<(String, String)>) {
     let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
-    let headers = std::env::var("HF_TOKEN").map(|t| vec![("Authorization".into(), format!("Bearer {t}"))]).unwrap_or_default();
+    let headers = std::env::var("HF_TOKEN")
+        .map(|t| vec![("Authorization".into(), format!("Bearer {t}"))])
+        .unwrap_or_default();
     (endpoint.trim_end_matches('/').to_string(), headers)
 }
 
 /// Lists the files of dataset `repo` at `revision` whose paths match `pattern` (a glob), via the hub's
 /// tree API, sorted by path.
-pub fn hub_dataset_files(repo: &str, revision: &str, pattern: &str) -> anyhow::Result<Vec<HubFile>> {
+pub fn hub_dataset_files(
+    repo: &str,
+    revision: &str,
+    pattern: &str,
+) -> anyhow::Result<Vec<HubFile>> {
     let (endpoint, headers) = hub_endpoint();
-    let glob = glob::Pattern::new(pattern).with_context(|| format!("bad file pattern `{pattern}`"))?;
+    let glob =
+        glob::Pattern::new(pattern).with_context(|| format!("bad file pattern `{pattern}`"))?;
     let url = format!("{endpoint}/api/datasets/{repo}/tree/{revision}?recursive=true");
     let listing = get_json(&url, &headers)?;
-    let entries = listing.as_array().with_context(|| format!("{url}: expected a JSON array of files"))?;
+    let entries = listing
+        .as_array()
+        .with_context(|| format!("{url}: expected a JSON array of files"))?;
     let mut files: Vec<HubFile> = entries
         .iter()
         .filter(|e| e["type"] == "file")

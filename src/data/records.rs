@@ -7,7 +7,8 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
-    Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+    Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type,
+    UInt64Type, UInt8Type,
 };
 use arrow_array::Array;
 use arrow_schema::DataType;
@@ -23,7 +24,9 @@ pub struct Record {
 }
 
 /// File formats of generic sources.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// One JSON object per line.
@@ -64,14 +67,18 @@ pub fn read_jsonl(path: &Path) -> anyhow::Result<Vec<Record>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
+        let line =
+            line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
         let location = format!("{}:{}", path.display(), i + 1);
         match serde_json::from_str::<Json>(&line) {
             Ok(Json::Object(fields)) => out.push(Record { fields, location }),
-            Ok(other) => bail!("{location}: expected a JSON object, found {}", type_name(&other)),
+            Ok(other) => bail!(
+                "{location}: expected a JSON object, found {}",
+                type_name(&other)
+            ),
             Err(e) => bail!("{location}: malformed JSON: {e}"),
         }
     }
@@ -84,7 +91,10 @@ pub fn read_csv(path: &Path) -> anyhow::Result<Vec<Record>> {
         .flexible(false)
         .from_path(path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    let headers = reader.headers().with_context(|| format!("{}: cannot read the header row", path.display()))?.clone();
+    let headers = reader
+        .headers()
+        .with_context(|| format!("{}: cannot read the header row", path.display()))?
+        .clone();
     let mut out = Vec::new();
     for result in reader.records() {
         let record = result.map_err(|e| {
@@ -92,8 +102,15 @@ pub fn read_csv(path: &Path) -> anyhow::Result<Vec<Record>> {
             anyhow::anyhow!("{}:{line}: malformed CSV: {e}", path.display())
         })?;
         let line = record.position().map_or(0, |p| p.line());
-        let fields = headers.iter().zip(record.iter()).map(|(h, v)| (h.to_string(), Json::String(v.to_string()))).collect();
-        out.push(Record { fields, location: format!("{}:{line}", path.display()) });
+        let fields = headers
+            .iter()
+            .zip(record.iter())
+            .map(|(h, v)| (h.to_string(), Json::String(v.to_string())))
+            .collect();
+        out.push(Record {
+            fields,
+            location: format!("{}:{line}", path.display()),
+        });
     }
     Ok(out)
 }
@@ -112,16 +129,20 @@ pub fn read_parquet(path: &Path) -> anyhow::Result<Vec<Record>> {
         for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
             for (i, row) in rows.iter_mut().enumerate() {
                 let v = cell(column.as_ref(), i).with_context(|| {
-                    format!("{}: column `{}` has unsupported type {}", path.display(), field.name(), field.data_type())
+                    format!(
+                        "{}: column `{}` has unsupported type {}",
+                        path.display(),
+                        field.name(),
+                        field.data_type()
+                    )
                 })?;
                 row.insert(field.name().clone(), v);
             }
         }
-        out.extend(
-            rows.into_iter()
-                .enumerate()
-                .map(|(i, fields)| Record { fields, location: format!("{}:row {}", path.display(), base + i + 1) }),
-        );
+        out.extend(rows.into_iter().enumerate().map(|(i, fields)| Record {
+            fields,
+            location: format!("{}:row {}", path.display(), base + i + 1),
+        }));
     }
     Ok(out)
 }
@@ -190,11 +211,21 @@ mod tests {
         let rows = read_csv(&p).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].fields["text"], "a, b");
-        assert!(rows[1].location.ends_with("x.csv:3"), "{}", rows[1].location);
+        assert!(
+            rows[1].location.ends_with("x.csv:3"),
+            "{}",
+            rows[1].location
+        );
 
         let batch = arrow_array::RecordBatch::try_from_iter([
-            ("text", std::sync::Arc::new(arrow_array::StringArray::from(vec![Some("x"), None])) as _),
-            ("n", std::sync::Arc::new(arrow_array::Int64Array::from(vec![3, 4])) as _),
+            (
+                "text",
+                std::sync::Arc::new(arrow_array::StringArray::from(vec![Some("x"), None])) as _,
+            ),
+            (
+                "n",
+                std::sync::Arc::new(arrow_array::Int64Array::from(vec![3, 4])) as _,
+            ),
         ])
         .unwrap();
         let pq = dir.path().join("x.parquet");

@@ -10,8 +10,18 @@ use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
 
 /// Column names of the fixed part of the schema, in order.
-pub const CORE_COLUMNS: [&str; 10] =
-    ["doc_id", "prompt", "completion", "text", "label", "label_raw", "source", "subset", "pair_id", "split"];
+pub const CORE_COLUMNS: [&str; 10] = [
+    "doc_id",
+    "prompt",
+    "completion",
+    "text",
+    "label",
+    "label_raw",
+    "source",
+    "subset",
+    "pair_id",
+    "split",
+];
 
 /// One labelled text.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -64,7 +74,11 @@ impl Row {
 
     /// A row that is one standalone text.
     pub fn text(source: &str, text: &str) -> Self {
-        Row { text: text.to_string(), source: source.to_string(), ..Default::default() }
+        Row {
+            text: text.to_string(),
+            source: source.to_string(),
+            ..Default::default()
+        }
     }
 
     /// Sets label and raw label.
@@ -82,7 +96,11 @@ impl Row {
 
     /// Pairs this row with others sharing `key` within its source and subset.
     pub fn paired_by(mut self, key: &str) -> Self {
-        self.pair_id = Some(stable_id(&[&self.source, self.subset.as_deref().unwrap_or(""), key]));
+        self.pair_id = Some(stable_id(&[
+            &self.source,
+            self.subset.as_deref().unwrap_or(""),
+            key,
+        ]));
         self
     }
 
@@ -118,11 +136,20 @@ pub fn assign_ids(rows: &mut [Row], identity: impl Fn(&Row) -> String) {
 pub fn assign_ids_from(rows: &mut [Row], identities: &[String]) {
     let mut seen: BTreeMap<(String, String, &str), u64> = BTreeMap::new();
     for (row, id) in rows.iter_mut().zip(identities) {
-        let k = (row.source.clone(), row.subset.clone().unwrap_or_default(), id.as_str());
+        let k = (
+            row.source.clone(),
+            row.subset.clone().unwrap_or_default(),
+            id.as_str(),
+        );
         let n = seen.entry(k).or_insert(0);
         let occurrence = n.to_string();
         *n += 1;
-        row.doc_id = stable_id(&[&row.source, row.subset.as_deref().unwrap_or(""), id, &occurrence]);
+        row.doc_id = stable_id(&[
+            &row.source,
+            row.subset.as_deref().unwrap_or(""),
+            id,
+            &occurrence,
+        ]);
     }
 }
 
@@ -144,7 +171,11 @@ fn extra_columns(rows: &[Row]) -> Vec<String> {
 }
 
 fn column_name(extra: &str) -> String {
-    if CORE_COLUMNS.contains(&extra) { format!("extra_{extra}") } else { extra.to_string() }
+    if CORE_COLUMNS.contains(&extra) {
+        format!("extra_{extra}")
+    } else {
+        extra.to_string()
+    }
 }
 
 /// Builds the Arrow batch of `rows`.
@@ -162,7 +193,11 @@ pub fn to_batch(rows: &[Row]) -> anyhow::Result<RecordBatch> {
         Field::new("pair_id", DataType::UInt64, true),
         Field::new("split", DataType::Utf8, false),
     ];
-    fields.extend(extras.iter().map(|e| Field::new(column_name(e), DataType::Utf8, true)));
+    fields.extend(
+        extras
+            .iter()
+            .map(|e| Field::new(column_name(e), DataType::Utf8, true)),
+    );
     let strings = |f: &dyn Fn(&Row) -> Option<&str>| -> ArrayRef {
         let mut b = StringBuilder::new();
         for r in rows {
@@ -199,7 +234,9 @@ pub fn to_batch(rows: &[Row]) -> anyhow::Result<RecordBatch> {
 pub fn write(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
     let batch = to_batch(rows)?;
     let step = 16 * 1024;
-    let batches: Vec<RecordBatch> =
-        (0..rows.len().max(1)).step_by(step).map(|i| batch.slice(i, step.min(rows.len() - i))).collect();
+    let batches: Vec<RecordBatch> = (0..rows.len().max(1))
+        .step_by(step)
+        .map(|i| batch.slice(i, step.min(rows.len() - i)))
+        .collect();
     super::parquet::write_batches(path, &batches)
 }

@@ -38,19 +38,32 @@ pub fn select(rows: Vec<Row>, max_rows: Option<usize>, balance: bool, seed: u64)
         }
         by_label.entry(key).or_default().push(i);
     }
-    let per_label = if balance { by_label.values().map(Vec::len).min().unwrap_or(0) } else { usize::MAX };
+    let per_label = if balance {
+        by_label.values().map(Vec::len).min().unwrap_or(0)
+    } else {
+        usize::MAX
+    };
     let cap = max_rows.map_or(usize::MAX, |m| m / by_label.len().max(1));
     for indices in by_label.values_mut() {
         indices.sort_by_key(|&i| (rank(seed, "select", &rows[i]), rows[i].doc_id));
         keep.extend(indices.iter().take(per_label.min(cap)));
     }
-    rows.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, r)| r).collect()
+    rows.into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.contains(i))
+        .map(|(_, r)| r)
+        .collect()
 }
 
 /// Canonical order of split names: train, val, test, then the rest alphabetically.
 pub fn split_order(fractions: &BTreeMap<String, f64>) -> Vec<(&str, f64)> {
     let mut names: Vec<(&str, f64)> = fractions.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    let pos = |n: &str| ["train", "val", "test"].iter().position(|s| *s == n).unwrap_or(3);
+    let pos = |n: &str| {
+        ["train", "val", "test"]
+            .iter()
+            .position(|s| *s == n)
+            .unwrap_or(3)
+    };
     names.sort_by(|a, b| (pos(a.0), a.0).cmp(&(pos(b.0), b.0)));
     names
 }
@@ -94,32 +107,62 @@ mod tests {
     #[test]
     fn balance_keeps_equal_counts_and_order() {
         let picked = select(rows(300), None, true, 1);
-        let a = picked.iter().filter(|r| r.label.as_deref() == Some("a")).count();
+        let a = picked
+            .iter()
+            .filter(|r| r.label.as_deref() == Some("a"))
+            .count();
         assert_eq!(a, 100);
         assert_eq!(picked.len(), 200);
-        let positions: Vec<usize> = picked.iter().map(|r| r.text[1..].parse().unwrap()).collect();
-        assert!(positions.windows(2).all(|w| w[0] < w[1]), "upstream order kept");
+        let positions: Vec<usize> = picked
+            .iter()
+            .map(|r| r.text[1..].parse().unwrap())
+            .collect();
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "upstream order kept"
+        );
         assert_eq!(select(rows(300), Some(50), true, 1).len(), 50);
-        assert_ne!(select(rows(300), Some(50), false, 1), select(rows(300), Some(50), false, 2), "seeded");
+        assert_ne!(
+            select(rows(300), Some(50), false, 1),
+            select(rows(300), Some(50), false, 2),
+            "seeded"
+        );
     }
 
     #[test]
     fn pairs_never_straddle_splits_and_fractions_hold() {
         let mut r = rows(10_000);
-        let fractions = BTreeMap::from([("train".into(), 0.8), ("val".into(), 0.1), ("test".into(), 0.1)]);
+        let fractions = BTreeMap::from([
+            ("train".into(), 0.8),
+            ("val".into(), 0.1),
+            ("test".into(), 0.1),
+        ]);
         assign_splits(&mut r, &fractions, 0);
         let mut split_of_pair: BTreeMap<u64, String> = BTreeMap::new();
         for row in &r {
             let s = row.split.clone().unwrap();
-            assert_eq!(split_of_pair.entry(row.pair_id.unwrap()).or_insert(s.clone()), &s);
+            assert_eq!(
+                split_of_pair
+                    .entry(row.pair_id.unwrap())
+                    .or_insert(s.clone()),
+                &s
+            );
         }
-        let train = r.iter().filter(|x| x.split.as_deref() == Some("train")).count() as f64 / r.len() as f64;
+        let train = r
+            .iter()
+            .filter(|x| x.split.as_deref() == Some("train"))
+            .count() as f64
+            / r.len() as f64;
         assert!((train - 0.8).abs() < 0.03, "{train}");
     }
 
     #[test]
     fn dedupe_keeps_first() {
-        let mut r = vec![Row::text("a", "x"), Row::text("b", "x"), Row::text("b", "y")];
+        let mut r = vec![
+            Row::text("a", "x"),
+            Row::text("b", "x"),
+            Row::text("b", "y"),
+        ];
         assert_eq!(dedupe(&mut r), 1);
         assert_eq!(r[0].source, "a");
     }

@@ -26,7 +26,10 @@ fn cell_text(column: &dyn Array, row: usize) -> String {
             .map(|f| f.value(row).to_string())
             .unwrap_or_else(|_| "?".into()),
     };
-    let flat: String = text.chars().map(|c| if c.is_control() { '⏎' } else { c }).collect();
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { '⏎' } else { c })
+        .collect();
     if flat.chars().count() > CELL {
         format!("{}…", flat.chars().take(CELL - 1).collect::<String>())
     } else {
@@ -36,15 +39,37 @@ fn cell_text(column: &dyn Array, row: usize) -> String {
 
 /// Renders the first `limit` rows of a batch as an aligned text table.
 fn table(batch: &RecordBatch, limit: usize) -> String {
-    let names: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let names: Vec<String> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
     let rows: Vec<Vec<String>> = (0..batch.num_rows().min(limit))
-        .map(|r| batch.columns().iter().map(|c| cell_text(c.as_ref(), r)).collect())
+        .map(|r| {
+            batch
+                .columns()
+                .iter()
+                .map(|c| cell_text(c.as_ref(), r))
+                .collect()
+        })
         .collect();
     let widths: Vec<usize> = (0..names.len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).chain([names[c].chars().count()]).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].chars().count())
+                .chain([names[c].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |cells: &[String]| -> String {
-        cells.iter().zip(&widths).map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count()))).collect::<Vec<_>>().join("  ")
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect::<Vec<_>>()
+            .join("  ")
     };
     let mut out = line(&names) + "\n";
     for r in &rows {
@@ -56,15 +81,28 @@ fn table(batch: &RecordBatch, limit: usize) -> String {
 /// Describes every Parquet file of an object directory: row count, first rows, label counts.
 pub fn show(dir: &Path, limit: usize) -> anyhow::Result<String> {
     let mut out = String::new();
-    let mut files: Vec<_> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     files.sort();
-    for path in files.iter().filter(|p| p.extension().is_some_and(|e| e == "parquet")) {
+    for path in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+    {
         let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)
             .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
         let total = builder.metadata().file_metadata().num_rows();
         let schema = builder.metadata().file_metadata().schema_descr_ptr();
-        let label_index = builder.schema().fields().iter().position(|f| f.name() == "label");
-        let split_index = builder.schema().fields().iter().position(|f| f.name() == "split");
+        let label_index = builder
+            .schema()
+            .fields()
+            .iter()
+            .position(|f| f.name() == "label");
+        let split_index = builder
+            .schema()
+            .fields()
+            .iter()
+            .position(|f| f.name() == "split");
         let name = path.file_name().expect("file").to_string_lossy();
         writeln!(out, "{name}: {total} rows")?;
         if let Some(first) = builder.with_batch_size(limit.max(1)).build()?.next() {
@@ -80,7 +118,11 @@ pub fn show(dir: &Path, limit: usize) -> anyhow::Result<String> {
                 let batch = batch?;
                 for r in 0..batch.num_rows() {
                     let label = cell_text(batch.column(0).as_ref(), r);
-                    let split = if indices.len() > 1 { cell_text(batch.column(1).as_ref(), r) } else { String::new() };
+                    let split = if indices.len() > 1 {
+                        cell_text(batch.column(1).as_ref(), r)
+                    } else {
+                        String::new()
+                    };
                     *counts.entry((label, split)).or_default() += 1;
                 }
             }

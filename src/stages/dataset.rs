@@ -37,7 +37,11 @@ pub struct DatasetParams {
 }
 
 fn default_splits() -> BTreeMap<String, f64> {
-    BTreeMap::from([("train".into(), 0.8), ("val".into(), 0.1), ("test".into(), 0.1)])
+    BTreeMap::from([
+        ("train".into(), 0.8),
+        ("val".into(), 0.1),
+        ("test".into(), 0.1),
+    ])
 }
 
 /// One source: a preset (`preset`, optional local `path`), local files (`path` + field names), a URL
@@ -115,7 +119,12 @@ impl SourceSpec {
         if let Some(n) = &self.name {
             return n.clone();
         }
-        self.preset.clone().or_else(|| self.url.clone()).or_else(|| self.hub.clone()).or_else(|| self.path.clone()).unwrap_or_default()
+        self.preset
+            .clone()
+            .or_else(|| self.url.clone())
+            .or_else(|| self.hub.clone())
+            .or_else(|| self.path.clone())
+            .unwrap_or_default()
     }
 
     fn format_for(&self, file: &str) -> Option<Format> {
@@ -127,18 +136,26 @@ impl SourceSpec {
 pub struct Dataset;
 
 fn at(i: usize, key: &str) -> Vec<KeySeg> {
-    vec![KeySeg::Key("sources".into()), KeySeg::Index(i), KeySeg::Key(key.into())]
+    vec![
+        KeySeg::Key("sources".into()),
+        KeySeg::Index(i),
+        KeySeg::Key(key.into()),
+    ]
 }
 
 fn source_error(i: usize, key: &str, message: String) -> ParamError {
-    ParamError { at: at(i, key), message: format!("source {}: {message}", i + 1) }
+    ParamError {
+        at: at(i, key),
+        message: format!("source {}: {message}", i + 1),
+    }
 }
 
 impl Stage for Dataset {
     type Params = DatasetParams;
     const KIND: &'static str = "dataset";
     const VERSION: u32 = 1;
-    const ABOUT: &'static str = "Labelled text rows from dataset presets, local files, URLs or the Hugging Face hub";
+    const ABOUT: &'static str =
+        "Labelled text rows from dataset presets, local files, URLs or the Hugging Face hub";
 
     fn references(p: &DatasetParams) -> References {
         References {
@@ -146,7 +163,13 @@ impl Stage for Dataset {
                 .sources
                 .iter()
                 .enumerate()
-                .filter_map(|(i, s)| s.path.as_ref().map(|path| Reference { role: String::new(), target: path.clone(), at: at(i, "path") }))
+                .filter_map(|(i, s)| {
+                    s.path.as_ref().map(|path| Reference {
+                        role: String::new(),
+                        target: path.clone(),
+                        at: at(i, "path"),
+                    })
+                })
                 .collect(),
             ..Default::default()
         }
@@ -154,54 +177,134 @@ impl Stage for Dataset {
 
     fn validate(p: &DatasetParams) -> Result<(), ParamError> {
         if p.sources.is_empty() {
-            return Err(ParamError { at: key_path(&["sources"]), message: "at least one source is needed".into() });
+            return Err(ParamError {
+                at: key_path(&["sources"]),
+                message: "at least one source is needed".into(),
+            });
         }
         for (i, s) in p.sources.iter().enumerate() {
-            let origins = [s.preset.is_some(), s.url.is_some(), s.hub.is_some(), s.preset.is_none() && s.path.is_some()];
+            let origins = [
+                s.preset.is_some(),
+                s.url.is_some(),
+                s.hub.is_some(),
+                s.preset.is_none() && s.path.is_some(),
+            ];
             if origins.iter().filter(|&&o| o).count() != 1 {
-                return Err(source_error(i, "path", "give exactly one of `preset`, `path` (files), `url` or `hub`".into()));
+                return Err(source_error(
+                    i,
+                    "path",
+                    "give exactly one of `preset`, `path` (files), `url` or `hub`".into(),
+                ));
             }
             if let Some(name) = &s.preset {
                 if presets::get(name).is_none() {
-                    return Err(source_error(i, "preset", format!("unknown preset `{name}` (presets: {})", presets::names().join(", "))));
+                    return Err(source_error(
+                        i,
+                        "preset",
+                        format!(
+                            "unknown preset `{name}` (presets: {})",
+                            presets::names().join(", ")
+                        ),
+                    ));
                 }
-                let generic = [&s.text, &s.prompt, &s.completion, &s.label, &s.id, &s.split, &s.pair, &s.url, &s.sha256, &s.revision, &s.files];
-                if generic.iter().any(|f| f.is_some()) || s.format.is_some() || s.label_map.is_some() || !s.keep.is_empty() {
+                let generic = [
+                    &s.text,
+                    &s.prompt,
+                    &s.completion,
+                    &s.label,
+                    &s.id,
+                    &s.split,
+                    &s.pair,
+                    &s.url,
+                    &s.sha256,
+                    &s.revision,
+                    &s.files,
+                ];
+                if generic.iter().any(|f| f.is_some())
+                    || s.format.is_some()
+                    || s.label_map.is_some()
+                    || !s.keep.is_empty()
+                {
                     return Err(source_error(i, "preset", "preset sources take only `path`, `subsets`, `name`, `max_rows` and `balance`".into()));
                 }
                 continue;
             }
             if s.subsets.is_some() {
-                return Err(source_error(i, "subsets", "`subsets` applies to presets only".into()));
+                return Err(source_error(
+                    i,
+                    "subsets",
+                    "`subsets` applies to presets only".into(),
+                ));
             }
             if s.text.is_none() && s.prompt.is_none() && s.completion.is_none() {
-                return Err(source_error(i, "text", "name the field with the text: `text`, or `prompt` and/or `completion`".into()));
+                return Err(source_error(
+                    i,
+                    "text",
+                    "name the field with the text: `text`, or `prompt` and/or `completion`".into(),
+                ));
             }
             if s.label_map.is_some() && s.label.is_none() {
-                return Err(source_error(i, "label_map", "`label_map` needs `label` (the field holding the label)".into()));
+                return Err(source_error(
+                    i,
+                    "label_map",
+                    "`label_map` needs `label` (the field holding the label)".into(),
+                ));
             }
             if let Some(url) = &s.url {
                 match &s.sha256 {
                     Some(h) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {}
-                    Some(_) => return Err(source_error(i, "sha256", "`sha256` must be 64 hex digits".into())),
-                    None => return Err(source_error(i, "url", "a `url` source needs `sha256` so the download can be verified".into())),
+                    Some(_) => {
+                        return Err(source_error(
+                            i,
+                            "sha256",
+                            "`sha256` must be 64 hex digits".into(),
+                        ))
+                    }
+                    None => {
+                        return Err(source_error(
+                            i,
+                            "url",
+                            "a `url` source needs `sha256` so the download can be verified".into(),
+                        ))
+                    }
                 }
                 if s.format_for(url).is_none() {
-                    return Err(source_error(i, "url", "cannot tell the format from the URL; set `format`".into()));
+                    return Err(source_error(
+                        i,
+                        "url",
+                        "cannot tell the format from the URL; set `format`".into(),
+                    ));
                 }
             }
             if s.hub.is_some() && s.revision.is_none() {
-                return Err(source_error(i, "hub", "a `hub` source needs `revision` (a commit or tag) for reproducible keys".into()));
+                return Err(source_error(
+                    i,
+                    "hub",
+                    "a `hub` source needs `revision` (a commit or tag) for reproducible keys"
+                        .into(),
+                ));
             }
             if let Some(path) = &s.path {
                 if s.format_for(path).is_none() {
-                    return Err(source_error(i, "path", "cannot tell the format from the file name; set `format`".into()));
+                    return Err(source_error(
+                        i,
+                        "path",
+                        "cannot tell the format from the file name; set `format`".into(),
+                    ));
                 }
             }
         }
         let total: f64 = p.splits.values().sum();
-        if p.splits.is_empty() || p.splits.values().any(|f| !(*f > 0.0)) || (total - 1.0).abs() > 1e-6 {
-            return Err(ParamError { at: key_path(&["splits"]), message: format!("split fractions must be positive and sum to 1 (they sum to {total})") });
+        if p.splits.is_empty()
+            || p.splits.values().any(|f| f.is_nan() || *f <= 0.0)
+            || (total - 1.0).abs() > 1e-6
+        {
+            return Err(ParamError {
+                at: key_path(&["splits"]),
+                message: format!(
+                    "split fractions must be positive and sum to 1 (they sum to {total})"
+                ),
+            });
         }
         Ok(())
     }
@@ -211,18 +314,30 @@ impl Stage for Dataset {
         let mut all = Vec::new();
         let mut per_source = Vec::new();
         for (i, s) in p.sources.iter().enumerate() {
-            ctx.progress.set_message(&format!("source {}: {}", i + 1, s.describe()));
-            let rows = load_source(s, ctx).with_context(|| format!("source {} ({})", i + 1, s.describe()))?;
+            ctx.progress
+                .set_message(&format!("source {}: {}", i + 1, s.describe()));
+            let rows = load_source(s, ctx)
+                .with_context(|| format!("source {} ({})", i + 1, s.describe()))?;
             if rows.is_empty() {
                 bail!("source {} ({}) has no rows", i + 1, s.describe());
             }
             let loaded = rows.len();
-            let rows = select::select(rows, s.max_rows.or(p.max_rows).map(|m| m as usize), s.balance.unwrap_or(p.balance), ctx.seed);
-            per_source.push(json!({ "source": s.describe(), "loaded": loaded, "kept": rows.len() }));
+            let rows = select::select(
+                rows,
+                s.max_rows.or(p.max_rows).map(|m| m as usize),
+                s.balance.unwrap_or(p.balance),
+                ctx.seed,
+            );
+            per_source
+                .push(json!({ "source": s.describe(), "loaded": loaded, "kept": rows.len() }));
             all.extend(rows);
             ctx.progress.inc(1);
         }
-        let duplicates = if p.dedupe { select::dedupe(&mut all) } else { 0 };
+        let duplicates = if p.dedupe {
+            select::dedupe(&mut all)
+        } else {
+            0
+        };
         select::assign_splits(&mut all, &p.splits, ctx.seed);
         let mut ids = std::collections::BTreeSet::new();
         if let Some(dup) = all.iter().find(|r| !ids.insert(r.doc_id)) {
@@ -234,11 +349,20 @@ impl Stage for Dataset {
         let mut labels: BTreeMap<String, u64> = BTreeMap::new();
         for r in &all {
             let label = r.label.clone().unwrap_or_else(|| "(none)".into());
-            *counts.entry(r.source.clone()).or_default().entry(label.clone()).or_default().entry(r.split.clone().unwrap_or_default()).or_default() += 1;
+            *counts
+                .entry(r.source.clone())
+                .or_default()
+                .entry(label.clone())
+                .or_default()
+                .entry(r.split.clone().unwrap_or_default())
+                .or_default() += 1;
             *labels.entry(label).or_default() += 1;
         }
         let summary = json!({ "rows": all.len(), "duplicates_dropped": duplicates, "sources": per_source, "counts": counts });
-        std::fs::write(ctx.out_dir.join("summary.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+        std::fs::write(
+            ctx.out_dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)? + "\n",
+        )?;
         ctx.metrics.insert("rows".into(), json!(all.len()));
         ctx.metrics.insert("labels".into(), json!(labels));
         Ok(())
@@ -261,16 +385,27 @@ fn load_source(s: &SourceSpec, ctx: &StageContext) -> anyhow::Result<Vec<Row>> {
             }
         }
         if let Some(wanted) = &s.subsets {
-            let available: std::collections::BTreeSet<String> = rows.iter().filter_map(|r| r.subset.clone()).collect();
+            let available: std::collections::BTreeSet<String> =
+                rows.iter().filter_map(|r| r.subset.clone()).collect();
             if let Some(missing) = wanted.iter().find(|w| !available.contains(*w)) {
-                bail!("preset has no subset `{missing}` (subsets: {})", available.into_iter().collect::<Vec<_>>().join(", "));
+                bail!(
+                    "preset has no subset `{missing}` (subsets: {})",
+                    available.into_iter().collect::<Vec<_>>().join(", ")
+                );
             }
             rows.retain(|r| r.subset.as_ref().is_some_and(|x| wanted.contains(x)));
         }
         return Ok(rows);
     }
     let files: Vec<(PathBuf, Format)> = if let Some(url) = &s.url {
-        let file = fetch(url, s.sha256.as_deref(), &ctx.downloads_dir, &[], &ctx.progress, &ctx.cancel)?;
+        let file = fetch(
+            url,
+            s.sha256.as_deref(),
+            &ctx.downloads_dir,
+            &[],
+            &ctx.progress,
+            &ctx.cancel,
+        )?;
         vec![(file, s.format_for(url).expect("validated"))]
     } else if let Some(repo) = &s.hub {
         let pattern = s.files.clone().unwrap_or_else(|| "**/*.parquet".into());
@@ -278,20 +413,45 @@ fn load_source(s: &SourceSpec, ctx: &StageContext) -> anyhow::Result<Vec<Row>> {
         hub_dataset_files(repo, s.revision.as_deref().expect("validated"), &pattern)?
             .into_iter()
             .map(|f| {
-                let format = s.format_for(&f.path).with_context(|| format!("cannot tell the format of hub file `{}`; set `format`", f.path))?;
-                Ok((fetch(&f.url, f.sha256.as_deref(), &ctx.downloads_dir, &headers, &ctx.progress, &ctx.cancel)?, format))
+                let format = s.format_for(&f.path).with_context(|| {
+                    format!(
+                        "cannot tell the format of hub file `{}`; set `format`",
+                        f.path
+                    )
+                })?;
+                Ok((
+                    fetch(
+                        &f.url,
+                        f.sha256.as_deref(),
+                        &ctx.downloads_dir,
+                        &headers,
+                        &ctx.progress,
+                        &ctx.cancel,
+                    )?,
+                    format,
+                ))
             })
             .collect::<anyhow::Result<_>>()?
     } else {
         let path = s.path.as_deref().expect("validated");
         let full = resolve_path(&ctx.workdir, path);
-        let matches = if crate::plan::filehash::is_glob(path) { crate::plan::filehash::expand_glob(&full)? } else { vec![full] };
-        matches.into_iter().map(|m| (m, s.format_for(path).expect("validated"))).collect()
+        let matches = if crate::plan::filehash::is_glob(path) {
+            crate::plan::filehash::expand_glob(&full)?
+        } else {
+            vec![full]
+        };
+        matches
+            .into_iter()
+            .map(|m| (m, s.format_for(path).expect("validated")))
+            .collect()
     };
     let name = s.describe();
     let (mut rows, mut identities) = (Vec::new(), Vec::new());
     for (file, format) in &files {
-        let subset = file.file_stem().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let subset = file
+            .file_stem()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
         for r in &read(file, *format)? {
             let (row, id) = generic_row(s, &name, &subset, r, *format == Format::Csv)?;
             identities.push(id.unwrap_or_else(|| content_identity(&row)));
@@ -303,23 +463,40 @@ fn load_source(s: &SourceSpec, ctx: &StageContext) -> anyhow::Result<Vec<Row>> {
 }
 
 /// A row from a generic record, and the record's upstream id if the source names an id field.
-fn generic_row(s: &SourceSpec, name: &str, subset: &str, r: &Record, csv: bool) -> anyhow::Result<(Row, Option<String>)> {
+fn generic_row(
+    s: &SourceSpec,
+    name: &str,
+    subset: &str,
+    r: &Record,
+    csv: bool,
+) -> anyhow::Result<(Row, Option<String>)> {
     let get = |field: &Option<String>| -> anyhow::Result<Option<String>> {
         let Some(f) = field else { return Ok(None) };
         if !r.fields.contains_key(f) {
-            let file = r.location.rsplit_once(':').map_or(r.location.as_str(), |(f, _)| f);
+            let file = r
+                .location
+                .rsplit_once(':')
+                .map_or(r.location.as_str(), |(f, _)| f);
             let names: Vec<&str> = r.fields.keys().map(String::as_str).collect();
             if csv {
                 bail!("{file}: no column `{f}` (columns: {})", names.join(", "));
             }
-            bail!("{}: no field `{f}` (fields: {})", r.location, names.join(", "));
+            bail!(
+                "{}: no field `{f}` (fields: {})",
+                r.location,
+                names.join(", ")
+            );
         }
         Ok(field_text(&r.fields, f))
     };
     let (prompt, completion) = (get(&s.prompt)?, get(&s.completion)?);
     let text = match get(&s.text)? {
         Some(t) => t,
-        None => format!("{}{}", prompt.as_deref().unwrap_or(""), completion.as_deref().unwrap_or("")),
+        None => format!(
+            "{}{}",
+            prompt.as_deref().unwrap_or(""),
+            completion.as_deref().unwrap_or("")
+        ),
     };
     let raw = get(&s.label)?;
     let label = match (&raw, &s.label_map) {
@@ -332,7 +509,16 @@ fn generic_row(s: &SourceSpec, name: &str, subset: &str, r: &Record, csv: bool) 
         })?),
         (v, _) => v.clone(),
     };
-    let mut row = Row { prompt, completion, text, label, label_raw: raw, source: name.to_string(), subset: Some(subset.to_string()), ..Default::default() };
+    let mut row = Row {
+        prompt,
+        completion,
+        text,
+        label,
+        label_raw: raw,
+        source: name.to_string(),
+        subset: Some(subset.to_string()),
+        ..Default::default()
+    };
     if let Some(split) = get(&s.split)? {
         row = row.upstream_split(&split);
     }
@@ -349,21 +535,42 @@ fn generic_row(s: &SourceSpec, name: &str, subset: &str, r: &Record, csv: bool) 
 
 /// Downloads a preset's upstream files (checksum-verified) and lays them out under their local names.
 fn download_preset(preset: &dyn presets::Preset, ctx: &StageContext) -> anyhow::Result<PathBuf> {
-    let up = preset
-        .upstream()
-        .map_err(|why| anyhow::anyhow!("preset `{}` cannot be downloaded: {why}; set `path` to a local copy", preset.name()))?;
-    let base = std::env::var("SAEFLOW_GITHUB_RAW").unwrap_or_else(|_| "https://raw.githubusercontent.com".into());
-    let dir = ctx.downloads_dir.join("presets").join(format!("{}-{}", preset.name(), &up.commit[..12]));
+    let up = preset.upstream().map_err(|why| {
+        anyhow::anyhow!(
+            "preset `{}` cannot be downloaded: {why}; set `path` to a local copy",
+            preset.name()
+        )
+    })?;
+    let base = std::env::var("SAEFLOW_GITHUB_RAW")
+        .unwrap_or_else(|_| "https://raw.githubusercontent.com".into());
+    let dir =
+        ctx.downloads_dir
+            .join("presets")
+            .join(format!("{}-{}", preset.name(), &up.commit[..12]));
     std::fs::create_dir_all(&dir)?;
     for f in up.files {
         let dest = dir.join(f.local);
         if dest.is_file() {
             continue;
         }
-        let url = format!("{}/{}/{}/{}", base.trim_end_matches('/'), up.repository, up.commit, f.upstream);
-        let blob = fetch(&url, Some(f.sha256), &ctx.downloads_dir, &[], &ctx.progress, &ctx.cancel)?;
+        let url = format!(
+            "{}/{}/{}/{}",
+            base.trim_end_matches('/'),
+            up.repository,
+            up.commit,
+            f.upstream
+        );
+        let blob = fetch(
+            &url,
+            Some(f.sha256),
+            &ctx.downloads_dir,
+            &[],
+            &ctx.progress,
+            &ctx.cancel,
+        )?;
         if std::fs::hard_link(&blob, &dest).is_err() {
-            std::fs::copy(&blob, &dest).with_context(|| format!("cannot copy into {}", dest.display()))?;
+            std::fs::copy(&blob, &dest)
+                .with_context(|| format!("cannot copy into {}", dest.display()))?;
         }
     }
     Ok(dir)

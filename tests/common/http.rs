@@ -47,7 +47,12 @@ impl Server {
                 }
             });
         }
-        Server { base: format!("http://127.0.0.1:{port}"), log, stop, port }
+        Server {
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            stop,
+            port,
+        }
     }
 }
 
@@ -74,16 +79,27 @@ fn handle(mut stream: TcpStream, routes: &Mutex<Routes>, log: &Mutex<Vec<String>
             range_start = v.trim().trim_end_matches('-').parse::<usize>().ok();
         }
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    log.lock().unwrap().push(format!("GET {path} range={range_start:?}"));
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_string();
+    log.lock()
+        .unwrap()
+        .push(format!("GET {path} range={range_start:?}"));
     let (body, cut) = {
         let mut r = routes.lock().unwrap();
         let body = r.bodies.get(&path).cloned();
-        let cut = if range_start.is_none() { r.cut_first.remove(&path) } else { None };
+        let cut = if range_start.is_none() {
+            r.cut_first.remove(&path)
+        } else {
+            None
+        };
         (body, cut)
     };
     let Some(body) = body else {
-        let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ = stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         return;
     };
     let (status, part) = match range_start {
@@ -91,7 +107,10 @@ fn handle(mut stream: TcpStream, routes: &Mutex<Routes>, log: &Mutex<Vec<String>
         Some(_) => ("416 Range Not Satisfiable", &body[..0]),
         None => ("200 OK", &body[..]),
     };
-    let head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", part.len());
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        part.len()
+    );
     let _ = stream.write_all(head.as_bytes());
     let sent = cut.map_or(part.len(), |c| c.min(part.len()));
     let _ = stream.write_all(&part[..sent]);

@@ -22,7 +22,11 @@ impl Preset for AlignmentFaking {
         "alignment_faking"
     }
     fn upstream(&self) -> Result<Upstream, &'static str> {
-        Ok(Upstream { repository: "bigsnarfdude/detector", commit: "dc1e155541f16cf0ed7c44647007065ecdfb88b5", files: FILES })
+        Ok(Upstream {
+            repository: "bigsnarfdude/detector",
+            commit: "dc1e155541f16cf0ed7c44647007065ecdfb88b5",
+            files: FILES,
+        })
     }
     fn load(&self, dir: &Path) -> anyhow::Result<Vec<Row>> {
         let mut rows = Vec::new();
@@ -32,9 +36,14 @@ impl Preset for AlignmentFaking {
             let deceptive = match raw {
                 "potential_faking" => true,
                 "aligned" => false,
-                other => anyhow::bail!("{}: unknown label `{other}` (expected potential_faking or aligned)", r.location),
+                other => anyhow::bail!(
+                    "{}: unknown label `{other}` (expected potential_faking or aligned)",
+                    r.location
+                ),
             };
-            let mut row = Row::text(self.name(), text).labelled(Some(deception(deceptive)), Some(raw)).subset("gold_106");
+            let mut row = Row::text(self.name(), text)
+                .labelled(Some(deception(deceptive)), Some(raw))
+                .subset("gold_106");
             row.completion = Some(text.to_string());
             rows.push(row);
         }

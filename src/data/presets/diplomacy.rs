@@ -12,9 +12,21 @@ use crate::data::rows::{assign_ids, Row};
 pub struct Diplomacy;
 
 const FILES: &[UpstreamFile] = &[
-    UpstreamFile { upstream: "data/train.jsonl", local: "train.jsonl", sha256: "833d8ef26561bbd1921e9f5e730b2ebea0a59cec24f7082bfdcacb8b6cf30792" },
-    UpstreamFile { upstream: "data/validation.jsonl", local: "validation.jsonl", sha256: "6b2ca19991c7596693ea61b34b1be2d6ada3fcf6710472edd4afed841556e571" },
-    UpstreamFile { upstream: "data/test.jsonl", local: "test.jsonl", sha256: "2061ee7f040d6d8016760cb146d7821fef57cfbb4ced868f233e63854257c050" },
+    UpstreamFile {
+        upstream: "data/train.jsonl",
+        local: "train.jsonl",
+        sha256: "833d8ef26561bbd1921e9f5e730b2ebea0a59cec24f7082bfdcacb8b6cf30792",
+    },
+    UpstreamFile {
+        upstream: "data/validation.jsonl",
+        local: "validation.jsonl",
+        sha256: "6b2ca19991c7596693ea61b34b1be2d6ada3fcf6710472edd4afed841556e571",
+    },
+    UpstreamFile {
+        upstream: "data/test.jsonl",
+        local: "test.jsonl",
+        sha256: "2061ee7f040d6d8016760cb146d7821fef57cfbb4ced868f233e63854257c050",
+    },
 ];
 
 impl Preset for Diplomacy {
@@ -22,7 +34,11 @@ impl Preset for Diplomacy {
         "diplomacy"
     }
     fn upstream(&self) -> Result<Upstream, &'static str> {
-        Ok(Upstream { repository: "DenisPeskov/2020_acl_diplomacy", commit: "b230a4d1c04c02cab4c0a41679806812be82cae0", files: FILES })
+        Ok(Upstream {
+            repository: "DenisPeskov/2020_acl_diplomacy",
+            commit: "b230a4d1c04c02cab4c0a41679806812be82cae0",
+            files: FILES,
+        })
     }
     fn load(&self, dir: &Path) -> anyhow::Result<Vec<Row>> {
         let mut rows = Vec::new();
@@ -30,22 +46,41 @@ impl Preset for Diplomacy {
             let split = f.local.trim_end_matches(".jsonl");
             for r in read_jsonl(&file(dir, f.local)?)? {
                 let list = |name: &str| -> anyhow::Result<&Vec<serde_json::Value>> {
-                    r.fields.get(name).and_then(|v| v.as_array()).ok_or_else(|| anyhow::anyhow!("{}: `{name}` must be a list", r.location))
+                    r.fields
+                        .get(name)
+                        .and_then(|v| v.as_array())
+                        .ok_or_else(|| anyhow::anyhow!("{}: `{name}` must be a list", r.location))
                 };
                 let (messages, labels) = (list("messages")?, list("sender_labels")?);
                 if messages.len() != labels.len() {
-                    anyhow::bail!("{}: {} messages but {} sender_labels", r.location, messages.len(), labels.len());
+                    anyhow::bail!(
+                        "{}: {} messages but {} sender_labels",
+                        r.location,
+                        messages.len(),
+                        labels.len()
+                    );
                 }
                 let game = field_text(&r.fields, "game_id").unwrap_or_default();
                 let at = |name: &str, i: usize| -> String {
-                    r.fields.get(name).and_then(|v| v.get(i)).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)).unwrap_or_default()
+                    r.fields
+                        .get(name)
+                        .and_then(|v| v.get(i))
+                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                        .unwrap_or_default()
                 };
                 for (i, (m, l)) in messages.iter().zip(labels).enumerate() {
-                    let text = m.as_str().ok_or_else(|| anyhow::anyhow!("{}: message {i} is not a string", r.location))?;
-                    let truthful = l.as_bool().ok_or_else(|| anyhow::anyhow!("{}: sender_labels[{i}] is not a boolean", r.location))?;
+                    let text = m.as_str().ok_or_else(|| {
+                        anyhow::anyhow!("{}: message {i} is not a string", r.location)
+                    })?;
+                    let truthful = l.as_bool().ok_or_else(|| {
+                        anyhow::anyhow!("{}: sender_labels[{i}] is not a boolean", r.location)
+                    })?;
                     rows.push(
                         Row::text(self.name(), text)
-                            .labelled(Some(deception(!truthful)), Some(if truthful { "true" } else { "false" }))
+                            .labelled(
+                                Some(deception(!truthful)),
+                                Some(if truthful { "true" } else { "false" }),
+                            )
                             .subset("messages")
                             .upstream_split(split)
                             .with_extra("game_id", game.clone())
@@ -59,7 +94,12 @@ impl Preset for Diplomacy {
         }
         // A message is identified by its game and its index in the game; each dialog appears once per
         // pair of players, so the speaker disambiguates further.
-        assign_ids(&mut rows, |r| format!("{}/{}/{}", r.extra["game_id"], r.extra["absolute_message_index"], r.extra["speaker"]));
+        assign_ids(&mut rows, |r| {
+            format!(
+                "{}/{}/{}",
+                r.extra["game_id"], r.extra["absolute_message_index"], r.extra["speaker"]
+            )
+        });
         Ok(rows)
     }
 }

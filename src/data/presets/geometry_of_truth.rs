@@ -17,17 +17,50 @@ macro_rules! got_files {
 }
 
 const FILES: &[UpstreamFile] = got_files![
-    ("cities", "f2560a0c1758c69935b50125111b574b71896bb75930dd87b1d8c973c1fa086e"),
-    ("neg_cities", "66c5c84de98ca15570138c205ab0e3907b57750083fac72a4eacafc3d9ebcea7"),
-    ("sp_en_trans", "9afa97c1b8af539a05f47655a80a5c7832c6fdb914885fd24cb4bcccbe2795b5"),
-    ("neg_sp_en_trans", "bec33e37047135b15cdd18c0cb0c66b65fb435ace08910cbcc220ce1ef610c96"),
-    ("larger_than", "406d6872e97910f3af5a031600d4932b5a567b8666e7545c8b446057471ad723"),
-    ("smaller_than", "ee6b7cf668d7e0fb3f49a84ca8d510cb7e484ae029ef86ed238362e26ef61a44"),
-    ("companies_true_false", "75a31139def9838dcaa4e2f1e5f3680f44f09f3c94553f9ad3b3a5a476124c8c"),
-    ("common_claim_true_false", "1889b4793c2ebd13c767eea8b65ebd4a5c2da700567677d512097b495a262576"),
-    ("counterfact_true_false", "5af51456d6dbd3a53d8e2ee6e4aadaca7eb02ff9136ad825866458e7283b5273"),
-    ("cities_cities_conj", "80e9987e8abcdd56ac8256d22b8ad6c2d6211e06a6c925c32cfcb0bc93d9d56d"),
-    ("cities_cities_disj", "5f4883382bb3f8664fa9b0a51cfadec507e130bf21c94f3d04776ca923646565"),
+    (
+        "cities",
+        "f2560a0c1758c69935b50125111b574b71896bb75930dd87b1d8c973c1fa086e"
+    ),
+    (
+        "neg_cities",
+        "66c5c84de98ca15570138c205ab0e3907b57750083fac72a4eacafc3d9ebcea7"
+    ),
+    (
+        "sp_en_trans",
+        "9afa97c1b8af539a05f47655a80a5c7832c6fdb914885fd24cb4bcccbe2795b5"
+    ),
+    (
+        "neg_sp_en_trans",
+        "bec33e37047135b15cdd18c0cb0c66b65fb435ace08910cbcc220ce1ef610c96"
+    ),
+    (
+        "larger_than",
+        "406d6872e97910f3af5a031600d4932b5a567b8666e7545c8b446057471ad723"
+    ),
+    (
+        "smaller_than",
+        "ee6b7cf668d7e0fb3f49a84ca8d510cb7e484ae029ef86ed238362e26ef61a44"
+    ),
+    (
+        "companies_true_false",
+        "75a31139def9838dcaa4e2f1e5f3680f44f09f3c94553f9ad3b3a5a476124c8c"
+    ),
+    (
+        "common_claim_true_false",
+        "1889b4793c2ebd13c767eea8b65ebd4a5c2da700567677d512097b495a262576"
+    ),
+    (
+        "counterfact_true_false",
+        "5af51456d6dbd3a53d8e2ee6e4aadaca7eb02ff9136ad825866458e7283b5273"
+    ),
+    (
+        "cities_cities_conj",
+        "80e9987e8abcdd56ac8256d22b8ad6c2d6211e06a6c925c32cfcb0bc93d9d56d"
+    ),
+    (
+        "cities_cities_disj",
+        "5f4883382bb3f8664fa9b0a51cfadec507e130bf21c94f3d04776ca923646565"
+    ),
 ];
 
 impl Preset for GeometryOfTruth {
@@ -35,7 +68,11 @@ impl Preset for GeometryOfTruth {
         "geometry_of_truth"
     }
     fn upstream(&self) -> Result<Upstream, &'static str> {
-        Ok(Upstream { repository: "saprmarks/geometry-of-truth", commit: "5d1c630c44f7e50bda7ad86d601ccadf9abc5ddb", files: FILES })
+        Ok(Upstream {
+            repository: "saprmarks/geometry-of-truth",
+            commit: "5d1c630c44f7e50bda7ad86d601ccadf9abc5ddb",
+            files: FILES,
+        })
     }
     fn load(&self, dir: &Path) -> anyhow::Result<Vec<Row>> {
         let mut rows = Vec::new();
@@ -48,7 +85,11 @@ impl Preset for GeometryOfTruth {
                     "0" => "false",
                     other => anyhow::bail!("{}: label `{other}` is neither 1 nor 0", r.location),
                 };
-                rows.push(Row::text(self.name(), str_field(&r, "statement")?).labelled(Some(label), Some(raw)).subset(subset));
+                rows.push(
+                    Row::text(self.name(), str_field(&r, "statement")?)
+                        .labelled(Some(label), Some(raw))
+                        .subset(subset),
+                );
             }
         }
         assign_ids(&mut rows, |r| r.text.clone());

@@ -79,7 +79,11 @@ pub fn names() -> Vec<&'static str> {
 
 /// Deceptive/honest from a boolean "is deceptive".
 pub(crate) fn deception(deceptive: bool) -> &'static str {
-    if deceptive { "deceptive" } else { "honest" }
+    if deceptive {
+        "deceptive"
+    } else {
+        "honest"
+    }
 }
 
 /// A file of a local copy, with a clear error when it is missing.
@@ -93,7 +97,10 @@ pub(crate) fn file(dir: &Path, name: &str) -> anyhow::Result<std::path::PathBuf>
 
 /// A required string field of a JSON record.
 pub(crate) fn str_field<'a>(r: &'a super::records::Record, name: &str) -> anyhow::Result<&'a str> {
-    r.fields.get(name).and_then(|v| v.as_str()).ok_or_else(|| anyhow::anyhow!("{}: no string field `{name}`", r.location))
+    r.fields
+        .get(name)
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| anyhow::anyhow!("{}: no string field `{name}`", r.location))
 }
 
 /// Renders a chat transcript as plain text (`System: ...`, `User: ...`, `Assistant: ...` blocks). When it
@@ -105,14 +112,19 @@ pub(crate) fn render_chat(messages: &[(String, String)]) -> (String, Option<Stri
         "assistant" | "ai" => "Assistant".to_string(),
         other => {
             let mut c = other.chars();
-            c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect())
+                .unwrap_or_default()
         }
     };
     let (body, last) = match messages.split_last() {
         Some((last, rest)) if last.0 == "assistant" => (rest, Some(last.1.clone())),
         _ => (messages, None),
     };
-    let mut prompt: String = body.iter().map(|(r, c)| format!("{}: {}\n\n", role_name(r), c)).collect();
+    let mut prompt: String = body
+        .iter()
+        .map(|(r, c)| format!("{}: {}\n\n", role_name(r), c))
+        .collect();
     if last.is_some() {
         prompt.push_str("Assistant: ");
     }

@@ -21,9 +21,13 @@ impl Preset for OnPolicyLies {
     fn load(&self, dir: &Path) -> anyhow::Result<Vec<Row>> {
         let mut rows = Vec::new();
         for r in read_jsonl(&file(dir, "lie_transcripts_labelled.jsonl")?)? {
-            let did_lie = r.fields.get("did_lie").and_then(|v| v.as_bool()).ok_or_else(|| {
-                anyhow::anyhow!("{}: `did_lie` must be true or false", r.location)
-            })?;
+            let did_lie = r
+                .fields
+                .get("did_lie")
+                .and_then(|v| v.as_bool())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{}: `did_lie` must be true or false", r.location)
+                })?;
             let messages: Vec<(String, String)> = r
                 .fields
                 .get("messages")
@@ -32,13 +36,19 @@ impl Preset for OnPolicyLies {
                 .iter()
                 .map(|m| match (m["role"].as_str(), m["content"].as_str()) {
                     (Some(role), Some(content)) => Ok((role.to_string(), content.to_string())),
-                    _ => Err(anyhow::anyhow!("{}: every message needs string `role` and `content`", r.location)),
+                    _ => Err(anyhow::anyhow!(
+                        "{}: every message needs string `role` and `content`",
+                        r.location
+                    )),
                 })
                 .collect::<anyhow::Result<_>>()?;
             let (prompt, completion) = render_chat(&messages);
             let text = format!("{prompt}{}", completion.as_deref().unwrap_or(""));
             let mut row = Row::text(self.name(), &text)
-                .labelled(Some(deception(did_lie)), Some(if did_lie { "true" } else { "false" }))
+                .labelled(
+                    Some(deception(did_lie)),
+                    Some(if did_lie { "true" } else { "false" }),
+                )
                 .subset(&field_text(&r.fields, "task_group").unwrap_or_default());
             row.prompt = Some(prompt);
             row.completion = completion;
@@ -51,7 +61,11 @@ impl Preset for OnPolicyLies {
             rows.push(row);
         }
         assign_ids(&mut rows, |r| {
-            format!("{}/{}", r.extra.get("task").map_or("", String::as_str), r.extra.get("sample_id").map_or("", String::as_str))
+            format!(
+                "{}/{}",
+                r.extra.get("task").map_or("", String::as_str),
+                r.extra.get("sample_id").map_or("", String::as_str)
+            )
         });
         Ok(rows)
     }

