@@ -95,6 +95,26 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Load a model and report its architecture, tokens, next-token predictions, NLL and a greedy continuation.
+    Model {
+        /// A nanochat checkpoint (file or directory), a .gguf file or a Hugging Face directory.
+        path: PathBuf,
+        /// Text to run.
+        #[arg(long, default_value = "The capital of France is")]
+        prompt: String,
+        /// Greedy tokens to generate.
+        #[arg(long, default_value_t = 16)]
+        generate: usize,
+        /// Wrap the prompt in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: crate::config::DeviceSpec,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the pipeline JSON Schema (for editors).
     Schema {
         /// Output file (`-` for stdout).
@@ -111,6 +131,10 @@ enum CacheCommand {
 
 /// Runs the CLI; returns the process exit code.
 pub fn main() -> i32 {
+    // Library errors (candle's) would otherwise carry backtraces into user-facing messages.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -321,6 +345,23 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Model {
+            path,
+            prompt,
+            generate,
+            chat,
+            device,
+            json,
+        } => {
+            let report =
+                model_report(&path, &prompt, generate, chat, device).map_err(Error::Other)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+            } else {
+                print_model_report(&report);
+            }
+            Ok(())
+        }
         Command::Schema { output } => {
             let schema = crate::config::pipeline_schema(&registry);
             let text = serde_json::to_string_pretty(&schema).expect("JSON") + "\n";
@@ -359,4 +400,93 @@ fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+fn model_report(
+    path: &Path,
+    prompt: &str,
+    generate: usize,
+    chat: bool,
+    device: crate::config::DeviceSpec,
+) -> anyhow::Result<serde_json::Value> {
+    use crate::models::{generate as gen, transformer};
+    let device = crate::models::device(device)?;
+    let started = std::time::Instant::now();
+    let model = crate::models::load(path, None, &device)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let ids = if chat {
+        model
+            .tokenizer
+            .encode_with_specials(&model.render_chat(prompt, None)?)?
+    } else {
+        model.encode_document(prompt)?
+    };
+    let input = candle_core::Tensor::from_vec(ids.clone(), (1, ids.len()), &device)?;
+    let logits = model
+        .transformer
+        .forward(&input, &transformer::Hooks::logits(), None)?
+        .logits
+        .expect("logits");
+    let logits = logits.squeeze(0)?;
+    let nll = if ids.len() > 1 {
+        Some(transformer::mean_nll(&logits, &ids)?)
+    } else {
+        None
+    };
+    let top5 = gen::top_k(&logits.get(ids.len() - 1)?, 5)?;
+    let out = gen::generate(
+        &model.transformer,
+        &ids,
+        generate,
+        &model.stop,
+        &gen::Sampling::default(),
+        &transformer::Hooks::default(),
+    )?;
+    let c = &model.transformer.config;
+    Ok(serde_json::json!({
+        "source": model.source.display().to_string(),
+        "family": c.family,
+        "layers": c.n_layer,
+        "d_model": c.d_model,
+        "heads": c.n_head,
+        "kv_heads": c.n_kv_head,
+        "head_dim": c.head_dim,
+        "d_mlp": c.d_mlp,
+        "vocab_size": c.vocab_size,
+        "max_seq_len": c.max_seq_len,
+        "bos": model.bos,
+        "load_seconds": load_s,
+        "input_ids": ids,
+        "mean_nll": nll,
+        "top5": top5.iter().map(|(i, l)| serde_json::json!({"id": i, "logit": l, "token": model.tokenizer.decode(&[*i]).unwrap_or_default()})).collect::<Vec<_>>(),
+        "greedy_ids": out,
+        "greedy_text": model.tokenizer.decode(&out)?,
+    }))
+}
+
+fn print_model_report(r: &serde_json::Value) {
+    println!(
+        "{} ({}): {} layers, d_model {}, {} heads ({} kv, head_dim {}), d_mlp {}, vocab {}, context {}",
+        r["source"].as_str().unwrap_or(""),
+        r["family"].as_str().unwrap_or(""),
+        r["layers"], r["d_model"], r["heads"], r["kv_heads"], r["head_dim"], r["d_mlp"], r["vocab_size"], r["max_seq_len"]
+    );
+    println!(
+        "loaded in {:.2}s",
+        r["load_seconds"].as_f64().unwrap_or(0.0)
+    );
+    println!("input ids: {}", r["input_ids"]);
+    if let Some(n) = r["mean_nll"].as_f64() {
+        println!("mean next-token NLL: {n:.4}");
+    }
+    println!("top-5 next tokens:");
+    for t in r["top5"].as_array().into_iter().flatten() {
+        println!(
+            "  {:>7}  {:>9.4}  {:?}",
+            t["id"],
+            t["logit"].as_f64().unwrap_or(0.0),
+            t["token"].as_str().unwrap_or("")
+        );
+    }
+    println!("greedy: {:?}", r["greedy_text"].as_str().unwrap_or(""));
 }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod exec;
+pub mod models;
 pub mod plan;
 pub mod report;
 pub mod stages;

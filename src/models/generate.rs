@@ -1,0 +1,145 @@
+//! Generation with a KV cache: greedy or seeded sampling (temperature, top-k, top-p), stop tokens, and the
+//! caller's hooks (interventions) active in prefill and in every decode step.
+
+use candle_core::Tensor;
+
+use super::transformer::{Hooks, KvCache, Transformer};
+
+/// Sampling settings; `temperature == 0` means greedy.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    /// Softmax temperature (0 = argmax).
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p (1 = all).
+    pub top_p: f64,
+    /// Seed of the sampler.
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// splitmix64: a small, seedable generator so sampling is reproducible without extra dependencies.
+struct Rng(u64);
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            )
+            .0 as u32
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if s.top_k > 0 {
+        order.truncate(s.top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / s.temperature).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if s.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|p| {
+            acc += p;
+            acc >= s.top_p
+        });
+        let n = keep.map_or(probs.len(), |k| k + 1);
+        probs.truncate(n);
+        order.truncate(n);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut u = rng.next_f64();
+    for (i, p) in probs.iter().enumerate() {
+        if u < *p {
+            return order[i] as u32;
+        }
+        u -= p;
+    }
+    order[probs.len() - 1] as u32
+}
+
+/// Continues `prompt` by up to `max_new` tokens, stopping after any of `stop`. Returns the new tokens.
+pub fn generate(
+    model: &Transformer,
+    prompt: &[u32],
+    max_new: usize,
+    stop: &[u32],
+    sampling: &Sampling,
+    hooks: &Hooks,
+) -> anyhow::Result<Vec<u32>> {
+    if prompt.is_empty() {
+        anyhow::bail!("cannot generate from an empty prompt");
+    }
+    let mut hooks = hooks.clone();
+    hooks.logits = true;
+    let mut cache = KvCache::default();
+    let mut rng = Rng(sampling.seed);
+    let mut out = Vec::new();
+    let mut input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), model.device())?;
+    for _ in 0..max_new {
+        if cache.len() + input.dim(1)? > model.config.max_seq_len {
+            break;
+        }
+        let logits = model
+            .forward(&input, &hooks, Some(&mut cache))?
+            .logits
+            .expect("logits requested");
+        let last = logits
+            .narrow(1, logits.dim(1)? - 1, 1)?
+            .squeeze(0)?
+            .squeeze(0)?;
+        let next = pick(
+            &last.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+            sampling,
+            &mut rng,
+        );
+        out.push(next);
+        if stop.contains(&next) {
+            break;
+        }
+        input = Tensor::from_vec(vec![next], (1, 1), model.device())?;
+    }
+    Ok(out)
+}
+
+/// Top-k (id, logit) pairs of a `[vocab]` logits tensor, highest first (ties by lower id).
+pub fn top_k(logits: &Tensor, k: usize) -> anyhow::Result<Vec<(u32, f32)>> {
+    let v = logits
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+    Ok(idx.into_iter().take(k).map(|i| (i as u32, v[i])).collect())
+}

@@ -1,0 +1,281 @@
+//! Llama-family models: GGUF files (weights dequantized at load) and Hugging Face directories
+//! (`config.json` + `*.safetensors` shards in f32/f16/bf16).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+
+use super::transformer::{BlockWeights, Config, Mlp, Rope, Weights};
+
+/// Metadata of a GGUF file that loading needs besides tensors.
+pub struct GgufInfo {
+    /// `tokenizer.ggml.add_bos_token`.
+    pub add_bos: bool,
+    /// `tokenizer.ggml.bos_token_id`.
+    pub bos: Option<u32>,
+    /// `tokenizer.ggml.eos_token_id`.
+    pub eos: Option<u32>,
+    /// `tokenizer.chat_template`.
+    pub chat_template: Option<String>,
+}
+
+fn meta_u32(c: &gguf_file::Content, key: &str) -> anyhow::Result<u32> {
+    c.metadata
+        .get(key)
+        .with_context(|| format!("GGUF metadata `{key}` is missing"))?
+        .to_u32()
+        .map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))
+}
+
+fn meta_f32(c: &gguf_file::Content, key: &str) -> Option<f32> {
+    c.metadata.get(key).and_then(|v| v.to_f32().ok())
+}
+
+/// Loads a GGUF Llama model, dequantizing every tensor to f32 on `device`.
+pub fn load_gguf(path: &Path, device: &Device) -> anyhow::Result<(Config, Weights, GgufInfo)> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    if arch != "llama" {
+        bail!(
+            "{}: GGUF architecture `{arch}` is not supported (llama only)",
+            path.display()
+        );
+    }
+    let file_len = file.metadata()?.len();
+    // Refuse tensors whose declared extent runs past the file before allocating anything.
+    for (name, info) in &content.tensor_infos {
+        let elems: usize = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        let bytes = elems / block * info.ggml_dtype.type_size();
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|o| o.checked_add(bytes as u64));
+        if end.is_none_or(|e| e > file_len) {
+            bail!(
+                "{}: tensor `{name}` extends past the end of the file (truncated or corrupt)",
+                path.display()
+            );
+        }
+    }
+    let n_layer = meta_u32(&content, "llama.block_count")? as usize;
+    let d_model = meta_u32(&content, "llama.embedding_length")? as usize;
+    let n_head = meta_u32(&content, "llama.attention.head_count")? as usize;
+    let n_kv_head =
+        meta_u32(&content, "llama.attention.head_count_kv").unwrap_or(n_head as u32) as usize;
+    let d_mlp = meta_u32(&content, "llama.feed_forward_length")? as usize;
+    let context = meta_u32(&content, "llama.context_length").unwrap_or(4096) as usize;
+    let eps = meta_f32(&content, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64;
+    let theta = meta_f32(&content, "llama.rope.freq_base").unwrap_or(10000.0) as f64;
+    if n_head == 0 || n_kv_head == 0 || d_model % n_head != 0 || n_head % n_kv_head != 0 {
+        bail!("{}: inconsistent attention heads ({n_head} heads, {n_kv_head} kv heads, width {d_model})", path.display());
+    }
+    let mut get = |name: &str| -> anyhow::Result<Tensor> {
+        let q = content
+            .tensor(&mut file, name, device)
+            .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+        Ok(q.dequantize(device)?)
+    };
+    let embed = get("token_embd.weight")?;
+    let mut blocks = Vec::new();
+    for i in 0..n_layer {
+        let p = |s: &str| format!("blk.{i}.{s}.weight");
+        blocks.push(BlockWeights {
+            attn_norm: Some(get(&p("attn_norm"))?),
+            q: get(&p("attn_q"))?,
+            k: get(&p("attn_k"))?,
+            v: get(&p("attn_v"))?,
+            o: get(&p("attn_output"))?,
+            mlp_norm: Some(get(&p("ffn_norm"))?),
+            gate: Some(get(&p("ffn_gate"))?),
+            up: get(&p("ffn_up"))?,
+            down: get(&p("ffn_down"))?,
+        });
+    }
+    let final_norm = Some(get("output_norm.weight")?);
+    let lm_head = if content.tensor_infos.contains_key("output.weight") {
+        get("output.weight")?
+    } else {
+        embed.clone()
+    };
+    let config = Config {
+        family: "llama".into(),
+        vocab_size: embed.dim(0)?,
+        d_model,
+        n_layer,
+        n_head,
+        n_kv_head,
+        head_dim: d_model / n_head,
+        d_mlp,
+        norm_eps: eps,
+        rope_theta: theta,
+        rope: Rope::Interleaved, // llama.cpp stores Q/K permuted for interleaved pairs
+        rope_tables_bf16: false,
+        rope_negative: false,
+        qk_norm: false,
+        embed_norm: false,
+        mlp: Mlp::SwiGlu,
+        softcap: None,
+        max_seq_len: context,
+    };
+    let u = |k: &str| content.metadata.get(k).and_then(|v| v.to_u32().ok());
+    let info = GgufInfo {
+        add_bos: content
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false),
+        bos: u("tokenizer.ggml.bos_token_id"),
+        eos: u("tokenizer.ggml.eos_token_id"),
+        chat_template: content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned(),
+    };
+    Ok((
+        config,
+        Weights {
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+        },
+        info,
+    ))
+}
+
+/// `config.json` of a Hugging Face Llama model (the fields used).
+#[derive(Debug, serde::Deserialize)]
+struct HfConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    rope_theta: f64,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+
+/// Loads a Hugging Face Llama directory (weights converted to f32).
+pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weights)> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    let hf: HfConfig = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a Llama config", cfg_path.display()))?;
+    if let Some(s) = &hf.rope_scaling {
+        if !s.is_null() {
+            bail!(
+                "{}: rope_scaling {s} is not supported yet",
+                cfg_path.display()
+            );
+        }
+    }
+    let mut shards: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    shards.sort();
+    if shards.is_empty() {
+        bail!("{}: no *.safetensors files", dir.display());
+    }
+    let mut sd: HashMap<String, Tensor> = HashMap::new();
+    for shard in &shards {
+        let tensors = candle_core::safetensors::load(shard, device).map_err(|e| {
+            anyhow::anyhow!("{}: not a readable safetensors file: {e}", shard.display())
+        })?;
+        sd.extend(tensors);
+    }
+    let has_head = sd.contains_key("lm_head.weight");
+    let mut take = |name: &str| -> anyhow::Result<Tensor> {
+        let t = sd
+            .remove(name)
+            .with_context(|| format!("{}: missing tensor `{name}`", dir.display()))?;
+        Ok(t.to_dtype(DType::F32)?)
+    };
+    let embed = take("model.embed_tokens.weight")?;
+    let mut blocks = Vec::new();
+    for i in 0..hf.num_hidden_layers {
+        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+        blocks.push(BlockWeights {
+            attn_norm: Some(take(&p("input_layernorm"))?),
+            q: take(&p("self_attn.q_proj"))?,
+            k: take(&p("self_attn.k_proj"))?,
+            v: take(&p("self_attn.v_proj"))?,
+            o: take(&p("self_attn.o_proj"))?,
+            mlp_norm: Some(take(&p("post_attention_layernorm"))?),
+            gate: Some(take(&p("mlp.gate_proj"))?),
+            up: take(&p("mlp.up_proj"))?,
+            down: take(&p("mlp.down_proj"))?,
+        });
+    }
+    let final_norm = Some(take("model.norm.weight")?);
+    // Without an lm_head the output is tied to the embedding (as `tie_word_embeddings` says for most small Llamas).
+    let lm_head = if has_head {
+        take("lm_head.weight")?
+    } else {
+        embed.clone()
+    };
+    let _ = hf.tie_word_embeddings;
+    let n_kv_head = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
+    let config = Config {
+        family: "llama".into(),
+        vocab_size: hf.vocab_size,
+        d_model: hf.hidden_size,
+        n_layer: hf.num_hidden_layers,
+        n_head: hf.num_attention_heads,
+        n_kv_head,
+        head_dim: hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads),
+        d_mlp: hf.intermediate_size,
+        norm_eps: hf.rms_norm_eps,
+        rope_theta: hf.rope_theta,
+        rope: Rope::HalfSplit,
+        rope_tables_bf16: false,
+        rope_negative: false,
+        qk_norm: false,
+        embed_norm: false,
+        mlp: Mlp::SwiGlu,
+        softcap: None,
+        max_seq_len: hf.max_position_embeddings.unwrap_or(4096),
+    };
+    Ok((
+        config,
+        Weights {
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+        },
+    ))
+}

@@ -1,0 +1,203 @@
+//! Language models: loading (nanochat, Llama GGUF / Hugging Face), tokenizers, one hookable transformer,
+//! and generation. Independent of the runner; stages use it through [`load`].
+
+pub mod generate;
+pub mod llama;
+pub mod nanochat;
+pub mod pickle;
+pub mod tokenizer;
+pub mod torch_pt;
+pub mod transformer;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+
+use crate::config::{DeviceSpec, ModelKind};
+pub use tokenizer::Tokenizer;
+pub use transformer::{Hook, HookPoint, Hooks, Transformer};
+
+/// How a model wants chats rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatFormat {
+    /// `<|bos|><|user_start|>…<|user_end|><|assistant_start|>…<|assistant_end|>`.
+    Nanochat,
+    /// `<|im_start|>role\n…<|im_end|>\n`.
+    ChatMl,
+    /// No chat template known.
+    None,
+}
+
+/// A model ready to run: weights, tokenizer and the conventions around them.
+pub struct LoadedModel {
+    /// The network.
+    pub transformer: Transformer,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Prepended to every document, when the model expects it.
+    pub bos: Option<u32>,
+    /// Tokens that end a generation.
+    pub stop: Vec<u32>,
+    /// Chat rendering.
+    pub chat: ChatFormat,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+}
+
+/// The candle device for a pipeline's device setting (`auto` = CUDA when built with it and present).
+pub fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
+    Ok(match spec {
+        DeviceSpec::Cpu => Device::Cpu,
+        DeviceSpec::Auto => Device::cuda_if_available(0)?,
+        DeviceSpec::Cuda(n) => Device::new_cuda(n).with_context(|| {
+            format!("cannot use cuda:{n} (is saeflow built with `--features cuda` and is a GPU visible?)")
+        })?,
+    })
+}
+
+/// Guesses the family of a model path.
+pub fn detect(path: &Path) -> anyhow::Result<ModelKind> {
+    if path.extension().is_some_and(|e| e == "gguf") || path.join("config.json").is_file() {
+        return Ok(ModelKind::Llama);
+    }
+    if path.extension().is_some_and(|e| e == "pt") || nanochat::locate(path).is_ok() {
+        return Ok(ModelKind::Nanochat);
+    }
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    bail!("{}: cannot tell the model family (expected a nanochat checkpoint, a .gguf file or a Hugging Face directory)", path.display())
+}
+
+/// Loads a model from a local path.
+pub fn load(path: &Path, kind: Option<ModelKind>, device: &Device) -> anyhow::Result<LoadedModel> {
+    let kind = match kind {
+        Some(k) => k,
+        None => detect(path)?,
+    };
+    match kind {
+        ModelKind::Nanochat => {
+            let files = nanochat::locate(path)?;
+            let (config, weights) = nanochat::load(&files, device)?;
+            let tok_path = files.tokenizer.clone().with_context(|| {
+                format!(
+                    "{}: no tokenizer.pkl beside the checkpoint or in a tokenizer/ folder above it",
+                    files.model.display()
+                )
+            })?;
+            let tokenizer = Tokenizer::from_tiktoken_pickle(&tok_path)?;
+            if tokenizer.vocab_size() > config.vocab_size {
+                bail!(
+                    "{}: tokenizer has {} ids, the model only {}",
+                    tok_path.display(),
+                    tokenizer.vocab_size(),
+                    config.vocab_size
+                );
+            }
+            let bos = tokenizer.special("<|bos|>");
+            // nanochat's own generate() runs through <|bos|>; only the end of an assistant turn stops.
+            let stop = tokenizer.special("<|assistant_end|>").into_iter().collect();
+            Ok(LoadedModel {
+                transformer: Transformer::new(config, weights, device)?,
+                tokenizer,
+                bos,
+                stop,
+                chat: ChatFormat::Nanochat,
+                source: files.model,
+            })
+        }
+        ModelKind::Llama => {
+            let dir = if path.is_dir() {
+                path.to_path_buf()
+            } else {
+                path.parent().unwrap_or(Path::new(".")).to_path_buf()
+            };
+            let tok_path = dir.join("tokenizer.json");
+            let tokenizer = Tokenizer::from_hf_file(&tok_path).with_context(|| {
+                format!(
+                    "{}: a tokenizer.json is needed beside the model",
+                    dir.display()
+                )
+            })?;
+            let (config, weights, bos, stop, template) =
+                if path.extension().is_some_and(|e| e == "gguf") {
+                    let (c, w, info) = llama::load_gguf(path, device)?;
+                    let bos = if info.add_bos { info.bos } else { None };
+                    (
+                        c,
+                        w,
+                        bos,
+                        info.eos.into_iter().collect::<Vec<_>>(),
+                        info.chat_template,
+                    )
+                } else {
+                    let (c, w) = llama::load_hf_dir(path, device)?;
+                    let tc: serde_json::Value =
+                        std::fs::read_to_string(dir.join("tokenizer_config.json"))
+                            .ok()
+                            .and_then(|t| serde_json::from_str(&t).ok())
+                            .unwrap_or_default();
+                    let id = |k: &str| tc[k].as_str().and_then(|t| tokenizer.special(t));
+                    let bos = if tc["add_bos_token"].as_bool().unwrap_or(false) {
+                        id("bos_token")
+                    } else {
+                        None
+                    };
+                    (
+                        c,
+                        w,
+                        bos,
+                        id("eos_token").into_iter().collect(),
+                        tc["chat_template"].as_str().map(str::to_string),
+                    )
+                };
+            let chat = match template {
+                Some(t) if t.contains("<|im_start|>") => ChatFormat::ChatMl,
+                _ => ChatFormat::None,
+            };
+            Ok(LoadedModel {
+                transformer: Transformer::new(config, weights, device)?,
+                tokenizer,
+                bos,
+                stop,
+                chat,
+                source: path.to_path_buf(),
+            })
+        }
+    }
+}
+
+impl LoadedModel {
+    /// Token ids of a document: BOS (when the model uses one) + the text.
+    pub fn encode_document(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        ids.extend(self.tokenizer.encode(text)?);
+        Ok(ids)
+    }
+
+    /// Renders a single-turn chat (user message, optional assistant answer) in the model's format; without
+    /// an answer the text ends where the assistant would start.
+    pub fn render_chat(&self, user: &str, assistant: Option<&str>) -> anyhow::Result<String> {
+        Ok(match self.chat {
+            ChatFormat::Nanochat => {
+                let mut s = format!("<|bos|><|user_start|>{user}<|user_end|><|assistant_start|>");
+                if let Some(a) = assistant {
+                    s.push_str(&format!("{a}<|assistant_end|>"));
+                }
+                s
+            }
+            ChatFormat::ChatMl => {
+                let mut s = format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n");
+                if let Some(a) = assistant {
+                    s.push_str(&format!("{a}<|im_end|>\n"));
+                }
+                s
+            }
+            ChatFormat::None => bail!(
+                "{}: no known chat template; use template = \"none\"",
+                self.source.display()
+            ),
+        })
+    }
+}

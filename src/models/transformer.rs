@@ -1,0 +1,591 @@
+//! One hookable decoder-only transformer covering nanochat and the Llama family.
+//!
+//! The architectures differ only in details that [`Config`] names: norms with or without weights, an extra
+//! norm after the embedding, QK-norm, rotary layout and table precision, ReLU² vs SwiGLU MLP, logit softcap.
+//! Every block exposes TransformerLens hook points; each accepts an intervention (a function of the
+//! activation) and can be captured. The forward pass stops after the last block a caller needs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+/// Where rotary embeddings pair channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rope {
+    /// Channel i with i + d/2 (nanochat, Hugging Face Llama).
+    HalfSplit,
+    /// Channel 2i with 2i+1 (llama.cpp's permuted GGUF Q/K layout).
+    Interleaved,
+}
+
+/// The MLP's form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mlp {
+    /// `down(relu(up(x))²)` (nanochat).
+    ReluSquared,
+    /// `down(silu(gate(x)) * up(x))` (Llama).
+    SwiGlu,
+}
+
+/// Architecture hyperparameters.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Family name, for summaries.
+    pub family: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Residual width.
+    pub d_model: usize,
+    /// Number of blocks.
+    pub n_layer: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads (fewer than `n_head` for GQA/MQA).
+    pub n_kv_head: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// MLP hidden width.
+    pub d_mlp: usize,
+    /// RMSNorm epsilon.
+    pub norm_eps: f64,
+    /// Rotary base.
+    pub rope_theta: f64,
+    /// Rotary channel pairing.
+    pub rope: Rope,
+    /// Round the rotary cos/sin tables to bf16 (nanochat does).
+    pub rope_tables_bf16: bool,
+    /// Rotate by −θ instead of θ: nanochat computes `y1 = x1·cos + x2·sin, y2 = −x1·sin + x2·cos`.
+    pub rope_negative: bool,
+    /// RMSNorm of q and k (per head) after rotary.
+    pub qk_norm: bool,
+    /// RMSNorm right after the token embedding.
+    pub embed_norm: bool,
+    /// MLP form.
+    pub mlp: Mlp,
+    /// `logits = c·tanh(logits/c)` when set.
+    pub softcap: Option<f64>,
+    /// Longest sequence the rotary tables cover.
+    pub max_seq_len: usize,
+}
+
+/// A hook point inside a block, in forward order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HookPoint {
+    /// Residual stream entering the block.
+    ResidPre,
+    /// Attention output, before it is added to the residual.
+    AttnOut,
+    /// Residual after the attention sublayer.
+    ResidMid,
+    /// MLP output, before it is added.
+    MlpOut,
+    /// Residual leaving the block.
+    ResidPost,
+}
+
+impl HookPoint {
+    const ALL: [(HookPoint, &'static str); 5] = [
+        (HookPoint::ResidPre, "hook_resid_pre"),
+        (HookPoint::AttnOut, "hook_attn_out"),
+        (HookPoint::ResidMid, "hook_resid_mid"),
+        (HookPoint::MlpOut, "hook_mlp_out"),
+        (HookPoint::ResidPost, "hook_resid_post"),
+    ];
+}
+
+/// A hook: `blocks.{layer}.{point}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hook {
+    /// Block index.
+    pub layer: usize,
+    /// Point inside the block.
+    pub point: HookPoint,
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = HookPoint::ALL
+            .iter()
+            .find(|(p, _)| *p == self.point)
+            .expect("every point has a name")
+            .1;
+        write!(f, "blocks.{}.{name}", self.layer)
+    }
+}
+
+impl FromStr for Hook {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            let points: Vec<&str> = HookPoint::ALL.iter().map(|(_, n)| *n).collect();
+            format!(
+                "invalid hook `{s}`: expected blocks.N.<{}>",
+                points.join("|")
+            )
+        };
+        let rest = s.strip_prefix("blocks.").ok_or_else(bad)?;
+        let (layer, point) = rest.split_once('.').ok_or_else(bad)?;
+        let layer = layer.parse().map_err(|_| bad())?;
+        let point = HookPoint::ALL
+            .iter()
+            .find(|(_, n)| *n == point)
+            .ok_or_else(bad)?
+            .0;
+        Ok(Hook { layer, point })
+    }
+}
+
+/// A function replacing an activation (SAE splice, steering vector, clamp).
+pub type Intervention = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// What a forward pass should record, change and return.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Activations to return.
+    pub capture: BTreeSet<Hook>,
+    /// Interventions to apply.
+    pub interventions: BTreeMap<Hook, Intervention>,
+    /// Whether logits are needed (otherwise the pass stops after the last hooked block).
+    pub logits: bool,
+}
+
+impl Hooks {
+    /// Only logits.
+    pub fn logits() -> Self {
+        Hooks {
+            logits: true,
+            ..Default::default()
+        }
+    }
+    /// Capture these hooks, no logits.
+    pub fn capture(hooks: impl IntoIterator<Item = Hook>) -> Self {
+        Hooks {
+            capture: hooks.into_iter().collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct Output {
+    /// `[batch, seq, vocab]` when requested.
+    pub logits: Option<Tensor>,
+    /// `[batch, seq, d_model]` per captured hook.
+    pub activations: BTreeMap<Hook, Tensor>,
+}
+
+/// Keys and values of earlier positions, per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Weights of one block (linear weights are `[out, in]`).
+#[derive(Debug, Clone)]
+pub struct BlockWeights {
+    /// Pre-attention RMSNorm weight (None = parameter-free).
+    pub attn_norm: Option<Tensor>,
+    /// Query projection.
+    pub q: Tensor,
+    /// Key projection.
+    pub k: Tensor,
+    /// Value projection.
+    pub v: Tensor,
+    /// Output projection.
+    pub o: Tensor,
+    /// Pre-MLP RMSNorm weight.
+    pub mlp_norm: Option<Tensor>,
+    /// Gate projection (SwiGLU only).
+    pub gate: Option<Tensor>,
+    /// Up projection (nanochat's `c_fc`).
+    pub up: Tensor,
+    /// Down projection (nanochat's `mlp.c_proj`).
+    pub down: Tensor,
+}
+
+/// All weights.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    /// `[vocab, d_model]`.
+    pub embed: Tensor,
+    /// Blocks in order.
+    pub blocks: Vec<BlockWeights>,
+    /// Final norm weight (None = parameter-free).
+    pub final_norm: Option<Tensor>,
+    /// `[vocab, d_model]` (the embedding itself when tied).
+    pub lm_head: Tensor,
+}
+
+struct Linear(candle_nn::Linear);
+
+impl Linear {
+    fn new(w: &Tensor) -> Self {
+        Linear(candle_nn::Linear::new(w.clone(), None))
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+struct Block {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: Tensor,
+    gate: Option<Linear>,
+    up: Linear,
+    down: Linear,
+}
+
+/// A loaded, hookable transformer.
+pub struct Transformer {
+    /// Hyperparameters.
+    pub config: Config,
+    device: Device,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    final_norm: Tensor,
+    lm_head: Linear,
+    ones: Tensor,
+    ones_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn rotary_tables(c: &Config, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = c.head_dim / 2;
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(c.max_seq_len * half),
+        Vec::with_capacity(c.max_seq_len * half),
+    );
+    for t in 0..c.max_seq_len {
+        for i in 0..half {
+            if c.rope_tables_bf16 {
+                // nanochat computes the table in float32 (as torch does), then rounds it to bf16.
+                let inv = 1.0f32 / (c.rope_theta as f32).powf((2 * i) as f32 / c.head_dim as f32);
+                let f = t as f32 * inv;
+                cos.push(half::bf16::from_f32(f.cos()).to_f32());
+                sin.push(half::bf16::from_f32(f.sin()).to_f32());
+            } else {
+                let inv = 1.0f64 / c.rope_theta.powf((2 * i) as f64 / c.head_dim as f64);
+                let f = t as f64 * inv;
+                cos.push(f.cos() as f32);
+                sin.push(f.sin() as f32);
+            }
+        }
+    }
+    if c.rope_negative {
+        sin.iter_mut().for_each(|v| *v = -*v);
+    }
+    Ok((
+        Tensor::from_vec(cos, (c.max_seq_len, half), device)?,
+        Tensor::from_vec(sin, (c.max_seq_len, half), device)?,
+    ))
+}
+
+impl Transformer {
+    /// Builds the model from f32 weights on `device`; shapes are checked against `config`.
+    pub fn new(config: Config, w: Weights, device: &Device) -> anyhow::Result<Self> {
+        let c = &config;
+        let expect = |t: &Tensor, dims: &[usize], name: &str| -> anyhow::Result<()> {
+            if t.dims() != dims {
+                anyhow::bail!(
+                    "weight `{name}` has shape {:?}, expected {dims:?}",
+                    t.dims()
+                );
+            }
+            Ok(())
+        };
+        expect(&w.embed, &[c.vocab_size, c.d_model], "embedding")?;
+        expect(&w.lm_head, &[c.vocab_size, c.d_model], "lm_head")?;
+        if w.blocks.len() != c.n_layer {
+            anyhow::bail!(
+                "{} blocks of weights for {} layers",
+                w.blocks.len(),
+                c.n_layer
+            );
+        }
+        let ones = Tensor::ones(c.d_model, DType::F32, device)?;
+        let mut blocks = Vec::new();
+        for (i, b) in w.blocks.iter().enumerate() {
+            let n = |s: &str| format!("block {i} {s}");
+            expect(&b.q, &[c.n_head * c.head_dim, c.d_model], &n("q"))?;
+            expect(&b.k, &[c.n_kv_head * c.head_dim, c.d_model], &n("k"))?;
+            expect(&b.v, &[c.n_kv_head * c.head_dim, c.d_model], &n("v"))?;
+            expect(&b.o, &[c.d_model, c.n_head * c.head_dim], &n("o"))?;
+            expect(&b.up, &[c.d_mlp, c.d_model], &n("up"))?;
+            expect(&b.down, &[c.d_model, c.d_mlp], &n("down"))?;
+            if let Some(g) = &b.gate {
+                expect(g, &[c.d_mlp, c.d_model], &n("gate"))?;
+            }
+            for (norm, name) in [(&b.attn_norm, "attn_norm"), (&b.mlp_norm, "mlp_norm")] {
+                if let Some(t) = norm {
+                    expect(t, &[c.d_model], &n(name))?;
+                }
+            }
+            blocks.push(Block {
+                attn_norm: b.attn_norm.clone().unwrap_or_else(|| ones.clone()),
+                q: Linear::new(&b.q),
+                k: Linear::new(&b.k),
+                v: Linear::new(&b.v),
+                o: Linear::new(&b.o),
+                mlp_norm: b.mlp_norm.clone().unwrap_or_else(|| ones.clone()),
+                gate: b.gate.as_ref().map(Linear::new),
+                up: Linear::new(&b.up),
+                down: Linear::new(&b.down),
+            });
+        }
+        let (cos, sin) = rotary_tables(c, device)?;
+        Ok(Transformer {
+            device: device.clone(),
+            embed: w.embed.clone(),
+            final_norm: w.final_norm.clone().unwrap_or_else(|| ones.clone()),
+            lm_head: Linear::new(&w.lm_head),
+            ones_head: Tensor::ones(c.head_dim, DType::F32, device)?,
+            ones,
+            blocks,
+            cos,
+            sin,
+            config,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Checks that a hook exists in this model; the error lists what does.
+    pub fn check_hook(&self, hook: &Hook) -> anyhow::Result<()> {
+        if hook.layer >= self.config.n_layer {
+            anyhow::bail!(
+                "hook `{hook}` is beyond the model: it has {} blocks (blocks.0 … blocks.{})",
+                self.config.n_layer,
+                self.config.n_layer - 1
+            );
+        }
+        Ok(())
+    }
+
+    fn norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(x, w, self.config.norm_eps as f32)
+    }
+
+    fn at(
+        &self,
+        hooks: &Hooks,
+        out: &mut BTreeMap<Hook, Tensor>,
+        layer: usize,
+        point: HookPoint,
+        x: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let hook = Hook { layer, point };
+        let x = match hooks.interventions.get(&hook) {
+            Some(f) => f(&x)?,
+            None => x,
+        };
+        if hooks.capture.contains(&hook) {
+            out.insert(hook, x.clone());
+        }
+        Ok(x)
+    }
+
+    fn attention(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+        start: usize,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (bsz, t, _) = x.dims3()?;
+        let shape = |y: Tensor, heads: usize| {
+            y.reshape((bsz, t, heads, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = shape(b.q.forward(x)?, c.n_head)?;
+        let k = shape(b.k.forward(x)?, c.n_kv_head)?;
+        let v = shape(b.v.forward(x)?, c.n_kv_head)?;
+        let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
+        let (mut q, mut k) = match c.rope {
+            Rope::HalfSplit => (
+                candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+            ),
+            Rope::Interleaved => (
+                candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+            ),
+        };
+        if c.qk_norm {
+            q = self.norm(&q, &self.ones_head)?;
+            k = self.norm(&k, &self.ones_head)?;
+        }
+        let (k, v) = match cache {
+            Some(cache) => {
+                if cache.layers.len() <= layer {
+                    cache.layers.resize(layer + 1, None);
+                }
+                let kv = match &cache.layers[layer] {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                    None => (k, v),
+                };
+                cache.layers[layer] = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        let groups = c.n_head / c.n_kv_head;
+        let repeat = |x: Tensor| -> candle_core::Result<Tensor> {
+            if groups == 1 {
+                return Ok(x);
+            }
+            let (b, h, s, d) = x.dims4()?;
+            x.unsqueeze(2)?
+                .expand((b, h, groups, s, d))?
+                .reshape((b, h * groups, s, d))
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        if t > 1 {
+            // Query i (absolute position start+i) sees keys 0..=start+i.
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..s).map(move |j| {
+                        if j > start + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, s), &self.device)?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v.contiguous()?)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((bsz, t, c.n_head * c.head_dim))?;
+        b.o.forward(&y)
+    }
+
+    fn mlp(&self, b: &Block, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = match (self.config.mlp, &b.gate) {
+            (Mlp::ReluSquared, _) => b.up.forward(x)?.relu()?.sqr()?,
+            (Mlp::SwiGlu, Some(gate)) => {
+                (candle_nn::ops::silu(&gate.forward(x)?)? * b.up.forward(x)?)?
+            }
+            (Mlp::SwiGlu, None) => candle_core::bail!("SwiGLU MLP without gate weights"),
+        };
+        b.down.forward(&h)
+    }
+
+    /// Runs token ids `[batch, seq]` (right-padded batches are fine: attention is causal). With a cache,
+    /// positions continue after the cached ones and the cache is extended.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        hooks: &Hooks,
+        mut cache: Option<&mut KvCache>,
+    ) -> anyhow::Result<Output> {
+        let c = &self.config;
+        let (bsz, t) = tokens.dims2()?;
+        let start = cache.as_ref().map_or(0, |k| k.len);
+        if start + t > c.max_seq_len {
+            anyhow::bail!(
+                "sequence of {} tokens exceeds the model's {} positions",
+                start + t,
+                c.max_seq_len
+            );
+        }
+        for h in hooks.capture.iter().chain(hooks.interventions.keys()) {
+            self.check_hook(h)?;
+        }
+        let last = if hooks.logits {
+            c.n_layer
+        } else {
+            hooks
+                .capture
+                .iter()
+                .chain(hooks.interventions.keys())
+                .map(|h| h.layer + 1)
+                .max()
+                .unwrap_or(0)
+        };
+        let mut out = BTreeMap::new();
+        let mut x = self
+            .embed
+            .embedding(&tokens.flatten_all()?)?
+            .reshape((bsz, t, c.d_model))?;
+        if c.embed_norm {
+            x = self.norm(&x, &self.ones)?;
+        }
+        for (i, b) in self.blocks.iter().enumerate().take(last) {
+            x = self.at(hooks, &mut out, i, HookPoint::ResidPre, x)?;
+            let a = self.attention(
+                b,
+                &self.norm(&x, &b.attn_norm)?,
+                i,
+                cache.as_deref_mut(),
+                start,
+            )?;
+            let a = self.at(hooks, &mut out, i, HookPoint::AttnOut, a)?;
+            x = self.at(hooks, &mut out, i, HookPoint::ResidMid, (x + a)?)?;
+            let m = self.mlp(b, &self.norm(&x, &b.mlp_norm)?)?;
+            let m = self.at(hooks, &mut out, i, HookPoint::MlpOut, m)?;
+            x = self.at(hooks, &mut out, i, HookPoint::ResidPost, (x + m)?)?;
+        }
+        if let Some(cache) = cache {
+            cache.len += t;
+        }
+        let logits = if hooks.logits {
+            let x = self.norm(&x, &self.final_norm)?;
+            let mut logits = self.lm_head.forward(&x)?;
+            if let Some(cap) = c.softcap {
+                logits = ((logits / cap)?.tanh()? * cap)?;
+            }
+            Some(logits)
+        } else {
+            None
+        };
+        Ok(Output {
+            logits,
+            activations: out,
+        })
+    }
+}
+
+/// Mean next-token negative log-likelihood of `ids` under `logits` (`[seq, vocab]` for the same ids).
+pub fn mean_nll(logits: &Tensor, ids: &[u32]) -> anyhow::Result<f64> {
+    if ids.len() < 2 {
+        anyhow::bail!("need at least two tokens for a next-token loss");
+    }
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(0, 0, ids.len() - 1)?, D::Minus1)?;
+    let targets = Tensor::from_vec(ids[1..].to_vec(), ids.len() - 1, logits.device())?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    Ok(-(picked.mean_all()?.to_scalar::<f32>()? as f64))
+}
