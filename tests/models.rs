@@ -1,0 +1,704 @@
+//! Model parity and safety: nanochat-d4 against nanochat's own outputs, SmolLM2 GGUF against float32
+//! references, hook semantics, KV cache, GQA, malicious pickles and corrupt files.
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use saeflow::models::generate::{generate, top_k, Sampling};
+use saeflow::models::transformer::{mean_nll, Hook, HookPoint, Hooks, Intervention, KvCache};
+use saeflow::models::{self, LoadedModel};
+use serde_json::Value as Json;
+
+fn shared(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(p)
+}
+
+fn nanochat() -> LoadedModel {
+    models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap()
+}
+
+fn smollm() -> LoadedModel {
+    models::load(
+        &shared("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn json(p: &Path) -> Json {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+fn ids_of(v: &Json) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn run(model: &LoadedModel, ids: &[u32], hooks: &Hooks) -> saeflow::models::transformer::Output {
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+    model.transformer.forward(&input, hooks, None).unwrap()
+}
+
+#[test]
+fn nanochat_matches_reference_logits_residuals_greedy_and_nll() {
+    let model = nanochat();
+    let reference = json(&shared("fixtures/nanochat-d4/reference_outputs.json"));
+    let tensors = candle_core::safetensors::load(
+        shared("fixtures/nanochat-d4/reference_tensors.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        model.bos,
+        Some(reference["bos_id"].as_u64().unwrap() as u32)
+    );
+    for (case, c) in reference["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = c["prompt"].as_str().unwrap();
+        let ids = model.encode_document(prompt).unwrap();
+        assert_eq!(ids, ids_of(&c["input_ids"]), "case {case}: tokenizer ids");
+        assert_eq!(
+            model.tokenizer.decode(&ids[1..]).unwrap(),
+            prompt,
+            "case {case}: decode round trip"
+        );
+        let hooks = Hooks {
+            logits: true,
+            capture: (0..4)
+                .map(|layer| Hook {
+                    layer,
+                    point: HookPoint::ResidPost,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let out = run(&model, &ids, &hooks);
+        let logits = out.logits.unwrap().squeeze(0).unwrap();
+        let d = max_abs_diff(&logits, &tensors[&format!("logits_{case}")]);
+        assert!(d <= 1e-4, "case {case}: logits differ by {d}");
+        for layer in 0..4 {
+            let got = out.activations[&Hook {
+                layer,
+                point: HookPoint::ResidPost,
+            }]
+                .squeeze(0)
+                .unwrap();
+            let d = max_abs_diff(&got, &tensors[&format!("resid_post_{case}_{layer}")]);
+            assert!(
+                d <= 1e-4,
+                "case {case}: blocks.{layer}.hook_resid_post differs by {d}"
+            );
+        }
+        let nll = mean_nll(&logits, &ids).unwrap();
+        assert!(
+            (nll - c["mean_nll"].as_f64().unwrap()).abs() < 1e-4,
+            "case {case}: nll {nll}"
+        );
+        let top = top_k(&logits.get(ids.len() - 1).unwrap(), 5).unwrap();
+        assert_eq!(
+            top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            ids_of(&c["last_top5_ids"]),
+            "case {case}: top-5"
+        );
+        let greedy = generate(
+            &model.transformer,
+            &ids,
+            24,
+            &model.stop,
+            &Sampling::default(),
+            &Hooks::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            greedy,
+            ids_of(&c["greedy_24"]),
+            "case {case}: greedy tokens"
+        );
+        assert_eq!(
+            model.tokenizer.decode(&greedy).unwrap(),
+            c["greedy_text"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn smollm2_gguf_matches_reference_ids_top5_and_greedy() {
+    let model = smollm();
+    let reference = json(&shared(
+        "models/smollm2-135m-instruct-q4_1/reference_outputs.json",
+    ));
+    assert_eq!(model.bos, None, "SmolLM2's GGUF says add_bos_token = false");
+    for (case, c) in reference["cases"].as_array().unwrap().iter().enumerate() {
+        let ids = model
+            .tokenizer
+            .encode_with_specials(c["prompt"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(ids, ids_of(&c["input_ids"]), "case {case}: ids");
+        let logits = run(&model, &ids, &Hooks::logits())
+            .logits
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let top = top_k(&logits.get(ids.len() - 1).unwrap(), 5).unwrap();
+        assert_eq!(
+            top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            ids_of(&c["last_pos_top5_ids"]),
+            "case {case}"
+        );
+        for (got, want) in top
+            .iter()
+            .zip(c["last_pos_top5_logits"].as_array().unwrap())
+        {
+            assert!(
+                (got.1 as f64 - want.as_f64().unwrap()).abs() < 1e-3,
+                "case {case}: logit {} vs {want}",
+                got.1
+            );
+        }
+        let nll = mean_nll(&logits, &ids).unwrap();
+        assert!(
+            (nll - c["mean_nll_of_prompt_tokens"].as_f64().unwrap()).abs() < 1e-3,
+            "case {case}: nll {nll}"
+        );
+        let greedy = generate(
+            &model.transformer,
+            &ids,
+            16,
+            &model.stop,
+            &Sampling::default(),
+            &Hooks::default(),
+        )
+        .unwrap();
+        assert_eq!(greedy, ids_of(&c["greedy_16_ids"]), "case {case}: greedy");
+    }
+}
+
+#[test]
+fn hooks_chain_interventions_apply_and_the_pass_stops_early() {
+    let model = nanochat();
+    let ids = model
+        .encode_document("I will support you in Burgundy, I promise.")
+        .unwrap();
+    let all: Vec<Hook> = (0..4)
+        .flat_map(|layer| {
+            [
+                HookPoint::ResidPre,
+                HookPoint::AttnOut,
+                HookPoint::ResidMid,
+                HookPoint::MlpOut,
+                HookPoint::ResidPost,
+            ]
+            .into_iter()
+            .map(move |point| Hook { layer, point })
+        })
+        .collect();
+    let base = run(
+        &model,
+        &ids,
+        &Hooks {
+            logits: true,
+            capture: all.iter().copied().collect(),
+            ..Default::default()
+        },
+    );
+    let act = |o: &saeflow::models::transformer::Output, layer, point| {
+        o.activations[&Hook { layer, point }].clone()
+    };
+    for layer in 0..3 {
+        assert_eq!(
+            max_abs_diff(
+                &act(&base, layer, HookPoint::ResidPost),
+                &act(&base, layer + 1, HookPoint::ResidPre)
+            ),
+            0.0
+        );
+    }
+    // resid_mid = resid_pre + attn_out; resid_post = resid_mid + mlp_out.
+    let sum = (act(&base, 2, HookPoint::ResidPre) + act(&base, 2, HookPoint::AttnOut)).unwrap();
+    assert!(max_abs_diff(&sum, &act(&base, 2, HookPoint::ResidMid)) < 1e-6);
+
+    // An identity intervention changes nothing.
+    let identity: Intervention = std::sync::Arc::new(|x: &Tensor| Ok(x.clone()));
+    let hook = Hook {
+        layer: 1,
+        point: HookPoint::ResidPost,
+    };
+    let mut hooks = Hooks {
+        logits: true,
+        ..Default::default()
+    };
+    hooks.interventions.insert(hook, identity);
+    let same = run(&model, &ids, &hooks);
+    assert_eq!(
+        max_abs_diff(base.logits.as_ref().unwrap(), same.logits.as_ref().unwrap()),
+        0.0
+    );
+
+    // Adding a vector at block 2 leaves earlier hooks alone and changes later ones and the logits.
+    let add: Intervention = std::sync::Arc::new(|x: &Tensor| x + 1.0);
+    let mut hooks = Hooks {
+        logits: true,
+        capture: all.iter().copied().collect(),
+        ..Default::default()
+    };
+    hooks.interventions.insert(
+        Hook {
+            layer: 2,
+            point: HookPoint::ResidPre,
+        },
+        add,
+    );
+    let steered = run(&model, &ids, &hooks);
+    for h in &all {
+        let d = max_abs_diff(&base.activations[h], &steered.activations[h]);
+        if h.layer < 2 {
+            assert_eq!(d, 0.0, "{h} changed by an intervention at blocks.2");
+        } else {
+            assert!(d > 1e-3, "{h} did not change");
+        }
+    }
+    assert!(
+        max_abs_diff(
+            base.logits.as_ref().unwrap(),
+            steered.logits.as_ref().unwrap()
+        ) > 1e-3
+    );
+
+    // Capturing blocks.1 without logits runs only blocks 0..=1, and gives the same values.
+    let early = run(
+        &model,
+        &ids,
+        &Hooks::capture([Hook {
+            layer: 1,
+            point: HookPoint::ResidPost,
+        }]),
+    );
+    assert!(early.logits.is_none());
+    assert_eq!(
+        max_abs_diff(
+            &early.activations[&Hook {
+                layer: 1,
+                point: HookPoint::ResidPost
+            }],
+            &act(&base, 1, HookPoint::ResidPost)
+        ),
+        0.0
+    );
+    assert!(model
+        .transformer
+        .check_hook(&"blocks.4.hook_resid_post".parse().unwrap())
+        .unwrap_err()
+        .to_string()
+        .contains("4 blocks"));
+    assert!("blocks.1.hook_resid"
+        .parse::<Hook>()
+        .unwrap_err()
+        .contains("hook_resid_post"));
+}
+
+#[test]
+fn kv_cache_decoding_equals_a_full_recompute_with_interventions_active() {
+    let model = nanochat();
+    let ids = model
+        .encode_document("Sometimes one must deceive others to succeed")
+        .unwrap();
+    let steer: Intervention = std::sync::Arc::new(|x: &Tensor| x * 1.5);
+    let mut hooks = Hooks {
+        logits: true,
+        ..Default::default()
+    };
+    hooks.interventions.insert(
+        Hook {
+            layer: 1,
+            point: HookPoint::MlpOut,
+        },
+        steer,
+    );
+    let full = run(&model, &ids, &hooks).logits.unwrap();
+    let mut cache = KvCache::default();
+    let split = 5;
+    let head = Tensor::from_vec(ids[..split].to_vec(), (1, split), &Device::Cpu).unwrap();
+    let mut parts = vec![model
+        .transformer
+        .forward(&head, &hooks, Some(&mut cache))
+        .unwrap()
+        .logits
+        .unwrap()];
+    for &id in &ids[split..] {
+        let one = Tensor::from_vec(vec![id], (1, 1), &Device::Cpu).unwrap();
+        parts.push(
+            model
+                .transformer
+                .forward(&one, &hooks, Some(&mut cache))
+                .unwrap()
+                .logits
+                .unwrap(),
+        );
+    }
+    let cached = Tensor::cat(&parts, 1).unwrap();
+    let d = max_abs_diff(&full, &cached);
+    assert!(d < 1e-4, "cached decoding differs by {d}");
+    // Seeded sampling is reproducible and differs across seeds.
+    let s = |seed| {
+        generate(
+            &model.transformer,
+            &ids,
+            12,
+            &[],
+            &Sampling {
+                temperature: 1.0,
+                top_k: 50,
+                top_p: 0.9,
+                seed,
+            },
+            &hooks,
+        )
+        .unwrap()
+    };
+    assert_eq!(s(1), s(1));
+    assert_ne!(s(1), s(2));
+}
+
+/// Writes a torch-format zip checkpoint: a protocol-2 state-dict pickle and one f32 storage per tensor.
+fn write_torch_checkpoint(path: &Path, tensors: &[(String, Tensor)], dtype_storage: &str) {
+    let mut pkl: Vec<u8> = vec![0x80, 2, b'}', b'('];
+    let unicode = |p: &mut Vec<u8>, s: &str| {
+        p.push(b'X');
+        p.extend((s.len() as u32).to_le_bytes());
+        p.extend(s.as_bytes());
+    };
+    let int = |p: &mut Vec<u8>, v: usize| {
+        p.push(b'J');
+        p.extend((v as i32).to_le_bytes());
+    };
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        unicode(&mut pkl, name);
+        pkl.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        pkl.push(b'(');
+        unicode(&mut pkl, "storage");
+        pkl.extend(format!("ctorch\n{dtype_storage}\n").as_bytes());
+        unicode(&mut pkl, &i.to_string());
+        unicode(&mut pkl, "cpu");
+        int(&mut pkl, t.elem_count());
+        pkl.extend(b"tQ");
+        int(&mut pkl, 0);
+        pkl.push(b'(');
+        for d in t.dims() {
+            int(&mut pkl, *d);
+        }
+        pkl.extend(b"t(");
+        let mut stride = 1;
+        let mut strides = vec![0; t.dims().len()];
+        for (j, d) in t.dims().iter().enumerate().rev() {
+            strides[j] = stride;
+            stride *= d;
+        }
+        for s in strides {
+            int(&mut pkl, s);
+        }
+        pkl.extend(b"t\x89ccollections\nOrderedDict\n)RtR");
+    }
+    pkl.extend(b"u.");
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", opts).unwrap();
+    zip.write_all(&pkl).unwrap();
+    zip.start_file("archive/byteorder", opts).unwrap();
+    zip.write_all(b"little").unwrap();
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        zip.start_file(format!("archive/data/{i}"), opts).unwrap();
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        for x in v {
+            zip.write_all(&x.to_le_bytes()).unwrap();
+        }
+    }
+    zip.finish().unwrap();
+}
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut s = seed;
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A nanochat checkpoint directory with other dimensions; `kv_heads` key/value heads (the k/v weights of
+/// `kv_weights` are tiled to that many heads), `_orig_mod.`-prefixed keys, plus `extra` keys.
+fn make_nanochat(dir: &Path, kv_heads: usize, extra: &[&str]) {
+    let (d, heads, head_dim, layers, vocab) = (96, 3, 32, 2, 4096);
+    std::fs::create_dir_all(dir).unwrap();
+    let mut tensors = vec![(
+        "_orig_mod.transformer.wte.weight".to_string(),
+        random(&[vocab, d], 1),
+    )];
+    for l in 0..layers {
+        let p = |s: &str| format!("_orig_mod.transformer.h.{l}.{s}");
+        let kv = |seed| {
+            let one = random(&[head_dim, d], seed);
+            Tensor::cat(&vec![one; kv_heads], 0).unwrap() // every kv head identical: MQA and MHA must agree
+        };
+        tensors.push((
+            p("attn.c_q.weight"),
+            random(&[heads * head_dim, d], 10 + l as u64),
+        ));
+        tensors.push((p("attn.c_k.weight"), kv(20 + l as u64)));
+        tensors.push((p("attn.c_v.weight"), kv(30 + l as u64)));
+        tensors.push((
+            p("attn.c_proj.weight"),
+            random(&[d, heads * head_dim], 40 + l as u64),
+        ));
+        tensors.push((p("mlp.c_fc.weight"), random(&[4 * d, d], 50 + l as u64)));
+        tensors.push((p("mlp.c_proj.weight"), random(&[d, 4 * d], 60 + l as u64)));
+    }
+    tensors.push((
+        "_orig_mod.lm_head.weight".to_string(),
+        random(&[vocab, d], 2),
+    ));
+    for e in extra {
+        tensors.push((e.to_string(), random(&[4, 4], 3)));
+    }
+    write_torch_checkpoint(&dir.join("model_000010.pt"), &tensors, "FloatStorage");
+    let meta = serde_json::json!({"step": 10, "model_config": {"sequence_len": 64, "vocab_size": vocab, "n_layer": layers, "n_head": heads, "n_kv_head": kv_heads, "n_embd": d}});
+    std::fs::write(dir.join("meta_000010.json"), meta.to_string()).unwrap();
+    std::fs::copy(
+        shared("fixtures/nanochat-d4/tokenizer/tokenizer.pkl"),
+        dir.join("tokenizer.pkl"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_handmade_mqa_checkpoint_with_compiled_keys_loads_and_agrees_with_its_mha_twin() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_nanochat(&tmp.path().join("mqa"), 1, &[]);
+    make_nanochat(&tmp.path().join("mha"), 3, &[]);
+    let mqa = models::load(&tmp.path().join("mqa"), None, &Device::Cpu).unwrap();
+    let mha = models::load(&tmp.path().join("mha"), None, &Device::Cpu).unwrap();
+    assert_eq!(
+        (
+            mqa.transformer.config.n_kv_head,
+            mha.transformer.config.n_kv_head
+        ),
+        (1, 3)
+    );
+    let ids = mqa
+        .encode_document("The city of Lodz is in Poland.")
+        .unwrap();
+    let (a, b) = (
+        run(&mqa, &ids, &Hooks::logits()).logits.unwrap(),
+        run(&mha, &ids, &Hooks::logits()).logits.unwrap(),
+    );
+    assert!(
+        max_abs_diff(&a, &b) < 1e-5,
+        "GQA with one kv head must equal MHA with that head repeated"
+    );
+    assert_eq!(a.dims(), &[1, ids.len(), 4096]);
+}
+
+#[test]
+fn newer_nanochat_architecture_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_nanochat(tmp.path(), 3, &["value_embeds.0.weight", "resid_lambdas"]);
+    let err = format!(
+        "{:#}",
+        models::load(tmp.path(), None, &Device::Cpu).err().unwrap()
+    );
+    assert!(
+        err.contains("newer (2026) nanochat architecture")
+            && err.contains("value embeddings")
+            && err.contains("residual lambdas"),
+        "{err}"
+    );
+}
+
+#[test]
+fn malicious_pickles_are_refused_and_nothing_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("pwned");
+    let cmd = format!("touch {}", marker.display());
+    // GLOBAL posix.system, ('touch <marker>',), REDUCE — what pickle.dumps of an os.system __reduce__ gives.
+    let mut evil = b"\x80\x02cposix\nsystem\nq\x00X".to_vec();
+    evil.extend((cmd.len() as u32).to_le_bytes());
+    evil.extend(cmd.as_bytes());
+    evil.extend(b"q\x01\x85q\x02Rq\x03.");
+
+    let ckpt = tmp.path().join("ckpt");
+    make_nanochat(&ckpt, 3, &[]);
+    let file = std::fs::File::create(ckpt.join("model_000010.pt")).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", opts).unwrap();
+    zip.write_all(&evil).unwrap();
+    zip.finish().unwrap();
+    let out = common::run(tmp.path(), &["model", ckpt.to_str().unwrap()]);
+    let text = common::text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("refusing pickle global `posix.system`"),
+        "{text}"
+    );
+
+    let tok = tmp.path().join("tok");
+    make_nanochat(&tok, 3, &[]);
+    std::fs::write(tok.join("tokenizer.pkl"), &evil).unwrap();
+    let out = common::run(tmp.path(), &["model", tok.to_str().unwrap()]);
+    let text = common::text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("tokenizer pickle") && text.contains("refusing pickle global `posix.system`"),
+        "{text}"
+    );
+    assert!(!marker.exists(), "the pickle's command ran");
+}
+
+#[test]
+fn truncated_or_corrupt_model_files_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let expect = |path: &Path, fragment: &str| {
+        let out = common::run(d, &["model", path.to_str().unwrap()]);
+        let text = common::text(&out);
+        assert_eq!(out.status.code(), Some(1), "{}: {text}", path.display());
+        assert!(
+            text.contains(fragment),
+            "{}: want `{fragment}` in {text}",
+            path.display()
+        );
+        assert!(
+            !text.contains("panicked") && !text.contains("stack backtrace"),
+            "{text}"
+        );
+    };
+    // nanochat .pt cut in half.
+    let nc = d.join("nc");
+    std::fs::create_dir_all(&nc).unwrap();
+    let src = shared("fixtures/nanochat-d4/base_checkpoints/d4");
+    let pt = std::fs::read(src.join("model_001200.pt")).unwrap();
+    std::fs::write(nc.join("model_001200.pt"), &pt[..pt.len() / 2]).unwrap();
+    std::fs::copy(src.join("meta_001200.json"), nc.join("meta_001200.json")).unwrap();
+    std::fs::copy(
+        shared("fixtures/nanochat-d4/tokenizer/tokenizer.pkl"),
+        nc.join("tokenizer.pkl"),
+    )
+    .unwrap();
+    expect(&nc, "not a torch zip checkpoint");
+    // GGUF cut short (its tensors extend past the end).
+    let gg = d.join("gg");
+    std::fs::create_dir_all(&gg).unwrap();
+    let smol = shared("models/smollm2-135m-instruct-q4_1");
+    let bytes = std::fs::read(smol.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    std::fs::write(gg.join("m.gguf"), &bytes[..bytes.len() / 3]).unwrap();
+    std::fs::copy(smol.join("tokenizer.json"), gg.join("tokenizer.json")).unwrap();
+    expect(&gg.join("m.gguf"), "truncated or corrupt");
+    std::fs::write(gg.join("m.gguf"), &bytes[..100]).unwrap();
+    expect(&gg.join("m.gguf"), "not a readable GGUF file");
+    // A broken tokenizer.json beside a good GGUF.
+    std::fs::write(gg.join("m.gguf"), &bytes).unwrap();
+    std::fs::write(gg.join("tokenizer.json"), b"{\"model\": ").unwrap();
+    expect(&gg.join("m.gguf"), "not a valid tokenizer.json");
+    // A Hugging Face directory with a truncated safetensors shard.
+    let hf = d.join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    std::fs::write(hf.join("config.json"), r#"{"vocab_size": 8, "hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}"#).unwrap();
+    std::fs::copy(smol.join("tokenizer.json"), hf.join("tokenizer.json")).unwrap();
+    let t = std::collections::HashMap::from([(
+        "model.embed_tokens.weight".to_string(),
+        Tensor::zeros((8, 4), DType::F32, &Device::Cpu).unwrap(),
+    )]);
+    candle_core::safetensors::save(&t, hf.join("model.safetensors")).unwrap();
+    let st = std::fs::read(hf.join("model.safetensors")).unwrap();
+    std::fs::write(hf.join("model.safetensors"), &st[..st.len() - 10]).unwrap();
+    expect(&hf, "not a readable safetensors file");
+}
+
+#[test]
+fn hugging_face_layout_of_the_gguf_weights_gives_the_same_logits() {
+    // Undo llama.cpp's Q/K permutation, save as a Hugging Face directory, and compare with the GGUF path:
+    // this checks the safetensors loader, the half-split rotary and the permutation in one go.
+    let (config, weights, _) = saeflow::models::llama::load_gguf(
+        &shared("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let unpermute = |w: &Tensor, heads: usize| -> Tensor {
+        let (out, inp) = w.dims2().unwrap();
+        let hd = out / heads;
+        w.reshape((heads, hd / 2, 2, inp))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((out, inp))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let mut sd: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
+    sd.insert("model.embed_tokens.weight".into(), weights.embed.clone());
+    sd.insert(
+        "model.norm.weight".into(),
+        weights.final_norm.clone().unwrap(),
+    );
+    for (i, b) in weights.blocks.iter().enumerate() {
+        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+        sd.insert(p("input_layernorm"), b.attn_norm.clone().unwrap());
+        sd.insert(p("post_attention_layernorm"), b.mlp_norm.clone().unwrap());
+        sd.insert(p("self_attn.q_proj"), unpermute(&b.q, config.n_head));
+        sd.insert(p("self_attn.k_proj"), unpermute(&b.k, config.n_kv_head));
+        sd.insert(p("self_attn.v_proj"), b.v.clone());
+        sd.insert(p("self_attn.o_proj"), b.o.clone());
+        sd.insert(p("mlp.gate_proj"), b.gate.clone().unwrap());
+        sd.insert(p("mlp.up_proj"), b.up.clone());
+        sd.insert(p("mlp.down_proj"), b.down.clone());
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    candle_core::safetensors::save(&sd, dir.join("model.safetensors")).unwrap();
+    let smol = shared("models/smollm2-135m-instruct-q4_1");
+    std::fs::copy(smol.join("config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(smol.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        smol.join("tokenizer_config.json"),
+        dir.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let hf = models::load(dir, None, &Device::Cpu).unwrap();
+    let gguf = smollm();
+    let ids = gguf.tokenizer.encode("The capital of France is").unwrap();
+    let d = max_abs_diff(
+        &run(&hf, &ids, &Hooks::logits()).logits.unwrap(),
+        &run(&gguf, &ids, &Hooks::logits()).logits.unwrap(),
+    );
+    assert!(d < 1e-3, "HF layout differs from GGUF by {d}");
+    assert_eq!(hf.chat, models::ChatFormat::ChatMl);
+}
