@@ -115,11 +115,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure throughput (see BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Write the pipeline JSON Schema (for editors).
     Schema {
         /// Output file (`-` for stdout).
         #[arg(short, long, default_value = "schemas/pipeline.schema.json")]
         output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Forward passes over random token batches: tokens/s and peak memory.
+    Forward {
+        /// Model path (as for `saeflow model`).
+        path: PathBuf,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Stop after this block (capturing its hook_resid_post); default: full depth with logits.
+        #[arg(long)]
+        layer: Option<usize>,
+        /// Timed passes (after one warm-up pass).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: crate::config::DeviceSpec,
     },
 }
 
@@ -362,6 +391,17 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Bench {
+            command:
+                BenchCommand::Forward {
+                    path,
+                    batch,
+                    seq,
+                    layer,
+                    iters,
+                    device,
+                },
+        } => bench_forward(&path, batch, seq, layer, iters, device).map_err(Error::Other),
         Command::Schema { output } => {
             let schema = crate::config::pipeline_schema(&registry);
             let text = serde_json::to_string_pretty(&schema).expect("JSON") + "\n";
@@ -489,4 +529,71 @@ fn print_model_report(r: &serde_json::Value) {
         );
     }
     println!("greedy: {:?}", r["greedy_text"].as_str().unwrap_or(""));
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+fn bench_forward(
+    path: &Path,
+    batch: usize,
+    seq: usize,
+    layer: Option<usize>,
+    iters: usize,
+    device: crate::config::DeviceSpec,
+) -> anyhow::Result<()> {
+    use crate::models::transformer::{Hook, HookPoint, Hooks};
+    let device = crate::models::device(device)?;
+    let model = crate::models::load(path, None, &device)?;
+    let vocab = model.transformer.config.vocab_size as u64;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % vocab) as u32
+        })
+        .collect();
+    let input = candle_core::Tensor::from_vec(ids, (batch, seq), &device)?;
+    let hooks = match layer {
+        Some(l) => Hooks::capture([Hook {
+            layer: l,
+            point: HookPoint::ResidPost,
+        }]),
+        None => Hooks::logits(),
+    };
+    model.transformer.forward(&input, &hooks, None)?; // warm-up
+    let started = std::time::Instant::now();
+    for _ in 0..iters {
+        let out = model.transformer.forward(&input, &hooks, None)?;
+        // Make sure the work is done (lazy devices): read one value back.
+        let t = out
+            .logits
+            .or_else(|| out.activations.into_values().next())
+            .expect("an output");
+        t.flatten_all()?
+            .get(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let tokens = (batch * seq * iters) as f64;
+    let depth = layer.map_or_else(
+        || "full depth + logits".to_string(),
+        |l| format!("up to blocks.{l}"),
+    );
+    println!(
+        "{}: batch {batch} x {seq}, {depth}: {:.0} tokens/s ({:.3} s per pass), peak RSS {:.0} MiB, {} threads",
+        path.display(),
+        tokens / secs,
+        secs / iters as f64,
+        peak_rss_mib().unwrap_or(f64::NAN),
+        rayon::current_num_threads()
+    );
+    Ok(())
 }
