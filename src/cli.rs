@@ -268,12 +268,7 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
         Command::Explain { args, stage } => {
             let cache = open_cache(&cli.cache)?;
             let plan = load_plan(&args, &registry, &cache)?;
-            let nodes = plan.select(&stage);
-            if nodes.is_empty() {
-                return Err(Error::Usage(format!(
-                    "no stage or instance named `{stage}`"
-                )));
-            }
+            let nodes = plan.select_named(&stage).map_err(Error::Usage)?;
             for n in nodes {
                 let inst = plan.instance(n);
                 match cache.read_ref(&plan.pipeline.header.name, &inst.name) {
@@ -309,12 +304,7 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
         Command::Show { args, stage, limit } => {
             let cache = open_cache(&cli.cache)?;
             let plan = load_plan(&args, &registry, &cache)?;
-            let nodes = plan.select(&stage);
-            if nodes.is_empty() {
-                return Err(Error::Usage(format!(
-                    "no stage or instance named `{stage}`"
-                )));
-            }
+            let nodes = plan.select_named(&stage).map_err(Error::Usage)?;
             for n in nodes {
                 let inst = plan.instance(n);
                 if !cache.has_object(&inst.key) {

@@ -160,6 +160,21 @@ pub struct StageDecl {
     pub references: References,
 }
 
+impl StageDecl {
+    /// Names of the stages this one reads from, sorted and without repeats.
+    pub fn upstream_stages(&self) -> Vec<&str> {
+        let mut ups: Vec<&str> = self
+            .references
+            .inputs
+            .iter()
+            .map(|r| r.target.as_str())
+            .collect();
+        ups.sort_unstable();
+        ups.dedup();
+        ups
+    }
+}
+
 /// One sweep axis: a parameter and the values it takes.
 #[derive(Debug, Clone)]
 pub struct Axis {

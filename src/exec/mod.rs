@@ -57,14 +57,7 @@ pub fn selection(plan: &Plan, targets: &[String]) -> Result<BTreeSet<NodeIndex>,
     }
     let mut selected = BTreeSet::new();
     for t in targets {
-        let nodes = plan.select(t);
-        if nodes.is_empty() {
-            let names: Vec<_> = plan.pipeline.stages.keys().cloned().collect();
-            return Err(format!(
-                "no stage or instance named `{t}` (stages: {})",
-                names.join(", ")
-            ));
-        }
+        let nodes = plan.select_named(t)?;
         let mut stack = nodes;
         while let Some(n) = stack.pop() {
             if selected.insert(n) {

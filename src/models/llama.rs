@@ -34,6 +34,117 @@ fn meta_f32(c: &gguf_file::Content, key: &str) -> Option<f32> {
     c.metadata.get(key).and_then(|v| v.to_f32().ok())
 }
 
+/// Where each Llama weight lives in one file layout (`{i}` = block index); block entries are attn_norm,
+/// q, k, v, o, mlp_norm, gate, up, down.
+struct Layout {
+    embed: &'static str,
+    final_norm: &'static str,
+    lm_head: &'static str,
+    block: [&'static str; 9],
+}
+
+const GGUF_LAYOUT: Layout = Layout {
+    embed: "token_embd.weight",
+    final_norm: "output_norm.weight",
+    lm_head: "output.weight",
+    block: [
+        "blk.{i}.attn_norm.weight",
+        "blk.{i}.attn_q.weight",
+        "blk.{i}.attn_k.weight",
+        "blk.{i}.attn_v.weight",
+        "blk.{i}.attn_output.weight",
+        "blk.{i}.ffn_norm.weight",
+        "blk.{i}.ffn_gate.weight",
+        "blk.{i}.ffn_up.weight",
+        "blk.{i}.ffn_down.weight",
+    ],
+};
+
+const HF_LAYOUT: Layout = Layout {
+    embed: "model.embed_tokens.weight",
+    final_norm: "model.norm.weight",
+    lm_head: "lm_head.weight",
+    block: [
+        "model.layers.{i}.input_layernorm.weight",
+        "model.layers.{i}.self_attn.q_proj.weight",
+        "model.layers.{i}.self_attn.k_proj.weight",
+        "model.layers.{i}.self_attn.v_proj.weight",
+        "model.layers.{i}.self_attn.o_proj.weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+        "model.layers.{i}.mlp.gate_proj.weight",
+        "model.layers.{i}.mlp.up_proj.weight",
+        "model.layers.{i}.mlp.down_proj.weight",
+    ],
+};
+
+/// Collects a Llama's weights through `get` (name → f32 tensor); without an lm_head it is tied.
+fn assemble(
+    layout: &Layout,
+    n_layer: usize,
+    has_head: bool,
+    mut get: impl FnMut(&str) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<Weights> {
+    let embed = get(layout.embed)?;
+    let mut blocks = Vec::new();
+    for i in 0..n_layer {
+        let mut t = |k: usize| get(&layout.block[k].replace("{i}", &i.to_string()));
+        blocks.push(BlockWeights {
+            attn_norm: Some(t(0)?),
+            q: t(1)?,
+            k: t(2)?,
+            v: t(3)?,
+            o: t(4)?,
+            mlp_norm: Some(t(5)?),
+            gate: Some(t(6)?),
+            up: t(7)?,
+            down: t(8)?,
+        });
+    }
+    let final_norm = Some(get(layout.final_norm)?);
+    let lm_head = if has_head {
+        get(layout.lm_head)?
+    } else {
+        embed.clone()
+    };
+    Ok(Weights {
+        embed,
+        blocks,
+        final_norm,
+        lm_head,
+    })
+}
+
+/// A Llama `Config`; `dims` = (d_model, n_layer, n_head, n_kv_head, head_dim, d_mlp), `norm_rope` = (eps, theta).
+fn llama_config(
+    vocab_size: usize,
+    dims: (usize, usize, usize, usize, usize, usize),
+    norm_rope: (f64, f64),
+    rope: Rope,
+    max_seq_len: usize,
+) -> Config {
+    let (d_model, n_layer, n_head, n_kv_head, head_dim, d_mlp) = dims;
+    Config {
+        family: "llama".into(),
+        vocab_size,
+        d_model,
+        n_layer,
+        n_head,
+        n_kv_head,
+        head_dim,
+        d_mlp,
+        norm_eps: norm_rope.0,
+        rope_theta: norm_rope.1,
+        rope,
+        rope_tables_bf16: false,
+        rope_negative: false,
+        qk_norm: false,
+        embed_norm: false,
+        mlp: Mlp::SwiGlu,
+        softcap: None,
+        max_seq_len,
+    }
+}
+
 /// Loads a GGUF Llama model, dequantizing every tensor to f32 on `device`.
 pub fn load_gguf(path: &Path, device: &Device) -> anyhow::Result<(Config, Weights, GgufInfo)> {
     let mut file =
@@ -81,54 +192,21 @@ pub fn load_gguf(path: &Path, device: &Device) -> anyhow::Result<(Config, Weight
     if n_head == 0 || n_kv_head == 0 || d_model % n_head != 0 || n_head % n_kv_head != 0 {
         bail!("{}: inconsistent attention heads ({n_head} heads, {n_kv_head} kv heads, width {d_model})", path.display());
     }
-    let mut get = |name: &str| -> anyhow::Result<Tensor> {
+    let get = |name: &str| -> anyhow::Result<Tensor> {
         let q = content
             .tensor(&mut file, name, device)
             .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
         Ok(q.dequantize(device)?)
     };
-    let embed = get("token_embd.weight")?;
-    let mut blocks = Vec::new();
-    for i in 0..n_layer {
-        let p = |s: &str| format!("blk.{i}.{s}.weight");
-        blocks.push(BlockWeights {
-            attn_norm: Some(get(&p("attn_norm"))?),
-            q: get(&p("attn_q"))?,
-            k: get(&p("attn_k"))?,
-            v: get(&p("attn_v"))?,
-            o: get(&p("attn_output"))?,
-            mlp_norm: Some(get(&p("ffn_norm"))?),
-            gate: Some(get(&p("ffn_gate"))?),
-            up: get(&p("ffn_up"))?,
-            down: get(&p("ffn_down"))?,
-        });
-    }
-    let final_norm = Some(get("output_norm.weight")?);
-    let lm_head = if content.tensor_infos.contains_key("output.weight") {
-        get("output.weight")?
-    } else {
-        embed.clone()
-    };
-    let config = Config {
-        family: "llama".into(),
-        vocab_size: embed.dim(0)?,
-        d_model,
-        n_layer,
-        n_head,
-        n_kv_head,
-        head_dim: d_model / n_head,
-        d_mlp,
-        norm_eps: eps,
-        rope_theta: theta,
-        rope: Rope::Interleaved, // llama.cpp stores Q/K permuted for interleaved pairs
-        rope_tables_bf16: false,
-        rope_negative: false,
-        qk_norm: false,
-        embed_norm: false,
-        mlp: Mlp::SwiGlu,
-        softcap: None,
-        max_seq_len: context,
-    };
+    let has_head = content.tensor_infos.contains_key("output.weight");
+    let weights = assemble(&GGUF_LAYOUT, n_layer, has_head, get)?;
+    let config = llama_config(
+        weights.embed.dim(0)?,
+        (d_model, n_layer, n_head, n_kv_head, d_model / n_head, d_mlp),
+        (eps, theta),
+        Rope::Interleaved, // llama.cpp stores Q/K permuted for interleaved pairs
+        context,
+    );
     let u = |k: &str| content.metadata.get(k).and_then(|v| v.to_u32().ok());
     let info = GgufInfo {
         add_bos: content
@@ -144,16 +222,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> anyhow::Result<(Config, Weight
             .and_then(|v| v.to_string().ok())
             .cloned(),
     };
-    Ok((
-        config,
-        Weights {
-            embed,
-            blocks,
-            final_norm,
-            lm_head,
-        },
-        info,
-    ))
+    Ok((config, weights, info))
 }
 
 /// `config.json` of a Hugging Face Llama model (the fields used).
@@ -216,66 +285,29 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weigh
         sd.extend(tensors);
     }
     let has_head = sd.contains_key("lm_head.weight");
-    let mut take = |name: &str| -> anyhow::Result<Tensor> {
+    let take = |name: &str| -> anyhow::Result<Tensor> {
         let t = sd
             .remove(name)
             .with_context(|| format!("{}: missing tensor `{name}`", dir.display()))?;
         Ok(t.to_dtype(DType::F32)?)
     };
-    let embed = take("model.embed_tokens.weight")?;
-    let mut blocks = Vec::new();
-    for i in 0..hf.num_hidden_layers {
-        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
-        blocks.push(BlockWeights {
-            attn_norm: Some(take(&p("input_layernorm"))?),
-            q: take(&p("self_attn.q_proj"))?,
-            k: take(&p("self_attn.k_proj"))?,
-            v: take(&p("self_attn.v_proj"))?,
-            o: take(&p("self_attn.o_proj"))?,
-            mlp_norm: Some(take(&p("post_attention_layernorm"))?),
-            gate: Some(take(&p("mlp.gate_proj"))?),
-            up: take(&p("mlp.up_proj"))?,
-            down: take(&p("mlp.down_proj"))?,
-        });
-    }
-    let final_norm = Some(take("model.norm.weight")?);
-    // Without an lm_head the output is tied to the embedding (as `tie_word_embeddings` says for most small Llamas).
-    let lm_head = if has_head {
-        take("lm_head.weight")?
-    } else {
-        embed.clone()
-    };
-    let _ = hf.tie_word_embeddings;
+    let weights = assemble(&HF_LAYOUT, hf.num_hidden_layers, has_head, take)?;
+    let _ = hf.tie_word_embeddings; // without an lm_head the output is tied to the embedding
     let n_kv_head = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-    let config = Config {
-        family: "llama".into(),
-        vocab_size: hf.vocab_size,
-        d_model: hf.hidden_size,
-        n_layer: hf.num_hidden_layers,
-        n_head: hf.num_attention_heads,
-        n_kv_head,
-        head_dim: hf
-            .head_dim
-            .unwrap_or(hf.hidden_size / hf.num_attention_heads),
-        d_mlp: hf.intermediate_size,
-        norm_eps: hf.rms_norm_eps,
-        rope_theta: hf.rope_theta,
-        rope: Rope::HalfSplit,
-        rope_tables_bf16: false,
-        rope_negative: false,
-        qk_norm: false,
-        embed_norm: false,
-        mlp: Mlp::SwiGlu,
-        softcap: None,
-        max_seq_len: hf.max_position_embeddings.unwrap_or(4096),
-    };
-    Ok((
-        config,
-        Weights {
-            embed,
-            blocks,
-            final_norm,
-            lm_head,
-        },
-    ))
+    let config = llama_config(
+        hf.vocab_size,
+        (
+            hf.hidden_size,
+            hf.num_hidden_layers,
+            hf.num_attention_heads,
+            n_kv_head,
+            hf.head_dim
+                .unwrap_or(hf.hidden_size / hf.num_attention_heads),
+            hf.intermediate_size,
+        ),
+        (hf.rms_norm_eps, hf.rope_theta),
+        Rope::HalfSplit,
+        hf.max_position_embeddings.unwrap_or(4096),
+    );
+    Ok((config, weights))
 }

@@ -177,6 +177,19 @@ impl Plan {
         })
     }
 
+    /// Instances with this stage or instance name; none is an error listing the stages.
+    pub fn select_named(&self, name: &str) -> Result<Vec<NodeIndex>, String> {
+        let nodes = self.select(name);
+        if nodes.is_empty() {
+            let names: Vec<&str> = self.pipeline.stages.keys().map(String::as_str).collect();
+            return Err(format!(
+                "no stage or instance named `{name}` (stages: {})",
+                names.join(", ")
+            ));
+        }
+        Ok(nodes)
+    }
+
     /// Finds instances by stage name or exact instance name.
     pub fn select(&self, name: &str) -> Vec<NodeIndex> {
         self.order
@@ -214,26 +227,16 @@ fn model_identity(
 
 /// Stage names in dependency order; ties broken by name so the order is stable.
 fn stage_topological_order(pipeline: &Pipeline) -> Vec<String> {
-    let mut remaining: BTreeMap<&str, usize> = pipeline
+    let mut remaining: BTreeMap<&str, Vec<&str>> = pipeline
         .stages
         .iter()
-        .map(|(n, d)| {
-            let mut ups: Vec<&str> = d
-                .references
-                .inputs
-                .iter()
-                .map(|r| r.target.as_str())
-                .collect();
-            ups.sort_unstable();
-            ups.dedup();
-            (n.as_str(), ups.len())
-        })
+        .map(|(n, d)| (n.as_str(), d.upstream_stages()))
         .collect();
     let mut order = Vec::new();
     while !remaining.is_empty() {
         let ready: Vec<&str> = remaining
             .iter()
-            .filter(|(_, &c)| c == 0)
+            .filter(|(_, ups)| ups.is_empty())
             .map(|(n, _)| *n)
             .collect();
         assert!(
@@ -242,22 +245,10 @@ fn stage_topological_order(pipeline: &Pipeline) -> Vec<String> {
         );
         for n in ready {
             remaining.remove(n);
+            remaining
+                .values_mut()
+                .for_each(|ups| ups.retain(|u| *u != n));
             order.push(n.to_string());
-            for (other, decl) in &pipeline.stages {
-                let mut ups: Vec<&str> = decl
-                    .references
-                    .inputs
-                    .iter()
-                    .map(|r| r.target.as_str())
-                    .collect();
-                ups.sort_unstable();
-                ups.dedup();
-                if ups.contains(&n) {
-                    if let Some(c) = remaining.get_mut(other.as_str()) {
-                        *c -= 1;
-                    }
-                }
-            }
         }
     }
     order
