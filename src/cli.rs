@@ -114,6 +114,9 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Weights: f32 (default) or quantized (GGUF only).
+        #[arg(long, default_value = "f32")]
+        dtype: crate::models::WeightFormat,
     },
     /// Measure throughput (see BENCHMARKS.md).
     Bench {
@@ -149,6 +152,9 @@ enum BenchCommand {
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: crate::config::DeviceSpec,
+        /// Weights: f32 (default) or quantized (GGUF only).
+        #[arg(long, default_value = "f32")]
+        dtype: crate::models::WeightFormat,
     },
 }
 
@@ -371,9 +377,10 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             chat,
             device,
             json,
+            dtype,
         } => {
-            let report =
-                model_report(&path, &prompt, generate, chat, device).map_err(Error::Other)?;
+            let report = model_report(&path, &prompt, generate, chat, device, dtype)
+                .map_err(Error::Other)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
             } else {
@@ -390,8 +397,9 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
                     layer,
                     iters,
                     device,
+                    dtype,
                 },
-        } => bench_forward(&path, batch, seq, layer, iters, device).map_err(Error::Other),
+        } => bench_forward(&path, batch, seq, layer, iters, device, dtype).map_err(Error::Other),
         Command::Schema { output } => {
             let schema = crate::config::pipeline_schema(&registry);
             let text = serde_json::to_string_pretty(&schema).expect("JSON") + "\n";
@@ -438,11 +446,12 @@ fn model_report(
     generate: usize,
     chat: bool,
     device: crate::config::DeviceSpec,
+    dtype: crate::models::WeightFormat,
 ) -> anyhow::Result<serde_json::Value> {
     use crate::models::{generate as gen, transformer};
     let device = crate::models::device(device)?;
     let started = std::time::Instant::now();
-    let model = crate::models::load(path, None, &device)?;
+    let model = crate::models::load_with(path, None, dtype, &device)?;
     let load_s = started.elapsed().as_secs_f64();
     let ids = if chat {
         model
@@ -535,10 +544,11 @@ fn bench_forward(
     layer: Option<usize>,
     iters: usize,
     device: crate::config::DeviceSpec,
+    dtype: crate::models::WeightFormat,
 ) -> anyhow::Result<()> {
     use crate::models::transformer::{Hook, HookPoint, Hooks};
     let device = crate::models::device(device)?;
-    let model = crate::models::load(path, None, &device)?;
+    let model = crate::models::load_with(path, None, dtype, &device)?;
     let vocab = model.transformer.config.vocab_size as u64;
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let ids: Vec<u32> = (0..batch * seq)

@@ -649,6 +649,7 @@ fn hugging_face_layout_of_the_gguf_weights_gives_the_same_logits() {
     let (config, weights, _) = saeflow::models::llama::load_gguf(
         &shared("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"),
         &Device::Cpu,
+        false,
     )
     .unwrap();
     let unpermute = |w: &Tensor, heads: usize| -> Tensor {
@@ -673,13 +674,22 @@ fn hugging_face_layout_of_the_gguf_weights_gives_the_same_logits() {
         let p = |s: &str| format!("model.layers.{i}.{s}.weight");
         sd.insert(p("input_layernorm"), b.attn_norm.clone().unwrap());
         sd.insert(p("post_attention_layernorm"), b.mlp_norm.clone().unwrap());
-        sd.insert(p("self_attn.q_proj"), unpermute(&b.q, config.n_head));
-        sd.insert(p("self_attn.k_proj"), unpermute(&b.k, config.n_kv_head));
-        sd.insert(p("self_attn.v_proj"), b.v.clone());
-        sd.insert(p("self_attn.o_proj"), b.o.clone());
-        sd.insert(p("mlp.gate_proj"), b.gate.clone().unwrap());
-        sd.insert(p("mlp.up_proj"), b.up.clone());
-        sd.insert(p("mlp.down_proj"), b.down.clone());
+        sd.insert(
+            p("self_attn.q_proj"),
+            unpermute(&b.q.dense().unwrap(), config.n_head),
+        );
+        sd.insert(
+            p("self_attn.k_proj"),
+            unpermute(&b.k.dense().unwrap(), config.n_kv_head),
+        );
+        sd.insert(p("self_attn.v_proj"), b.v.dense().unwrap());
+        sd.insert(p("self_attn.o_proj"), b.o.dense().unwrap());
+        sd.insert(
+            p("mlp.gate_proj"),
+            b.gate.as_ref().unwrap().dense().unwrap(),
+        );
+        sd.insert(p("mlp.up_proj"), b.up.dense().unwrap());
+        sd.insert(p("mlp.down_proj"), b.down.dense().unwrap());
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -701,4 +711,44 @@ fn hugging_face_layout_of_the_gguf_weights_gives_the_same_logits() {
     );
     assert!(d < 1e-3, "HF layout differs from GGUF by {d}");
     assert_eq!(hf.chat, models::ChatFormat::ChatMl);
+}
+
+#[test]
+fn quantized_mode_is_an_opt_in_with_bounded_measured_deviation() {
+    let path = shared("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let q = models::load_with(&path, None, models::WeightFormat::Quantized, &Device::Cpu).unwrap();
+    let reference = json(&shared(
+        "models/smollm2-135m-instruct-q4_1/reference_outputs.json",
+    ));
+    let c = &reference["cases"][0];
+    let ids = q.tokenizer.encode(c["prompt"].as_str().unwrap()).unwrap();
+    let logits = run(&q, &ids, &Hooks::logits())
+        .logits
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let top = top_k(&logits.get(ids.len() - 1).unwrap(), 5).unwrap();
+    let mut worst = 0.0f64;
+    for (got, (id, want)) in top.iter().zip(
+        ids_of(&c["last_pos_top5_ids"])
+            .into_iter()
+            .zip(c["last_pos_top5_logits"].as_array().unwrap()),
+    ) {
+        assert_eq!(
+            got.0, id,
+            "8-bit activations keep this prompt's top-5 order"
+        );
+        worst = worst.max((got.1 as f64 - want.as_f64().unwrap()).abs());
+    }
+    // Measured on this model: up to 0.09 here and up to 0.40 on the other reference prompts (README).
+    assert!(worst > 1e-3 && worst < 0.5, "quantized deviation {worst}");
+    let err = models::load_with(
+        &shared("fixtures/nanochat-d4"),
+        None,
+        models::WeightFormat::Quantized,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("GGUF files only"));
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
-use super::transformer::{BlockWeights, Config, Mlp, Rope, Weights};
+use super::transformer::{BlockWeights, Config, Matrix, Mlp, Rope, Weights};
 
 /// Metadata of a GGUF file that loading needs besides tensors.
 pub struct GgufInfo {
@@ -77,34 +77,34 @@ const HF_LAYOUT: Layout = Layout {
     ],
 };
 
-/// Collects a Llama's weights through `get` (name → f32 tensor); without an lm_head it is tied.
+/// Collects a Llama's weights through `get` (name → matrix); without an lm_head it is tied.
 fn assemble(
     layout: &Layout,
     n_layer: usize,
     has_head: bool,
-    mut get: impl FnMut(&str) -> anyhow::Result<Tensor>,
+    mut get: impl FnMut(&str) -> anyhow::Result<Matrix>,
 ) -> anyhow::Result<Weights> {
-    let embed = get(layout.embed)?;
+    let embed = get(layout.embed)?.dense()?;
     let mut blocks = Vec::new();
     for i in 0..n_layer {
         let mut t = |k: usize| get(&layout.block[k].replace("{i}", &i.to_string()));
         blocks.push(BlockWeights {
-            attn_norm: Some(t(0)?),
+            attn_norm: Some(t(0)?.dense()?),
             q: t(1)?,
             k: t(2)?,
             v: t(3)?,
             o: t(4)?,
-            mlp_norm: Some(t(5)?),
+            mlp_norm: Some(t(5)?.dense()?),
             gate: Some(t(6)?),
             up: t(7)?,
             down: t(8)?,
         });
     }
-    let final_norm = Some(get(layout.final_norm)?);
+    let final_norm = Some(get(layout.final_norm)?.dense()?);
     let lm_head = if has_head {
         get(layout.lm_head)?
     } else {
-        embed.clone()
+        Matrix::Dense(embed.clone())
     };
     Ok(Weights {
         embed,
@@ -145,8 +145,13 @@ fn llama_config(
     }
 }
 
-/// Loads a GGUF Llama model, dequantizing every tensor to f32 on `device`.
-pub fn load_gguf(path: &Path, device: &Device) -> anyhow::Result<(Config, Weights, GgufInfo)> {
+/// Loads a GGUF Llama model. By default every tensor is dequantized to f32 on `device`; with `quantized`,
+/// 2-D weight matrices other than the embedding stay quantized and multiply through `QMatMul`.
+pub fn load_gguf(
+    path: &Path,
+    device: &Device,
+    quantized: bool,
+) -> anyhow::Result<(Config, Weights, GgufInfo)> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let content = gguf_file::Content::read(&mut file)
@@ -192,11 +197,14 @@ pub fn load_gguf(path: &Path, device: &Device) -> anyhow::Result<(Config, Weight
     if n_head == 0 || n_kv_head == 0 || d_model % n_head != 0 || n_head % n_kv_head != 0 {
         bail!("{}: inconsistent attention heads ({n_head} heads, {n_kv_head} kv heads, width {d_model})", path.display());
     }
-    let get = |name: &str| -> anyhow::Result<Tensor> {
+    let get = |name: &str| -> anyhow::Result<Matrix> {
         let q = content
             .tensor(&mut file, name, device)
             .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
-        Ok(q.dequantize(device)?)
+        if quantized && q.rank() == 2 && name != GGUF_LAYOUT.embed {
+            return Ok(Matrix::Quantized(std::sync::Arc::new(q)));
+        }
+        Ok(Matrix::Dense(q.dequantize(device)?))
     };
     let has_head = content.tensor_infos.contains_key("output.weight");
     let weights = assemble(&GGUF_LAYOUT, n_layer, has_head, get)?;
@@ -285,11 +293,11 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weigh
         sd.extend(tensors);
     }
     let has_head = sd.contains_key("lm_head.weight");
-    let take = |name: &str| -> anyhow::Result<Tensor> {
+    let take = |name: &str| -> anyhow::Result<Matrix> {
         let t = sd
             .remove(name)
             .with_context(|| format!("{}: missing tensor `{name}`", dir.display()))?;
-        Ok(t.to_dtype(DType::F32)?)
+        Ok(Matrix::Dense(t.to_dtype(DType::F32)?))
     };
     let weights = assemble(&HF_LAYOUT, hf.num_hidden_layers, has_head, take)?;
     let _ = hf.tie_word_embeddings; // without an lm_head the output is tied to the embedding

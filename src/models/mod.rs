@@ -70,14 +70,53 @@ pub fn detect(path: &Path) -> anyhow::Result<ModelKind> {
     bail!("{}: cannot tell the model family (expected a nanochat checkpoint, a .gguf file or a Hugging Face directory)", path.display())
 }
 
-/// Loads a model from a local path.
+/// How weights are held in memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Dense f32 (GGUF dequantized at load): exact, and the fastest on CPU.
+    #[default]
+    F32,
+    /// GGUF blocks kept quantized, multiplied by candle's `QMatMul` (8-bit activations): less memory, less exact.
+    Quantized,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "quantized" => Ok(Self::Quantized),
+            other => Err(format!(
+                "unsupported model dtype `{other}` (f32 or quantized)"
+            )),
+        }
+    }
+}
+
+/// Loads a model from a local path with f32 weights.
 pub fn load(path: &Path, kind: Option<ModelKind>, device: &Device) -> anyhow::Result<LoadedModel> {
+    load_with(path, kind, WeightFormat::F32, device)
+}
+
+/// Loads a model from a local path.
+pub fn load_with(
+    path: &Path,
+    kind: Option<ModelKind>,
+    format: WeightFormat,
+    device: &Device,
+) -> anyhow::Result<LoadedModel> {
     let kind = match kind {
         Some(k) => k,
         None => detect(path)?,
     };
     match kind {
         ModelKind::Nanochat => {
+            if format == WeightFormat::Quantized {
+                bail!(
+                    "{}: quantized weights apply to GGUF files only",
+                    path.display()
+                );
+            }
             let files = nanochat::locate(path)?;
             let (config, weights) = nanochat::load(&files, device)?;
             let tok_path = files.tokenizer.clone().with_context(|| {
@@ -122,7 +161,8 @@ pub fn load(path: &Path, kind: Option<ModelKind>, device: &Device) -> anyhow::Re
             })?;
             let (config, weights, bos, stop, template) =
                 if path.extension().is_some_and(|e| e == "gguf") {
-                    let (c, w, info) = llama::load_gguf(path, device)?;
+                    let (c, w, info) =
+                        llama::load_gguf(path, device, format == WeightFormat::Quantized)?;
                     let bos = if info.add_bos { info.bos } else { None };
                     (
                         c,

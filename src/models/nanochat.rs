@@ -225,14 +225,14 @@ pub fn load(files: &CheckpointFiles, device: &Device) -> anyhow::Result<(Config,
         let p = |s: &str| format!("transformer.h.{i}.{s}");
         blocks.push(BlockWeights {
             attn_norm: None,
-            q: take(p("attn.c_q.weight"))?,
-            k: take(p("attn.c_k.weight"))?,
-            v: take(p("attn.c_v.weight"))?,
-            o: take(p("attn.c_proj.weight"))?,
+            q: take(p("attn.c_q.weight"))?.into(),
+            k: take(p("attn.c_k.weight"))?.into(),
+            v: take(p("attn.c_v.weight"))?.into(),
+            o: take(p("attn.c_proj.weight"))?.into(),
             mlp_norm: None,
             gate: None,
-            up: take(p("mlp.c_fc.weight"))?,
-            down: take(p("mlp.c_proj.weight"))?,
+            up: take(p("mlp.c_fc.weight"))?.into(),
+            down: take(p("mlp.c_proj.weight"))?.into(),
         });
     }
     let lm_head = take("lm_head.weight".into())?;
@@ -248,7 +248,7 @@ pub fn load(files: &CheckpointFiles, device: &Device) -> anyhow::Result<(Config,
             embed,
             blocks,
             final_norm: None,
-            lm_head,
+            lm_head: lm_head.into(),
         },
     ))
 }

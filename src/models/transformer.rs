@@ -196,27 +196,60 @@ impl KvCache {
     }
 }
 
+/// A weight matrix `[out, in]`: dense f32, or GGUF-quantized blocks multiplied by candle's `QMatMul`
+/// (which rounds activations to 8 bits: an opt-in trading accuracy for memory, see README).
+#[derive(Debug, Clone)]
+pub enum Matrix {
+    /// A dense tensor.
+    Dense(Tensor),
+    /// A quantized tensor.
+    Quantized(Arc<candle_core::quantized::QTensor>),
+}
+
+impl Matrix {
+    /// Shape `[out, in]`.
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Matrix::Dense(t) => t.dims().to_vec(),
+            Matrix::Quantized(q) => q.shape().dims().to_vec(),
+        }
+    }
+    /// The matrix as a dense f32 tensor (dequantizing if needed).
+    pub fn dense(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Matrix::Dense(t) => Ok(t.clone()),
+            Matrix::Quantized(q) => q.dequantize(&q.device()),
+        }
+    }
+}
+
+impl From<Tensor> for Matrix {
+    fn from(t: Tensor) -> Self {
+        Matrix::Dense(t)
+    }
+}
+
 /// Weights of one block (linear weights are `[out, in]`).
 #[derive(Debug, Clone)]
 pub struct BlockWeights {
     /// Pre-attention RMSNorm weight (None = parameter-free).
     pub attn_norm: Option<Tensor>,
     /// Query projection.
-    pub q: Tensor,
+    pub q: Matrix,
     /// Key projection.
-    pub k: Tensor,
+    pub k: Matrix,
     /// Value projection.
-    pub v: Tensor,
+    pub v: Matrix,
     /// Output projection.
-    pub o: Tensor,
+    pub o: Matrix,
     /// Pre-MLP RMSNorm weight.
     pub mlp_norm: Option<Tensor>,
     /// Gate projection (SwiGLU only).
-    pub gate: Option<Tensor>,
+    pub gate: Option<Matrix>,
     /// Up projection (nanochat's `c_fc`).
-    pub up: Tensor,
+    pub up: Matrix,
     /// Down projection (nanochat's `mlp.c_proj`).
-    pub down: Tensor,
+    pub down: Matrix,
 }
 
 /// All weights.
@@ -229,28 +262,38 @@ pub struct Weights {
     /// Final norm weight (None = parameter-free).
     pub final_norm: Option<Tensor>,
     /// `[vocab, d_model]` (the embedding itself when tied).
-    pub lm_head: Tensor,
+    pub lm_head: Matrix,
 }
 
 /// `y = x·Wᵀ` as one GEMM over all tokens: the weight is stored transposed (`[in, out]`, contiguous), and
 /// `[batch, seq, in]` is flattened to `[batch·seq, in]` — much faster on CPU than candle's batched
 /// broadcast matmul, which runs one small GEMM per sequence.
-struct Linear {
-    wt: Tensor,
+enum Linear {
+    Dense { wt: Tensor },
+    Quantized(candle_core::quantized::QMatMul),
 }
 
 impl Linear {
-    fn new(w: &Tensor) -> candle_core::Result<Self> {
-        Ok(Linear {
-            wt: w.t()?.contiguous()?,
+    fn new(w: &Matrix) -> candle_core::Result<Self> {
+        Ok(match w {
+            Matrix::Dense(w) => Linear::Dense {
+                wt: w.t()?.contiguous()?,
+            },
+            Matrix::Quantized(q) => {
+                Linear::Quantized(candle_core::quantized::QMatMul::from_arc(q.clone())?)
+            }
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let wt = match self {
+            Linear::Dense { wt } => wt,
+            Linear::Quantized(q) => return candle_core::Module::forward(q, x),
+        };
         let dims = x.dims().to_vec();
         let (inner, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
-        let y = x.reshape((rows, inner))?.matmul(&self.wt)?;
+        let y = x.reshape((rows, inner))?.matmul(wt)?;
         let mut out = dims;
-        *out.last_mut().expect("non-scalar") = self.wt.dim(1)?;
+        *out.last_mut().expect("non-scalar") = wt.dim(1)?;
         y.reshape(out)
     }
 }
@@ -319,17 +362,14 @@ impl Transformer {
     /// Builds the model from f32 weights on `device`; shapes are checked against `config`.
     pub fn new(config: Config, w: Weights, device: &Device) -> anyhow::Result<Self> {
         let c = &config;
-        let expect = |t: &Tensor, dims: &[usize], name: &str| -> anyhow::Result<()> {
-            if t.dims() != dims {
-                anyhow::bail!(
-                    "weight `{name}` has shape {:?}, expected {dims:?}",
-                    t.dims()
-                );
+        let expect = |t: &[usize], dims: &[usize], name: &str| -> anyhow::Result<()> {
+            if t != dims {
+                anyhow::bail!("weight `{name}` has shape {t:?}, expected {dims:?}");
             }
             Ok(())
         };
-        expect(&w.embed, &[c.vocab_size, c.d_model], "embedding")?;
-        expect(&w.lm_head, &[c.vocab_size, c.d_model], "lm_head")?;
+        expect(w.embed.dims(), &[c.vocab_size, c.d_model], "embedding")?;
+        expect(&w.lm_head.dims(), &[c.vocab_size, c.d_model], "lm_head")?;
         if w.blocks.len() != c.n_layer {
             anyhow::bail!(
                 "{} blocks of weights for {} layers",
@@ -341,18 +381,18 @@ impl Transformer {
         let mut blocks = Vec::new();
         for (i, b) in w.blocks.iter().enumerate() {
             let n = |s: &str| format!("block {i} {s}");
-            expect(&b.q, &[c.n_head * c.head_dim, c.d_model], &n("q"))?;
-            expect(&b.k, &[c.n_kv_head * c.head_dim, c.d_model], &n("k"))?;
-            expect(&b.v, &[c.n_kv_head * c.head_dim, c.d_model], &n("v"))?;
-            expect(&b.o, &[c.d_model, c.n_head * c.head_dim], &n("o"))?;
-            expect(&b.up, &[c.d_mlp, c.d_model], &n("up"))?;
-            expect(&b.down, &[c.d_model, c.d_mlp], &n("down"))?;
+            expect(&b.q.dims(), &[c.n_head * c.head_dim, c.d_model], &n("q"))?;
+            expect(&b.k.dims(), &[c.n_kv_head * c.head_dim, c.d_model], &n("k"))?;
+            expect(&b.v.dims(), &[c.n_kv_head * c.head_dim, c.d_model], &n("v"))?;
+            expect(&b.o.dims(), &[c.d_model, c.n_head * c.head_dim], &n("o"))?;
+            expect(&b.up.dims(), &[c.d_mlp, c.d_model], &n("up"))?;
+            expect(&b.down.dims(), &[c.d_model, c.d_mlp], &n("down"))?;
             if let Some(g) = &b.gate {
-                expect(g, &[c.d_mlp, c.d_model], &n("gate"))?;
+                expect(&g.dims(), &[c.d_mlp, c.d_model], &n("gate"))?;
             }
             for (norm, name) in [(&b.attn_norm, "attn_norm"), (&b.mlp_norm, "mlp_norm")] {
                 if let Some(t) = norm {
-                    expect(t, &[c.d_model], &n(name))?;
+                    expect(t.dims(), &[c.d_model], &n(name))?;
                 }
             }
             if c.mlp == Mlp::SwiGlu && b.gate.is_none() {
