@@ -752,3 +752,103 @@ fn quantized_mode_is_an_opt_in_with_bounded_measured_deviation() {
     .unwrap();
     assert!(err.to_string().contains("GGUF files only"));
 }
+
+#[test]
+fn hub_model_repositories_download_resumably_and_load() {
+    use common::http::{Routes, Server};
+    let rev = "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeed";
+    let src = shared("fixtures/nanochat-d4");
+    let files = [
+        (
+            "model_001200.pt",
+            src.join("base_checkpoints/d4/model_001200.pt"),
+            true,
+        ),
+        (
+            "meta_001200.json",
+            src.join("base_checkpoints/d4/meta_001200.json"),
+            false,
+        ),
+        ("tokenizer.pkl", src.join("tokenizer/tokenizer.pkl"), true),
+        ("README.md", src.join("SOURCE.md"), false),
+    ];
+    let mut routes = Routes::default();
+    let mut tree = Vec::new();
+    for (name, path, lfs) in &files {
+        let bytes = std::fs::read(path).unwrap();
+        let mut entry = serde_json::json!({"type": "file", "path": name, "size": bytes.len()});
+        if *lfs {
+            entry["lfs"] = serde_json::json!({"oid": saeflow::data::download::sha256_file(path).unwrap(), "size": bytes.len()});
+        }
+        tree.push(entry);
+        routes
+            .bodies
+            .insert(format!("/org/nanochat-d4/resolve/{rev}/{name}"), bytes);
+    }
+    routes.bodies.insert(
+        format!("/api/models/org/nanochat-d4/tree/{rev}?recursive=true"),
+        serde_json::to_vec(&tree).unwrap(),
+    );
+    routes.cut_first.insert(
+        format!("/org/nanochat-d4/resolve/{rev}/model_001200.pt"),
+        100_000,
+    );
+    let server = Server::start(routes);
+    std::env::set_var("HF_ENDPOINT", &server.base);
+    let spec = saeflow::config::ModelSpec {
+        kind: saeflow::config::ModelKind::Nanochat,
+        path: None,
+        hub: Some("org/nanochat-d4".into()),
+        revision: Some(rev.into()),
+        dtype: None,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cancel = saeflow::stages::Cancel::new();
+    let progress = saeflow::exec::Progress::hidden();
+    let dir = models::resolve(
+        &spec,
+        tmp.path(),
+        &tmp.path().join("downloads"),
+        &progress,
+        &cancel,
+    )
+    .unwrap();
+    assert!(
+        !dir.join("README.md").exists(),
+        "only model files are fetched"
+    );
+    let model = models::load(&dir, None, &Device::Cpu).unwrap();
+    let ids = model
+        .encode_document("The city of Paris is in France.")
+        .unwrap();
+    let logits = run(&model, &ids, &Hooks::logits())
+        .logits
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    assert_eq!(
+        top_k(&logits.get(ids.len() - 1).unwrap(), 1).unwrap()[0].0,
+        4087
+    );
+    let log = server.log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("model_001200.pt range=Some(100000)")),
+        "the cut download resumed: {log:?}"
+    );
+    // A second resolve downloads nothing.
+    let before = server.log.lock().unwrap().len();
+    models::resolve(
+        &spec,
+        tmp.path(),
+        &tmp.path().join("downloads"),
+        &progress,
+        &cancel,
+    )
+    .unwrap();
+    let after: Vec<String> = server.log.lock().unwrap()[before..].to_vec();
+    assert!(
+        after.iter().all(|l| l.contains("/api/models/")),
+        "{after:?}"
+    );
+}

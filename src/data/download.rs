@@ -234,6 +234,15 @@ pub fn hub_endpoint() -> (String, Vec<(String, String)>) {
     (endpoint.trim_end_matches('/').to_string(), headers)
 }
 
+/// Kinds of Hugging Face repositories (their API and download paths differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepoKind {
+    /// `/api/datasets/...`, `/datasets/<repo>/resolve/...`.
+    Dataset,
+    /// `/api/models/...`, `/<repo>/resolve/...`.
+    Model,
+}
+
 /// Lists the files of dataset `repo` at `revision` whose paths match `pattern` (a glob), via the hub's
 /// tree API, sorted by path.
 pub fn hub_dataset_files(
@@ -241,10 +250,32 @@ pub fn hub_dataset_files(
     revision: &str,
     pattern: &str,
 ) -> anyhow::Result<Vec<HubFile>> {
+    hub_files(RepoKind::Dataset, repo, revision, &[pattern])
+}
+
+/// Lists the files of a hub repository at `revision` matching any of `patterns` (globs), sorted by path.
+pub fn hub_files(
+    kind: RepoKind,
+    repo: &str,
+    revision: &str,
+    patterns: &[&str],
+) -> anyhow::Result<Vec<HubFile>> {
     let (endpoint, headers) = hub_endpoint();
-    let glob =
-        glob::Pattern::new(pattern).with_context(|| format!("bad file pattern `{pattern}`"))?;
-    let url = format!("{endpoint}/api/datasets/{repo}/tree/{revision}?recursive=true");
+    let globs = patterns
+        .iter()
+        .map(|p| glob::Pattern::new(p).with_context(|| format!("bad file pattern `{p}`")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (api, resolve) = match kind {
+        RepoKind::Dataset => (
+            format!("{endpoint}/api/datasets/{repo}"),
+            format!("{endpoint}/datasets/{repo}"),
+        ),
+        RepoKind::Model => (
+            format!("{endpoint}/api/models/{repo}"),
+            format!("{endpoint}/{repo}"),
+        ),
+    };
+    let url = format!("{api}/tree/{revision}?recursive=true");
     let listing = get_json(&url, &headers)?;
     let entries = listing
         .as_array()
@@ -253,16 +284,60 @@ pub fn hub_dataset_files(
         .iter()
         .filter(|e| e["type"] == "file")
         .filter_map(|e| e["path"].as_str().map(|p| (p, e)))
-        .filter(|(p, _)| glob.matches(p))
+        .filter(|(p, _)| globs.iter().any(|g| g.matches(p)))
         .map(|(p, e)| HubFile {
             path: p.to_string(),
-            url: format!("{endpoint}/datasets/{repo}/resolve/{revision}/{p}"),
+            url: format!("{resolve}/resolve/{revision}/{p}"),
             sha256: e["lfs"]["oid"].as_str().map(str::to_string),
         })
         .collect();
     files.sort_by(|a, b| a.path.cmp(&b.path));
     if files.is_empty() {
-        bail!("hub dataset {repo}@{revision} has no files matching `{pattern}`");
+        bail!(
+            "hub repository {repo}@{revision} has no files matching {}",
+            patterns.join(", ")
+        );
     }
     Ok(files)
+}
+
+/// Downloads the matching files of a hub repository into `<dir>/repos/<repo>@<revision>/` (each file
+/// fetched once into the shared download area, then linked under its repository path) and returns that
+/// directory.
+pub fn fetch_repo(
+    kind: RepoKind,
+    repo: &str,
+    revision: &str,
+    patterns: &[&str],
+    dir: &Path,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> anyhow::Result<PathBuf> {
+    if repo.split('/').count() != 2 || repo.contains("..") {
+        bail!("hub repository id must be `org/name`, got `{repo}`");
+    }
+    if revision.is_empty() || revision.contains("..") || revision.contains(char::is_whitespace) {
+        bail!("bad hub revision `{revision}`");
+    }
+    let (_, headers) = hub_endpoint();
+    let root = dir
+        .join("repos")
+        .join(format!("{}@{revision}", repo.replace('/', "__")));
+    for f in hub_files(kind, repo, revision, patterns)? {
+        if f.path.split('/').any(|c| c == ".." || c.is_empty()) {
+            bail!("hub file path `{}` is not a plain relative path", f.path);
+        }
+        let dest = root.join(&f.path);
+        if dest.is_file() {
+            continue;
+        }
+        progress.set_message(&format!("downloading {}", f.path));
+        let blob = fetch(&f.url, f.sha256.as_deref(), dir, &headers, progress, cancel)?;
+        std::fs::create_dir_all(dest.parent().expect("has parent"))?;
+        if std::fs::hard_link(&blob, &dest).is_err() {
+            std::fs::copy(&blob, &dest)
+                .with_context(|| format!("cannot copy into {}", dest.display()))?;
+        }
+    }
+    Ok(root)
 }

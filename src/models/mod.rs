@@ -56,6 +56,47 @@ pub fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
     })
 }
 
+/// Files worth fetching from a model repository (weights, configs, tokenizers; not READMEs or images).
+pub const HUB_MODEL_FILES: &[&str] = &[
+    "*.pt",
+    "*.json",
+    "*.pkl",
+    "*.safetensors",
+    "*.gguf",
+    "**/*.pt",
+    "**/*.json",
+    "**/*.pkl",
+];
+
+/// Local path of a model spec: its `path` (relative to `workdir`), or its hub repository at the pinned
+/// revision, downloaded (resumably, checksum-verified) into `downloads`.
+pub fn resolve(
+    spec: &crate::config::ModelSpec,
+    workdir: &Path,
+    downloads: &Path,
+    progress: &crate::exec::Progress,
+    cancel: &crate::stages::Cancel,
+) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &spec.path {
+        return Ok(crate::config::resolve_path(workdir, p));
+    }
+    let repo = spec
+        .hub
+        .as_deref()
+        .context("a model needs `path` or `hub`")?;
+    let revision = spec.revision.as_deref().unwrap_or("main");
+    use crate::data::download::{fetch_repo, RepoKind};
+    fetch_repo(
+        RepoKind::Model,
+        repo,
+        revision,
+        HUB_MODEL_FILES,
+        downloads,
+        progress,
+        cancel,
+    )
+}
+
 /// Guesses the family of a model path.
 pub fn detect(path: &Path) -> anyhow::Result<ModelKind> {
     if path.extension().is_some_and(|e| e == "gguf") || path.join("config.json").is_file() {
