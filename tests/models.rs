@@ -852,3 +852,33 @@ fn hub_model_repositories_download_resumably_and_load() {
         "{after:?}"
     );
 }
+
+#[test]
+fn a_gguf_without_tokenizer_json_rebuilds_its_tokenizer_from_metadata() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = shared("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf = tmp.path().join("m.gguf");
+    if std::fs::hard_link(&src, &gguf).is_err() {
+        std::fs::copy(&src, &gguf).unwrap();
+    }
+    let model = models::load(&gguf, None, &Device::Cpu).unwrap();
+    let reference = json(&shared(
+        "models/smollm2-135m-instruct-q4_1/reference_outputs.json",
+    ));
+    for c in reference["cases"].as_array().unwrap() {
+        let prompt = c["prompt"].as_str().unwrap();
+        let ids = model.tokenizer.encode_with_specials(prompt).unwrap();
+        assert_eq!(ids, ids_of(&c["input_ids"]), "{prompt:?}");
+        assert_eq!(model.tokenizer.decode(&ids).unwrap(), prompt);
+    }
+    let digits = model.tokenizer.encode("In 2024, 1234 tokens.").unwrap();
+    let json_tok = saeflow::models::Tokenizer::from_hf_file(&shared(
+        "models/smollm2-135m-instruct-q4_1/tokenizer.json",
+    ))
+    .unwrap();
+    assert_eq!(
+        digits,
+        json_tok.encode("In 2024, 1234 tokens.").unwrap(),
+        "digits are split as tokenizer.json does"
+    );
+}

@@ -319,3 +319,103 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weigh
     );
     Ok((config, weights))
 }
+
+/// Rebuilds a byte-level BPE tokenizer from a GGUF file's metadata (`tokenizer.ggml.*`), for GGUF files
+/// without a `tokenizer.json` beside them. Supports the `gpt2` model with the `default`/`gpt2` and
+/// `smollm` (digits split off first) pre-tokenizers.
+pub fn gguf_tokenizer(path: &Path) -> anyhow::Result<tokenizers::Tokenizer> {
+    use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::{
+        byte_level::ByteLevel, digits::Digits, sequence::Sequence, PreTokenizerWrapper,
+    };
+    use tokenizers::AddedToken;
+
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
+    let text = |k: &str| {
+        content
+            .metadata
+            .get(k)
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+    };
+    let list = |k: &str| -> anyhow::Result<&Vec<gguf_file::Value>> {
+        content
+            .metadata
+            .get(k)
+            .with_context(|| format!("{}: no `{k}` to rebuild the tokenizer from", path.display()))?
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("{}: `{k}`: {e}", path.display()))
+    };
+    let model = text("tokenizer.ggml.model").unwrap_or_default();
+    if model != "gpt2" {
+        bail!("{}: cannot rebuild a `{model}` tokenizer from GGUF metadata; put a tokenizer.json beside it", path.display());
+    }
+    let pre = text("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+    let mut pre_tokenizers: Vec<PreTokenizerWrapper> = Vec::new();
+    match pre.as_str() {
+        "default" | "gpt2" => {}
+        "smollm" => pre_tokenizers.push(Digits::new(true).into()),
+        other => bail!(
+            "{}: pre-tokenizer `{other}` is not supported; put a tokenizer.json beside it",
+            path.display()
+        ),
+    }
+    pre_tokenizers.push(ByteLevel::new(false, true, true).into());
+    let tokens: Vec<String> = list("tokenizer.ggml.tokens")?
+        .iter()
+        .map(|v| {
+            v.to_string()
+                .cloned()
+                .map_err(|e| anyhow::anyhow!("{}: token: {e}", path.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let merges: Vec<(String, String)> = list("tokenizer.ggml.merges")?
+        .iter()
+        .map(|v| {
+            let m = v
+                .to_string()
+                .map_err(|e| anyhow::anyhow!("{}: merge: {e}", path.display()))?;
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .with_context(|| format!("{}: malformed merge `{m}`", path.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let kinds: Vec<i64> = match content
+        .metadata
+        .get("tokenizer.ggml.token_type")
+        .map(|v| v.to_vec())
+    {
+        Some(Ok(v)) => v
+            .iter()
+            .map(|t| t.to_i32().map(i64::from).unwrap_or(1))
+            .collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| anyhow::anyhow!("{}: cannot build the BPE: {e}", path.display()))?;
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(pre_tokenizers)));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    // Control tokens (type 3) are special: matched whole in text, kept out of BPE.
+    let specials: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&kinds)
+        .filter(|(_, k)| **k == 3)
+        .map(|(t, _)| AddedToken::from(t.clone(), true))
+        .collect();
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|e| anyhow::anyhow!("{}: special tokens: {e}", path.display()))?;
+    Ok(tokenizer)
+}

@@ -194,12 +194,17 @@ pub fn load_with(
                 path.parent().unwrap_or(Path::new(".")).to_path_buf()
             };
             let tok_path = dir.join("tokenizer.json");
-            let tokenizer = Tokenizer::from_hf_file(&tok_path).with_context(|| {
-                format!(
-                    "{}: a tokenizer.json is needed beside the model",
-                    dir.display()
-                )
-            })?;
+            let is_gguf = path.extension().is_some_and(|e| e == "gguf");
+            let tokenizer = if !tok_path.exists() && is_gguf {
+                Tokenizer::HuggingFace(Box::new(llama::gguf_tokenizer(path)?))
+            } else {
+                Tokenizer::from_hf_file(&tok_path).with_context(|| {
+                    format!(
+                        "{}: a tokenizer.json is needed beside the model",
+                        dir.display()
+                    )
+                })?
+            };
             let (config, weights, bos, stop, template) =
                 if path.extension().is_some_and(|e| e == "gguf") {
                     let (c, w, info) =
