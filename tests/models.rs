@@ -359,6 +359,31 @@ fn kv_cache_decoding_equals_a_full_recompute_with_interventions_active() {
     let cached = Tensor::cat(&parts, 1).unwrap();
     let d = max_abs_diff(&full, &cached);
     assert!(d < 1e-4, "cached decoding differs by {d}");
+    // A batch of prompts of different lengths gives each prompt's own greedy continuation.
+    let other = model
+        .encode_document("The city of Paris is in France.")
+        .unwrap();
+    let batch = saeflow::models::generate::generate_batch(
+        &model.transformer,
+        &[ids.clone(), other.clone()],
+        6,
+        &[],
+        &Sampling::default(),
+        &hooks,
+    )
+    .unwrap();
+    assert_eq!(
+        batch[1],
+        generate(
+            &model.transformer,
+            &other,
+            6,
+            &[],
+            &Sampling::default(),
+            &hooks
+        )
+        .unwrap()
+    );
     // Seeded sampling is reproducible and differs across seeds.
     let s = |seed| {
         generate(

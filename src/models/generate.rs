@@ -143,3 +143,26 @@ pub fn top_k(logits: &Tensor, k: usize) -> anyhow::Result<Vec<(u32, f32)>> {
     idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
     Ok(idx.into_iter().take(k).map(|i| (i as u32, v[i])).collect())
 }
+
+/// Continues each prompt (each with its own KV cache; prompts of different lengths need no padding).
+/// Sampling seeds are offset by the prompt's index so a batch is reproducible and its members differ.
+pub fn generate_batch(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stop: &[u32],
+    sampling: &Sampling,
+    hooks: &Hooks,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let s = Sampling {
+                seed: sampling.seed.wrapping_add(i as u64),
+                ..sampling.clone()
+            };
+            generate(model, p, max_new, stop, &s, hooks)
+        })
+        .collect()
+}
