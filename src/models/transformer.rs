@@ -265,9 +265,9 @@ pub struct Weights {
     pub lm_head: Matrix,
 }
 
-/// `y = x·Wᵀ` as one GEMM over all tokens: the weight is stored transposed (`[in, out]`, contiguous), and
-/// `[batch, seq, in]` is flattened to `[batch·seq, in]` — much faster on CPU than candle's batched
-/// broadcast matmul, which runs one small GEMM per sequence.
+/// `y = x·Wᵀ` as one GEMM over all tokens: `[batch, seq, in]` is flattened to `[batch·seq, in]` and
+/// multiplied by a transposed *view* of the `[out, in]` weight (no copy: gemm packs either layout). Much
+/// faster on CPU than candle's batched broadcast matmul, which runs one small GEMM per sequence.
 enum Linear {
     Dense { wt: Tensor },
     Quantized(candle_core::quantized::QMatMul),
@@ -277,7 +277,7 @@ impl Linear {
     fn new(w: &Matrix) -> candle_core::Result<Self> {
         Ok(match w {
             Matrix::Dense(w) => Linear::Dense {
-                wt: w.t()?.contiguous()?,
+                wt: w.contiguous()?.t()?,
             },
             Matrix::Quantized(q) => {
                 Linear::Quantized(candle_core::quantized::QMatMul::from_arc(q.clone())?)
