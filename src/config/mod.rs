@@ -127,7 +127,7 @@ pub struct ModelSpec {
     /// Hub revision (commit or tag); pin it for reproducible keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
-    /// Weight dtype after loading: `f32`, `f16`, `bf16` or `quantized` (GGUF only).
+    /// Weights in memory: `f32` (default; GGUF dequantized at load) or `quantized` (GGUF only, see README).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
 }
@@ -525,6 +525,17 @@ impl Loader<'_> {
         for (name, v) in table.iter() {
             let spec = ModelSpec::deserialize(ValueDeserializer::from(v.clone()))
                 .map_err(|e| self.located(e, v))?;
+            if let Some(d) = spec
+                .dtype
+                .as_deref()
+                .filter(|d| !["f32", "quantized"].contains(d))
+            {
+                let span = span_at(v, &crate::stages::key_path(&["dtype"]));
+                return Err(self.err(
+                    span,
+                    format!("model dtype `{d}` is not supported (f32 or quantized)"),
+                ));
+            }
             if spec.path.is_some() == spec.hub.is_some() {
                 return Err(self.err(
                     name.span(),
