@@ -333,11 +333,17 @@ pub fn fetch_repo(
         }
         progress.set_message(&format!("downloading {}", f.path));
         let blob = fetch(&f.url, f.sha256.as_deref(), dir, &headers, progress, cancel)?;
-        std::fs::create_dir_all(dest.parent().expect("has parent"))?;
-        if std::fs::hard_link(&blob, &dest).is_err() {
-            std::fs::copy(&blob, &dest)
-                .with_context(|| format!("cannot copy into {}", dest.display()))?;
-        }
+        link_or_copy(&blob, &dest)?;
     }
     Ok(root)
+}
+
+/// Places a downloaded blob at `dest` (a hard link when the filesystem allows, else a copy).
+pub fn link_or_copy(blob: &Path, dest: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dest.parent().context("destination has no parent")?)?;
+    if std::fs::hard_link(blob, dest).is_err() {
+        std::fs::copy(blob, dest)
+            .with_context(|| format!("cannot copy into {}", dest.display()))?;
+    }
+    Ok(())
 }

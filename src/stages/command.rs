@@ -270,17 +270,22 @@ impl Stage for Command {
     }
 }
 
-/// Names of `{placeholders}` in a string; `{{` / `}}` escape braces.
-fn placeholders(s: &str) -> Result<Vec<String>, String> {
-    let mut names = Vec::new();
+/// A piece of a placeholder string: literal text or a `{name}`.
+enum Piece {
+    Text(String),
+    Var(String),
+}
+
+/// Splits a string into text and `{placeholders}`; `{{` / `}}` are literal braces.
+fn pieces(s: &str) -> Result<Vec<Piece>, String> {
+    let mut out = Vec::new();
+    let mut text = String::new();
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '{' if chars.peek() == Some(&'{') => {
+            '{' | '}' if chars.peek() == Some(&c) => {
                 chars.next();
-            }
-            '}' if chars.peek() == Some(&'}') => {
-                chars.next();
+                text.push(c);
             }
             '{' => {
                 let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
@@ -293,40 +298,42 @@ fn placeholders(s: &str) -> Result<Vec<String>, String> {
                         "bad placeholder `{{{name}` in `{s}` (write `{{{{` for a literal brace)"
                     ));
                 }
-                names.push(name);
+                out.push(Piece::Text(std::mem::take(&mut text)));
+                out.push(Piece::Var(name));
             }
             '}' => {
                 return Err(format!(
                     "unmatched `}}` in `{s}` (write `}}}}` for a literal brace)"
                 ))
             }
-            _ => {}
+            c => text.push(c),
         }
     }
-    Ok(names)
+    out.push(Piece::Text(text));
+    Ok(out)
 }
 
+/// Names of `{placeholders}` in a string.
+fn placeholders(s: &str) -> Result<Vec<String>, String> {
+    Ok(pieces(s)?
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Var(name) => Some(name),
+            Piece::Text(_) => None,
+        })
+        .collect())
+}
+
+/// Replaces every `{name}` by its value.
 fn substitute(s: &str, vars: &BTreeMap<String, String>) -> anyhow::Result<String> {
     let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '{' if chars.peek() == Some(&'{') => {
-                chars.next();
-                out.push('{');
-            }
-            '}' if chars.peek() == Some(&'}') => {
-                chars.next();
-                out.push('}');
-            }
-            '{' => {
-                let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
-                out.push_str(
-                    vars.get(&name)
-                        .with_context(|| format!("unknown placeholder {{{name}}}"))?,
-                );
-            }
-            c => out.push(c),
+    for piece in pieces(s).map_err(anyhow::Error::msg)? {
+        match piece {
+            Piece::Text(t) => out.push_str(&t),
+            Piece::Var(name) => out.push_str(
+                vars.get(&name)
+                    .with_context(|| format!("unknown placeholder {{{name}}}"))?,
+            ),
         }
     }
     Ok(out)

@@ -568,10 +568,7 @@ fn download_preset(preset: &dyn presets::Preset, ctx: &StageContext) -> anyhow::
             &ctx.progress,
             &ctx.cancel,
         )?;
-        if std::fs::hard_link(&blob, &dest).is_err() {
-            std::fs::copy(&blob, &dest)
-                .with_context(|| format!("cannot copy into {}", dest.display()))?;
-        }
+        crate::data::download::link_or_copy(&blob, &dest)?;
     }
     Ok(dir)
 }
