@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::http::{Routes, Server};
-use common::{run, text, write};
+use common::{object_of, run, text, write};
 use saeflow::data::presets;
 
 fn shared(dir: &str) -> PathBuf {
@@ -195,20 +195,6 @@ fn rows_of(object: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
         .into_iter()
         .map(|r| r.fields)
         .collect()
-}
-
-fn object_of(cache: &Path, pipeline: &str, stage: &str) -> PathBuf {
-    let r: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            cache
-                .join("refs")
-                .join(pipeline)
-                .join(format!("{stage}.json")),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    cache.join("objects").join(r["key"].as_str().unwrap())
 }
 
 #[test]

@@ -240,3 +240,62 @@ pub fn write(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
         .collect();
     super::parquet::write_batches(path, &batches)
 }
+
+/// Reads the core columns of a `rows.parquet` (extra columns are left out), in file order.
+pub fn read(path: &Path) -> anyhow::Result<Vec<Row>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::UInt64Type;
+    use arrow_array::Array;
+
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?
+        .build()?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("{}: cannot decode", path.display()))?;
+        let column = |name: &str| {
+            batch.column_by_name(name).with_context(|| {
+                format!("{}: no `{name}` column (not a rows table?)", path.display())
+            })
+        };
+        let strings = |name: &str| -> anyhow::Result<Vec<Option<String>>> {
+            let c = column(name)?;
+            let c = c
+                .as_string_opt::<i32>()
+                .with_context(|| format!("{}: column `{name}` is not utf8", path.display()))?;
+            Ok(c.iter().map(|v| v.map(str::to_string)).collect())
+        };
+        let u64s = |name: &str| -> anyhow::Result<Vec<Option<u64>>> {
+            let c = column(name)?;
+            let c = c
+                .as_primitive_opt::<UInt64Type>()
+                .with_context(|| format!("{}: column `{name}` is not uint64", path.display()))?;
+            Ok((0..c.len())
+                .map(|i| (!c.is_null(i)).then(|| c.value(i)))
+                .collect())
+        };
+        let (doc_id, pair_id) = (u64s("doc_id")?, u64s("pair_id")?);
+        let (prompt, completion, text) =
+            (strings("prompt")?, strings("completion")?, strings("text")?);
+        let (label, label_raw) = (strings("label")?, strings("label_raw")?);
+        let (source, subset, split) = (strings("source")?, strings("subset")?, strings("split")?);
+        for i in 0..batch.num_rows() {
+            rows.push(Row {
+                doc_id: doc_id[i].unwrap_or_default(),
+                prompt: prompt[i].clone(),
+                completion: completion[i].clone(),
+                text: text[i].clone().unwrap_or_default(),
+                label: label[i].clone(),
+                label_raw: label_raw[i].clone(),
+                source: source[i].clone().unwrap_or_default(),
+                subset: subset[i].clone(),
+                pair_id: pair_id[i],
+                split: split[i].clone(),
+                extra: BTreeMap::new(),
+            });
+        }
+    }
+    Ok(rows)
+}

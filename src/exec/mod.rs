@@ -255,12 +255,21 @@ fn compute(
             (m.clone(), spec)
         })
         .collect();
+    let model_keys = inst
+        .models
+        .iter()
+        .map(|m| {
+            let id = &inst.preimage["models"][m];
+            (m.clone(), crate::plan::key::key_of(id).to_string())
+        })
+        .collect();
     let tmp = cache.new_tmp_dir(&inst.key)?;
     let progress = reporter.stage(&inst.name);
     let mut ctx = StageContext {
         instance: inst.name.clone(),
         inputs,
         models,
+        model_keys,
         out_dir: tmp.clone(),
         partial_dir: cache.partial_dir(&inst.key)?,
         log_path: cache.log_path(&inst.key),

@@ -140,6 +140,15 @@ impl Progress {
         self.with_plain(|p| p.msg = msg.to_string());
     }
 
+    /// Prints a line (above the bar on a terminal); hidden handles print nothing.
+    pub fn println(&self, msg: &str) {
+        if let Some(bar) = &self.inner.bar {
+            bar.println(format!("[{}] {msg}", self.inner.name));
+        } else if self.inner.plain.is_some() {
+            eprintln!("[{}] {msg}", self.inner.name);
+        }
+    }
+
     /// Lets plain mode print a heartbeat line for stages without a total.
     pub fn tick(&self) {
         self.with_plain(|_| {});

@@ -262,6 +262,49 @@ impl LoadedModel {
         Ok(ids)
     }
 
+    /// Token ids of a single-turn chat in the model's format, without BOS, split where the answer starts:
+    /// (everything up to and including the assistant header, the answer with its end marker). The texts are
+    /// encoded as ordinary text, so special-token strings inside data stay text.
+    pub fn chat_tokens(
+        &self,
+        user: &str,
+        assistant: Option<&str>,
+    ) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+        let special = |name: &str| {
+            self.tokenizer.special(name).with_context(|| {
+                format!("{}: tokenizer has no {name} token", self.source.display())
+            })
+        };
+        let tok = &self.tokenizer;
+        let mut prompt = Vec::new();
+        let mut answer = Vec::new();
+        match self.chat {
+            ChatFormat::Nanochat => {
+                prompt.push(special("<|user_start|>")?);
+                prompt.extend(tok.encode(user)?);
+                prompt.extend([special("<|user_end|>")?, special("<|assistant_start|>")?]);
+                if let Some(a) = assistant {
+                    answer.extend(tok.encode(a)?);
+                    answer.push(special("<|assistant_end|>")?);
+                }
+            }
+            ChatFormat::ChatMl => {
+                prompt.extend(tok.encode_with_specials("<|im_start|>user\n")?);
+                prompt.extend(tok.encode(user)?);
+                prompt.extend(tok.encode_with_specials("<|im_end|>\n<|im_start|>assistant\n")?);
+                if let Some(a) = assistant {
+                    answer.extend(tok.encode(a)?);
+                    answer.extend(tok.encode_with_specials("<|im_end|>\n")?);
+                }
+            }
+            ChatFormat::None => bail!(
+                "{}: no known chat template; use template = \"none\"",
+                self.source.display()
+            ),
+        }
+        Ok((prompt, answer))
+    }
+
     /// Renders a single-turn chat (user message, optional assistant answer) in the model's format; without
     /// an answer the text ends where the assistant would start.
     pub fn render_chat(&self, user: &str, assistant: Option<&str>) -> anyhow::Result<String> {

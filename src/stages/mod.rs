@@ -3,6 +3,7 @@
 //! A stage knows its parameters, what it references (upstream stages, models, external files) and how to
 //! turn its inputs into files in an output directory. It knows nothing of scheduling, keys or caching.
 
+pub mod capture;
 pub mod command;
 pub mod dataset;
 
@@ -100,6 +101,8 @@ pub struct StageContext {
     pub inputs: BTreeMap<String, PathBuf>,
     /// Models this stage referenced, with paths resolved.
     pub models: BTreeMap<String, ModelSpec>,
+    /// Content identity of each referenced model (a key over its spec and file hashes, not its location).
+    pub model_keys: BTreeMap<String, String>,
     /// Fresh, empty directory the stage writes its outputs into.
     pub out_dir: PathBuf,
     /// Directory that survives an interrupted run of the same key, for resumable work.
@@ -120,6 +123,21 @@ pub struct StageContext {
     pub cancel: Cancel,
     /// Summary numbers recorded in the manifest (loss, row counts, ...).
     pub metrics: serde_json::Map<String, Json>,
+}
+
+impl StageContext {
+    /// Appends a line to the stage's log and shows it above the progress display.
+    pub fn log(&self, msg: &str) {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+        {
+            let _ = writeln!(f, "{msg}");
+        }
+        self.progress.println(msg);
+    }
 }
 
 /// A stage kind. Implement this, add the type to [`Registry::builtin`], and the pipeline format, the schema
@@ -228,6 +246,7 @@ impl Registry {
     /// Every built-in stage kind. New kinds are added here, and only here.
     pub fn builtin() -> Self {
         let mut registry = Self::empty();
+        registry.register::<capture::Capture>();
         registry.register::<command::Command>();
         registry.register::<dataset::Dataset>();
         registry

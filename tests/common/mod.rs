@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod checkpoints;
 pub mod http;
 
 use std::path::{Path, PathBuf};
@@ -77,4 +78,19 @@ pub fn published_outputs(cache: &Path) -> std::collections::BTreeMap<String, Str
         }
     }
     out
+}
+
+/// The published object directory of a stage instance, from the pipeline's refs.
+pub fn object_of(cache: &Path, pipeline: &str, stage: &str) -> PathBuf {
+    let r: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            cache
+                .join("refs")
+                .join(pipeline)
+                .join(format!("{stage}.json")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    cache.join("objects").join(r["key"].as_str().unwrap())
 }

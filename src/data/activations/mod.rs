@@ -1,0 +1,323 @@
+//! The activation store that `capture` writes and training, labelling and evaluation read
+//! (documented in `schemas/capture.md`).
+//!
+//! Per hook, shards `acts-<hook>-<shard>.parquet` hold one row per stored token with a single column `act`:
+//! `FixedSizeBinary(d_model × element size)`, the vector's little-endian f32 / f16 / bf16 values. Rows align
+//! one to one with `tokens.parquet` (doc_id, pos, token_id, label, split, is_completion) across the shards in
+//! order. A `FixedSizeList<float>` column would be the obvious Arrow type, but Parquet stores lists with a
+//! repetition level per element and arrow-rs decodes them at ~0.5 GB/s; a fixed-size binary column is plain
+//! bytes and decodes at ~5 GB/s (measured, see BENCHMARKS.md), which is what keeps a GPU trainer fed.
+//! pyarrow/numpy read it as `np.frombuffer(col.buffers()[1], dtype).reshape(-1, d_model)`.
+
+pub mod reader;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arrow_array::builder::{BooleanBuilder, StringBuilder, UInt32Builder, UInt64Builder};
+use arrow_array::{ArrayRef, FixedSizeBinaryArray, RecordBatch};
+use arrow_schema::{DataType, Field, Schema};
+use candle_core::DType;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use reader::{ActivationStore, Batch, ReadOptions};
+
+#[cfg(target_endian = "big")]
+compile_error!("activation shards store little-endian values; big-endian hosts are not supported");
+
+/// Name of the activation column.
+pub const ACT_COLUMN: &str = "act";
+/// Rows per Parquet row group in activation shards: the unit a shuffled reader picks at random.
+pub const ACT_ROW_GROUP: usize = 4096;
+/// Version of the store layout, recorded in `capture.json`.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Element type of stored activations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ActDtype {
+    /// 32-bit float.
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl ActDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            ActDtype::F32 => 4,
+            ActDtype::F16 | ActDtype::Bf16 => 2,
+        }
+    }
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            ActDtype::F32 => DType::F32,
+            ActDtype::F16 => DType::F16,
+            ActDtype::Bf16 => DType::BF16,
+        }
+    }
+    /// Name as written in configs and metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActDtype::F32 => "f32",
+            ActDtype::F16 => "f16",
+            ActDtype::Bf16 => "bf16",
+        }
+    }
+    /// Position of the first non-finite element of little-endian `bytes`, if any.
+    pub fn first_non_finite(self, bytes: &[u8]) -> Option<usize> {
+        match self {
+            ActDtype::F32 => bytemuck::cast_slice::<u8, f32>(bytes)
+                .iter()
+                .position(|v| !v.is_finite()),
+            ActDtype::F16 => bytemuck::cast_slice::<u8, half::f16>(bytes)
+                .iter()
+                .position(|v| !v.is_finite()),
+            ActDtype::Bf16 => bytemuck::cast_slice::<u8, half::bf16>(bytes)
+                .iter()
+                .position(|v| !v.is_finite()),
+        }
+    }
+}
+
+/// File name of one hook's shard.
+pub fn act_file_name(hook: &str, shard: usize) -> String {
+    format!("acts-{hook}-{shard:05}.parquet")
+}
+
+/// One shard of the capture, as listed in `capture.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// Index of the shard's first row in `tokens.parquet`.
+    pub first_row: u64,
+    /// Rows (stored tokens) in the shard.
+    pub rows: u64,
+}
+
+/// `capture.json`: what was captured, from which model, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptureInfo {
+    /// Store layout version ([`FORMAT_VERSION`]).
+    pub format: u32,
+    /// Model name in the pipeline.
+    pub model: String,
+    /// Content key of the model (spec and file hashes, not its location).
+    pub model_key: String,
+    /// Model family and file the weights came from (file name only).
+    pub model_source: String,
+    /// Hook names, in the order the files were written.
+    pub hooks: Vec<String>,
+    /// Width of every stored vector.
+    pub d_model: usize,
+    /// Element type of stored vectors.
+    pub dtype: ActDtype,
+    /// Tokenizer description (kind, vocabulary size, BOS id).
+    pub tokenizer: serde_json::Value,
+    /// Tokens per forward sequence.
+    pub context: usize,
+    /// Capture settings that shape which tokens are stored (positions, template, pack, bos, ...).
+    pub settings: serde_json::Value,
+    /// Rows in `tokens.parquet` (= rows in each hook's shards together).
+    pub tokens: u64,
+    /// Documents that contributed at least one stored token.
+    pub documents: u64,
+    /// Documents cut at `context` tokens (unpacked capture only).
+    pub truncated_documents: u64,
+    /// Forward sequences run.
+    pub sequences: u64,
+    /// Stored tokens per split.
+    pub splits: BTreeMap<String, u64>,
+    /// Stored tokens per label (`null` for unlabelled).
+    pub labels: BTreeMap<String, u64>,
+    /// Mean L2 norm of the stored vectors, per hook.
+    pub mean_norm: BTreeMap<String, f64>,
+    /// Shards in order.
+    pub shards: Vec<ShardInfo>,
+}
+
+impl CaptureInfo {
+    /// Reads `capture.json` from a capture directory.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("capture.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {} (is the input a capture stage?)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid", path.display()))
+    }
+}
+
+fn act_properties() -> WriterProperties {
+    // Activations barely compress and are read far more often than written: plain, uncompressed pages
+    // with no dictionary or statistics decode at memory speed.
+    WriterProperties::builder()
+        .set_created_by(super::parquet::CREATED_BY.to_string())
+        .set_compression(Compression::UNCOMPRESSED)
+        .set_dictionary_enabled(false)
+        .set_statistics_enabled(EnabledStatistics::None)
+        .set_max_row_group_size(ACT_ROW_GROUP)
+        .build()
+}
+
+/// The Arrow schema of an activation shard.
+pub fn act_schema(d_model: usize, dtype: ActDtype) -> Arc<Schema> {
+    let field = Field::new(
+        ACT_COLUMN,
+        DataType::FixedSizeBinary((d_model * dtype.size()) as i32),
+        false,
+    )
+    .with_metadata(
+        [
+            ("saeflow.dtype".to_string(), dtype.name().to_string()),
+            ("saeflow.d_model".to_string(), d_model.to_string()),
+        ]
+        .into(),
+    );
+    Arc::new(Schema::new(vec![field]))
+}
+
+/// Writes one activation shard: `bytes` holds rows of `d_model` little-endian `dtype` values.
+pub fn write_act_shard(
+    path: &Path,
+    bytes: Vec<u8>,
+    d_model: usize,
+    dtype: ActDtype,
+) -> anyhow::Result<()> {
+    let width = d_model * dtype.size();
+    anyhow::ensure!(
+        bytes.len() % width == 0,
+        "activation buffer is not a whole number of rows"
+    );
+    let schema = act_schema(d_model, dtype);
+    let column = FixedSizeBinaryArray::try_new(width as i32, bytes.into(), None)?;
+    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(column)])?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut writer = ArrowWriter::try_new(file, schema, Some(act_properties()))?;
+    writer
+        .write(&batch)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // Shards are resume points: make them durable before they are renamed into place.
+    writer.into_inner()?.sync_all()?;
+    Ok(())
+}
+
+/// One stored token: a row of `tokens.parquet`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    /// The document (row of `rows.parquet`).
+    pub doc_id: u64,
+    /// Position in the document's token sequence (0 = BOS when one is prepended).
+    pub pos: u32,
+    /// Token id.
+    pub token_id: u32,
+    /// The document's label.
+    pub label: Option<Arc<str>>,
+    /// The document's split.
+    pub split: Arc<str>,
+    /// Whether the token belongs to the completion (answer) part.
+    pub is_completion: bool,
+}
+
+/// The Arrow batch of `tokens.parquet` rows.
+pub fn tokens_batch(rows: &[TokenRow]) -> anyhow::Result<RecordBatch> {
+    let mut doc_id = UInt64Builder::with_capacity(rows.len());
+    let mut pos = UInt32Builder::with_capacity(rows.len());
+    let mut token_id = UInt32Builder::with_capacity(rows.len());
+    let mut label = StringBuilder::new();
+    let mut split = StringBuilder::new();
+    let mut is_completion = BooleanBuilder::with_capacity(rows.len());
+    for r in rows {
+        doc_id.append_value(r.doc_id);
+        pos.append_value(r.pos);
+        token_id.append_value(r.token_id);
+        label.append_option(r.label.as_deref());
+        split.append_value(&r.split);
+        is_completion.append_value(r.is_completion);
+    }
+    let schema = Schema::new(vec![
+        Field::new("doc_id", DataType::UInt64, false),
+        Field::new("pos", DataType::UInt32, false),
+        Field::new("token_id", DataType::UInt32, false),
+        Field::new("label", DataType::Utf8, true),
+        Field::new("split", DataType::Utf8, false),
+        Field::new("is_completion", DataType::Boolean, false),
+    ]);
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(doc_id.finish()),
+        Arc::new(pos.finish()),
+        Arc::new(token_id.finish()),
+        Arc::new(label.finish()),
+        Arc::new(split.finish()),
+        Arc::new(is_completion.finish()),
+    ];
+    Ok(RecordBatch::try_new(Arc::new(schema), columns)?)
+}
+
+/// Concatenates token tables (shards in order) into one deterministic `tokens.parquet`.
+pub fn concat_tokens(parts: &[std::path::PathBuf], out: &Path) -> anyhow::Result<()> {
+    let mut writer: Option<ArrowWriter<std::fs::File>> = None;
+    for part in parts {
+        let file =
+            std::fs::File::open(part).with_context(|| format!("cannot open {}", part.display()))?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?
+            .build()?;
+        for batch in reader {
+            let batch = batch.with_context(|| format!("reading {}", part.display()))?;
+            if writer.is_none() {
+                let file = std::fs::File::create(out)
+                    .with_context(|| format!("cannot create {}", out.display()))?;
+                writer = Some(ArrowWriter::try_new(
+                    file,
+                    batch.schema(),
+                    Some(super::parquet::writer_properties()),
+                )?);
+            }
+            writer.as_mut().expect("created above").write(&batch)?;
+        }
+    }
+    match writer {
+        Some(w) => {
+            w.close()?;
+        }
+        None => super::parquet::write_batches(out, &[tokens_batch(&[])?])?,
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_are_found_in_every_dtype() {
+        let f32s: Vec<u8> = [1.0f32, f32::NAN]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(ActDtype::F32.first_non_finite(&f32s), Some(1));
+        let f16s: Vec<u8> = [half::f16::from_f32(70000.0), half::f16::ONE]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(ActDtype::F16.first_non_finite(&f16s), Some(0));
+        let bf16s: Vec<u8> = [half::bf16::ONE, half::bf16::from_f32(3.0)]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(ActDtype::Bf16.first_non_finite(&bf16s), None);
+    }
+}

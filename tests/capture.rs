@@ -1,0 +1,358 @@
+//! The `capture` stage end to end: parity of stored activations with nanochat's own residuals, position
+//! selection against the tokenizer, resumption after SIGKILL, bounded memory, the reader, and bad inputs.
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::{object_of, ok, run, text, write};
+use saeflow::data::activations::{ActivationStore, CaptureInfo, ReadOptions};
+
+fn shared(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(p)
+}
+
+/// A pipeline: a JSONL dataset (records with `text`, or `prompt` and `completion`, and `label`) and a
+/// capture of it by nanochat-d4 with extra capture settings.
+fn pipeline(dir: &Path, records: &[serde_json::Value], capture: &str) {
+    let fields = if records[0].get("text").is_some() {
+        r#"text = "text""#
+    } else {
+        r#"prompt = "prompt", completion = "completion""#
+    };
+    let jsonl: String = records.iter().map(|r| format!("{r}\n")).collect();
+    write(&dir.join("data.jsonl"), &jsonl);
+    write(
+        &dir.join("p.toml"),
+        &format!(
+            r#"[pipeline]
+name = "cap"
+
+[models.nc]
+kind = "nanochat"
+path = "{model}"
+
+[stages.data]
+kind = "dataset"
+sources = [{{ path = "data.jsonl", {fields}, label = "label" }}]
+splits = {{ train = 1.0 }}
+
+[stages.acts]
+kind = "capture"
+input = "data"
+model = "nc"
+{capture}
+"#,
+            model = shared("fixtures/nanochat-d4").display()
+        ),
+    );
+}
+
+/// tokens.parquet as (doc_id, pos, token_id, is_completion) rows.
+fn token_rows(object: &Path) -> Vec<(u64, u32, u32, bool)> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{UInt32Type, UInt64Type};
+    let file = std::fs::File::open(object.join("tokens.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let doc = b
+            .column_by_name("doc_id")
+            .unwrap()
+            .as_primitive::<UInt64Type>();
+        let pos = b
+            .column_by_name("pos")
+            .unwrap()
+            .as_primitive::<UInt32Type>();
+        let tok = b
+            .column_by_name("token_id")
+            .unwrap()
+            .as_primitive::<UInt32Type>();
+        let comp = b.column_by_name("is_completion").unwrap().as_boolean();
+        for i in 0..b.num_rows() {
+            out.push((doc.value(i), pos.value(i), tok.value(i), comp.value(i)));
+        }
+    }
+    out
+}
+
+/// Every activation of a hook in store order, `[rows, d]`.
+fn all_acts(object: &Path, hook: &str) -> Tensor {
+    let store = ActivationStore::open(object, hook).unwrap();
+    let batches: Vec<Tensor> = store
+        .batches(&ReadOptions::default(), &Device::Cpu)
+        .unwrap()
+        .map(|b| b.unwrap().acts)
+        .collect();
+    Tensor::cat(&batches, 0).unwrap()
+}
+
+/// doc_id of each text in the dataset stage's rows.
+fn doc_ids(cache: &Path) -> BTreeMap<String, u64> {
+    let rows =
+        saeflow::data::rows::read(&object_of(cache, "cap", "data").join("rows.parquet")).unwrap();
+    rows.into_iter().map(|r| (r.text, r.doc_id)).collect()
+}
+
+#[test]
+fn stored_residuals_equal_nanochats_reference_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(shared("fixtures/nanochat-d4/reference_outputs.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    let records: Vec<_> = cases
+        .iter()
+        .map(|c| serde_json::json!({"text": c["prompt"], "label": "x"}))
+        .collect();
+    let hooks: Vec<String> = (0..4)
+        .map(|l| format!("blocks.{l}.hook_resid_post"))
+        .collect();
+    pipeline(
+        dir.path(),
+        &records,
+        &format!("hooks = {hooks:?}\nexclude_bos = false\nbatch_size = 3"),
+    );
+    ok(dir.path(), &["run", "p.toml"]);
+    let cache = dir.path().join("cache");
+    let object = object_of(&cache, "cap", "acts");
+    let tokens = token_rows(&object);
+    let ids = doc_ids(&cache);
+    let tensors = candle_core::safetensors::load(
+        shared("fixtures/nanochat-d4/reference_tensors.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let acts: Vec<Tensor> = hooks.iter().map(|h| all_acts(&object, h)).collect();
+    let mut compared = 0;
+    for (case, c) in cases.iter().enumerate() {
+        let doc = ids[c["prompt"].as_str().unwrap()];
+        let rows: Vec<usize> = (0..tokens.len()).filter(|&i| tokens[i].0 == doc).collect();
+        let expected_ids: Vec<u32> = c["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got_ids: Vec<u32> = rows.iter().map(|&i| tokens[i].2).collect();
+        let got_pos: Vec<u32> = rows.iter().map(|&i| tokens[i].1).collect();
+        assert_eq!(got_ids, expected_ids, "case {case}: token ids");
+        assert_eq!(got_pos, (0..expected_ids.len() as u32).collect::<Vec<_>>());
+        let index = Tensor::from_vec(
+            rows.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (layer, a) in acts.iter().enumerate() {
+            let got = a.index_select(&index, 0).unwrap();
+            let want = &tensors[&format!("resid_post_{case}_{layer}")];
+            let diff: f32 = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff <= 1e-4, "case {case} layer {layer}: max |diff| {diff}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 16);
+    let info = CaptureInfo::read(&object).unwrap();
+    assert_eq!(info.tokens as usize, tokens.len());
+    assert_eq!(info.documents, 4);
+    assert_eq!(info.d_model, 128);
+}
+
+#[test]
+fn positions_select_exactly_the_tokens_the_tokenizer_says() {
+    let model = saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
+    let pairs = [
+        ("Is the sky green?", " No, the sky is blue."),
+        ("Did you take the money?", " I never touched it, I promise."),
+        ("Say something.", " Hello"),
+    ];
+    let records: Vec<_> = pairs
+        .iter()
+        .map(|(p, c)| serde_json::json!({"prompt": p, "completion": c, "label": "l"}))
+        .collect();
+    let encode = |s: &str| model.tokenizer.encode(s).unwrap();
+    for (positions, expect) in [
+        (
+            "completion",
+            pairs.iter().map(|(_, c)| encode(c).len()).sum::<usize>(),
+        ),
+        ("last", 3),
+        ("last_prompt", 3),
+        (
+            "all",
+            pairs
+                .iter()
+                .map(|(p, c)| encode(p).len() + encode(c).len())
+                .sum::<usize>(),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        pipeline(
+            dir.path(),
+            &records,
+            &format!("hooks = [\"blocks.1.hook_resid_post\"]\npositions = \"{positions}\""),
+        );
+        ok(dir.path(), &["run", "p.toml"]);
+        let cache = dir.path().join("cache");
+        let object = object_of(&cache, "cap", "acts");
+        let tokens = token_rows(&object);
+        assert_eq!(tokens.len(), expect, "positions = {positions}");
+        let ids = doc_ids(&cache);
+        for (p, c) in pairs {
+            let doc = ids[&format!("{p}{c}")];
+            let mine: Vec<_> = tokens.iter().filter(|t| t.0 == doc).collect();
+            let (np, nc) = (encode(p).len() as u32, encode(c).len() as u32);
+            match positions {
+                "completion" => {
+                    // BOS + prompt come first, so the completion starts at 1 + |prompt|.
+                    assert_eq!(
+                        mine.iter().map(|t| t.2).collect::<Vec<_>>(),
+                        encode(c),
+                        "{c}"
+                    );
+                    assert_eq!(mine[0].1, 1 + np);
+                    assert!(mine.iter().all(|t| t.3));
+                }
+                "last" => assert_eq!((mine.len(), mine[0].1), (1, np + nc)),
+                "last_prompt" => {
+                    assert_eq!((mine.len(), mine[0].1, mine[0].3), (1, np, false))
+                }
+                _ => {
+                    // BOS is left out by default.
+                    assert_eq!(mine.first().unwrap().1, 1);
+                    assert_eq!(mine.iter().filter(|t| t.3).count() as u32, nc);
+                }
+            }
+        }
+        assert_eq!(
+            all_acts(&object, "blocks.1.hook_resid_post").dims(),
+            [expect, 128]
+        );
+    }
+}
+
+/// A packed, multi-shard capture of the geometry-of-truth preset by nanochat-d4.
+fn geometry_pipeline(dir: &Path, capture: &str) {
+    write(
+        &dir.join("p.toml"),
+        &format!(
+            r#"[pipeline]
+name = "cap"
+
+[models.nc]
+kind = "nanochat"
+path = "{model}"
+
+[stages.data]
+kind = "dataset"
+sources = [{{ preset = "geometry_of_truth", path = "{data}" }}]
+
+[stages.acts]
+kind = "capture"
+input = "data"
+model = "nc"
+hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
+pack = true
+{capture}
+"#,
+            model = shared("fixtures/nanochat-d4").display(),
+            data = shared("data/geometry_of_truth").display(),
+        ),
+    );
+}
+
+/// Complete shards in the partial directories of a cache.
+fn partial_shards(cache: &Path) -> usize {
+    let Ok(keys) = std::fs::read_dir(cache.join("partial")) else {
+        return 0;
+    };
+    keys.flatten()
+        .flat_map(|k| std::fs::read_dir(k.path()).into_iter().flatten().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("shard-"))
+        .count()
+}
+
+#[test]
+fn sigkill_during_capture_resumes_from_the_last_shard_with_identical_files() {
+    use rand::{Rng, SeedableRng};
+    let settings = "tokens = 50000\nshard_tokens = 1000";
+    let reference = tempfile::tempdir().unwrap();
+    geometry_pipeline(reference.path(), settings);
+    ok(reference.path(), &["run", "p.toml", "data"]);
+    ok(reference.path(), &["run", "p.toml"]);
+    let expected = common::published_outputs(&reference.path().join("cache"));
+    let shards = expected
+        .keys()
+        .filter(|k| k.contains("acts-blocks.1"))
+        .count();
+    assert!(shards >= 20, "{shards} shards");
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    geometry_pipeline(d, settings);
+    ok(d, &["run", "p.toml", "data"]);
+    let seed = std::process::id() as u64;
+    println!("kill-moment seed {seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let cache = d.join("cache");
+    let mut kept = Vec::new();
+    for kill in 0..10 {
+        let before = partial_shards(&cache);
+        let mut child = common::saeflow(d)
+            .args(["run", "-q", "p.toml"])
+            .spawn()
+            .unwrap();
+        // Kill once this run has added 1 or 2 shards, plus a random part of the next one.
+        let wanted = before + rng.random_range(1..=2);
+        while partial_shards(&cache) < wanted {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the capture finished before kill {kill}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(rng.random_range(0..40)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kept.push(partial_shards(&cache));
+        println!("kill {kill}: {} shards kept", kept[kill]);
+        ok(d, &["cache", "verify"]);
+    }
+    let last = ok(d, &["run", "p.toml"]);
+    let log = std::fs::read_to_string(
+        std::fs::read_dir(cache.join("logs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| std::fs::read_to_string(p).unwrap().contains("capturing"))
+            .expect("a capture log"),
+    )
+    .unwrap();
+    println!("{log}\n{last}");
+    let resumed: Vec<usize> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("resuming from shard "))
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        resumed, kept,
+        "every rerun resumes where the last one stopped"
+    );
+    assert!(last.contains("resuming from shard"), "{last}");
+    assert_eq!(common::published_outputs(&cache), expected);
+}
