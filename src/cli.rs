@@ -156,6 +156,31 @@ enum BenchCommand {
         #[arg(long, default_value = "f32")]
         dtype: crate::models::WeightFormat,
     },
+    /// Activation reader: tokens/s and GB/s in store order and shuffled, from a capture directory or a
+    /// synthetic store of the given shape.
+    Reader {
+        /// A capture's object directory (default: write a synthetic store into a temporary directory).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Hook to read (default: the store's first).
+        #[arg(long)]
+        hook: Option<String>,
+        /// Synthetic store: vector width.
+        #[arg(long, default_value_t = 576)]
+        d_model: usize,
+        /// Synthetic store: rows.
+        #[arg(long, default_value_t = 1 << 18)]
+        rows: usize,
+        /// Synthetic store: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Rows per batch.
+        #[arg(long, default_value_t = 4096)]
+        batch: usize,
+        /// Timed passes over the store per mode.
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -399,7 +424,29 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
                     device,
                     dtype,
                 },
-        } => bench_forward(&path, batch, seq, layer, iters, device, dtype).map_err(Error::Other),
+        } => crate::bench::forward(&path, batch, seq, layer, iters, device, dtype)
+            .map_err(Error::Other),
+        Command::Bench {
+            command:
+                BenchCommand::Reader {
+                    store,
+                    hook,
+                    d_model,
+                    rows,
+                    dtype,
+                    batch,
+                    passes,
+                },
+        } => crate::bench::reader(
+            store.as_deref(),
+            hook.as_deref(),
+            d_model,
+            rows,
+            &dtype,
+            batch,
+            passes,
+        )
+        .map_err(Error::Other),
         Command::Schema { output } => {
             let schema = crate::config::pipeline_schema(&registry);
             let text = serde_json::to_string_pretty(&schema).expect("JSON") + "\n";
@@ -528,72 +575,4 @@ fn print_model_report(r: &serde_json::Value) {
         );
     }
     println!("greedy: {:?}", r["greedy_text"].as_str().unwrap_or(""));
-}
-
-/// Peak resident memory of this process in MiB (Linux `VmHWM`).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-}
-
-fn bench_forward(
-    path: &Path,
-    batch: usize,
-    seq: usize,
-    layer: Option<usize>,
-    iters: usize,
-    device: crate::config::DeviceSpec,
-    dtype: crate::models::WeightFormat,
-) -> anyhow::Result<()> {
-    use crate::models::transformer::{Hook, HookPoint, Hooks};
-    let device = crate::models::device(device)?;
-    let model = crate::models::load_with(path, None, dtype, &device)?;
-    let vocab = model.transformer.config.vocab_size as u64;
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % vocab) as u32
-        })
-        .collect();
-    let input = candle_core::Tensor::from_vec(ids, (batch, seq), &device)?;
-    let hooks = match layer {
-        Some(l) => Hooks::capture([Hook {
-            layer: l,
-            point: HookPoint::ResidPost,
-        }]),
-        None => Hooks::logits(),
-    };
-    model.transformer.forward(&input, &hooks, None)?; // warm-up
-    let started = std::time::Instant::now();
-    for _ in 0..iters {
-        let out = model.transformer.forward(&input, &hooks, None)?;
-        // Make sure the work is done (lazy devices): read one value back.
-        let t = out
-            .logits
-            .or_else(|| out.activations.into_values().next())
-            .expect("an output");
-        t.flatten_all()?
-            .get(0)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_scalar::<f32>()?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let tokens = (batch * seq * iters) as f64;
-    let depth = layer.map_or_else(
-        || "full depth + logits".to_string(),
-        |l| format!("up to blocks.{l}"),
-    );
-    println!(
-        "{}: batch {batch} x {seq}, {depth}: {:.0} tokens/s ({:.3} s per pass), peak RSS {:.0} MiB, {} threads",
-        path.display(),
-        tokens / secs,
-        secs / iters as f64,
-        peak_rss_mib().unwrap_or(f64::NAN),
-        rayon::current_num_threads()
-    );
-    Ok(())
 }

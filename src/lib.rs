@@ -4,6 +4,7 @@
 //! stage instances with action keys, [`exec`] runs what is not cached, [`stages`] do the work, and [`cache`]
 //! stores results atomically. See `ARCHITECTURE.md`.
 
+pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod config;

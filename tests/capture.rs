@@ -356,3 +356,289 @@ fn sigkill_during_capture_resumes_from_the_last_shard_with_identical_files() {
     assert!(last.contains("resuming from shard"), "{last}");
     assert_eq!(common::published_outputs(&cache), expected);
 }
+
+#[test]
+fn the_reader_shuffles_by_seed_filters_splits_and_returns_each_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    geometry_pipeline(
+        dir.path(),
+        "tokens = 12000\nshard_tokens = 5000\ndtype = \"f16\"",
+    );
+    ok(dir.path(), &["run", "p.toml"]);
+    let object = object_of(&dir.path().join("cache"), "cap", "acts");
+    let hook = "blocks.1.hook_resid_post";
+    let store = ActivationStore::open(&object, hook).unwrap();
+    assert_eq!(store.rows(), 12000);
+    assert!(store.info.shards.len() >= 2);
+    let read = |options: ReadOptions| -> (Vec<u64>, Tensor) {
+        let mut rows = Vec::new();
+        let mut acts = Vec::new();
+        for b in store.batches(&options, &Device::Cpu).unwrap() {
+            let b = b.unwrap();
+            assert!(b.acts.dim(0).unwrap() <= 1000);
+            assert_eq!(b.acts.dtype(), DType::F32);
+            rows.extend(b.rows);
+            acts.push(b.acts);
+        }
+        (rows, Tensor::cat(&acts, 0).unwrap())
+    };
+    let base = ReadOptions {
+        batch_size: 1000,
+        buffer_rows: 3000,
+        ..ReadOptions::default()
+    };
+    let (ordered, all) = read(base.clone());
+    assert_eq!(ordered, (0..12000).collect::<Vec<u64>>());
+    let shuffled = |seed| {
+        read(ReadOptions {
+            shuffle: Some(seed),
+            ..base.clone()
+        })
+    };
+    let (a, a_acts) = shuffled(1);
+    let (b, _) = shuffled(1);
+    let (c, _) = shuffled(2);
+    assert_eq!(a, b, "same seed, same order");
+    assert_ne!(a, c, "another seed, another order");
+    assert_ne!(a, ordered);
+    let mut sorted = a.clone();
+    sorted.sort();
+    assert_eq!(sorted, ordered, "every row exactly once");
+    // Rows travel with their vectors.
+    let index = Tensor::from_vec(
+        a.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        a.len(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let diff: f32 = (all.index_select(&index, 0).unwrap() - a_acts)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    // The first 1000 shuffled rows come from all over the store, not from one block.
+    let first: Vec<u64> = a[..1000].to_vec();
+    assert!(first.iter().max().unwrap() - first.iter().min().unwrap() > 6000);
+
+    let mask = store.split_mask(&["val".into()]).unwrap();
+    let (val, _) = read(ReadOptions {
+        splits: Some(vec!["val".into()]),
+        shuffle: Some(3),
+        ..base.clone()
+    });
+    assert_eq!(val.len() as u64, store.info.splits["val"]);
+    assert!(val.iter().all(|&r| mask[r as usize]));
+    assert!(!val.is_empty() && val.len() < 3000);
+
+    // f16 storage holds the f32 values rounded to f16.
+    let dir32 = tempfile::tempdir().unwrap();
+    geometry_pipeline(dir32.path(), "tokens = 12000\nshard_tokens = 5000");
+    ok(dir32.path(), &["run", "p.toml"]);
+    let f32_all = all_acts(&object_of(&dir32.path().join("cache"), "cap", "acts"), hook);
+    let rounded = f32_all
+        .to_dtype(DType::F16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let diff: f32 = (rounded - all)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+}
+
+/// Peak resident memory of one saeflow run, from the kernel's accounting of that child.
+fn peak_rss_kib(dir: &Path, args: &[&str]) -> i64 {
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below
+    let child = common::saeflow(dir).args(args).spawn().unwrap();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{args:?} failed"
+    );
+    usage.ru_maxrss
+}
+
+#[test]
+fn peak_memory_does_not_grow_with_the_number_of_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    geometry_pipeline(dir.path(), "shard_tokens = 4096");
+    ok(dir.path(), &["run", "p.toml", "data"]);
+    let small = peak_rss_kib(
+        dir.path(),
+        &["run", "-q", "p.toml", "-S", "acts.tokens=12000"],
+    );
+    let large = peak_rss_kib(
+        dir.path(),
+        &["run", "-q", "p.toml", "-S", "acts.tokens=120000"],
+    );
+    println!("peak RSS: 12k tokens {small} KiB, 120k tokens {large} KiB");
+    assert!(
+        (large as f64) < 1.2 * small as f64,
+        "10x the tokens took {large} KiB vs {small} KiB"
+    );
+}
+
+/// Runs the pipeline expecting failure with `fragments` in the output and no published capture.
+fn fails_clearly(dir: &Path, args: &[&str], fragments: &[&str]) {
+    let out = run(dir, args);
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    for f in fragments {
+        assert!(msg.contains(f), "missing `{f}` in:\n{msg}");
+    }
+    assert!(!msg.contains("panicked"), "{msg}");
+    assert!(
+        !dir.join("cache/refs/cap/acts.json").exists(),
+        "a failed capture was published"
+    );
+}
+
+#[test]
+fn bad_inputs_fail_with_clear_messages_and_publish_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let records = [serde_json::json!({"text": "hello world, this is a test", "label": "x"})];
+    pipeline(d, &records, "hooks = [\"blocks.9.hook_resid_post\"]");
+    fails_clearly(
+        d,
+        &["run", "p.toml"],
+        &["hook `blocks.9.hook_resid_post` is beyond the model: it has 4 blocks (blocks.0 … blocks.3)"],
+    );
+    pipeline(
+        d,
+        &records,
+        "hooks = [\"blocks.1.hook_resid_post\"]\nsplits = [\"test\"]",
+    );
+    fails_clearly(
+        d,
+        &["run", "p.toml"],
+        &[
+            "no rows to capture",
+            "no rows in splits [\"test\"]",
+            "it has: train 1",
+        ],
+    );
+    pipeline(
+        d,
+        &records,
+        "hooks = [\"blocks.1.hook_resid_post\"]\npositions = \"completion\"",
+    );
+    fails_clearly(d, &["run", "p.toml"], &["no tokens to store", "Completion"]);
+    pipeline(
+        d,
+        &records,
+        "hooks = [\"blocks.1.hook_resid_post\"]\ncontext = 100000",
+    );
+    fails_clearly(
+        d,
+        &["run", "p.toml"],
+        &["context = 100000 exceeds", "positions"],
+    );
+
+    // A checkpoint whose embedding of the first text token is NaN: the error names document and position.
+    let model = saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
+    let ids = model
+        .tokenizer
+        .encode("hello world, this is a test")
+        .unwrap();
+    let poisoned = d.join("poisoned");
+    common::checkpoints::make_nanochat_with(&poisoned, 3, &[], Some(ids[0] as usize));
+    let toml = std::fs::read_to_string(d.join("p.toml")).unwrap().replace(
+        &shared("fixtures/nanochat-d4").display().to_string(),
+        &poisoned.display().to_string(),
+    );
+    write(&d.join("p.toml"), &toml.replace("context = 100000", ""));
+    ok(d, &["run", "p.toml", "data"]);
+    let doc = doc_ids(&d.join("cache"))["hello world, this is a test"];
+    fails_clearly(
+        d,
+        &["run", "p.toml"],
+        &[&format!(
+            "non-finite activation at blocks.1.hook_resid_post in doc_id {doc} pos 1 (token {})",
+            ids[0]
+        )],
+    );
+}
+
+#[test]
+fn packing_cuts_the_document_stream_into_full_contexts() {
+    let model = saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
+    let texts = [
+        "The city of Paris is in France.",
+        "Sometimes one must deceive others to succeed, or so they say.",
+        "I will support you in Burgundy, I promise.",
+    ];
+    let records: Vec<_> = texts
+        .iter()
+        .map(|t| serde_json::json!({"text": t, "label": "x"}))
+        .collect();
+    let hook = "blocks.2.hook_resid_post";
+    let capture = |dir: &Path, pack: bool| {
+        pipeline(
+            dir,
+            &records,
+            &format!("hooks = [\"{hook}\"]\ncontext = 8\npack = {pack}\nshuffle = false\nexclude_bos = false"),
+        );
+        ok(dir, &["run", "p.toml"]);
+        object_of(&dir.join("cache"), "cap", "acts")
+    };
+    let (packed_dir, unpacked_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let packed = capture(packed_dir.path(), true);
+    let unpacked = capture(unpacked_dir.path(), false);
+
+    // Packed: every token of every document (BOS + text), in row order, cut into 8-token sequences.
+    let lens: Vec<usize> = texts
+        .iter()
+        .map(|t| 1 + model.tokenizer.encode(t).unwrap().len())
+        .collect();
+    let total: usize = lens.iter().sum();
+    let tokens = token_rows(&packed);
+    assert_eq!(tokens.len(), total);
+    let info = CaptureInfo::read(&packed).unwrap();
+    assert_eq!(info.sequences as usize, total.div_ceil(8));
+    assert_eq!((info.documents, info.truncated_documents), (3, 0));
+    let ids = doc_ids(&packed_dir.path().join("cache"));
+    let mut expected = Vec::new();
+    for (t, &n) in texts.iter().zip(&lens) {
+        expected.extend((0..n as u32).map(|p| (ids[*t], p)));
+    }
+    assert_eq!(
+        tokens.iter().map(|t| (t.0, t.1)).collect::<Vec<_>>(),
+        expected
+    );
+    // Unpacked: each document is cut at 8 tokens.
+    let cut = CaptureInfo::read(&unpacked).unwrap();
+    assert_eq!(
+        cut.tokens as usize,
+        lens.iter().map(|&n| n.min(8)).sum::<usize>()
+    );
+    assert_eq!(
+        cut.truncated_documents as usize,
+        lens.iter().filter(|&&n| n > 8).count()
+    );
+    // The first packed sequence starts with the first document, exactly as when it runs alone.
+    let n = lens[0].min(8);
+    let a = all_acts(&packed, hook).narrow(0, 0, n).unwrap();
+    let b = all_acts(&unpacked, hook).narrow(0, 0, n).unwrap();
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-5, "{diff}");
+}

@@ -396,21 +396,18 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             p.input
         );
     }
-    let all_rows = rows::read(&rows_path)?;
-    let rows: Vec<Row> = match &p.splits {
-        Some(splits) => all_rows
-            .iter()
-            .filter(|r| splits.contains(r.split.as_ref().unwrap_or(&String::new())))
-            .cloned()
-            .collect(),
-        None => all_rows.clone(),
-    };
+    let mut rows = rows::read(&rows_path)?;
+    let mut available: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &rows {
+        *available
+            .entry(r.split.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    if let Some(splits) = &p.splits {
+        rows.retain(|r| splits.contains(r.split.as_ref().unwrap_or(&String::new())));
+    }
     if rows.is_empty() {
-        let mut have: BTreeMap<&str, usize> = BTreeMap::new();
-        for r in &all_rows {
-            *have.entry(r.split.as_deref().unwrap_or("")).or_default() += 1;
-        }
-        let have: Vec<String> = have.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        let have: Vec<String> = available.iter().map(|(s, n)| format!("{s} {n}")).collect();
         bail!(
             "no rows to capture: input `{}` has no rows in splits {:?} (it has: {})",
             p.input,
@@ -422,7 +419,6 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             }
         );
     }
-    drop(all_rows);
 
     let spec = ctx
         .models
@@ -519,7 +515,14 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     let mut split_counts: BTreeMap<String, u64> = BTreeMap::new();
     let mut label_counts: BTreeMap<String, u64> = BTreeMap::new();
     let mut sequences = 0u64;
-    let capture = Hooks::capture(hooks.iter().copied());
+    let forward = Forward {
+        model: &model,
+        capture: Hooks::capture(hooks.iter().copied()),
+        hooks: &hooks,
+        dtype: p.dtype,
+        device: &device,
+    };
+    let mut forward_time = std::time::Duration::ZERO;
     let d = config.d_model;
     let started = Instant::now();
     let mut computed = 0u64;
@@ -544,23 +547,9 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         if ctx.cancel.is_cancelled() {
             return Err(Cancelled.into());
         }
-        let stored = forward_batch(
-            &model, &capture, &hooks, &batch, p.dtype, &device, &mut shard,
-        )?;
-        for (i, _) in hooks.iter().enumerate() {
-            if let Some(at) = p.dtype.first_non_finite(
-                &shard.acts[i][shard.acts[i].len() - stored.len() * d * p.dtype.size()..],
-            ) {
-                let e = stored[at / d];
-                bail!(
-                    "non-finite activation at {} in doc_id {} pos {} (token {}): nothing was published",
-                    hooks[i],
-                    rows[e.row as usize].doc_id,
-                    e.pos,
-                    e.token
-                );
-            }
-        }
+        let batch_started = Instant::now();
+        let stored = forward.run(&batch, &rows, &mut shard)?;
+        forward_time += batch_started.elapsed();
         shard.tokens.extend(stored.iter().map(|e| TokenRow {
             doc_id: rows[e.row as usize].doc_id,
             pos: e.pos,
@@ -692,58 +681,84 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         );
     }
     ctx.log(&format!(
-        "captured {first_row} tokens in {shard_count} shards ({computed} computed in this run, {secs:.1}s)"
+        "captured {first_row} tokens in {shard_count} shards ({computed} computed in this run in {secs:.1}s, \
+         {:.0}% of it in the model)",
+        100.0 * forward_time.as_secs_f64() / secs.max(1e-9)
     ));
     Ok(())
 }
 
-/// Runs one batch and appends the stored activations to the shard; returns the stored entries in order.
-fn forward_batch(
-    model: &LoadedModel,
-    capture: &Hooks,
-    hooks: &[Hook],
-    batch: &[Vec<Entry>],
+/// Runs batches through the model and stores what they capture.
+struct Forward<'a> {
+    model: &'a LoadedModel,
+    capture: Hooks,
+    hooks: &'a [Hook],
     dtype: ActDtype,
-    device: &Device,
-    shard: &mut ShardBuffer,
-) -> anyhow::Result<Vec<Entry>> {
-    let t = batch.iter().map(Vec::len).max().unwrap_or(0);
-    // Right padding with token 0: attention is causal, so padding never reaches a real position.
-    let mut ids = vec![0u32; batch.len() * t];
-    let mut index = Vec::new();
-    let mut stored = Vec::new();
-    for (b, seq) in batch.iter().enumerate() {
-        for (i, e) in seq.iter().enumerate() {
-            ids[b * t + i] = e.token;
-            if e.store {
-                index.push((b * t + i) as u32);
-                stored.push(*e);
+    device: &'a Device,
+}
+
+impl Forward<'_> {
+    /// Runs one batch and appends the stored activations to the shard; returns the stored entries in
+    /// order. A NaN or Inf among them is an error naming the document and position.
+    fn run(
+        &self,
+        batch: &[Vec<Entry>],
+        rows: &[Row],
+        shard: &mut ShardBuffer,
+    ) -> anyhow::Result<Vec<Entry>> {
+        let t = batch.iter().map(Vec::len).max().unwrap_or(0);
+        // Right padding with token 0: attention is causal, so padding never reaches a real position.
+        let mut ids = vec![0u32; batch.len() * t];
+        let mut index = Vec::new();
+        let mut stored = Vec::new();
+        for (b, seq) in batch.iter().enumerate() {
+            for (i, e) in seq.iter().enumerate() {
+                ids[b * t + i] = e.token;
+                if e.store {
+                    index.push((b * t + i) as u32);
+                    stored.push(*e);
+                }
             }
         }
-    }
-    let input = Tensor::from_vec(ids, (batch.len(), t), device)?;
-    let out = model.transformer.forward(&input, capture, None)?;
-    let index = Tensor::from_vec(index, stored.len(), device)?;
-    let d = model.transformer.config.d_model;
-    for (i, hook) in hooks.iter().enumerate() {
-        let acts = out.activations[hook]
-            .reshape((batch.len() * t, d))?
-            .index_select(&index, 0)?;
-        let norms: Vec<f32> = acts.sqr()?.sum(1)?.sqrt()?.to_vec1()?;
-        shard.norm_sums[i] += norms.iter().map(|&n| n as f64).sum::<f64>();
-        let acts = acts.to_dtype(dtype.dtype())?.flatten_all()?;
-        let buf = &mut shard.acts[i];
-        match dtype {
-            ActDtype::F32 => buf.extend_from_slice(bytemuck::cast_slice(&acts.to_vec1::<f32>()?)),
-            ActDtype::F16 => {
-                buf.extend_from_slice(bytemuck::cast_slice(&acts.to_vec1::<half::f16>()?))
+        let input = Tensor::from_vec(ids, (batch.len(), t), self.device)?;
+        let out = self
+            .model
+            .transformer
+            .forward(&input, &self.capture, None)?;
+        let index = Tensor::from_vec(index, stored.len(), self.device)?;
+        let d = self.model.transformer.config.d_model;
+        for (i, hook) in self.hooks.iter().enumerate() {
+            let acts = out.activations[hook]
+                .reshape((batch.len() * t, d))?
+                .index_select(&index, 0)?;
+            let norms: Vec<f32> = acts.sqr()?.sum(1)?.sqrt()?.to_vec1()?;
+            shard.norm_sums[i] += norms.iter().map(|&n| n as f64).sum::<f64>();
+            let acts = acts.to_dtype(self.dtype.dtype())?.flatten_all()?;
+            let buf = &mut shard.acts[i];
+            let start = buf.len();
+            match self.dtype {
+                ActDtype::F32 => {
+                    buf.extend_from_slice(bytemuck::cast_slice(&acts.to_vec1::<f32>()?))
+                }
+                ActDtype::F16 => {
+                    buf.extend_from_slice(bytemuck::cast_slice(&acts.to_vec1::<half::f16>()?))
+                }
+                ActDtype::Bf16 => {
+                    buf.extend_from_slice(bytemuck::cast_slice(&acts.to_vec1::<half::bf16>()?))
+                }
             }
-            ActDtype::Bf16 => {
-                buf.extend_from_slice(bytemuck::cast_slice(&acts.to_vec1::<half::bf16>()?))
+            if let Some(at) = self.dtype.first_non_finite(&buf[start..]) {
+                let e = stored[at / d];
+                bail!(
+                    "non-finite activation at {hook} in doc_id {} pos {} (token {}): nothing was published",
+                    rows[e.row as usize].doc_id,
+                    e.pos,
+                    e.token
+                );
             }
         }
+        Ok(stored)
     }
-    Ok(stored)
 }
 
 /// Writes the shard into a temporary directory, then renames it into place: a shard exists whole or not.

@@ -2,7 +2,7 @@
 //! buffer) or in store order, optionally restricted to splits, in bounded memory. Decoding runs on a
 //! background thread so it overlaps with whatever consumes the batches.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
 
@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{act_file_name, CaptureInfo, ACT_COLUMN};
@@ -25,7 +25,8 @@ pub struct ReadOptions {
     pub batch_size: usize,
     /// Seed of the shuffle; `None` reads rows in store order.
     pub shuffle: Option<u64>,
-    /// Rows held in the mixing buffer when shuffling (memory ≈ rows × d_model × element size).
+    /// Rows held in the mixing buffer (memory ≈ rows × d_model × element size); shuffled batches draw
+    /// from the whole buffer, which is refilled whenever it is half empty.
     pub buffer_rows: usize,
     /// Only rows whose `split` is one of these.
     pub splits: Option<Vec<String>>,
@@ -38,7 +39,7 @@ impl Default for ReadOptions {
         Self {
             batch_size: 4096,
             shuffle: None,
-            buffer_rows: 1 << 18,
+            buffer_rows: 1 << 16,
             splits: None,
             dtype: DType::F32,
         }
@@ -188,16 +189,19 @@ impl ActivationStore {
             rng: options
                 .shuffle
                 .map(|s| ChaCha8Rng::seed_from_u64(s ^ 0x5eed)),
-            buffer: Vec::new(),
-            rows: Vec::new(),
-            consumed: 0,
+            slots: Vec::new(),
+            slot_rows: Vec::new(),
+            live: VecDeque::new(),
+            free: Vec::new(),
             device: device.clone(),
         })
     }
 }
 
+/// Decoded rows of one row group: `width`-byte rows in Arrow buffers (no copy unless a split filter drops
+/// rows) and the tokens.parquet row of each.
 struct Block {
-    bytes: Vec<u8>,
+    parts: Vec<arrow_buffer::Buffer>,
     rows: Vec<u64>,
 }
 
@@ -215,7 +219,7 @@ fn read_block(
         .with_batch_size(usize::MAX >> 1)
         .build()?;
     let mut block = Block {
-        bytes: Vec::new(),
+        parts: Vec::new(),
         rows: Vec::new(),
     };
     for batch in reader {
@@ -229,8 +233,7 @@ fn read_block(
                     "{}: `{ACT_COLUMN}` is not fixed-size binary",
                     path.display()
                 )
-            })?
-            .clone();
+            })?;
         if column.value_length() as usize != width {
             bail!(
                 "{}: rows of {} bytes, expected {width}",
@@ -242,19 +245,23 @@ fn read_block(
         let data = column.value_data();
         match mask {
             None => {
-                block.bytes.extend_from_slice(data);
+                block.parts.push(
+                    column
+                        .values()
+                        .slice_with_length(column.value_offset(0) as usize, column.len() * width),
+                );
                 block.rows.extend(start..start + column.len() as u64);
             }
             Some(mask) => {
+                let mut kept = Vec::new();
                 for i in 0..column.len() {
                     let row = start + i as u64;
                     if mask[row as usize] {
-                        block
-                            .bytes
-                            .extend_from_slice(&data[i * width..(i + 1) * width]);
+                        kept.extend_from_slice(&data[i * width..(i + 1) * width]);
                         block.rows.push(row);
                     }
                 }
+                block.parts.push(arrow_buffer::Buffer::from_vec(kept));
             }
         }
     }
@@ -270,79 +277,122 @@ pub struct Batches {
     d_model: usize,
     options: ReadOptions,
     rng: Option<ChaCha8Rng>,
-    /// Rows waiting to be served, `width` bytes each; rows `consumed..` of it are still unserved.
-    buffer: Vec<u8>,
-    rows: Vec<u64>,
-    consumed: usize,
+    /// Row slots of `width` bytes each, and the tokens.parquet row in each slot.
+    slots: Vec<u8>,
+    slot_rows: Vec<u64>,
+    /// Slots holding rows not served yet (in arrival order when not shuffling).
+    live: VecDeque<usize>,
+    /// Slots whose row was served, to be refilled.
+    free: Vec<usize>,
     device: Device,
 }
 
 impl Batches {
-    fn pending(&self) -> usize {
-        self.rows.len() - self.consumed
-    }
-
-    /// Receives blocks until `target` rows are pending or the store is exhausted.
+    /// Receives blocks until `target` rows are waiting or the store is exhausted.
     fn fill(&mut self, target: usize) -> anyhow::Result<()> {
-        if self.consumed > 0 {
-            self.buffer.drain(..self.consumed * self.width);
-            self.rows.drain(..self.consumed);
-            self.consumed = 0;
-        }
-        while !self.done && self.pending() < target {
-            match self.rx.recv() {
-                Ok(block) => {
-                    let block = block?;
-                    self.buffer.extend_from_slice(&block.bytes);
-                    self.rows.extend_from_slice(&block.rows);
+        while !self.done && self.live.len() < target {
+            let block = match self.rx.recv() {
+                Ok(block) => block?,
+                Err(_) => {
+                    self.done = true;
+                    break;
                 }
-                Err(_) => self.done = true,
+            };
+            let rows_of_parts = block.parts.iter().flat_map(|p| p.chunks_exact(self.width));
+            for (bytes, &row) in rows_of_parts.zip(&block.rows) {
+                let slot = match self.free.pop() {
+                    Some(slot) => {
+                        self.slots[slot * self.width..(slot + 1) * self.width]
+                            .copy_from_slice(bytes);
+                        self.slot_rows[slot] = row;
+                        slot
+                    }
+                    None => {
+                        self.slots.extend_from_slice(bytes);
+                        self.slot_rows.push(row);
+                        self.slot_rows.len() - 1
+                    }
+                };
+                self.live.push_back(slot);
             }
         }
         Ok(())
     }
 
-    fn shuffle_pending(&mut self) {
-        let Some(rng) = &mut self.rng else {
-            return;
-        };
-        let mut order: Vec<usize> = (0..self.rows.len()).collect();
-        order.shuffle(rng);
-        let w = self.width;
-        let mut bytes = Vec::with_capacity(self.buffer.len());
-        for &i in &order {
-            bytes.extend_from_slice(&self.buffer[i * w..(i + 1) * w]);
-        }
-        self.rows = order.iter().map(|&i| self.rows[i]).collect();
-        self.buffer = bytes;
-    }
-
     fn next_batch(&mut self) -> anyhow::Result<Option<Batch>> {
         let size = self.options.batch_size;
-        if self.rng.is_some() {
-            // Serve only the first half of a full mixing buffer, then mix fresh blocks in and reshuffle, so
-            // rows from far-apart blocks meet.
-            let full = self.options.buffer_rows.max(size);
-            if !self.done && self.pending() < (full / 2).max(size) {
-                self.fill(full)?;
-                self.shuffle_pending();
-            }
-        } else if !self.done && self.pending() < size {
-            self.fill(size)?;
+        // Shuffled: keep the mixing buffer at least half full and draw rows from all of it at random, so
+        // rows from far-apart blocks meet in a batch; each row is copied in once and out once.
+        let low_water = match self.rng {
+            Some(_) => (self.options.buffer_rows / 2).max(size),
+            None => size,
+        };
+        if self.live.len() < low_water {
+            self.fill(self.options.buffer_rows.max(size))?;
         }
-        let n = size.min(self.pending());
+        let n = size.min(self.live.len());
         if n == 0 {
             return Ok(None);
         }
-        let (from, to) = (self.consumed, self.consumed + n);
-        let bytes = &self.buffer[from * self.width..to * self.width];
-        let acts =
-            Tensor::from_raw_buffer(bytes, self.store_dtype, &[n, self.d_model], &self.device)?
-                .to_dtype(self.options.dtype)?;
-        let rows = self.rows[from..to].to_vec();
-        self.consumed = to;
+        // Gathered into f32-aligned memory, so f32 rows become a tensor without another copy.
+        let mut gathered = vec![0f32; (n * self.width).div_ceil(4)];
+        let bytes = &mut bytemuck::cast_slice_mut::<f32, u8>(&mut gathered)[..n * self.width];
+        let mut rows = Vec::with_capacity(n);
+        for out in bytes.chunks_exact_mut(self.width) {
+            let slot = match &mut self.rng {
+                Some(rng) => {
+                    let pick = rng.random_range(0..self.live.len());
+                    self.live.swap_remove_back(pick).expect("in range")
+                }
+                None => self.live.pop_front().expect("non-empty"),
+            };
+            out.copy_from_slice(&self.slots[slot * self.width..(slot + 1) * self.width]);
+            rows.push(self.slot_rows[slot]);
+            self.free.push(slot);
+        }
+        let acts = to_tensor(
+            gathered,
+            n * self.width,
+            self.store_dtype,
+            self.options.dtype,
+            (n, self.d_model),
+            &self.device,
+        )?;
         Ok(Some(Batch { acts, rows }))
     }
+}
+
+/// A `[n, d]` tensor of `to` values from the first `len` bytes of `data` (little-endian `from` values).
+/// On the CPU, f32 rows are used in place and half precision goes through `half`'s SIMD slice conversion
+/// (several times faster than an element-wise cast).
+fn to_tensor(
+    data: Vec<f32>,
+    len: usize,
+    from: DType,
+    to: DType,
+    shape: (usize, usize),
+    device: &Device,
+) -> anyhow::Result<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    let bytes = &bytemuck::cast_slice::<f32, u8>(&data)[..len];
+    if device.is_cpu() && to == DType::F32 {
+        let floats = match from {
+            DType::F32 => data,
+            DType::F16 => {
+                let mut out = vec![0f32; shape.0 * shape.1];
+                bytemuck::cast_slice::<u8, half::f16>(bytes).convert_to_f32_slice(&mut out);
+                out
+            }
+            DType::BF16 => {
+                let mut out = vec![0f32; shape.0 * shape.1];
+                bytemuck::cast_slice::<u8, half::bf16>(bytes).convert_to_f32_slice(&mut out);
+                out
+            }
+            other => bail!("unsupported stored dtype {other:?}"),
+        };
+        return Ok(Tensor::from_vec(floats, shape, device)?);
+    }
+    Ok(Tensor::from_raw_buffer(bytes, from, &[shape.0, shape.1], device)?.to_dtype(to)?)
 }
 
 impl Iterator for Batches {

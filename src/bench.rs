@@ -1,0 +1,213 @@
+//! `saeflow bench`: throughput measurements behind BENCHMARKS.md.
+
+use std::path::Path;
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+pub fn forward(
+    path: &Path,
+    batch: usize,
+    seq: usize,
+    layer: Option<usize>,
+    iters: usize,
+    device: crate::config::DeviceSpec,
+    dtype: crate::models::WeightFormat,
+) -> anyhow::Result<()> {
+    use crate::models::transformer::{Hook, HookPoint, Hooks};
+    let device = crate::models::device(device)?;
+    let model = crate::models::load_with(path, None, dtype, &device)?;
+    let vocab = model.transformer.config.vocab_size as u64;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % vocab) as u32
+        })
+        .collect();
+    let input = candle_core::Tensor::from_vec(ids, (batch, seq), &device)?;
+    let hooks = match layer {
+        Some(l) => Hooks::capture([Hook {
+            layer: l,
+            point: HookPoint::ResidPost,
+        }]),
+        None => Hooks::logits(),
+    };
+    model.transformer.forward(&input, &hooks, None)?; // warm-up
+    let started = std::time::Instant::now();
+    for _ in 0..iters {
+        let out = model.transformer.forward(&input, &hooks, None)?;
+        // Make sure the work is done (lazy devices): read one value back.
+        let t = out
+            .logits
+            .or_else(|| out.activations.into_values().next())
+            .expect("an output");
+        t.flatten_all()?
+            .get(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let tokens = (batch * seq * iters) as f64;
+    let depth = layer.map_or_else(
+        || "full depth + logits".to_string(),
+        |l| format!("up to blocks.{l}"),
+    );
+    println!(
+        "{}: batch {batch} x {seq}, {depth}: {:.0} tokens/s ({:.3} s per pass), peak RSS {:.0} MiB, {} threads",
+        path.display(),
+        tokens / secs,
+        secs / iters as f64,
+        peak_rss_mib().unwrap_or(f64::NAN),
+        rayon::current_num_threads()
+    );
+    Ok(())
+}
+
+/// Reads an activation store in store order and shuffled, `passes` times each, and prints rows/s and GB/s.
+pub fn reader(
+    store: Option<&Path>,
+    hook: Option<&str>,
+    d_model: usize,
+    rows: usize,
+    dtype: &str,
+    batch: usize,
+    passes: usize,
+) -> anyhow::Result<()> {
+    use crate::data::activations::{ActivationStore, ReadOptions};
+    let synthetic;
+    let dir = match store {
+        Some(dir) => dir.to_path_buf(),
+        None => {
+            let dtype: crate::data::activations::ActDtype =
+                serde_json::from_value(serde_json::json!(dtype))
+                    .map_err(|_| anyhow::anyhow!("--dtype must be f32, f16 or bf16"))?;
+            synthetic = SyntheticStore::write(d_model, rows, dtype)?;
+            synthetic.0.clone()
+        }
+    };
+    let info = crate::data::activations::CaptureInfo::read(&dir)?;
+    let hook = hook.unwrap_or(&info.hooks[0]).to_string();
+    let store = ActivationStore::open(&dir, &hook)?;
+    let bytes = store.rows() as f64 * (info.d_model * info.dtype.size()) as f64;
+    println!(
+        "{}: {hook}, {} rows x {} {}, {:.2} GB, batches of {batch}, {} threads",
+        dir.display(),
+        store.rows(),
+        info.d_model,
+        info.dtype.name(),
+        bytes / 1e9,
+        rayon::current_num_threads()
+    );
+    for (mode, shuffle) in [("store order", None), ("shuffled", Some(0u64))] {
+        let mut best = f64::INFINITY;
+        for pass in 0..passes {
+            let options = ReadOptions {
+                batch_size: batch,
+                shuffle: shuffle.map(|s| s + pass as u64),
+                ..ReadOptions::default()
+            };
+            let started = std::time::Instant::now();
+            let mut n = 0usize;
+            for b in store.batches(&options, &candle_core::Device::Cpu)? {
+                n += b?.rows.len();
+            }
+            anyhow::ensure!(
+                n as u64 == store.rows(),
+                "read {n} rows of {}",
+                store.rows()
+            );
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        println!(
+            "  {mode:<12} {:>12.0} tokens/s  {:>6.2} GB/s (stored bytes; best of {passes})",
+            store.rows() as f64 / best,
+            bytes / best / 1e9
+        );
+    }
+    println!("  peak RSS {:.0} MiB", peak_rss_mib().unwrap_or(f64::NAN));
+    Ok(())
+}
+
+/// A synthetic activation store in a temporary directory, removed on drop.
+struct SyntheticStore(std::path::PathBuf);
+
+impl SyntheticStore {
+    fn write(
+        d_model: usize,
+        rows: usize,
+        dtype: crate::data::activations::ActDtype,
+    ) -> anyhow::Result<Self> {
+        use crate::data::activations::{act_file_name, write_act_shard, CaptureInfo, ShardInfo};
+        let dir = std::env::temp_dir().join(format!("saeflow-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let store = SyntheticStore(dir.clone());
+        let hook = "blocks.0.hook_resid_post";
+        let shard_rows = 1 << 16;
+        let mut shards = Vec::new();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for (i, first) in (0..rows).step_by(shard_rows).enumerate() {
+            let n = shard_rows.min(rows - first);
+            let values: Vec<f32> = (0..n * d_model)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect();
+            let t = candle_core::Tensor::from_vec(values, n * d_model, &candle_core::Device::Cpu)?
+                .to_dtype(dtype.dtype())?;
+            let bytes = match dtype {
+                crate::data::activations::ActDtype::F32 => {
+                    bytemuck::cast_slice(&t.to_vec1::<f32>()?).to_vec()
+                }
+                crate::data::activations::ActDtype::F16 => {
+                    bytemuck::cast_slice(&t.to_vec1::<half::f16>()?).to_vec()
+                }
+                crate::data::activations::ActDtype::Bf16 => {
+                    bytemuck::cast_slice(&t.to_vec1::<half::bf16>()?).to_vec()
+                }
+            };
+            write_act_shard(&dir.join(act_file_name(hook, i)), bytes, d_model, dtype)?;
+            shards.push(ShardInfo {
+                first_row: first as u64,
+                rows: n as u64,
+            });
+        }
+        let info = CaptureInfo {
+            format: crate::data::activations::FORMAT_VERSION,
+            model: "synthetic".into(),
+            model_key: String::new(),
+            model_source: String::new(),
+            hooks: vec![hook.into()],
+            d_model,
+            dtype,
+            tokenizer: serde_json::Value::Null,
+            context: 0,
+            settings: serde_json::Value::Null,
+            tokens: rows as u64,
+            documents: 0,
+            truncated_documents: 0,
+            sequences: 0,
+            splits: Default::default(),
+            labels: Default::default(),
+            mean_norm: Default::default(),
+            shards,
+        };
+        std::fs::write(dir.join("capture.json"), serde_json::to_string(&info)?)?;
+        Ok(store)
+    }
+}
+
+impl Drop for SyntheticStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
