@@ -642,3 +642,40 @@ fn packing_cuts_the_document_stream_into_full_contexts() {
         .unwrap();
     assert!(diff < 1e-5, "{diff}");
 }
+
+#[test]
+fn the_chat_template_wraps_prompt_and_completion_in_nanochats_format() {
+    let model = saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
+    let (prompt, completion) = ("Is the sky green?", "No, it is blue.");
+    let records =
+        [serde_json::json!({"prompt": prompt, "completion": completion, "label": "honest"})];
+    let special = |s: &str| model.tokenizer.special(s).unwrap();
+    let mut head = vec![special("<|bos|>"), special("<|user_start|>")];
+    head.extend(model.tokenizer.encode(prompt).unwrap());
+    head.extend([special("<|user_end|>"), special("<|assistant_start|>")]);
+    let mut answer = model.tokenizer.encode(completion).unwrap();
+    answer.push(special("<|assistant_end|>"));
+    for (positions, expected) in [
+        ("all", [&head[1..], &answer[..]].concat()),
+        ("completion", answer.clone()),
+        ("last_prompt", vec![special("<|assistant_start|>")]),
+        ("last", vec![special("<|assistant_end|>")]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        pipeline(
+            dir.path(),
+            &records,
+            &format!(
+                "hooks = [\"blocks.0.hook_resid_post\"]\ntemplate = \"chat\"\npositions = \"{positions}\""
+            ),
+        );
+        ok(dir.path(), &["run", "p.toml"]);
+        let tokens = token_rows(&object_of(&dir.path().join("cache"), "cap", "acts"));
+        let ids: Vec<u32> = tokens.iter().map(|t| t.2).collect();
+        assert_eq!(ids, expected, "positions = {positions}");
+        let first_completion = tokens.iter().position(|t| t.3);
+        if positions == "all" {
+            assert_eq!(first_completion, Some(head.len() - 1));
+        }
+    }
+}
