@@ -387,8 +387,8 @@ impl ShardBuffer {
     }
 }
 
-fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
-    let input_dir = &ctx.inputs["input"];
+/// The dataset rows of the chosen splits; an error listing the splits there are when none is left.
+fn read_rows(p: &CaptureParams, input_dir: &Path) -> anyhow::Result<Vec<Row>> {
     let rows_path = input_dir.join("rows.parquet");
     if !rows_path.is_file() {
         bail!(
@@ -419,7 +419,14 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             }
         );
     }
+    Ok(rows)
+}
 
+/// Loads the stage's model on the pipeline's device and checks the hooks against it.
+fn load_model(
+    p: &CaptureParams,
+    ctx: &StageContext,
+) -> anyhow::Result<(LoadedModel, Device, Vec<Hook>)> {
     let spec = ctx
         .models
         .get(&p.model)
@@ -450,6 +457,12 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             .check_hook(h)
             .with_context(|| format!("model `{}`", p.model))?;
     }
+    Ok((model, device, hooks))
+}
+
+fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
+    let rows = read_rows(p, &ctx.inputs["input"])?;
+    let (model, device, hooks) = load_model(p, ctx)?;
     let config = &model.transformer.config;
     if p.context > config.max_seq_len {
         bail!(
@@ -471,7 +484,7 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     let total = match p.tokens {
         Some(t) => t,
         None => {
-            // Count what will be stored, for the progress bar and to fail before loading anything big.
+            // Count what will be stored, for the progress bar's total and ETA.
             let mut count = Sequences::new(p, &model, &rows, &order);
             while count.next_sequence()?.is_some() {}
             count.stored
@@ -595,29 +608,8 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         );
     }
 
-    // Assemble the artifact from the shards (hard links: the partial copies stay valid until publish).
-    let mut info_shards = Vec::new();
-    let mut norm_sums = vec![0.0f64; hooks.len()];
-    let mut first_row = 0u64;
-    let mut token_parts = Vec::new();
-    for s in 0..shard_count {
-        let dir = shard_dir(partial, s);
-        let state: ShardState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-        for (i, h) in p.hooks.iter().enumerate() {
-            norm_sums[i] += state.norm_sums[h];
-            crate::data::download::link_or_copy(
-                &dir.join(format!("acts-{h}.parquet")),
-                &ctx.out_dir.join(act_file_name(h, s)),
-            )?;
-        }
-        token_parts.push(dir.join("tokens.parquet"));
-        info_shards.push(ShardInfo {
-            first_row,
-            rows: state.rows,
-        });
-        first_row += state.rows;
-    }
-    concat_tokens(&token_parts, &ctx.out_dir.join("tokens.parquet"))?;
+    let (info_shards, norm_sums) = assemble(partial, shard_count, &p.hooks, &ctx.out_dir)?;
+    let first_row: u64 = info_shards.iter().map(|s| s.rows).sum();
     let info = CaptureInfo {
         format: FORMAT_VERSION,
         model: p.model.clone(),
@@ -686,6 +678,39 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         100.0 * forward_time.as_secs_f64() / secs.max(1e-9)
     ));
     Ok(())
+}
+
+/// Puts the finished shards into the output directory: act files hard-linked (the partial copies stay valid
+/// until publish), token tables concatenated. Returns the shard list and the norm sums per hook.
+fn assemble(
+    partial: &Path,
+    shard_count: usize,
+    hooks: &[String],
+    out_dir: &Path,
+) -> anyhow::Result<(Vec<ShardInfo>, Vec<f64>)> {
+    let mut info_shards = Vec::new();
+    let mut norm_sums = vec![0.0f64; hooks.len()];
+    let mut first_row = 0u64;
+    let mut token_parts = Vec::new();
+    for s in 0..shard_count {
+        let dir = shard_dir(partial, s);
+        let state: ShardState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+        for (i, h) in hooks.iter().enumerate() {
+            norm_sums[i] += state.norm_sums[h];
+            crate::data::download::link_or_copy(
+                &dir.join(format!("acts-{h}.parquet")),
+                &out_dir.join(act_file_name(h, s)),
+            )?;
+        }
+        token_parts.push(dir.join("tokens.parquet"));
+        info_shards.push(ShardInfo {
+            first_row,
+            rows: state.rows,
+        });
+        first_row += state.rows;
+    }
+    concat_tokens(&token_parts, &out_dir.join("tokens.parquet"))?;
+    Ok((info_shards, norm_sums))
 }
 
 /// Runs batches through the model and stores what they capture.
