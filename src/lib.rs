@@ -13,6 +13,7 @@ pub mod exec;
 pub mod models;
 pub mod plan;
 pub mod report;
+pub mod sae;
 pub mod stages;
 
 /// Errors at the top level, each with its exit code.

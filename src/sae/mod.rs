@@ -1,0 +1,4 @@
+//! Sparse autoencoders: architectures, training steps and optimiser, and the on-disk formats.
+
+pub mod adam;
+pub mod topk;
