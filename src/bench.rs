@@ -211,3 +211,72 @@ impl Drop for SyntheticStore {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// TopK SAE training steps on standard-normal inputs (the shapes of `../shared/bench/sae_train_reference.py`):
+/// prints tokens/s, ms per step, the final batch FVU and GFLOP/s on the work a TopK step needs (dense
+/// encoder product + k-sparse decoder, backward and AuxK-free update).
+pub fn train(
+    d_in: usize,
+    expansion: usize,
+    k: usize,
+    batch: usize,
+    steps: usize,
+) -> anyhow::Result<()> {
+    use crate::sae::topk::Grads;
+    use crate::sae::trainer::{State, TrainConfig};
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
+    let d_sae = d_in * expansion;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let pool: Vec<Vec<f32>> = (0..8)
+        .map(|_| {
+            (0..batch * d_in)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect()
+        })
+        .collect();
+    let cfg = TrainConfig {
+        d_sae,
+        k,
+        lr: (2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
+        warmup_steps: 0,
+        decay_fraction: 0.0,
+        batch_size: batch,
+        steps: steps as u64 + 3,
+        aux_coef: 1.0 / 32.0,
+        dead_tokens: 10_000_000,
+        grad_clip: 1.0,
+        seed: 0,
+        adam: Default::default(),
+        log_every: 1,
+        checkpoint_every: u64::MAX,
+        train_splits: None,
+        validation: None,
+        scale: 1.0,
+        buffer_rows: batch,
+    };
+    let mut state = State::init(&cfg, d_in, &pool[0]);
+    let mut grads = Grads::default();
+    for i in 0..3 {
+        state.step(&cfg, &pool[i % 8], &mut grads); // warm-up
+    }
+    let started = std::time::Instant::now();
+    let mut fvu = 0.0;
+    for i in 0..steps {
+        fvu = state.step(&cfg, &pool[(i + 3) % 8], &mut grads).fvu;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // Needed work per token: encoder 2·d·m, decoder forward + both sparse weight gradients 3·2·k·d,
+    // the encoder's sparse gradient 2·k·d.
+    let flop =
+        batch as f64 * (2.0 * (d_in * d_sae) as f64 + 8.0 * (k * d_in) as f64) * steps as f64;
+    println!(
+        "saeflow topk: d_in {d_in}, d_sae {d_sae}, k {k}, batch {batch}, {} threads: {:.0} tokens/s, {:.1} ms/step, \
+         {:.1} GFLOP/s on the needed work, FVU {fvu:.4}",
+        rayon::current_num_threads(),
+        (batch * steps) as f64 / secs,
+        1000.0 * secs / steps as f64,
+        flop / secs / 1e9
+    );
+    Ok(())
+}

@@ -156,6 +156,24 @@ enum BenchCommand {
         #[arg(long, default_value = "f32")]
         dtype: crate::models::WeightFormat,
     },
+    /// TopK SAE training steps on random inputs: tokens/s, ms/step, GFLOP/s.
+    Train {
+        /// Input width.
+        #[arg(long, default_value_t = 576)]
+        d_in: usize,
+        /// d_sae / d_in.
+        #[arg(long, default_value_t = 8)]
+        expansion: usize,
+        /// Active latents.
+        #[arg(long, default_value_t = 32)]
+        k: usize,
+        /// Tokens per step.
+        #[arg(long, default_value_t = 4096)]
+        batch: usize,
+        /// Timed steps (after 3 warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+    },
     /// Activation reader: tokens/s and GB/s in store order and shuffled, from a capture directory or a
     /// synthetic store of the given shape.
     Reader {
@@ -426,6 +444,16 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
                 },
         } => crate::bench::forward(&path, batch, seq, layer, iters, device, dtype)
             .map_err(Error::Other),
+        Command::Bench {
+            command:
+                BenchCommand::Train {
+                    d_in,
+                    expansion,
+                    k,
+                    batch,
+                    steps,
+                },
+        } => crate::bench::train(d_in, expansion, k, batch, steps).map_err(Error::Other),
         Command::Bench {
             command:
                 BenchCommand::Reader {

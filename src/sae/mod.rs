@@ -1,4 +1,6 @@
 //! Sparse autoencoders: architectures, training steps and optimiser, and the on-disk formats.
 
 pub mod adam;
+pub mod format;
 pub mod topk;
+pub mod trainer;

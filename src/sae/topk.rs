@@ -40,6 +40,8 @@ pub struct Grads {
     pub w_dec: Vec<f32>,
     /// d loss / d b_dec.
     pub b_dec: Vec<f32>,
+    /// Tokens on which each latent was active (filled by [`Params::step`]).
+    pub fired: Vec<u32>,
 }
 
 /// What one step measured.
@@ -108,16 +110,58 @@ pub fn matmul_nt(a: &[f32], b: &[f32], out: &mut [f32], n: usize, m: usize, d: u
 /// lower index, so the choice is deterministic.
 pub fn top_k(row: &[f32], k: usize, allowed: impl Fn(usize) -> bool) -> Vec<u32> {
     let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    top_k_into(row, k, allowed, &mut best);
+    best.into_iter().map(|(_, j)| j).collect()
+}
+
+/// [`top_k`] into a reusable buffer of (value, index), largest first.
+fn top_k_into(row: &[f32], k: usize, allowed: impl Fn(usize) -> bool, best: &mut Vec<(f32, u32)>) {
+    best.clear();
+    if k == 0 {
+        return;
+    }
+    // Once k candidates are held, almost every value fails the first comparison against the smallest.
+    let mut floor = f32::NEG_INFINITY;
     for (j, &v) in row.iter().enumerate() {
-        if best.len() == k && !(v > best[k - 1].0) || !allowed(j) {
+        if best.len() == k && v <= floor || !allowed(j) {
             continue;
         }
         // Insertion into a short sorted list beats a heap for k ≤ a few hundred.
         let at = best.partition_point(|&(b, _)| b >= v);
         best.insert(at, (v, j as u32));
         best.truncate(k);
+        if best.len() == k {
+            floor = best[k - 1].0;
+        }
     }
-    best.into_iter().map(|(_, j)| j).collect()
+}
+
+/// Top-k selection of every row of `pre` (`m` wide) among `allowed` latents, ReLU'd, written per token.
+fn select_rows(
+    pre: &[f32],
+    m: usize,
+    k: usize,
+    allowed: &(dyn Fn(usize) -> bool + Sync),
+) -> Selection {
+    let n = pre.len() / m;
+    let mut index = vec![0u32; n * k];
+    let mut value = vec![0f32; n * k];
+    index
+        .par_chunks_mut(k.max(1) * 64)
+        .zip(value.par_chunks_mut(k.max(1) * 64))
+        .enumerate()
+        .for_each(|(c, (idx, val))| {
+            let mut best = Vec::with_capacity(k + 1);
+            for (r, (idx, val)) in idx.chunks_mut(k).zip(val.chunks_mut(k)).enumerate() {
+                let t = c * 64 + r;
+                top_k_into(&pre[t * m..][..m], k, allowed, &mut best);
+                for (s, &(v, j)) in best.iter().enumerate() {
+                    idx[s] = j;
+                    val[s] = v.max(0.0);
+                }
+            }
+        });
+    Selection { index, value }
 }
 
 impl Params {
@@ -140,18 +184,7 @@ impl Params {
 
     /// The k largest pre-activations of each token, ReLU'd.
     pub fn select(&self, pre: &[f32], k: usize) -> Selection {
-        let picks: Vec<(Vec<u32>, Vec<f32>)> = pre
-            .par_chunks(self.d_sae)
-            .map(|row| {
-                let index = top_k(row, k, |_| true);
-                let value = index.iter().map(|&j| row[j as usize].max(0.0)).collect();
-                (index, value)
-            })
-            .collect();
-        Selection {
-            index: picks.iter().flat_map(|p| p.0.iter().copied()).collect(),
-            value: picks.into_iter().flat_map(|p| p.1).collect(),
-        }
+        select_rows(pre, self.d_sae, k, &|_| true)
     }
 
     /// Σ_j a_j W_dec[j] (+ b_dec when `bias`) for every token of a selection of `k` per token.
@@ -174,6 +207,25 @@ impl Params {
             }
         });
         out
+    }
+
+    /// Reconstruction statistics of a batch without gradients (validation).
+    pub fn evaluate(&self, x: &[f32], k: usize) -> StepStats {
+        let n = x.len() / self.d_in;
+        let (_, pre) = self.pre_activations(x, n);
+        let sel = self.select(&pre, k);
+        let recon = self.decode(&sel, k, true);
+        let sq: f64 = recon
+            .iter()
+            .zip(x)
+            .map(|(r, x)| ((r - x) as f64).powi(2))
+            .sum();
+        StepStats {
+            mse: sq / n as f64,
+            aux: 0.0,
+            fvu: sq / total_variance(x, self.d_in).max(f64::MIN_POSITIVE),
+            l0: sel.value.iter().filter(|&&a| a > 0.0).count() as f64 / n as f64,
+        }
     }
 
     /// Loss and gradients for a batch `x` `[n, d_in]` (already normalised). `dead` marks latents that have
@@ -201,18 +253,7 @@ impl Params {
         let k_aux = (d / 2).min(num_dead);
         let (aux_sel, aux_err, aux_loss, aux_scale) = if aux_coef > 0.0 && k_aux > 0 {
             let scale = (num_dead as f32 / (d / 2) as f32).min(1.0);
-            let picks: Vec<(Vec<u32>, Vec<f32>)> = pre
-                .par_chunks(m)
-                .map(|row| {
-                    let index = top_k(row, k_aux, |j| dead[j]);
-                    let value = index.iter().map(|&j| row[j as usize].max(0.0)).collect();
-                    (index, value)
-                })
-                .collect();
-            let aux = Selection {
-                index: picks.iter().flat_map(|p| p.0.iter().copied()).collect(),
-                value: picks.into_iter().flat_map(|p| p.1).collect(),
-            };
+            let aux = select_rows(&pre, m, k_aux, &|j| dead[j]);
             let aux_recon = self.decode(&aux, k_aux, false);
             // aux_recon − (x − x̂) = aux_recon + e
             let aux_err: Vec<f32> = aux_recon.iter().zip(&err).map(|(a, e)| a + e).collect();
@@ -231,59 +272,39 @@ impl Params {
             .map(|e| e * 2.0 * aux_scale / n as f32)
             .collect();
 
-        // One entry per (token, selected latent): d loss / d a_j = g_t · W_dec[j], passed on to the
-        // pre-activation only where it was positive (ReLU).
+        // One entry per (token, selected latent), bucketed by latent with a stable counting sort: within a
+        // bucket, main entries in token order, then AuxK entries in token order. Each latent's gradients are
+        // then summed by one thread in that fixed order (deterministic), with its decoder row kept in cache.
+        #[derive(Clone, Copy, Default)]
         struct Entry {
             token: u32,
             act: f32,
-            grad_pre: f32,
             aux: bool,
         }
-        let entries_for = |sel: &Selection, kk: usize, aux: bool| -> Vec<(u32, Entry)> {
-            let g_all = if aux { &g_aux } else { &g_main };
-            (0..n)
-                .into_par_iter()
-                .flat_map_iter(|t| {
-                    let g = &g_all[t * d..][..d];
-                    (t * kk..(t + 1) * kk).map(move |s| {
-                        let j = sel.index[s];
-                        let act = sel.value[s];
-                        let w = &self.w_dec[j as usize * d..][..d];
-                        let da: f32 = g.iter().zip(w).map(|(g, w)| g * w).sum();
-                        let grad_pre = if act > 0.0 { da } else { 0.0 };
-                        let token = t as u32;
-                        (
-                            j,
-                            Entry {
-                                token,
-                                act,
-                                grad_pre,
-                                aux,
-                            },
-                        )
-                    })
-                })
-                .collect()
-        };
-        let mut entries = entries_for(&sel, k, false);
-        if let Some(aux) = &aux_sel {
-            entries.extend(entries_for(aux, k_aux, true));
-        }
-        // Bucket by latent with a stable counting sort: within a bucket, main entries in token order, then
-        // AuxK entries in token order. Each latent's gradient rows are then summed by one thread in that fixed
-        // order, so the result does not depend on scheduling.
         let mut starts = vec![0usize; m + 1];
-        for (j, _) in &entries {
-            starts[*j as usize + 1] += 1;
+        let selections: Vec<(&Selection, usize, bool)> = std::iter::once((&sel, k, false))
+            .chain(aux_sel.as_ref().map(|a| (a, k_aux, true)))
+            .collect();
+        for (s, _, _) in &selections {
+            for &j in &s.index {
+                starts[j as usize + 1] += 1;
+            }
         }
         for j in 0..m {
             starts[j + 1] += starts[j];
         }
-        let mut order = vec![0usize; entries.len()];
+        let mut entries = vec![Entry::default(); starts[m]];
         let mut fill = starts.clone();
-        for (i, (j, _)) in entries.iter().enumerate() {
-            order[fill[*j as usize]] = i;
-            fill[*j as usize] += 1;
+        for (s, kk, aux) in &selections {
+            for (i, (&j, &act)) in s.index.iter().zip(&s.value).enumerate() {
+                let token = (i / kk) as u32;
+                entries[fill[j as usize]] = Entry {
+                    token,
+                    act,
+                    aux: *aux,
+                };
+                fill[j as usize] += 1;
+            }
         }
 
         grads.w_enc.clear();
@@ -292,6 +313,8 @@ impl Params {
         grads.w_dec.resize(m * d, 0.0);
         grads.b_enc.clear();
         grads.b_enc.resize(m, 0.0);
+        grads.fired.clear();
+        grads.fired.resize(m, 0);
         grads
             .w_enc
             .par_chunks_mut(d)
@@ -299,20 +322,22 @@ impl Params {
             .zip(grads.b_enc.par_iter_mut())
             .enumerate()
             .for_each(|(j, ((genc, gdec), gb))| {
-                for &i in &order[starts[j]..starts[j + 1]] {
-                    let e = &entries[i].1;
-                    let t = e.token as usize;
-                    if e.act != 0.0 {
-                        let g = if e.aux { &g_aux } else { &g_main };
-                        for (o, g) in gdec.iter_mut().zip(&g[t * d..][..d]) {
-                            *o += e.act * g;
-                        }
+                let w = &self.w_dec[j * d..][..d];
+                for e in &entries[starts[j]..starts[j + 1]] {
+                    if e.act == 0.0 {
+                        // ReLU'd to zero: no reconstruction term and no gradient to the pre-activation.
+                        continue;
                     }
-                    if e.grad_pre != 0.0 {
-                        *gb += e.grad_pre;
-                        for (o, c) in genc.iter_mut().zip(&centered[t * d..][..d]) {
-                            *o += e.grad_pre * c;
-                        }
+                    let t = e.token as usize;
+                    let g = &(if e.aux { &g_aux } else { &g_main })[t * d..][..d];
+                    // d loss / d a_j = g_t · W_dec[j], passed to the pre-activation (positive, so ReLU' = 1).
+                    let grad_pre: f32 = g.iter().zip(w).map(|(g, w)| g * w).sum();
+                    for (o, g) in gdec.iter_mut().zip(g) {
+                        *o += e.act * g;
+                    }
+                    *gb += grad_pre;
+                    for (o, c) in genc.iter_mut().zip(&centered[t * d..][..d]) {
+                        *o += grad_pre * c;
                     }
                 }
             });
@@ -332,28 +357,42 @@ impl Params {
         }
         grads.b_dec = g_bdec;
 
-        let mean: Vec<f64> = (0..d)
-            .map(|i| x.iter().skip(i).step_by(d).map(|&v| v as f64).sum::<f64>() / n as f64)
-            .collect();
-        let variance: f64 = x
-            .chunks(d)
-            .map(|row| {
-                row.iter()
-                    .zip(&mean)
-                    .map(|(&v, mu)| (v as f64 - mu).powi(2))
-                    .sum::<f64>()
-            })
-            .sum();
+        for (j, &a) in sel.index.iter().zip(&sel.value) {
+            if a > 0.0 {
+                grads.fired[*j as usize] += 1;
+            }
+        }
         StepStats {
             mse: sq / n as f64,
             aux: aux_loss,
-            fvu: sq / variance.max(f64::MIN_POSITIVE),
+            fvu: sq / total_variance(x, d).max(f64::MIN_POSITIVE),
             l0: sel.value.iter().filter(|&&a| a > 0.0).count() as f64 / n as f64,
         }
     }
 }
 
+/// Σ over tokens of ‖x − mean(x)‖² (the batch's total variance, FVU's denominator).
+pub fn total_variance(x: &[f32], d: usize) -> f64 {
+    let n = x.len() / d;
+    let mut mean = vec![0f64; d];
+    for row in x.chunks(d) {
+        for (m, &v) in mean.iter_mut().zip(row) {
+            *m += v as f64;
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= n as f64);
+    x.chunks(d)
+        .map(|row| {
+            row.iter()
+                .zip(&mean)
+                .map(|(&v, mu)| (v as f64 - mu).powi(2))
+                .sum::<f64>()
+        })
+        .sum()
+}
+
 #[cfg(test)]
+#[allow(clippy::needless_range_loop, clippy::type_complexity)] // index loops mirror the formulas
 mod tests {
     use super::*;
 

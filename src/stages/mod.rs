@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod command;
 pub mod dataset;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -249,6 +250,7 @@ impl Registry {
         registry.register::<capture::Capture>();
         registry.register::<command::Command>();
         registry.register::<dataset::Dataset>();
+        registry.register::<train::Train>();
         registry
     }
 

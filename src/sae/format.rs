@@ -1,0 +1,272 @@
+//! SAEs on disk and at inference: the SAELens layout saeflow exports (`cfg.json`, `sae_weights.safetensors`,
+//! `sparsity.safetensors`), and loading SAELens or sparsify directories into one [`Sae`] that encodes and
+//! decodes on any device.
+//!
+//! SAELens conventions (6.x): `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc [d_sae]`, `b_dec [d_in]`,
+//! `threshold [d_sae]` for JumpReLU; encode = act((x − b_dec·apply_b_dec_to_input) W_enc + b_enc), decode =
+//! a W_dec + b_dec. `cfg.json` carries `metadata.sae_lens_version` ≥ 6 so SAELens' loader takes its current
+//! path. sparsify stores `encoder.weight [d_sae, d_in]`, `encoder.bias`, `W_dec [d_sae, d_in]`, `b_dec`,
+//! always subtracts b_dec and applies ReLU before top-k.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor, D};
+use serde_json::{json, Value as Json};
+
+/// Activation function of a loaded SAE.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// ReLU (SAELens `standard`).
+    Relu,
+    /// Top-k of the pre-activations, then ReLU (SAELens / OpenAI).
+    TopK(usize),
+    /// ReLU, then top-k (sparsify).
+    ReluTopK(usize),
+    /// Pre-activations above a per-latent threshold pass unchanged (SAELens `jumprelu`, BatchTopK at
+    /// inference).
+    JumpRelu,
+}
+
+/// An SAE ready to encode and decode on a device.
+#[derive(Debug, Clone)]
+pub struct Sae {
+    /// Activation.
+    pub activation: Activation,
+    /// `[d_in, d_sae]`.
+    pub w_enc: Tensor,
+    /// `[d_sae]`.
+    pub b_enc: Tensor,
+    /// `[d_sae, d_in]`.
+    pub w_dec: Tensor,
+    /// `[d_in]`.
+    pub b_dec: Tensor,
+    /// `[d_sae]` for JumpReLU.
+    pub threshold: Option<Tensor>,
+    /// Subtract b_dec from the input before encoding.
+    pub apply_b_dec_to_input: bool,
+    /// The `cfg.json` it came from (or was exported with).
+    pub cfg: Json,
+}
+
+/// What an export records about where the SAE came from.
+#[derive(Debug, Clone, Default)]
+pub struct Provenance {
+    /// Model name in the pipeline.
+    pub model_name: String,
+    /// Hook the SAE reads.
+    pub hook_name: String,
+    /// Capture context length.
+    pub context_size: usize,
+    /// Whether BOS was prepended.
+    pub prepend_bos: bool,
+    /// Where the activations came from (the capture's key).
+    pub dataset_path: String,
+}
+
+impl Sae {
+    /// Width of the input.
+    pub fn d_in(&self) -> usize {
+        self.w_enc.dims()[0]
+    }
+
+    /// Number of latents.
+    pub fn d_sae(&self) -> usize {
+        self.w_enc.dims()[1]
+    }
+
+    /// Pre-activations `[n, d_sae]` of inputs `[n, d_in]`.
+    pub fn pre_activations(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = if self.apply_b_dec_to_input {
+            x.broadcast_sub(&self.b_dec)?
+        } else {
+            x.clone()
+        };
+        x.matmul(&self.w_enc)?.broadcast_add(&self.b_enc)
+    }
+
+    /// Latent activations `[n, d_sae]`.
+    pub fn encode(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let pre = self.pre_activations(x)?;
+        match self.activation {
+            Activation::Relu => pre.relu(),
+            Activation::TopK(k) => keep_top_k(&pre, k)?.relu(),
+            Activation::ReluTopK(k) => keep_top_k(&pre.relu()?, k),
+            Activation::JumpRelu => {
+                let threshold = self.threshold.as_ref().expect("JumpReLU has a threshold");
+                let mask = pre.broadcast_gt(threshold)?.to_dtype(pre.dtype())?;
+                pre.relu()? * mask
+            }
+        }
+    }
+
+    /// Reconstructions `[n, d_in]` of latent activations.
+    pub fn decode(&self, a: &Tensor) -> candle_core::Result<Tensor> {
+        a.matmul(&self.w_dec)?.broadcast_add(&self.b_dec)
+    }
+
+    /// Writes the SAELens layout into `dir`: `cfg.json` and `sae_weights.safetensors`.
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut tensors: HashMap<String, Tensor> = HashMap::from([
+            ("W_enc".to_string(), self.w_enc.to_device(&Device::Cpu)?),
+            ("b_enc".to_string(), self.b_enc.to_device(&Device::Cpu)?),
+            ("W_dec".to_string(), self.w_dec.to_device(&Device::Cpu)?),
+            ("b_dec".to_string(), self.b_dec.to_device(&Device::Cpu)?),
+        ]);
+        if let Some(t) = &self.threshold {
+            tensors.insert("threshold".into(), t.to_device(&Device::Cpu)?);
+        }
+        candle_core::safetensors::save(&tensors, dir.join("sae_weights.safetensors"))?;
+        std::fs::write(
+            dir.join("cfg.json"),
+            serde_json::to_string_pretty(&self.cfg)? + "\n",
+        )?;
+        Ok(())
+    }
+
+    /// The SAELens `cfg.json` of a TopK SAE.
+    pub fn topk_cfg(d_in: usize, d_sae: usize, k: usize, from: &Provenance) -> Json {
+        json!({
+            "architecture": "topk",
+            "d_in": d_in,
+            "d_sae": d_sae,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": true,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "k": k,
+            "rescale_acts_by_decoder_norm": false,
+            "metadata": {
+                // SAELens reads configs without a version ≥ 6 through its legacy path and drops this table.
+                "sae_lens_version": "6.0.0",
+                "sae_lens_training_version": "6.0.0",
+                "trained_with": format!("saeflow {}", env!("CARGO_PKG_VERSION")),
+                "model_name": from.model_name,
+                "hook_name": from.hook_name,
+                "hook_head_index": null,
+                "context_size": from.context_size,
+                "prepend_bos": from.prepend_bos,
+                "dataset_path": from.dataset_path,
+                "exclude_special_tokens": false,
+            },
+        })
+    }
+
+    /// Loads a SAELens (`cfg.json` + `sae_weights.safetensors`) or sparsify (`cfg.json` + `sae.safetensors`)
+    /// directory, checking every shape against the config.
+    pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+        let cfg_path = dir.join("cfg.json");
+        let cfg: Json = serde_json::from_str(
+            &std::fs::read_to_string(&cfg_path)
+                .with_context(|| format!("cannot read {}", cfg_path.display()))?,
+        )
+        .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+        let tensors = |file: &str| -> anyhow::Result<HashMap<String, Tensor>> {
+            let path = dir.join(file);
+            candle_core::safetensors::load(&path, device)
+                .with_context(|| format!("{}: not a readable safetensors file", path.display()))
+        };
+        let get = |ts: &HashMap<String, Tensor>, name: &str, shape: &[usize], file: &str| {
+            let t = ts
+                .get(name)
+                .with_context(|| format!("{}: no tensor `{name}`", dir.join(file).display()))?;
+            if t.dims() != shape {
+                bail!(
+                    "{}: `{name}` has shape {:?}, cfg.json implies {shape:?}",
+                    dir.join(file).display(),
+                    t.dims()
+                );
+            }
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        let usize_of = |key: &str| {
+            cfg[key]
+                .as_u64()
+                .map(|v| v as usize)
+                .with_context(|| format!("{}: `{key}` missing or not a number", cfg_path.display()))
+        };
+        if dir.join("sae_weights.safetensors").exists() {
+            let (d_in, d_sae) = (usize_of("d_in")?, usize_of("d_sae")?);
+            let arch = cfg["architecture"].as_str().unwrap_or("standard");
+            let file = "sae_weights.safetensors";
+            let ts = tensors(file)?;
+            let activation = match arch {
+                "standard" => Activation::Relu,
+                "topk" => Activation::TopK(usize_of("k")?),
+                "jumprelu" => Activation::JumpRelu,
+                other => bail!(
+                    "{}: architecture `{other}` is not supported (standard, topk, jumprelu)",
+                    cfg_path.display()
+                ),
+            };
+            if let Activation::TopK(k) = activation {
+                if k > d_sae {
+                    bail!("{}: k = {k} exceeds d_sae = {d_sae}", cfg_path.display());
+                }
+            }
+            if cfg["rescale_acts_by_decoder_norm"].as_bool() == Some(true)
+                || cfg["normalize_activations"]
+                    .as_str()
+                    .is_some_and(|n| n != "none")
+            {
+                bail!(
+                    "{}: rescale_acts_by_decoder_norm / normalize_activations are not supported yet",
+                    cfg_path.display()
+                );
+            }
+            Ok(Sae {
+                activation,
+                w_enc: get(&ts, "W_enc", &[d_in, d_sae], file)?,
+                b_enc: get(&ts, "b_enc", &[d_sae], file)?,
+                w_dec: get(&ts, "W_dec", &[d_sae, d_in], file)?,
+                b_dec: get(&ts, "b_dec", &[d_in], file)?,
+                threshold: match activation {
+                    Activation::JumpRelu => Some(get(&ts, "threshold", &[d_sae], file)?),
+                    _ => None,
+                },
+                apply_b_dec_to_input: cfg["apply_b_dec_to_input"].as_bool().unwrap_or(true),
+                cfg,
+            })
+        } else if dir.join("sae.safetensors").exists() {
+            let d_in = usize_of("d_in")?;
+            let d_sae = match cfg["num_latents"].as_u64() {
+                Some(n) if n > 0 => n as usize,
+                _ => d_in * usize_of("expansion_factor")?,
+            };
+            let k = usize_of("k")?;
+            if k > d_sae {
+                bail!("{}: k = {k} exceeds d_sae = {d_sae}", cfg_path.display());
+            }
+            let file = "sae.safetensors";
+            let ts = tensors(file)?;
+            Ok(Sae {
+                activation: Activation::ReluTopK(k),
+                w_enc: get(&ts, "encoder.weight", &[d_sae, d_in], file)?
+                    .t()?
+                    .contiguous()?,
+                b_enc: get(&ts, "encoder.bias", &[d_sae], file)?,
+                w_dec: get(&ts, "W_dec", &[d_sae, d_in], file)?,
+                b_dec: get(&ts, "b_dec", &[d_in], file)?,
+                threshold: None,
+                apply_b_dec_to_input: true,
+                cfg,
+            })
+        } else {
+            bail!(
+                "{}: no sae_weights.safetensors (SAELens) or sae.safetensors (sparsify)",
+                dir.display()
+            )
+        }
+    }
+}
+
+/// Zeroes everything but the `k` largest entries of each row (ties: lower index first).
+fn keep_top_k(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    let order = x.arg_sort_last_dim(false)?;
+    let top = order.narrow(D::Minus1, 0, k)?.contiguous()?;
+    let values = x.gather(&top, D::Minus1)?;
+    x.zeros_like()?.scatter_add(&top, &values, D::Minus1)
+}

@@ -1,0 +1,598 @@
+//! The training loop: batches from the activation store, a TopK step, gradient clipping, decoder handling,
+//! Adam with warm-up and final decay, dead-latent statistics, validation, logs and exact-resume checkpoints.
+//!
+//! Recipe (see ARCHITECTURE.md): inputs scaled so E‖x‖ = √d_in (the capture's mean norm gives the scale);
+//! decoder rows random unit vectors, encoder = decoder, b_dec = mean of the first batch (sparsify); every
+//! step: loss = MSE + AuxK, global gradient-norm clip, the decoder gradient's component along each row
+//! removed, Adam, decoder rows renormalised (OpenAI / sparsify). A latent is dead after `dead_tokens` tokens
+//! without firing. Everything runs in a fixed order, so a fixed thread count gives bit-identical weights,
+//! and a resumed run (state + data position from the last checkpoint) ends with the same bits.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use super::adam::{AdamConfig, Moments};
+use super::topk::{Grads, Params, StepStats};
+use crate::data::activations::{ActivationStore, ReadOptions};
+
+/// Everything that shapes a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Latents.
+    pub d_sae: usize,
+    /// Active latents per token.
+    pub k: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// Fraction of the steps at the end over which the rate decays linearly to 0.
+    pub decay_fraction: f64,
+    /// Tokens per step.
+    pub batch_size: usize,
+    /// Optimiser steps.
+    pub steps: u64,
+    /// AuxK coefficient (0 = off).
+    pub aux_coef: f32,
+    /// Tokens without firing after which a latent counts as dead.
+    pub dead_tokens: u64,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f32,
+    /// Seed of initialisation and data order.
+    pub seed: u64,
+    /// Adam settings.
+    pub adam: AdamConfig,
+    /// Steps between log rows (and validation).
+    pub log_every: u64,
+    /// Steps between checkpoints.
+    pub checkpoint_every: u64,
+    /// Splits to train on (`None`: all).
+    pub train_splits: Option<Vec<String>>,
+    /// Split and number of rows held out for validation.
+    pub validation: Option<(String, usize)>,
+    /// Input scale (√d_in / E‖x‖), folded back into the weights at export.
+    pub scale: f32,
+    /// Rows in the reader's mixing buffer.
+    pub buffer_rows: usize,
+}
+
+/// One row of `train_log.parquet`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRow {
+    /// Step just finished (1-based).
+    pub step: u64,
+    /// Tokens trained on so far.
+    pub tokens: u64,
+    /// Total loss of that step.
+    pub loss: f64,
+    /// Reconstruction part.
+    pub mse: f64,
+    /// AuxK part.
+    pub aux: f64,
+    /// Batch FVU.
+    pub fvu: f64,
+    /// Batch L0.
+    pub l0: f64,
+    /// Fraction of latents dead.
+    pub dead_fraction: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Validation FVU / L0, when a validation split exists.
+    pub val_fvu: Option<f64>,
+    /// Validation L0.
+    pub val_l0: Option<f64>,
+}
+
+/// The complete training state (what a checkpoint holds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    /// Weights.
+    pub params: Params,
+    /// Adam moments of w_enc, b_enc, w_dec, b_dec.
+    pub moments: [Moments; 4],
+    /// Steps done.
+    pub step: u64,
+    /// Tokens since each latent last fired.
+    pub since_fired: Vec<u64>,
+    /// Tokens each latent fired on, over the whole run (for `sparsity.safetensors`).
+    pub fired_total: Vec<u64>,
+    /// Log rows so far.
+    pub log: Vec<LogRow>,
+}
+
+/// Where a run reports to.
+pub struct Hooks<'a> {
+    /// Called after every step with (steps done, tokens/s so far).
+    pub progress: &'a dyn Fn(u64),
+    /// Polled between steps; `true` stops with a checkpoint.
+    pub cancelled: &'a dyn Fn() -> bool,
+    /// Log lines for the user.
+    pub log: &'a dyn Fn(&str),
+}
+
+/// Why a run stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum Stop {
+    /// Asked to stop; a checkpoint at `step` was written.
+    #[error("stopped at step {0} (checkpoint written)")]
+    Cancelled(u64),
+}
+
+impl TrainConfig {
+    /// Learning rate at step `t` (1-based): linear warm-up, constant, linear decay to 0 at the end.
+    pub fn lr_at(&self, t: u64) -> f32 {
+        let warm = if self.warmup_steps > 0 && t <= self.warmup_steps {
+            t as f32 / self.warmup_steps as f32
+        } else {
+            1.0
+        };
+        let decay_steps = (self.decay_fraction * self.steps as f64).round() as u64;
+        let decay_start = self.steps - decay_steps.min(self.steps);
+        let decay = if decay_steps > 0 && t > decay_start {
+            (self.steps - t + 1) as f32 / (decay_steps + 1) as f32
+        } else {
+            1.0
+        };
+        self.lr * warm.min(decay)
+    }
+}
+
+fn unit_rows(w: &mut [f32], d: usize) {
+    for row in w.chunks_mut(d) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        // f32 epsilon as in sparsify, so an all-zero row stays finite.
+        let inv = 1.0 / (norm + f32::EPSILON);
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+impl State {
+    /// Fresh parameters: random unit decoder rows, encoder = decoder, b_dec = mean of `first_batch`.
+    pub fn init(cfg: &TrainConfig, d_in: usize, first_batch: &[f32]) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut w_dec: Vec<f32> = (0..cfg.d_sae * d_in)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        unit_rows(&mut w_dec, d_in);
+        let n = first_batch.len() / d_in;
+        let mut b_dec = vec![0f64; d_in];
+        for row in first_batch.chunks(d_in) {
+            for (b, &v) in b_dec.iter_mut().zip(row) {
+                *b += v as f64;
+            }
+        }
+        let params = Params {
+            d_in,
+            d_sae: cfg.d_sae,
+            w_enc: w_dec.clone(),
+            b_enc: vec![0.0; cfg.d_sae],
+            w_dec,
+            b_dec: b_dec.iter().map(|b| (b / n as f64) as f32).collect(),
+        };
+        Self {
+            moments: [
+                Moments::zeros(params.w_enc.len()),
+                Moments::zeros(params.b_enc.len()),
+                Moments::zeros(params.w_dec.len()),
+                Moments::zeros(params.b_dec.len()),
+            ],
+            params,
+            step: 0,
+            since_fired: vec![0; cfg.d_sae],
+            fired_total: vec![0; cfg.d_sae],
+            log: Vec::new(),
+        }
+    }
+
+    /// Latents that have not fired for more than `dead_tokens` tokens.
+    pub fn dead(&self, cfg: &TrainConfig) -> Vec<bool> {
+        self.since_fired
+            .iter()
+            .map(|&t| t > cfg.dead_tokens)
+            .collect()
+    }
+
+    /// One optimiser step on a normalised batch; returns its statistics.
+    pub fn step(&mut self, cfg: &TrainConfig, x: &[f32], grads: &mut Grads) -> StepStats {
+        let dead = self.dead(cfg);
+        let stats = self.params.step(x, cfg.k, &dead, cfg.aux_coef, grads);
+        let d = self.params.d_in;
+        // Remove the part of each decoder row's gradient along the (unit) row: only directions can change.
+        for (g, w) in grads.w_dec.chunks_mut(d).zip(self.params.w_dec.chunks(d)) {
+            let along: f32 = g.iter().zip(w).map(|(g, w)| g * w).sum();
+            if along != 0.0 {
+                g.iter_mut().zip(w).for_each(|(g, w)| *g -= along * w);
+            }
+        }
+        let norm = [&grads.w_enc, &grads.b_enc, &grads.w_dec, &grads.b_dec]
+            .iter()
+            .map(|g| g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+            .sum::<f64>()
+            .sqrt();
+        let scale = if cfg.grad_clip > 0.0 && norm > cfg.grad_clip as f64 {
+            (cfg.grad_clip as f64 / norm) as f32
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let lr = cfg.lr_at(self.step);
+        let p = &mut self.params;
+        let [m_we, m_be, m_wd, m_bd] = &mut self.moments;
+        m_we.update(&cfg.adam, &mut p.w_enc, &grads.w_enc, scale, lr, self.step);
+        m_be.update(&cfg.adam, &mut p.b_enc, &grads.b_enc, scale, lr, self.step);
+        m_wd.update(&cfg.adam, &mut p.w_dec, &grads.w_dec, scale, lr, self.step);
+        m_bd.update(&cfg.adam, &mut p.b_dec, &grads.b_dec, scale, lr, self.step);
+        unit_rows(&mut p.w_dec, d);
+        let n = (x.len() / d) as u64;
+        for ((since, total), &f) in self
+            .since_fired
+            .iter_mut()
+            .zip(self.fired_total.iter_mut())
+            .zip(&grads.fired)
+        {
+            *since = if f > 0 { 0 } else { *since + n };
+            *total += f as u64;
+        }
+        stats
+    }
+
+    fn tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        let cpu = Device::Cpu;
+        let f = |v: &[f32]| Tensor::from_slice(v, v.len(), &cpu);
+        let i = |v: &[u64]| {
+            let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
+            Tensor::from_vec(v, self.since_fired.len(), &cpu)
+        };
+        let p = &self.params;
+        let mut out = vec![
+            ("w_enc".to_string(), f(&p.w_enc)?),
+            ("b_enc".into(), f(&p.b_enc)?),
+            ("w_dec".into(), f(&p.w_dec)?),
+            ("b_dec".into(), f(&p.b_dec)?),
+            ("since_fired".into(), i(&self.since_fired)?),
+            ("fired_total".into(), i(&self.fired_total)?),
+        ];
+        for (name, m) in ["w_enc", "b_enc", "w_dec", "b_dec"]
+            .iter()
+            .zip(&self.moments)
+        {
+            out.push((format!("adam_m.{name}"), f(&m.m)?));
+            out.push((format!("adam_v.{name}"), f(&m.v)?));
+        }
+        Ok(out)
+    }
+
+    /// Writes a checkpoint into `dir/step-N/` (temporary name, fsync, rename) and drops older ones.
+    pub fn save_checkpoint(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!("tmp-{}", self.step));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        let tensors: std::collections::HashMap<String, Tensor> =
+            self.tensors()?.into_iter().collect();
+        candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
+        let meta = serde_json::json!({"step": self.step, "log": self.log});
+        std::fs::write(tmp.join("state.json"), serde_json::to_vec(&meta)?)?;
+        for f in ["state.safetensors", "state.json"] {
+            std::fs::File::open(tmp.join(f))?.sync_all()?;
+        }
+        let dest = dir.join(format!("step-{:09}", self.step));
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::rename(&tmp, &dest)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            if entry.path() != dest {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// The latest complete checkpoint in `dir`, if any.
+    pub fn load_checkpoint(dir: &Path, d_in: usize, d_sae: usize) -> anyhow::Result<Option<Self>> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(None);
+        };
+        let mut steps: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+            })
+            .collect();
+        steps.sort();
+        let Some(last) = steps.pop() else {
+            return Ok(None);
+        };
+        let ts = candle_core::safetensors::load(last.join("state.safetensors"), &Device::Cpu)
+            .with_context(|| format!("reading checkpoint {}", last.display()))?;
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(last.join("state.json"))?)?;
+        let f = |name: &str| -> anyhow::Result<Vec<f32>> {
+            Ok(ts
+                .get(name)
+                .with_context(|| format!("checkpoint lacks {name}"))?
+                .to_vec1()?)
+        };
+        let u = |name: &str| -> anyhow::Result<Vec<u64>> {
+            let v: Vec<i64> = ts
+                .get(name)
+                .with_context(|| format!("checkpoint lacks {name}"))?
+                .to_vec1()?;
+            Ok(v.into_iter().map(|x| x as u64).collect())
+        };
+        let params = Params {
+            d_in,
+            d_sae,
+            w_enc: f("w_enc")?,
+            b_enc: f("b_enc")?,
+            w_dec: f("w_dec")?,
+            b_dec: f("b_dec")?,
+        };
+        if params.w_enc.len() != d_in * d_sae || params.b_dec.len() != d_in {
+            bail!(
+                "checkpoint {} has other shapes than this run",
+                last.display()
+            );
+        }
+        let m = |name: &str| -> anyhow::Result<Moments> {
+            Ok(Moments {
+                m: f(&format!("adam_m.{name}"))?,
+                v: f(&format!("adam_v.{name}"))?,
+            })
+        };
+        Ok(Some(Self {
+            moments: [m("w_enc")?, m("b_enc")?, m("w_dec")?, m("b_dec")?],
+            params,
+            step: meta["step"].as_u64().context("checkpoint without step")?,
+            since_fired: u("since_fired")?,
+            fired_total: u("fired_total")?,
+            log: serde_json::from_value(meta["log"].clone())?,
+        }))
+    }
+}
+
+impl State {
+    /// The trained SAE in SAELens layout, with the input scale folded into the weights: trained on s·x,
+    /// so W_enc ← s·W_encᵀ, W_dec ← W_dec / s, b_dec ← b_dec / s gives the same latents on raw x.
+    pub fn to_sae(
+        &self,
+        cfg: &TrainConfig,
+        from: &super::format::Provenance,
+    ) -> anyhow::Result<super::format::Sae> {
+        let p = &self.params;
+        let (d, m, s) = (p.d_in, p.d_sae, cfg.scale);
+        let cpu = Device::Cpu;
+        let w_enc = Tensor::from_slice(&p.w_enc, (m, d), &cpu)?
+            .t()?
+            .contiguous()?
+            * s as f64;
+        Ok(super::format::Sae {
+            activation: super::format::Activation::TopK(cfg.k),
+            w_enc: w_enc?,
+            b_enc: Tensor::from_slice(&p.b_enc, m, &cpu)?,
+            w_dec: (Tensor::from_slice(&p.w_dec, (m, d), &cpu)? / s as f64)?,
+            b_dec: (Tensor::from_slice(&p.b_dec, d, &cpu)? / s as f64)?,
+            threshold: None,
+            apply_b_dec_to_input: true,
+            cfg: super::format::Sae::topk_cfg(d, m, cfg.k, from),
+        })
+    }
+
+    /// SAELens' `sparsity.safetensors` content: log10 of each latent's firing rate over the run.
+    pub fn log_density(&self, cfg: &TrainConfig) -> Vec<f32> {
+        let tokens = (self.step * cfg.batch_size as u64).max(1) as f64;
+        self.fired_total
+            .iter()
+            .map(|&f| (f as f64 / tokens + 1e-10).log10() as f32)
+            .collect()
+    }
+}
+
+/// The training data as an endless sequence of full batches (epochs reshuffled with `seed + epoch`).
+struct Data<'a> {
+    store: &'a ActivationStore,
+    cfg: &'a TrainConfig,
+    epoch: u64,
+    batches: Option<crate::data::activations::reader::Batches>,
+}
+
+impl Data<'_> {
+    fn next(&mut self) -> anyhow::Result<(Vec<f32>, Vec<u64>)> {
+        for _attempt in 0..2 {
+            if self.batches.is_none() {
+                let options = ReadOptions {
+                    batch_size: self.cfg.batch_size,
+                    shuffle: Some(self.cfg.seed.wrapping_add(self.epoch)),
+                    buffer_rows: self.cfg.buffer_rows,
+                    splits: self.cfg.train_splits.clone(),
+                    dtype: DType::F32,
+                };
+                self.batches = Some(self.store.batches(&options, &Device::Cpu)?);
+            }
+            if let Some(batch) = self.batches.as_mut().expect("set above").next() {
+                let batch = batch?;
+                if batch.rows.len() == self.cfg.batch_size {
+                    let mut x: Vec<f32> = batch.acts.flatten_all()?.to_vec1()?;
+                    x.iter_mut().for_each(|v| *v *= self.cfg.scale);
+                    return Ok((x, batch.rows));
+                }
+            }
+            // End of an epoch (a short last batch is dropped, so every step has the same size).
+            self.batches = None;
+            self.epoch += 1;
+        }
+        bail!(
+            "fewer than {} training rows: lower batch_size or capture more tokens",
+            self.cfg.batch_size
+        )
+    }
+}
+
+/// Rows of the validation split, normalised, in store order.
+fn validation_rows(store: &ActivationStore, cfg: &TrainConfig) -> anyhow::Result<Option<Vec<f32>>> {
+    let Some((split, rows)) = &cfg.validation else {
+        return Ok(None);
+    };
+    let options = ReadOptions {
+        batch_size: *rows,
+        splits: Some(vec![split.clone()]),
+        ..ReadOptions::default()
+    };
+    match store.batches(&options, &Device::Cpu)?.next() {
+        Some(b) => {
+            let mut x: Vec<f32> = b?.acts.flatten_all()?.to_vec1()?;
+            x.iter_mut().for_each(|v| *v *= cfg.scale);
+            Ok(Some(x))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Trains (or resumes from the checkpoint in `checkpoints`) to `cfg.steps` steps.
+pub fn train(
+    store: &ActivationStore,
+    cfg: &TrainConfig,
+    checkpoints: &Path,
+    hooks: &Hooks,
+) -> anyhow::Result<State> {
+    let d_in = store.d_model();
+    let mut data = Data {
+        store,
+        cfg,
+        epoch: 0,
+        batches: None,
+    };
+    let val = validation_rows(store, cfg)?;
+    let mut state = match State::load_checkpoint(checkpoints, d_in, cfg.d_sae)? {
+        Some(state) => {
+            (hooks.log)(&format!(
+                "resuming from the checkpoint at step {}",
+                state.step
+            ));
+            // Replay the data stream up to the checkpoint: reading is far cheaper than training.
+            for _ in 0..state.step {
+                data.next()?;
+            }
+            state
+        }
+        None => {
+            let (first, _) = data.next()?;
+            data = Data {
+                store,
+                cfg,
+                epoch: 0,
+                batches: None,
+            };
+            State::init(cfg, d_in, &first)
+        }
+    };
+    let mut grads = Grads::default();
+    let mut last_good = state.step;
+    while state.step < cfg.steps {
+        if (hooks.cancelled)() {
+            state.save_checkpoint(checkpoints)?;
+            return Err(Stop::Cancelled(state.step).into());
+        }
+        let (x, rows) = data.next()?;
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "non-finite activation in tokens.parquet row {} (column {}) of the capture",
+                rows[i / d_in],
+                i % d_in
+            );
+        }
+        let lr = cfg.lr_at(state.step + 1) as f64;
+        let stats = state.step(cfg, &x, &mut grads);
+        let loss = stats.mse + stats.aux;
+        if !loss.is_finite() || state.params.w_dec.iter().any(|v| !v.is_finite()) {
+            bail!(
+                "training diverged at step {} (loss {loss}); the last good checkpoint (step {last_good}) is \
+                 kept: lower lr and rerun to resume from it",
+                state.step
+            );
+        }
+        let step = state.step;
+        if step % cfg.log_every == 0 || step == cfg.steps {
+            let v = val.as_ref().map(|v| state.params.evaluate(v, cfg.k));
+            let dead = state.dead(cfg).iter().filter(|&&b| b).count();
+            state.log.push(LogRow {
+                step,
+                tokens: step * cfg.batch_size as u64,
+                loss,
+                mse: stats.mse,
+                aux: stats.aux,
+                fvu: stats.fvu,
+                l0: stats.l0,
+                dead_fraction: dead as f64 / cfg.d_sae as f64,
+                lr,
+                val_fvu: v.map(|s| s.fvu),
+                val_l0: v.map(|s| s.l0),
+            });
+        }
+        if step % cfg.checkpoint_every == 0 && step < cfg.steps {
+            state.save_checkpoint(checkpoints)?;
+            last_good = step;
+        }
+        (hooks.progress)(step);
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(steps: u64, warmup: u64, decay: f64) -> TrainConfig {
+        TrainConfig {
+            d_sae: 8,
+            k: 2,
+            lr: 1.0,
+            warmup_steps: warmup,
+            decay_fraction: decay,
+            batch_size: 4,
+            steps,
+            aux_coef: 0.0,
+            dead_tokens: 10,
+            grad_clip: 0.0,
+            seed: 0,
+            adam: AdamConfig::default(),
+            log_every: 1,
+            checkpoint_every: 1,
+            train_splits: None,
+            validation: None,
+            scale: 1.0,
+            buffer_rows: 16,
+        }
+    }
+
+    #[test]
+    fn the_learning_rate_warms_up_holds_and_decays_to_zero() {
+        let c = cfg(10, 4, 0.2);
+        let lrs: Vec<f32> = (1..=10).map(|t| c.lr_at(t)).collect();
+        assert_eq!(
+            lrs,
+            [
+                0.25,
+                0.5,
+                0.75,
+                1.0,
+                1.0,
+                1.0,
+                1.0,
+                1.0,
+                2.0 / 3.0,
+                1.0 / 3.0
+            ]
+        );
+    }
+}

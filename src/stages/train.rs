@@ -1,0 +1,403 @@
+//! `train`: trains an SAE on one hook of a capture and exports it in SAELens layout (`cfg.json`,
+//! `sae_weights.safetensors`, `sparsity.safetensors`) with `train_log.parquet` and `train.json`.
+//! Checkpoints in the partial directory make an interrupted run resume bit-identically.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use arrow_array::builder::{Float64Builder, UInt64Builder};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{Field, Schema};
+use candle_core::Tensor;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{key_path, Cancelled, ParamError, Reference, References, Stage, StageContext};
+use crate::data::activations::{ActivationStore, CaptureInfo};
+use crate::sae::adam::AdamConfig;
+use crate::sae::format::Provenance;
+use crate::sae::trainer::{self, LogRow, Stop, TrainConfig};
+
+/// SAE architectures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// TopK with AuxK (OpenAI / sparsify).
+    #[default]
+    Topk,
+}
+
+/// Parameters of a `train` stage.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainParams {
+    /// The `capture` stage to train on.
+    pub input: String,
+    /// Hook to train on (default: the capture's only hook).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    /// Architecture.
+    #[serde(default)]
+    pub arch: Arch,
+    /// Latents per input dimension (d_sae = expansion × d_in).
+    #[serde(default = "default_expansion")]
+    pub expansion: usize,
+    /// Active latents per token.
+    #[serde(default = "default_k")]
+    pub k: usize,
+    /// Peak learning rate (default 2e-4 / √(d_sae / 2¹⁴), sparsify's rule for Adam).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Training tokens (default: one pass over the training rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    /// Tokens per step.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Linear warm-up steps (default: min(1000, steps / 10)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<u64>,
+    /// Fraction of the steps at the end with a linear decay of the rate to 0.
+    #[serde(default = "default_decay")]
+    pub decay: f64,
+    /// AuxK loss coefficient (0 disables it).
+    #[serde(default = "default_aux")]
+    pub aux_coef: f64,
+    /// Tokens without firing after which a latent is dead (AuxK's pool and the dead fraction).
+    #[serde(default = "default_dead_tokens")]
+    pub dead_tokens: u64,
+    /// Global gradient-norm clip (0 disables it).
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    /// Capture splits to train on.
+    #[serde(default = "default_splits")]
+    pub splits: Vec<String>,
+    /// Split held out for validation FVU / L0 (skipped when the capture has none).
+    #[serde(default = "default_val_split")]
+    pub val_split: String,
+    /// Validation rows.
+    #[serde(default = "default_val_tokens")]
+    pub val_tokens: usize,
+    /// Steps between log rows.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// Steps between checkpoints.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Rows in the shuffle buffer.
+    #[serde(default = "default_buffer")]
+    pub buffer_rows: usize,
+}
+
+fn default_expansion() -> usize {
+    8
+}
+fn default_k() -> usize {
+    32
+}
+fn default_batch_size() -> usize {
+    4096
+}
+fn default_decay() -> f64 {
+    0.2
+}
+fn default_aux() -> f64 {
+    1.0 / 32.0
+}
+fn default_dead_tokens() -> u64 {
+    10_000_000
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_splits() -> Vec<String> {
+    vec!["train".into()]
+}
+fn default_val_split() -> String {
+    "val".into()
+}
+fn default_val_tokens() -> usize {
+    8192
+}
+fn default_log_every() -> u64 {
+    50
+}
+fn default_checkpoint_every() -> u64 {
+    200
+}
+fn default_buffer() -> usize {
+    1 << 16
+}
+
+/// The `train` stage kind.
+pub struct Train;
+
+impl Stage for Train {
+    type Params = TrainParams;
+    const KIND: &'static str = "train";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str =
+        "Train a sparse autoencoder on captured activations and export it in SAELens layout";
+
+    fn references(p: &TrainParams) -> References {
+        References {
+            inputs: vec![Reference {
+                role: "input".into(),
+                target: p.input.clone(),
+                at: key_path(&["input"]),
+            }],
+            ..References::default()
+        }
+    }
+
+    fn validate(p: &TrainParams) -> Result<(), ParamError> {
+        let positive = [
+            ("expansion", p.expansion as u64),
+            ("k", p.k as u64),
+            ("batch_size", p.batch_size as u64),
+            ("log_every", p.log_every),
+            ("checkpoint_every", p.checkpoint_every),
+            ("buffer_rows", p.buffer_rows as u64),
+            ("tokens", p.tokens.unwrap_or(1)),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ParamError {
+                    at: key_path(&[name]),
+                    message: format!("`{name}` must be at least 1"),
+                });
+            }
+        }
+        let fraction = [("decay", p.decay)];
+        for (name, v) in fraction {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(ParamError {
+                    at: key_path(&[name]),
+                    message: format!("`{name}` must be between 0 and 1"),
+                });
+            }
+        }
+        if p.lr.is_some_and(|lr| lr <= 0.0) {
+            return Err(ParamError {
+                at: key_path(&["lr"]),
+                message: "`lr` must be positive".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
+        run(p, ctx)
+    }
+}
+
+fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
+    let dir = &ctx.inputs["input"];
+    let info = CaptureInfo::read(dir)
+        .with_context(|| format!("input `{}` is not a capture stage", p.input))?;
+    let hook = match &p.hook {
+        Some(h) => h.clone(),
+        None if info.hooks.len() == 1 => info.hooks[0].clone(),
+        None => bail!(
+            "capture `{}` has several hooks ({}); choose one with `hook`",
+            p.input,
+            info.hooks.join(", ")
+        ),
+    };
+    let store =
+        ActivationStore::open(dir, &hook).with_context(|| format!("input `{}`", p.input))?;
+    let d_in = store.d_model();
+    let d_sae = p.expansion * d_in;
+    if p.k > d_sae {
+        bail!(
+            "k = {} exceeds the SAE's {d_sae} latents (expansion {} × d_in {d_in})",
+            p.k,
+            p.expansion
+        );
+    }
+    let train_rows: u64 = p
+        .splits
+        .iter()
+        .map(|s| info.splits.get(s).copied().unwrap_or(0))
+        .sum();
+    if train_rows < p.batch_size as u64 {
+        bail!(
+            "capture `{}` has {train_rows} rows in splits {:?} (it has: {}), fewer than one batch of {}",
+            p.input,
+            p.splits,
+            info.splits.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", "),
+            p.batch_size
+        );
+    }
+    let tokens = p.tokens.unwrap_or(train_rows);
+    let steps = (tokens / p.batch_size as u64).max(1);
+    let mean_norm = info.mean_norm.get(&hook).copied().unwrap_or(0.0);
+    if !(mean_norm.is_finite() && mean_norm > 0.0) {
+        bail!(
+            "capture `{}` records no usable mean norm for {hook}",
+            p.input
+        );
+    }
+    let cfg = TrainConfig {
+        d_sae,
+        k: p.k,
+        lr: p.lr.unwrap_or(2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
+        warmup_steps: p.warmup_steps.unwrap_or((steps / 10).min(1000)),
+        decay_fraction: p.decay,
+        batch_size: p.batch_size,
+        steps,
+        aux_coef: p.aux_coef as f32,
+        dead_tokens: p.dead_tokens,
+        grad_clip: p.grad_clip as f32,
+        seed: ctx.seed,
+        adam: AdamConfig::default(),
+        log_every: p.log_every,
+        checkpoint_every: p.checkpoint_every,
+        train_splits: Some(p.splits.clone()),
+        validation: info
+            .splits
+            .contains_key(&p.val_split)
+            .then(|| (p.val_split.clone(), p.val_tokens)),
+        scale: ((d_in as f64).sqrt() / mean_norm) as f32,
+        buffer_rows: p.buffer_rows,
+    };
+    ctx.log(&format!(
+        "training a TopK SAE (d_in {d_in}, d_sae {d_sae}, k {}) on {hook} of `{}`: {steps} steps of {} tokens, lr {:.2e}",
+        p.k, p.input, p.batch_size, cfg.lr
+    ));
+    ctx.progress.set_total(steps * p.batch_size as u64);
+    let started = std::time::Instant::now();
+    let first_step = std::cell::Cell::new(None::<u64>);
+    let progress = ctx.progress.clone();
+    let cancel = ctx.cancel.clone();
+    let log_path = ctx.log_path.clone();
+    let log = |msg: &str| {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+        {
+            let _ = writeln!(f, "{msg}");
+        }
+        progress.println(msg);
+    };
+    let batch = p.batch_size as u64;
+    let on_step = |step: u64| {
+        if first_step.get().is_none() {
+            first_step.set(Some(step - 1));
+            progress.set_position((step - 1) * batch);
+        }
+        progress.inc(batch);
+    };
+    let hooks = trainer::Hooks {
+        progress: &on_step,
+        cancelled: &|| cancel.is_cancelled(),
+        log: &log,
+    };
+    let state = match trainer::train(&store, &cfg, &ctx.partial_dir.join("checkpoints"), &hooks) {
+        Ok(state) => state,
+        Err(e) if e.downcast_ref::<Stop>().is_some() => return Err(Cancelled.into()),
+        Err(e) => return Err(e),
+    };
+    let trained_here = steps - first_step.get().unwrap_or(steps);
+    let secs = started.elapsed().as_secs_f64();
+
+    let from = Provenance {
+        model_name: info.model.clone(),
+        hook_name: hook.clone(),
+        context_size: info.context,
+        prepend_bos: info.tokenizer["bos"].is_number(),
+        dataset_path: format!("saeflow capture {}", info.model_key),
+    };
+    let sae = state.to_sae(&cfg, &from)?;
+    sae.save(&ctx.out_dir)?;
+    let density = state.log_density(&cfg);
+    let n = density.len();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([(
+            "sparsity".to_string(),
+            Tensor::from_vec(density, n, &candle_core::Device::Cpu)?,
+        )]),
+        ctx.out_dir.join("sparsity.safetensors"),
+    )?;
+    crate::data::parquet::write_batches(
+        &ctx.out_dir.join("train_log.parquet"),
+        &[log_batch(&state.log)?],
+    )?;
+    let last = state.log.last().cloned();
+    let dead = state.dead(&cfg).iter().filter(|&&d| d).count() as f64 / d_sae as f64;
+    let summary = json!({
+        "hook": hook,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": p.k,
+        "steps": steps,
+        "tokens": steps * batch,
+        "lr": cfg.lr,
+        "input_scale": cfg.scale,
+        "final": last,
+        "dead_fraction": dead,
+    });
+    std::fs::write(
+        ctx.out_dir.join("train.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
+    if let Some(l) = &last {
+        ctx.metrics.insert("fvu".into(), json!(l.fvu));
+        ctx.metrics.insert("val_fvu".into(), json!(l.val_fvu));
+        ctx.metrics.insert("l0".into(), json!(l.l0));
+    }
+    ctx.metrics.insert("dead_fraction".into(), json!(dead));
+    if trained_here > 0 {
+        let rate = (trained_here * batch) as f64 / secs;
+        ctx.metrics
+            .insert("tokens_per_s".into(), json!(rate.round()));
+        ctx.log(&format!(
+            "trained {trained_here} steps in {secs:.1}s ({rate:.0} tokens/s); final FVU {:.4}, val FVU {}, L0 {:.1}, dead {:.1}%",
+            last.as_ref().map_or(f64::NAN, |l| l.fvu),
+            last.as_ref().and_then(|l| l.val_fvu).map_or("-".into(), |v| format!("{v:.4}")),
+            last.as_ref().map_or(f64::NAN, |l| l.l0),
+            100.0 * dead
+        ));
+    }
+    Ok(())
+}
+
+/// `train_log.parquet`: one row per logged step.
+fn log_batch(rows: &[LogRow]) -> anyhow::Result<RecordBatch> {
+    let u = |f: &dyn Fn(&LogRow) -> u64| -> ArrayRef {
+        let mut b = UInt64Builder::new();
+        rows.iter().for_each(|r| b.append_value(f(r)));
+        Arc::new(b.finish())
+    };
+    let f = |f: &dyn Fn(&LogRow) -> Option<f64>| -> ArrayRef {
+        let mut b = Float64Builder::new();
+        rows.iter().for_each(|r| b.append_option(f(r)));
+        Arc::new(b.finish())
+    };
+    let columns: Vec<(&str, ArrayRef, bool)> = vec![
+        ("step", u(&|r| r.step), false),
+        ("tokens", u(&|r| r.tokens), false),
+        ("loss", f(&|r| Some(r.loss)), false),
+        ("mse", f(&|r| Some(r.mse)), false),
+        ("aux_loss", f(&|r| Some(r.aux)), false),
+        ("fvu", f(&|r| Some(r.fvu)), false),
+        ("l0", f(&|r| Some(r.l0)), false),
+        ("dead_fraction", f(&|r| Some(r.dead_fraction)), false),
+        ("lr", f(&|r| Some(r.lr)), false),
+        ("val_fvu", f(&|r| r.val_fvu), true),
+        ("val_l0", f(&|r| r.val_l0), true),
+    ];
+    let schema = Schema::new(
+        columns
+            .iter()
+            .map(|(n, a, null)| Field::new(*n, a.data_type().clone(), *null))
+            .collect::<Vec<_>>(),
+    );
+    Ok(RecordBatch::try_new(
+        Arc::new(schema),
+        columns.into_iter().map(|(_, a, _)| a).collect(),
+    )?)
+}
