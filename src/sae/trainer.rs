@@ -450,7 +450,15 @@ fn validation_rows(store: &ActivationStore, cfg: &TrainConfig) -> anyhow::Result
     };
     match store.batches(&options, &Device::Cpu)?.next() {
         Some(b) => {
-            let mut x: Vec<f32> = b?.acts.flatten_all()?.to_vec1()?;
+            let b = b?;
+            let mut x: Vec<f32> = b.acts.flatten_all()?.to_vec1()?;
+            if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "non-finite activation in tokens.parquet row {} (column {}) of the capture",
+                    b.rows[i / store.d_model()],
+                    i % store.d_model()
+                );
+            }
             x.iter_mut().for_each(|v| *v *= cfg.scale);
             Ok(Some(x))
         }

@@ -1,0 +1,361 @@
+//! The `train` stage end to end: SAELens export whose encoding matches the formulas, reproducible bits,
+//! exact resume after SIGKILL, and clear errors for bad inputs.
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use common::{object_of, ok, run, text, write};
+use saeflow::data::activations::{ActivationStore, ReadOptions};
+use saeflow::sae::format::Sae;
+
+fn shared(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(p)
+}
+
+/// nanochat-d4 activations of the geometry-of-truth preset, and an SAE trained on them.
+fn pipeline(dir: &Path, train: &str) {
+    write(
+        &dir.join("p.toml"),
+        &format!(
+            r#"[pipeline]
+name = "tr"
+
+[models.nc]
+kind = "nanochat"
+path = "{model}"
+
+[stages.data]
+kind = "dataset"
+sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 4000 }}]
+
+[stages.acts]
+kind = "capture"
+input = "data"
+model = "nc"
+hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+tokens = 24000
+pack = true
+
+[stages.sae]
+kind = "train"
+input = "acts"
+hook = "blocks.2.hook_resid_post"
+expansion = 4
+k = 8
+batch_size = 256
+log_every = 5
+{train}
+"#,
+            model = shared("fixtures/nanochat-d4").display(),
+            data = shared("data/geometry_of_truth").display(),
+        ),
+    );
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn the_exported_sae_loads_and_encodes_by_the_saelens_topk_formula() {
+    let dir = tempfile::tempdir().unwrap();
+    pipeline(dir.path(), "tokens = 10240");
+    ok(dir.path(), &["run", "p.toml"]);
+    let cache = dir.path().join("cache");
+    let object = object_of(&cache, "tr", "sae");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(object.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architecture"], "topk");
+    assert_eq!(
+        (
+            cfg["d_in"].as_u64(),
+            cfg["d_sae"].as_u64(),
+            cfg["k"].as_u64()
+        ),
+        (Some(128), Some(512), Some(8))
+    );
+    assert_eq!(cfg["metadata"]["hook_name"], "blocks.2.hook_resid_post");
+    assert!(cfg["metadata"]["sae_lens_version"]
+        .as_str()
+        .unwrap()
+        .starts_with('6'));
+    let sparsity =
+        candle_core::safetensors::load(object.join("sparsity.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(sparsity["sparsity"].dims(), [512]);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(object.join("train.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 40);
+    let val_fvu = summary["final"]["val_fvu"].as_f64().unwrap();
+    assert!(val_fvu < 0.6, "validation FVU {val_fvu}");
+
+    let sae = Sae::load(&object, &Device::Cpu).unwrap();
+    let store = ActivationStore::open(&object_of(&cache, "tr", "acts"), "blocks.2.hook_resid_post")
+        .unwrap();
+    let x = store
+        .batches(
+            &ReadOptions {
+                batch_size: 64,
+                ..ReadOptions::default()
+            },
+            &Device::Cpu,
+        )
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .acts;
+    let a = sae.encode(&x).unwrap();
+    // SAELens TopK, written out: relu(topk((x − b_dec) W_enc + b_enc)), from the saved tensors.
+    let w = candle_core::safetensors::load(object.join("sae_weights.safetensors"), &Device::Cpu)
+        .unwrap();
+    let xs: Vec<Vec<f32>> = x.to_vec2().unwrap();
+    let (w_enc, b_enc, b_dec): (Vec<Vec<f32>>, Vec<f32>, Vec<f32>) = (
+        w["W_enc"].to_vec2().unwrap(),
+        w["b_enc"].to_vec1().unwrap(),
+        w["b_dec"].to_vec1().unwrap(),
+    );
+    let mut expected = vec![vec![0f32; 512]; xs.len()];
+    for (row, out) in xs.iter().zip(expected.iter_mut()) {
+        let pre: Vec<f32> = (0..512)
+            .map(|j| {
+                (0..128)
+                    .map(|i| (row[i] - b_dec[i]) * w_enc[i][j])
+                    .sum::<f32>()
+                    + b_enc[j]
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..512).collect();
+        order.sort_by(|&p, &q| pre[q].total_cmp(&pre[p]));
+        for &j in &order[..8] {
+            out[j] = pre[j].max(0.0);
+        }
+    }
+    let expected = Tensor::new(expected, &Device::Cpu).unwrap();
+    assert!(
+        max_diff(&a, &expected) < 1e-4,
+        "{}",
+        max_diff(&a, &expected)
+    );
+    // The reconstruction explains most of the variance of held-in activations too.
+    let recon = sae.decode(&a).unwrap();
+    let err: f32 = (recon - &x)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let var: f32 = x
+        .broadcast_sub(&x.mean_keepdim(0).unwrap())
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(err / var < 0.6, "FVU {}", err / var);
+
+    // Same config and seed: the same bits, and a rerun computes nothing.
+    let again = tempfile::tempdir().unwrap();
+    pipeline(again.path(), "tokens = 10240");
+    ok(again.path(), &["run", "p.toml"]);
+    assert_eq!(
+        common::published_outputs(&cache),
+        common::published_outputs(&again.path().join("cache"))
+    );
+    assert!(ok(dir.path(), &["run", "p.toml"]).contains("0 computed"));
+}
+
+#[test]
+fn sigkill_during_training_resumes_from_checkpoints_to_identical_weights() {
+    use rand::{Rng, SeedableRng};
+    let settings = "tokens = 30720\ncheckpoint_every = 4";
+    let reference = tempfile::tempdir().unwrap();
+    pipeline(reference.path(), settings);
+    ok(reference.path(), &["run", "p.toml", "acts"]);
+    let started = std::time::Instant::now();
+    ok(reference.path(), &["run", "p.toml"]);
+    let full = started.elapsed();
+    let expected = common::published_outputs(&reference.path().join("cache"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pipeline(d, settings);
+    ok(d, &["run", "p.toml", "acts"]);
+    let seed = std::process::id() as u64;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    println!("kill-moment seed {seed}; uninterrupted training took {full:?}");
+    let checkpoints = |d: &Path| -> usize {
+        std::fs::read_dir(d.join("cache/partial"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|k| {
+                std::fs::read_dir(k.path().join("checkpoints"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
+            .filter_map(|e| e.file_name().to_string_lossy()[5..].parse::<usize>().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let mut resumed_at = Vec::new();
+    for kill in 0..5 {
+        let before = checkpoints(d);
+        let mut child = common::saeflow(d)
+            .args(["run", "-q", "p.toml"])
+            .spawn()
+            .unwrap();
+        // Wait for a newer checkpoint, then kill a random moment later.
+        while checkpoints(d) <= before {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "training finished before kill {kill}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(rng.random_range(0..30)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        resumed_at.push(checkpoints(d));
+        ok(d, &["cache", "verify"]);
+    }
+    let out = ok(d, &["run", "p.toml"]);
+    assert!(
+        out.contains("resuming from the checkpoint at step"),
+        "{out}"
+    );
+    let log: String = std::fs::read_dir(d.join("cache/logs"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let steps: Vec<usize> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("resuming from the checkpoint at step "))
+        .map(|s| s.parse().unwrap())
+        .collect();
+    println!("checkpoints after each kill {resumed_at:?}, resumed at {steps:?}");
+    assert_eq!(steps.len(), 5, "{log}");
+    assert_eq!(steps.last(), resumed_at.last());
+    assert_eq!(common::published_outputs(&d.join("cache")), expected);
+}
+
+fn fails(dir: &Path, fragments: &[&str]) {
+    let out = run(dir, &["run", "p.toml"]);
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    for f in fragments {
+        assert!(msg.contains(f), "missing `{f}` in:\n{msg}");
+    }
+    assert!(
+        !dir.join("cache/refs/tr/sae.json").exists(),
+        "a failed training was published"
+    );
+}
+
+#[test]
+fn bad_inputs_stop_training_with_clear_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pipeline(d, "tokens = 2560");
+    let toml = std::fs::read_to_string(d.join("p.toml")).unwrap();
+    write(
+        &d.join("p.toml"),
+        &toml.replace(
+            "hook = \"blocks.2.hook_resid_post\"",
+            "hook = \"blocks.0.hook_resid_post\"",
+        ),
+    );
+    fails(
+        d,
+        &[
+            "hook `blocks.0.hook_resid_post` was not captured",
+            "captured: blocks.1.hook_resid_post, blocks.2.hook_resid_post",
+        ],
+    );
+    write(&d.join("p.toml"), &toml.replace("k = 8", "k = 600"));
+    fails(d, &["k = 600 exceeds the SAE's 512 latents"]);
+    write(
+        &d.join("p.toml"),
+        &toml.replace(
+            "tokens = 2560",
+            "tokens = 25600\nlr = 1e30\ncheckpoint_every = 2",
+        ),
+    );
+    fails(
+        d,
+        &[
+            "training diverged at step",
+            "the last good checkpoint (step",
+        ],
+    );
+
+    // Corrupt one stored activation into NaN (same size, so the cache's cheap check passes).
+    write(&d.join("p.toml"), &toml);
+    ok(d, &["run", "p.toml", "acts"]);
+    let acts = object_of(&d.join("cache"), "tr", "acts");
+    let store = ActivationStore::open(&acts, "blocks.2.hook_resid_post").unwrap();
+    let row = store
+        .split_mask(&["train".into()])
+        .unwrap()
+        .iter()
+        .position(|&t| t)
+        .unwrap();
+    let first: Vec<f32> = store
+        .batches(
+            &ReadOptions {
+                batch_size: row + 1,
+                ..ReadOptions::default()
+            },
+            &Device::Cpu,
+        )
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .acts
+        .get(row)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let file = acts.join("acts-blocks.2.hook_resid_post-00000.parquet");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let pattern: Vec<u8> = first[..4].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let at = bytes
+        .windows(16)
+        .position(|w| w == pattern.as_slice())
+        .expect("the row in the file");
+    // Rows of one page are contiguous (plain, uncompressed): poison the first value of the next 1000 train
+    // rows, so a 10-step run surely meets one.
+    let mask = store.split_mask(&["train".into()]).unwrap();
+    for r in (row..row + 1000).filter(|&r| mask[r]) {
+        let o = at + (r - row) * 128 * 4;
+        bytes[o..o + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    let mut perms = std::fs::metadata(&file).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&file, perms).unwrap();
+    std::fs::write(&file, bytes).unwrap();
+    fails(
+        d,
+        &[
+            "non-finite activation in tokens.parquet row ",
+            "(column 0) of the capture",
+        ],
+    );
+}
