@@ -118,6 +118,25 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: crate::models::WeightFormat,
     },
+    /// Run a saved SAE (SAELens or sparsify directory) over stored activations and write inputs, latent
+    /// activations and reconstructions to a safetensors file (`x`, `acts`, `recon`), e.g. to compare with
+    /// another implementation (`scripts/check_saelens.py`).
+    SaeEncode {
+        /// The SAE directory.
+        sae: PathBuf,
+        /// A capture's object directory.
+        #[arg(long)]
+        capture: PathBuf,
+        /// Hook to read (default: the SAE's `metadata.hook_name`).
+        #[arg(long)]
+        hook: Option<String>,
+        /// Rows, from the start of the store.
+        #[arg(long, default_value_t = 256)]
+        rows: usize,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Measure throughput (see BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -475,6 +494,13 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             passes,
         )
         .map_err(Error::Other),
+        Command::SaeEncode {
+            sae,
+            capture,
+            hook,
+            rows,
+            out,
+        } => sae_encode(&sae, &capture, hook.as_deref(), rows, &out).map_err(Error::Other),
         Command::Schema { output } => {
             let schema = crate::config::pipeline_schema(&registry);
             let text = serde_json::to_string_pretty(&schema).expect("JSON") + "\n";
@@ -603,4 +629,44 @@ fn print_model_report(r: &serde_json::Value) {
         );
     }
     println!("greedy: {:?}", r["greedy_text"].as_str().unwrap_or(""));
+}
+
+fn sae_encode(
+    sae_dir: &Path,
+    capture: &Path,
+    hook: Option<&str>,
+    rows: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
+    use crate::data::activations::{ActivationStore, ReadOptions};
+    use anyhow::Context;
+    let device = candle_core::Device::Cpu;
+    let sae = crate::sae::format::Sae::load(sae_dir, &device)?;
+    let hook = match hook {
+        Some(h) => h.to_string(),
+        None => sae.cfg["metadata"]["hook_name"]
+            .as_str()
+            .context("the SAE's cfg.json names no hook; pass --hook")?
+            .to_string(),
+    };
+    let store = ActivationStore::open(capture, &hook)?;
+    let options = ReadOptions {
+        batch_size: rows,
+        ..ReadOptions::default()
+    };
+    let x = store
+        .batches(&options, &device)?
+        .next()
+        .context("the capture is empty")??
+        .acts;
+    let acts = sae.encode(&x)?;
+    let recon = sae.decode(&acts)?;
+    let tensors = std::collections::HashMap::from([
+        ("x".to_string(), x),
+        ("acts".to_string(), acts),
+        ("recon".to_string(), recon),
+    ]);
+    candle_core::safetensors::save(&tensors, out)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
 }

@@ -270,3 +270,105 @@ fn keep_top_k(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
     let values = x.gather(&top, D::Minus1)?;
     x.zeros_like()?.scatter_add(&top, &values, D::Minus1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// d_in 2, d_sae 3, by hand: x = [2, 2], x − b_dec = [1, 1],
+    /// pre = [1·1 + 1·0, 1·0 + 1·2, −1 + 1] + b_enc = [1.1, 1.5, 0.0].
+    fn sae(activation: Activation) -> Sae {
+        Sae {
+            activation,
+            w_enc: t(&[1.0, 0.0, -1.0, 0.0, 2.0, 1.0], &[2, 3]),
+            b_enc: t(&[0.1, -0.5, 0.0], &[3]),
+            w_dec: t(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]),
+            b_dec: t(&[1.0, 1.0], &[2]),
+            threshold: Some(t(&[1.2, 1.0, -1.0], &[3])),
+            apply_b_dec_to_input: true,
+            cfg: Json::Null,
+        }
+    }
+
+    fn encode(s: &Sae) -> Vec<f32> {
+        s.encode(&t(&[2.0, 2.0], &[1, 2]))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn encodings_follow_the_saelens_formulas() {
+        assert_eq!(encode(&sae(Activation::Relu)), [1.1, 1.5, 0.0]);
+        assert_eq!(encode(&sae(Activation::TopK(1))), [0.0, 1.5, 0.0]);
+        assert_eq!(encode(&sae(Activation::TopK(2))), [1.1, 1.5, 0.0]);
+        // JumpReLU keeps pre-activations above their threshold: 1.1 ≤ 1.2 is dropped, 0.0 > −1 stays 0.
+        assert_eq!(encode(&sae(Activation::JumpRelu)), [0.0, 1.5, 0.0]);
+        let mut no_bias = sae(Activation::Relu);
+        no_bias.apply_b_dec_to_input = false;
+        // pre = [2, 4, 0] + b_enc
+        assert_eq!(encode(&no_bias), [2.1, 3.5, 0.0]);
+        let s = sae(Activation::TopK(1));
+        let recon: Vec<f32> = s
+            .decode(&t(&[0.0, 1.5, 0.0], &[1, 3]))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(recon, [1.0, 2.5]);
+    }
+
+    #[test]
+    fn saelens_and_sparsify_directories_load_with_shape_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sae(Activation::TopK(1));
+        s.threshold = None;
+        s.cfg = Sae::topk_cfg(2, 3, 1, &Provenance::default());
+        s.save(dir.path()).unwrap();
+        let loaded = Sae::load(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(loaded.activation, Activation::TopK(1));
+        assert_eq!(encode(&loaded), [0.0, 1.5, 0.0]);
+
+        // sparsify: encoder.weight is W_encᵀ; ReLU before top-k.
+        let sp = tempfile::tempdir().unwrap();
+        std::fs::write(
+            sp.path().join("cfg.json"),
+            r#"{"activation": "topk", "expansion_factor": 32, "normalize_decoder": true, "num_latents": 3, "k": 2, "multi_topk": false, "skip_connection": false, "transcode": false, "d_in": 2}"#,
+        )
+        .unwrap();
+        let tensors = HashMap::from([
+            (
+                "encoder.weight".to_string(),
+                s.w_enc.t().unwrap().contiguous().unwrap(),
+            ),
+            ("encoder.bias".to_string(), s.b_enc.clone()),
+            ("W_dec".to_string(), s.w_dec.clone()),
+            ("b_dec".to_string(), s.b_dec.clone()),
+        ]);
+        candle_core::safetensors::save(&tensors, sp.path().join("sae.safetensors")).unwrap();
+        let loaded = Sae::load(sp.path(), &Device::Cpu).unwrap();
+        assert_eq!(loaded.activation, Activation::ReluTopK(2));
+        assert_eq!(encode(&loaded), [1.1, 1.5, 0.0]);
+
+        // A weight of the wrong shape is named, with both shapes.
+        let bad = HashMap::from([
+            ("W_enc".to_string(), t(&[0.0; 4], &[2, 2])),
+            ("b_enc".to_string(), s.b_enc.clone()),
+            ("W_dec".to_string(), s.w_dec.clone()),
+            ("b_dec".to_string(), s.b_dec.clone()),
+        ]);
+        candle_core::safetensors::save(&bad, dir.path().join("sae_weights.safetensors")).unwrap();
+        let err = Sae::load(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        assert!(
+            err.contains("`W_enc` has shape [2, 2], cfg.json implies [2, 3]"),
+            "{err}"
+        );
+    }
+}
