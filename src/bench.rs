@@ -238,6 +238,7 @@ pub fn train(
     let cfg = TrainConfig {
         d_sae,
         k,
+        batch_topk: false,
         lr: (2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
         warmup_steps: 0,
         decay_fraction: 0.0,

@@ -359,3 +359,66 @@ fn bad_inputs_stop_training_with_clear_messages() {
         ],
     );
 }
+
+#[test]
+fn batch_top_k_exports_a_jumprelu_with_its_learned_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    // 240 steps: the threshold is an EMA (rate 0.01) from 0, so it needs some steps to settle.
+    pipeline(dir.path(), "tokens = 61440\narch = \"batchtopk\"");
+    ok(dir.path(), &["run", "p.toml"]);
+    let cache = dir.path().join("cache");
+    let object = object_of(&cache, "tr", "sae");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(object.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architecture"], "jumprelu");
+    assert!(cfg.get("k").is_none());
+    let w = candle_core::safetensors::load(object.join("sae_weights.safetensors"), &Device::Cpu)
+        .unwrap();
+    let threshold: Vec<f32> = w["threshold"].to_vec1().unwrap();
+    assert_eq!(threshold.len(), 512);
+    assert!(threshold[0] > 0.0 && threshold.iter().all(|&t| t == threshold[0]));
+
+    let sae = Sae::load(&object, &Device::Cpu).unwrap();
+    let store = ActivationStore::open(&object_of(&cache, "tr", "acts"), "blocks.2.hook_resid_post")
+        .unwrap();
+    let x = store
+        .batches(
+            &ReadOptions {
+                batch_size: 64,
+                ..ReadOptions::default()
+            },
+            &Device::Cpu,
+        )
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .acts;
+    // SAELens JumpReLU: pre · 1[pre > θ] (θ ≥ 0, so ReLU is implied).
+    let pre = x
+        .broadcast_sub(&w["b_dec"])
+        .unwrap()
+        .matmul(&w["W_enc"])
+        .unwrap()
+        .broadcast_add(&w["b_enc"])
+        .unwrap();
+    let keep = pre
+        .broadcast_gt(&w["threshold"])
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    let expected = (&pre * keep).unwrap();
+    let got = sae.encode(&x).unwrap();
+    assert!(max_diff(&got, &expected) < 1e-5);
+    let l0: f32 = got
+        .ne(0f32)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        / 64.0;
+    assert!((4.0..16.0).contains(&l0), "inference L0 {l0} for k = 8");
+}

@@ -155,6 +155,17 @@ impl Sae {
         })
     }
 
+    /// The SAELens `cfg.json` of a JumpReLU SAE (how SAELens exports BatchTopK too).
+    pub fn jumprelu_cfg(d_in: usize, d_sae: usize, from: &Provenance) -> Json {
+        let mut cfg = Self::topk_cfg(d_in, d_sae, 0, from);
+        let obj = cfg.as_object_mut().expect("an object");
+        obj.remove("k");
+        obj.remove("rescale_acts_by_decoder_norm");
+        obj.insert("architecture".into(), json!("jumprelu"));
+        obj["metadata"]["training_architecture"] = json!("batchtopk");
+        cfg
+    }
+
     /// Loads a SAELens (`cfg.json` + `sae_weights.safetensors`) or sparsify (`cfg.json` + `sae.safetensors`)
     /// directory, checking every shape against the config.
     pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Self> {

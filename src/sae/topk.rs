@@ -55,15 +55,30 @@ pub struct StepStats {
     pub fvu: f64,
     /// Mean number of non-zero latents per token.
     pub l0: f64,
+    /// Smallest positive activation kept (0 if none).
+    pub min_active: f64,
 }
 
-/// Per token: the selected latents and their (ReLU'd) activations.
+/// Per token: the selected latents and their (ReLU'd) activations, as compressed rows.
 #[derive(Debug, Clone)]
 pub struct Selection {
-    /// Latent indices, `k` per token.
+    /// Token t's entries are `offsets[t]..offsets[t + 1]`.
+    pub offsets: Vec<usize>,
+    /// Latent indices.
     pub index: Vec<u32>,
-    /// Activations, `k` per token.
+    /// Activations.
     pub value: Vec<f32>,
+}
+
+/// How latents are chosen per token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sparsity {
+    /// The k largest pre-activations of each token, ReLU'd (TopK).
+    TopK(usize),
+    /// The k·n largest ReLU'd pre-activations of the whole batch of n tokens (BatchTopK training).
+    BatchTopK(usize),
+    /// Every pre-activation above a threshold (BatchTopK at inference: a JumpReLU with one threshold).
+    Threshold(f32),
 }
 
 /// out[n×m] = a[n×d] · b[m×d]ᵀ, multithreaded. Wraps the `gemm` crate (the kernel candle's CPU matmul uses)
@@ -161,7 +176,91 @@ fn select_rows(
                 }
             }
         });
-    Selection { index, value }
+    Selection {
+        offsets: (0..=n).map(|t| t * k).collect(),
+        index,
+        value,
+    }
+}
+
+/// The `total` largest ReLU'd pre-activations of the whole batch; ties at the cut are taken in (token,
+/// latent) order, so the choice is deterministic.
+fn select_batch(pre: &[f32], m: usize, total: usize) -> Selection {
+    let n = pre.len() / m;
+    let total = total.min(pre.len());
+    let mut values: Vec<f32> = pre.par_iter().map(|v| v.max(0.0)).collect();
+    let cut = if total == 0 {
+        f32::INFINITY
+    } else {
+        let at = values.len() - total;
+        *values.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1
+    };
+    drop(values);
+    let counts: Vec<(usize, usize)> = pre
+        .par_chunks(m)
+        .map(|row| {
+            let above = row.iter().filter(|&&v| v.max(0.0) > cut).count();
+            let ties = row.iter().filter(|&&v| v.max(0.0) == cut).count();
+            (above, ties)
+        })
+        .collect();
+    let mut ties_left = total - counts.iter().map(|c| c.0).sum::<usize>();
+    let mut offsets = Vec::with_capacity(n + 1);
+    let mut ties_taken = Vec::with_capacity(n);
+    offsets.push(0);
+    for &(above, ties) in &counts {
+        let take = ties.min(ties_left);
+        ties_left -= take;
+        ties_taken.push(take);
+        offsets.push(offsets.last().unwrap() + above + take);
+    }
+    let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
+        .par_chunks(m)
+        .zip(ties_taken.par_iter())
+        .map(|(row, &take)| {
+            let (mut index, mut value, mut tied) = (Vec::new(), Vec::new(), 0);
+            for (j, &v) in row.iter().enumerate() {
+                let v = v.max(0.0);
+                if v > cut || (v == cut && tied < take) {
+                    tied += usize::from(v == cut);
+                    index.push(j as u32);
+                    value.push(v);
+                }
+            }
+            (index, value)
+        })
+        .collect();
+    Selection {
+        offsets,
+        index: rows.iter().flat_map(|r| r.0.iter().copied()).collect(),
+        value: rows.into_iter().flat_map(|r| r.1).collect(),
+    }
+}
+
+/// Every ReLU'd pre-activation above `threshold`.
+fn select_above(pre: &[f32], m: usize, threshold: f32) -> Selection {
+    let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
+        .par_chunks(m)
+        .map(|row| {
+            let mut out = (Vec::new(), Vec::new());
+            for (j, &v) in row.iter().enumerate() {
+                if v > threshold && v > 0.0 {
+                    out.0.push(j as u32);
+                    out.1.push(v);
+                }
+            }
+            out
+        })
+        .collect();
+    let mut offsets = vec![0];
+    for r in &rows {
+        offsets.push(offsets.last().unwrap() + r.0.len());
+    }
+    Selection {
+        offsets,
+        index: rows.iter().flat_map(|r| r.0.iter().copied()).collect(),
+        value: rows.into_iter().flat_map(|r| r.1).collect(),
+    }
 }
 
 impl Params {
@@ -182,21 +281,26 @@ impl Params {
         (centered, pre)
     }
 
-    /// The k largest pre-activations of each token, ReLU'd.
-    pub fn select(&self, pre: &[f32], k: usize) -> Selection {
-        select_rows(pre, self.d_sae, k, &|_| true)
+    /// The latents each token keeps.
+    pub fn select(&self, pre: &[f32], sparsity: Sparsity) -> Selection {
+        let m = self.d_sae;
+        match sparsity {
+            Sparsity::TopK(k) => select_rows(pre, m, k, &|_| true),
+            Sparsity::BatchTopK(k) => select_batch(pre, m, k * (pre.len() / m)),
+            Sparsity::Threshold(t) => select_above(pre, m, t),
+        }
     }
 
-    /// Σ_j a_j W_dec[j] (+ b_dec when `bias`) for every token of a selection of `k` per token.
-    pub fn decode(&self, sel: &Selection, k: usize, bias: bool) -> Vec<f32> {
+    /// Σ_j a_j W_dec[j] (+ b_dec when `bias`) for every token of a selection.
+    pub fn decode(&self, sel: &Selection, bias: bool) -> Vec<f32> {
         let d = self.d_in;
-        let n = sel.index.len() / k.max(1);
+        let n = sel.offsets.len() - 1;
         let mut out = vec![0f32; n * d];
         out.par_chunks_mut(d).enumerate().for_each(|(t, row)| {
             if bias {
                 row.copy_from_slice(&self.b_dec);
             }
-            for s in t * k..(t + 1) * k {
+            for s in sel.offsets[t]..sel.offsets[t + 1] {
                 let a = sel.value[s];
                 if a != 0.0 {
                     let w = &self.w_dec[sel.index[s] as usize * d..][..d];
@@ -210,11 +314,11 @@ impl Params {
     }
 
     /// Reconstruction statistics of a batch without gradients (validation).
-    pub fn evaluate(&self, x: &[f32], k: usize) -> StepStats {
+    pub fn evaluate(&self, x: &[f32], sparsity: Sparsity) -> StepStats {
         let n = x.len() / self.d_in;
         let (_, pre) = self.pre_activations(x, n);
-        let sel = self.select(&pre, k);
-        let recon = self.decode(&sel, k, true);
+        let sel = self.select(&pre, sparsity);
+        let recon = self.decode(&sel, true);
         let sq: f64 = recon
             .iter()
             .zip(x)
@@ -225,6 +329,7 @@ impl Params {
             aux: 0.0,
             fvu: sq / total_variance(x, self.d_in).max(f64::MIN_POSITIVE),
             l0: sel.value.iter().filter(|&&a| a > 0.0).count() as f64 / n as f64,
+            min_active: min_active(&sel),
         }
     }
 
@@ -233,7 +338,7 @@ impl Params {
     pub fn step(
         &self,
         x: &[f32],
-        k: usize,
+        sparsity: Sparsity,
         dead: &[bool],
         aux_coef: f32,
         grads: &mut Grads,
@@ -241,8 +346,8 @@ impl Params {
         let (d, m) = (self.d_in, self.d_sae);
         let n = x.len() / d;
         let (centered, pre) = self.pre_activations(x, n);
-        let sel = self.select(&pre, k);
-        let recon = self.decode(&sel, k, true);
+        let sel = self.select(&pre, sparsity);
+        let recon = self.decode(&sel, true);
         // e = x̂ − x; d mse / d x̂ = 2e/n.
         let err: Vec<f32> = recon.iter().zip(x).map(|(r, x)| r - x).collect();
         let sq: f64 = err.iter().map(|&e| (e as f64) * (e as f64)).sum();
@@ -254,7 +359,7 @@ impl Params {
         let (aux_sel, aux_err, aux_loss, aux_scale) = if aux_coef > 0.0 && k_aux > 0 {
             let scale = (num_dead as f32 / (d / 2) as f32).min(1.0);
             let aux = select_rows(&pre, m, k_aux, &|j| dead[j]);
-            let aux_recon = self.decode(&aux, k_aux, false);
+            let aux_recon = self.decode(&aux, false);
             // aux_recon − (x − x̂) = aux_recon + e
             let aux_err: Vec<f32> = aux_recon.iter().zip(&err).map(|(a, e)| a + e).collect();
             let aux_sq: f64 = aux_err.iter().map(|&e| (e as f64) * (e as f64)).sum();
@@ -282,10 +387,10 @@ impl Params {
             aux: bool,
         }
         let mut starts = vec![0usize; m + 1];
-        let selections: Vec<(&Selection, usize, bool)> = std::iter::once((&sel, k, false))
-            .chain(aux_sel.as_ref().map(|a| (a, k_aux, true)))
+        let selections: Vec<(&Selection, bool)> = std::iter::once((&sel, false))
+            .chain(aux_sel.as_ref().map(|a| (a, true)))
             .collect();
-        for (s, _, _) in &selections {
+        for (s, _) in &selections {
             for &j in &s.index {
                 starts[j as usize + 1] += 1;
             }
@@ -295,15 +400,17 @@ impl Params {
         }
         let mut entries = vec![Entry::default(); starts[m]];
         let mut fill = starts.clone();
-        for (s, kk, aux) in &selections {
-            for (i, (&j, &act)) in s.index.iter().zip(&s.value).enumerate() {
-                let token = (i / kk) as u32;
-                entries[fill[j as usize]] = Entry {
-                    token,
-                    act,
-                    aux: *aux,
-                };
-                fill[j as usize] += 1;
+        for (s, aux) in &selections {
+            for t in 0..n {
+                for e in s.offsets[t]..s.offsets[t + 1] {
+                    let j = s.index[e] as usize;
+                    entries[fill[j]] = Entry {
+                        token: t as u32,
+                        act: s.value[e],
+                        aux: *aux,
+                    };
+                    fill[j] += 1;
+                }
             }
         }
 
@@ -367,8 +474,19 @@ impl Params {
             aux: aux_loss,
             fvu: sq / total_variance(x, d).max(f64::MIN_POSITIVE),
             l0: sel.value.iter().filter(|&&a| a > 0.0).count() as f64 / n as f64,
+            min_active: min_active(&sel),
         }
     }
+}
+
+/// The smallest positive selected activation (BatchTopK's threshold tracks it); 0 when none.
+fn min_active(sel: &Selection) -> f64 {
+    sel.value
+        .iter()
+        .copied()
+        .filter(|&a| a > 0.0)
+        .reduce(f32::min)
+        .unwrap_or(0.0) as f64
 }
 
 /// Σ over tokens of ‖x − mean(x)‖² (the batch's total variance, FVU's denominator).
@@ -420,11 +538,13 @@ mod tests {
     }
 
     /// The loss written out with plain loops in f64, straight from the definition. With `residual`, AuxK
-    /// fits that fixed residual (the detached x − x̂ of the unperturbed parameters).
+    /// fits that fixed residual (the detached x − x̂ of the unperturbed parameters). `batch` selects the
+    /// k·n largest ReLU'd pre-activations of the whole batch (BatchTopK) instead of k per token.
     fn reference_loss(
         p: &Params,
         x: &[f32],
         k: usize,
+        batch: bool,
         dead: &[bool],
         coef: f64,
         residual: Option<&[f64]>,
@@ -435,16 +555,36 @@ mod tests {
         let mut resid = Vec::new();
         let num_dead = dead.iter().filter(|&&b| b).count();
         let k_aux = (d / 2).min(num_dead);
+        let pre: Vec<Vec<f64>> = (0..n)
+            .map(|t| {
+                (0..m)
+                    .map(|j| {
+                        (0..d)
+                            .map(|i| (x[t * d + i] - p.b_dec[i]) as f64 * p.w_enc[j * d + i] as f64)
+                            .sum::<f64>()
+                            + p.b_enc[j] as f64
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut batch_pick = vec![Vec::new(); n];
+        if batch {
+            let mut all: Vec<(usize, usize)> =
+                (0..n).flat_map(|t| (0..m).map(move |j| (t, j))).collect();
+            all.sort_by(|&(t, j), &(u, l)| {
+                pre[u][l]
+                    .max(0.0)
+                    .partial_cmp(&pre[t][j].max(0.0))
+                    .unwrap()
+                    .then((t, j).cmp(&(u, l)))
+            });
+            for &(t, j) in &all[..k * n] {
+                batch_pick[t].push(j);
+            }
+        }
         for t in 0..n {
             let xt = &x[t * d..][..d];
-            let pre: Vec<f64> = (0..m)
-                .map(|j| {
-                    (0..d)
-                        .map(|i| (xt[i] - p.b_dec[i]) as f64 * p.w_enc[j * d + i] as f64)
-                        .sum::<f64>()
-                        + p.b_enc[j] as f64
-                })
-                .collect();
+            let pre = &pre[t];
             let pick = |k: usize, ok: &dyn Fn(usize) -> bool| {
                 let mut idx: Vec<usize> = (0..m).filter(|&j| ok(j)).collect();
                 idx.sort_by(|&a, &b| pre[b].partial_cmp(&pre[a]).unwrap().then(a.cmp(&b)));
@@ -452,7 +592,12 @@ mod tests {
                 idx
             };
             let mut xhat: Vec<f64> = p.b_dec.iter().map(|&b| b as f64).collect();
-            for j in pick(k, &|_| true) {
+            let chosen = if batch {
+                batch_pick[t].clone()
+            } else {
+                pick(k, &|_| true)
+            };
+            for j in chosen {
                 for i in 0..d {
                     xhat[i] += pre[j].max(0.0) * p.w_dec[j * d + i] as f64;
                 }
@@ -475,13 +620,18 @@ mod tests {
         ((mse + aux) / n as f64, resid)
     }
 
-    fn check(dead: &[bool], coef: f32) {
+    fn check(dead: &[bool], coef: f32, batch: bool) {
         let (d, m, k, n) = (6, 16, 3, 5);
         let p = params(d, m);
         let x = random(n * d, 9, 1.0);
         let mut g = Grads::default();
-        let stats = p.step(&x, k, dead, coef, &mut g);
-        let (loss, residual) = reference_loss(&p, &x, k, dead, coef as f64, None);
+        let sparsity = if batch {
+            Sparsity::BatchTopK(k)
+        } else {
+            Sparsity::TopK(k)
+        };
+        let stats = p.step(&x, sparsity, dead, coef, &mut g);
+        let (loss, residual) = reference_loss(&p, &x, k, batch, dead, coef as f64, None);
         assert!(
             ((stats.mse + stats.aux) - loss).abs() < 1e-4 * loss,
             "{stats:?} vs {loss}"
@@ -500,8 +650,8 @@ mod tests {
                 field(&mut plus)[i] += h;
                 let mut minus = p.clone();
                 field(&mut minus)[i] -= h;
-                let lp = reference_loss(&plus, &x, k, dead, coef as f64, Some(&residual)).0;
-                let lm = reference_loss(&minus, &x, k, dead, coef as f64, Some(&residual)).0;
+                let lp = reference_loss(&plus, &x, k, batch, dead, coef as f64, Some(&residual)).0;
+                let lm = reference_loss(&minus, &x, k, batch, dead, coef as f64, Some(&residual)).0;
                 let numeric = (lp - lm) / (2.0 * h as f64);
                 assert!(
                     (numeric - grad[i] as f64).abs() < 2e-3 * (1.0 + numeric.abs()),
@@ -513,14 +663,33 @@ mod tests {
     }
 
     #[test]
+    fn batch_top_k_keeps_the_largest_activations_of_the_whole_batch() {
+        // Two tokens, three latents, k = 1: the two largest of the batch are both in token 0.
+        let pre = [5.0, 4.0, -1.0, 1.0, 0.5, 0.2];
+        let sel = select_batch(&pre, 3, 2);
+        assert_eq!(sel.offsets, [0, 2, 2]);
+        assert_eq!((sel.index, sel.value), (vec![0, 1], vec![5.0, 4.0]));
+        // Ties at the cut go to the earlier (token, latent).
+        let sel = select_batch(&[1.0, 2.0, 1.0, 1.0], 2, 2);
+        assert_eq!((sel.offsets, sel.index), (vec![0, 2, 2], vec![0, 1]));
+    }
+
+    #[test]
+    fn batch_top_k_gradients_match_finite_differences() {
+        check(&[false; 16], 0.0, true);
+        let dead: Vec<bool> = (0..16).map(|j| j % 4 == 1).collect();
+        check(&dead, 0.25, true);
+    }
+
+    #[test]
     fn gradients_match_finite_differences_without_auxk() {
-        check(&[false; 16], 0.0);
+        check(&[false; 16], 0.0, false);
     }
 
     #[test]
     fn gradients_match_finite_differences_with_auxk_on_dead_latents() {
         let dead: Vec<bool> = (0..16).map(|j| j % 3 == 0).collect();
-        check(&dead, 1.0 / 32.0 * 8.0);
+        check(&dead, 1.0 / 32.0 * 8.0, false);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::adam::{AdamConfig, Moments};
-use super::topk::{Grads, Params, StepStats};
+use super::topk::{Grads, Params, Sparsity, StepStats};
 use crate::data::activations::{ActivationStore, ReadOptions};
 
 /// Everything that shapes a training run.
@@ -26,8 +26,11 @@ use crate::data::activations::{ActivationStore, ReadOptions};
 pub struct TrainConfig {
     /// Latents.
     pub d_sae: usize,
-    /// Active latents per token.
+    /// Active latents per token (on average over the batch with `batch_topk`).
     pub k: usize,
+    /// BatchTopK: the k·n largest activations of the batch instead of k per token; a global threshold is
+    /// learned (EMA of the smallest kept activation) and the SAE is exported as a JumpReLU with it.
+    pub batch_topk: bool,
     /// Peak learning rate.
     pub lr: f32,
     /// Linear warm-up steps.
@@ -104,6 +107,8 @@ pub struct State {
     pub fired_total: Vec<u64>,
     /// Log rows so far.
     pub log: Vec<LogRow>,
+    /// BatchTopK's learned threshold (EMA of the smallest kept activation, rate 0.01, as SAELens).
+    pub threshold: f64,
 }
 
 /// Where a run reports to.
@@ -125,6 +130,15 @@ pub enum Stop {
 }
 
 impl TrainConfig {
+    /// How latents are chosen in training.
+    pub fn training_sparsity(&self) -> Sparsity {
+        if self.batch_topk {
+            Sparsity::BatchTopK(self.k)
+        } else {
+            Sparsity::TopK(self.k)
+        }
+    }
+
     /// Learning rate at step `t` (1-based): linear warm-up, constant, linear decay to 0 at the end.
     pub fn lr_at(&self, t: u64) -> f32 {
         let warm = if self.warmup_steps > 0 && t <= self.warmup_steps {
@@ -187,6 +201,16 @@ impl State {
             since_fired: vec![0; cfg.d_sae],
             fired_total: vec![0; cfg.d_sae],
             log: Vec::new(),
+            threshold: 0.0,
+        }
+    }
+
+    /// How the exported SAE chooses latents: TopK, or BatchTopK's learned threshold.
+    pub fn inference_sparsity(&self, cfg: &TrainConfig) -> Sparsity {
+        if cfg.batch_topk {
+            Sparsity::Threshold(self.threshold as f32)
+        } else {
+            Sparsity::TopK(cfg.k)
         }
     }
 
@@ -201,7 +225,12 @@ impl State {
     /// One optimiser step on a normalised batch; returns its statistics.
     pub fn step(&mut self, cfg: &TrainConfig, x: &[f32], grads: &mut Grads) -> StepStats {
         let dead = self.dead(cfg);
-        let stats = self.params.step(x, cfg.k, &dead, cfg.aux_coef, grads);
+        let stats = self
+            .params
+            .step(x, cfg.training_sparsity(), &dead, cfg.aux_coef, grads);
+        if cfg.batch_topk && stats.min_active > 0.0 {
+            self.threshold = 0.99 * self.threshold + 0.01 * stats.min_active;
+        }
         let d = self.params.d_in;
         // Remove the part of each decoder row's gradient along the (unit) row: only directions can change.
         for (g, w) in grads.w_dec.chunks_mut(d).zip(self.params.w_dec.chunks(d)) {
@@ -277,7 +306,8 @@ impl State {
         let tensors: std::collections::HashMap<String, Tensor> =
             self.tensors()?.into_iter().collect();
         candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-        let meta = serde_json::json!({"step": self.step, "log": self.log});
+        let meta =
+            serde_json::json!({"step": self.step, "log": self.log, "threshold": self.threshold});
         std::fs::write(tmp.join("state.json"), serde_json::to_vec(&meta)?)?;
         for f in ["state.safetensors", "state.json"] {
             std::fs::File::open(tmp.join(f))?.sync_all()?;
@@ -357,6 +387,7 @@ impl State {
             since_fired: u("since_fired")?,
             fired_total: u("fired_total")?,
             log: serde_json::from_value(meta["log"].clone())?,
+            threshold: meta["threshold"].as_f64().unwrap_or(0.0),
         }))
     }
 }
@@ -376,15 +407,29 @@ impl State {
             .t()?
             .contiguous()?
             * s as f64;
+        // The fold keeps pre-activations unchanged, so BatchTopK's threshold carries over as it is.
+        let (activation, threshold, sae_cfg) = if cfg.batch_topk {
+            (
+                super::format::Activation::JumpRelu,
+                Some(Tensor::full(self.threshold as f32, m, &cpu)?),
+                super::format::Sae::jumprelu_cfg(d, m, from),
+            )
+        } else {
+            (
+                super::format::Activation::TopK(cfg.k),
+                None,
+                super::format::Sae::topk_cfg(d, m, cfg.k, from),
+            )
+        };
         Ok(super::format::Sae {
-            activation: super::format::Activation::TopK(cfg.k),
+            activation,
             w_enc: w_enc?,
             b_enc: Tensor::from_slice(&p.b_enc, m, &cpu)?,
             w_dec: (Tensor::from_slice(&p.w_dec, (m, d), &cpu)? / s as f64)?,
             b_dec: (Tensor::from_slice(&p.b_dec, d, &cpu)? / s as f64)?,
-            threshold: None,
+            threshold,
             apply_b_dec_to_input: true,
-            cfg: super::format::Sae::topk_cfg(d, m, cfg.k, from),
+            cfg: sae_cfg,
         })
     }
 
@@ -531,7 +576,9 @@ pub fn train(
         }
         let step = state.step;
         if step % cfg.log_every == 0 || step == cfg.steps {
-            let v = val.as_ref().map(|v| state.params.evaluate(v, cfg.k));
+            let v = val
+                .as_ref()
+                .map(|v| state.params.evaluate(v, state.inference_sparsity(cfg)));
             let dead = state.dead(cfg).iter().filter(|&&b| b).count();
             state.log.push(LogRow {
                 step,
@@ -564,6 +611,7 @@ mod tests {
         TrainConfig {
             d_sae: 8,
             k: 2,
+            batch_topk: false,
             lr: 1.0,
             warmup_steps: warmup,
             decay_fraction: decay,

@@ -26,6 +26,8 @@ pub enum Arch {
     /// TopK with AuxK (OpenAI / sparsify).
     #[default]
     Topk,
+    /// BatchTopK (k·batch largest activations per batch, learned threshold; exported as JumpReLU).
+    Batchtopk,
 }
 
 /// Parameters of a `train` stage.
@@ -242,6 +244,7 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     let cfg = TrainConfig {
         d_sae,
         k: p.k,
+        batch_topk: p.arch == Arch::Batchtopk,
         lr: p.lr.unwrap_or(2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
         warmup_steps: p.warmup_steps.unwrap_or((steps / 10).min(1000)),
         decay_fraction: p.decay,
@@ -263,8 +266,12 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         buffer_rows: p.buffer_rows,
     };
     ctx.log(&format!(
-        "training a TopK SAE (d_in {d_in}, d_sae {d_sae}, k {}) on {hook} of `{}`: {steps} steps of {} tokens, lr {:.2e}",
-        p.k, p.input, p.batch_size, cfg.lr
+        "training a {} SAE (d_in {d_in}, d_sae {d_sae}, k {}) on {hook} of `{}`: {steps} steps of {} tokens, lr {:.2e}",
+        if cfg.batch_topk { "BatchTopK" } else { "TopK" },
+        p.k,
+        p.input,
+        p.batch_size,
+        cfg.lr
     ));
     ctx.progress.set_total(steps * p.batch_size as u64);
     let started = std::time::Instant::now();
