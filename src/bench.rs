@@ -222,7 +222,7 @@ pub fn train(
     batch: usize,
     steps: usize,
 ) -> anyhow::Result<()> {
-    use crate::sae::topk::Grads;
+    use crate::sae::step::Grads;
     use crate::sae::trainer::{State, TrainConfig};
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
@@ -237,8 +237,8 @@ pub fn train(
         .collect();
     let cfg = TrainConfig {
         d_sae,
-        k,
-        batch_topk: false,
+        sparsity: crate::sae::step::Sparsity::TopK(k),
+        penalty_warmup_steps: 0,
         lr: (2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
         warmup_steps: 0,
         decay_fraction: 0.0,

@@ -422,3 +422,76 @@ fn batch_top_k_exports_a_jumprelu_with_its_learned_threshold() {
         / 64.0;
     assert!((4.0..16.0).contains(&l0), "inference L0 {l0} for k = 8");
 }
+
+#[test]
+fn jumprelu_and_relu_export_as_saelens_jumprelu_and_standard() {
+    for (arch, saelens) in [("jumprelu", "jumprelu"), ("relu", "standard")] {
+        let dir = tempfile::tempdir().unwrap();
+        pipeline(
+            dir.path(),
+            &format!("tokens = 5120\narch = \"{arch}\"\npenalty_warmup_steps = 5"),
+        );
+        ok(dir.path(), &["run", "p.toml"]);
+        let cache = dir.path().join("cache");
+        let object = object_of(&cache, "tr", "sae");
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(object.join("cfg.json")).unwrap()).unwrap();
+        assert_eq!(cfg["architecture"], saelens);
+        assert_eq!(
+            cfg["metadata"]["training_architecture"],
+            if arch == "relu" { "standard" } else { arch }
+        );
+        let w =
+            candle_core::safetensors::load(object.join("sae_weights.safetensors"), &Device::Cpu)
+                .unwrap();
+        assert_eq!(w.contains_key("threshold"), arch == "jumprelu");
+        let sae = Sae::load(&object, &Device::Cpu).unwrap();
+        let store =
+            ActivationStore::open(&object_of(&cache, "tr", "acts"), "blocks.2.hook_resid_post")
+                .unwrap();
+        let x = store
+            .batches(
+                &ReadOptions {
+                    batch_size: 32,
+                    ..ReadOptions::default()
+                },
+                &Device::Cpu,
+            )
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .acts;
+        let pre = x
+            .broadcast_sub(&w["b_dec"])
+            .unwrap()
+            .matmul(&w["W_enc"])
+            .unwrap()
+            .broadcast_add(&w["b_enc"])
+            .unwrap();
+        let expected = match arch {
+            "jumprelu" => {
+                let keep = pre
+                    .broadcast_gt(&w["threshold"])
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap();
+                (pre.relu().unwrap() * keep).unwrap()
+            }
+            _ => pre.relu().unwrap(),
+        };
+        assert!(
+            max_diff(&sae.encode(&x).unwrap(), &expected) < 1e-5,
+            "{arch}"
+        );
+        let log = std::fs::read_to_string(
+            std::fs::read_dir(cache.join("logs"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| std::fs::read_to_string(p).unwrap().contains("training a"))
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(log.contains(&format!("training a {arch} SAE")), "{log}");
+    }
+}

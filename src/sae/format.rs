@@ -155,14 +155,30 @@ impl Sae {
         })
     }
 
-    /// The SAELens `cfg.json` of a JumpReLU SAE (how SAELens exports BatchTopK too).
-    pub fn jumprelu_cfg(d_in: usize, d_sae: usize, from: &Provenance) -> Json {
+    /// The SAELens `cfg.json` of a JumpReLU SAE (how SAELens exports BatchTopK too); `trained_as` names the
+    /// training architecture.
+    pub fn jumprelu_cfg(d_in: usize, d_sae: usize, trained_as: &str, from: &Provenance) -> Json {
+        Self::plain_cfg("jumprelu", d_in, d_sae, trained_as, from)
+    }
+
+    /// The SAELens `cfg.json` of a ReLU (`standard`) SAE.
+    pub fn standard_cfg(d_in: usize, d_sae: usize, from: &Provenance) -> Json {
+        Self::plain_cfg("standard", d_in, d_sae, "standard", from)
+    }
+
+    fn plain_cfg(
+        arch: &str,
+        d_in: usize,
+        d_sae: usize,
+        trained_as: &str,
+        from: &Provenance,
+    ) -> Json {
         let mut cfg = Self::topk_cfg(d_in, d_sae, 0, from);
         let obj = cfg.as_object_mut().expect("an object");
         obj.remove("k");
         obj.remove("rescale_acts_by_decoder_norm");
-        obj.insert("architecture".into(), json!("jumprelu"));
-        obj["metadata"]["training_architecture"] = json!("batchtopk");
+        obj.insert("architecture".into(), json!(arch));
+        obj["metadata"]["training_architecture"] = json!(trained_as);
         cfg
     }
 

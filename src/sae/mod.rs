@@ -2,5 +2,5 @@
 
 pub mod adam;
 pub mod format;
-pub mod topk;
+pub mod step;
 pub mod trainer;

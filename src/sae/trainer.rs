@@ -18,19 +18,20 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::adam::{AdamConfig, Moments};
-use super::topk::{Grads, Params, Sparsity, StepStats};
+use super::step::{Grads, Params, Sparsity, StepStats};
 use crate::data::activations::{ActivationStore, ReadOptions};
 
 /// Everything that shapes a training run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     /// Latents.
     pub d_sae: usize,
-    /// Active latents per token (on average over the batch with `batch_topk`).
-    pub k: usize,
-    /// BatchTopK: the k·n largest activations of the batch instead of k per token; a global threshold is
-    /// learned (EMA of the smallest kept activation) and the SAE is exported as a JumpReLU with it.
-    pub batch_topk: bool,
+    /// Architecture and its sparsity rule: TopK(k); BatchTopK(k) (the k·n largest activations of the batch,
+    /// a global threshold learned as an EMA of the smallest kept one, exported as a JumpReLU); JumpReLU
+    /// (learned per-latent thresholds, L0 penalty); ReLU (L1 penalty).
+    pub sparsity: Sparsity,
+    /// Steps over which the L0/L1 coefficient ramps up linearly from 0.
+    pub penalty_warmup_steps: u64,
     /// Peak learning rate.
     pub lr: f32,
     /// Linear warm-up steps.
@@ -78,6 +79,9 @@ pub struct LogRow {
     pub mse: f64,
     /// AuxK part.
     pub aux: f64,
+    /// Sparsity penalty part (JumpReLU L0, ReLU L1).
+    #[serde(default)]
+    pub penalty: f64,
     /// Batch FVU.
     pub fvu: f64,
     /// Batch L0.
@@ -97,8 +101,8 @@ pub struct LogRow {
 pub struct State {
     /// Weights.
     pub params: Params,
-    /// Adam moments of w_enc, b_enc, w_dec, b_dec.
-    pub moments: [Moments; 4],
+    /// Adam moments of w_enc, b_enc, w_dec, b_dec, threshold.
+    pub moments: [Moments; 5],
     /// Steps done.
     pub step: u64,
     /// Tokens since each latent last fired.
@@ -130,13 +134,27 @@ pub enum Stop {
 }
 
 impl TrainConfig {
-    /// How latents are chosen in training.
-    pub fn training_sparsity(&self) -> Sparsity {
-        if self.batch_topk {
-            Sparsity::BatchTopK(self.k)
+    /// How latents are chosen (and penalised) at step `t` (1-based): penalties ramp up over
+    /// `penalty_warmup_steps`.
+    pub fn training_sparsity(&self, t: u64) -> Sparsity {
+        let ramp = if self.penalty_warmup_steps > 0 {
+            (t as f32 / self.penalty_warmup_steps as f32).min(1.0)
         } else {
-            Sparsity::TopK(self.k)
+            1.0
+        };
+        match self.sparsity {
+            Sparsity::JumpRelu { l0, bandwidth } => Sparsity::JumpRelu {
+                l0: l0 * ramp,
+                bandwidth,
+            },
+            Sparsity::Relu { l1 } => Sparsity::Relu { l1: l1 * ramp },
+            other => other,
         }
+    }
+
+    /// Whether decoder rows are kept at unit norm (all but ReLU, whose L1 is weighted by the norms).
+    pub fn unit_decoder(&self) -> bool {
+        !matches!(self.sparsity, Sparsity::Relu { .. })
     }
 
     /// Learning rate at step `t` (1-based): linear warm-up, constant, linear decay to 0 at the end.
@@ -188,6 +206,11 @@ impl State {
             b_enc: vec![0.0; cfg.d_sae],
             w_dec,
             b_dec: b_dec.iter().map(|b| (b / n as f64) as f32).collect(),
+            // SAELens' initial JumpReLU threshold.
+            threshold: match cfg.sparsity {
+                Sparsity::JumpRelu { .. } => vec![0.01; cfg.d_sae],
+                _ => Vec::new(),
+            },
         };
         Self {
             moments: [
@@ -195,6 +218,7 @@ impl State {
                 Moments::zeros(params.b_enc.len()),
                 Moments::zeros(params.w_dec.len()),
                 Moments::zeros(params.b_dec.len()),
+                Moments::zeros(params.threshold.len()),
             ],
             params,
             step: 0,
@@ -207,10 +231,9 @@ impl State {
 
     /// How the exported SAE chooses latents: TopK, or BatchTopK's learned threshold.
     pub fn inference_sparsity(&self, cfg: &TrainConfig) -> Sparsity {
-        if cfg.batch_topk {
-            Sparsity::Threshold(self.threshold as f32)
-        } else {
-            Sparsity::TopK(cfg.k)
+        match cfg.sparsity {
+            Sparsity::BatchTopK(_) => Sparsity::Threshold(self.threshold as f32),
+            other => other,
         }
     }
 
@@ -225,25 +248,35 @@ impl State {
     /// One optimiser step on a normalised batch; returns its statistics.
     pub fn step(&mut self, cfg: &TrainConfig, x: &[f32], grads: &mut Grads) -> StepStats {
         let dead = self.dead(cfg);
-        let stats = self
-            .params
-            .step(x, cfg.training_sparsity(), &dead, cfg.aux_coef, grads);
-        if cfg.batch_topk && stats.min_active > 0.0 {
+        let aux_coef = match cfg.sparsity {
+            Sparsity::TopK(_) | Sparsity::BatchTopK(_) => cfg.aux_coef,
+            _ => 0.0,
+        };
+        let sparsity = cfg.training_sparsity(self.step + 1);
+        let stats = self.params.step(x, sparsity, &dead, aux_coef, grads);
+        if matches!(cfg.sparsity, Sparsity::BatchTopK(_)) && stats.min_active > 0.0 {
             self.threshold = 0.99 * self.threshold + 0.01 * stats.min_active;
         }
         let d = self.params.d_in;
         // Remove the part of each decoder row's gradient along the (unit) row: only directions can change.
+        let unit = cfg.unit_decoder();
         for (g, w) in grads.w_dec.chunks_mut(d).zip(self.params.w_dec.chunks(d)) {
             let along: f32 = g.iter().zip(w).map(|(g, w)| g * w).sum();
-            if along != 0.0 {
+            if unit && along != 0.0 {
                 g.iter_mut().zip(w).for_each(|(g, w)| *g -= along * w);
             }
         }
-        let norm = [&grads.w_enc, &grads.b_enc, &grads.w_dec, &grads.b_dec]
-            .iter()
-            .map(|g| g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
-            .sum::<f64>()
-            .sqrt();
+        let norm = [
+            &grads.w_enc,
+            &grads.b_enc,
+            &grads.w_dec,
+            &grads.b_dec,
+            &grads.threshold,
+        ]
+        .iter()
+        .map(|g| g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt();
         let scale = if cfg.grad_clip > 0.0 && norm > cfg.grad_clip as f64 {
             (cfg.grad_clip as f64 / norm) as f32
         } else {
@@ -252,12 +285,26 @@ impl State {
         self.step += 1;
         let lr = cfg.lr_at(self.step);
         let p = &mut self.params;
-        let [m_we, m_be, m_wd, m_bd] = &mut self.moments;
+        let [m_we, m_be, m_wd, m_bd, m_th] = &mut self.moments;
         m_we.update(&cfg.adam, &mut p.w_enc, &grads.w_enc, scale, lr, self.step);
         m_be.update(&cfg.adam, &mut p.b_enc, &grads.b_enc, scale, lr, self.step);
         m_wd.update(&cfg.adam, &mut p.w_dec, &grads.w_dec, scale, lr, self.step);
         m_bd.update(&cfg.adam, &mut p.b_dec, &grads.b_dec, scale, lr, self.step);
-        unit_rows(&mut p.w_dec, d);
+        if !p.threshold.is_empty() {
+            m_th.update(
+                &cfg.adam,
+                &mut p.threshold,
+                &grads.threshold,
+                scale,
+                lr,
+                self.step,
+            );
+            // A negative threshold would let negative pre-activations through (SAELens uses relu(θ)).
+            p.threshold.iter_mut().for_each(|t| *t = t.max(0.0));
+        }
+        if unit {
+            unit_rows(&mut p.w_dec, d);
+        }
         let n = (x.len() / d) as u64;
         for ((since, total), &f) in self
             .since_fired
@@ -274,13 +321,14 @@ impl State {
     fn tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
         let cpu = Device::Cpu;
         let f = |v: &[f32]| Tensor::from_slice(v, v.len(), &cpu);
+        let p = &self.params;
         let i = |v: &[u64]| {
             let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
             Tensor::from_vec(v, self.since_fired.len(), &cpu)
         };
-        let p = &self.params;
         let mut out = vec![
             ("w_enc".to_string(), f(&p.w_enc)?),
+            ("threshold".into(), f(&p.threshold)?),
             ("b_enc".into(), f(&p.b_enc)?),
             ("w_dec".into(), f(&p.w_dec)?),
             ("b_dec".into(), f(&p.b_dec)?),
@@ -367,6 +415,7 @@ impl State {
             b_enc: f("b_enc")?,
             w_dec: f("w_dec")?,
             b_dec: f("b_dec")?,
+            threshold: f("threshold")?,
         };
         if params.w_enc.len() != d_in * d_sae || params.b_dec.len() != d_in {
             bail!(
@@ -381,7 +430,13 @@ impl State {
             })
         };
         Ok(Some(Self {
-            moments: [m("w_enc")?, m("b_enc")?, m("w_dec")?, m("b_dec")?],
+            moments: [
+                m("w_enc")?,
+                m("b_enc")?,
+                m("w_dec")?,
+                m("b_dec")?,
+                m("threshold")?,
+            ],
             params,
             step: meta["step"].as_u64().context("checkpoint without step")?,
             since_fired: u("since_fired")?,
@@ -407,19 +462,23 @@ impl State {
             .t()?
             .contiguous()?
             * s as f64;
-        // The fold keeps pre-activations unchanged, so BatchTopK's threshold carries over as it is.
-        let (activation, threshold, sae_cfg) = if cfg.batch_topk {
-            (
-                super::format::Activation::JumpRelu,
+        // The fold keeps pre-activations unchanged, so thresholds carry over as they are.
+        use super::format::{Activation, Sae};
+        let (activation, threshold, sae_cfg) = match cfg.sparsity {
+            Sparsity::TopK(k) => (Activation::TopK(k), None, Sae::topk_cfg(d, m, k, from)),
+            Sparsity::BatchTopK(_) => (
+                Activation::JumpRelu,
                 Some(Tensor::full(self.threshold as f32, m, &cpu)?),
-                super::format::Sae::jumprelu_cfg(d, m, from),
-            )
-        } else {
-            (
-                super::format::Activation::TopK(cfg.k),
-                None,
-                super::format::Sae::topk_cfg(d, m, cfg.k, from),
-            )
+                Sae::jumprelu_cfg(d, m, "batchtopk", from),
+            ),
+            Sparsity::JumpRelu { .. } => (
+                Activation::JumpRelu,
+                Some(Tensor::from_slice(&p.threshold, m, &cpu)?),
+                Sae::jumprelu_cfg(d, m, "jumprelu", from),
+            ),
+            Sparsity::Relu { .. } | Sparsity::Threshold(_) => {
+                (Activation::Relu, None, Sae::standard_cfg(d, m, from))
+            }
         };
         Ok(super::format::Sae {
             activation,
@@ -566,7 +625,7 @@ pub fn train(
         }
         let lr = cfg.lr_at(state.step + 1) as f64;
         let stats = state.step(cfg, &x, &mut grads);
-        let loss = stats.mse + stats.aux;
+        let loss = stats.mse + stats.aux + stats.penalty;
         if !loss.is_finite() || state.params.w_dec.iter().any(|v| !v.is_finite()) {
             bail!(
                 "training diverged at step {} (loss {loss}); the last good checkpoint (step {last_good}) is \
@@ -586,6 +645,7 @@ pub fn train(
                 loss,
                 mse: stats.mse,
                 aux: stats.aux,
+                penalty: stats.penalty,
                 fvu: stats.fvu,
                 l0: stats.l0,
                 dead_fraction: dead as f64 / cfg.d_sae as f64,
@@ -610,8 +670,8 @@ mod tests {
     fn cfg(steps: u64, warmup: u64, decay: f64) -> TrainConfig {
         TrainConfig {
             d_sae: 8,
-            k: 2,
-            batch_topk: false,
+            sparsity: Sparsity::TopK(2),
+            penalty_warmup_steps: 0,
             lr: 1.0,
             warmup_steps: warmup,
             decay_fraction: decay,

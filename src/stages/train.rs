@@ -28,6 +28,10 @@ pub enum Arch {
     Topk,
     /// BatchTopK (k·batch largest activations per batch, learned threshold; exported as JumpReLU).
     Batchtopk,
+    /// JumpReLU: learned per-latent thresholds, L0 penalty, straight-through estimator (SAELens).
+    Jumprelu,
+    /// ReLU with an L1 penalty weighted by decoder-row norms (SAELens `standard`).
+    Relu,
 }
 
 /// Parameters of a `train` stage.
@@ -45,9 +49,21 @@ pub struct TrainParams {
     /// Latents per input dimension (d_sae = expansion × d_in).
     #[serde(default = "default_expansion")]
     pub expansion: usize,
-    /// Active latents per token.
+    /// Active latents per token (topk; batchtopk: on average).
     #[serde(default = "default_k")]
     pub k: usize,
+    /// JumpReLU's L0 coefficient.
+    #[serde(default = "default_l0")]
+    pub l0_coef: f64,
+    /// JumpReLU's kernel width for the threshold gradient.
+    #[serde(default = "default_bandwidth")]
+    pub bandwidth: f64,
+    /// ReLU's L1 coefficient.
+    #[serde(default = "default_l1")]
+    pub l1_coef: f64,
+    /// Steps over which the L0/L1 coefficient ramps up from 0.
+    #[serde(default)]
+    pub penalty_warmup_steps: u64,
     /// Peak learning rate (default 2e-4 / √(d_sae / 2¹⁴), sparsify's rule for Adam).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
@@ -97,6 +113,15 @@ fn default_expansion() -> usize {
 }
 fn default_k() -> usize {
     32
+}
+fn default_l0() -> f64 {
+    1.0
+}
+fn default_bandwidth() -> f64 {
+    0.05
+}
+fn default_l1() -> f64 {
+    1.0
 }
 fn default_batch_size() -> usize {
     4096
@@ -180,6 +205,12 @@ impl Stage for Train {
                 });
             }
         }
+        if p.bandwidth <= 0.0 {
+            return Err(ParamError {
+                at: key_path(&["bandwidth"]),
+                message: "`bandwidth` must be positive".into(),
+            });
+        }
         if p.lr.is_some_and(|lr| lr <= 0.0) {
             return Err(ParamError {
                 at: key_path(&["lr"]),
@@ -211,7 +242,7 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         ActivationStore::open(dir, &hook).with_context(|| format!("input `{}`", p.input))?;
     let d_in = store.d_model();
     let d_sae = p.expansion * d_in;
-    if p.k > d_sae {
+    if matches!(p.arch, Arch::Topk | Arch::Batchtopk) && p.k > d_sae {
         bail!(
             "k = {} exceeds the SAE's {d_sae} latents (expansion {} × d_in {d_in})",
             p.k,
@@ -241,10 +272,22 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             p.input
         );
     }
+    use crate::sae::step::Sparsity;
+    let sparsity = match p.arch {
+        Arch::Topk => Sparsity::TopK(p.k),
+        Arch::Batchtopk => Sparsity::BatchTopK(p.k),
+        Arch::Jumprelu => Sparsity::JumpRelu {
+            l0: p.l0_coef as f32,
+            bandwidth: p.bandwidth as f32,
+        },
+        Arch::Relu => Sparsity::Relu {
+            l1: p.l1_coef as f32,
+        },
+    };
     let cfg = TrainConfig {
         d_sae,
-        k: p.k,
-        batch_topk: p.arch == Arch::Batchtopk,
+        sparsity,
+        penalty_warmup_steps: p.penalty_warmup_steps,
         lr: p.lr.unwrap_or(2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
         warmup_steps: p.warmup_steps.unwrap_or((steps / 10).min(1000)),
         decay_fraction: p.decay,
@@ -267,7 +310,7 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     };
     ctx.log(&format!(
         "training a {} SAE (d_in {d_in}, d_sae {d_sae}, k {}) on {hook} of `{}`: {steps} steps of {} tokens, lr {:.2e}",
-        if cfg.batch_topk { "BatchTopK" } else { "TopK" },
+        format!("{:?}", p.arch).to_lowercase(),
         p.k,
         p.input,
         p.batch_size,
@@ -390,6 +433,7 @@ fn log_batch(rows: &[LogRow]) -> anyhow::Result<RecordBatch> {
         ("loss", f(&|r| Some(r.loss)), false),
         ("mse", f(&|r| Some(r.mse)), false),
         ("aux_loss", f(&|r| Some(r.aux)), false),
+        ("sparsity_loss", f(&|r| Some(r.penalty)), false),
         ("fvu", f(&|r| Some(r.fvu)), false),
         ("l0", f(&|r| Some(r.l0)), false),
         ("dead_fraction", f(&|r| Some(r.dead_fraction)), false),

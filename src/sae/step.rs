@@ -27,6 +27,8 @@ pub struct Params {
     pub w_dec: Vec<f32>,
     /// Decoder bias `[d_in]`.
     pub b_dec: Vec<f32>,
+    /// Per-latent thresholds `[d_sae]` (JumpReLU; empty for the other architectures).
+    pub threshold: Vec<f32>,
 }
 
 /// Gradients, same shapes as [`Params`].
@@ -40,6 +42,8 @@ pub struct Grads {
     pub w_dec: Vec<f32>,
     /// d loss / d b_dec.
     pub b_dec: Vec<f32>,
+    /// d loss / d threshold (JumpReLU's straight-through estimate).
+    pub threshold: Vec<f32>,
     /// Tokens on which each latent was active (filled by [`Params::step`]).
     pub fired: Vec<u32>,
 }
@@ -57,6 +61,8 @@ pub struct StepStats {
     pub l0: f64,
     /// Smallest positive activation kept (0 if none).
     pub min_active: f64,
+    /// The sparsity penalty (L0 for JumpReLU, L1 for ReLU), already weighted.
+    pub penalty: f64,
 }
 
 /// Per token: the selected latents and their (ReLU'd) activations, as compressed rows.
@@ -79,6 +85,19 @@ pub enum Sparsity {
     BatchTopK(usize),
     /// Every pre-activation above a threshold (BatchTopK at inference: a JumpReLU with one threshold).
     Threshold(f32),
+    /// Pre-activations above each latent's learned threshold; trained with an L0 penalty (`l0`, step mode)
+    /// and straight-through threshold gradients with a rectangle kernel of width `bandwidth` (SAELens).
+    JumpRelu {
+        /// L0 coefficient.
+        l0: f32,
+        /// Kernel width.
+        bandwidth: f32,
+    },
+    /// ReLU with an L1 penalty on activations weighted by decoder-row norms (SAELens `standard`).
+    Relu {
+        /// L1 coefficient.
+        l1: f32,
+    },
 }
 
 /// out[n×m] = a[n×d] · b[m×d]ᵀ, multithreaded. Wraps the `gemm` crate (the kernel candle's CPU matmul uses)
@@ -237,14 +256,14 @@ fn select_batch(pre: &[f32], m: usize, total: usize) -> Selection {
     }
 }
 
-/// Every ReLU'd pre-activation above `threshold`.
-fn select_above(pre: &[f32], m: usize, threshold: f32) -> Selection {
+/// Every positive pre-activation above its latent's threshold.
+fn select_above(pre: &[f32], m: usize, threshold: &(dyn Fn(usize) -> f32 + Sync)) -> Selection {
     let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
         .par_chunks(m)
         .map(|row| {
             let mut out = (Vec::new(), Vec::new());
             for (j, &v) in row.iter().enumerate() {
-                if v > threshold && v > 0.0 {
+                if v > threshold(j) && v > 0.0 {
                     out.0.push(j as u32);
                     out.1.push(v);
                 }
@@ -287,7 +306,9 @@ impl Params {
         match sparsity {
             Sparsity::TopK(k) => select_rows(pre, m, k, &|_| true),
             Sparsity::BatchTopK(k) => select_batch(pre, m, k * (pre.len() / m)),
-            Sparsity::Threshold(t) => select_above(pre, m, t),
+            Sparsity::Threshold(t) => select_above(pre, m, &|_| t),
+            Sparsity::JumpRelu { .. } => select_above(pre, m, &|j| self.threshold[j]),
+            Sparsity::Relu { .. } => select_above(pre, m, &|_| 0.0),
         }
     }
 
@@ -330,6 +351,7 @@ impl Params {
             fvu: sq / total_variance(x, self.d_in).max(f64::MIN_POSITIVE),
             l0: sel.value.iter().filter(|&&a| a > 0.0).count() as f64 / n as f64,
             min_active: min_active(&sel),
+            penalty: 0.0,
         }
     }
 
@@ -422,14 +444,31 @@ impl Params {
         grads.b_enc.resize(m, 0.0);
         grads.fired.clear();
         grads.fired.resize(m, 0);
+        // ReLU's L1 on a_j·‖W_dec[j]‖: a gradient λ‖W_dec[j]‖/n on each active pre-activation, and
+        // λ(Σ_t a_tj)/n · W_dec[j]/‖W_dec[j]‖ on the decoder row.
+        let l1 = match sparsity {
+            Sparsity::Relu { l1 } => l1 / n as f32,
+            _ => 0.0,
+        };
+        let dec_norms: Vec<f32> = if l1 > 0.0 {
+            self.w_dec
+                .chunks(d)
+                .map(|w| w.iter().map(|v| v * v).sum::<f32>().sqrt())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut act_sums = vec![0f32; m];
         grads
             .w_enc
             .par_chunks_mut(d)
             .zip(grads.w_dec.par_chunks_mut(d))
             .zip(grads.b_enc.par_iter_mut())
+            .zip(act_sums.par_iter_mut())
             .enumerate()
-            .for_each(|(j, ((genc, gdec), gb))| {
+            .for_each(|(j, (((genc, gdec), gb), act_sum))| {
                 let w = &self.w_dec[j * d..][..d];
+                let l1_pre = if l1 > 0.0 { l1 * dec_norms[j] } else { 0.0 };
                 for e in &entries[starts[j]..starts[j + 1]] {
                     if e.act == 0.0 {
                         // ReLU'd to zero: no reconstruction term and no gradient to the pre-activation.
@@ -438,7 +477,11 @@ impl Params {
                     let t = e.token as usize;
                     let g = &(if e.aux { &g_aux } else { &g_main })[t * d..][..d];
                     // d loss / d a_j = g_t · W_dec[j], passed to the pre-activation (positive, so ReLU' = 1).
-                    let grad_pre: f32 = g.iter().zip(w).map(|(g, w)| g * w).sum();
+                    let mut grad_pre: f32 = g.iter().zip(w).map(|(g, w)| g * w).sum();
+                    if !e.aux {
+                        grad_pre += l1_pre;
+                        *act_sum += e.act;
+                    }
                     for (o, g) in gdec.iter_mut().zip(g) {
                         *o += e.act * g;
                     }
@@ -447,7 +490,49 @@ impl Params {
                         *o += grad_pre * c;
                     }
                 }
+                if l1 > 0.0 && *act_sum > 0.0 && dec_norms[j] > 0.0 {
+                    let f = l1 * *act_sum / dec_norms[j];
+                    for (o, w) in gdec.iter_mut().zip(w) {
+                        *o += f * w;
+                    }
+                }
             });
+        let mut penalty = if l1 > 0.0 {
+            act_sums
+                .iter()
+                .zip(&dec_norms)
+                .map(|(&a, &norm)| (a * norm) as f64)
+                .sum::<f64>()
+                * l1 as f64
+        } else {
+            0.0
+        };
+
+        // JumpReLU thresholds (SAELens' straight-through estimator, rectangle kernel of width ε): for every
+        // pair with |pre − θ| < ε/2, the reconstruction contributes −(θ/ε)·(g_t·W_dec[j]) and the L0 term
+        // −(1/ε)·λ/n; the L0 value is λ/n per active pair.
+        grads.threshold.clear();
+        if let Sparsity::JumpRelu { l0, bandwidth } = sparsity {
+            let l0n = l0 / n as f32;
+            penalty = l0n as f64 * sel.index.len() as f64;
+            grads.threshold.resize(m, 0.0);
+            grads
+                .threshold
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(j, gt)| {
+                    let theta = self.threshold[j];
+                    let w = &self.w_dec[j * d..][..d];
+                    for t in 0..n {
+                        let z = (pre[t * m + j] - theta) / bandwidth;
+                        if z > -0.5 && z < 0.5 {
+                            let g = &g_main[t * d..][..d];
+                            let da: f32 = g.iter().zip(w).map(|(g, w)| g * w).sum();
+                            *gt += -(theta / bandwidth) * da - l0n / bandwidth;
+                        }
+                    }
+                });
+        }
         // b_dec: through x̂ directly, and through the centred encoder input (−W_encᵀ · Σ_t d pre_t).
         let mut g_bdec = vec![0f32; d];
         for row in g_main.chunks(d) {
@@ -475,6 +560,7 @@ impl Params {
             fvu: sq / total_variance(x, d).max(f64::MIN_POSITIVE),
             l0: sel.value.iter().filter(|&&a| a > 0.0).count() as f64 / n as f64,
             min_active: min_active(&sel),
+            penalty,
         }
     }
 }
@@ -534,6 +620,7 @@ mod tests {
             b_enc: random(m, 2, 0.1),
             w_dec: random(m * d, 3, 0.5),
             b_dec: random(d, 4, 0.1),
+            threshold: random(m, 5, 0.2).iter().map(|t| t.abs()).collect(),
         }
     }
 
@@ -543,8 +630,7 @@ mod tests {
     fn reference_loss(
         p: &Params,
         x: &[f32],
-        k: usize,
-        batch: bool,
+        mode: Sparsity,
         dead: &[bool],
         coef: f64,
         residual: Option<&[f64]>,
@@ -567,6 +653,12 @@ mod tests {
                     .collect()
             })
             .collect();
+        let (k, batch) = match mode {
+            Sparsity::TopK(k) => (k, false),
+            Sparsity::BatchTopK(k) => (k, true),
+            _ => (0, false),
+        };
+        let mut penalty = 0.0;
         let mut batch_pick = vec![Vec::new(); n];
         if batch {
             let mut all: Vec<(usize, usize)> =
@@ -592,10 +684,28 @@ mod tests {
                 idx
             };
             let mut xhat: Vec<f64> = p.b_dec.iter().map(|&b| b as f64).collect();
-            let chosen = if batch {
-                batch_pick[t].clone()
-            } else {
-                pick(k, &|_| true)
+            let chosen: Vec<usize> = match mode {
+                Sparsity::TopK(_) => pick(k, &|_| true),
+                Sparsity::BatchTopK(_) => batch_pick[t].clone(),
+                Sparsity::JumpRelu { l0, .. } => {
+                    let on: Vec<usize> = (0..m)
+                        .filter(|&j| pre[j] > p.threshold[j] as f64 && pre[j] > 0.0)
+                        .collect();
+                    penalty += l0 as f64 * on.len() as f64;
+                    on
+                }
+                Sparsity::Relu { l1 } => {
+                    let on: Vec<usize> = (0..m).filter(|&j| pre[j] > 0.0).collect();
+                    for &j in &on {
+                        let norm = (0..d)
+                            .map(|i| (p.w_dec[j * d + i] as f64).powi(2))
+                            .sum::<f64>()
+                            .sqrt();
+                        penalty += l1 as f64 * pre[j] * norm;
+                    }
+                    on
+                }
+                Sparsity::Threshold(_) => unreachable!(),
             };
             for j in chosen {
                 for i in 0..d {
@@ -617,23 +727,18 @@ mod tests {
             }
             resid.extend(r);
         }
-        ((mse + aux) / n as f64, resid)
+        ((mse + aux + penalty) / n as f64, resid)
     }
 
-    fn check(dead: &[bool], coef: f32, batch: bool) {
-        let (d, m, k, n) = (6, 16, 3, 5);
+    fn check(dead: &[bool], coef: f32, sparsity: Sparsity) {
+        let (d, m, n) = (6, 16, 5);
         let p = params(d, m);
         let x = random(n * d, 9, 1.0);
         let mut g = Grads::default();
-        let sparsity = if batch {
-            Sparsity::BatchTopK(k)
-        } else {
-            Sparsity::TopK(k)
-        };
         let stats = p.step(&x, sparsity, dead, coef, &mut g);
-        let (loss, residual) = reference_loss(&p, &x, k, batch, dead, coef as f64, None);
+        let (loss, residual) = reference_loss(&p, &x, sparsity, dead, coef as f64, None);
         assert!(
-            ((stats.mse + stats.aux) - loss).abs() < 1e-4 * loss,
+            ((stats.mse + stats.aux + stats.penalty) - loss).abs() < 1e-4 * loss,
             "{stats:?} vs {loss}"
         );
         // Central differences on every parameter, AuxK's residual held fixed as in the detached gradient.
@@ -650,8 +755,8 @@ mod tests {
                 field(&mut plus)[i] += h;
                 let mut minus = p.clone();
                 field(&mut minus)[i] -= h;
-                let lp = reference_loss(&plus, &x, k, batch, dead, coef as f64, Some(&residual)).0;
-                let lm = reference_loss(&minus, &x, k, batch, dead, coef as f64, Some(&residual)).0;
+                let lp = reference_loss(&plus, &x, sparsity, dead, coef as f64, Some(&residual)).0;
+                let lm = reference_loss(&minus, &x, sparsity, dead, coef as f64, Some(&residual)).0;
                 let numeric = (lp - lm) / (2.0 * h as f64);
                 assert!(
                     (numeric - grad[i] as f64).abs() < 2e-3 * (1.0 + numeric.abs()),
@@ -660,6 +765,59 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn relu_l1_gradients_match_finite_differences() {
+        // The L1 is weighted by decoder-row norms, so the decoder gradient has a norm term too.
+        check(&[false; 16], 0.0, Sparsity::Relu { l1: 0.3 });
+    }
+
+    #[test]
+    fn jumprelu_weight_gradients_match_finite_differences() {
+        // With thresholds fixed, the L0 term is locally constant: only the reconstruction moves.
+        check(
+            &[false; 16],
+            0.0,
+            Sparsity::JumpRelu {
+                l0: 0.5,
+                bandwidth: 1e-6,
+            },
+        );
+    }
+
+    #[test]
+    fn jumprelu_threshold_gradient_is_saelens_straight_through_estimate() {
+        // One token, d 2, two latents with θ = [0.5, 0.5], bandwidth 1: pre = [0.7, 0.2] (inside the
+        // kernel window |pre − θ| < 0.5 for both). x = [1, 0], W_dec = I, b_dec = 0 → x̂ = [0.7, 0],
+        // g = 2(x̂ − x) = [−0.6, 0]; d a/d θ = −θ/ε·g·W_dec[j]: latent 0: −0.5·(−0.6) = 0.3, latent 1: 0;
+        // L0 (λ = 0.4): −(1/ε)·λ per latent in the window → −0.4. So θ-grad = [−0.1, −0.4].
+        let p = Params {
+            d_in: 2,
+            d_sae: 2,
+            w_enc: vec![1.0, 0.0, 0.0, 1.0],
+            b_enc: vec![-0.3, 0.2],
+            w_dec: vec![1.0, 0.0, 0.0, 1.0],
+            b_dec: vec![0.0, 0.0],
+            threshold: vec![0.5, 0.5],
+        };
+        let mut g = Grads::default();
+        let stats = p.step(
+            &[1.0, 0.0],
+            Sparsity::JumpRelu {
+                l0: 0.4,
+                bandwidth: 1.0,
+            },
+            &[false, false],
+            0.0,
+            &mut g,
+        );
+        assert!((stats.penalty - 0.4).abs() < 1e-6, "{stats:?}");
+        assert!(
+            (g.threshold[0] - -0.1).abs() < 1e-6 && (g.threshold[1] - -0.4).abs() < 1e-6,
+            "{:?}",
+            g.threshold
+        );
     }
 
     #[test]
@@ -676,20 +834,20 @@ mod tests {
 
     #[test]
     fn batch_top_k_gradients_match_finite_differences() {
-        check(&[false; 16], 0.0, true);
+        check(&[false; 16], 0.0, Sparsity::BatchTopK(3));
         let dead: Vec<bool> = (0..16).map(|j| j % 4 == 1).collect();
-        check(&dead, 0.25, true);
+        check(&dead, 0.25, Sparsity::BatchTopK(3));
     }
 
     #[test]
     fn gradients_match_finite_differences_without_auxk() {
-        check(&[false; 16], 0.0, false);
+        check(&[false; 16], 0.0, Sparsity::TopK(3));
     }
 
     #[test]
     fn gradients_match_finite_differences_with_auxk_on_dead_latents() {
         let dead: Vec<bool> = (0..16).map(|j| j % 3 == 0).collect();
-        check(&dead, 1.0 / 32.0 * 8.0, false);
+        check(&dead, 1.0 / 32.0 * 8.0, Sparsity::TopK(3));
     }
 
     #[test]
