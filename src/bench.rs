@@ -239,6 +239,7 @@ pub fn train(
         d_sae,
         sparsity: crate::sae::step::Sparsity::TopK(k),
         penalty_warmup_steps: 0,
+        engine: crate::sae::trainer::Engine::Sparse,
         lr: (2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
         warmup_steps: 0,
         decay_fraction: 0.0,
@@ -259,12 +260,12 @@ pub fn train(
     let mut state = State::init(&cfg, d_in, &pool[0]);
     let mut grads = Grads::default();
     for i in 0..3 {
-        state.step(&cfg, &pool[i % 8], &mut grads); // warm-up
+        state.step(&cfg, &pool[i % 8], &mut grads)?; // warm-up
     }
     let started = std::time::Instant::now();
     let mut fvu = 0.0;
     for i in 0..steps {
-        fvu = state.step(&cfg, &pool[(i + 3) % 8], &mut grads).fvu;
+        fvu = state.step(&cfg, &pool[(i + 3) % 8], &mut grads)?.fvu;
     }
     let secs = started.elapsed().as_secs_f64();
     // Needed work per token: encoder 2·d·m, decoder forward + both sparse weight gradients 3·2·k·d,

@@ -495,3 +495,31 @@ fn jumprelu_and_relu_export_as_saelens_jumprelu_and_standard() {
         assert!(log.contains(&format!("training a {arch} SAE")), "{log}");
     }
 }
+
+#[test]
+fn the_dense_engine_trains_the_same_sae_up_to_rounding() {
+    let val_fvu = |engine: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        pipeline(dir.path(), &format!("tokens = 5120\nengine = \"{engine}\""));
+        let out = ok(dir.path(), &["run", "p.toml"]);
+        assert!(
+            out.contains(if engine == "dense" {
+                "dense Cpu engine"
+            } else {
+                "sparse CPU engine"
+            }),
+            "{out}"
+        );
+        let summary: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(object_of(&dir.path().join("cache"), "tr", "sae").join("train.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        summary["final"]["val_fvu"].as_f64().unwrap()
+    };
+    let (sparse, dense) = (val_fvu("sparse"), val_fvu("dense"));
+    assert!(
+        (sparse - dense).abs() < 1e-3,
+        "sparse {sparse} vs dense {dense}"
+    );
+}

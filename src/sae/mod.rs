@@ -1,6 +1,7 @@
 //! Sparse autoencoders: architectures, training steps and optimiser, and the on-disk formats.
 
 pub mod adam;
+pub mod dense;
 pub mod format;
 pub mod step;
 pub mod trainer;

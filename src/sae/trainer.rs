@@ -22,7 +22,7 @@ use super::step::{Grads, Params, Sparsity, StepStats};
 use crate::data::activations::{ActivationStore, ReadOptions};
 
 /// Everything that shapes a training run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct TrainConfig {
     /// Latents.
     pub d_sae: usize,
@@ -32,6 +32,8 @@ pub struct TrainConfig {
     pub sparsity: Sparsity,
     /// Steps over which the L0/L1 coefficient ramps up linearly from 0.
     pub penalty_warmup_steps: u64,
+    /// Where steps run: the sparse CPU path, or dense tensor operations on a device.
+    pub engine: Engine,
     /// Peak learning rate.
     pub lr: f32,
     /// Linear warm-up steps.
@@ -64,6 +66,15 @@ pub struct TrainConfig {
     pub scale: f32,
     /// Rows in the reader's mixing buffer.
     pub buffer_rows: usize,
+}
+
+/// Which implementation of the training step runs.
+#[derive(Debug, Clone)]
+pub enum Engine {
+    /// `step::Params::step`: sparse, multithreaded, CPU.
+    Sparse,
+    /// `dense::step` on a device (GPUs; also the CPU reference).
+    Dense(Device),
 }
 
 /// One row of `train_log.parquet`.
@@ -246,14 +257,24 @@ impl State {
     }
 
     /// One optimiser step on a normalised batch; returns its statistics.
-    pub fn step(&mut self, cfg: &TrainConfig, x: &[f32], grads: &mut Grads) -> StepStats {
+    pub fn step(
+        &mut self,
+        cfg: &TrainConfig,
+        x: &[f32],
+        grads: &mut Grads,
+    ) -> anyhow::Result<StepStats> {
         let dead = self.dead(cfg);
         let aux_coef = match cfg.sparsity {
             Sparsity::TopK(_) | Sparsity::BatchTopK(_) => cfg.aux_coef,
             _ => 0.0,
         };
         let sparsity = cfg.training_sparsity(self.step + 1);
-        let stats = self.params.step(x, sparsity, &dead, aux_coef, grads);
+        let stats = match &cfg.engine {
+            Engine::Sparse => self.params.step(x, sparsity, &dead, aux_coef, grads),
+            Engine::Dense(device) => {
+                super::dense::step(&self.params, x, sparsity, &dead, aux_coef, device, grads)?
+            }
+        };
         if matches!(cfg.sparsity, Sparsity::BatchTopK(_)) && stats.min_active > 0.0 {
             self.threshold = 0.99 * self.threshold + 0.01 * stats.min_active;
         }
@@ -315,7 +336,7 @@ impl State {
             *since = if f > 0 { 0 } else { *since + n };
             *total += f as u64;
         }
-        stats
+        Ok(stats)
     }
 
     fn tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
@@ -624,7 +645,7 @@ pub fn train(
             );
         }
         let lr = cfg.lr_at(state.step + 1) as f64;
-        let stats = state.step(cfg, &x, &mut grads);
+        let stats = state.step(cfg, &x, &mut grads)?;
         let loss = stats.mse + stats.aux + stats.penalty;
         if !loss.is_finite() || state.params.w_dec.iter().any(|v| !v.is_finite()) {
             bail!(
@@ -672,6 +693,7 @@ mod tests {
             d_sae: 8,
             sparsity: Sparsity::TopK(2),
             penalty_warmup_steps: 0,
+            engine: Engine::Sparse,
             lr: 1.0,
             warmup_steps: warmup,
             decay_fraction: decay,

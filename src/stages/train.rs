@@ -17,7 +17,7 @@ use super::{key_path, Cancelled, ParamError, Reference, References, Stage, Stage
 use crate::data::activations::{ActivationStore, CaptureInfo};
 use crate::sae::adam::AdamConfig;
 use crate::sae::format::Provenance;
-use crate::sae::trainer::{self, LogRow, Stop, TrainConfig};
+use crate::sae::trainer::{self, Engine, LogRow, Stop, TrainConfig};
 
 /// SAE architectures.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -32,6 +32,19 @@ pub enum Arch {
     Jumprelu,
     /// ReLU with an L1 penalty weighted by decoder-row norms (SAELens `standard`).
     Relu,
+}
+
+/// Which training step implementation runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// Sparse on the CPU, dense elsewhere (BatchTopK: always sparse).
+    #[default]
+    Auto,
+    /// The sparse CPU path.
+    Sparse,
+    /// Dense tensor operations on the pipeline's device.
+    Dense,
 }
 
 /// Parameters of a `train` stage.
@@ -64,6 +77,10 @@ pub struct TrainParams {
     /// Steps over which the L0/L1 coefficient ramps up from 0.
     #[serde(default)]
     pub penalty_warmup_steps: u64,
+    /// Training step implementation: `auto` (sparse on the CPU, dense on a GPU), `sparse` (CPU), `dense`
+    /// (tensor operations on the pipeline's device). Results agree to float rounding, not bit for bit.
+    #[serde(default)]
+    pub engine: EngineChoice,
     /// Peak learning rate (default 2e-4 / √(d_sae / 2¹⁴), sparsify's rule for Adam).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
@@ -284,10 +301,20 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             l1: p.l1_coef as f32,
         },
     };
+    let device = crate::models::device(ctx.device)?;
+    let engine = match (p.engine, p.arch) {
+        (EngineChoice::Dense, Arch::Batchtopk) => {
+            bail!("BatchTopK trains on the sparse engine only (engine = \"sparse\" or \"auto\")")
+        }
+        (EngineChoice::Sparse, _) | (EngineChoice::Auto, Arch::Batchtopk) => Engine::Sparse,
+        (EngineChoice::Auto, _) if device.is_cpu() => Engine::Sparse,
+        _ => Engine::Dense(device),
+    };
     let cfg = TrainConfig {
         d_sae,
         sparsity,
         penalty_warmup_steps: p.penalty_warmup_steps,
+        engine,
         lr: p.lr.unwrap_or(2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
         warmup_steps: p.warmup_steps.unwrap_or((steps / 10).min(1000)),
         decay_fraction: p.decay,
@@ -309,12 +336,16 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         buffer_rows: p.buffer_rows,
     };
     ctx.log(&format!(
-        "training a {} SAE (d_in {d_in}, d_sae {d_sae}, k {}) on {hook} of `{}`: {steps} steps of {} tokens, lr {:.2e}",
+        "training a {} SAE (d_in {d_in}, d_sae {d_sae}, k {}) on {hook} of `{}`: {steps} steps of {} tokens, lr {:.2e}, {} engine",
         format!("{:?}", p.arch).to_lowercase(),
         p.k,
         p.input,
         p.batch_size,
-        cfg.lr
+        cfg.lr,
+        match &cfg.engine {
+            Engine::Sparse => "sparse CPU".to_string(),
+            Engine::Dense(d) => format!("dense {d:?}"),
+        }
     ));
     ctx.progress.set_total(steps * p.batch_size as u64);
     let started = std::time::Instant::now();
