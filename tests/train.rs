@@ -523,3 +523,108 @@ fn the_dense_engine_trains_the_same_sae_up_to_rounding() {
         "sparse {sparse} vs dense {dense}"
     );
 }
+
+/// Protocol-2 pickle of a unicode string.
+fn pickle_str(s: &str) -> Vec<u8> {
+    let mut p = vec![b'X'];
+    p.extend((s.len() as u32).to_le_bytes());
+    p.extend(s.as_bytes());
+    p
+}
+
+#[test]
+fn openai_topk_checkpoints_load_with_their_layer_norm() {
+    let (d, m, k) = (6usize, 10usize, 3usize);
+    let rand = |n: usize, seed: u64| -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let (enc, lat, dec, pre) = (rand(m * d, 1), rand(m, 2), rand(d * m, 3), rand(d, 4));
+    let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+    let tensors = vec![
+        ("pre_bias".to_string(), t(&pre, &[d])),
+        ("encoder.weight".to_string(), t(&enc, &[m, d])),
+        ("latent_bias".to_string(), t(&lat, &[m])),
+        ("decoder.weight".to_string(), t(&dec, &[d, m])),
+    ];
+    let mut extras = pickle_str("activation");
+    extras.extend(pickle_str("TopK"));
+    extras.extend(pickle_str("activation_state_dict"));
+    extras.extend(b"}(");
+    extras.extend(pickle_str("k"));
+    extras.push(b'J');
+    extras.extend((k as i32).to_le_bytes());
+    extras.extend(pickle_str("postact_fn"));
+    extras.extend(pickle_str("ReLU"));
+    extras.push(b'u');
+    let dir = tempfile::tempdir().unwrap();
+    common::checkpoints::write_torch_checkpoint_with(
+        &dir.path().join("v5_32k_layer_8.pt"),
+        &tensors,
+        "FloatStorage",
+        &extras,
+    );
+    let sae = Sae::load(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(sae.activation, saeflow::sae::format::Activation::TopK(k));
+
+    // OpenAI's Autoencoder by hand: LN, (x − pre_bias)·encoderᵀ + latent_bias, top-k, ReLU, decode, un-LN.
+    let x = rand(2 * d, 9)
+        .iter()
+        .map(|v| v * 4.0 + 1.0)
+        .collect::<Vec<_>>();
+    for row in 0..2 {
+        let xr = &x[row * d..][..d];
+        let mu = xr.iter().sum::<f32>() / d as f32;
+        let std = (xr.iter().map(|v| (v - mu).powi(2)).sum::<f32>() / d as f32).sqrt() + 1e-5;
+        let ln: Vec<f32> = xr.iter().map(|v| (v - mu) / std).collect();
+        let latents: Vec<f32> = (0..m)
+            .map(|j| {
+                (0..d)
+                    .map(|i| (ln[i] - pre[i]) * enc[j * d + i])
+                    .sum::<f32>()
+                    + lat[j]
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..m).collect();
+        order.sort_by(|&a, &b| latents[b].total_cmp(&latents[a]));
+        let mut acts = vec![0f32; m];
+        for &j in &order[..k] {
+            acts[j] = latents[j].max(0.0);
+        }
+        let recon: Vec<f32> = (0..d)
+            .map(|i| ((0..m).map(|j| acts[j] * dec[i * m + j]).sum::<f32>() + pre[i]) * std + mu)
+            .collect();
+        let xt = t(xr, &[1, d]);
+        let got_acts: Vec<f32> = sae
+            .encode(&xt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got_recon: Vec<f32> = sae
+            .reconstruct(&xt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in got_acts
+            .iter()
+            .zip(&acts)
+            .chain(got_recon.iter().zip(&recon))
+        {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{got_acts:?} vs {acts:?} / {got_recon:?} vs {recon:?}"
+            );
+        }
+    }
+}

@@ -113,6 +113,22 @@ fn short(v: &Value) -> String {
 
 /// Reads every tensor of a state-dict checkpoint (`{name: tensor}`) onto `device`, as stored.
 pub fn read_state_dict(path: &Path, device: &Device) -> anyhow::Result<BTreeMap<String, Tensor>> {
+    let (tensors, extras) = read_checkpoint(path, device)?;
+    if let Some(name) = extras.keys().next() {
+        bail!(
+            "{}: entry `{name}` is not a tensor (expected a state dict of tensors)",
+            path.display()
+        );
+    }
+    Ok(tensors)
+}
+
+/// Reads a checkpoint dict: its tensors onto `device`, and its other entries (strings, numbers, nested
+/// dicts, as OpenAI's SAE checkpoints carry) as plain pickle values.
+pub fn read_checkpoint(
+    path: &Path,
+    device: &Device,
+) -> anyhow::Result<(BTreeMap<String, Tensor>, BTreeMap<String, Value>)> {
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut zip = zip::ZipArchive::new(file).with_context(|| {
@@ -146,11 +162,19 @@ pub fn read_state_dict(path: &Path, device: &Device) -> anyhow::Result<BTreeMap<
         bail!("{}: the pickle is not a state dict", path.display())
     };
     let mut out = BTreeMap::new();
+    let mut extras = BTreeMap::new();
     for (k, v) in items {
         let name = k
             .as_str()
             .with_context(|| format!("{}: a state-dict key is not a string", path.display()))?
             .to_string();
+        if matches!(
+            &v,
+            Value::Str(_) | Value::Int(_) | Value::Float(_) | Value::Dict(_)
+        ) {
+            extras.insert(name, v);
+            continue;
+        }
         let r = tensor_ref(&v).with_context(|| format!("{}: entry `{name}`", path.display()))?;
         let mut entry = zip
             .by_name(&format!("{prefix}data/{}", r.storage))
@@ -195,5 +219,5 @@ pub fn read_state_dict(path: &Path, device: &Device) -> anyhow::Result<BTreeMap<
         let t = Tensor::from_raw_buffer(data, r.dtype, &r.shape, device)?;
         out.insert(name, t);
     }
-    Ok(out)
+    Ok((out, extras))
 }

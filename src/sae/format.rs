@@ -46,6 +46,9 @@ pub struct Sae {
     pub threshold: Option<Tensor>,
     /// Subtract b_dec from the input before encoding.
     pub apply_b_dec_to_input: bool,
+    /// Normalise each input to zero mean and unit standard deviation before encoding, and undo it on the
+    /// reconstruction in [`Sae::reconstruct`] (OpenAI's TopK SAEs; SAELens `layer_norm`).
+    pub layer_norm: bool,
     /// The `cfg.json` it came from (or was exported with).
     pub cfg: Json,
 }
@@ -76,8 +79,22 @@ impl Sae {
         self.w_enc.dims()[1]
     }
 
+    /// Per-token (mean, std) for layer-norm SAEs, as OpenAI's `LN`: std with ε 1e-5 added.
+    fn norm_stats(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let mu = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mu)?;
+        let std = (centered.sqr()?.mean_keepdim(D::Minus1)?.sqrt()? + 1e-5)?;
+        Ok((mu, std))
+    }
+
     /// Pre-activations `[n, d_sae]` of inputs `[n, d_in]`.
     pub fn pre_activations(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = if self.layer_norm {
+            let (mu, std) = Self::norm_stats(x)?;
+            x.broadcast_sub(&mu)?.broadcast_div(&std)?
+        } else {
+            x.clone()
+        };
         let x = if self.apply_b_dec_to_input {
             x.broadcast_sub(&self.b_dec)?
         } else {
@@ -101,9 +118,20 @@ impl Sae {
         }
     }
 
-    /// Reconstructions `[n, d_in]` of latent activations.
+    /// Reconstructions `[n, d_in]` of latent activations (in the normalised space for layer-norm SAEs).
     pub fn decode(&self, a: &Tensor) -> candle_core::Result<Tensor> {
         a.matmul(&self.w_dec)?.broadcast_add(&self.b_dec)
+    }
+
+    /// Encode then decode, undoing the input normalisation: the SAE's reconstruction of `x`.
+    pub fn reconstruct(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.decode(&self.encode(x)?)?;
+        if self.layer_norm {
+            let (mu, std) = Self::norm_stats(x)?;
+            y.broadcast_mul(&std)?.broadcast_add(&mu)
+        } else {
+            Ok(y)
+        }
     }
 
     /// Writes the SAELens layout into `dir`: `cfg.json` and `sae_weights.safetensors`.
@@ -183,9 +211,14 @@ impl Sae {
     }
 
     /// Loads a SAELens (`cfg.json` + `sae_weights.safetensors`) or sparsify (`cfg.json` + `sae.safetensors`)
-    /// directory, checking every shape against the config.
+    /// directory, or an OpenAI checkpoint (a `.pt` file, or a directory holding one), checking every shape.
     pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Self> {
         let cfg_path = dir.join("cfg.json");
+        if !cfg_path.exists() {
+            if let Some(pt) = openai_checkpoint(dir) {
+                return Self::load_openai(&pt, device);
+            }
+        }
         let cfg: Json = serde_json::from_str(
             &std::fs::read_to_string(&cfg_path)
                 .with_context(|| format!("cannot read {}", cfg_path.display()))?,
@@ -234,13 +267,17 @@ impl Sae {
                     bail!("{}: k = {k} exceeds d_sae = {d_sae}", cfg_path.display());
                 }
             }
-            if cfg["rescale_acts_by_decoder_norm"].as_bool() == Some(true)
-                || cfg["normalize_activations"]
-                    .as_str()
-                    .is_some_and(|n| n != "none")
-            {
+            let layer_norm = match cfg["normalize_activations"].as_str().unwrap_or("none") {
+                "none" => false,
+                "layer_norm" => true,
+                other => bail!(
+                    "{}: normalize_activations = \"{other}\" is not supported (none, layer_norm)",
+                    cfg_path.display()
+                ),
+            };
+            if cfg["rescale_acts_by_decoder_norm"].as_bool() == Some(true) {
                 bail!(
-                    "{}: rescale_acts_by_decoder_norm / normalize_activations are not supported yet",
+                    "{}: rescale_acts_by_decoder_norm is not supported yet",
                     cfg_path.display()
                 );
             }
@@ -255,6 +292,7 @@ impl Sae {
                     _ => None,
                 },
                 apply_b_dec_to_input: cfg["apply_b_dec_to_input"].as_bool().unwrap_or(true),
+                layer_norm,
                 cfg,
             })
         } else if dir.join("sae.safetensors").exists() {
@@ -279,14 +317,97 @@ impl Sae {
                 b_dec: get(&ts, "b_dec", &[d_in], file)?,
                 threshold: None,
                 apply_b_dec_to_input: true,
+                layer_norm: false,
                 cfg,
             })
         } else {
             bail!(
-                "{}: no sae_weights.safetensors (SAELens) or sae.safetensors (sparsify)",
+                "{}: no sae_weights.safetensors (SAELens) or sae.safetensors (sparsify) beside cfg.json",
                 dir.display()
             )
         }
+    }
+}
+
+/// The single `.pt` file of a directory (or the path itself when it is one).
+fn openai_checkpoint(path: &Path) -> Option<std::path::PathBuf> {
+    if path.extension().is_some_and(|e| e == "pt") {
+        return Some(path.to_path_buf());
+    }
+    let mut pts: Vec<_> = std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pt"))
+        .collect();
+    (pts.len() == 1).then(|| pts.remove(0))
+}
+
+impl Sae {
+    /// Loads an OpenAI `sparse_autoencoder` checkpoint (`torch.save` of `Autoencoder.state_dict()`):
+    /// `encoder.weight [d_sae, d_in]`, `latent_bias`, `decoder.weight [d_in, d_sae]`, `pre_bias`, and
+    /// `activation` / `activation_state_dict` (`TopK` with `k`, or `ReLU`). TopK checkpoints normalise
+    /// their inputs (layer norm), as OpenAI's loader does. Read with saeflow's non-executing pickle reader.
+    pub fn load_openai(path: &Path, device: &Device) -> anyhow::Result<Self> {
+        let (tensors, extras) = crate::models::torch_pt::read_checkpoint(path, device)?;
+        let get = |name: &str| {
+            tensors
+                .get(name)
+                .with_context(|| format!("{}: no `{name}` (not an OpenAI SAE?)", path.display()))
+                .and_then(|t| Ok(t.to_dtype(DType::F32)?))
+        };
+        let w_enc_t = get("encoder.weight")?;
+        let (d_sae, d_in) = w_enc_t.dims2()?;
+        let shape = |name: &str, t: &Tensor, want: &[usize]| {
+            if t.dims() != want {
+                bail!(
+                    "{}: `{name}` has shape {:?}, encoder.weight implies {want:?}",
+                    path.display(),
+                    t.dims()
+                );
+            }
+            Ok(())
+        };
+        let w_dec_t = get("decoder.weight")?;
+        shape("decoder.weight", &w_dec_t, &[d_in, d_sae])?;
+        let b_enc = get("latent_bias")?;
+        shape("latent_bias", &b_enc, &[d_sae])?;
+        let b_dec = get("pre_bias")?;
+        shape("pre_bias", &b_dec, &[d_in])?;
+        let kind = extras
+            .get("activation")
+            .and_then(|v| v.as_str())
+            .unwrap_or("ReLU")
+            .to_string();
+        let activation = match kind.as_str() {
+            "TopK" => {
+                let k = extras
+                    .get("activation_state_dict")
+                    .and_then(|v| v.get("k"))
+                    .and_then(|v| v.as_int())
+                    .with_context(|| format!("{}: TopK checkpoint without k", path.display()))?;
+                if k <= 0 || k as usize > d_sae {
+                    bail!("{}: k = {k} outside 1..={d_sae}", path.display());
+                }
+                Activation::TopK(k as usize)
+            }
+            "ReLU" => Activation::Relu,
+            other => bail!(
+                "{}: activation `{other}` is not supported (TopK, ReLU)",
+                path.display()
+            ),
+        };
+        Ok(Sae {
+            activation,
+            w_enc: w_enc_t.t()?.contiguous()?,
+            b_enc,
+            w_dec: w_dec_t.t()?.contiguous()?,
+            b_dec,
+            threshold: None,
+            apply_b_dec_to_input: true,
+            layer_norm: kind == "TopK",
+            cfg: json!({"architecture": kind, "d_in": d_in, "d_sae": d_sae, "source": "openai"}),
+        })
     }
 }
 
@@ -317,6 +438,7 @@ mod tests {
             b_dec: t(&[1.0, 1.0], &[2]),
             threshold: Some(t(&[1.2, 1.0, -1.0], &[3])),
             apply_b_dec_to_input: true,
+            layer_norm: false,
             cfg: Json::Null,
         }
     }

@@ -509,6 +509,7 @@ impl State {
             b_dec: (Tensor::from_slice(&p.b_dec, d, &cpu)? / s as f64)?,
             threshold,
             apply_b_dec_to_input: true,
+            layer_norm: false,
             cfg: sae_cfg,
         })
     }

@@ -7,6 +7,17 @@ use candle_core::{Device, Tensor};
 
 /// Writes a torch-format zip checkpoint: a protocol-2 state-dict pickle and one f32 storage per tensor.
 pub fn write_torch_checkpoint(path: &Path, tensors: &[(String, Tensor)], dtype_storage: &str) {
+    write_torch_checkpoint_with(path, tensors, dtype_storage, &[])
+}
+
+/// [`write_torch_checkpoint`] with extra protocol-2 pickle (key, value) pairs appended to the dict, for
+/// checkpoints that carry non-tensor entries.
+pub fn write_torch_checkpoint_with(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    dtype_storage: &str,
+    extra_items: &[u8],
+) {
     let mut pkl: Vec<u8> = vec![0x80, 2, b'}', b'('];
     let unicode = |p: &mut Vec<u8>, s: &str| {
         p.push(b'X');
@@ -44,6 +55,7 @@ pub fn write_torch_checkpoint(path: &Path, tensors: &[(String, Tensor)], dtype_s
         }
         pkl.extend(b"t\x89ccollections\nOrderedDict\n)RtR");
     }
+    pkl.extend(extra_items);
     pkl.extend(b"u.");
     let file = std::fs::File::create(path).unwrap();
     let mut zip = zip::ZipWriter::new(file);
