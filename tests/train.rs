@@ -55,6 +55,33 @@ log_every = 5
     );
 }
 
+/// The first `n` activation rows of the pipeline's capture (layer 2), in store order.
+fn first_rows(cache: &Path, n: usize) -> Tensor {
+    let store =
+        ActivationStore::open(&object_of(cache, "tr", "acts"), "blocks.2.hook_resid_post").unwrap();
+    let options = ReadOptions {
+        batch_size: n,
+        ..ReadOptions::default()
+    };
+    store
+        .batches(&options, &Device::Cpu)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .acts
+}
+
+/// SAELens pre-activations from saved weights: (x − b_dec) W_enc + b_enc.
+fn saved_pre(w: &std::collections::HashMap<String, Tensor>, x: &Tensor) -> Tensor {
+    x.broadcast_sub(&w["b_dec"])
+        .unwrap()
+        .matmul(&w["W_enc"])
+        .unwrap()
+        .broadcast_add(&w["b_enc"])
+        .unwrap()
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -99,21 +126,7 @@ fn the_exported_sae_loads_and_encodes_by_the_saelens_topk_formula() {
     assert!(val_fvu < 0.6, "validation FVU {val_fvu}");
 
     let sae = Sae::load(&object, &Device::Cpu).unwrap();
-    let store = ActivationStore::open(&object_of(&cache, "tr", "acts"), "blocks.2.hook_resid_post")
-        .unwrap();
-    let x = store
-        .batches(
-            &ReadOptions {
-                batch_size: 64,
-                ..ReadOptions::default()
-            },
-            &Device::Cpu,
-        )
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .acts;
+    let x = first_rows(&cache, 64);
     let a = sae.encode(&x).unwrap();
     // SAELens TopK, written out: relu(topk((x − b_dec) W_enc + b_enc)), from the saved tensors.
     let w = candle_core::safetensors::load(object.join("sae_weights.safetensors"), &Device::Cpu)
@@ -379,29 +392,9 @@ fn batch_top_k_exports_a_jumprelu_with_its_learned_threshold() {
     assert!(threshold[0] > 0.0 && threshold.iter().all(|&t| t == threshold[0]));
 
     let sae = Sae::load(&object, &Device::Cpu).unwrap();
-    let store = ActivationStore::open(&object_of(&cache, "tr", "acts"), "blocks.2.hook_resid_post")
-        .unwrap();
-    let x = store
-        .batches(
-            &ReadOptions {
-                batch_size: 64,
-                ..ReadOptions::default()
-            },
-            &Device::Cpu,
-        )
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .acts;
+    let x = first_rows(&cache, 64);
     // SAELens JumpReLU: pre · 1[pre > θ] (θ ≥ 0, so ReLU is implied).
-    let pre = x
-        .broadcast_sub(&w["b_dec"])
-        .unwrap()
-        .matmul(&w["W_enc"])
-        .unwrap()
-        .broadcast_add(&w["b_enc"])
-        .unwrap();
+    let pre = saved_pre(&w, &x);
     let keep = pre
         .broadcast_gt(&w["threshold"])
         .unwrap()
@@ -462,13 +455,7 @@ fn jumprelu_and_relu_export_as_saelens_jumprelu_and_standard() {
             .unwrap()
             .unwrap()
             .acts;
-        let pre = x
-            .broadcast_sub(&w["b_dec"])
-            .unwrap()
-            .matmul(&w["W_enc"])
-            .unwrap()
-            .broadcast_add(&w["b_enc"])
-            .unwrap();
+        let pre = saved_pre(&w, &x);
         let expected = match arch {
             "jumprelu" => {
                 let keep = pre

@@ -597,10 +597,11 @@ pub fn total_variance(x: &[f32], d: usize) -> f64 {
 
 #[cfg(test)]
 #[allow(clippy::needless_range_loop, clippy::type_complexity)] // index loops mirror the formulas
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    /// Deterministic uniform values in [−scale, scale).
+    pub(crate) fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..n)
             .map(|_| {

@@ -574,7 +574,7 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         computed += stored.len() as u64;
         ctx.progress.inc(stored.len() as u64);
         if shard.tokens.len() as u64 >= p.shard_tokens {
-            write_shard(
+            shard_count = write_shard(
                 partial,
                 shard_count,
                 &hooks,
@@ -583,14 +583,14 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
                 &mut shard,
                 batch_index,
             )?;
-            shard_count += 1;
             let rate = computed as f64 / started.elapsed().as_secs_f64().max(1e-9);
             ctx.progress
                 .set_message(&format!("{shard_count} shards, {rate:.0} tok/s"));
         }
     }
+    // The last shard holds what is left (a rerun reaching this point writes it again, identically).
     if !shard.tokens.is_empty() {
-        write_shard(
+        shard_count = write_shard(
             partial,
             shard_count,
             &hooks,
@@ -599,7 +599,6 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             &mut shard,
             batch_index,
         )?;
-        shard_count += 1;
     }
     if shard_count == 0 {
         bail!(
@@ -787,6 +786,7 @@ impl Forward<'_> {
 }
 
 /// Writes the shard into a temporary directory, then renames it into place: a shard exists whole or not.
+/// Returns the number of shards now written.
 fn write_shard(
     partial: &Path,
     index: usize,
@@ -795,7 +795,7 @@ fn write_shard(
     dtype: ActDtype,
     shard: &mut ShardBuffer,
     next_batch: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let tmp = partial.join(format!("tmp-shard-{index:05}"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
@@ -830,5 +830,5 @@ fn write_shard(
         let _ = dir.sync_all();
     }
     *shard = ShardBuffer::new(hooks.len());
-    Ok(())
+    Ok(index + 1)
 }
