@@ -229,10 +229,7 @@ fn sigkill_during_training_resumes_from_checkpoints_to_identical_weights() {
     let mut resumed_at = Vec::new();
     for kill in 0..5 {
         let before = checkpoints(d);
-        let mut child = common::saeflow(d)
-            .args(["run", "-q", "p.toml"])
-            .spawn()
-            .unwrap();
+        let mut child = common::saeflow(d).args(["run", "p.toml"]).spawn().unwrap();
         // Wait for a newer checkpoint, then kill a random moment later.
         while checkpoints(d) <= before {
             assert!(

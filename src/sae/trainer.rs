@@ -356,7 +356,7 @@ impl State {
             ("since_fired".into(), i(&self.since_fired)?),
             ("fired_total".into(), i(&self.fired_total)?),
         ];
-        for (name, m) in ["w_enc", "b_enc", "w_dec", "b_dec"]
+        for (name, m) in ["w_enc", "b_enc", "w_dec", "b_dec", "threshold"]
             .iter()
             .zip(&self.moments)
         {
@@ -711,6 +711,51 @@ mod tests {
             validation: None,
             scale: 1.0,
             buffer_rows: 16,
+        }
+    }
+
+    #[test]
+    fn checkpoints_round_trip_the_whole_state_of_every_architecture() {
+        let x = crate::sae::step::tests::random(4 * 6, 7, 1.0);
+        for sparsity in [
+            Sparsity::TopK(2),
+            Sparsity::BatchTopK(2),
+            Sparsity::JumpRelu {
+                l0: 0.1,
+                bandwidth: 0.5,
+            },
+            Sparsity::Relu { l1: 0.1 },
+        ] {
+            let c = TrainConfig {
+                sparsity,
+                lr: 0.01,
+                aux_coef: 0.5,
+                dead_tokens: 0,
+                ..cfg(10, 2, 0.2)
+            };
+            let mut state = State::init(&c, 6, &x);
+            let mut grads = Grads::default();
+            for _ in 0..3 {
+                state.step(&c, &x, &mut grads).unwrap();
+            }
+            state.log.push(LogRow {
+                step: 3,
+                tokens: 12,
+                loss: 0.1 + 0.2,
+                mse: 1.0 / 3.0,
+                aux: 0.0,
+                penalty: 0.0,
+                fvu: 0.7,
+                l0: 2.0,
+                dead_fraction: 0.0,
+                lr: 0.01,
+                val_fvu: None,
+                val_l0: Some(2.5),
+            });
+            let dir = tempfile::tempdir().unwrap();
+            state.save_checkpoint(dir.path()).unwrap();
+            let loaded = State::load_checkpoint(dir.path(), 6, 8).unwrap().unwrap();
+            assert_eq!(loaded, state, "{sparsity:?}");
         }
     }
 
