@@ -613,8 +613,18 @@ pub fn train(
                 "resuming from the checkpoint at step {}",
                 state.step
             ));
-            // Replay the data stream up to the checkpoint: reading is far cheaper than training.
-            for _ in 0..state.step {
+            // Every epoch yields exactly ⌊rows / batch⌋ full batches, so whole epochs are skipped and only the
+            // current one is replayed to the checkpoint (reading is far cheaper than training).
+            let rows = match &cfg.train_splits {
+                Some(splits) => splits
+                    .iter()
+                    .map(|s| store.info.splits.get(s).copied().unwrap_or(0))
+                    .sum(),
+                None => store.rows(),
+            };
+            let per_epoch = (rows / cfg.batch_size as u64).max(1);
+            data.epoch = state.step / per_epoch;
+            for _ in 0..state.step % per_epoch {
                 data.next()?;
             }
             state
