@@ -82,6 +82,17 @@ fn saved_pre(w: &std::collections::HashMap<String, Tensor>, x: &Tensor) -> Tenso
         .unwrap()
 }
 
+/// Runs the pipeline with `train` settings; returns the temp dir, its cache, the SAE object and its cfg.json.
+fn train_with(train: &str) -> (tempfile::TempDir, PathBuf, PathBuf, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    pipeline(dir.path(), train);
+    ok(dir.path(), &["run", "p.toml"]);
+    let cache = dir.path().join("cache");
+    let object = object_of(&cache, "tr", "sae");
+    let cfg = serde_json::from_slice(&std::fs::read(object.join("cfg.json")).unwrap()).unwrap();
+    (dir, cache, object, cfg)
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -95,13 +106,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn the_exported_sae_loads_and_encodes_by_the_saelens_topk_formula() {
-    let dir = tempfile::tempdir().unwrap();
-    pipeline(dir.path(), "tokens = 10240");
-    ok(dir.path(), &["run", "p.toml"]);
-    let cache = dir.path().join("cache");
-    let object = object_of(&cache, "tr", "sae");
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(object.join("cfg.json")).unwrap()).unwrap();
+    let (dir, cache, object, cfg) = train_with("tokens = 10240");
     assert_eq!(cfg["architecture"], "topk");
     assert_eq!(
         (
@@ -372,14 +377,8 @@ fn bad_inputs_stop_training_with_clear_messages() {
 
 #[test]
 fn batch_top_k_exports_a_jumprelu_with_its_learned_threshold() {
-    let dir = tempfile::tempdir().unwrap();
     // 240 steps: the threshold is an EMA (rate 0.01) from 0, so it needs some steps to settle.
-    pipeline(dir.path(), "tokens = 61440\narch = \"batchtopk\"");
-    ok(dir.path(), &["run", "p.toml"]);
-    let cache = dir.path().join("cache");
-    let object = object_of(&cache, "tr", "sae");
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(object.join("cfg.json")).unwrap()).unwrap();
+    let (_dir, cache, object, cfg) = train_with("tokens = 61440\narch = \"batchtopk\"");
     assert_eq!(cfg["architecture"], "jumprelu");
     assert!(cfg.get("k").is_none());
     let w = candle_core::safetensors::load(object.join("sae_weights.safetensors"), &Device::Cpu)
@@ -416,16 +415,9 @@ fn batch_top_k_exports_a_jumprelu_with_its_learned_threshold() {
 #[test]
 fn jumprelu_and_relu_export_as_saelens_jumprelu_and_standard() {
     for (arch, saelens) in [("jumprelu", "jumprelu"), ("relu", "standard")] {
-        let dir = tempfile::tempdir().unwrap();
-        pipeline(
-            dir.path(),
-            &format!("tokens = 5120\narch = \"{arch}\"\npenalty_warmup_steps = 5"),
-        );
-        ok(dir.path(), &["run", "p.toml"]);
-        let cache = dir.path().join("cache");
-        let object = object_of(&cache, "tr", "sae");
-        let cfg: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(object.join("cfg.json")).unwrap()).unwrap();
+        let (_dir, cache, object, cfg) = train_with(&format!(
+            "tokens = 5120\narch = \"{arch}\"\npenalty_warmup_steps = 5"
+        ));
         assert_eq!(cfg["architecture"], saelens);
         assert_eq!(
             cfg["metadata"]["training_architecture"],

@@ -165,21 +165,13 @@ pub fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sae::step::tests::random;
+    use crate::sae::step::tests::{params, random};
 
     /// The dense path agrees with the sparse one on every gradient, for every architecture it trains.
     #[test]
     fn dense_and_sparse_steps_agree() {
         let (d, m, n) = (8, 24, 12);
-        let p = Params {
-            d_in: d,
-            d_sae: m,
-            w_enc: random(m * d, 1, 0.5),
-            b_enc: random(m, 2, 0.1),
-            w_dec: random(m * d, 3, 0.5),
-            b_dec: random(d, 4, 0.1),
-            threshold: random(m, 5, 0.2).iter().map(|t| t.abs()).collect(),
-        };
+        let p = params(d, m);
         let x = random(n * d, 9, 1.0);
         let dead: Vec<bool> = (0..m).map(|j| j % 3 == 0).collect();
         for (sparsity, aux) in [

@@ -613,7 +613,8 @@ pub(crate) mod tests {
             .collect()
     }
 
-    fn params(d: usize, m: usize) -> Params {
+    /// Small random parameters with non-negative thresholds.
+    pub(crate) fn params(d: usize, m: usize) -> Params {
         Params {
             d_in: d,
             d_sae: m,
