@@ -127,7 +127,7 @@ pub struct State {
 }
 
 /// Where a run reports to.
-pub struct Hooks<'a> {
+pub struct Callbacks<'a> {
     /// Called after every step with (steps done, tokens/s so far).
     pub progress: &'a dyn Fn(u64),
     /// Polled between steps; `true` stops with a checkpoint.
@@ -597,7 +597,7 @@ pub fn train(
     store: &ActivationStore,
     cfg: &TrainConfig,
     checkpoints: &Path,
-    hooks: &Hooks,
+    hooks: &Callbacks,
 ) -> anyhow::Result<State> {
     let d_in = store.d_model();
     let mut data = Data {

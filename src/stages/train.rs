@@ -372,7 +372,7 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         }
         progress.inc(batch);
     };
-    let hooks = trainer::Hooks {
+    let hooks = trainer::Callbacks {
         progress: &on_step,
         cancelled: &|| cancel.is_cancelled(),
         log: &log,
