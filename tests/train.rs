@@ -428,22 +428,7 @@ fn jumprelu_and_relu_export_as_saelens_jumprelu_and_standard() {
                 .unwrap();
         assert_eq!(w.contains_key("threshold"), arch == "jumprelu");
         let sae = Sae::load(&object, &Device::Cpu).unwrap();
-        let store =
-            ActivationStore::open(&object_of(&cache, "tr", "acts"), "blocks.2.hook_resid_post")
-                .unwrap();
-        let x = store
-            .batches(
-                &ReadOptions {
-                    batch_size: 32,
-                    ..ReadOptions::default()
-                },
-                &Device::Cpu,
-            )
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .acts;
+        let x = first_rows(&cache, 32);
         let pre = saved_pre(&w, &x);
         let expected = match arch {
             "jumprelu" => {
