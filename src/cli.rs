@@ -53,6 +53,10 @@ enum Command {
         /// Only say, per instance, whether it would run and why.
         #[arg(long)]
         dry_run: bool,
+        /// Run every instance on its own, even those a stage kind could run as one group (e.g. the members
+        /// of a training sweep, which otherwise share one pass over the activations). Results are the same.
+        #[arg(long)]
+        no_group: bool,
     },
     /// Show every instance: cached, stale (and why) or missing.
     Status {
@@ -270,6 +274,7 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             targets,
             jobs,
             dry_run,
+            no_group,
         } => {
             let cache = open_cache(&cli.cache)?;
             let plan = load_plan(&args, &registry, &cache)?;
@@ -289,7 +294,11 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             }
             let cancel = Cancel::new();
             install_signal_handlers(&cancel)?;
-            let options = Options { jobs, targets };
+            let options = Options {
+                jobs,
+                targets,
+                group: !no_group,
+            };
             let outcome = exec::run(&plan, &registry, &cache, &options, &cancel, &reporter)
                 .map_err(Error::Usage)?;
             reporter.println(&format!(

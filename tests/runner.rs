@@ -1,4 +1,5 @@
-//! The runner end to end through the CLI, with `command` stages whose side effects count executions.
+//! The runner end to end through the CLI, with `command` stages whose side effects count executions, and
+//! grouping through the library with a test stage kind.
 mod common;
 
 use common::{lines, ok, run, text, write};
@@ -387,4 +388,160 @@ shell = "if [ -e {partial}/step1 ]; then echo resumed > {out}/result; else echo 
         std::fs::read_to_string(obj.join("result")).unwrap(),
         "resumed\n"
     );
+}
+
+mod groups {
+    //! Grouping, through the library with a test kind whose `lr` is groupable: instances that differ only in
+    //! `lr` run as one `run_group` call, yet each is its own cache object.
+    use std::path::Path;
+
+    use saeflow::cache::Cache;
+    use saeflow::exec::{Options, Reporter};
+    use saeflow::plan::FileHasher;
+    use saeflow::stages::{key_path, Cancel, Reference, References, Registry, Stage, StageContext};
+    use schemars::JsonSchema;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Deserialize, Serialize, JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    struct FitParams {
+        input: String,
+        lr: f64,
+        #[serde(default)]
+        tag: String,
+    }
+
+    struct Fit;
+    impl Stage for Fit {
+        type Params = FitParams;
+        const KIND: &'static str = "fit";
+        const VERSION: u32 = 1;
+        const ABOUT: &'static str = "test kind";
+        const GROUPABLE: &'static [&'static str] = &["lr"];
+        fn references(p: &FitParams) -> References {
+            References {
+                inputs: vec![Reference {
+                    role: "input".into(),
+                    target: p.input.clone(),
+                    at: key_path(&["input"]),
+                }],
+                ..Default::default()
+            }
+        }
+        fn run(_: &FitParams, _: &mut StageContext) -> anyhow::Result<()> {
+            unreachable!("the runner always calls run_group")
+        }
+        /// Appends the group's members to `groups.log` beside the cache; lr = 13 fails.
+        fn run_group(params: &[FitParams], ctxs: &mut [StageContext]) -> Vec<anyhow::Result<()>> {
+            let names: Vec<&str> = ctxs.iter().map(|c| c.instance.as_str()).collect();
+            let cache_root = ctxs[0].downloads_dir.parent().unwrap();
+            let log = cache_root.parent().unwrap().join("groups.log");
+            let mut text = std::fs::read_to_string(&log).unwrap_or_default();
+            text += &format!("{}\n", names.join(" "));
+            std::fs::write(&log, text).unwrap();
+            params
+                .iter()
+                .zip(ctxs.iter())
+                .map(|(p, ctx)| {
+                    anyhow::ensure!(p.lr != 13.0, "lr 13 is unlucky");
+                    std::fs::write(ctx.out_dir.join("lr.txt"), format!("{} {}", p.lr, p.tag))?;
+                    Ok(())
+                })
+                .collect()
+        }
+    }
+
+    const PIPELINE: &str = r#"
+[pipeline]
+name = "groups"
+
+[stages.up]
+kind = "command"
+shell = "echo data > {out}/d.txt"
+outs = ["d.txt"]
+
+[stages.fit]
+kind = "fit"
+input = "up"
+lr = 1.0
+"#;
+
+    /// Runs the pipeline with overrides; returns (computed, failed) instance names and the group log.
+    fn run(dir: &Path, overrides: &[&str], group: bool) -> (Vec<String>, Vec<String>, String) {
+        let mut registry = Registry::builtin();
+        registry.register::<Fit>();
+        let path = dir.join("p.toml");
+        std::fs::write(&path, PIPELINE).unwrap();
+        let overrides: Vec<_> = overrides.iter().map(|o| o.parse().unwrap()).collect();
+        let cache = Cache::open(&dir.join("cache")).unwrap();
+        let mut hasher = FileHasher::open(dir.join("memo.json"));
+        let plan = saeflow::plan::load(&path, &overrides, &registry, &mut hasher).unwrap();
+        let options = Options {
+            jobs: 1,
+            targets: Vec::new(),
+            group,
+        };
+        let reporter = Reporter::new(true);
+        let outcome = saeflow::exec::run(
+            &plan,
+            &registry,
+            &cache,
+            &options,
+            &Cancel::new(),
+            &reporter,
+        )
+        .unwrap();
+        let log = std::fs::read_to_string(dir.join("groups.log")).unwrap_or_default();
+        let _ = std::fs::remove_file(dir.join("groups.log"));
+        let failed = outcome.failed.into_iter().map(|(n, _)| n).collect();
+        (outcome.computed, failed, log)
+    }
+
+    fn objects(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("cache/objects"))
+            .unwrap()
+            .count()
+    }
+
+    #[test]
+    fn instances_differing_only_in_groupable_parameters_run_as_one_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (computed, failed, log) = run(d, &["fit.lr=1,2,3"], true);
+        assert_eq!(computed.len(), 4, "{computed:?}");
+        assert!(failed.is_empty());
+        assert_eq!(log, "fit[lr=1] fit[lr=2] fit[lr=3]\n");
+        assert_eq!(objects(d), 4, "each member is its own object");
+
+        // Cached members are not run again; a new member runs alone.
+        let (computed, _, log) = run(d, &["fit.lr=1,2,3,4"], true);
+        assert_eq!(computed, vec!["fit[lr=4]".to_string()]);
+        assert_eq!(log, "fit[lr=4]\n");
+
+        // A non-groupable parameter splits groups; --no-group runs every member alone.
+        let (_, _, log) = run(d, &["fit.lr=5,6", "fit.tag=a,b"], true);
+        let mut groups: Vec<&str> = log.lines().collect();
+        groups.sort();
+        assert_eq!(
+            groups,
+            [
+                "fit[lr=5,tag=a] fit[lr=6,tag=a]",
+                "fit[lr=5,tag=b] fit[lr=6,tag=b]"
+            ]
+        );
+        let (computed, _, log) = run(d, &["fit.lr=7,8"], false);
+        assert_eq!(computed.len(), 2);
+        assert_eq!(log, "fit[lr=7]\nfit[lr=8]\n");
+    }
+
+    #[test]
+    fn a_failing_member_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (computed, failed, log) = run(d, &["fit.lr=12,13,14"], true);
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert_eq!(failed, vec!["fit[lr=13]".to_string()]);
+        assert_eq!(computed.len(), 3, "up and two members: {computed:?}");
+        assert_eq!(objects(d), 3);
+    }
 }

@@ -269,6 +269,69 @@ fn sigkill_during_training_resumes_from_checkpoints_to_identical_weights() {
     assert_eq!(common::published_outputs(&d.join("cache")), expected);
 }
 
+/// A sweep trains as one group on one pass over the activations, and every member ends with exactly the bits
+/// it gets trained alone (`--no-group`), also after a SIGKILL that leaves the members' last checkpoints at
+/// different steps.
+#[test]
+fn a_sweep_trains_as_one_group_with_the_bits_of_members_trained_alone() {
+    let settings = "tokens = 15360";
+    let sweep = ["-S", "sae.k=4,8", "-S", "sae.checkpoint_every=3,5"];
+    let alone = tempfile::tempdir().unwrap();
+    pipeline(alone.path(), settings);
+    let out = ok(
+        alone.path(),
+        &[&["run", "p.toml", "--no-group"][..], &sweep].concat(),
+    );
+    assert!(!out.contains("together"), "{out}");
+    let expected = common::published_outputs(&alone.path().join("cache"));
+    assert_eq!(
+        expected
+            .keys()
+            .filter(|k| k.ends_with("sae_weights.safetensors"))
+            .count(),
+        4
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pipeline(d, settings);
+    ok(d, &["run", "p.toml", "acts"]);
+    let has_step_5 = |d: &Path| {
+        std::fs::read_dir(d.join("cache/partial"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|k| k.path().join("checkpoints/step-000000005").exists())
+    };
+    let mut child = common::saeflow(d)
+        .args([&["run", "p.toml"][..], &sweep].concat())
+        .spawn()
+        .unwrap();
+    while !has_step_5(d) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "training finished before the kill"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let out = ok(d, &[&["run", "p.toml"][..], &sweep].concat());
+    assert!(out.contains("together (one group"), "{out}");
+    let mut resumed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split("resuming from the checkpoint at step ").nth(1))
+        .collect();
+    resumed.sort();
+    resumed.dedup();
+    assert!(
+        resumed.len() >= 2,
+        "members resume from different steps: {out}"
+    );
+    assert_eq!(common::published_outputs(&d.join("cache")), expected);
+}
+
 fn fails(dir: &Path, fragments: &[&str]) {
     let out = run(dir, &["run", "p.toml"]);
     let msg = text(&out);

@@ -28,6 +28,8 @@ pub struct Options {
     pub jobs: usize,
     /// Only run these instances (by stage or instance name) and what they need; empty means all.
     pub targets: Vec<String>,
+    /// Run instances that only differ in groupable parameters (see `Stage::GROUPABLE`) as one group.
+    pub group: bool,
 }
 
 /// What happened to each instance.
@@ -99,7 +101,8 @@ pub fn run(
         .collect();
     let mut blocked: BTreeSet<NodeIndex> = BTreeSet::new();
     let mut running = 0usize;
-    let (tx, rx) = mpsc::channel::<(NodeIndex, Result<Done, anyhow::Error>)>();
+    // One message per launched group (a lone instance is a group of one): each member's result.
+    let (tx, rx) = mpsc::channel::<Vec<(NodeIndex, Result<Done, anyhow::Error>)>>();
 
     let record = |n: NodeIndex| {
         let inst = plan.instance(n);
@@ -124,16 +127,27 @@ pub fn run(
             // Launch what is ready, in plan order; cached instances finish inline without a thread.
             while !ready.is_empty() && running < options.jobs.max(1) && !cancel.is_cancelled() {
                 let n = ready.remove(0);
+                running += 1;
                 if cache.has_object(&plan.instance(n).key) {
-                    tx.send((n, Ok(Done::Cached))).expect("receiver alive");
-                    running += 1;
+                    tx.send(vec![(n, Ok(Done::Cached))])
+                        .expect("receiver alive");
                     continue;
                 }
-                running += 1;
+                let mut group = vec![n];
+                if options.group {
+                    if let Some(key) = group_key(plan, registry, n) {
+                        let (same, rest): (Vec<_>, Vec<_>) = ready.iter().partition(|&&m| {
+                            group_key(plan, registry, m).as_ref() == Some(&key)
+                                && !cache.has_object(&plan.instance(m).key)
+                        });
+                        group.extend(same);
+                        ready = rest;
+                    }
+                }
                 let tx = tx.clone();
                 scope.spawn(move || {
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        compute(plan, registry, cache, n, cancel, reporter)
+                    let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        compute_group(plan, registry, cache, &group, cancel, reporter)
                     }))
                     .unwrap_or_else(|panic| {
                         let msg = panic
@@ -141,48 +155,53 @@ pub fn run(
                             .cloned()
                             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                             .unwrap_or_default();
-                        Err(anyhow::anyhow!("internal error (panic): {msg}"))
+                        group
+                            .iter()
+                            .map(|&m| (m, Err(anyhow::anyhow!("internal error (panic): {msg}"))))
+                            .collect()
                     });
-                    let _ = tx.send((n, result));
+                    let _ = tx.send(results);
                 });
             }
             if running == 0 {
                 break;
             }
-            let (n, result) = rx.recv().expect("a running stage always reports");
+            let results = rx.recv().expect("a running group always reports");
             running -= 1;
-            let name = plan.instance(n).name.clone();
-            match result {
-                Ok(done) => {
-                    if let Err(e) = record(n) {
-                        outcome.failed.push((name, format!("{e:#}")));
-                        block_descendants(plan, n, &mut blocked);
-                        continue;
-                    }
-                    match done {
-                        Done::Computed => outcome.computed.push(name),
-                        Done::Cached => outcome.cached.push(name),
-                    }
-                    for child in plan.graph.neighbors_directed(n, Direction::Outgoing) {
-                        if let Some(count) = waiting.get_mut(&child) {
-                            *count -= 1;
-                            if *count == 0 && !blocked.contains(&child) {
-                                ready.push(child);
+            for (n, result) in results {
+                let name = plan.instance(n).name.clone();
+                match result {
+                    Ok(done) => {
+                        if let Err(e) = record(n) {
+                            outcome.failed.push((name, format!("{e:#}")));
+                            block_descendants(plan, n, &mut blocked);
+                            continue;
+                        }
+                        match done {
+                            Done::Computed => outcome.computed.push(name),
+                            Done::Cached => outcome.cached.push(name),
+                        }
+                        for child in plan.graph.neighbors_directed(n, Direction::Outgoing) {
+                            if let Some(count) = waiting.get_mut(&child) {
+                                *count -= 1;
+                                if *count == 0 && !blocked.contains(&child) {
+                                    ready.push(child);
+                                }
                             }
                         }
+                        ready.sort_by_key(|c| plan.order.iter().position(|o| o == c));
                     }
-                    ready.sort_by_key(|c| plan.order.iter().position(|o| o == c));
-                }
-                Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
-                    outcome.cancelled = true;
-                    reporter.println(&format!("stopped {name} (partial work kept)"));
-                    block_descendants(plan, n, &mut blocked);
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    reporter.println(&format!("FAILED {name}: {msg}"));
-                    outcome.failed.push((name, msg));
-                    block_descendants(plan, n, &mut blocked);
+                    Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
+                        outcome.cancelled = true;
+                        reporter.println(&format!("stopped {name} (partial work kept)"));
+                        block_descendants(plan, n, &mut blocked);
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        reporter.println(&format!("FAILED {name}: {msg}"));
+                        outcome.failed.push((name, msg));
+                        block_descendants(plan, n, &mut blocked);
+                    }
                 }
             }
         }
@@ -214,29 +233,163 @@ fn block_descendants(plan: &Plan, n: NodeIndex, blocked: &mut BTreeSet<NodeIndex
     }
 }
 
-/// Computes one instance under its key lock and publishes it.
-fn compute(
+/// Instances whose kind declares groupable parameters run together when this key is equal: same kind,
+/// same upstream objects, same models, same parameters apart from the groupable ones.
+fn group_key(plan: &Plan, registry: &Registry, n: NodeIndex) -> Option<String> {
+    let inst = plan.instance(n);
+    let groupable = registry.get(&inst.kind)?.groupable();
+    if groupable.is_empty() {
+        return None;
+    }
+    let mut params = inst.params.clone();
+    if let Some(table) = params.as_object_mut() {
+        for name in groupable {
+            table.remove(*name);
+        }
+    }
+    let inputs: BTreeMap<&String, &String> = inst
+        .inputs
+        .iter()
+        .map(|(role, &up)| (role, &plan.instance(up).key.0))
+        .collect();
+    Some(serde_json::json!([inst.kind, inputs, inst.models, params]).to_string())
+}
+
+/// An instance being computed: its context and the temp directory that becomes its object.
+struct Member {
+    n: NodeIndex,
+    ctx: StageContext,
+    tmp: std::path::PathBuf,
+    progress: Progress,
+    started: u64,
+}
+
+/// Computes a group of instances of one kind (usually one instance) under their key locks, runs them with
+/// one `run_group` call and publishes each member on its own.
+fn compute_group(
     plan: &Plan,
     registry: &Registry,
+    cache: &Cache,
+    group: &[NodeIndex],
+    cancel: &Cancel,
+    reporter: &Reporter,
+) -> Vec<(NodeIndex, anyhow::Result<Done>)> {
+    let mut results = Vec::new();
+    // Locks are taken in key order, so two processes grouping overlapping sets cannot deadlock.
+    let mut order = group.to_vec();
+    order.sort_by(|&a, &b| plan.instance(a).key.0.cmp(&plan.instance(b).key.0));
+    let mut locks = Vec::new();
+    let mut members = Vec::new();
+    for &n in &order {
+        let inst = plan.instance(n);
+        let lock = cache.lock(&inst.key, cancel, |holder| {
+            reporter.println(&format!(
+                "waiting for {}: {holder} is computing it",
+                inst.name
+            ))
+        });
+        match lock {
+            Ok(Some(lock)) => locks.push(lock),
+            Ok(None) => {
+                results.push((n, Err(Cancelled.into())));
+                continue;
+            }
+            Err(e) => {
+                results.push((n, Err(e)));
+                continue;
+            }
+        }
+        if cache.has_object(&inst.key) {
+            results.push((n, Ok(Done::Cached)));
+            continue;
+        }
+        match prepare(plan, cache, n, cancel, reporter) {
+            Ok(member) => members.push(member),
+            Err(e) => results.push((n, Err(e))),
+        }
+    }
+    // Members run in plan order (as they would one by one).
+    members.sort_by_key(|m| plan.order.iter().position(|&o| o == m.n));
+    if members.is_empty() {
+        return results;
+    }
+    let kind = registry
+        .get(&plan.instance(members[0].n).kind)
+        .expect("kinds were validated");
+    let names: Vec<&str> = members
+        .iter()
+        .map(|m| plan.instance(m.n).name.as_str())
+        .collect();
+    if members.len() > 1 {
+        reporter.println(&format!(
+            "running {} together (one group: shared inputs, one pass)",
+            names.join(", ")
+        ));
+    } else {
+        let inst = plan.instance(members[0].n);
+        reporter.println(&format!("running {} ({})", inst.name, inst.key.short()));
+    }
+    let clock = Instant::now();
+    let params: Vec<&serde_json::Value> =
+        members.iter().map(|m| &plan.instance(m.n).params).collect();
+    let mut ctxs: Vec<StageContext> = Vec::new();
+    let mut rest = Vec::new();
+    for m in members {
+        ctxs.push(m.ctx);
+        rest.push((m.n, m.tmp, m.progress, m.started));
+    }
+    let outcomes = kind.run_group(&params, &mut ctxs);
+    for ((ctx, (n, tmp, progress, started)), result) in ctxs.into_iter().zip(rest).zip(outcomes) {
+        progress.finish();
+        let inst = plan.instance(n);
+        let published = result.and_then(|()| {
+            let manifest = Manifest {
+                key: inst.key.0.clone(),
+                kind: inst.kind.clone(),
+                version: kind.version(),
+                instance: inst.name.clone(),
+                params: inst.params.clone(),
+                inputs: inst
+                    .inputs
+                    .iter()
+                    .map(|(r, &u)| (r.clone(), plan.instance(u).key.0.clone()))
+                    .collect(),
+                outputs: Vec::new(),
+                started_unix_ms: started,
+                finished_unix_ms: now_ms(),
+                metrics: ctx.metrics,
+                saeflow_version: env!("CARGO_PKG_VERSION").to_string(),
+            };
+            cache.publish(&tmp, manifest)
+        });
+        match published {
+            Ok(()) => {
+                reporter.println(&format!(
+                    "done {} in {:.1}s",
+                    inst.name,
+                    clock.elapsed().as_secs_f64()
+                ));
+                results.push((n, Ok(Done::Computed)));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                results.push((n, Err(e)));
+            }
+        }
+    }
+    drop(locks);
+    results
+}
+
+/// The context of an instance about to run (under its lock, not cached).
+fn prepare(
+    plan: &Plan,
     cache: &Cache,
     n: NodeIndex,
     cancel: &Cancel,
     reporter: &Reporter,
-) -> anyhow::Result<Done> {
+) -> anyhow::Result<Member> {
     let inst = plan.instance(n);
-    let Some(_lock) = cache.lock(&inst.key, cancel, |holder| {
-        reporter.println(&format!(
-            "waiting for {}: {holder} is computing it",
-            inst.name
-        ))
-    })?
-    else {
-        return Err(Cancelled.into());
-    };
-    if cache.has_object(&inst.key) {
-        return Ok(Done::Cached);
-    }
-    let kind = registry.get(&inst.kind).expect("kinds were validated");
     let mut inputs = BTreeMap::new();
     for (role, &up) in &inst.inputs {
         let key = &plan.instance(up).key;
@@ -265,7 +418,7 @@ fn compute(
         .collect();
     let tmp = cache.new_tmp_dir(&inst.key)?;
     let progress = reporter.stage(&inst.name);
-    let mut ctx = StageContext {
+    let ctx = StageContext {
         instance: inst.name.clone(),
         inputs,
         models,
@@ -281,39 +434,11 @@ fn compute(
         cancel: cancel.clone(),
         metrics: Default::default(),
     };
-    reporter.println(&format!("running {} ({})", inst.name, inst.key.short()));
-    let started = now_ms();
-    let clock = Instant::now();
-    let result = kind.run(&inst.params, &mut ctx);
-    progress.finish();
-    let publish = result.and_then(|()| {
-        let manifest = Manifest {
-            key: inst.key.0.clone(),
-            kind: inst.kind.clone(),
-            version: kind.version(),
-            instance: inst.name.clone(),
-            params: inst.params.clone(),
-            inputs: inst
-                .inputs
-                .iter()
-                .map(|(r, &u)| (r.clone(), plan.instance(u).key.0.clone()))
-                .collect(),
-            outputs: Vec::new(),
-            started_unix_ms: started,
-            finished_unix_ms: now_ms(),
-            metrics: std::mem::take(&mut ctx.metrics),
-            saeflow_version: env!("CARGO_PKG_VERSION").to_string(),
-        };
-        cache.publish(&tmp, manifest)
-    });
-    if let Err(e) = publish {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    reporter.println(&format!(
-        "done {} in {:.1}s",
-        inst.name,
-        clock.elapsed().as_secs_f64()
-    ));
-    Ok(Done::Computed)
+    Ok(Member {
+        n,
+        ctx,
+        tmp,
+        progress,
+        started: now_ms(),
+    })
 }

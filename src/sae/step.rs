@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 /// Parameters of a TopK SAE, row-major: `w_enc` and `w_dec` are `[d_sae, d_in]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Params {
     /// Input width.
     pub d_in: usize,

@@ -163,6 +163,22 @@ pub trait Stage: Send + Sync + 'static {
     }
     /// Produces the outputs in `ctx.out_dir`.
     fn run(params: &Self::Params, ctx: &mut StageContext) -> anyhow::Result<()>;
+
+    /// Parameters in which instances may differ and still run together as one group (one
+    /// [`Stage::run_group`] call): the runner groups ready instances of this kind whose inputs, models and
+    /// every other parameter are equal. Empty (the default): instances never group.
+    const GROUPABLE: &'static [&'static str] = &[];
+
+    /// Runs a group of instances at once (e.g. one pass over shared data feeding every member); returns one
+    /// result per member, in order. Each member still has its own context and output directory. The default
+    /// runs them one after the other.
+    fn run_group(params: &[Self::Params], ctxs: &mut [StageContext]) -> Vec<anyhow::Result<()>> {
+        params
+            .iter()
+            .zip(ctxs.iter_mut())
+            .map(|(p, ctx)| Self::run(p, ctx))
+            .collect()
+    }
 }
 
 /// Object-safe view of a [`Stage`], working on resolved JSON parameters.
@@ -185,6 +201,10 @@ pub trait StageKind: Send + Sync {
     fn validate(&self, params: &Json) -> Result<(), ParamError>;
     /// Runs the stage.
     fn run(&self, params: &Json, ctx: &mut StageContext) -> anyhow::Result<()>;
+    /// See [`Stage::GROUPABLE`].
+    fn groupable(&self) -> &'static [&'static str];
+    /// See [`Stage::run_group`]; `params` and `ctxs` have the same length.
+    fn run_group(&self, params: &[&Json], ctxs: &mut [StageContext]) -> Vec<anyhow::Result<()>>;
 }
 
 struct Erased<S>(std::marker::PhantomData<S>);
@@ -227,6 +247,13 @@ impl<S: Stage> StageKind for Erased<S> {
     }
     fn run(&self, params: &Json, ctx: &mut StageContext) -> anyhow::Result<()> {
         S::run(&typed::<S>(params), ctx)
+    }
+    fn groupable(&self) -> &'static [&'static str] {
+        S::GROUPABLE
+    }
+    fn run_group(&self, params: &[&Json], ctxs: &mut [StageContext]) -> Vec<anyhow::Result<()>> {
+        let params: Vec<S::Params> = params.iter().map(|p| typed::<S>(p)).collect();
+        S::run_group(&params, ctxs)
     }
 }
 

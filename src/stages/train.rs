@@ -238,11 +238,135 @@ impl Stage for Train {
     }
 
     fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
-        run(p, ctx)
+        Self::run_group(std::slice::from_ref(p), std::slice::from_mut(ctx))
+            .pop()
+            .expect("one result per member")
+    }
+
+    /// What the data order does not depend on: a sweep over these trains on one pass over the activations.
+    const GROUPABLE: &'static [&'static str] = &[
+        "arch",
+        "expansion",
+        "k",
+        "l0_coef",
+        "bandwidth",
+        "l1_coef",
+        "penalty_warmup_steps",
+        "engine",
+        "lr",
+        "tokens",
+        "warmup_steps",
+        "decay",
+        "aux_coef",
+        "dead_tokens",
+        "grad_clip",
+        "log_every",
+        "checkpoint_every",
+    ];
+
+    fn run_group(params: &[TrainParams], ctxs: &mut [StageContext]) -> Vec<anyhow::Result<()>> {
+        let mut results: Vec<Option<anyhow::Result<()>>> = Vec::new();
+        let mut members = Vec::new();
+        for (p, ctx) in params.iter().zip(ctxs.iter()) {
+            match prepare(p, ctx) {
+                Ok(m) => {
+                    members.push((results.len(), m));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if let Some((_, first)) = members.first() {
+            let reports: Vec<Report> = members
+                .iter()
+                .map(|(i, m)| Report::new(&ctxs[*i], m.cfg.batch_size as u64))
+                .collect();
+            let runs: Vec<trainer::Run> = members
+                .iter()
+                .zip(&reports)
+                .map(|((i, m), report)| trainer::Run {
+                    cfg: &m.cfg,
+                    checkpoints: ctxs[*i].partial_dir.join("checkpoints"),
+                    callbacks: report,
+                })
+                .collect();
+            let started = std::time::Instant::now();
+            let states = trainer::train_group(&first.store, &runs);
+            let secs = started.elapsed().as_secs_f64();
+            for (((i, m), report), state) in members.iter().zip(&reports).zip(states) {
+                let result = match state {
+                    Ok(state) => {
+                        let trained = m.cfg.steps - report.first_step.get().unwrap_or(m.cfg.steps);
+                        export(&params[*i], &mut ctxs[*i], m, &state, trained, secs)
+                    }
+                    Err(e) if e.downcast_ref::<Stop>().is_some() => Err(Cancelled.into()),
+                    Err(e) => Err(e),
+                };
+                results[*i] = Some(result);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every member has a result"))
+            .collect()
     }
 }
 
-fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
+/// A member ready to train: its store, resolved hook and configuration.
+struct Prepared {
+    info: CaptureInfo,
+    store: ActivationStore,
+    hook: String,
+    cfg: TrainConfig,
+}
+
+/// Reports a member's steps to its progress bar and its lines to its log.
+struct Report {
+    progress: crate::exec::Progress,
+    cancel: super::Cancel,
+    log_path: std::path::PathBuf,
+    batch: u64,
+    first_step: std::cell::Cell<Option<u64>>,
+}
+
+impl Report {
+    fn new(ctx: &StageContext, batch: u64) -> Self {
+        Self {
+            progress: ctx.progress.clone(),
+            cancel: ctx.cancel.clone(),
+            log_path: ctx.log_path.clone(),
+            batch,
+            first_step: Default::default(),
+        }
+    }
+}
+
+impl trainer::Callbacks for Report {
+    fn progress(&self, step: u64) {
+        if self.first_step.get().is_none() {
+            self.first_step.set(Some(step - 1));
+            self.progress.set_position((step - 1) * self.batch);
+        }
+        self.progress.inc(self.batch);
+    }
+    fn cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+    fn log(&self, msg: &str) {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+        {
+            let _ = writeln!(f, "{msg}");
+        }
+        self.progress.println(msg);
+    }
+}
+
+/// Reads the capture's metadata and turns the parameters into a training configuration.
+fn prepare(p: &TrainParams, ctx: &StageContext) -> anyhow::Result<Prepared> {
     let dir = &ctx.inputs["input"];
     let info = CaptureInfo::read(dir)
         .with_context(|| format!("input `{}` is not a capture stage", p.input))?;
@@ -348,43 +472,30 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         }
     ));
     ctx.progress.set_total(steps * p.batch_size as u64);
-    let started = std::time::Instant::now();
-    let first_step = std::cell::Cell::new(None::<u64>);
-    let progress = ctx.progress.clone();
-    let cancel = ctx.cancel.clone();
-    let log_path = ctx.log_path.clone();
-    let log = |msg: &str| {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-        {
-            let _ = writeln!(f, "{msg}");
-        }
-        progress.println(msg);
-    };
-    let batch = p.batch_size as u64;
-    let on_step = |step: u64| {
-        if first_step.get().is_none() {
-            first_step.set(Some(step - 1));
-            progress.set_position((step - 1) * batch);
-        }
-        progress.inc(batch);
-    };
-    let hooks = trainer::Callbacks {
-        progress: &on_step,
-        cancelled: &|| cancel.is_cancelled(),
-        log: &log,
-    };
-    let state = match trainer::train(&store, &cfg, &ctx.partial_dir.join("checkpoints"), &hooks) {
-        Ok(state) => state,
-        Err(e) if e.downcast_ref::<Stop>().is_some() => return Err(Cancelled.into()),
-        Err(e) => return Err(e),
-    };
-    let trained_here = steps - first_step.get().unwrap_or(steps);
-    let secs = started.elapsed().as_secs_f64();
+    Ok(Prepared {
+        info,
+        store,
+        hook,
+        cfg,
+    })
+}
 
+/// Writes a trained member's SAE, sparsity, log and summary into its output directory.
+fn export(
+    p: &TrainParams,
+    ctx: &mut StageContext,
+    m: &Prepared,
+    state: &trainer::State,
+    trained_here: u64,
+    secs: f64,
+) -> anyhow::Result<()> {
+    let (info, hook, cfg) = (&m.info, &m.hook, &m.cfg);
+    let (d_in, d_sae, steps, batch) = (
+        m.store.d_model(),
+        cfg.d_sae,
+        cfg.steps,
+        cfg.batch_size as u64,
+    );
     let from = Provenance {
         model_name: info.model.clone(),
         hook_name: hook.clone(),
@@ -392,9 +503,9 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         prepend_bos: info.tokenizer["bos"].is_number(),
         dataset_path: format!("saeflow capture {}", info.model_key),
     };
-    let sae = state.to_sae(&cfg, &from)?;
+    let sae = state.to_sae(cfg, &from)?;
     sae.save(&ctx.out_dir)?;
-    let density = state.log_density(&cfg);
+    let density = state.log_density(cfg);
     let n = density.len();
     candle_core::safetensors::save(
         &std::collections::HashMap::from([(
@@ -408,7 +519,7 @@ fn run(p: &TrainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         &[log_batch(&state.log)?],
     )?;
     let last = state.log.last().cloned();
-    let dead = state.dead(&cfg).iter().filter(|&&d| d).count() as f64 / d_sae as f64;
+    let dead = state.dead(cfg).iter().filter(|&&d| d).count() as f64 / d_sae as f64;
     let summary = json!({
         "hook": hook,
         "d_in": d_in,
