@@ -257,6 +257,24 @@ pub fn train(
         scale: 1.0,
         buffer_rows: batch,
     };
+    // The encoder product alone (the step's only dense work), for the GFLOP/s it reaches on its own.
+    let mut pre = vec![0f32; batch * d_sae];
+    let w: Vec<f32> = (0..d_sae * d_in)
+        .map(|_| StandardNormal.sample(&mut rng))
+        .collect();
+    {
+        let started = std::time::Instant::now();
+        for _ in 0..5 {
+            crate::sae::gemm::matmul_nt(&pool[0], &w, &mut pre, batch, d_sae, d_in);
+        }
+        let secs = started.elapsed().as_secs_f64() / 5.0;
+        println!(
+            "encoder product {batch} × {d_in} · ({d_sae} × {d_in})ᵀ: {:.1} ms, {:.1} GFLOP/s",
+            secs * 1e3,
+            2.0 * (batch * d_in * d_sae) as f64 / secs / 1e9
+        );
+    }
+    drop(pre);
     let mut state = State::init(&cfg, d_in, &pool[0]);
     let mut grads = Grads::default();
     for i in 0..3 {

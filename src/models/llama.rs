@@ -194,7 +194,11 @@ pub fn load_gguf(
     let context = meta_u32(&content, "llama.context_length").unwrap_or(4096) as usize;
     let eps = meta_f32(&content, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64;
     let theta = meta_f32(&content, "llama.rope.freq_base").unwrap_or(10000.0) as f64;
-    if n_head == 0 || n_kv_head == 0 || d_model % n_head != 0 || n_head % n_kv_head != 0 {
+    if n_head == 0
+        || n_kv_head == 0
+        || !d_model.is_multiple_of(n_head)
+        || !n_head.is_multiple_of(n_kv_head)
+    {
         bail!("{}: inconsistent attention heads ({n_head} heads, {n_kv_head} kv heads, width {d_model})", path.display());
     }
     let get = |name: &str| -> anyhow::Result<Matrix> {

@@ -159,7 +159,10 @@ pub fn read_config(meta: &Path) -> anyhow::Result<NanochatConfig> {
         .with_context(|| format!("{}: no `model_config`", meta.display()))?;
     let c: NanochatConfig = serde_json::from_value(cfg.clone())
         .with_context(|| format!("{}: bad `model_config`", meta.display()))?;
-    if c.n_head == 0 || c.n_kv_head == 0 || c.n_embd % c.n_head != 0 || c.n_head % c.n_kv_head != 0
+    if c.n_head == 0
+        || c.n_kv_head == 0
+        || !c.n_embd.is_multiple_of(c.n_head)
+        || !c.n_head.is_multiple_of(c.n_kv_head)
     {
         bail!(
             "{}: inconsistent heads (n_embd {}, n_head {}, n_kv_head {})",

@@ -197,7 +197,7 @@ impl Machine<'_> {
         let Value::Dict(d) = target else {
             bail!("malformed pickle: SETITEMS on a non-dict")
         };
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             bail!("malformed pickle: odd number of dict items");
         }
         let mut it = items.into_iter();

@@ -3,5 +3,6 @@
 pub mod adam;
 pub mod dense;
 pub mod format;
+pub mod gemm;
 pub mod step;
 pub mod trainer;

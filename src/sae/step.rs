@@ -46,6 +46,9 @@ pub struct Grads {
     pub threshold: Vec<f32>,
     /// Tokens on which each latent was active (filled by [`Params::step`]).
     pub fired: Vec<u32>,
+    /// Scratch: the step's pre-activations, kept so the next step reuses the allocation (a fresh 75 MB
+    /// buffer per step cost ~10 ms of page faults).
+    pub pre: Vec<f32>,
 }
 
 /// What one step measured.
@@ -100,44 +103,25 @@ pub enum Sparsity {
     },
 }
 
-/// out[n×m] = a[n×d] · b[m×d]ᵀ, multithreaded. Wraps the `gemm` crate (the kernel candle's CPU matmul uses)
-/// to write straight into our buffers; a fixed thread count gives bit-identical results.
-pub fn matmul_nt(a: &[f32], b: &[f32], out: &mut [f32], n: usize, m: usize, d: usize) {
-    assert!(a.len() == n * d && b.len() == m * d && out.len() == n * m);
-    if n == 0 || m == 0 {
-        return;
+pub use super::gemm::{matmul_nt, matmul_nt_bias};
+
+/// Σ a_i·b_i in 16 independent lanes, summed in a fixed order at the end. A plain `.sum()` over f32 is one
+/// serial chain of adds (the compiler may not reorder it), which made the gradient pass latency-bound.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (a_body, b_body) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a_body
+        .remainder()
+        .iter()
+        .zip(b_body.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_body.zip(b_body) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l];
+        }
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the slices have exactly the extents the strides describe (checked above) and `out` does not
-    // alias the inputs (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            n,
-            m,
-            d,
-            out.as_mut_ptr(),
-            1,
-            m as isize,
-            false,
-            a.as_ptr(),
-            1,
-            d as isize,
-            b.as_ptr(),
-            d as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Indices of the `k` largest values of `row` for which `allowed` holds, largest first; ties go to the
@@ -154,20 +138,78 @@ fn top_k_into(row: &[f32], k: usize, allowed: impl Fn(usize) -> bool, best: &mut
     if k == 0 {
         return;
     }
-    // Once k candidates are held, almost every value fails the first comparison against the smallest.
+    // Once k candidates are held, almost every value fails the comparison against the smallest: blocks
+    // of 16 are tested at once (a vectorised compare) and skipped whole.
     let mut floor = f32::NEG_INFINITY;
-    for (j, &v) in row.iter().enumerate() {
-        if best.len() == k && v <= floor || !allowed(j) {
+    for (c, block) in row.chunks(16).enumerate() {
+        if best.len() == k && !block.iter().fold(false, |any, &v| any | (v > floor)) {
             continue;
         }
-        // Insertion into a short sorted list beats a heap for k ≤ a few hundred.
-        let at = best.partition_point(|&(b, _)| b >= v);
-        best.insert(at, (v, j as u32));
-        best.truncate(k);
-        if best.len() == k {
-            floor = best[k - 1].0;
+        for (i, &v) in block.iter().enumerate() {
+            let j = c * 16 + i;
+            if best.len() == k && v <= floor || !allowed(j) {
+                continue;
+            }
+            // Insertion into a short sorted list beats a heap for k ≤ a few hundred.
+            let at = best.partition_point(|&(b, _)| b >= v);
+            best.insert(at, (v, j as u32));
+            best.truncate(k);
+            if best.len() == k {
+                floor = best[k - 1].0;
+            }
         }
     }
+}
+
+/// [`top_k_into`] with every latent allowed, faster: each of 16 lanes keeps its r = ⌈k/16⌉ largest values
+/// over the row's 16-wide blocks (a vectorised pass). Those 16·r values are distinct elements, so their k-th
+/// largest is at most the row's k-th largest: only values at or above it can be chosen, and they are few.
+/// Same choice and order as `top_k_into` (ties to the lower index).
+fn top_k_unrestricted(row: &[f32], k: usize, best: &mut Vec<(f32, u32)>) {
+    const LANES: usize = 16;
+    // Twice the minimum depth: a tighter bound, so far fewer candidates to sort.
+    let r = 2 * k.div_ceil(LANES);
+    let blocks = row.chunks_exact(LANES);
+    if k == 0 || r > 8 || blocks.len() < r {
+        // Large k or short rows: the plain scan.
+        return top_k_into(row, k, |_| true, best);
+    }
+    let mut tops = [[f32::NEG_INFINITY; LANES]; 8];
+    for block in blocks {
+        let mut v: [f32; LANES] = block.try_into().expect("exact chunk");
+        for top in tops.iter_mut().take(r) {
+            let lo: [f32; LANES] = std::array::from_fn(|l| top[l].min(v[l]));
+            *top = std::array::from_fn(|l| top[l].max(v[l]));
+            v = lo;
+        }
+    }
+    let mut kept: Vec<f32> = tops[..r].iter().flatten().copied().collect();
+    kept.sort_unstable_by(|a, b| b.total_cmp(a));
+    let cut = kept[k - 1];
+    if cut.is_nan() {
+        return top_k_into(row, k, |_| true, best);
+    }
+    best.clear();
+    for (c, block) in row.chunks(LANES).enumerate() {
+        if block.iter().fold(false, |any, &v| any | (v >= cut)) {
+            for (i, &v) in block.iter().enumerate() {
+                if v >= cut {
+                    best.push((v, (c * LANES + i) as u32));
+                }
+            }
+        }
+    }
+    // No NaN passed `v >= cut`, so the comparison is a total order.
+    let order = |a: &(f32, u32), b: &(f32, u32)| {
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
+    };
+    if best.len() > k {
+        best.select_nth_unstable_by(k - 1, order);
+        best.truncate(k);
+    }
+    best.sort_unstable_by(order);
 }
 
 /// Top-k selection of every row of `pre` (`m` wide) among `allowed` latents, ReLU'd, written per token.
@@ -175,9 +217,11 @@ fn select_rows(
     pre: &[f32],
     m: usize,
     k: usize,
-    allowed: &(dyn Fn(usize) -> bool + Sync),
+    allowed: Option<&(dyn Fn(usize) -> bool + Sync)>,
 ) -> Selection {
     let n = pre.len() / m;
+    let unrestricted = allowed.is_none();
+    let allowed = allowed.unwrap_or(&|_| true);
     let mut index = vec![0u32; n * k];
     let mut value = vec![0f32; n * k];
     index
@@ -188,7 +232,12 @@ fn select_rows(
             let mut best = Vec::with_capacity(k + 1);
             for (r, (idx, val)) in idx.chunks_mut(k).zip(val.chunks_mut(k)).enumerate() {
                 let t = c * 64 + r;
-                top_k_into(&pre[t * m..][..m], k, allowed, &mut best);
+                let row = &pre[t * m..][..m];
+                if unrestricted {
+                    top_k_unrestricted(row, k, &mut best);
+                } else {
+                    top_k_into(row, k, allowed, &mut best);
+                }
                 for (s, &(v, j)) in best.iter().enumerate() {
                     idx[s] = j;
                     val[s] = v.max(0.0);
@@ -283,28 +332,39 @@ fn select_above(pre: &[f32], m: usize, threshold: &(dyn Fn(usize) -> f32 + Sync)
 }
 
 impl Params {
-    /// Pre-activations `[n, d_sae]` of the (already normalised) inputs `x` `[n, d_in]`.
+    /// Pre-activations `[n, d_sae]` of the (already normalised) inputs `x` `[n, d_in]`, and the centred
+    /// inputs x − b_dec.
     pub fn pre_activations(&self, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut pre = Vec::new();
+        let centered = self.pre_activations_into(x, n, &mut pre);
+        (centered, pre)
+    }
+
+    /// [`Params::pre_activations`] into a reused buffer; returns the centred inputs.
+    pub fn pre_activations_into(&self, x: &[f32], n: usize, pre: &mut Vec<f32>) -> Vec<f32> {
         let d = self.d_in;
         let centered: Vec<f32> = x
             .par_chunks(d)
             .flat_map_iter(|row| row.iter().zip(&self.b_dec).map(|(a, b)| a - b))
             .collect();
-        let mut pre = vec![0f32; n * self.d_sae];
-        matmul_nt(&centered, &self.w_enc, &mut pre, n, self.d_sae, d);
-        pre.par_chunks_mut(self.d_sae).for_each(|row| {
-            for (p, b) in row.iter_mut().zip(&self.b_enc) {
-                *p += b;
-            }
-        });
-        (centered, pre)
+        pre.resize(n * self.d_sae, 0.0);
+        matmul_nt_bias(
+            &centered,
+            &self.w_enc,
+            Some(&self.b_enc),
+            pre,
+            n,
+            self.d_sae,
+            d,
+        );
+        centered
     }
 
     /// The latents each token keeps.
     pub fn select(&self, pre: &[f32], sparsity: Sparsity) -> Selection {
         let m = self.d_sae;
         match sparsity {
-            Sparsity::TopK(k) => select_rows(pre, m, k, &|_| true),
+            Sparsity::TopK(k) => select_rows(pre, m, k, None),
             Sparsity::BatchTopK(k) => select_batch(pre, m, k * (pre.len() / m)),
             Sparsity::Threshold(t) => select_above(pre, m, &|_| t),
             Sparsity::JumpRelu { .. } => select_above(pre, m, &|j| self.threshold[j]),
@@ -367,7 +427,8 @@ impl Params {
     ) -> StepStats {
         let (d, m) = (self.d_in, self.d_sae);
         let n = x.len() / d;
-        let (centered, pre) = self.pre_activations(x, n);
+        let mut pre = std::mem::take(&mut grads.pre);
+        let centered = self.pre_activations_into(x, n, &mut pre);
         let sel = self.select(&pre, sparsity);
         let recon = self.decode(&sel, true);
         // e = x̂ − x; d mse / d x̂ = 2e/n.
@@ -380,7 +441,7 @@ impl Params {
         let k_aux = (d / 2).min(num_dead);
         let (aux_sel, aux_err, aux_loss, aux_scale) = if aux_coef > 0.0 && k_aux > 0 {
             let scale = (num_dead as f32 / (d / 2) as f32).min(1.0);
-            let aux = select_rows(&pre, m, k_aux, &|j| dead[j]);
+            let aux = select_rows(&pre, m, k_aux, Some(&|j| dead[j]));
             let aux_recon = self.decode(&aux, false);
             // aux_recon − (x − x̂) = aux_recon + e
             let aux_err: Vec<f32> = aux_recon.iter().zip(&err).map(|(a, e)| a + e).collect();
@@ -451,10 +512,7 @@ impl Params {
             _ => 0.0,
         };
         let dec_norms: Vec<f32> = if l1 > 0.0 {
-            self.w_dec
-                .chunks(d)
-                .map(|w| w.iter().map(|v| v * v).sum::<f32>().sqrt())
-                .collect()
+            self.w_dec.chunks(d).map(|w| dot(w, w).sqrt()).collect()
         } else {
             Vec::new()
         };
@@ -477,7 +535,7 @@ impl Params {
                     let t = e.token as usize;
                     let g = &(if e.aux { &g_aux } else { &g_main })[t * d..][..d];
                     // d loss / d a_j = g_t · W_dec[j], passed to the pre-activation (positive, so ReLU' = 1).
-                    let mut grad_pre: f32 = g.iter().zip(w).map(|(g, w)| g * w).sum();
+                    let mut grad_pre = dot(g, w);
                     if !e.aux {
                         grad_pre += l1_pre;
                         *act_sum += e.act;
@@ -527,7 +585,7 @@ impl Params {
                         let z = (pre[t * m + j] - theta) / bandwidth;
                         if z > -0.5 && z < 0.5 {
                             let g = &g_main[t * d..][..d];
-                            let da: f32 = g.iter().zip(w).map(|(g, w)| g * w).sum();
+                            let da = dot(g, w);
                             *gt += -(theta / bandwidth) * da - l0n / bandwidth;
                         }
                     }
@@ -554,6 +612,7 @@ impl Params {
                 grads.fired[*j as usize] += 1;
             }
         }
+        grads.pre = pre;
         StepStats {
             mse: sq / n as f64,
             aux: aux_loss,
@@ -858,6 +917,34 @@ pub(crate) mod tests {
         assert_eq!(top_k(&row, 3, |_| true), vec![1, 2, 4]);
         assert_eq!(top_k(&row, 2, |j| j != 1), vec![2, 4]);
         assert_eq!(top_k(&row, 9, |j| j == 3), vec![3]);
+    }
+
+    #[test]
+    fn the_lane_bounded_top_k_chooses_exactly_what_the_plain_one_does() {
+        let mut fast = Vec::new();
+        let mut plain = Vec::new();
+        for (seed, &(m, k)) in [
+            (16, 1),
+            (40, 3),
+            (100, 16),
+            (333, 17),
+            (4608, 32),
+            (4608, 128),
+            (64, 40),
+        ]
+        .iter()
+        .enumerate()
+        {
+            // Values on a coarse grid, so ties (and ±0) are frequent.
+            let row: Vec<f32> = random(m, seed as u64 + 10, 1.0)
+                .iter()
+                .map(|v| (v * 8.0).round() / 8.0 * if seed % 2 == 0 { 1.0 } else { -1.0 })
+                .collect();
+            top_k_unrestricted(&row, k, &mut fast);
+            top_k_into(&row, k, |_| true, &mut plain);
+            let ids = |v: &Vec<(f32, u32)>| v.iter().map(|&(_, j)| j).collect::<Vec<_>>();
+            assert_eq!(ids(&fast), ids(&plain), "m {m}, k {k}");
+        }
     }
 
     #[test]

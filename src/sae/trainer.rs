@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::adam::{AdamConfig, Moments};
@@ -189,12 +190,32 @@ impl TrainConfig {
 }
 
 fn unit_rows(w: &mut [f32], d: usize) {
-    for row in w.chunks_mut(d) {
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+    w.par_chunks_mut(d).for_each(|row| {
+        let norm = super::step::dot(row, row).sqrt();
         // f32 epsilon as in sparsify, so an all-zero row stays finite.
         let inv = 1.0 / (norm + f32::EPSILON);
         row.iter_mut().for_each(|v| *v *= inv);
-    }
+    });
+}
+
+/// Σ v² in f64, over fixed chunks in parallel (8 lanes each) and summed in chunk order: deterministic,
+/// and not one serial chain of 5M dependent adds.
+fn sum_squares(v: &[f32]) -> f64 {
+    let partial: Vec<f64> = v
+        .par_chunks(1 << 14)
+        .map(|chunk| {
+            let mut lanes = [0f64; 8];
+            let body = chunk.chunks_exact(8);
+            let tail: f64 = body.remainder().iter().map(|&x| x as f64 * x as f64).sum();
+            for c in body {
+                for l in 0..8 {
+                    lanes[l] += c[l] as f64 * c[l] as f64;
+                }
+            }
+            lanes.iter().sum::<f64>() + tail
+        })
+        .collect();
+    partial.iter().sum()
 }
 
 impl State {
@@ -283,12 +304,16 @@ impl State {
         let d = self.params.d_in;
         // Remove the part of each decoder row's gradient along the (unit) row: only directions can change.
         let unit = cfg.unit_decoder();
-        for (g, w) in grads.w_dec.chunks_mut(d).zip(self.params.w_dec.chunks(d)) {
-            let along: f32 = g.iter().zip(w).map(|(g, w)| g * w).sum();
-            if unit && along != 0.0 {
-                g.iter_mut().zip(w).for_each(|(g, w)| *g -= along * w);
-            }
-        }
+        grads
+            .w_dec
+            .par_chunks_mut(d)
+            .zip(self.params.w_dec.par_chunks(d))
+            .for_each(|(g, w)| {
+                let along = super::step::dot(g, w);
+                if unit && along != 0.0 {
+                    g.iter_mut().zip(w).for_each(|(g, w)| *g -= along * w);
+                }
+            });
         let norm = [
             &grads.w_enc,
             &grads.b_enc,
@@ -297,7 +322,7 @@ impl State {
             &grads.threshold,
         ]
         .iter()
-        .map(|g| g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .map(|g| sum_squares(g))
         .sum::<f64>()
         .sqrt();
         let scale = if cfg.grad_clip > 0.0 && norm > cfg.grad_clip as f64 {
@@ -823,7 +848,7 @@ fn member_step(
         );
     }
     let step = state.step;
-    if step % cfg.log_every == 0 || step == cfg.steps {
+    if step.is_multiple_of(cfg.log_every) || step == cfg.steps {
         let v = val.map(|v| state.params.evaluate(v, state.inference_sparsity(cfg)));
         let dead = state.dead(cfg).iter().filter(|&&b| b).count();
         state.log.push(LogRow {
@@ -841,7 +866,7 @@ fn member_step(
             val_l0: v.map(|s| s.l0),
         });
     }
-    if step % cfg.checkpoint_every == 0 && step < cfg.steps {
+    if step.is_multiple_of(cfg.checkpoint_every) && step < cfg.steps {
         state.save_checkpoint(&run.checkpoints)?;
         *last_good = step;
     }

@@ -198,7 +198,7 @@ pub fn write_act_shard(
 ) -> anyhow::Result<()> {
     let width = d_model * dtype.size();
     anyhow::ensure!(
-        bytes.len() % width == 0,
+        bytes.len().is_multiple_of(width),
         "activation buffer is not a whole number of rows"
     );
     let schema = act_schema(d_model, dtype);
