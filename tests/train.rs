@@ -477,9 +477,18 @@ fn batch_top_k_exports_a_jumprelu_with_its_learned_threshold() {
 
 #[test]
 fn jumprelu_and_relu_export_as_saelens_jumprelu_and_standard() {
-    for (arch, saelens) in [("jumprelu", "jumprelu"), ("relu", "standard")] {
+    for (arch, extra, saelens) in [
+        ("jumprelu", "", "jumprelu"),
+        // Anthropic's setup: tanh sparsity penalty and the pre-activation loss on dead latents.
+        (
+            "jumprelu",
+            "l0_mode = \"tanh\"\npre_act_coef = 3e-6\ndead_tokens = 256",
+            "jumprelu",
+        ),
+        ("relu", "", "standard"),
+    ] {
         let (_dir, cache, object, cfg) = train_with(&format!(
-            "tokens = 5120\narch = \"{arch}\"\npenalty_warmup_steps = 5"
+            "tokens = 5120\narch = \"{arch}\"\npenalty_warmup_steps = 5\n{extra}"
         ));
         assert_eq!(cfg["architecture"], saelens);
         assert_eq!(

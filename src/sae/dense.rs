@@ -6,7 +6,7 @@
 use anyhow::bail;
 use candle_core::{DType, Device, Tensor, D};
 
-use super::step::{total_variance, Grads, Params, Sparsity, StepStats};
+use super::step::{total_variance, Grads, L0Mode, Params, Sparsity, StepStats};
 
 fn host(t: &Tensor) -> anyhow::Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
@@ -125,17 +125,66 @@ pub fn step(
         g_w_dec = (g_w_dec + w_dec.broadcast_mul(&coef.unsqueeze(1)?)?)?;
     }
     grads.threshold.clear();
-    if let Sparsity::JumpRelu { l0, bandwidth } = sparsity {
+    if let Sparsity::JumpRelu {
+        l0,
+        bandwidth,
+        mode,
+        pre_act,
+    } = sparsity
+    {
         let l0n = (l0 / n as f32) as f64;
-        penalty = l0n * active.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let norms = w_dec.sqr()?.sum(1)?.sqrt()?.unsqueeze(0)?; // [1, m]
         let theta = Tensor::from_slice(&p.threshold, (1, m), device)?;
         let z = (pre.broadcast_sub(&theta)? / bandwidth as f64)?;
         let window = (z.gt(-0.5)?.to_dtype(DType::F32)? * z.lt(0.5)?.to_dtype(DType::F32)?)?;
-        let da = g_main.matmul(&w_dec.t()?)?;
-        let per_pair = ((da.broadcast_mul(&(theta * (-1.0 / bandwidth as f64))?)?
-            - l0n / bandwidth as f64)?
-            * window)?;
-        grads.threshold = host(&per_pair.sum(0)?)?;
+        // d loss / d a at every pair (the straight-through threshold gradient uses it in the window).
+        let mut da = g_main.matmul(&w_dec.t()?)?;
+        let mut theta_grad = Tensor::zeros((n, m), DType::F32, device)?;
+        let mut norm_coef = Tensor::zeros((1, m), DType::F32, device)?;
+        let sum = |t: &Tensor| -> anyhow::Result<f64> {
+            Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        };
+        match mode {
+            L0Mode::Step => {
+                penalty = l0n * sum(&active)?;
+                theta_grad = (theta_grad - (&window * (l0n / bandwidth as f64))?)?;
+            }
+            L0Mode::Tanh(c) => {
+                let scale = (&norms * c as f64)?;
+                let th = acts.broadcast_mul(&scale)?.tanh()?;
+                let sech2 = (th.sqr()?.neg()? + 1.0)?;
+                penalty = l0n * sum(&th)?;
+                let d_pen = (sech2.broadcast_mul(&scale)? * l0n)?;
+                grad_pre = (grad_pre + (&d_pen * &active)?)?;
+                da = (da + d_pen)?;
+                norm_coef = (norm_coef + ((&acts * &sech2)?.sum_keepdim(0)? * (l0n * c as f64))?)?;
+            }
+        }
+        theta_grad =
+            (theta_grad + (da.broadcast_mul(&(&theta * (-1.0 / bandwidth as f64))?)? * &window)?)?;
+        if pre_act > 0.0 {
+            let pn = (pre_act / n as f32) as f64;
+            let dead_mask = Tensor::from_vec(
+                dead.iter()
+                    .map(|&b| f32::from(u8::from(b)))
+                    .collect::<Vec<_>>(),
+                (1, m),
+                device,
+            )?;
+            let below = pre
+                .broadcast_lt(&theta)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&dead_mask)?;
+            let gap = (theta.broadcast_sub(&pre)? * &below)?;
+            penalty += pn * sum(&gap.broadcast_mul(&norms)?)?;
+            let pull = (below.broadcast_mul(&norms)? * pn)?;
+            grad_pre = (grad_pre - &pull)?;
+            theta_grad = (theta_grad + pull)?;
+            norm_coef = (norm_coef + (gap.sum_keepdim(0)? * pn)?)?;
+        }
+        grads.threshold = host(&theta_grad.sum(0)?)?;
+        // d‖w‖/dw = w/‖w‖ for the penalties that depend on the decoder norms.
+        g_w_dec = (g_w_dec + w_dec.broadcast_mul(&(norm_coef / norms)?.t()?)?)?;
     }
     let g_b_enc = grad_pre.sum(0)?;
     let g_w_enc = grad_pre.t()?.matmul(&centered)?;
@@ -182,6 +231,17 @@ mod tests {
                 Sparsity::JumpRelu {
                     l0: 0.5,
                     bandwidth: 0.2,
+                    mode: L0Mode::Tanh(4.0),
+                    pre_act: 0.3,
+                },
+                0.0,
+            ),
+            (
+                Sparsity::JumpRelu {
+                    l0: 0.5,
+                    bandwidth: 0.2,
+                    mode: L0Mode::Step,
+                    pre_act: 0.0,
                 },
                 0.0,
             ),

@@ -79,6 +79,16 @@ pub struct Selection {
     pub value: Vec<f32>,
 }
 
+/// JumpReLU's sparsity penalty.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum L0Mode {
+    /// λ·(number of active latents), threshold gradient through the step's straight-through estimate
+    /// (Google DeepMind).
+    Step,
+    /// λ·Σ tanh(c·a_j·‖W_dec[j]‖) with scale c (Anthropic); differentiable in the activations.
+    Tanh(f32),
+}
+
 /// How latents are chosen per token.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sparsity {
@@ -88,13 +98,18 @@ pub enum Sparsity {
     BatchTopK(usize),
     /// Every pre-activation above a threshold (BatchTopK at inference: a JumpReLU with one threshold).
     Threshold(f32),
-    /// Pre-activations above each latent's learned threshold; trained with an L0 penalty (`l0`, step mode)
-    /// and straight-through threshold gradients with a rectangle kernel of width `bandwidth` (SAELens).
+    /// Pre-activations above each latent's learned threshold; trained with a sparsity penalty (`l0`, in
+    /// `mode`) and straight-through threshold gradients with a rectangle kernel of width `bandwidth`, plus
+    /// optionally Anthropic's pre-activation loss on dead latents (SAELens' `JumpReLUTrainingSAE`).
     JumpRelu {
-        /// L0 coefficient.
+        /// Sparsity coefficient.
         l0: f32,
         /// Kernel width.
         bandwidth: f32,
+        /// How the sparsity is penalised.
+        mode: L0Mode,
+        /// Coefficient of Σ_dead relu(θ_j − pre_j)·‖W_dec[j]‖ (0: off; Anthropic uses 3e-6).
+        pre_act: f32,
     },
     /// ReLU with an L1 penalty on activations weighted by decoder-row norms (SAELens `standard`).
     Relu {
@@ -511,20 +526,36 @@ impl Params {
             Sparsity::Relu { l1 } => l1 / n as f32,
             _ => 0.0,
         };
-        let dec_norms: Vec<f32> = if l1 > 0.0 {
+        // JumpReLU's tanh penalty λ/n·tanh(c·a·‖W_dec[j]‖): its derivative in a passes to active
+        // pre-activations; (λ/n, c).
+        let tanh = match sparsity {
+            Sparsity::JumpRelu {
+                l0,
+                mode: L0Mode::Tanh(c),
+                ..
+            } => Some((l0 / n as f32, c)),
+            _ => None,
+        };
+        let pre_act = match sparsity {
+            Sparsity::JumpRelu { pre_act, .. } if pre_act > 0.0 => pre_act / n as f32,
+            _ => 0.0,
+        };
+        let dec_norms: Vec<f32> = if l1 > 0.0 || tanh.is_some() || pre_act > 0.0 {
             self.w_dec.chunks(d).map(|w| dot(w, w).sqrt()).collect()
         } else {
             Vec::new()
         };
-        let mut act_sums = vec![0f32; m];
+        // Per latent: d loss / d ‖W_dec[j]‖ (applied to the row at the end) and the penalty's value.
+        let mut norm_coefs = vec![0f32; m];
+        let mut penalties = vec![0f64; m];
         grads
             .w_enc
             .par_chunks_mut(d)
             .zip(grads.w_dec.par_chunks_mut(d))
             .zip(grads.b_enc.par_iter_mut())
-            .zip(act_sums.par_iter_mut())
+            .zip(norm_coefs.par_iter_mut().zip(penalties.par_iter_mut()))
             .enumerate()
-            .for_each(|(j, (((genc, gdec), gb), act_sum))| {
+            .for_each(|(j, (((genc, gdec), gb), (norm_coef, penalty)))| {
                 let w = &self.w_dec[j * d..][..d];
                 let l1_pre = if l1 > 0.0 { l1 * dec_norms[j] } else { 0.0 };
                 for e in &entries[starts[j]..starts[j + 1]] {
@@ -538,7 +569,17 @@ impl Params {
                     let mut grad_pre = dot(g, w);
                     if !e.aux {
                         grad_pre += l1_pre;
-                        *act_sum += e.act;
+                        if l1 > 0.0 {
+                            *norm_coef += l1 * e.act;
+                            *penalty += (l1 * e.act * dec_norms[j]) as f64;
+                        }
+                        if let Some((l0n, c)) = tanh {
+                            let th = (c * e.act * dec_norms[j]).tanh();
+                            let sech2 = 1.0 - th * th;
+                            grad_pre += l0n * c * dec_norms[j] * sech2;
+                            *norm_coef += l0n * c * e.act * sech2;
+                            *penalty += (l0n * th) as f64;
+                        }
                     }
                     for (o, g) in gdec.iter_mut().zip(g) {
                         *o += e.act * g;
@@ -548,49 +589,84 @@ impl Params {
                         *o += grad_pre * c;
                     }
                 }
-                if l1 > 0.0 && *act_sum > 0.0 && dec_norms[j] > 0.0 {
-                    let f = l1 * *act_sum / dec_norms[j];
-                    for (o, w) in gdec.iter_mut().zip(w) {
-                        *o += f * w;
-                    }
-                }
             });
-        let mut penalty = if l1 > 0.0 {
-            act_sums
-                .iter()
-                .zip(&dec_norms)
-                .map(|(&a, &norm)| (a * norm) as f64)
-                .sum::<f64>()
-                * l1 as f64
-        } else {
-            0.0
-        };
 
         // JumpReLU thresholds (SAELens' straight-through estimator, rectangle kernel of width ε): for every
-        // pair with |pre − θ| < ε/2, the reconstruction contributes −(θ/ε)·(g_t·W_dec[j]) and the L0 term
-        // −(1/ε)·λ/n; the L0 value is λ/n per active pair.
+        // pair with |pre − θ| < ε/2, d loss/d θ = −(θ/ε)·(d loss/d a), where d loss/d a = g_t·W_dec[j] plus,
+        // in tanh mode, the penalty's λ/n·c‖W_dec[j]‖·sech²(c·a·‖W_dec[j]‖) at the pair's a (0 when off);
+        // in step mode the L0 adds −(1/ε)·λ/n per pair and is worth λ/n per active pair. The pre-activation
+        // loss (dead latents, pre < θ) adds λ'/n·‖W_dec[j]‖ to θ and takes it from the pre-activation.
         grads.threshold.clear();
-        if let Sparsity::JumpRelu { l0, bandwidth } = sparsity {
+        if let Sparsity::JumpRelu {
+            l0,
+            bandwidth,
+            mode,
+            ..
+        } = sparsity
+        {
             let l0n = l0 / n as f32;
-            penalty = l0n as f64 * sel.index.len() as f64;
+            if mode == L0Mode::Step {
+                penalties[0] += l0n as f64 * sel.index.len() as f64;
+            }
             grads.threshold.resize(m, 0.0);
             grads
                 .threshold
                 .par_iter_mut()
+                .zip(grads.w_enc.par_chunks_mut(d))
+                .zip(grads.b_enc.par_iter_mut())
+                .zip(norm_coefs.par_iter_mut().zip(penalties.par_iter_mut()))
                 .enumerate()
-                .for_each(|(j, gt)| {
+                .for_each(|(j, (((gt, genc), gb), (norm_coef, penalty)))| {
                     let theta = self.threshold[j];
                     let w = &self.w_dec[j * d..][..d];
+                    let dead_pull = if pre_act > 0.0 && dead[j] {
+                        pre_act * dec_norms[j]
+                    } else {
+                        0.0
+                    };
                     for t in 0..n {
-                        let z = (pre[t * m + j] - theta) / bandwidth;
+                        let v = pre[t * m + j];
+                        let z = (v - theta) / bandwidth;
                         if z > -0.5 && z < 0.5 {
                             let g = &g_main[t * d..][..d];
-                            let da = dot(g, w);
-                            *gt += -(theta / bandwidth) * da - l0n / bandwidth;
+                            let mut da = dot(g, w);
+                            match mode {
+                                L0Mode::Step => *gt -= l0n / bandwidth,
+                                L0Mode::Tanh(c) => {
+                                    let a = if v > theta && v > 0.0 { v } else { 0.0 };
+                                    let th = (c * a * dec_norms[j]).tanh();
+                                    da += l0n * c * dec_norms[j] * (1.0 - th * th);
+                                }
+                            }
+                            *gt += -(theta / bandwidth) * da;
+                        }
+                        if dead_pull > 0.0 && v < theta {
+                            *gt += dead_pull;
+                            *gb -= dead_pull;
+                            for (o, c) in genc.iter_mut().zip(&centered[t * d..][..d]) {
+                                *o -= dead_pull * c;
+                            }
+                            *norm_coef += pre_act * (theta - v);
+                            *penalty += (dead_pull * (theta - v)) as f64;
                         }
                     }
                 });
         }
+        // Penalties that depend on ‖W_dec[j]‖ pull along the row: d‖w‖/dw = w/‖w‖.
+        grads
+            .w_dec
+            .par_chunks_mut(d)
+            .zip(norm_coefs.par_iter())
+            .enumerate()
+            .for_each(|(j, (gdec, &coef))| {
+                if coef != 0.0 && dec_norms[j] > 0.0 {
+                    let f = coef / dec_norms[j];
+                    for (o, w) in gdec.iter_mut().zip(&self.w_dec[j * d..][..d]) {
+                        *o += f * w;
+                    }
+                }
+            });
+        let penalty: f64 = penalties.iter().sum();
         // b_dec: through x̂ directly, and through the centred encoder input (−W_encᵀ · Σ_t d pre_t).
         let mut g_bdec = vec![0f32; d];
         for row in g_main.chunks(d) {
@@ -748,11 +824,28 @@ pub(crate) mod tests {
             let chosen: Vec<usize> = match mode {
                 Sparsity::TopK(_) => pick(k, &|_| true),
                 Sparsity::BatchTopK(_) => batch_pick[t].clone(),
-                Sparsity::JumpRelu { l0, .. } => {
+                Sparsity::JumpRelu {
+                    l0, mode, pre_act, ..
+                } => {
                     let on: Vec<usize> = (0..m)
                         .filter(|&j| pre[j] > p.threshold[j] as f64 && pre[j] > 0.0)
                         .collect();
-                    penalty += l0 as f64 * on.len() as f64;
+                    let norm = |j: usize| {
+                        (0..d)
+                            .map(|i| (p.w_dec[j * d + i] as f64).powi(2))
+                            .sum::<f64>()
+                            .sqrt()
+                    };
+                    penalty += match mode {
+                        L0Mode::Step => l0 as f64 * on.len() as f64,
+                        L0Mode::Tanh(c) => on
+                            .iter()
+                            .map(|&j| l0 as f64 * (c as f64 * pre[j] * norm(j)).tanh())
+                            .sum(),
+                    };
+                    for j in (0..m).filter(|&j| dead[j] && pre[j] < p.threshold[j] as f64) {
+                        penalty += pre_act as f64 * (p.threshold[j] as f64 - pre[j]) * norm(j);
+                    }
                     on
                 }
                 Sparsity::Relu { l1 } => {
@@ -843,8 +936,64 @@ pub(crate) mod tests {
             Sparsity::JumpRelu {
                 l0: 0.5,
                 bandwidth: 1e-6,
+                mode: L0Mode::Step,
+                pre_act: 0.0,
             },
         );
+    }
+
+    #[test]
+    fn jumprelu_tanh_and_pre_activation_gradients_match_finite_differences() {
+        // Anthropic's setup: the tanh penalty moves with the weights (and decoder norms); the
+        // pre-activation loss pulls dead latents' pre-activations up towards their thresholds.
+        let dead: Vec<bool> = (0..16).map(|j| j % 3 == 0).collect();
+        check(
+            &dead,
+            0.0,
+            Sparsity::JumpRelu {
+                l0: 0.5,
+                bandwidth: 1e-6,
+                mode: L0Mode::Tanh(4.0),
+                pre_act: 0.3,
+            },
+        );
+    }
+
+    #[test]
+    fn jumprelu_tanh_and_pre_activation_threshold_gradients_by_hand() {
+        // The case below with λ 0.4 in tanh mode (c 2) and latent 1 dead (pre-activation loss 0.1).
+        // Latent 0 (a 0.7): tanh(1.4) = 0.885352, sech² = 0.216152, d pen/d a = 0.4·2·0.216152 = 0.172922;
+        // θ-grad = −(0.5/1)·(−0.6 + 0.172922) = 0.213539; b_enc-grad = −0.6 + 0.172922.
+        // Latent 1 (in the window, a 0): d pen/d a = 0.8, θ-grad = −0.5·0.8 + 0.1 (pull) = −0.3;
+        // b_enc-grad = −0.1. Penalty 0.4·0.885352 + 0.1·(0.5 − 0.2) = 0.384141.
+        let p = Params {
+            d_in: 2,
+            d_sae: 2,
+            w_enc: vec![1.0, 0.0, 0.0, 1.0],
+            b_enc: vec![-0.3, 0.2],
+            w_dec: vec![1.0, 0.0, 0.0, 1.0],
+            b_dec: vec![0.0, 0.0],
+            threshold: vec![0.5, 0.5],
+        };
+        let mut g = Grads::default();
+        let stats = p.step(
+            &[1.0, 0.0],
+            Sparsity::JumpRelu {
+                l0: 0.4,
+                bandwidth: 1.0,
+                mode: L0Mode::Tanh(2.0),
+                pre_act: 0.1,
+            },
+            &[false, true],
+            0.0,
+            &mut g,
+        );
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-5;
+        assert!(near(stats.penalty, 0.384141), "{stats:?}");
+        assert!(near(g.threshold[0] as f64, 0.213539), "{:?}", g.threshold);
+        assert!(near(g.threshold[1] as f64, -0.3), "{:?}", g.threshold);
+        assert!(near(g.b_enc[0] as f64, -0.6 + 0.172922), "{:?}", g.b_enc);
+        assert!(near(g.b_enc[1] as f64, -0.1), "{:?}", g.b_enc);
     }
 
     #[test]
@@ -868,6 +1017,8 @@ pub(crate) mod tests {
             Sparsity::JumpRelu {
                 l0: 0.4,
                 bandwidth: 1.0,
+                mode: L0Mode::Step,
+                pre_act: 0.0,
             },
             &[false, false],
             0.0,

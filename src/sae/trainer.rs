@@ -157,9 +157,16 @@ impl TrainConfig {
             1.0
         };
         match self.sparsity {
-            Sparsity::JumpRelu { l0, bandwidth } => Sparsity::JumpRelu {
+            Sparsity::JumpRelu {
+                l0,
+                bandwidth,
+                mode,
+                pre_act,
+            } => Sparsity::JumpRelu {
                 l0: l0 * ramp,
                 bandwidth,
+                mode,
+                pre_act,
             },
             Sparsity::Relu { l1 } => Sparsity::Relu { l1: l1 * ramp },
             other => other,
@@ -912,6 +919,8 @@ mod tests {
             Sparsity::JumpRelu {
                 l0: 0.1,
                 bandwidth: 0.5,
+                mode: crate::sae::step::L0Mode::Step,
+                pre_act: 0.0,
             },
             Sparsity::Relu { l1: 0.1 },
         ] {

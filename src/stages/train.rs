@@ -34,6 +34,17 @@ pub enum Arch {
     Relu,
 }
 
+/// JumpReLU sparsity penalties.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum L0ModeChoice {
+    /// λ × active latents, threshold gradient through the step's straight-through estimate.
+    #[default]
+    Step,
+    /// λ × Σ tanh(c·a·‖W_dec‖).
+    Tanh,
+}
+
 /// Which training step implementation runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -71,6 +82,15 @@ pub struct TrainParams {
     /// JumpReLU's kernel width for the threshold gradient.
     #[serde(default = "default_bandwidth")]
     pub bandwidth: f64,
+    /// JumpReLU's sparsity penalty: `step` (L0, Google DeepMind) or `tanh` (Σ tanh(c·a·‖W_dec‖), Anthropic).
+    #[serde(default)]
+    pub l0_mode: L0ModeChoice,
+    /// Scale c of the `tanh` penalty.
+    #[serde(default = "default_tanh_scale")]
+    pub tanh_scale: f64,
+    /// JumpReLU's pre-activation loss on dead latents, Σ relu(θ − pre)·‖W_dec‖ (0: off; Anthropic: 3e-6).
+    #[serde(default)]
+    pub pre_act_coef: f64,
     /// ReLU's L1 coefficient.
     #[serde(default = "default_l1")]
     pub l1_coef: f64,
@@ -133,6 +153,9 @@ fn default_k() -> usize {
 }
 fn default_l0() -> f64 {
     1.0
+}
+fn default_tanh_scale() -> f64 {
+    4.0
 }
 fn default_bandwidth() -> f64 {
     0.05
@@ -222,6 +245,18 @@ impl Stage for Train {
                 });
             }
         }
+        if !(p.tanh_scale > 0.0 && p.tanh_scale.is_finite()) {
+            return Err(ParamError {
+                at: key_path(&["tanh_scale"]),
+                message: "`tanh_scale` must be positive".into(),
+            });
+        }
+        if !(p.pre_act_coef >= 0.0 && p.pre_act_coef.is_finite()) {
+            return Err(ParamError {
+                at: key_path(&["pre_act_coef"]),
+                message: "`pre_act_coef` must be 0 (off) or positive".into(),
+            });
+        }
         if p.bandwidth <= 0.0 {
             return Err(ParamError {
                 at: key_path(&["bandwidth"]),
@@ -250,6 +285,9 @@ impl Stage for Train {
         "k",
         "l0_coef",
         "bandwidth",
+        "l0_mode",
+        "tanh_scale",
+        "pre_act_coef",
         "l1_coef",
         "penalty_warmup_steps",
         "engine",
@@ -420,6 +458,11 @@ fn prepare(p: &TrainParams, ctx: &StageContext) -> anyhow::Result<Prepared> {
         Arch::Jumprelu => Sparsity::JumpRelu {
             l0: p.l0_coef as f32,
             bandwidth: p.bandwidth as f32,
+            mode: match p.l0_mode {
+                L0ModeChoice::Step => crate::sae::step::L0Mode::Step,
+                L0ModeChoice::Tanh => crate::sae::step::L0Mode::Tanh(p.tanh_scale as f32),
+            },
+            pre_act: p.pre_act_coef as f32,
         },
         Arch::Relu => Sparsity::Relu {
             l1: p.l1_coef as f32,
