@@ -959,14 +959,10 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn jumprelu_tanh_and_pre_activation_threshold_gradients_by_hand() {
-        // The case below with λ 0.4 in tanh mode (c 2) and latent 1 dead (pre-activation loss 0.1).
-        // Latent 0 (a 0.7): tanh(1.4) = 0.885352, sech² = 0.216152, d pen/d a = 0.4·2·0.216152 = 0.172922;
-        // θ-grad = −(0.5/1)·(−0.6 + 0.172922) = 0.213539; b_enc-grad = −0.6 + 0.172922.
-        // Latent 1 (in the window, a 0): d pen/d a = 0.8, θ-grad = −0.5·0.8 + 0.1 (pull) = −0.3;
-        // b_enc-grad = −0.1. Penalty 0.4·0.885352 + 0.1·(0.5 − 0.2) = 0.384141.
-        let p = Params {
+    /// d 2, two latents, identity encoder and decoder, θ = [0.5, 0.5]: for x = [1, 0] the pre-activations are
+    /// [0.7, 0.2], latent 0 active, both within a bandwidth-1 window of their thresholds.
+    fn two_latents() -> Params {
+        Params {
             d_in: 2,
             d_sae: 2,
             w_enc: vec![1.0, 0.0, 0.0, 1.0],
@@ -974,7 +970,17 @@ pub(crate) mod tests {
             w_dec: vec![1.0, 0.0, 0.0, 1.0],
             b_dec: vec![0.0, 0.0],
             threshold: vec![0.5, 0.5],
-        };
+        }
+    }
+
+    #[test]
+    fn jumprelu_tanh_and_pre_activation_threshold_gradients_by_hand() {
+        // The case below with λ 0.4 in tanh mode (c 2) and latent 1 dead (pre-activation loss 0.1).
+        // Latent 0 (a 0.7): tanh(1.4) = 0.885352, sech² = 0.216152, d pen/d a = 0.4·2·0.216152 = 0.172922;
+        // θ-grad = −(0.5/1)·(−0.6 + 0.172922) = 0.213539; b_enc-grad = −0.6 + 0.172922.
+        // Latent 1 (in the window, a 0): d pen/d a = 0.8, θ-grad = −0.5·0.8 + 0.1 (pull) = −0.3;
+        // b_enc-grad = −0.1. Penalty 0.4·0.885352 + 0.1·(0.5 − 0.2) = 0.384141.
+        let p = two_latents();
         let mut g = Grads::default();
         let stats = p.step(
             &[1.0, 0.0],
@@ -1002,15 +1008,7 @@ pub(crate) mod tests {
         // kernel window |pre − θ| < 0.5 for both). x = [1, 0], W_dec = I, b_dec = 0 → x̂ = [0.7, 0],
         // g = 2(x̂ − x) = [−0.6, 0]; d a/d θ = −θ/ε·g·W_dec[j]: latent 0: −0.5·(−0.6) = 0.3, latent 1: 0;
         // L0 (λ = 0.4): −(1/ε)·λ per latent in the window → −0.4. So θ-grad = [−0.1, −0.4].
-        let p = Params {
-            d_in: 2,
-            d_sae: 2,
-            w_enc: vec![1.0, 0.0, 0.0, 1.0],
-            b_enc: vec![-0.3, 0.2],
-            w_dec: vec![1.0, 0.0, 0.0, 1.0],
-            b_dec: vec![0.0, 0.0],
-            threshold: vec![0.5, 0.5],
-        };
+        let p = two_latents();
         let mut g = Grads::default();
         let stats = p.step(
             &[1.0, 0.0],

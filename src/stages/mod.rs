@@ -129,16 +129,21 @@ pub struct StageContext {
 impl StageContext {
     /// Appends a line to the stage's log and shows it above the progress display.
     pub fn log(&self, msg: &str) {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-        {
-            let _ = writeln!(f, "{msg}");
-        }
-        self.progress.println(msg);
+        log_line(&self.log_path, &self.progress, msg)
     }
+}
+
+/// [`StageContext::log`] for code that holds the log path and progress without the context.
+pub fn log_line(log_path: &std::path::Path, progress: &Progress, msg: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+    {
+        let _ = writeln!(f, "{msg}");
+    }
+    progress.println(msg);
 }
 
 /// A stage kind. Implement this, add the type to [`Registry::builtin`], and the pipeline format, the schema

@@ -391,15 +391,7 @@ impl trainer::Callbacks for Report {
         self.cancel.is_cancelled()
     }
     fn log(&self, msg: &str) {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-        {
-            let _ = writeln!(f, "{msg}");
-        }
-        self.progress.println(msg);
+        super::log_line(&self.log_path, &self.progress, msg)
     }
 }
 
