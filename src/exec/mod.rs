@@ -255,12 +255,10 @@ fn group_key(plan: &Plan, registry: &Registry, n: NodeIndex) -> Option<String> {
     Some(serde_json::json!([inst.kind, inputs, inst.models, params]).to_string())
 }
 
-/// An instance being computed: its context and the temp directory that becomes its object.
+/// An instance being computed: its context (whose `out_dir`, a temp directory, becomes its object).
 struct Member {
     n: NodeIndex,
     ctx: StageContext,
-    tmp: std::path::PathBuf,
-    progress: Progress,
     started: u64,
 }
 
@@ -336,11 +334,12 @@ fn compute_group(
     let mut rest = Vec::new();
     for m in members {
         ctxs.push(m.ctx);
-        rest.push((m.n, m.tmp, m.progress, m.started));
+        rest.push((m.n, m.started));
     }
     let outcomes = kind.run_group(&params, &mut ctxs);
-    for ((ctx, (n, tmp, progress, started)), result) in ctxs.into_iter().zip(rest).zip(outcomes) {
-        progress.finish();
+    for ((ctx, (n, started)), result) in ctxs.into_iter().zip(rest).zip(outcomes) {
+        ctx.progress.finish();
+        let tmp = ctx.out_dir;
         let inst = plan.instance(n);
         let published = result.and_then(|()| {
             let manifest = Manifest {
@@ -417,28 +416,25 @@ fn prepare(
         })
         .collect();
     let tmp = cache.new_tmp_dir(&inst.key)?;
-    let progress = reporter.stage(&inst.name);
     let ctx = StageContext {
         instance: inst.name.clone(),
         inputs,
         models,
         model_keys,
-        out_dir: tmp.clone(),
+        out_dir: tmp,
         partial_dir: cache.partial_dir(&inst.key)?,
         log_path: cache.log_path(&inst.key),
         downloads_dir: cache.root().join("downloads"),
         workdir: pipeline.workdir.clone(),
         device: pipeline.header.device,
         seed: pipeline.header.seed,
-        progress: progress.clone(),
+        progress: reporter.stage(&inst.name),
         cancel: cancel.clone(),
         metrics: Default::default(),
     };
     Ok(Member {
         n,
         ctx,
-        tmp,
-        progress,
         started: now_ms(),
     })
 }
