@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SAE training throughput, TopK d_in 576, d_sae 4608, k 32, batch 4096, f32, 2 threads: saeflow
-# (`saeflow bench train`) and the peers in ../shared/bench/sae_train_reference.py (SAELens, sparsify, plain
+# (`saeflow bench train`, with the f32 and the bf16-ranked encoder product) and the peers in ../shared/bench/sae_train_reference.py (SAELens, sparsify, plain
 # PyTorch), alternating, in one session. Usage: bench/train.sh PYTHON_WITH_SAELENS_AND_SPARSIFY
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -8,7 +8,9 @@ py=${1:-python3}
 cd "$here"
 for round in 1 2; do
   echo "== round $round"
-  ./target/release/saeflow bench train --d-in 576 --expansion 8 --k 32 --batch 4096 --steps 10
+  for encoder in f32 bf16; do
+    ./target/release/saeflow bench train --d-in 576 --expansion 8 --k 32 --batch 4096 --steps 10 --encoder "$encoder"
+  done
   for impl in sparsify saelens torch; do
     OMP_NUM_THREADS=2 "$py" ../shared/bench/sae_train_reference.py --impl "$impl" --d-in 576 --expansion 8 --k 32 --batch 4096 --steps 10
   done

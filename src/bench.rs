@@ -221,8 +221,10 @@ pub fn train(
     k: usize,
     batch: usize,
     steps: usize,
+    precision: crate::sae::step::Precision,
 ) -> anyhow::Result<()> {
-    use crate::sae::step::Grads;
+    use crate::sae::gemm::matmul_nt_bias_in;
+    use crate::sae::step::{Grads, Precision};
     use crate::sae::trainer::{State, TrainConfig};
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
@@ -239,7 +241,7 @@ pub fn train(
         d_sae,
         sparsity: crate::sae::step::Sparsity::TopK(k),
         penalty_warmup_steps: 0,
-        engine: crate::sae::trainer::Engine::Sparse,
+        engine: crate::sae::trainer::Engine::Sparse(precision),
         lr: (2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
         warmup_steps: 0,
         decay_fraction: 0.0,
@@ -262,14 +264,17 @@ pub fn train(
     let w: Vec<f32> = (0..d_sae * d_in)
         .map(|_| StandardNormal.sample(&mut rng))
         .collect();
-    {
+    for precision in [Precision::F32, Precision::Bf16] {
+        if precision == Precision::Bf16 && !Precision::bf16_native() {
+            continue;
+        }
         let started = std::time::Instant::now();
         for _ in 0..5 {
-            crate::sae::gemm::matmul_nt(&pool[0], &w, &mut pre, batch, d_sae, d_in);
+            matmul_nt_bias_in(precision, &pool[0], &w, None, &mut pre, batch, d_sae, d_in);
         }
         let secs = started.elapsed().as_secs_f64() / 5.0;
         println!(
-            "encoder product {batch} × {d_in} · ({d_sae} × {d_in})ᵀ: {:.1} ms, {:.1} GFLOP/s",
+            "encoder product {batch} × {d_in} · ({d_sae} × {d_in})ᵀ, {precision:?}: {:.1} ms, {:.1} GFLOP/s",
             secs * 1e3,
             2.0 * (batch * d_in * d_sae) as f64 / secs / 1e9
         );
@@ -281,10 +286,15 @@ pub fn train(
         state.step(&cfg, &pool[i % 8], &mut grads)?; // warm-up
     }
     let started = std::time::Instant::now();
-    let mut fvu = 0.0;
+    let mut last = Default::default();
     for i in 0..steps {
-        fvu = state.step(&cfg, &pool[(i + 3) % 8], &mut grads)?.fvu;
+        last = state.step(&cfg, &pool[(i + 3) % 8], &mut grads)?;
     }
+    let crate::sae::step::StepStats {
+        fvu,
+        exact_per_token,
+        ..
+    } = last;
     let secs = started.elapsed().as_secs_f64();
     // Needed work per token: encoder 2·d·m, decoder forward + both sparse weight gradients 3·2·k·d,
     // the encoder's sparse gradient 2·k·d.
@@ -298,5 +308,8 @@ pub fn train(
         1000.0 * secs / steps as f64,
         flop / secs / 1e9
     );
+    if precision == Precision::Bf16 {
+        println!("bf16-ranked TopK: {exact_per_token:.1} candidates per token recomputed in f32 (k = {k})");
+    }
     Ok(())
 }

@@ -196,6 +196,9 @@ enum BenchCommand {
         /// Timed steps (after 3 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Encoder product that ranks the latents: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        encoder: crate::stages::train::PrecisionChoice,
     },
     /// Activation reader: tokens/s and GB/s in store order and shuffled, from a capture directory or a
     /// synthetic store of the given shape.
@@ -480,8 +483,20 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
                     k,
                     batch,
                     steps,
+                    encoder,
                 },
-        } => crate::bench::train(d_in, expansion, k, batch, steps).map_err(Error::Other),
+        } => crate::bench::train(
+            d_in,
+            expansion,
+            k,
+            batch,
+            steps,
+            match encoder {
+                crate::stages::train::PrecisionChoice::F32 => crate::sae::step::Precision::F32,
+                crate::stages::train::PrecisionChoice::Bf16 => crate::sae::step::Precision::Bf16,
+            },
+        )
+        .map_err(Error::Other),
         Command::Bench {
             command:
                 BenchCommand::Reader {

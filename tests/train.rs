@@ -557,6 +557,32 @@ fn the_dense_engine_trains_the_same_sae_up_to_rounding() {
     );
 }
 
+#[test]
+fn the_bf16_ranked_encoder_trains_the_same_sae_up_to_rounding() {
+    // bf16 ranking re-ranks its candidates exactly, so it keeps the latents f32 TopK keeps; only the
+    // summation order of the kept pre-activations differs.
+    let train = |precision: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        pipeline(
+            dir.path(),
+            &format!("tokens = 5120\nengine = \"sparse\"\nencoder_precision = \"{precision}\""),
+        );
+        let out = ok(dir.path(), &["run", "p.toml"]);
+        let summary: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(object_of(&dir.path().join("cache"), "tr", "sae").join("train.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        (out, summary["final"]["val_fvu"].as_f64().unwrap())
+    };
+    let ((_, f32_fvu), (out, bf16_fvu)) = (train("f32"), train("bf16"));
+    assert!(out.contains("sparse CPU (bf16"), "{out}");
+    assert!(
+        (f32_fvu - bf16_fvu).abs() < 1e-5 * f32_fvu,
+        "f32 {f32_fvu} vs bf16 {bf16_fvu}"
+    );
+}
+
 /// Protocol-2 pickle of a unicode string.
 fn pickle_str(s: &str) -> Vec<u8> {
     let mut p = vec![b'X'];

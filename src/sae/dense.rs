@@ -208,6 +208,7 @@ pub fn step(
             .reduce(f32::min)
             .unwrap_or(0.0) as f64,
         penalty,
+        exact_per_token: 0.0,
     })
 }
 
@@ -215,6 +216,7 @@ pub fn step(
 mod tests {
     use super::*;
     use crate::sae::step::tests::{params, random};
+    use crate::sae::step::Precision;
 
     /// The dense path agrees with the sparse one on every gradient, for every architecture it trains.
     #[test]
@@ -247,7 +249,7 @@ mod tests {
             ),
         ] {
             let mut sparse = Grads::default();
-            let a = p.step(&x, sparsity, &dead, aux, &mut sparse);
+            let a = p.step(&x, sparsity, Precision::F32, &dead, aux, &mut sparse);
             let mut dense = Grads::default();
             let b = step(&p, &x, sparsity, &dead, aux, &Device::Cpu, &mut dense).unwrap();
             let close = |u: f64, v: f64| (u - v).abs() <= 1e-4 * (1.0 + u.abs());

@@ -66,6 +66,8 @@ pub struct StepStats {
     pub min_active: f64,
     /// The sparsity penalty (L0 for JumpReLU, L1 for ReLU), already weighted.
     pub penalty: f64,
+    /// Latents per token whose pre-activation a bf16-ranked TopK recomputed in f32 (0 otherwise).
+    pub exact_per_token: f64,
 }
 
 /// Per token: the selected latents and their (ReLU'd) activations, as compressed rows.
@@ -118,7 +120,7 @@ pub enum Sparsity {
     },
 }
 
-pub use super::gemm::{matmul_nt, matmul_nt_bias};
+pub use super::gemm::{matmul_nt, matmul_nt_bias, matmul_nt_bias_in, Precision};
 
 /// Σ a_i·b_i in 16 independent lanes, summed in a fixed order at the end. A plain `.sum()` over f32 is one
 /// serial chain of adds (the compiler may not reorder it), which made the gradient pass latency-bound.
@@ -169,6 +171,95 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// [`dot`] of `x` with four rows at once: the same lanes and order per row (so the same bits), four
+/// independent chains of adds instead of one.
+pub fn dot4(x: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked).
+        return unsafe { dot4_avx2(x, rows) };
+    }
+    dot4_lanes(x, rows)
+}
+
+#[inline(always)]
+fn dot4_lanes(x: &[f32], [r0, r1, r2, r3]: [&[f32]; 4]) -> [f32; 4] {
+    let d = x.len();
+    assert!(r0.len() == d && r1.len() == d && r2.len() == d && r3.len() == d);
+    let mut lanes = [[0f32; 16]; 4];
+    let [l0, l1, l2, l3] = &mut lanes;
+    let chunks = x
+        .chunks_exact(16)
+        .zip(r0.chunks_exact(16))
+        .zip(r1.chunks_exact(16).zip(r2.chunks_exact(16)))
+        .zip(r3.chunks_exact(16));
+    for (((xs, a), (b, c)), e) in chunks {
+        for l in 0..16 {
+            l0[l] += xs[l] * a[l];
+            l1[l] += xs[l] * b[l];
+            l2[l] += xs[l] * c[l];
+            l3[l] += xs[l] * e[l];
+        }
+    }
+    let body = d - d % 16;
+    let rows = [r0, r1, r2, r3];
+    std::array::from_fn(|r| {
+        let tail: f32 = x[body..]
+            .iter()
+            .zip(&rows[r][body..])
+            .map(|(x, y)| x * y)
+            .sum();
+        lanes[r].iter().sum::<f32>() + tail
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_avx2(x: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
+    dot4_lanes(x, rows)
+}
+
+/// ‖v‖², ‖ṽ‖² and ‖v − ṽ‖² for ṽ the bf16 rounding of v (to nearest even, as the bf16 product packs it).
+/// f32 sums in 16 lanes: relative error ≤ len·2⁻²⁴, far inside the 1% the bound that uses them adds.
+fn bf16_rounding_norms(v: &[f32]) -> [f32; 3] {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked).
+        return unsafe { bf16_rounding_norms_avx2(v) };
+    }
+    bf16_rounding_norms_lanes(v)
+}
+
+#[inline(always)]
+fn bf16_rounding_norms_lanes(v: &[f32]) -> [f32; 3] {
+    // The rounding the bf16 product packs with.
+    let round = |x: f32| f32::from_bits(super::gemm::bf16_bits(x) << 16);
+    let mut acc = [[0f32; 16]; 3];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..16 {
+            let r = round(c[l]);
+            acc[0][l] += c[l] * c[l];
+            acc[1][l] += r * r;
+            acc[2][l] += (c[l] - r) * (c[l] - r);
+        }
+    }
+    for (l, &x) in tail.iter().enumerate() {
+        let r = round(x);
+        acc[0][l] += x * x;
+        acc[1][l] += r * r;
+        acc[2][l] += (x - r) * (x - r);
+    }
+    acc.map(|a| a.iter().sum())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bf16_rounding_norms_avx2(v: &[f32]) -> [f32; 3] {
+    bf16_rounding_norms_lanes(v)
+}
+
 #[inline(always)]
 fn axpy_plain(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
@@ -186,6 +277,37 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
     axpy_plain(a, x, y)
+}
+
+/// Largest encoder row norm, largest norm of a row's bf16 rounding residual, largest |b_enc|: the
+/// weights' part of [`Params::refined_top_k`]'s bound.
+pub struct WeightBounds {
+    norm: f64,
+    residual: f64,
+    bias: f64,
+}
+
+impl WeightBounds {
+    fn of(params: &Params) -> Self {
+        let (norm, residual) = params
+            .w_enc
+            .par_chunks(params.d_in)
+            .map(|w| {
+                let [norm, _, residual] = bf16_rounding_norms(w);
+                (norm as f64, residual as f64)
+            })
+            .reduce(|| (0.0, 0.0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
+        let (norm, residual) = (norm.sqrt(), residual.sqrt());
+        // ‖w̃‖ ≤ ‖w‖ + ‖δw‖ bounds the rounded rows the bf16 product used.
+        WeightBounds {
+            norm: norm + residual,
+            residual,
+            bias: params
+                .b_enc
+                .iter()
+                .fold(0f64, |a, &b| a.max(b.abs() as f64)),
+        }
+    }
 }
 
 /// Indices of the `k` largest values of `row` for which `allowed` holds, largest first; ties go to the
@@ -229,45 +351,72 @@ fn top_k_into(row: &[f32], k: usize, allowed: impl Fn(usize) -> bool, best: &mut
 /// over the row's 16-wide blocks (a vectorised pass). Those 16·r values are distinct elements, so their k-th
 /// largest is at most the row's k-th largest: only values at or above it can be chosen, and they are few.
 /// Same choice and order as `top_k_into` (ties to the lower index).
-fn top_k_unrestricted(row: &[f32], k: usize, best: &mut Vec<(f32, u32)>) {
+///
+/// With `slack` > 0 it keeps, beyond the k largest, every value within `slack` of the k-th largest (all of
+/// them, not necessarily in order): the candidates of [`Params::top_k`]'s exact re-ranking.
+fn top_k_unrestricted(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked).
+        return unsafe { top_k_unrestricted_avx512(row, k, slack, best) };
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2() {
         // SAFETY: the CPU has AVX2 and FMA (checked).
-        return unsafe { top_k_unrestricted_avx2(row, k, best) };
+        return unsafe { top_k_unrestricted_avx2(row, k, slack, best) };
     }
-    top_k_lanes(row, k, best)
+    top_k_lanes(row, k, slack, best)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn top_k_unrestricted_avx512(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
+    top_k_lanes(row, k, slack, best)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn top_k_unrestricted_avx2(row: &[f32], k: usize, best: &mut Vec<(f32, u32)>) {
-    top_k_lanes(row, k, best)
+unsafe fn top_k_unrestricted_avx2(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
+    top_k_lanes(row, k, slack, best)
 }
 
 #[inline(always)]
-fn top_k_lanes(row: &[f32], k: usize, best: &mut Vec<(f32, u32)>) {
+fn top_k_lanes(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
     const LANES: usize = 16;
     // Twice the minimum depth: a tighter bound, so far fewer candidates to sort.
     let r = 2 * k.div_ceil(LANES);
     let blocks = row.chunks_exact(LANES);
-    if k == 0 || r > 8 || blocks.len() < r {
-        // Large k or short rows: the plain scan.
-        return top_k_into(row, k, |_| true, best);
-    }
-    let mut tops = [[f32::NEG_INFINITY; LANES]; 8];
-    for block in blocks {
-        let mut v: [f32; LANES] = block.try_into().expect("exact chunk");
-        for top in tops.iter_mut().take(r) {
-            let lo: [f32; LANES] = std::array::from_fn(|l| top[l].min(v[l]));
-            *top = std::array::from_fn(|l| top[l].max(v[l]));
-            v = lo;
+    let cut = if k == 0 || r > 8 || blocks.len() < r {
+        f32::NAN
+    } else {
+        let mut tops = [[f32::NEG_INFINITY; LANES]; 8];
+        for block in blocks {
+            let mut v: [f32; LANES] = block.try_into().expect("exact chunk");
+            for top in tops.iter_mut().take(r) {
+                let lo: [f32; LANES] = std::array::from_fn(|l| top[l].min(v[l]));
+                *top = std::array::from_fn(|l| top[l].max(v[l]));
+                v = lo;
+            }
         }
-    }
-    let mut kept: Vec<f32> = tops[..r].iter().flatten().copied().collect();
-    kept.sort_unstable_by(|a, b| b.total_cmp(a));
-    let cut = kept[k - 1];
+        let mut kept: Vec<f32> = tops[..r].iter().flatten().copied().collect();
+        kept.sort_unstable_by(|a, b| b.total_cmp(a));
+        kept[k - 1] - slack
+    };
     if cut.is_nan() {
-        return top_k_into(row, k, |_| true, best);
+        // Large k, short rows, or NaN: the plain scan, then the values within the slack.
+        top_k_into(row, k, |_| true, best);
+        if slack > 0.0 && best.len() == k {
+            let floor = best[k - 1].0 - slack;
+            best.clear();
+            best.extend(
+                row.iter()
+                    .enumerate()
+                    .filter(|&(_, &v)| v >= floor)
+                    .map(|(j, &v)| (v, j as u32)),
+            );
+            best.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        }
+        return;
     }
     best.clear();
     for (c, block) in row.chunks(LANES).enumerate() {
@@ -287,9 +436,23 @@ fn top_k_lanes(row: &[f32], k: usize, best: &mut Vec<(f32, u32)>) {
     };
     if best.len() > k {
         best.select_nth_unstable_by(k - 1, order);
+        if slack > 0.0 {
+            let floor = best[k - 1].0 - slack;
+            best.retain(|e| e.0 >= floor);
+            // The caller re-ranks the candidates by their exact values.
+            return;
+        }
         best.truncate(k);
     }
     best.sort_unstable_by(order);
+}
+
+/// Writes a token's k kept latents (ReLU'd) from a ranked candidate list.
+fn keep(best: &[(f32, u32)], k: usize, idx: &mut [u32], val: &mut [f32]) {
+    for (s, &(v, j)) in best.iter().take(k).enumerate() {
+        idx[s] = j;
+        val[s] = v.max(0.0);
+    }
 }
 
 /// Top-k selection of every row of `pre` (`m` wide) among `allowed` latents, ReLU'd, written per token.
@@ -314,7 +477,7 @@ fn select_rows(
                 let t = c * 64 + r;
                 let row = &pre[t * m..][..m];
                 if unrestricted {
-                    top_k_unrestricted(row, k, &mut best);
+                    top_k_unrestricted(row, k, 0.0, &mut best);
                 } else {
                     top_k_into(row, k, allowed, &mut best);
                 }
@@ -420,13 +583,17 @@ impl Params {
         (centered, pre)
     }
 
+    /// x − b_dec, row by row.
+    fn centered(&self, x: &[f32]) -> Vec<f32> {
+        x.par_chunks(self.d_in)
+            .flat_map_iter(|row| row.iter().zip(&self.b_dec).map(|(a, b)| a - b))
+            .collect()
+    }
+
     /// [`Params::pre_activations`] into a reused buffer; returns the centred inputs.
     pub fn pre_activations_into(&self, x: &[f32], n: usize, pre: &mut Vec<f32>) -> Vec<f32> {
         let d = self.d_in;
-        let centered: Vec<f32> = x
-            .par_chunks(d)
-            .flat_map_iter(|row| row.iter().zip(&self.b_dec).map(|(a, b)| a - b))
-            .collect();
+        let centered = self.centered(x);
         pre.resize(n * self.d_sae, 0.0);
         matmul_nt_bias(
             &centered,
@@ -450,6 +617,109 @@ impl Params {
             Sparsity::JumpRelu { .. } => select_above(pre, m, &|j| self.threshold[j]),
             Sparsity::Relu { .. } => select_above(pre, m, &|_| 0.0),
         }
+    }
+
+    /// The exact pre-activation of latent `j` for a centred input row.
+    fn exact_pre(&self, centered: &[f32], j: usize) -> f32 {
+        let d = self.d_in;
+        dot(centered, &self.w_enc[j * d..][..d]) + self.b_enc[j]
+    }
+
+    /// Centred inputs x − b_dec, pre-activations at `precision` into `pre`, each token's top k latents,
+    /// and how many latents per token had their pre-activation recomputed exactly (0 for f32).
+    ///
+    /// With a bf16 product the selection is made exact: per token, every latent whose bf16
+    /// pre-activation is within twice a bound E of the k-th largest is a candidate; candidates get their
+    /// f32 pre-activation (written back into `pre`) and the k largest of those are kept, ties to the
+    /// lower index. E bounds |bf16 product − f32 dot| for any latent: with x̃, w̃ the bf16 roundings,
+    /// δx = x − x̃, δw = w − w̃, exactly x·w = x̃·w̃ + δx·w + x̃·δw, so rounding the inputs moves a
+    /// pre-activation by at most ‖δx‖·max‖w‖ + ‖x̃‖·max‖δw‖ (Cauchy–Schwarz); f32 summation in either
+    /// product adds at most γ(d+1)·(‖x‖·max‖w‖ + max|b|), γ(n) = n·2⁻²⁴/(1 − n·2⁻²⁴), with 1% on top
+    /// for the norms' own rounding. At least k latents have f32 values ≥ (k-th bf16 value) − E, and a
+    /// latent below (k-th bf16 value) − 2E has an f32 value below that: it cannot be among the f32 top k.
+    /// So the choice is f32 TopK's (up to the order in which f32 sums round), and the activations are
+    /// f32 dots.
+    pub fn top_k(
+        &self,
+        precision: Precision,
+        x: &[f32],
+        k: usize,
+        pre: &mut Vec<f32>,
+    ) -> (Vec<f32>, Selection, f64) {
+        let (d, m) = (self.d_in, self.d_sae);
+        let n = x.len() / d;
+        let centered = self.centered(x);
+        pre.resize(n * m, 0.0);
+        let bf16 = precision == Precision::Bf16 && Precision::bf16_native();
+        let weights = bf16.then(|| WeightBounds::of(self));
+        let gamma = {
+            let nu = (d + 1) as f64 * f64::powi(2.0, -24);
+            nu / (1.0 - nu)
+        };
+        let select = |row0: usize, rows: &mut [f32]| {
+            let tokens = rows.len() / m;
+            let mut index = vec![0u32; tokens * k];
+            let mut value = vec![0f32; tokens * k];
+            let mut best = Vec::with_capacity(2 * k + 1);
+            let mut exact = 0;
+            for (t, ((row, idx), val)) in rows
+                .chunks_mut(m)
+                .zip(index.chunks_mut(k.max(1)))
+                .zip(value.chunks_mut(k.max(1)))
+                .enumerate()
+            {
+                let Some(weights) = &weights else {
+                    top_k_unrestricted(row, k, 0.0, &mut best);
+                    keep(&best, k, idx, val);
+                    continue;
+                };
+                let x = &centered[(row0 + t) * d..][..d];
+                let [norm, rounded, residual] = bf16_rounding_norms(x).map(|v| (v as f64).sqrt());
+                let bound = residual * weights.norm
+                    + rounded * weights.residual
+                    + 2.0 * gamma * (norm * weights.norm + weights.bias);
+                let slack = (2.0 * 1.01 * bound) as f32;
+                let slack = if slack.is_finite() { slack } else { f32::MAX };
+                top_k_unrestricted(row, k, slack, &mut best);
+                let w = |j: u32| &self.w_enc[j as usize * d..][..d];
+                for group in best.chunks_mut(4) {
+                    let mut js = [group[0].1; 4];
+                    for (slot, e) in js.iter_mut().zip(group.iter()) {
+                        *slot = e.1;
+                    }
+                    for (e, dot) in group.iter_mut().zip(dot4(x, js.map(w))) {
+                        e.0 = dot + self.b_enc[e.1 as usize];
+                        row[e.1 as usize] = e.0;
+                    }
+                }
+                exact += best.len();
+                best.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                keep(&best, k, idx, val);
+            }
+            (index, value, exact)
+        };
+        matmul_nt_bias_in(
+            precision,
+            &centered,
+            &self.w_enc,
+            Some(&self.b_enc),
+            pre,
+            n,
+            m,
+            d,
+        );
+        let blocks: Vec<_> = pre
+            .par_chunks_mut(64 * m)
+            .enumerate()
+            .map(|(b, rows)| select(b * 64, rows))
+            .collect();
+        let exact: usize = blocks.iter().map(|b| b.2).sum();
+        let selection = Selection {
+            offsets: (0..=n).map(|t| t * k).collect(),
+            index: blocks.iter().flat_map(|b| b.0.iter().copied()).collect(),
+            value: blocks.into_iter().flat_map(|b| b.1).collect(),
+        };
+        (centered, selection, exact as f64 / n.max(1) as f64)
     }
 
     /// Σ_j a_j W_dec[j] (+ b_dec when `bias`) for every token of a selection.
@@ -490,15 +760,19 @@ impl Params {
             l0: sel.value.iter().filter(|&&a| a > 0.0).count() as f64 / n as f64,
             min_active: min_active(&sel),
             penalty: 0.0,
+            exact_per_token: 0.0,
         }
     }
 
     /// Loss and gradients for a batch `x` `[n, d_in]` (already normalised). `dead` marks latents that have
-    /// not fired recently (AuxK draws on them); `aux_coef` = 0 switches AuxK off.
+    /// not fired recently (AuxK draws on them); `aux_coef` = 0 switches AuxK off. With
+    /// [`Precision::Bf16`] (TopK only) the encoder product that ranks the latents is bf16 and the chosen
+    /// activations exact (see [`Params::refined_top_k`]).
     pub fn step(
         &self,
         x: &[f32],
         sparsity: Sparsity,
+        precision: Precision,
         dead: &[bool],
         aux_coef: f32,
         grads: &mut Grads,
@@ -506,8 +780,14 @@ impl Params {
         let (d, m) = (self.d_in, self.d_sae);
         let n = x.len() / d;
         let mut pre = std::mem::take(&mut grads.pre);
-        let centered = self.pre_activations_into(x, n, &mut pre);
-        let sel = self.select(&pre, sparsity);
+        let refine = matches!(sparsity, Sparsity::TopK(_)) && precision == Precision::Bf16;
+        let (centered, sel, exact) = match sparsity {
+            Sparsity::TopK(k) => self.top_k(precision, x, k, &mut pre),
+            _ => {
+                let centered = self.pre_activations_into(x, n, &mut pre);
+                (centered, self.select(&pre, sparsity), 0.0)
+            }
+        };
         let recon = self.decode(&sel, true);
         // e = x̂ − x; d mse / d x̂ = 2e/n.
         let err: Vec<f32> = recon.iter().zip(x).map(|(r, x)| r - x).collect();
@@ -519,7 +799,20 @@ impl Params {
         let k_aux = (d / 2).min(num_dead);
         let (aux_sel, aux_err, aux_loss, aux_scale) = if aux_coef > 0.0 && k_aux > 0 {
             let scale = (num_dead as f32 / (d / 2) as f32).min(1.0);
-            let aux = select_rows(&pre, m, k_aux, Some(&|j| dead[j]));
+            let mut aux = select_rows(&pre, m, k_aux, Some(&|j| dead[j]));
+            if refine {
+                // Ranked by the approximate product (AuxK is a heuristic pull on dead latents), but
+                // trained on exact values.
+                aux.value
+                    .par_chunks_mut(k_aux)
+                    .zip(aux.index.par_chunks(k_aux))
+                    .enumerate()
+                    .for_each(|(t, (val, idx))| {
+                        for (v, &j) in val.iter_mut().zip(idx) {
+                            *v = self.exact_pre(&centered[t * d..][..d], j as usize).max(0.0);
+                        }
+                    });
+            }
             let aux_recon = self.decode(&aux, false);
             // aux_recon − (x − x̂) = aux_recon + e
             let aux_err: Vec<f32> = aux_recon.iter().zip(&err).map(|(a, e)| a + e).collect();
@@ -574,7 +867,6 @@ impl Params {
                 }
             }
         }
-
         grads.w_enc.clear();
         grads.w_enc.resize(m * d, 0.0);
         grads.w_dec.clear();
@@ -755,6 +1047,7 @@ impl Params {
             l0: sel.value.iter().filter(|&&a| a > 0.0).count() as f64 / n as f64,
             min_active: min_active(&sel),
             penalty,
+            exact_per_token: exact,
         }
     }
 }
@@ -948,7 +1241,7 @@ pub(crate) mod tests {
         let p = params(d, m);
         let x = random(n * d, 9, 1.0);
         let mut g = Grads::default();
-        let stats = p.step(&x, sparsity, dead, coef, &mut g);
+        let stats = p.step(&x, sparsity, Precision::F32, dead, coef, &mut g);
         let (loss, residual) = reference_loss(&p, &x, sparsity, dead, coef as f64, None);
         assert!(
             ((stats.mse + stats.aux + stats.penalty) - loss).abs() < 1e-4 * loss,
@@ -1049,6 +1342,7 @@ pub(crate) mod tests {
                 mode: L0Mode::Tanh(2.0),
                 pre_act: 0.1,
             },
+            Precision::F32,
             &[false, true],
             0.0,
             &mut g,
@@ -1077,6 +1371,7 @@ pub(crate) mod tests {
                 mode: L0Mode::Step,
                 pre_act: 0.0,
             },
+            Precision::F32,
             &[false, false],
             0.0,
             &mut g,
@@ -1136,9 +1431,93 @@ pub(crate) mod tests {
         axpy_plain(0.37, &a, &mut y2);
         assert!(y1.iter().zip(&y2).all(|(u, v)| u.to_bits() == v.to_bits()));
         let (mut t1, mut t2) = (Vec::new(), Vec::new());
-        top_k_unrestricted(&a, 32, &mut t1);
-        top_k_lanes(&a, 32, &mut t2);
+        top_k_unrestricted(&a, 32, 0.0, &mut t1);
+        top_k_lanes(&a, 32, 0.0, &mut t2);
         assert_eq!(t1, t2);
+    }
+
+    #[test]
+    fn dot4_gives_dots_bits() {
+        for d in [1, 15, 16, 577] {
+            let x = random(d, 1, 1.0);
+            let rows: Vec<Vec<f32>> = (0..4).map(|r| random(d, 10 + r, 1.0)).collect();
+            let four = dot4(&x, std::array::from_fn(|r| rows[r].as_slice()));
+            for r in 0..4 {
+                assert_eq!(
+                    four[r].to_bits(),
+                    dot(&x, &rows[r]).to_bits(),
+                    "d {d} row {r}"
+                );
+                assert_eq!(
+                    four[r].to_bits(),
+                    dot_lanes(&x, &rows[r]).to_bits(),
+                    "d {d} row {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_ranked_top_k_chooses_what_exact_top_k_chooses_even_among_near_ties() {
+        if !Precision::bf16_native() {
+            eprintln!("no AVX512-BF16 here: bf16 ranking falls back to the f32 product");
+            return;
+        }
+        // Latents come in clusters of 12 encoder rows equal up to 1e-4 relative noise: within a cluster
+        // pre-activations differ far below bf16's resolution (~4e-3), so the bf16 product cannot rank
+        // them and only the exact re-ranking can pick the right ones.
+        let (n, d, m, k) = (300, 64, 384, 16);
+        let mut p = params(d, m);
+        let base = random(m / 12 * d, 21, 1.0);
+        let noise = random(m * d, 22, 1e-4);
+        for j in 0..m {
+            for i in 0..d {
+                p.w_enc[j * d + i] = base[(j / 12) * d + i] * (1.0 + noise[j * d + i]);
+            }
+        }
+        p.b_enc.iter_mut().for_each(|b| *b *= 1e-3);
+        let x = random(n * d, 23, 2.0);
+        let mut pre = Vec::new();
+        let (centered, sel, exact) = p.top_k(Precision::Bf16, &x, k, &mut pre);
+        assert!(exact >= k as f64, "{exact} candidates per token");
+        let mut near_ties = 0;
+        for t in 0..n {
+            let c = &centered[t * d..][..d];
+            let values: Vec<f32> = (0..m)
+                .map(|j| dot(c, &p.w_enc[j * d..][..d]) + p.b_enc[j])
+                .collect();
+            let want = top_k(&values, k, |_| true);
+            let got = &sel.index[t * k..][..k];
+            assert_eq!(got, want.as_slice(), "token {t}");
+            for (s, &j) in got.iter().enumerate() {
+                assert_eq!(
+                    sel.value[t * k + s].to_bits(),
+                    values[j as usize].max(0.0).to_bits()
+                );
+            }
+            // Count the tokens whose k-th and (k+1)-th exact values are closer than bf16 can tell.
+            let mut sorted = values.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            near_ties += ((sorted[k - 1] - sorted[k]).abs() < 4e-3 * sorted[k - 1].abs()) as usize;
+        }
+        assert!(
+            near_ties > n / 4,
+            "only {near_ties} tokens with near-ties at the cut"
+        );
+        // The f32 path chooses the same sets of latents but for rare ties at the cut within f32 rounding
+        // (its GEMM sums in another order than `dot`).
+        let (_, f32_sel, none) = p.top_k(Precision::F32, &x, k, &mut pre);
+        assert_eq!(none, 0.0);
+        let set = |s: &Selection, t: usize| {
+            let mut v = s.index[t * k..][..k].to_vec();
+            v.sort();
+            v
+        };
+        let differing = (0..n).filter(|&t| set(&f32_sel, t) != set(&sel, t)).count();
+        assert!(
+            differing <= n / 100,
+            "{differing} tokens whose f32 and bf16-ranked choices differ"
+        );
     }
 
     #[test]
@@ -1162,7 +1541,7 @@ pub(crate) mod tests {
                 .iter()
                 .map(|v| (v * 8.0).round() / 8.0 * if seed % 2 == 0 { 1.0 } else { -1.0 })
                 .collect();
-            top_k_unrestricted(&row, k, &mut fast);
+            top_k_unrestricted(&row, k, 0.0, &mut fast);
             top_k_into(&row, k, |_| true, &mut plain);
             let ids = |v: &Vec<(f32, u32)>| v.iter().map(|&(_, j)| j).collect::<Vec<_>>();
             assert_eq!(ids(&fast), ids(&plain), "m {m}, k {k}");

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::adam::{AdamConfig, Moments};
-use super::step::{Grads, Params, Sparsity, StepStats};
+use super::step::{Grads, Params, Precision, Sparsity, StepStats};
 use crate::data::activations::{ActivationStore, ReadOptions};
 
 /// Everything that shapes a training run.
@@ -72,8 +72,9 @@ pub struct TrainConfig {
 /// Which implementation of the training step runs.
 #[derive(Debug, Clone)]
 pub enum Engine {
-    /// `step::Params::step`: sparse, multithreaded, CPU.
-    Sparse,
+    /// `step::Params::step`: sparse, multithreaded, CPU, ranking TopK latents by an encoder product at
+    /// this precision.
+    Sparse(Precision),
     /// `dense::step` on a device (GPUs; also the CPU reference).
     Dense(Device),
 }
@@ -300,7 +301,9 @@ impl State {
         };
         let sparsity = cfg.training_sparsity(self.step + 1);
         let stats = match &cfg.engine {
-            Engine::Sparse => self.params.step(x, sparsity, &dead, aux_coef, grads),
+            Engine::Sparse(precision) => self
+                .params
+                .step(x, sparsity, *precision, &dead, aux_coef, grads),
             Engine::Dense(device) => {
                 super::dense::step(&self.params, x, sparsity, &dead, aux_coef, device, grads)?
             }
@@ -890,7 +893,7 @@ mod tests {
             d_sae: 8,
             sparsity: Sparsity::TopK(2),
             penalty_warmup_steps: 0,
-            engine: Engine::Sparse,
+            engine: Engine::Sparse(Default::default()),
             lr: 1.0,
             warmup_steps: warmup,
             decay_fraction: decay,
