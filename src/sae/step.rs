@@ -280,7 +280,7 @@ unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// Largest encoder row norm, largest norm of a row's bf16 rounding residual, largest |b_enc|: the
-/// weights' part of [`Params::refined_top_k`]'s bound.
+/// weights' part of [`Params::top_k`]'s bound.
 pub struct WeightBounds {
     norm: f64,
     residual: f64,
@@ -867,9 +867,9 @@ impl Params {
                 }
             }
         }
-        grads.w_enc.clear();
+        // Sized once; each latent's rows are zeroed by the thread that sums into them (in cache, and in
+        // parallel: a 21 MB memset up front cost ~2 ms a step).
         grads.w_enc.resize(m * d, 0.0);
-        grads.w_dec.clear();
         grads.w_dec.resize(m * d, 0.0);
         grads.b_enc.clear();
         grads.b_enc.resize(m, 0.0);
@@ -911,6 +911,8 @@ impl Params {
             .zip(norm_coefs.par_iter_mut().zip(penalties.par_iter_mut()))
             .enumerate()
             .for_each(|(j, (((genc, gdec), gb), (norm_coef, penalty)))| {
+                genc.fill(0.0);
+                gdec.fill(0.0);
                 let w = &self.w_dec[j * d..][..d];
                 let l1_pre = if l1 > 0.0 { l1 * dec_norms[j] } else { 0.0 };
                 for e in &entries[starts[j]..starts[j + 1]] {
