@@ -15,6 +15,7 @@ pub mod plan;
 pub mod report;
 pub mod sae;
 pub mod stages;
+pub mod stats;
 
 /// Errors at the top level, each with its exit code.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Reference values for saeflow's statistics (src/stats), from scipy and sklearn.
+
+Writes tests/fixtures/stats.json: two-sample cases (scores, classes) with sklearn's roc_auc_score, scipy's
+mannwhitneyu U and two-sided asymptotic p-value (tie and continuity corrections), and p-value lists with
+scipy's Benjamini-Hochberg q-values. Run once with scipy and scikit-learn installed; the output is committed,
+so the tests need neither:
+
+    python3 scripts/make_stats_fixtures.py > tests/fixtures/stats.json
+"""
+import json
+import sys
+
+import numpy as np
+import scipy
+import sklearn
+from scipy.stats import false_discovery_control, mannwhitneyu
+from sklearn.metrics import roc_auc_score
+
+
+def f32(values):
+    # The tests read scores as f32: compute the references on the same (rounded) numbers.
+    return [float(v) for v in np.asarray(values, dtype=np.float32)]
+
+
+def case(name, scores, positive):
+    scores = np.asarray(f32(scores), dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    res = mannwhitneyu(scores[positive], scores[~positive], alternative="two-sided", method="asymptotic")
+    return {
+        "name": name,
+        "scores": scores.tolist(),
+        "positive": positive.tolist(),
+        "auroc": float(roc_auc_score(positive, scores)),
+        "u": float(res.statistic),
+        "p": float(res.pvalue),
+    }
+
+
+rng = np.random.default_rng(0)
+cases = []
+# Continuous scores, a modest shift.
+n = 200
+pos = rng.random(n) < 0.3
+cases.append(case("normal shift", rng.normal(size=n) + 0.4 * pos, pos))
+# Heavy ties: scores on a coarse grid.
+n = 300
+pos = rng.random(n) < 0.5
+cases.append(case("coarse grid", np.round(rng.normal(size=n) + 0.2 * pos, 1), pos))
+# A sparse feature: mostly zeros, positive activations more often on positives (the label stage's case).
+n = 5000
+pos = rng.random(n) < 0.2
+fires = rng.random(n) < np.where(pos, 0.05, 0.01)
+cases.append(case("sparse feature", np.where(fires, rng.exponential(2.0, n), 0.0), pos))
+# Strong separation: p far into the tail.
+n = 400
+pos = np.arange(n) % 2 == 0
+cases.append(case("strong separation", rng.normal(size=n) + 3.0 * pos, pos))
+# Imbalanced and small.
+pos = np.array([True] + [False] * 11)
+cases.append(case("one positive", rng.normal(size=12), pos))
+
+bh = []
+for name, p in [
+    ("uniform", rng.random(50)),
+    ("mixed", np.concatenate([rng.random(40), rng.random(10) * 1e-4])),
+    ("ties", np.array([0.01, 0.01, 0.02, 0.5, 0.5, 1.0])),
+]:
+    bh.append({"name": name, "p": p.tolist(), "q": false_discovery_control(p, method="bh").tolist()})
+
+json.dump(
+    {
+        "generated_by": "scripts/make_stats_fixtures.py",
+        "scipy": scipy.__version__,
+        "sklearn": sklearn.__version__,
+        "two_sample": cases,
+        "benjamini_hochberg": bh,
+    },
+    sys.stdout,
+    separators=(",", ":"),
+)
+sys.stdout.write("\n")
