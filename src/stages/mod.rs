@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod command;
 pub mod dataset;
+pub mod label;
 pub mod train;
 
 use std::collections::BTreeMap;
@@ -282,6 +283,7 @@ impl Registry {
         registry.register::<capture::Capture>();
         registry.register::<command::Command>();
         registry.register::<dataset::Dataset>();
+        registry.register::<label::Label>();
         registry.register::<train::Train>();
         registry
     }

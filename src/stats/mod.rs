@@ -8,6 +8,8 @@
 //! values; [`TwoSample::sparse`] builds the groups from the non-zero entries alone (the zeros are one group
 //! below every positive activation) in O(nnz log nnz).
 
+pub mod features;
+
 /// One group of tied scores: how many positives and negatives share the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Tie {

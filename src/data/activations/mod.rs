@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use arrow_array::builder::{BooleanBuilder, StringBuilder, UInt32Builder, UInt64Builder};
 use arrow_array::{ArrayRef, FixedSizeBinaryArray, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
@@ -265,6 +265,102 @@ pub fn tokens_batch(rows: &[TokenRow]) -> anyhow::Result<RecordBatch> {
         Arc::new(is_completion.finish()),
     ];
     Ok(RecordBatch::try_new(Arc::new(schema), columns)?)
+}
+
+/// The columns of `tokens.parquet` that analyses of a capture need, labels and splits interned.
+#[derive(Debug, Clone, Default)]
+pub struct TokenTable {
+    /// Document of each row.
+    pub doc_id: Vec<u64>,
+    /// Token id of each row.
+    pub token_id: Vec<u32>,
+    /// Label of each row, as an index into `labels` (`None`: unlabelled).
+    pub label: Vec<Option<u16>>,
+    /// Distinct labels, sorted.
+    pub labels: Vec<String>,
+    /// Split of each row, as an index into `splits`.
+    pub split: Vec<u8>,
+    /// Distinct splits, sorted.
+    pub splits: Vec<String>,
+}
+
+impl TokenTable {
+    /// Reads `tokens.parquet` of a capture directory.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        use arrow_array::cast::AsArray;
+        use arrow_array::types::{UInt32Type, UInt64Type};
+        let path = dir.join("tokens.parquet");
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .with_context(|| format!("{}: not a readable Parquet file", path.display()))?
+            .build()?;
+        let (mut table, mut labels, mut splits) = (
+            TokenTable::default(),
+            BTreeMap::<String, Vec<u64>>::new(),
+            BTreeMap::<String, Vec<u64>>::new(),
+        );
+        // Rows per distinct value first, indices once the sorted value lists are known.
+        let (mut label_row, mut split_row) = (0u64, 0u64);
+        for batch in reader {
+            let batch = batch.with_context(|| format!("reading {}", path.display()))?;
+            let column = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .with_context(|| format!("{}: no `{name}` column", path.display()))
+            };
+            table
+                .doc_id
+                .extend(column("doc_id")?.as_primitive::<UInt64Type>().values());
+            table
+                .token_id
+                .extend(column("token_id")?.as_primitive::<UInt32Type>().values());
+            for label in column("label")?.as_string::<i32>() {
+                if let Some(l) = label {
+                    labels.entry(l.to_string()).or_default().push(label_row);
+                }
+                label_row += 1;
+            }
+            for split in column("split")?.as_string::<i32>() {
+                splits
+                    .entry(split.unwrap_or_default().to_string())
+                    .or_default()
+                    .push(split_row);
+                split_row += 1;
+            }
+        }
+        let rows = table.doc_id.len();
+        if labels.len() > u16::MAX as usize || splits.len() > u8::MAX as usize {
+            bail!(
+                "{}: {} labels and {} splits; at most {} and {} are supported",
+                path.display(),
+                labels.len(),
+                splits.len(),
+                u16::MAX,
+                u8::MAX
+            );
+        }
+        table.label = vec![None; rows];
+        for (i, rows) in labels.values().enumerate() {
+            for &r in rows {
+                table.label[r as usize] = Some(i as u16);
+            }
+        }
+        table.split = vec![0; rows];
+        for (i, rows) in splits.values().enumerate() {
+            for &r in rows {
+                table.split[r as usize] = i as u8;
+            }
+        }
+        table.labels = labels.into_keys().collect();
+        table.splits = splits.into_keys().collect();
+        Ok(table)
+    }
+
+    /// Index of a split by name.
+    pub fn split_index(&self, name: &str) -> Option<u8> {
+        self.splits.iter().position(|s| s == name).map(|i| i as u8)
+    }
 }
 
 /// Concatenates token tables (shards in order) into one deterministic `tokens.parquet`.

@@ -1,0 +1,693 @@
+//! `label`: which SAE features detect which class of a labelled capture, with real statistics.
+//!
+//! One pass over the capture encodes every token with the SAE (kept sparse, feature by feature) and sums
+//! the raw activations per class. On the fit split every feature is tested against every class
+//! (one-vs-rest): a Mann–Whitney rank test on documents (mean-pooled by default: labels belong to
+//! documents, and a document's tokens are not independent samples), Benjamini–Hochberg over all features ×
+//! classes, and a feature is labelled with a class only when q < `alpha` and |AUROC − 0.5| > `min_effect`.
+//! Token-level and max-pooled AUROCs and p-values are reported beside it. Every feature
+//! is then re-measured on the held-out split, which is what reports show. The baseline is AxBench's
+//! DiffMean: the difference of class means of the raw activations on the fit split, scored on the held-out
+//! split by projection. Outputs are documented in `schemas/label.md`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use arrow_array::builder::{
+    BooleanBuilder, Float64Builder, ListBuilder, StringBuilder, UInt32Builder, UInt64Builder,
+};
+use arrow_array::{ArrayRef, RecordBatch};
+use candle_core::{DType, Tensor};
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{key_path, Cancelled, ParamError, Reference, References, Stage, StageContext};
+use crate::data::activations::{ActivationStore, ReadOptions, TokenTable};
+use crate::sae::format::Sae;
+use crate::stats::features::{feature_classes, Codes, FeatureClass, TokenInfo};
+use crate::stats::{benjamini_hochberg, TwoSample};
+
+/// The unit a label's rank test compares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Unit {
+    /// Documents, by the mean activation over their tokens: labels belong to documents and a document's
+    /// tokens are not independent, so this is the test whose p-values mean what they say.
+    #[default]
+    DocMean,
+    /// Documents, by their maximum activation (more sensitive to one firing token; grows with length).
+    DocMax,
+    /// Tokens: treats the tokens of a document as independent, which inflates significance unless each
+    /// document contributes one token (`positions = "last"` captures).
+    Token,
+}
+
+/// Parameters of a `label` stage.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LabelParams {
+    /// The stage whose output is the SAE (a `train` stage).
+    pub sae: String,
+    /// The `capture` stage whose tokens carry labels.
+    pub input: String,
+    /// Hook to read (default: the SAE's `hook_name` when the capture has it, else the capture's only hook).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    /// Split the tests run on.
+    #[serde(default = "default_fit")]
+    pub fit_split: String,
+    /// Held-out split every feature is re-measured on.
+    #[serde(default = "default_test")]
+    pub test_split: String,
+    /// False discovery rate (Benjamini–Hochberg) of the labels.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// What the rank test and the effect size compare.
+    #[serde(default)]
+    pub unit: Unit,
+    /// Smallest |AUROC − 0.5| (of `unit`, fit split) a labelled feature must show.
+    #[serde(default = "default_min_effect")]
+    pub min_effect: f64,
+    /// Classes to test, one against the rest (default: every label in the capture).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
+    /// Top activating contexts kept per labelled feature.
+    #[serde(default = "default_top")]
+    pub top_contexts: usize,
+    /// Random active contexts kept per labelled feature.
+    #[serde(default = "default_random")]
+    pub random_contexts: usize,
+    /// Tokens of the same document kept on each side of a context's token.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// Tokens encoded at once.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+}
+
+fn default_fit() -> String {
+    "train".into()
+}
+fn default_test() -> String {
+    "test".into()
+}
+fn default_alpha() -> f64 {
+    0.01
+}
+fn default_min_effect() -> f64 {
+    0.1
+}
+fn default_top() -> usize {
+    10
+}
+fn default_random() -> usize {
+    5
+}
+fn default_window() -> usize {
+    8
+}
+fn default_batch() -> usize {
+    4096
+}
+
+/// The `label` stage kind.
+pub struct Label;
+
+impl Stage for Label {
+    type Params = LabelParams;
+    const KIND: &'static str = "label";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str =
+        "Label SAE features with the classes they detect (rank tests, FDR control, held-out AUROC, DiffMean baseline)";
+
+    fn references(p: &LabelParams) -> References {
+        References {
+            inputs: vec![
+                Reference {
+                    role: "sae".into(),
+                    target: p.sae.clone(),
+                    at: key_path(&["sae"]),
+                },
+                Reference {
+                    role: "input".into(),
+                    target: p.input.clone(),
+                    at: key_path(&["input"]),
+                },
+            ],
+            ..References::default()
+        }
+    }
+
+    fn validate(p: &LabelParams) -> Result<(), ParamError> {
+        if !(p.alpha > 0.0 && p.alpha < 1.0) {
+            return Err(ParamError {
+                at: key_path(&["alpha"]),
+                message: "`alpha` must be between 0 and 1".into(),
+            });
+        }
+        if !(0.0..0.5).contains(&p.min_effect) {
+            return Err(ParamError {
+                at: key_path(&["min_effect"]),
+                message: "`min_effect` must be in [0, 0.5): a bound on |AUROC − 0.5|".into(),
+            });
+        }
+        if p.fit_split == p.test_split {
+            return Err(ParamError {
+                at: key_path(&["test_split"]),
+                message: format!(
+                    "`test_split` must differ from `fit_split` (both `{}`)",
+                    p.fit_split
+                ),
+            });
+        }
+        if p.batch_size == 0 {
+            return Err(ParamError {
+                at: key_path(&["batch_size"]),
+                message: "`batch_size` must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn run(p: &LabelParams, ctx: &mut StageContext) -> anyhow::Result<()> {
+        let sae_dir = &ctx.inputs["sae"];
+        let capture_dir = &ctx.inputs["input"];
+        let device = crate::models::device(ctx.device)?;
+        let sae = Sae::load(sae_dir, &device)
+            .with_context(|| format!("stage `{}`: loading the SAE", p.sae))?;
+        let info = crate::data::activations::CaptureInfo::read(capture_dir)?;
+        let hook = match &p.hook {
+            Some(h) => h.clone(),
+            None => match sae.cfg["hook_name"].as_str() {
+                Some(h) if info.hooks.iter().any(|x| x == h) => h.to_string(),
+                _ if info.hooks.len() == 1 => info.hooks[0].clone(),
+                _ => bail!(
+                    "capture `{}` has hooks {} and the SAE names none of them: set `hook`",
+                    p.input,
+                    info.hooks.join(", ")
+                ),
+            },
+        };
+        let store = ActivationStore::open(capture_dir, &hook)?;
+        if store.d_model() != sae.d_in() {
+            bail!(
+                "the SAE of `{}` takes d_in {} but {hook} of capture `{}` has width {}",
+                p.sae,
+                sae.d_in(),
+                p.input,
+                store.d_model()
+            );
+        }
+        let table = TokenTable::read(capture_dir)?;
+        let classes = choose_classes(p, &table)?;
+        let (fit, test) = (
+            split_of(p, &table, &p.fit_split)?,
+            split_of(p, &table, &p.test_split)?,
+        );
+        // Every label takes part (the rest of a one-vs-rest comparison is all other labelled tokens);
+        // only the chosen classes are tested.
+        let tokens = TokenInfo {
+            class: table.label.clone(),
+            doc: table.doc_id.clone(),
+            split: table.split.clone(),
+        };
+        let names: Vec<&str> = table.labels.iter().map(String::as_str).collect();
+        for (split, index) in [(&p.fit_split, fit), (&p.test_split, test)] {
+            let (counts, _) = tokens.counts(index, names.len());
+            for &c in &classes {
+                let name = names[c as usize];
+                if counts[c as usize] == 0 {
+                    bail!(
+                        "split `{split}` of capture `{}` has no `{name}` tokens: each class needs tokens on \
+                         both sides of the comparison in the fit and test splits",
+                        p.input
+                    );
+                }
+            }
+            if counts.iter().sum::<u64>() == *counts.iter().max().unwrap_or(&0) {
+                bail!(
+                    "split `{split}` of capture `{}` holds a single class",
+                    p.input
+                );
+            }
+        }
+        ctx.log(&format!(
+            "labelling {} features of `{}` against {} on {hook} of `{}` ({} tokens)",
+            sae.d_sae(),
+            p.sae,
+            classes
+                .iter()
+                .map(|&c| names[c as usize])
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.input,
+            store.rows()
+        ));
+
+        // One pass: sparse codes of every token, and per-class sums of the raw activations (fit split).
+        let d = store.d_model();
+        let mut codes = Codes::new(sae.d_sae());
+        let mut class_sums = vec![vec![0f64; d]; names.len()];
+        let options = ReadOptions {
+            batch_size: p.batch_size,
+            ..ReadOptions::default()
+        };
+        ctx.progress.set_total(store.rows());
+        for batch in store.batches(&options, &device)? {
+            if ctx.cancel.is_cancelled() {
+                return Err(Cancelled.into());
+            }
+            let batch = batch?;
+            let encoded = sae
+                .encode(&batch.acts)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?;
+            codes.push(&encoded.to_vec1::<f32>()?)?;
+            let acts = batch.acts.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (row, x) in batch.rows.iter().zip(&acts) {
+                let r = *row as usize;
+                if let (Some(c), true) = (tokens.class[r], tokens.split[r] == fit) {
+                    for (s, v) in class_sums[c as usize].iter_mut().zip(x) {
+                        *s += *v as f64;
+                    }
+                }
+            }
+            ctx.progress.inc(batch.rows.len() as u64);
+        }
+
+        let chosen = |s: &FeatureClass| classes.contains(&s.class);
+        let fit_stats: Vec<FeatureClass> = feature_classes(&codes, &tokens, fit, names.len())
+            .into_iter()
+            .filter(chosen)
+            .collect();
+        let test_stats: Vec<FeatureClass> = feature_classes(&codes, &tokens, test, names.len())
+            .into_iter()
+            .filter(chosen)
+            .collect();
+        let tested = |s: &FeatureClass| match p.unit {
+            Unit::DocMean => s.doc_mean,
+            Unit::DocMax => s.doc_max,
+            Unit::Token => s.token,
+        };
+        let q = benjamini_hochberg(&fit_stats.iter().map(|s| tested(s).p).collect::<Vec<_>>());
+        let labelled: Vec<bool> = fit_stats
+            .iter()
+            .zip(&q)
+            .map(|(s, &q)| q < p.alpha && (tested(s).auroc - 0.5).abs() > p.min_effect)
+            .collect();
+
+        // DiffMean per class: mean of the class minus mean of the rest, scored on the test split.
+        let (fit_counts, _) = tokens.counts(fit, names.len());
+        let total: Vec<f64> = (0..d)
+            .map(|i| class_sums.iter().map(|s| s[i]).sum())
+            .collect();
+        let n_fit: u64 = fit_counts.iter().sum();
+        let directions: Vec<Vec<f32>> = classes
+            .iter()
+            .map(|&c| {
+                let c = c as usize;
+                let n_pos = fit_counts[c] as f64;
+                let n_neg = (n_fit - fit_counts[c]) as f64;
+                (0..d)
+                    .map(|i| {
+                        (class_sums[c][i] / n_pos - (total[i] - class_sums[c][i]) / n_neg) as f32
+                    })
+                    .collect()
+            })
+            .collect();
+        let diffmean = diffmean_scores(
+            &store,
+            &device,
+            &tokens,
+            test,
+            &classes,
+            &directions,
+            p.batch_size,
+        )?;
+
+        let out = &ctx.out_dir;
+        crate::data::parquet::write_batches(
+            &out.join("features.parquet"),
+            &[features_batch(
+                &names,
+                &fit_stats,
+                &test_stats,
+                &q,
+                &labelled,
+            )?],
+        )?;
+        let chosen: Vec<(u32, u16)> = fit_stats
+            .iter()
+            .zip(&labelled)
+            .filter(|(_, &l)| l)
+            .map(|(s, _)| (s.feature, s.class))
+            .collect();
+        crate::data::parquet::write_batches(
+            &out.join("contexts.parquet"),
+            &[contexts_batch(
+                p, ctx.seed, &names, &codes, &table, &chosen,
+            )?],
+        )?;
+        let tested_names: Vec<&str> = classes.iter().map(|&c| names[c as usize]).collect();
+        crate::data::parquet::write_batches(
+            &out.join("probes.parquet"),
+            &[probes_batch(&tested_names, &diffmean)?],
+        )?;
+        let tensors: BTreeMap<String, Tensor> = tested_names
+            .iter()
+            .zip(&directions)
+            .map(|(name, dir)| {
+                Ok((
+                    format!("diffmean.{name}"),
+                    Tensor::new(dir.as_slice(), &candle_core::Device::Cpu)?,
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        candle_core::safetensors::save(
+            &tensors.into_iter().collect(),
+            out.join("directions.safetensors"),
+        )?;
+
+        // Summary: per class, how many features were labelled and the best of them on held-out data.
+        let mut summary = serde_json::Map::new();
+        for (i, (&c, name)) in classes.iter().zip(&tested_names).enumerate() {
+            let c = c as usize;
+            let best = fit_stats
+                .iter()
+                .zip(&test_stats)
+                .zip(&labelled)
+                .filter(|((s, _), &l)| l && s.class as usize == c && tested(s).auroc > 0.5)
+                .max_by(|a, b| tested(a.0 .1).auroc.total_cmp(&tested(b.0 .1).auroc));
+            let count = fit_stats
+                .iter()
+                .zip(&labelled)
+                .filter(|(s, &l)| l && s.class as usize == c)
+                .count();
+            summary.insert(
+                name.to_string(),
+                json!({
+                    "labelled_features": count,
+                    "best_feature": best.map(|((s, _), _)| s.feature),
+                    "best_feature_test_auroc": best.map(|((_, t), _)| t.token.auroc),
+                    "best_feature_test_auroc_doc_max": best.map(|((_, t), _)| t.doc_max.auroc),
+                    "best_feature_test_auroc_doc_mean": best.map(|((_, t), _)| t.doc_mean.auroc),
+                    "diffmean_test_auroc": diffmean[i].auroc,
+                    "fit_tokens": fit_counts[c],
+                }),
+            );
+            ctx.log(&format!(
+                "{name}: {count} features labelled; best held-out AUROC {} (DiffMean {:.3})",
+                best.map_or("-".to_string(), |((_, t), _)| format!(
+                    "{:.3} (feature {})",
+                    t.token.auroc, t.feature
+                )),
+                diffmean[i].auroc
+            ));
+        }
+        let labelled_total = labelled.iter().filter(|&&l| l).count();
+        std::fs::write(
+            out.join("label.json"),
+            serde_json::to_string_pretty(&json!({
+                "sae": p.sae,
+                "capture": p.input,
+                "hook": hook,
+                "d_sae": sae.d_sae(),
+                "classes": tested_names,
+                "fit_split": p.fit_split,
+                "test_split": p.test_split,
+                "alpha": p.alpha,
+                "unit": p.unit,
+                "min_effect": p.min_effect,
+                "tests": fit_stats.len(),
+                "labelled": labelled_total,
+                "per_class": summary,
+            }))?,
+        )?;
+        ctx.metrics.insert("labelled".into(), json!(labelled_total));
+        Ok(())
+    }
+}
+
+/// The label indices to test: `classes` as named, or every label of the capture.
+fn choose_classes(p: &LabelParams, table: &TokenTable) -> anyhow::Result<Vec<u16>> {
+    if table.labels.is_empty() {
+        bail!(
+            "capture `{}` has no labelled tokens: label the rows in its dataset stage (a preset with labels, \
+             or `label = \"FIELD\"` on a source) and capture again",
+            p.input
+        );
+    }
+    if p.classes.is_empty() {
+        if table.labels.len() < 2 {
+            bail!(
+                "capture `{}` has one label (`{}`): a class needs others to be compared with",
+                p.input,
+                table.labels[0]
+            );
+        }
+        return Ok((0..table.labels.len() as u16).collect());
+    }
+    p.classes
+        .iter()
+        .map(|c| {
+            table
+                .labels
+                .iter()
+                .position(|l| l == c)
+                .map(|i| i as u16)
+                .with_context(|| {
+                    format!(
+                        "class `{c}` is not a label of capture `{}` (its labels: {})",
+                        p.input,
+                        table.labels.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+fn split_of(p: &LabelParams, table: &TokenTable, name: &str) -> anyhow::Result<u8> {
+    table.split_index(name).with_context(|| {
+        format!(
+            "capture `{}` has no split `{name}` (its splits: {})",
+            p.input,
+            table.splits.join(", ")
+        )
+    })
+}
+
+/// Held-out AUROC of each DiffMean direction: the projection of every labelled test token.
+fn diffmean_scores(
+    store: &ActivationStore,
+    device: &candle_core::Device,
+    tokens: &TokenInfo,
+    split: u8,
+    classes: &[u16],
+    directions: &[Vec<f32>],
+    batch_size: usize,
+) -> anyhow::Result<Vec<TwoSample>> {
+    let mut scores: Vec<Vec<f32>> = vec![Vec::new(); directions.len()];
+    let mut class = Vec::new();
+    let options = ReadOptions {
+        batch_size,
+        ..ReadOptions::default()
+    };
+    for batch in store.batches(&options, device)? {
+        let batch = batch?;
+        let acts = batch.acts.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for (row, x) in batch.rows.iter().zip(&acts) {
+            let r = *row as usize;
+            let Some(c) = tokens.class[r] else { continue };
+            if tokens.split[r] != split {
+                continue;
+            }
+            class.push(c);
+            for (s, dir) in scores.iter_mut().zip(directions) {
+                s.push(crate::sae::step::dot(x, dir));
+            }
+        }
+    }
+    Ok(scores
+        .iter()
+        .zip(classes)
+        .map(|(s, &c)| {
+            let positive: Vec<bool> = class.iter().map(|&k| k == c).collect();
+            TwoSample::dense(s, &positive)
+        })
+        .collect())
+}
+
+fn features_batch(
+    names: &[&str],
+    fit: &[FeatureClass],
+    test: &[FeatureClass],
+    q: &[f64],
+    labelled: &[bool],
+) -> anyhow::Result<RecordBatch> {
+    let mut feature = UInt32Builder::new();
+    let mut class = StringBuilder::new();
+    let mut flag = BooleanBuilder::new();
+    let mut counts: [UInt64Builder; 4] = Default::default();
+    let mut floats: Vec<Float64Builder> = (0..FLOAT_COLUMNS.len())
+        .map(|_| Float64Builder::new())
+        .collect();
+    for (i, (s, t)) in fit.iter().zip(test).enumerate() {
+        feature.append_value(s.feature);
+        class.append_value(names[s.class as usize]);
+        flag.append_value(labelled[i]);
+        for (b, v) in
+            counts
+                .iter_mut()
+                .zip([s.token.n_pos, s.token.n_neg, t.token.n_pos, t.token.n_neg])
+        {
+            b.append_value(v);
+        }
+        let values = [
+            s.fire_pos,
+            s.fire_neg,
+            s.mean_pos,
+            s.mean_neg,
+            s.active_mean_pos,
+            s.active_mean_neg,
+            s.token.auroc,
+            s.doc_max.auroc,
+            s.doc_mean.auroc,
+            s.token.p,
+            s.doc_max.p,
+            s.doc_mean.p,
+            q[i],
+            t.token.auroc,
+            t.doc_max.auroc,
+            t.doc_mean.auroc,
+            t.token.p,
+        ];
+        for (b, v) in floats.iter_mut().zip(values) {
+            b.append_value(v);
+        }
+    }
+    let mut columns: Vec<(&str, ArrayRef)> = vec![
+        ("feature", Arc::new(feature.finish())),
+        ("class", Arc::new(class.finish())),
+        ("labelled", Arc::new(flag.finish())),
+    ];
+    for (name, mut b) in ["n_pos", "n_neg", "test_n_pos", "test_n_neg"]
+        .into_iter()
+        .zip(counts)
+    {
+        columns.push((name, Arc::new(b.finish())));
+    }
+    for (name, mut b) in FLOAT_COLUMNS.iter().zip(floats) {
+        columns.push((name, Arc::new(b.finish())));
+    }
+    Ok(RecordBatch::try_from_iter(columns)?)
+}
+
+/// The f64 columns of `features.parquet`, in order (`schemas/label.md`).
+const FLOAT_COLUMNS: [&str; 17] = [
+    "fire_rate",
+    "fire_rate_rest",
+    "mean",
+    "mean_rest",
+    "mean_active",
+    "mean_active_rest",
+    "auroc",
+    "auroc_doc_max",
+    "auroc_doc_mean",
+    "p",
+    "p_doc_max",
+    "p_doc_mean",
+    "q",
+    "test_auroc",
+    "test_auroc_doc_max",
+    "test_auroc_doc_mean",
+    "test_p",
+];
+
+/// Top and random active contexts of every labelled (feature, class): the token, its document, its
+/// activation, and up to `window` tokens of the same document on each side (all splits).
+fn contexts_batch(
+    p: &LabelParams,
+    seed: u64,
+    names: &[&str],
+    codes: &Codes,
+    table: &TokenTable,
+    chosen: &[(u32, u16)],
+) -> anyhow::Result<RecordBatch> {
+    let mut feature = UInt32Builder::new();
+    let mut class = StringBuilder::new();
+    let mut kind = StringBuilder::new();
+    let mut rank = UInt32Builder::new();
+    let mut row_b = UInt64Builder::new();
+    let mut doc = UInt64Builder::new();
+    let mut activation = Float64Builder::new();
+    let mut window = ListBuilder::new(UInt32Builder::new());
+    let mut marked = UInt32Builder::new();
+    for &(f, c) in chosen {
+        let column = &codes.columns[f as usize];
+        let mut order: Vec<usize> = (0..column.len()).collect();
+        order.sort_by(|&a, &b| column[b].1.total_cmp(&column[a].1).then(a.cmp(&b)));
+        let top = order.iter().take(p.top_contexts).copied();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((f as u64) << 16 | c as u64));
+        let random = sample(&mut rng, column.len(), p.random_contexts.min(column.len())).into_vec();
+        for (label, picks) in [("top", top.collect::<Vec<_>>()), ("random", random)] {
+            for (r, e) in picks.into_iter().enumerate() {
+                let (row, v) = column[e];
+                let row = row as usize;
+                let same_doc = |i: usize| table.doc_id[i] == table.doc_id[row];
+                let mut start = row;
+                while start > 0 && row - start < p.window && same_doc(start - 1) {
+                    start -= 1;
+                }
+                let mut end = row + 1;
+                while end < table.doc_id.len() && end - row <= p.window && same_doc(end) {
+                    end += 1;
+                }
+                feature.append_value(f);
+                class.append_value(names[c as usize]);
+                kind.append_value(label);
+                rank.append_value(r as u32);
+                row_b.append_value(row as u64);
+                doc.append_value(table.doc_id[row]);
+                activation.append_value(v as f64);
+                window.values().append_slice(&table.token_id[start..end]);
+                window.append(true);
+                marked.append_value((row - start) as u32);
+            }
+        }
+    }
+    Ok(RecordBatch::try_from_iter([
+        ("feature", Arc::new(feature.finish()) as ArrayRef),
+        ("class", Arc::new(class.finish())),
+        ("kind", Arc::new(kind.finish())),
+        ("rank", Arc::new(rank.finish())),
+        ("row", Arc::new(row_b.finish())),
+        ("doc_id", Arc::new(doc.finish())),
+        ("activation", Arc::new(activation.finish())),
+        ("token_ids", Arc::new(window.finish())),
+        ("marked", Arc::new(marked.finish())),
+    ])?)
+}
+
+fn probes_batch(names: &[&str], diffmean: &[TwoSample]) -> anyhow::Result<RecordBatch> {
+    let mut class = StringBuilder::new();
+    let mut method = StringBuilder::new();
+    let mut auroc = Float64Builder::new();
+    let mut p = Float64Builder::new();
+    for (name, t) in names.iter().zip(diffmean) {
+        class.append_value(name);
+        method.append_value("diffmean");
+        auroc.append_value(t.auroc);
+        p.append_value(t.p);
+    }
+    Ok(RecordBatch::try_from_iter([
+        ("class", Arc::new(class.finish()) as ArrayRef),
+        ("method", Arc::new(method.finish())),
+        ("test_auroc", Arc::new(auroc.finish())),
+        ("test_p", Arc::new(p.finish())),
+    ])?)
+}

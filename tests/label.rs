@@ -1,0 +1,446 @@
+//! The `label` stage: a planted feature is found and labelled with its class, shuffled labels give (almost)
+//! no labels, the real pipeline (nanochat-d4 on geometry-of-truth) produces every output, and bad inputs
+//! fail clearly.
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, UInt32Type};
+use candle_core::{Device, Tensor};
+use common::{object_of, ok, run, text, write};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use saeflow::data::activations::{
+    act_file_name, tokens_batch, write_act_shard, ActDtype, CaptureInfo, ShardInfo, TokenRow,
+    FORMAT_VERSION,
+};
+use saeflow::sae::format::{Activation, Provenance, Sae};
+
+const D: usize = 16;
+const D_SAE: usize = 32;
+const HOOK: &str = "blocks.0.hook_resid_post";
+/// The feature the planted direction belongs to.
+const PLANTED: usize = 5;
+
+/// A capture of `docs` documents × 10 tokens of standard-normal noise (σ 0.5) in which every token of a
+/// class-`A` document also carries 2.5 along e₅, and a ReLU SAE whose first 16 encoder columns are the unit
+/// axes (threshold 1 through b_enc = −1). Labels are A/B by document, then optionally shuffled across
+/// documents (the planted direction stays with the original A documents). Splits by document: 70% train,
+/// 15% val, 15% test.
+fn synthetic(dir: &Path, seed: u64, shuffle: bool) -> (PathBuf, PathBuf) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let docs = 400u64;
+    let per_doc = 10;
+    let noise = Normal::new(0.0f32, 0.5).unwrap();
+    let planted: Vec<bool> = (0..docs).map(|d| d % 2 == 0).collect();
+    let mut labels: Vec<bool> = planted.clone();
+    if shuffle {
+        for i in (1..labels.len()).rev() {
+            labels.swap(i, rng.random_range(0..=i));
+        }
+    }
+    let (mut rows, mut acts) = (Vec::new(), Vec::new());
+    for d in 0..docs {
+        let split = match d % 20 {
+            0..=13 => "train",
+            14..=16 => "val",
+            _ => "test",
+        };
+        for pos in 0..per_doc {
+            rows.push(TokenRow {
+                doc_id: d,
+                pos,
+                token_id: (d as u32 * 7 + pos) % 50,
+                label: Some((if labels[d as usize] { "A" } else { "B" }).into()),
+                split: split.into(),
+                is_completion: false,
+            });
+            let mut x: Vec<f32> = (0..D).map(|_| noise.sample(&mut rng)).collect();
+            if planted[d as usize] {
+                x[PLANTED] += 2.5;
+            }
+            acts.extend(x);
+        }
+    }
+    let capture = dir.join("capture");
+    std::fs::create_dir_all(&capture).unwrap();
+    let bytes: Vec<u8> = acts.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_act_shard(
+        &capture.join(act_file_name(HOOK, 0)),
+        bytes,
+        D,
+        ActDtype::F32,
+    )
+    .unwrap();
+    saeflow::data::parquet::write_batches(
+        &capture.join("tokens.parquet"),
+        &[tokens_batch(&rows).unwrap()],
+    )
+    .unwrap();
+    let info = CaptureInfo {
+        format: FORMAT_VERSION,
+        model: "synthetic".into(),
+        model_key: String::new(),
+        model_source: String::new(),
+        hooks: vec![HOOK.into()],
+        d_model: D,
+        dtype: ActDtype::F32,
+        tokenizer: serde_json::Value::Null,
+        context: per_doc as usize,
+        settings: serde_json::Value::Null,
+        tokens: rows.len() as u64,
+        documents: docs,
+        truncated_documents: 0,
+        sequences: docs,
+        splits: Default::default(),
+        labels: Default::default(),
+        mean_norm: Default::default(),
+        shards: vec![ShardInfo {
+            first_row: 0,
+            rows: rows.len() as u64,
+        }],
+    };
+    std::fs::write(
+        capture.join("capture.json"),
+        serde_json::to_string(&info).unwrap(),
+    )
+    .unwrap();
+
+    let cpu = Device::Cpu;
+    let mut w_enc = vec![0f32; D * D_SAE];
+    for j in 0..D_SAE {
+        if j < D {
+            w_enc[j * D_SAE + j] = 1.0;
+        } else {
+            // Random directions orthogonal to the planted axis: only feature 5 sees it.
+            let mut v: Vec<f32> = (0..D).map(|_| noise.sample(&mut rng)).collect();
+            v[PLANTED] = 0.0;
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            for i in 0..D {
+                w_enc[i * D_SAE + j] = v[i] / norm;
+            }
+        }
+    }
+    let w_enc = Tensor::from_vec(w_enc, (D, D_SAE), &cpu).unwrap();
+    let sae = Sae {
+        activation: Activation::Relu,
+        w_dec: w_enc.t().unwrap().contiguous().unwrap(),
+        w_enc,
+        b_enc: Tensor::full(-1f32, D_SAE, &cpu).unwrap(),
+        b_dec: Tensor::zeros(D, candle_core::DType::F32, &cpu).unwrap(),
+        threshold: None,
+        apply_b_dec_to_input: true,
+        layer_norm: false,
+        cfg: Sae::standard_cfg(
+            D,
+            D_SAE,
+            &Provenance {
+                hook_name: HOOK.into(),
+                ..Provenance::default()
+            },
+        ),
+    };
+    let sae_dir = dir.join("sae");
+    sae.save(&sae_dir).unwrap();
+    (capture, sae_dir)
+}
+
+/// A pipeline that publishes the synthetic capture and SAE through `command` stages and labels them.
+fn label_pipeline(dir: &Path, capture: &Path, sae: &Path, label: &str) {
+    write(
+        &dir.join("p.toml"),
+        &format!(
+            r#"[pipeline]
+name = "lb"
+
+[stages.acts]
+kind = "command"
+shell = "cp -r {capture}/. {{out}}/"
+deps = ["{capture}"]
+
+[stages.sae]
+kind = "command"
+shell = "cp -r {sae}/. {{out}}/"
+deps = ["{sae}"]
+
+[stages.labels]
+kind = "label"
+sae = "sae"
+input = "acts"
+{label}
+"#,
+            capture = capture.display(),
+            sae = sae.display()
+        ),
+    );
+}
+
+fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
+    let file = std::fs::File::open(path).unwrap();
+    let mut reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .with_batch_size(1 << 20)
+        .build()
+        .unwrap();
+    reader.next().unwrap().unwrap()
+}
+
+/// (feature, class, labelled, test_auroc_doc_mean, test_auroc) of every row of `features.parquet`.
+fn features(object: &Path) -> Vec<(u32, String, bool, f64, f64)> {
+    let b = read_parquet(&object.join("features.parquet"));
+    let feature = b
+        .column_by_name("feature")
+        .unwrap()
+        .as_primitive::<UInt32Type>();
+    let class = b.column_by_name("class").unwrap().as_string::<i32>();
+    let labelled = b.column_by_name("labelled").unwrap().as_boolean();
+    let doc = b
+        .column_by_name("test_auroc_doc_mean")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    let token = b
+        .column_by_name("test_auroc")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    (0..b.num_rows())
+        .map(|i| {
+            (
+                feature.value(i),
+                class.value(i).to_string(),
+                labelled.value(i),
+                doc.value(i),
+                token.value(i),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_planted_feature_gets_its_class_and_a_held_out_auroc_above_095() {
+    let dir = tempfile::tempdir().unwrap();
+    let (capture, sae) = synthetic(dir.path(), 1, false);
+    label_pipeline(dir.path(), &capture, &sae, "");
+    ok(dir.path(), &["run", "p.toml"]);
+    let object = object_of(&dir.path().join("cache"), "lb", "labels");
+    let rows = features(&object);
+    assert_eq!(rows.len(), D_SAE * 2);
+    let labelled: Vec<_> = rows.iter().filter(|r| r.2).collect();
+    // Feature 5 is labelled A (and, symmetrically, as a detector against B: AUROC < 0.5 there).
+    let planted_a = rows
+        .iter()
+        .find(|r| r.0 == PLANTED as u32 && r.1 == "A")
+        .unwrap();
+    assert!(planted_a.2, "planted feature not labelled: {labelled:?}");
+    assert!(planted_a.3 > 0.95 && planted_a.4 > 0.95, "{planted_a:?}");
+    assert!(
+        labelled.iter().all(|r| r.0 == PLANTED as u32),
+        "other features labelled: {labelled:?}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(object.join("label.json")).unwrap()).unwrap();
+    assert_eq!(summary["per_class"]["A"]["best_feature"], PLANTED);
+    // The DiffMean baseline finds the same direction.
+    assert!(
+        summary["per_class"]["A"]["diffmean_test_auroc"]
+            .as_f64()
+            .unwrap()
+            > 0.95
+    );
+    let directions =
+        candle_core::safetensors::load(object.join("directions.safetensors"), &Device::Cpu)
+            .unwrap();
+    let a: Vec<f32> = directions["diffmean.A"].to_vec1().unwrap();
+    let largest = (0..D)
+        .max_by(|&i, &j| a[i].abs().total_cmp(&a[j].abs()))
+        .unwrap();
+    assert_eq!(largest, PLANTED);
+    // Contexts: the top ones of the labelled feature are A documents' tokens, the strongest first.
+    let contexts = read_parquet(&object.join("contexts.parquet"));
+    let kind = contexts.column_by_name("kind").unwrap().as_string::<i32>();
+    let act = contexts
+        .column_by_name("activation")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    let doc = contexts
+        .column_by_name("doc_id")
+        .unwrap()
+        .as_primitive::<arrow_array::types::UInt64Type>();
+    let tops: Vec<usize> = (0..contexts.num_rows())
+        .filter(|&i| kind.value(i) == "top")
+        .collect();
+    assert_eq!(
+        tops.len(),
+        2 * 10,
+        "10 top contexts for feature 5 as A and as B"
+    );
+    assert!(tops
+        .windows(2)
+        .take(9)
+        .all(|w| act.value(w[0]) >= act.value(w[1])));
+    assert!(
+        tops.iter().all(|&i| doc.value(i) % 2 == 0),
+        "top contexts outside A documents"
+    );
+}
+
+#[test]
+fn shuffled_labels_give_labels_in_no_more_than_alpha_of_runs() {
+    // 20 seeds of the planted data with labels shuffled across documents: every null hypothesis is true,
+    // so BH at α = 0.01 labels anything in at most ~1% of runs (it controls the family-wise error here).
+    // `min_effect = 0` leaves the FDR control alone in charge. (With `unit = "token"` the same runs label
+    // features in 5 of 20: a document's tokens share its label and its planted direction, so the
+    // token-level test counts correlated samples as independent. Hence documents by default.)
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs_with_labels = 0;
+    for seed in 0..20 {
+        let sub = dir.path().join(format!("s{seed}"));
+        let (capture, sae) = synthetic(&sub, 100 + seed, true);
+        label_pipeline(&sub, &capture, &sae, "min_effect = 0.0");
+        ok(&sub, &["run", "p.toml"]);
+        let object = object_of(&sub.join("cache"), "lb", "labels");
+        if features(&object).iter().any(|r| r.2) {
+            runs_with_labels += 1;
+        }
+    }
+    eprintln!("shuffled labels: {runs_with_labels} of 20 runs labelled a feature");
+    assert!(
+        runs_with_labels as f64 / 20.0 <= 0.05,
+        "{runs_with_labels} of 20 runs"
+    );
+}
+
+#[test]
+fn bad_inputs_fail_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (capture, sae) = synthetic(dir.path(), 3, false);
+    // A class that is not a label.
+    label_pipeline(dir.path(), &capture, &sae, "classes = [\"C\"]");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("class `C` is not a label of capture `acts` (its labels: A, B)"),
+        "{}",
+        text(&out)
+    );
+    // No test split.
+    label_pipeline(dir.path(), &capture, &sae, "test_split = \"holdout\"");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(
+        text(&out).contains("capture `acts` has no split `holdout` (its splits: test, train, val)"),
+        "{}",
+        text(&out)
+    );
+    // A single class on a split.
+    label_pipeline(
+        dir.path(),
+        &capture,
+        &sae,
+        "classes = [\"A\"]\nfit_split = \"val\"",
+    );
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(
+        out.status.success(),
+        "one class against the rest is fine: {}",
+        text(&out)
+    );
+    // An SAE of another width.
+    let other = dir.path().join("other");
+    let (_, wide) = synthetic(&other, 4, false);
+    let cfg_path = wide.join("cfg.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["d_in"] = serde_json::json!(D + 1);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    label_pipeline(dir.path(), &capture, &wide, "");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("sae"), "{}", text(&out));
+}
+
+fn shared(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(p)
+}
+
+#[test]
+fn labels_a_trained_sae_on_real_activations_end_to_end() {
+    // nanochat-d4 on geometry-of-truth (true/false statements), a small TopK SAE, then `label`.
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("p.toml"),
+        &format!(
+            r#"[pipeline]
+name = "lb"
+
+[models.nc]
+kind = "nanochat"
+path = "{model}"
+
+[stages.data]
+kind = "dataset"
+sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 3000 }}]
+
+[stages.acts]
+kind = "capture"
+input = "data"
+model = "nc"
+hooks = ["blocks.2.hook_resid_post"]
+tokens = 20000
+
+[stages.sae]
+kind = "train"
+input = "acts"
+expansion = 4
+k = 8
+batch_size = 256
+
+[stages.labels]
+kind = "label"
+sae = "sae"
+input = "acts"
+"#,
+            model = shared("fixtures/nanochat-d4").display(),
+            data = shared("data/geometry_of_truth").display(),
+        ),
+    );
+    let out = ok(dir.path(), &["run", "p.toml"]);
+    assert!(
+        out.contains("labelling 512 features of `sae` against false, true"),
+        "{out}"
+    );
+    let object = object_of(&dir.path().join("cache"), "lb", "labels");
+    let rows = features(&object);
+    assert_eq!(rows.len(), 512 * 2);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(object.join("label.json")).unwrap()).unwrap();
+    assert_eq!(summary["classes"], serde_json::json!(["false", "true"]));
+    assert_eq!(summary["unit"], "doc_mean");
+    for class in ["false", "true"] {
+        let c = &summary["per_class"][class];
+        let diffmean = c["diffmean_test_auroc"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&diffmean), "{c}");
+        // Labelled features in the summary agree with the table.
+        let count = rows.iter().filter(|r| r.2 && r.1 == class).count();
+        assert_eq!(c["labelled_features"], count, "{c}");
+    }
+    for file in [
+        "contexts.parquet",
+        "probes.parquet",
+        "directions.safetensors",
+    ] {
+        assert!(object.join(file).exists(), "{file}");
+    }
+    // Recomputed (its cache object removed), the outputs are byte-identical.
+    let first = std::fs::read(object.join("features.parquet")).unwrap();
+    std::fs::remove_dir_all(&object).unwrap();
+    let out = ok(dir.path(), &["run", "p.toml"]);
+    assert!(out.contains("1 computed"), "{out}");
+    let object = object_of(&dir.path().join("cache"), "lb", "labels");
+    assert_eq!(
+        std::fs::read(object.join("features.parquet")).unwrap(),
+        first
+    );
+}
