@@ -15,6 +15,7 @@ import numpy as np
 import scipy
 import sklearn
 from scipy.stats import false_discovery_control, mannwhitneyu
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 
@@ -68,6 +69,20 @@ for name, p in [
 ]:
     bh.append({"name": name, "p": p.tolist(), "q": false_discovery_control(p, method="bh").tolist()})
 
+logistic = []
+for c, n, d, shift in [(1.0, 300, 5, 0.8), (0.01, 200, 3, 0.5), (10.0, 400, 8, 0.3)]:
+    y = rng.random(n) < 0.4
+    x = np.asarray(rng.normal(size=(n, d)) + shift * y[:, None] * rng.normal(size=d), dtype=np.float32)
+    model = LogisticRegression(C=c, tol=1e-12, max_iter=100000).fit(x.astype(np.float64), y)
+    logistic.append({
+        "c": c,
+        "d": d,
+        "x": [float(v) for v in x.reshape(-1)],
+        "y": y.tolist(),
+        "coef": model.coef_[0].tolist(),
+        "intercept": float(model.intercept_[0]),
+    })
+
 json.dump(
     {
         "generated_by": "scripts/make_stats_fixtures.py",
@@ -75,6 +90,7 @@ json.dump(
         "sklearn": sklearn.__version__,
         "two_sample": cases,
         "benjamini_hochberg": bh,
+        "logistic": logistic,
     },
     sys.stdout,
     separators=(",", ":"),

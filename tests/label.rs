@@ -241,21 +241,39 @@ fn the_planted_feature_gets_its_class_and_a_held_out_auroc_above_095() {
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(object.join("label.json")).unwrap()).unwrap();
     assert_eq!(summary["per_class"]["A"]["best_feature"], PLANTED);
-    // The DiffMean baseline finds the same direction.
+    // The baselines find the same direction: DiffMean, the logistic probe, and the 1-sparse probe on the
+    // SAE latents picks feature 5.
+    let a = &summary["per_class"]["A"];
+    assert!(a["diffmean_test_auroc"].as_f64().unwrap() > 0.95, "{a}");
+    assert!(a["logistic_test_auroc"].as_f64().unwrap() > 0.95, "{a}");
     assert!(
-        summary["per_class"]["A"]["diffmean_test_auroc"]
-            .as_f64()
-            .unwrap()
-            > 0.95
+        a["sparse_probe_test_auroc"]["1"].as_f64().unwrap() > 0.95,
+        "{a}"
+    );
+    let probes = read_parquet(&object.join("probes.parquet"));
+    let method = probes.column_by_name("method").unwrap().as_string::<i32>();
+    let chosen = probes.column_by_name("features").unwrap().as_list::<i32>();
+    let one = (0..probes.num_rows())
+        .find(|&i| method.value(i) == "sparse_logistic")
+        .unwrap();
+    assert_eq!(
+        chosen
+            .value(one)
+            .as_primitive::<UInt32Type>()
+            .values()
+            .to_vec(),
+        vec![PLANTED as u32]
     );
     let directions =
         candle_core::safetensors::load(object.join("directions.safetensors"), &Device::Cpu)
             .unwrap();
-    let a: Vec<f32> = directions["diffmean.A"].to_vec1().unwrap();
-    let largest = (0..D)
-        .max_by(|&i, &j| a[i].abs().total_cmp(&a[j].abs()))
-        .unwrap();
-    assert_eq!(largest, PLANTED);
+    for name in ["diffmean.A", "logistic.A"] {
+        let a: Vec<f32> = directions[name].to_vec1().unwrap();
+        let largest = (0..D)
+            .max_by(|&i, &j| a[i].abs().total_cmp(&a[j].abs()))
+            .unwrap();
+        assert_eq!(largest, PLANTED, "{name}");
+    }
     // Contexts: the top ones of the labelled feature are A documents' tokens, the strongest first.
     let contexts = read_parquet(&object.join("contexts.parquet"));
     let kind = contexts.column_by_name("kind").unwrap().as_string::<i32>();
@@ -337,7 +355,7 @@ fn bad_inputs_fail_with_the_reason() {
         dir.path(),
         &capture,
         &sae,
-        "classes = [\"A\"]\nfit_split = \"val\"",
+        "classes = [\"A\"]\nfit_split = \"val\"\nval_split = \"train\"",
     );
     let out = run(dir.path(), &["run", "p.toml"]);
     assert!(

@@ -64,6 +64,12 @@ pub struct LabelParams {
     /// Held-out split every feature is re-measured on.
     #[serde(default = "default_test")]
     pub test_split: String,
+    /// Split the probes' regularisation is chosen on.
+    #[serde(default = "default_val")]
+    pub val_split: String,
+    /// Tokens (seeded sample) the logistic probes fit on, and choose their regularisation on.
+    #[serde(default = "default_probe_tokens")]
+    pub probe_tokens: usize,
     /// False discovery rate (Benjamini–Hochberg) of the labels.
     #[serde(default = "default_alpha")]
     pub alpha: f64,
@@ -95,6 +101,12 @@ fn default_fit() -> String {
 }
 fn default_test() -> String {
     "test".into()
+}
+fn default_val() -> String {
+    "val".into()
+}
+fn default_probe_tokens() -> usize {
+    100_000
 }
 fn default_alpha() -> f64 {
     0.01
@@ -165,6 +177,18 @@ impl Stage for Label {
                 ),
             });
         }
+        if p.val_split == p.fit_split || p.val_split == p.test_split {
+            return Err(ParamError {
+                at: key_path(&["val_split"]),
+                message: "`val_split` must differ from `fit_split` and `test_split`".into(),
+            });
+        }
+        if p.probe_tokens < 2 {
+            return Err(ParamError {
+                at: key_path(&["probe_tokens"]),
+                message: "`probe_tokens` must be at least 2".into(),
+            });
+        }
         if p.batch_size == 0 {
             return Err(ParamError {
                 at: key_path(&["batch_size"]),
@@ -205,8 +229,9 @@ impl Stage for Label {
         }
         let table = TokenTable::read(capture_dir)?;
         let classes = choose_classes(p, &table)?;
-        let (fit, test) = (
+        let (fit, val, test) = (
             split_of(p, &table, &p.fit_split)?,
+            split_of(p, &table, &p.val_split)?,
             split_of(p, &table, &p.test_split)?,
         );
         // Every label takes part (the rest of a one-vs-rest comparison is all other labelled tokens);
@@ -249,8 +274,26 @@ impl Stage for Label {
             store.rows()
         ));
 
-        // One pass: sparse codes of every token, and per-class sums of the raw activations (fit split).
+        // The probes' fit and validation tokens: seeded samples of the labelled tokens of each split.
         let d = store.d_model();
+        let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed);
+        let mut samples = [Sample::default(), Sample::default()];
+        for (sample, split) in samples.iter_mut().zip([fit, val]) {
+            let rows: Vec<usize> = (0..tokens.class.len())
+                .filter(|&r| tokens.class[r].is_some() && tokens.split[r] == split)
+                .collect();
+            let mut picked = sample_rows(&mut rng, &rows, p.probe_tokens);
+            picked.sort_unstable();
+            sample.class = picked
+                .iter()
+                .map(|&r| tokens.class[r].expect("labelled"))
+                .collect();
+            sample.x = vec![0f32; picked.len() * d];
+            sample.rows = picked;
+        }
+
+        // One pass: sparse codes of every token, per-class sums of the raw activations (fit split), and the
+        // probes' samples.
         let mut codes = Codes::new(sae.d_sae());
         let mut class_sums = vec![vec![0f64; d]; names.len()];
         let options = ReadOptions {
@@ -274,6 +317,11 @@ impl Stage for Label {
                 if let (Some(c), true) = (tokens.class[r], tokens.split[r] == fit) {
                     for (s, v) in class_sums[c as usize].iter_mut().zip(x) {
                         *s += *v as f64;
+                    }
+                }
+                for sample in &mut samples {
+                    if let Ok(i) = sample.rows.binary_search(&r) {
+                        sample.x[i * d..(i + 1) * d].copy_from_slice(x);
                     }
                 }
             }
@@ -320,15 +368,29 @@ impl Stage for Label {
                     .collect()
             })
             .collect();
-        let diffmean = diffmean_scores(
+        ctx.log("fitting probes (logistic regression on raw activations, k-sparse on SAE latents)");
+        let [fit_sample, val_sample] = &samples;
+        let logistic: Vec<Probe> = classes
+            .iter()
+            .map(|&c| fit_dense_probe(fit_sample, val_sample, c, d))
+            .collect();
+        // One more pass over the test split: every DiffMean and logistic direction scored on each token.
+        let mut scorers: Vec<(Vec<f32>, f64)> =
+            directions.iter().map(|dir| (dir.clone(), 0.0)).collect();
+        scorers.extend(logistic.iter().map(|pr| (pr.direction.clone(), pr.bias)));
+        let scored = score_test(
             &store,
             &device,
             &tokens,
             test,
             &classes,
-            &directions,
+            &scorers,
             p.batch_size,
         )?;
+        let (diffmean, logistic_test) = scored.split_at(classes.len());
+        let sparse = sparse_probes(
+            &codes, &tokens, &fit_stats, fit_sample, val_sample, test, &classes,
+        );
 
         let out = &ctx.out_dir;
         crate::data::parquet::write_batches(
@@ -356,18 +418,30 @@ impl Stage for Label {
         let tested_names: Vec<&str> = classes.iter().map(|&c| names[c as usize]).collect();
         crate::data::parquet::write_batches(
             &out.join("probes.parquet"),
-            &[probes_batch(&tested_names, &diffmean)?],
+            &[probes_batch(
+                &tested_names,
+                diffmean,
+                &logistic,
+                logistic_test,
+                &sparse,
+            )?],
         )?;
-        let tensors: BTreeMap<String, Tensor> = tested_names
-            .iter()
-            .zip(&directions)
-            .map(|(name, dir)| {
-                Ok((
-                    format!("diffmean.{name}"),
-                    Tensor::new(dir.as_slice(), &candle_core::Device::Cpu)?,
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let cpu = candle_core::Device::Cpu;
+        let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+        for ((name, dir), probe) in tested_names.iter().zip(&directions).zip(&logistic) {
+            tensors.insert(
+                format!("diffmean.{name}"),
+                Tensor::new(dir.as_slice(), &cpu)?,
+            );
+            tensors.insert(
+                format!("logistic.{name}"),
+                Tensor::new(probe.direction.as_slice(), &cpu)?,
+            );
+            tensors.insert(
+                format!("logistic_bias.{name}"),
+                Tensor::new(&[probe.bias as f32], &cpu)?,
+            );
+        }
         candle_core::safetensors::save(
             &tensors.into_iter().collect(),
             out.join("directions.safetensors"),
@@ -397,16 +471,24 @@ impl Stage for Label {
                     "best_feature_test_auroc_doc_max": best.map(|((_, t), _)| t.doc_max.auroc),
                     "best_feature_test_auroc_doc_mean": best.map(|((_, t), _)| t.doc_mean.auroc),
                     "diffmean_test_auroc": diffmean[i].auroc,
+                    "logistic_test_auroc": logistic_test[i].auroc,
+                    "logistic_c": logistic[i].c,
+                    "sparse_probe_test_auroc": sparse
+                        .iter()
+                        .filter(|sp| sp.class as usize == c)
+                        .map(|sp| (sp.k.to_string(), sp.test.auroc))
+                        .collect::<BTreeMap<_, _>>(),
                     "fit_tokens": fit_counts[c],
                 }),
             );
             ctx.log(&format!(
-                "{name}: {count} features labelled; best held-out AUROC {} (DiffMean {:.3})",
+                "{name}: {count} features labelled; best held-out AUROC {} (DiffMean {:.3}, logistic {:.3})",
                 best.map_or("-".to_string(), |((_, t), _)| format!(
                     "{:.3} (feature {})",
                     t.token.auroc, t.feature
                 )),
-                diffmean[i].auroc
+                diffmean[i].auroc,
+                logistic_test[i].auroc
             ));
         }
         let labelled_total = labelled.iter().filter(|&&l| l).count();
@@ -481,17 +563,18 @@ fn split_of(p: &LabelParams, table: &TokenTable, name: &str) -> anyhow::Result<u
     })
 }
 
-/// Held-out AUROC of each DiffMean direction: the projection of every labelled test token.
-fn diffmean_scores(
+/// Held-out AUROC of linear scorers (direction, bias), one per tested class in order and then again
+/// (the DiffMean directions, then the logistic probes): every labelled token of the test split is scored.
+fn score_test(
     store: &ActivationStore,
     device: &candle_core::Device,
     tokens: &TokenInfo,
     split: u8,
     classes: &[u16],
-    directions: &[Vec<f32>],
+    scorers: &[(Vec<f32>, f64)],
     batch_size: usize,
 ) -> anyhow::Result<Vec<TwoSample>> {
-    let mut scores: Vec<Vec<f32>> = vec![Vec::new(); directions.len()];
+    let mut scores: Vec<Vec<f32>> = vec![Vec::new(); scorers.len()];
     let mut class = Vec::new();
     let options = ReadOptions {
         batch_size,
@@ -507,19 +590,195 @@ fn diffmean_scores(
                 continue;
             }
             class.push(c);
-            for (s, dir) in scores.iter_mut().zip(directions) {
-                s.push(crate::sae::step::dot(x, dir));
+            for (s, (dir, bias)) in scores.iter_mut().zip(scorers) {
+                s.push((crate::sae::step::dot(x, dir) as f64 + bias) as f32);
             }
         }
     }
     Ok(scores
         .iter()
-        .zip(classes)
-        .map(|(s, &c)| {
+        .enumerate()
+        .map(|(i, s)| {
+            let c = classes[i % classes.len()];
             let positive: Vec<bool> = class.iter().map(|&k| k == c).collect();
             TwoSample::dense(s, &positive)
         })
         .collect())
+}
+
+/// Raw activations of a sample of token rows (sorted) and their classes.
+#[derive(Debug, Default)]
+struct Sample {
+    rows: Vec<usize>,
+    class: Vec<u16>,
+    /// `rows.len() × d`.
+    x: Vec<f32>,
+}
+
+/// Up to `n` of `rows`, chosen uniformly with the seeded generator.
+fn sample_rows(rng: &mut ChaCha8Rng, rows: &[usize], n: usize) -> Vec<usize> {
+    sample(rng, rows.len(), n.min(rows.len()))
+        .into_iter()
+        .map(|i| rows[i])
+        .collect()
+}
+
+/// The regularisation strengths (sklearn's C) tried; the one with the best validation AUROC is kept.
+const C_GRID: [f64; 6] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0];
+
+/// A logistic probe on raw activations, as a direction and bias in activation space.
+#[derive(Debug, Clone)]
+struct Probe {
+    direction: Vec<f32>,
+    bias: f64,
+    c: f64,
+    val_auroc: f64,
+}
+
+/// Fits class `c` against the rest on standardised activations (per-dimension mean and deviation of the
+/// fit sample, as a StandardScaler pipeline would), choosing C on the validation sample; returns it mapped
+/// back to raw activations.
+fn fit_dense_probe(fit: &Sample, val: &Sample, c: u16, d: usize) -> Probe {
+    let n = fit.rows.len().max(1) as f64;
+    let mean: Vec<f64> = (0..d)
+        .map(|j| fit.x.chunks(d).map(|x| x[j] as f64).sum::<f64>() / n)
+        .collect();
+    let scale: Vec<f64> = (0..d)
+        .map(|j| {
+            let var = fit
+                .x
+                .chunks(d)
+                .map(|x| (x[j] as f64 - mean[j]).powi(2))
+                .sum::<f64>()
+                / n;
+            if var > 0.0 {
+                var.sqrt()
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let standard = |x: &[f32]| -> Vec<f32> {
+        x.chunks(d)
+            .flat_map(|row| (0..d).map(|j| ((row[j] as f64 - mean[j]) / scale[j]) as f32))
+            .collect()
+    };
+    let (xf, xv) = (standard(&fit.x), standard(&val.x));
+    let yf: Vec<bool> = fit.class.iter().map(|&k| k == c).collect();
+    let yv: Vec<bool> = val.class.iter().map(|&k| k == c).collect();
+    let (model, c_best, val_auroc) = best_over_c(&xf, &yf, &xv, &yv, d);
+    let direction: Vec<f32> = (0..d)
+        .map(|j| (model.weights[j] / scale[j]) as f32)
+        .collect();
+    let bias = model.bias
+        - (0..d)
+            .map(|j| model.weights[j] * mean[j] / scale[j])
+            .sum::<f64>();
+    Probe {
+        direction,
+        bias,
+        c: c_best,
+        val_auroc,
+    }
+}
+
+/// Fits every C of the grid; keeps the best validation AUROC (ties: the smaller C).
+fn best_over_c(
+    xf: &[f32],
+    yf: &[bool],
+    xv: &[f32],
+    yv: &[bool],
+    d: usize,
+) -> (crate::stats::logistic::Logistic, f64, f64) {
+    let mut best: Option<(crate::stats::logistic::Logistic, f64, f64)> = None;
+    for c in C_GRID {
+        let model = crate::stats::logistic::fit(xf, yf, d, c);
+        let scores: Vec<f32> = xv.chunks(d).map(|x| model.score(x) as f32).collect();
+        let auroc = TwoSample::dense(&scores, yv).auroc;
+        if best.as_ref().is_none_or(|b| auroc > b.2) {
+            best = Some((model, c, auroc));
+        }
+    }
+    best.expect("a non-empty grid")
+}
+
+/// A logistic probe on k SAE latents (SAEBench's sparse probing): the k latents with the largest
+/// |mean activation difference| between the class and the rest on the fit split.
+#[derive(Debug, Clone)]
+struct SparseProbe {
+    class: u16,
+    /// Index of the class among the tested ones.
+    position: usize,
+    k: usize,
+    features: Vec<u32>,
+    c: f64,
+    test: TwoSample,
+}
+
+/// Sparse probes for k = 1, 2, 5, 10, 20 and every tested class, scored on the test split from the codes.
+fn sparse_probes(
+    codes: &Codes,
+    tokens: &TokenInfo,
+    fit_stats: &[FeatureClass],
+    fit: &Sample,
+    val: &Sample,
+    test: u8,
+    classes: &[u16],
+) -> Vec<SparseProbe> {
+    let test_rows: Vec<usize> = (0..tokens.class.len())
+        .filter(|&r| tokens.class[r].is_some() && tokens.split[r] == test)
+        .collect();
+    // The code of feature f on a row (0 when it did not fire): columns are sorted by row.
+    let code = |f: u32, r: usize| {
+        let column = &codes.columns[f as usize];
+        column
+            .binary_search_by_key(&(r as u32), |e| e.0)
+            .map_or(0.0, |i| column[i].1)
+    };
+    let dense = |features: &[u32], rows: &[usize]| -> Vec<f32> {
+        rows.iter()
+            .flat_map(|&r| features.iter().map(move |&f| code(f, r)))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for (position, &c) in classes.iter().enumerate() {
+        let mut ranked: Vec<&FeatureClass> = fit_stats.iter().filter(|s| s.class == c).collect();
+        ranked.sort_by(|a, b| {
+            (b.mean_pos - b.mean_neg)
+                .abs()
+                .total_cmp(&(a.mean_pos - a.mean_neg).abs())
+                .then(a.feature.cmp(&b.feature))
+        });
+        for k in [1usize, 2, 5, 10, 20] {
+            if k > ranked.len() {
+                break;
+            }
+            let features: Vec<u32> = ranked[..k].iter().map(|s| s.feature).collect();
+            let y = |sample: &Sample| sample.class.iter().map(|&x| x == c).collect::<Vec<_>>();
+            let (model, c_best, _) = best_over_c(
+                &dense(&features, &fit.rows),
+                &y(fit),
+                &dense(&features, &val.rows),
+                &y(val),
+                k,
+            );
+            let xt = dense(&features, &test_rows);
+            let scores: Vec<f32> = xt.chunks(k).map(|x| model.score(x) as f32).collect();
+            let positive: Vec<bool> = test_rows
+                .iter()
+                .map(|&r| tokens.class[r] == Some(c))
+                .collect();
+            out.push(SparseProbe {
+                class: c,
+                position,
+                k,
+                features,
+                c: c_best,
+                test: TwoSample::dense(&scores, &positive),
+            });
+        }
+    }
+    out
 }
 
 fn features_batch(
@@ -673,20 +932,54 @@ fn contexts_batch(
     ])?)
 }
 
-fn probes_batch(names: &[&str], diffmean: &[TwoSample]) -> anyhow::Result<RecordBatch> {
+fn probes_batch(
+    names: &[&str],
+    diffmean: &[TwoSample],
+    logistic: &[Probe],
+    logistic_test: &[TwoSample],
+    sparse: &[SparseProbe],
+) -> anyhow::Result<RecordBatch> {
     let mut class = StringBuilder::new();
     let mut method = StringBuilder::new();
+    let mut k = UInt32Builder::new();
+    let mut c = Float64Builder::new();
+    let mut features = ListBuilder::new(UInt32Builder::new());
+    let mut val_auroc = Float64Builder::new();
     let mut auroc = Float64Builder::new();
     let mut p = Float64Builder::new();
-    for (name, t) in names.iter().zip(diffmean) {
-        class.append_value(name);
-        method.append_value("diffmean");
-        auroc.append_value(t.auroc);
-        p.append_value(t.p);
+    for (i, name) in names.iter().enumerate() {
+        for (m, t, probe) in [
+            ("diffmean", &diffmean[i], None),
+            ("logistic", &logistic_test[i], Some(&logistic[i])),
+        ] {
+            class.append_value(name);
+            method.append_value(m);
+            k.append_null();
+            c.append_option(probe.map(|pr| pr.c));
+            features.append_null();
+            val_auroc.append_option(probe.map(|pr| pr.val_auroc));
+            auroc.append_value(t.auroc);
+            p.append_value(t.p);
+        }
+    }
+    for s in sparse {
+        class.append_value(names[s.position]);
+        method.append_value("sparse_logistic");
+        k.append_value(s.k as u32);
+        c.append_value(s.c);
+        features.values().append_slice(&s.features);
+        features.append(true);
+        val_auroc.append_null();
+        auroc.append_value(s.test.auroc);
+        p.append_value(s.test.p);
     }
     Ok(RecordBatch::try_from_iter([
         ("class", Arc::new(class.finish()) as ArrayRef),
         ("method", Arc::new(method.finish())),
+        ("k", Arc::new(k.finish())),
+        ("c", Arc::new(c.finish())),
+        ("features", Arc::new(features.finish())),
+        ("val_auroc", Arc::new(val_auroc.finish())),
         ("test_auroc", Arc::new(auroc.finish())),
         ("test_p", Arc::new(p.finish())),
     ])?)

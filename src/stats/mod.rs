@@ -9,6 +9,7 @@
 //! below every positive activation) in O(nnz log nnz).
 
 pub mod features;
+pub mod logistic;
 
 /// One group of tied scores: how many positives and negatives share the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
