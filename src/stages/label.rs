@@ -382,7 +382,7 @@ impl Stage for Label {
             &store,
             &device,
             &tokens,
-            test,
+            (test, &p.test_split),
             &classes,
             &scorers,
             p.batch_size,
@@ -569,7 +569,7 @@ fn score_test(
     store: &ActivationStore,
     device: &candle_core::Device,
     tokens: &TokenInfo,
-    split: u8,
+    (split, split_name): (u8, &str),
     classes: &[u16],
     scorers: &[(Vec<f32>, f64)],
     batch_size: usize,
@@ -578,6 +578,7 @@ fn score_test(
     let mut class = Vec::new();
     let options = ReadOptions {
         batch_size,
+        splits: Some(vec![split_name.to_string()]),
         ..ReadOptions::default()
     };
     for batch in store.batches(&options, device)? {

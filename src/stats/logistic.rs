@@ -196,10 +196,10 @@ mod tests {
 
     #[test]
     fn matches_sklearn() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stats.json");
-        let fixtures: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        for case in fixtures["logistic"].as_array().unwrap() {
+        for case in crate::stats::tests::fixtures()["logistic"]
+            .as_array()
+            .unwrap()
+        {
             let d = case["d"].as_u64().unwrap() as usize;
             let x: Vec<f32> = case["x"]
                 .as_array()

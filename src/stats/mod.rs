@@ -180,7 +180,7 @@ mod tests {
     }
 
     /// Cases and scipy/sklearn answers from `scripts/make_stats_fixtures.py`.
-    fn fixtures() -> serde_json::Value {
+    pub(crate) fn fixtures() -> serde_json::Value {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stats.json");
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     }

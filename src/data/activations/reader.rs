@@ -171,7 +171,14 @@ impl ActivationStore {
         std::thread::Builder::new()
             .name("saeflow-act-reader".into())
             .spawn(move || {
-                for (path, group, first_row, _) in blocks {
+                for (path, group, first_row, rows) in blocks {
+                    // A block without a wanted row is not read at all (a split filter on a big store).
+                    if let Some(mask) = &mask {
+                        let start = first_row as usize;
+                        if !mask[start..start + rows].iter().any(|&m| m) {
+                            continue;
+                        }
+                    }
                     let block = read_block(&path, group, first_row, width, mask.as_deref());
                     let failed = block.is_err();
                     if tx.send(block).is_err() || failed {
