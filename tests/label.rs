@@ -363,6 +363,54 @@ fn bad_inputs_fail_with_the_reason() {
         "one class against the rest is fine: {}",
         text(&out)
     );
+    // `versus` with an unknown or overlapping label, or without `classes`.
+    label_pipeline(
+        dir.path(),
+        &capture,
+        &sae,
+        "classes = [\"A\"]\nversus = [\"Z\"]",
+    );
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(
+        text(&out)
+            .contains("`versus` label `Z` is not a label of capture `acts` (its labels: A, B)"),
+        "{}",
+        text(&out)
+    );
+    label_pipeline(
+        dir.path(),
+        &capture,
+        &sae,
+        "classes = [\"A\"]\nversus = [\"A\"]",
+    );
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(
+        text(&out).contains("`A` is in both `classes` and `versus`"),
+        "{}",
+        text(&out)
+    );
+    label_pipeline(dir.path(), &capture, &sae, "versus = [\"B\"]");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(
+        text(&out).contains("`versus` needs `classes`"),
+        "{}",
+        text(&out)
+    );
+    // With two labels, A versus B is A against the rest.
+    label_pipeline(
+        dir.path(),
+        &capture,
+        &sae,
+        "classes = [\"A\"]\nversus = [\"B\"]",
+    );
+    ok(dir.path(), &["run", "p.toml"]);
+    let versus = features(&object_of(&dir.path().join("cache"), "lb", "labels"));
+    label_pipeline(dir.path(), &capture, &sae, "classes = [\"A\"]");
+    ok(dir.path(), &["run", "p.toml"]);
+    assert_eq!(
+        versus,
+        features(&object_of(&dir.path().join("cache"), "lb", "labels"))
+    );
     // An SAE of another width.
     let other = dir.path().join("other");
     let (_, wide) = synthetic(&other, 4, false);

@@ -82,6 +82,11 @@ pub struct LabelParams {
     /// Classes to test, one against the rest (default: every label in the capture).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub classes: Vec<String>,
+    /// Labels the classes are compared with (default: every other label). With `versus`, tokens whose
+    /// label is neither in `classes` nor here take no part: `classes = ["deceptive"]`,
+    /// `versus = ["honest"]` compares the two within a mixed capture.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versus: Vec<String>,
     /// Top activating contexts kept per labelled feature.
     #[serde(default = "default_top")]
     pub top_contexts: usize,
@@ -234,10 +239,15 @@ impl Stage for Label {
             split_of(p, &table, &p.val_split)?,
             split_of(p, &table, &p.test_split)?,
         );
-        // Every label takes part (the rest of a one-vs-rest comparison is all other labelled tokens);
-        // only the chosen classes are tested.
+        // Every label takes part (the rest of a one-vs-rest comparison is all other labelled tokens) unless
+        // `versus` narrows it; only the chosen classes are tested.
+        let taking_part = versus_labels(p, &table, &classes)?;
         let tokens = TokenInfo {
-            class: table.label.clone(),
+            class: table
+                .label
+                .iter()
+                .map(|l| l.filter(|l| taking_part.as_ref().is_none_or(|t| t.contains(l))))
+                .collect(),
             doc: table.doc_id.clone(),
             split: table.split.clone(),
         };
@@ -500,6 +510,7 @@ impl Stage for Label {
                 "hook": hook,
                 "d_sae": sae.d_sae(),
                 "classes": tested_names,
+                "versus": p.versus,
                 "fit_split": p.fit_split,
                 "test_split": p.test_split,
                 "alpha": p.alpha,
@@ -551,6 +562,35 @@ fn choose_classes(p: &LabelParams, table: &TokenTable) -> anyhow::Result<Vec<u16
                 })
         })
         .collect()
+}
+
+/// With `versus`: the labels that take part (the classes and `versus`); `None` for all of them.
+fn versus_labels(
+    p: &LabelParams,
+    table: &TokenTable,
+    classes: &[u16],
+) -> anyhow::Result<Option<Vec<u16>>> {
+    if p.versus.is_empty() {
+        return Ok(None);
+    }
+    if p.classes.is_empty() {
+        bail!("`versus` needs `classes`: the labels compared with the `versus` ones");
+    }
+    let mut labels = classes.to_vec();
+    for v in &p.versus {
+        let i = table.labels.iter().position(|l| l == v).with_context(|| {
+            format!(
+                "`versus` label `{v}` is not a label of capture `{}` (its labels: {})",
+                p.input,
+                table.labels.join(", ")
+            )
+        })? as u16;
+        if classes.contains(&i) {
+            bail!("`{v}` is in both `classes` and `versus`");
+        }
+        labels.push(i);
+    }
+    Ok(Some(labels))
 }
 
 fn split_of(p: &LabelParams, table: &TokenTable, name: &str) -> anyhow::Result<u8> {
