@@ -485,18 +485,8 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
                     steps,
                     encoder,
                 },
-        } => crate::bench::train(
-            d_in,
-            expansion,
-            k,
-            batch,
-            steps,
-            match encoder {
-                crate::stages::train::PrecisionChoice::F32 => crate::sae::step::Precision::F32,
-                crate::stages::train::PrecisionChoice::Bf16 => crate::sae::step::Precision::Bf16,
-            },
-        )
-        .map_err(Error::Other),
+        } => crate::bench::train(d_in, expansion, k, batch, steps, encoder.into())
+            .map_err(Error::Other),
         Command::Bench {
             command:
                 BenchCommand::Reader {

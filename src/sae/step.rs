@@ -780,7 +780,10 @@ impl Params {
         let (d, m) = (self.d_in, self.d_sae);
         let n = x.len() / d;
         let mut pre = std::mem::take(&mut grads.pre);
-        let refine = matches!(sparsity, Sparsity::TopK(_)) && precision == Precision::Bf16;
+        // Whether the ranking product really was bf16 (then the AuxK values are recomputed exactly too).
+        let refine = matches!(sparsity, Sparsity::TopK(_))
+            && precision == Precision::Bf16
+            && Precision::bf16_native();
         let (centered, sel, exact) = match sparsity {
             Sparsity::TopK(k) => self.top_k(precision, x, k, &mut pre),
             _ => {

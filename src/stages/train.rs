@@ -73,6 +73,15 @@ pub enum PrecisionChoice {
     Bf16,
 }
 
+impl From<PrecisionChoice> for Precision {
+    fn from(choice: PrecisionChoice) -> Self {
+        match choice {
+            PrecisionChoice::F32 => Precision::F32,
+            PrecisionChoice::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
 /// Parameters of a `train` stage.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -496,10 +505,7 @@ fn prepare(p: &TrainParams, ctx: &StageContext) -> anyhow::Result<Prepared> {
         },
     };
     let device = crate::models::device(ctx.device)?;
-    let precision = match p.encoder_precision {
-        PrecisionChoice::F32 => Precision::F32,
-        PrecisionChoice::Bf16 => Precision::Bf16,
-    };
+    let precision = Precision::from(p.encoder_precision);
     let engine = match (p.engine, p.arch) {
         (EngineChoice::Dense, Arch::Batchtopk) => {
             bail!("BatchTopK trains on the sparse engine only (engine = \"sparse\" or \"auto\")")
