@@ -138,7 +138,7 @@ pub struct Label;
 impl Stage for Label {
     type Params = LabelParams;
     const KIND: &'static str = "label";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Label SAE features with the classes they detect (rank tests, FDR control, held-out AUROC, DiffMean baseline)";
 
@@ -665,7 +665,7 @@ fn sample_rows(rng: &mut ChaCha8Rng, rows: &[usize], n: usize) -> Vec<usize> {
 }
 
 /// The regularisation strengths (sklearn's C) tried; the one with the best validation AUROC is kept.
-const C_GRID: [f64; 6] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0];
+const C_GRID: [f64; 7] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0];
 
 /// A logistic probe on raw activations, as a direction and bias in activation space.
 #[derive(Debug, Clone)]
