@@ -252,14 +252,18 @@ impl Stage for Label {
             split: table.split.clone(),
         };
         let names: Vec<&str> = table.labels.iter().map(String::as_str).collect();
-        for (split, index) in [(&p.fit_split, fit), (&p.test_split, test)] {
+        for (split, index) in [
+            (&p.fit_split, fit),
+            (&p.val_split, val),
+            (&p.test_split, test),
+        ] {
             let (counts, _) = tokens.counts(index, names.len());
             for &c in &classes {
                 let name = names[c as usize];
                 if counts[c as usize] == 0 {
                     bail!(
                         "split `{split}` of capture `{}` has no `{name}` tokens: each class needs tokens on \
-                         both sides of the comparison in the fit and test splits",
+                         both sides of the comparison in the fit, val and test splits",
                         p.input
                     );
                 }
