@@ -252,29 +252,17 @@ impl Stage for Label {
             split: table.split.clone(),
         };
         let names: Vec<&str> = table.labels.iter().map(String::as_str).collect();
-        for (split, index) in [
-            (&p.fit_split, fit),
-            (&p.val_split, val),
-            (&p.test_split, test),
-        ] {
-            let (counts, _) = tokens.counts(index, names.len());
-            for &c in &classes {
-                let name = names[c as usize];
-                if counts[c as usize] == 0 {
-                    bail!(
-                        "split `{split}` of capture `{}` has no `{name}` tokens: each class needs tokens on \
-                         both sides of the comparison in the fit, val and test splits",
-                        p.input
-                    );
-                }
-            }
-            if counts.iter().sum::<u64>() == *counts.iter().max().unwrap_or(&0) {
-                bail!(
-                    "split `{split}` of capture `{}` holds a single class",
-                    p.input
-                );
-            }
-        }
+        check_splits(
+            p,
+            &tokens,
+            &names,
+            &classes,
+            [
+                (&p.fit_split, fit),
+                (&p.val_split, val),
+                (&p.test_split, test),
+            ],
+        )?;
         ctx.log(&format!(
             "labelling {} features of `{}` against {} on {hook} of `{}` ({} tokens)",
             sae.d_sae(),
@@ -365,23 +353,7 @@ impl Stage for Label {
 
         // DiffMean per class: mean of the class minus mean of the rest, scored on the test split.
         let (fit_counts, _) = tokens.counts(fit, names.len());
-        let total: Vec<f64> = (0..d)
-            .map(|i| class_sums.iter().map(|s| s[i]).sum())
-            .collect();
-        let n_fit: u64 = fit_counts.iter().sum();
-        let directions: Vec<Vec<f32>> = classes
-            .iter()
-            .map(|&c| {
-                let c = c as usize;
-                let n_pos = fit_counts[c] as f64;
-                let n_neg = (n_fit - fit_counts[c]) as f64;
-                (0..d)
-                    .map(|i| {
-                        (class_sums[c][i] / n_pos - (total[i] - class_sums[c][i]) / n_neg) as f32
-                    })
-                    .collect()
-            })
-            .collect();
+        let directions = diffmean_directions(&class_sums, &fit_counts, &classes);
         ctx.log("fitting probes (logistic regression on raw activations, k-sparse on SAE latents)");
         let [fit_sample, val_sample] = &samples;
         let logistic: Vec<Probe> = classes
@@ -564,6 +536,56 @@ fn choose_classes(p: &LabelParams, table: &TokenTable) -> anyhow::Result<Vec<u16
                         table.labels.join(", ")
                     )
                 })
+        })
+        .collect()
+}
+
+/// Each tested class needs tokens in every split, and each split more than one class.
+fn check_splits(
+    p: &LabelParams,
+    tokens: &TokenInfo,
+    names: &[&str],
+    classes: &[u16],
+    splits: [(&String, u8); 3],
+) -> anyhow::Result<()> {
+    for (split, index) in splits {
+        let (counts, _) = tokens.counts(index, names.len());
+        for &c in classes {
+            if counts[c as usize] == 0 {
+                bail!(
+                    "split `{split}` of capture `{}` has no `{}` tokens: each class needs tokens on both \
+                     sides of the comparison in the fit, val and test splits",
+                    p.input,
+                    names[c as usize]
+                );
+            }
+        }
+        if counts.iter().sum::<u64>() == *counts.iter().max().unwrap_or(&0) {
+            bail!(
+                "split `{split}` of capture `{}` holds a single class",
+                p.input
+            );
+        }
+    }
+    Ok(())
+}
+
+/// DiffMean directions: per tested class, the mean raw activation of its fit tokens minus the mean of the
+/// other labelled fit tokens (from per-label sums and counts).
+fn diffmean_directions(class_sums: &[Vec<f64>], counts: &[u64], classes: &[u16]) -> Vec<Vec<f32>> {
+    let d = class_sums.first().map_or(0, Vec::len);
+    let total: Vec<f64> = (0..d)
+        .map(|i| class_sums.iter().map(|s| s[i]).sum())
+        .collect();
+    let n: u64 = counts.iter().sum();
+    classes
+        .iter()
+        .map(|&c| {
+            let c = c as usize;
+            let (n_pos, n_neg) = (counts[c] as f64, (n - counts[c]) as f64);
+            (0..d)
+                .map(|i| (class_sums[c][i] / n_pos - (total[i] - class_sums[c][i]) / n_neg) as f32)
+                .collect()
         })
         .collect()
 }
