@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::{object_of, ok, run, text, write};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -333,69 +333,41 @@ fn shuffled_labels_give_labels_in_no_more_than_alpha_of_runs() {
 fn bad_inputs_fail_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let (capture, sae) = synthetic(dir.path(), 3, false);
-    // A class that is not a label.
-    label_pipeline(dir.path(), &capture, &sae, "classes = [\"C\"]");
-    let out = run(dir.path(), &["run", "p.toml"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out).contains("class `C` is not a label of capture `acts` (its labels: A, B)"),
-        "{}",
-        text(&out)
+    let fails = |sae: &Path, label: &str, message: &str| {
+        label_pipeline(dir.path(), &capture, sae, label);
+        let out = run(dir.path(), &["run", "p.toml"]);
+        assert!(!out.status.success(), "{label}: succeeded");
+        assert!(text(&out).contains(message), "{label}: {}", text(&out));
+    };
+    fails(
+        &sae,
+        "classes = [\"C\"]",
+        "class `C` is not a label of capture `acts` (its labels: A, B)",
     );
-    // No test split.
-    label_pipeline(dir.path(), &capture, &sae, "test_split = \"holdout\"");
-    let out = run(dir.path(), &["run", "p.toml"]);
-    assert!(
-        text(&out).contains("capture `acts` has no split `holdout` (its splits: test, train, val)"),
-        "{}",
-        text(&out)
+    fails(
+        &sae,
+        "test_split = \"holdout\"",
+        "capture `acts` has no split `holdout` (its splits: test, train, val)",
     );
-    // A single class on a split.
+    fails(
+        &sae,
+        "classes = [\"A\"]\nversus = [\"Z\"]",
+        "`versus` label `Z` is not a label of capture `acts` (its labels: A, B)",
+    );
+    fails(
+        &sae,
+        "classes = [\"A\"]\nversus = [\"A\"]",
+        "`A` is in both `classes` and `versus`",
+    );
+    fails(&sae, "versus = [\"B\"]", "`versus` needs `classes`");
+    // One class against the rest is fine, on any split.
     label_pipeline(
         dir.path(),
         &capture,
         &sae,
         "classes = [\"A\"]\nfit_split = \"val\"\nval_split = \"train\"",
     );
-    let out = run(dir.path(), &["run", "p.toml"]);
-    assert!(
-        out.status.success(),
-        "one class against the rest is fine: {}",
-        text(&out)
-    );
-    // `versus` with an unknown or overlapping label, or without `classes`.
-    label_pipeline(
-        dir.path(),
-        &capture,
-        &sae,
-        "classes = [\"A\"]\nversus = [\"Z\"]",
-    );
-    let out = run(dir.path(), &["run", "p.toml"]);
-    assert!(
-        text(&out)
-            .contains("`versus` label `Z` is not a label of capture `acts` (its labels: A, B)"),
-        "{}",
-        text(&out)
-    );
-    label_pipeline(
-        dir.path(),
-        &capture,
-        &sae,
-        "classes = [\"A\"]\nversus = [\"A\"]",
-    );
-    let out = run(dir.path(), &["run", "p.toml"]);
-    assert!(
-        text(&out).contains("`A` is in both `classes` and `versus`"),
-        "{}",
-        text(&out)
-    );
-    label_pipeline(dir.path(), &capture, &sae, "versus = [\"B\"]");
-    let out = run(dir.path(), &["run", "p.toml"]);
-    assert!(
-        text(&out).contains("`versus` needs `classes`"),
-        "{}",
-        text(&out)
-    );
+    ok(dir.path(), &["run", "p.toml"]);
     // With two labels, A versus B is A against the rest.
     label_pipeline(
         dir.path(),
@@ -411,18 +383,44 @@ fn bad_inputs_fail_with_the_reason() {
         versus,
         features(&object_of(&dir.path().join("cache"), "lb", "labels"))
     );
-    // An SAE of another width.
-    let other = dir.path().join("other");
-    let (_, wide) = synthetic(&other, 4, false);
-    let cfg_path = wide.join("cfg.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
-    cfg["d_in"] = serde_json::json!(D + 1);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    label_pipeline(dir.path(), &capture, &wide, "");
-    let out = run(dir.path(), &["run", "p.toml"]);
-    assert!(!out.status.success());
-    assert!(text(&out).contains("sae"), "{}", text(&out));
+    // A valid SAE of another width: one more input dimension.
+    let narrow = Sae::load(&sae, &Device::Cpu).unwrap();
+    let cpu = Device::Cpu;
+    let wide = Sae {
+        w_enc: Tensor::cat(
+            &[
+                &narrow.w_enc,
+                &Tensor::zeros((1, D_SAE), DType::F32, &cpu).unwrap(),
+            ],
+            0,
+        )
+        .unwrap(),
+        w_dec: Tensor::cat(
+            &[
+                &narrow.w_dec,
+                &Tensor::zeros((D_SAE, 1), DType::F32, &cpu).unwrap(),
+            ],
+            1,
+        )
+        .unwrap(),
+        b_dec: Tensor::zeros(D + 1, DType::F32, &cpu).unwrap(),
+        cfg: Sae::standard_cfg(
+            D + 1,
+            D_SAE,
+            &Provenance {
+                hook_name: HOOK.into(),
+                ..Provenance::default()
+            },
+        ),
+        ..narrow
+    };
+    let wide_dir = dir.path().join("wide");
+    wide.save(&wide_dir).unwrap();
+    fails(
+        &wide_dir,
+        "",
+        "the SAE of `sae` takes d_in 17 but blocks.0.hook_resid_post of capture `acts` has width 16",
+    );
 }
 
 fn shared(p: &str) -> PathBuf {
