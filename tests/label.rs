@@ -129,7 +129,7 @@ fn synthetic(dir: &Path, seed: u64, shuffle: bool) -> (PathBuf, PathBuf) {
         w_dec: w_enc.t().unwrap().contiguous().unwrap(),
         w_enc,
         b_enc: Tensor::full(-1f32, D_SAE, &cpu).unwrap(),
-        b_dec: Tensor::zeros(D, candle_core::DType::F32, &cpu).unwrap(),
+        b_dec: Tensor::zeros(D, DType::F32, &cpu).unwrap(),
         threshold: None,
         apply_b_dec_to_input: true,
         layer_norm: false,
