@@ -8,14 +8,11 @@ use std::path::{Path, PathBuf};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type};
 use candle_core::{DType, Device, Tensor};
-use common::{object_of, ok, run, text, write};
+use common::{object_of, ok, run, text, write, write_capture};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use saeflow::data::activations::{
-    act_file_name, tokens_batch, write_act_shard, ActDtype, CaptureInfo, ShardInfo, TokenRow,
-    FORMAT_VERSION,
-};
+use saeflow::data::activations::TokenRow;
 use saeflow::sae::format::{Activation, Provenance, Sae};
 
 const D: usize = 16;
@@ -65,48 +62,7 @@ fn synthetic(dir: &Path, seed: u64, shuffle: bool) -> (PathBuf, PathBuf) {
         }
     }
     let capture = dir.join("capture");
-    std::fs::create_dir_all(&capture).unwrap();
-    let bytes: Vec<u8> = acts.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_act_shard(
-        &capture.join(act_file_name(HOOK, 0)),
-        bytes,
-        D,
-        ActDtype::F32,
-    )
-    .unwrap();
-    saeflow::data::parquet::write_batches(
-        &capture.join("tokens.parquet"),
-        &[tokens_batch(&rows).unwrap()],
-    )
-    .unwrap();
-    let info = CaptureInfo {
-        format: FORMAT_VERSION,
-        model: "synthetic".into(),
-        model_key: String::new(),
-        model_source: String::new(),
-        hooks: vec![HOOK.into()],
-        d_model: D,
-        dtype: ActDtype::F32,
-        tokenizer: serde_json::Value::Null,
-        context: per_doc as usize,
-        settings: serde_json::Value::Null,
-        tokens: rows.len() as u64,
-        documents: docs,
-        truncated_documents: 0,
-        sequences: docs,
-        splits: Default::default(),
-        labels: Default::default(),
-        mean_norm: Default::default(),
-        shards: vec![ShardInfo {
-            first_row: 0,
-            rows: rows.len() as u64,
-        }],
-    };
-    std::fs::write(
-        capture.join("capture.json"),
-        serde_json::to_string(&info).unwrap(),
-    )
-    .unwrap();
+    write_capture(&capture, HOOK, D, &rows, &acts);
 
     let cpu = Device::Cpu;
     let mut w_enc = vec![0f32; D * D_SAE];

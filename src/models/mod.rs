@@ -16,7 +16,7 @@ use candle_core::Device;
 
 use crate::config::{DeviceSpec, ModelKind};
 pub use tokenizer::Tokenizer;
-pub use transformer::{Hook, HookPoint, Hooks, Transformer};
+pub use transformer::{Hook, HookPoint, Hooks, Intervention, Transformer};
 
 /// How a model wants chats rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

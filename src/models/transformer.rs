@@ -639,3 +639,20 @@ pub fn mean_nll(logits: &Tensor, ids: &[u32]) -> anyhow::Result<f64> {
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     Ok(-(picked.mean_all()?.to_scalar::<f32>()? as f64))
 }
+
+/// Next-token negative log-likelihood at every position but the last: `[batch, seq − 1]` from logits
+/// `[batch, seq, vocab]` of the token ids `[batch, seq]` (TransformerLens' per-token loss).
+pub fn next_token_nll(logits: &Tensor, tokens: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, t, _) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
+    let targets = tokens.narrow(1, 1, t - 1)?.unsqueeze(2)?;
+    logp.gather(&targets.contiguous()?, 2)?.squeeze(2)?.neg()
+}
+
+/// KL(p ‖ q) of the next-token distributions at every position: `[batch, seq]` from logits
+/// `[batch, seq, vocab]` of the reference `p` and the approximation `q`.
+pub fn kl_per_position(p_logits: &Tensor, q_logits: &Tensor) -> candle_core::Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(p_logits, D::Minus1)?;
+    let logq = candle_nn::ops::log_softmax(q_logits, D::Minus1)?;
+    (logp.exp()? * (&logp - logq)?)?.sum(D::Minus1)
+}

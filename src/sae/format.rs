@@ -125,13 +125,20 @@ impl Sae {
 
     /// Encode then decode, undoing the input normalisation: the SAE's reconstruction of `x`.
     pub fn reconstruct(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.decode(&self.encode(x)?)?;
-        if self.layer_norm {
+        Ok(self.encode_and_reconstruct(x)?.1)
+    }
+
+    /// The latents of `x` and the reconstruction made from them.
+    pub fn encode_and_reconstruct(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let codes = self.encode(x)?;
+        let y = self.decode(&codes)?;
+        let y = if self.layer_norm {
             let (mu, std) = Self::norm_stats(x)?;
-            y.broadcast_mul(&std)?.broadcast_add(&mu)
+            y.broadcast_mul(&std)?.broadcast_add(&mu)?
         } else {
-            Ok(y)
-        }
+            y
+        };
+        Ok((codes, y))
     }
 
     /// Writes the SAELens layout into `dir`: `cfg.json` and `sae_weights.safetensors`.

@@ -4,5 +4,6 @@ pub mod adam;
 pub mod dense;
 pub mod format;
 pub mod gemm;
+pub mod metrics;
 pub mod step;
 pub mod trainer;

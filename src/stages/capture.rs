@@ -26,7 +26,7 @@ use crate::data::activations::{
     TokenRow, FORMAT_VERSION,
 };
 use crate::data::rows::{self, Row};
-use crate::models::{self, Hook, Hooks, LoadedModel, WeightFormat};
+use crate::models::{self, Hook, Hooks, LoadedModel};
 
 /// Which token positions of each document are stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -427,25 +427,7 @@ fn load_model(
     p: &CaptureParams,
     ctx: &StageContext,
 ) -> anyhow::Result<(LoadedModel, Device, Vec<Hook>)> {
-    let spec = ctx
-        .models
-        .get(&p.model)
-        .with_context(|| format!("model `{}` is not defined", p.model))?
-        .clone();
-    let path = models::resolve(
-        &spec,
-        &ctx.workdir,
-        &ctx.downloads_dir,
-        &ctx.progress,
-        &ctx.cancel,
-    )?;
-    let device = models::device(ctx.device)?;
-    let format: WeightFormat = match &spec.dtype {
-        Some(d) => d.parse().map_err(|e: String| anyhow::anyhow!(e))?,
-        None => WeightFormat::F32,
-    };
-    let model = models::load_with(&path, Some(spec.kind), format, &device)
-        .with_context(|| format!("loading model `{}`", p.model))?;
+    let (model, device) = super::load_model(ctx, &p.model)?;
     let hooks: Vec<Hook> = p
         .hooks
         .iter()

@@ -26,9 +26,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{key_path, Cancelled, ParamError, Reference, References, Stage, StageContext};
+use super::{
+    key_path, Cancelled, ParamError, Reference, References, SaeOnCapture, Stage, StageContext,
+};
 use crate::data::activations::{ActivationStore, ReadOptions, TokenTable};
-use crate::sae::format::Sae;
 use crate::stats::features::{feature_classes, Codes, FeatureClass, TokenInfo};
 use crate::stats::{benjamini_hochberg, TwoSample};
 
@@ -204,35 +205,14 @@ impl Stage for Label {
     }
 
     fn run(p: &LabelParams, ctx: &mut StageContext) -> anyhow::Result<()> {
-        let sae_dir = &ctx.inputs["sae"];
-        let capture_dir = &ctx.inputs["input"];
-        let device = crate::models::device(ctx.device)?;
-        let sae = Sae::load(sae_dir, &device)
-            .with_context(|| format!("stage `{}`: loading the SAE", p.sae))?;
-        let info = crate::data::activations::CaptureInfo::read(capture_dir)?;
-        let hook = match &p.hook {
-            Some(h) => h.clone(),
-            None => match sae.cfg["hook_name"].as_str() {
-                Some(h) if info.hooks.iter().any(|x| x == h) => h.to_string(),
-                _ if info.hooks.len() == 1 => info.hooks[0].clone(),
-                _ => bail!(
-                    "capture `{}` has hooks {} and the SAE names none of them: set `hook`",
-                    p.input,
-                    info.hooks.join(", ")
-                ),
-            },
-        };
-        let store = ActivationStore::open(capture_dir, &hook)?;
-        if store.d_model() != sae.d_in() {
-            bail!(
-                "the SAE of `{}` takes d_in {} but {hook} of capture `{}` has width {}",
-                p.sae,
-                sae.d_in(),
-                p.input,
-                store.d_model()
-            );
-        }
-        let table = TokenTable::read(capture_dir)?;
+        let SaeOnCapture {
+            sae,
+            hook,
+            store,
+            device,
+            ..
+        } = SaeOnCapture::open(ctx, &p.sae, &p.input, p.hook.as_deref())?;
+        let table = TokenTable::read(&ctx.inputs["input"])?;
         let classes = choose_classes(p, &table)?;
         let (fit, val, test) = (
             split_of(p, &table, &p.fit_split)?,

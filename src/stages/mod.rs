@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod command;
 pub mod dataset;
+pub mod eval;
 pub mod label;
 pub mod train;
 
@@ -283,6 +284,7 @@ impl Registry {
         registry.register::<capture::Capture>();
         registry.register::<command::Command>();
         registry.register::<dataset::Dataset>();
+        registry.register::<eval::Eval>();
         registry.register::<label::Label>();
         registry.register::<train::Train>();
         registry
@@ -308,4 +310,92 @@ impl Registry {
     pub fn kinds(&self) -> impl Iterator<Item = &Arc<dyn StageKind>> {
         self.kinds.values()
     }
+}
+
+/// An SAE and the capture hook it reads, opened and checked against each other (the `label` and `eval`
+/// stages' common first step).
+pub(crate) struct SaeOnCapture {
+    /// The SAE, on `device`.
+    pub sae: crate::sae::format::Sae,
+    /// The capture's `capture.json`.
+    pub info: crate::data::activations::CaptureInfo,
+    /// The hook read.
+    pub hook: String,
+    /// Its activations.
+    pub store: crate::data::activations::ActivationStore,
+    /// The pipeline's device.
+    pub device: candle_core::Device,
+}
+
+impl SaeOnCapture {
+    /// Opens the SAE of input role `sae` and the capture of role `input` (stage names `sae_stage` and
+    /// `input_stage`, for messages). The hook is `hook`, else the SAE's `hook_name` when the capture has it,
+    /// else the capture's only hook; its width must be the SAE's `d_in`.
+    pub fn open(
+        ctx: &StageContext,
+        sae_stage: &str,
+        input_stage: &str,
+        hook: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        use anyhow::{bail, Context};
+        let device = crate::models::device(ctx.device)?;
+        let sae = crate::sae::format::Sae::load(&ctx.inputs["sae"], &device)
+            .with_context(|| format!("stage `{sae_stage}`: loading the SAE"))?;
+        let capture_dir = &ctx.inputs["input"];
+        let info = crate::data::activations::CaptureInfo::read(capture_dir)?;
+        let hook = match hook {
+            Some(h) => h.to_string(),
+            None => match sae.cfg["hook_name"].as_str() {
+                Some(h) if info.hooks.iter().any(|x| x == h) => h.to_string(),
+                _ if info.hooks.len() == 1 => info.hooks[0].clone(),
+                _ => bail!(
+                    "capture `{input_stage}` has hooks {} and the SAE names none of them: set `hook`",
+                    info.hooks.join(", ")
+                ),
+            },
+        };
+        let store = crate::data::activations::ActivationStore::open(capture_dir, &hook)?;
+        if store.d_model() != sae.d_in() {
+            bail!(
+                "the SAE of `{sae_stage}` takes d_in {} but {hook} of capture `{input_stage}` has width {}",
+                sae.d_in(),
+                store.d_model()
+            );
+        }
+        Ok(Self {
+            sae,
+            info,
+            hook,
+            store,
+            device,
+        })
+    }
+}
+
+/// Loads model `name` (a `[models.NAME]` entry, downloaded if it is a hub repo) on the pipeline's device.
+pub(crate) fn load_model(
+    ctx: &StageContext,
+    name: &str,
+) -> anyhow::Result<(crate::models::LoadedModel, candle_core::Device)> {
+    use anyhow::Context;
+    let spec = ctx
+        .models
+        .get(name)
+        .with_context(|| format!("model `{name}` is not defined"))?
+        .clone();
+    let path = crate::models::resolve(
+        &spec,
+        &ctx.workdir,
+        &ctx.downloads_dir,
+        &ctx.progress,
+        &ctx.cancel,
+    )?;
+    let device = crate::models::device(ctx.device)?;
+    let format: crate::models::WeightFormat = match &spec.dtype {
+        Some(d) => d.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        None => crate::models::WeightFormat::F32,
+    };
+    let model = crate::models::load_with(&path, Some(spec.kind), format, &device)
+        .with_context(|| format!("loading model `{name}`"))?;
+    Ok((model, device))
 }

@@ -94,3 +94,64 @@ pub fn object_of(cache: &Path, pipeline: &str, stage: &str) -> PathBuf {
     .unwrap();
     cache.join("objects").join(r["key"].as_str().unwrap())
 }
+
+/// Writes a capture directory (one f32 shard of `hook`, `tokens.parquet`, `capture.json`) holding `acts`
+/// (`rows.len()` vectors of width `d`, row-major), as the `capture` stage would.
+pub fn write_capture(
+    dir: &Path,
+    hook: &str,
+    d: usize,
+    rows: &[saeflow::data::activations::TokenRow],
+    acts: &[f32],
+) {
+    use saeflow::data::activations::{
+        act_file_name, tokens_batch, write_act_shard, ActDtype, CaptureInfo, ShardInfo,
+        FORMAT_VERSION,
+    };
+    assert_eq!(acts.len(), rows.len() * d);
+    std::fs::create_dir_all(dir).unwrap();
+    let bytes: Vec<u8> = acts.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_act_shard(&dir.join(act_file_name(hook, 0)), bytes, d, ActDtype::F32).unwrap();
+    saeflow::data::parquet::write_batches(
+        &dir.join("tokens.parquet"),
+        &[tokens_batch(rows).unwrap()],
+    )
+    .unwrap();
+    let mut splits = std::collections::BTreeMap::new();
+    for r in rows {
+        *splits.entry(r.split.to_string()).or_insert(0u64) += 1;
+    }
+    let documents = rows
+        .windows(2)
+        .filter(|w| w[0].doc_id != w[1].doc_id)
+        .count() as u64
+        + 1;
+    let info = CaptureInfo {
+        format: FORMAT_VERSION,
+        model: "synthetic".into(),
+        model_key: String::new(),
+        model_source: String::new(),
+        hooks: vec![hook.into()],
+        d_model: d,
+        dtype: ActDtype::F32,
+        tokenizer: serde_json::Value::Null,
+        context: 128,
+        settings: serde_json::Value::Null,
+        tokens: rows.len() as u64,
+        documents,
+        truncated_documents: 0,
+        sequences: documents,
+        splits,
+        labels: Default::default(),
+        mean_norm: Default::default(),
+        shards: vec![ShardInfo {
+            first_row: 0,
+            rows: rows.len() as u64,
+        }],
+    };
+    std::fs::write(
+        dir.join("capture.json"),
+        serde_json::to_string(&info).unwrap(),
+    )
+    .unwrap();
+}

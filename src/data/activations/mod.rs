@@ -272,6 +272,8 @@ pub fn tokens_batch(rows: &[TokenRow]) -> anyhow::Result<RecordBatch> {
 pub struct TokenTable {
     /// Document of each row.
     pub doc_id: Vec<u64>,
+    /// Position of each row in its document's token sequence.
+    pub pos: Vec<u32>,
     /// Token id of each row.
     pub token_id: Vec<u32>,
     /// Label of each row, as an index into `labels` (`None`: unlabelled).
@@ -312,6 +314,9 @@ impl TokenTable {
             table
                 .doc_id
                 .extend(column("doc_id")?.as_primitive::<UInt64Type>().values());
+            table
+                .pos
+                .extend(column("pos")?.as_primitive::<UInt32Type>().values());
             table
                 .token_id
                 .extend(column("token_id")?.as_primitive::<UInt32Type>().values());
