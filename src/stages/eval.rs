@@ -384,7 +384,10 @@ fn downstream(
             info.model
         );
     }
-    let (docs, skip) = documents(p, ctx, info)?;
+    let (mut docs, skip) = documents(p, ctx, info)?;
+    // Batches of similar lengths waste little on padding (mixed datasets range from 10 to 128 tokens).
+    // The sort is stable, so the batches are the same on every run.
+    docs.sort_by_key(|d| std::cmp::Reverse(d.len()));
     if docs.is_empty() {
         bail!(
             "capture `{}` has no document in split `{}` long enough for a next-token loss",
