@@ -214,6 +214,34 @@ pub fn get_json(url: &str, headers: &[(String, String)]) -> anyhow::Result<serde
     serde_json::from_str(&body).with_context(|| format!("{url}: response is not JSON"))
 }
 
+/// Posts a JSON body and returns the JSON response (chat-completion APIs). A non-200 status is an error
+/// quoting the start of the response body.
+pub fn post_json(
+    url: &str,
+    headers: &[(String, String)],
+    body: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let mut request = agent().post(url).header("Content-Type", "application/json");
+    for (k, v) in headers {
+        request = request.header(k, v);
+    }
+    let response = request
+        .send(serde_json::to_vec(body)?.as_slice())
+        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}"))?;
+    let status = response.status().as_u16();
+    let text = response
+        .into_body()
+        .read_to_string()
+        .with_context(|| format!("reading the response of {url}"))?;
+    if status != 200 {
+        bail!(
+            "{url}: HTTP {status}: {}",
+            text.chars().take(300).collect::<String>()
+        );
+    }
+    serde_json::from_str(&text).with_context(|| format!("{url}: response is not JSON"))
+}
+
 /// One file of a Hugging Face dataset repository.
 #[derive(Debug, Clone)]
 pub struct HubFile {

@@ -20,7 +20,7 @@ use arrow_array::builder::{
 use arrow_array::{ArrayRef, RecordBatch};
 use candle_core::{DType, Tensor};
 use rand::seq::index::sample;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -91,7 +91,7 @@ pub struct LabelParams {
     /// Top activating contexts kept per labelled feature.
     #[serde(default = "default_top")]
     pub top_contexts: usize,
-    /// Random active contexts kept per labelled feature.
+    /// Random active contexts kept per labelled feature, and as many random tokens where it is silent.
     #[serde(default = "default_random")]
     pub random_contexts: usize,
     /// Tokens of the same document kept on each side of a context's token.
@@ -139,7 +139,7 @@ pub struct Label;
 impl Stage for Label {
     type Params = LabelParams;
     const KIND: &'static str = "label";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const ABOUT: &'static str =
         "Label SAE features with the classes they detect (rank tests, FDR control, held-out AUROC, DiffMean baseline)";
 
@@ -940,9 +940,28 @@ fn contexts_batch(
         let top = order.iter().take(p.top_contexts).copied();
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((f as u64) << 16 | c as u64));
         let random = sample(&mut rng, column.len(), p.random_contexts.min(column.len())).into_vec();
-        for (label, picks) in [("top", top.collect::<Vec<_>>()), ("random", random)] {
-            for (r, e) in picks.into_iter().enumerate() {
-                let (row, v) = column[e];
+        // Tokens the feature is silent on, for judging explanations by detection (delphi-style). The
+        // column is in row order; a few rejected draws at most, as features fire on a small share of rows.
+        let rows = table.doc_id.len();
+        let mut negatives: Vec<(u32, f32)> = Vec::new();
+        for _ in 0..100 * p.random_contexts.max(1) {
+            if negatives.len() >= p.random_contexts.min(rows - column.len()) {
+                break;
+            }
+            let r = rng.random_range(0..rows) as u32;
+            if column.binary_search_by_key(&r, |e| e.0).is_err()
+                && !negatives.iter().any(|e| e.0 == r)
+            {
+                negatives.push((r, 0.0));
+            }
+        }
+        let at = |picks: Vec<usize>| picks.into_iter().map(|e| column[e]).collect::<Vec<_>>();
+        for (label, picks) in [
+            ("top", at(top.collect())),
+            ("random", at(random)),
+            ("negative", negatives),
+        ] {
+            for (r, (row, v)) in picks.into_iter().enumerate() {
                 let row = row as usize;
                 let same_doc = |i: usize| table.doc_id[i] == table.doc_id[row];
                 let mut start = row;

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod command;
 pub mod dataset;
 pub mod eval;
+pub mod explain;
 pub mod label;
 pub mod train;
 
@@ -285,6 +286,7 @@ impl Registry {
         registry.register::<command::Command>();
         registry.register::<dataset::Dataset>();
         registry.register::<eval::Eval>();
+        registry.register::<explain::Explain>();
         registry.register::<label::Label>();
         registry.register::<train::Train>();
         registry

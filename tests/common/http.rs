@@ -29,11 +29,26 @@ pub struct Routes {
 
 impl Server {
     pub fn start(routes: Routes) -> Self {
+        let routes = Arc::new(Mutex::new(routes));
+        Self::serve(move |stream, log| handle(stream, &routes, log))
+    }
+
+    /// Answers every request with `handler`'s (status, body); the log gets `METHOD PATH`.
+    pub fn with_handler(
+        handler: impl Fn(&Request) -> (u16, String) + Send + Sync + 'static,
+    ) -> Self {
+        let handler = Arc::new(handler);
+        Self::serve(move |stream, log| respond(stream, &*handler, log))
+    }
+
+    fn serve(
+        on_connection: impl Fn(TcpStream, &Mutex<Vec<String>>) + Send + Sync + 'static,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
-        let routes = Arc::new(Mutex::new(routes));
+        let on_connection = Arc::new(on_connection);
         {
             let (stop, log) = (stop.clone(), log.clone());
             std::thread::spawn(move || {
@@ -42,8 +57,8 @@ impl Server {
                         break;
                     }
                     let Ok(stream) = stream else { continue };
-                    let (routes, log) = (routes.clone(), log.clone());
-                    std::thread::spawn(move || handle(stream, &routes, &log));
+                    let (on_connection, log) = (on_connection.clone(), log.clone());
+                    std::thread::spawn(move || on_connection(stream, &log));
                 }
             });
         }
@@ -54,6 +69,64 @@ impl Server {
             port,
         }
     }
+}
+
+/// A request as a handler sees it.
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// Header names lower-cased.
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+fn respond(
+    mut stream: TcpStream,
+    handler: &(dyn Fn(&Request) -> (u16, String) + Send + Sync),
+    log: &Mutex<Vec<String>>,
+) {
+    use std::io::Read;
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let length = headers
+        .get("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let mut parts = request_line.split_whitespace();
+    let request = Request {
+        method: parts.next().unwrap_or("").to_string(),
+        path: parts.next().unwrap_or("/").to_string(),
+        headers,
+        body,
+    };
+    log.lock()
+        .unwrap()
+        .push(format!("{} {}", request.method, request.path));
+    let (status, body) = handler(&request);
+    let head = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body.as_bytes());
+    let _ = stream.flush();
 }
 
 impl Drop for Server {
