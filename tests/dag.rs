@@ -18,17 +18,12 @@ fn dot_output_renders_with_graphviz() {
             "dot",
             "pipelines/quickstart.toml",
         ])
-        .args([
-            "-S",
-            "probe.params.alpha=1.0,2.0",
-            "-S",
-            "summary.env={X=\"1\"},{X=\"2\"}",
-        ])
+        .args(["-S", "sae.k=4,8", "-S", "eval.ce_tokens=100,200"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", common::text(&out));
     let dot = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(dot.matches("label=\"summary[").count(), 4, "{dot}");
+    assert_eq!(dot.matches("label=\"eval[").count(), 4, "{dot}");
 
     let Ok(mut child) = Command::new("dot")
         .arg("-Tsvg")
@@ -57,7 +52,7 @@ fn dot_output_renders_with_graphviz() {
     );
     let svg = String::from_utf8(svg.stdout).unwrap();
     assert!(
-        svg.contains("<svg") && svg.matches("class=\"node\"").count() == 1 + 2 + 4,
+        svg.contains("<svg") && svg.matches("class=\"node\"").count() == 1 + 1 + 2 + 2 + 4,
         "{svg}"
     );
 }
@@ -66,10 +61,7 @@ fn dot_output_renders_with_graphviz() {
 fn mermaid_and_ascii_list_every_instance() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let cache = tempfile::tempdir().unwrap();
-    for (format, marker) in [
-        ("mermaid", "flowchart LR"),
-        ("ascii", "summary[probe.params.alpha=10.0]"),
-    ] {
+    for (format, marker) in [("mermaid", "flowchart LR"), ("ascii", "eval[sae.k=16]")] {
         let out = Command::new(env!("CARGO_BIN_EXE_saeflow"))
             .current_dir(root)
             .args([
@@ -84,6 +76,6 @@ fn mermaid_and_ascii_list_every_instance() {
             .unwrap();
         let text = String::from_utf8(out.stdout).unwrap();
         assert!(text.contains(marker), "{text}");
-        assert_eq!(text.matches("summary[").count(), 3, "{text}");
+        assert_eq!(text.matches("eval[").count(), 3, "{text}");
     }
 }

@@ -414,6 +414,8 @@ impl Stage for Label {
         )?;
 
         // Summary: per class, how many features were labelled and the best of them on held-out data.
+        let unit_name = serde_json::to_value(p.unit)?;
+        let unit_name = unit_name.as_str().unwrap_or("unit");
         let mut summary = serde_json::Map::new();
         for (i, (&c, name)) in classes.iter().zip(&tested_names).enumerate() {
             let c = c as usize;
@@ -448,10 +450,14 @@ impl Stage for Label {
                 }),
             );
             ctx.log(&format!(
-                "{name}: {count} features labelled; best held-out AUROC {} (DiffMean {:.3}, logistic {:.3})",
+                "{name}: {count} features labelled; best held-out AUROC {}; per token: DiffMean {:.3}, \
+                 logistic {:.3}",
                 best.map_or("-".to_string(), |((_, t), _)| format!(
-                    "{:.3} (feature {})",
-                    t.token.auroc, t.feature
+                    "{:.3} by {} (feature {}, {:.3} per token)",
+                    tested(t).auroc,
+                    unit_name,
+                    t.feature,
+                    t.token.auroc
                 )),
                 diffmean[i].auroc,
                 logistic_test[i].auroc
