@@ -52,7 +52,7 @@ fn dot_output_renders_with_graphviz() {
     );
     let svg = String::from_utf8(svg.stdout).unwrap();
     assert!(
-        svg.contains("<svg") && svg.matches("class=\"node\"").count() == 1 + 1 + 2 + 2 + 4,
+        svg.contains("<svg") && svg.matches("class=\"node\"").count() == 1 + 1 + 2 + 2 + 4 + 2,
         "{svg}"
     );
 }

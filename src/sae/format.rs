@@ -79,6 +79,13 @@ impl Sae {
         self.w_enc.dims()[1]
     }
 
+    /// The hook the SAE was trained on, as its `cfg.json` records it (SAELens 6 keeps it under `metadata`).
+    pub fn hook_name(&self) -> Option<&str> {
+        self.cfg["hook_name"]
+            .as_str()
+            .or_else(|| self.cfg["metadata"]["hook_name"].as_str())
+    }
+
     /// Per-token (mean, std) for layer-norm SAEs, as OpenAI's `LN`: std with ε 1e-5 added.
     fn norm_stats(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let mu = x.mean_keepdim(D::Minus1)?;

@@ -5,5 +5,6 @@ pub mod dense;
 pub mod format;
 pub mod gemm;
 pub mod metrics;
+pub mod steer;
 pub mod step;
 pub mod trainer;

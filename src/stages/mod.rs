@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod eval;
 pub mod explain;
 pub mod label;
+pub mod steer;
 pub mod train;
 
 use std::collections::BTreeMap;
@@ -288,6 +289,7 @@ impl Registry {
         registry.register::<eval::Eval>();
         registry.register::<explain::Explain>();
         registry.register::<label::Label>();
+        registry.register::<steer::Steer>();
         registry.register::<train::Train>();
         registry
     }
@@ -347,7 +349,7 @@ impl SaeOnCapture {
         let info = crate::data::activations::CaptureInfo::read(capture_dir)?;
         let hook = match hook {
             Some(h) => h.to_string(),
-            None => match sae.cfg["hook_name"].as_str() {
+            None => match sae.hook_name() {
                 Some(h) if info.hooks.iter().any(|x| x == h) => h.to_string(),
                 _ if info.hooks.len() == 1 => info.hooks[0].clone(),
                 _ => bail!(

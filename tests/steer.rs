@@ -1,0 +1,372 @@
+//! Steering: edits are no-ops where they should be, act in prefill and decode alike (KV cache = full
+//! recompute), and the `steer` stage runs end to end on nanochat-d4 with a trained SAE and its labels.
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float64Type;
+use candle_core::{DType, Device, Tensor};
+use common::{object_of, ok, run, text, write};
+use saeflow::models::transformer::KvCache;
+use saeflow::models::{Hook, HookPoint, Hooks};
+use saeflow::sae::format::{Activation, Sae};
+use saeflow::sae::steer::Edit;
+
+fn shared(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(p)
+}
+
+fn nanochat() -> saeflow::models::LoadedModel {
+    saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap()
+}
+
+/// A random TopK SAE over nanochat-d4's width (128), 256 latents, unit decoder rows.
+fn random_sae() -> Sae {
+    let cpu = Device::Cpu;
+    let w_enc = (Tensor::randn(0f32, 1.0, (128, 256), &cpu).unwrap() * 0.1).unwrap();
+    let w_dec = w_enc.t().unwrap().contiguous().unwrap();
+    let norms = w_dec.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+    Sae {
+        activation: Activation::TopK(8),
+        w_enc,
+        w_dec: w_dec.broadcast_div(&norms).unwrap(),
+        b_enc: Tensor::zeros(256, DType::F32, &cpu).unwrap(),
+        b_dec: Tensor::zeros(128, DType::F32, &cpu).unwrap(),
+        threshold: None,
+        apply_b_dec_to_input: true,
+        layer_norm: false,
+        cfg: serde_json::Value::Null,
+    }
+}
+
+const HOOK: Hook = Hook {
+    layer: 2,
+    point: HookPoint::ResidPost,
+};
+
+fn logits(model: &saeflow::models::LoadedModel, ids: &[u32], hooks: &Hooks) -> Tensor {
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+    model
+        .transformer
+        .forward(&input, hooks, None)
+        .unwrap()
+        .logits
+        .unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn steered(edit: Edit) -> Hooks {
+    let mut hooks = Hooks::logits();
+    hooks.interventions.insert(HOOK, edit.intervention());
+    hooks
+}
+
+#[test]
+fn no_op_edits_leave_logits_unchanged() {
+    let model = nanochat();
+    let sae = random_sae();
+    let ids = model
+        .encode_document("The river flows north through a wide valley")
+        .unwrap();
+    let clean = logits(&model, &ids, &Hooks::logits());
+    let add_nothing = Edit::Add {
+        direction: sae.w_dec.get(3).unwrap(),
+        amount: 0.0,
+    };
+    assert_eq!(
+        max_abs(&logits(&model, &ids, &steered(add_nothing)), &clean),
+        0.0
+    );
+    // A latent that is zero at every position: clamping it to 0 (its current value) changes nothing.
+    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+    let x = model
+        .transformer
+        .forward(&input, &Hooks::capture([HOOK]), None)
+        .unwrap()
+        .activations[&HOOK]
+        .squeeze(0)
+        .unwrap();
+    let codes = sae.encode(&x).unwrap();
+    let fired = codes
+        .ne(0f32)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum(0)
+        .unwrap();
+    let silent = fired
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .position(|&n| n == 0.0)
+        .expect("some latent is silent");
+    let clamp = Edit::Clamp {
+        sae: sae.clone(),
+        feature: silent,
+        target: 0.0,
+    };
+    assert_eq!(max_abs(&logits(&model, &ids, &steered(clamp)), &clean), 0.0);
+    // Adding the decoder row for real changes the logits.
+    let add = Edit::Add {
+        direction: sae.w_dec.get(3).unwrap(),
+        amount: 20.0,
+    };
+    assert!(max_abs(&logits(&model, &ids, &steered(add)), &clean) > 1e-2);
+}
+
+#[test]
+fn ablation_sets_the_latent_to_zero_at_the_hook() {
+    // The ablated activation is the SAE's reconstruction with the latent set to 0, plus the SAE's error.
+    let model = nanochat();
+    let sae = random_sae();
+    let ids = model
+        .encode_document("Sometimes one must lie to succeed")
+        .unwrap();
+    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+    let x = model
+        .transformer
+        .forward(&input, &Hooks::capture([HOOK]), None)
+        .unwrap()
+        .activations[&HOOK]
+        .squeeze(0)
+        .unwrap();
+    let codes = sae.encode(&x).unwrap();
+    let fired = codes
+        .ne(0f32)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum(0)
+        .unwrap();
+    let active = fired
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .position(|&n| n > 0.0)
+        .unwrap();
+    let ablated = Edit::Clamp {
+        sae: sae.clone(),
+        feature: active,
+        target: 0.0,
+    }
+    .apply(&x)
+    .unwrap();
+    let error = (&x - sae.decode(&codes).unwrap()).unwrap();
+    let mut zeroed = codes.to_vec2::<f32>().unwrap();
+    for row in &mut zeroed {
+        row[active] = 0.0;
+    }
+    let zeroed = Tensor::new(zeroed, &Device::Cpu).unwrap();
+    let expected = (sae.decode(&zeroed).unwrap() + error).unwrap();
+    assert!(max_abs(&ablated, &expected) < 1e-4);
+    assert!(
+        max_abs(&ablated, &x) > 1e-3,
+        "the latent was active: something changed"
+    );
+}
+
+#[test]
+fn steering_acts_in_prefill_and_decode_alike() {
+    // Decoding with a KV cache under a clamp equals recomputing the whole sequence under the same clamp.
+    let model = nanochat();
+    let sae = random_sae();
+    let ids = model
+        .encode_document("Sometimes one must deceive others to succeed")
+        .unwrap();
+    let hooks = steered(Edit::Clamp {
+        sae,
+        feature: 7,
+        target: 5.0,
+    });
+    let full = logits(&model, &ids, &hooks);
+    let mut cache = KvCache::default();
+    let split = 4;
+    let head = Tensor::from_vec(ids[..split].to_vec(), (1, split), &Device::Cpu).unwrap();
+    let mut parts = vec![model
+        .transformer
+        .forward(&head, &hooks, Some(&mut cache))
+        .unwrap()
+        .logits
+        .unwrap()];
+    for &id in &ids[split..] {
+        let one = Tensor::from_vec(vec![id], (1, 1), &Device::Cpu).unwrap();
+        parts.push(
+            model
+                .transformer
+                .forward(&one, &hooks, Some(&mut cache))
+                .unwrap()
+                .logits
+                .unwrap(),
+        );
+    }
+    let cached = Tensor::cat(&parts, 1).unwrap();
+    assert!(
+        max_abs(&cached, &full) < 1e-4,
+        "{}",
+        max_abs(&cached, &full)
+    );
+    assert!(max_abs(&full, &logits(&model, &ids, &Hooks::logits())) > 1e-3);
+}
+
+fn pipeline(dir: &Path, steer: &str) {
+    write(
+        &dir.join("p.toml"),
+        &format!(
+            r#"[pipeline]
+name = "st"
+
+[models.nc]
+kind = "nanochat"
+path = "{model}"
+
+[stages.data]
+kind = "dataset"
+sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 3000 }}]
+
+[stages.acts]
+kind = "capture"
+input = "data"
+model = "nc"
+hooks = ["blocks.2.hook_resid_post"]
+tokens = 20000
+
+[stages.sae]
+kind = "train"
+input = "acts"
+expansion = 4
+k = 8
+batch_size = 256
+
+[stages.labels]
+kind = "label"
+sae = "sae"
+input = "acts"
+alpha = 0.5
+min_effect = 0.0
+
+[stages.steer]
+kind = "steer"
+sae = "sae"
+model = "nc"
+labels = "labels"
+input = "data"
+prompt_count = 3
+max_new_tokens = 6
+{steer}
+"#,
+            model = shared("fixtures/nanochat-d4").display(),
+            data = shared("data/geometry_of_truth").display(),
+        ),
+    );
+}
+
+#[test]
+fn steer_stage_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    pipeline(
+        dir.path(),
+        "select = \"top:true\"\ndiffmean = \"true\"\nstrengths = [-8.0, 0.0, 8.0]\n",
+    );
+    ok(dir.path(), &["run", "p.toml"]);
+    let object = object_of(&dir.path().join("cache"), "st", "steer");
+    let read = |file: &str| {
+        let f = std::fs::File::open(object.join(file)).unwrap();
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .unwrap()
+            .build()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+    };
+    let g = read("generations.parquet");
+    // The unsteered baseline, then a feature and the DiffMean direction at three strengths; 3 prompts each.
+    assert_eq!(g.num_rows(), (1 + 2 * 3) * 3);
+    let target = g.column_by_name("target").unwrap().as_string::<i32>();
+    let strength = g
+        .column_by_name("strength")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    let texts = g.column_by_name("text").unwrap().as_string::<i32>();
+    let none: Vec<&str> = (0..3).map(|i| texts.value(i)).collect();
+    assert!((0..3).all(|i| target.value(i) == "none"));
+    // Strength 0 adds nothing: greedy generations equal the unsteered ones.
+    for i in 0..g.num_rows() {
+        if strength.value(i) == 0.0 {
+            assert_eq!(texts.value(i), none[i % 3], "row {i} ({})", target.value(i));
+        }
+    }
+    let e = read("effects.parquet");
+    let e_target = e.column_by_name("target").unwrap().as_string::<i32>();
+    let e_strength = e
+        .column_by_name("strength")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    let kl = e
+        .column_by_name("kl_neutral")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    let probe = e
+        .column_by_name("probe_probability")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    for i in 0..e.num_rows() {
+        if e_strength.value(i) == 0.0 {
+            assert_eq!(kl.value(i), 0.0, "{}", e_target.value(i));
+        } else {
+            assert!(kl.value(i) > 0.0, "{}", e_target.value(i));
+        }
+        assert!((0.0..=1.0).contains(&probe.value(i)));
+    }
+    // Strength 0 generates what the unsteered model does, so the readings agree too.
+    let at = |t: &str, s: f64| {
+        (0..e.num_rows())
+            .find(|&i| e_target.value(i).starts_with(t) && e_strength.value(i) == s)
+            .map(|i| probe.value(i))
+            .unwrap()
+    };
+    assert_eq!(at("diffmean:true", 0.0), at("none", 0.0));
+    assert_eq!(at("feature:", 0.0).to_bits(), at("none", 0.0).to_bits());
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(object.join("steer.json")).unwrap()).unwrap();
+    assert_eq!(summary["probe_class"], "true");
+    assert!(
+        summary["targets"]["diffmean:true"]["kl_neutral_at_strongest"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+
+    // Bad inputs: a class with no labelled feature, a feature the SAE does not have.
+    pipeline(dir.path(), "select = \"top:maybe\"\n");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("labelled no feature with `maybe`"),
+        "{}",
+        text(&out)
+    );
+    pipeline(dir.path(), "features = [100000]\n");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("feature 100000 does not exist"),
+        "{}",
+        text(&out)
+    );
+}
