@@ -3,17 +3,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{object_of, ok, run, text, write};
+use common::{object_of, ok, run, shared, text, write};
 use saeflow::data::activations::{ActivationStore, CaptureInfo, ReadOptions};
-
-fn shared(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(p)
-}
 
 /// A pipeline: a JSONL dataset (records with `text`, or `prompt` and `completion`, and `label`) and a
 /// capture of it by nanochat-d4 with extra capture settings.

@@ -3,12 +3,12 @@
 //! inputs fail clearly.
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt64Type};
 use candle_core::{Device, Tensor};
-use common::{object_of, ok, run, text, write, write_capture};
+use common::{object_of, ok, read_parquet, run, shared, text, write, write_capture};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -19,12 +19,6 @@ use serde_json::Value;
 const HOOK: &str = "blocks.2.hook_resid_post";
 /// nanochat-d4's width.
 const D_MODEL: usize = 128;
-
-fn shared(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(p)
-}
 
 /// A ReLU SAE from row-major `w_enc [d, m]`, `w_dec [m, d]` and biases.
 fn relu_sae(
@@ -58,16 +52,6 @@ fn relu_sae(
 
 fn eval_json(object: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(object.join("eval.json")).unwrap()).unwrap()
-}
-
-fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
-    let file = std::fs::File::open(path).unwrap();
-    let mut reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .with_batch_size(1 << 20)
-        .build()
-        .unwrap();
-    reader.next().unwrap().unwrap()
 }
 
 fn f64_column(b: &arrow_array::RecordBatch, name: &str) -> Vec<f64> {

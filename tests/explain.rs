@@ -9,53 +9,14 @@ use std::sync::{Arc, Mutex};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type};
 use common::http::Server;
-use common::{object_of, saeflow, text, write};
+use common::{nanochat_chain, object_of, read_parquet, saeflow, text, write};
 use serde_json::{json, Value};
 
 const KEY: &str = "sekrit-123";
 
-fn shared(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(p)
-}
-
 fn pipeline(dir: &Path, base_url: &str, llm: &str) {
-    write(
-        &dir.join("p.toml"),
-        &format!(
-            r#"[pipeline]
-name = "ex"
-
-[models.nc]
-kind = "nanochat"
-path = "{model}"
-
-[stages.data]
-kind = "dataset"
-sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 3000 }}]
-
-[stages.acts]
-kind = "capture"
-input = "data"
-model = "nc"
-hooks = ["blocks.2.hook_resid_post"]
-tokens = 20000
-
-[stages.sae]
-kind = "train"
-input = "acts"
-expansion = 4
-k = 8
-batch_size = 256
-
-[stages.labels]
-kind = "label"
-sae = "sae"
-input = "acts"
-alpha = 0.5
-min_effect = 0.0
-
+    let explain = format!(
+        r#"
 [stages.explain]
 kind = "explain"
 labels = "labels"
@@ -64,10 +25,11 @@ base_url = "{base_url}/v1"
 llm = "{llm}"
 api_key_env = "SAEFLOW_TEST_KEY"
 features = 3
-"#,
-            model = shared("fixtures/nanochat-d4").display(),
-            data = shared("data/geometry_of_truth").display(),
-        ),
+"#
+    );
+    write(
+        &dir.join("p.toml"),
+        &nanochat_chain("ex", "alpha = 0.5\nmin_effect = 0.0", &explain),
     );
 }
 
@@ -111,15 +73,6 @@ fn server(mode: Arc<AtomicU8>, bodies: Arc<Mutex<Vec<(String, Value)>>>) -> Serv
                 .to_string(),
         )
     })
-}
-
-fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
-    let file = std::fs::File::open(path).unwrap();
-    let mut reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    reader.next().unwrap().unwrap()
 }
 
 /// Every file under `dir`, recursively.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type};
 use candle_core::{DType, Device, Tensor};
-use common::{object_of, ok, run, text, write, write_capture};
+use common::{nanochat_chain, object_of, ok, read_parquet, run, text, write, write_capture};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -131,16 +131,6 @@ input = "acts"
             sae = sae.display()
         ),
     );
-}
-
-fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
-    let file = std::fs::File::open(path).unwrap();
-    let mut reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .with_batch_size(1 << 20)
-        .build()
-        .unwrap();
-    reader.next().unwrap().unwrap()
 }
 
 /// (feature, class, labelled, test_auroc_doc_mean, test_auroc) of every row of `features.parquet`.
@@ -379,53 +369,11 @@ fn bad_inputs_fail_with_the_reason() {
     );
 }
 
-fn shared(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(p)
-}
-
 #[test]
 fn labels_a_trained_sae_on_real_activations_end_to_end() {
     // nanochat-d4 on geometry-of-truth (true/false statements), a small TopK SAE, then `label`.
     let dir = tempfile::tempdir().unwrap();
-    write(
-        &dir.path().join("p.toml"),
-        &format!(
-            r#"[pipeline]
-name = "lb"
-
-[models.nc]
-kind = "nanochat"
-path = "{model}"
-
-[stages.data]
-kind = "dataset"
-sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 3000 }}]
-
-[stages.acts]
-kind = "capture"
-input = "data"
-model = "nc"
-hooks = ["blocks.2.hook_resid_post"]
-tokens = 20000
-
-[stages.sae]
-kind = "train"
-input = "acts"
-expansion = 4
-k = 8
-batch_size = 256
-
-[stages.labels]
-kind = "label"
-sae = "sae"
-input = "acts"
-"#,
-            model = shared("fixtures/nanochat-d4").display(),
-            data = shared("data/geometry_of_truth").display(),
-        ),
-    );
+    write(&dir.path().join("p.toml"), &nanochat_chain("lb", "", ""));
     let out = ok(dir.path(), &["run", "p.toml"]);
     assert!(
         out.contains("labelling 512 features of `sae` against false, true"),

@@ -3,21 +3,16 @@
 mod common;
 
 use common::checkpoints::make_nanochat;
+use common::shared;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use saeflow::models::generate::{generate, top_k, Sampling};
 use saeflow::models::transformer::{mean_nll, Hook, HookPoint, Hooks, Intervention, KvCache};
 use saeflow::models::{self, LoadedModel};
 use serde_json::Value as Json;
-
-fn shared(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(p)
-}
 
 fn nanochat() -> LoadedModel {
     models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap()

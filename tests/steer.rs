@@ -2,22 +2,16 @@
 //! recompute), and the `steer` stage runs end to end on nanochat-d4 with a trained SAE and its labels.
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::Float64Type;
 use candle_core::{DType, Device, Tensor};
-use common::{object_of, ok, run, text, write};
+use common::{nanochat_chain, object_of, ok, read_parquet, run, shared, text, write};
 use saeflow::models::transformer::KvCache;
 use saeflow::models::{Hook, HookPoint, Hooks};
 use saeflow::sae::format::{Activation, Sae};
 use saeflow::sae::steer::Edit;
-
-fn shared(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(p)
-}
 
 fn nanochat() -> saeflow::models::LoadedModel {
     saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap()
@@ -70,6 +64,31 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// `[t, d]` activations at [`HOOK`] of one sequence, unsteered.
+fn hook_acts(model: &saeflow::models::LoadedModel, ids: &[u32]) -> Tensor {
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+    model
+        .transformer
+        .forward(&input, &Hooks::capture([HOOK]), None)
+        .unwrap()
+        .activations[&HOOK]
+        .squeeze(0)
+        .unwrap()
+}
+
+/// How many positions each latent fires on.
+fn firing_counts(codes: &Tensor) -> Vec<f32> {
+    codes
+        .ne(0f32)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 fn steered(edit: Edit) -> Hooks {
     let mut hooks = Hooks::logits();
     hooks.interventions.insert(HOOK, edit.intervention());
@@ -93,25 +112,10 @@ fn no_op_edits_leave_logits_unchanged() {
         0.0
     );
     // A latent that is zero at every position: clamping it to 0 (its current value) changes nothing.
-    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
-    let x = model
-        .transformer
-        .forward(&input, &Hooks::capture([HOOK]), None)
-        .unwrap()
-        .activations[&HOOK]
-        .squeeze(0)
-        .unwrap();
+    let x = hook_acts(&model, &ids);
     let codes = sae.encode(&x).unwrap();
-    let fired = codes
-        .ne(0f32)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .sum(0)
-        .unwrap();
+    let fired = firing_counts(&codes);
     let silent = fired
-        .to_vec1::<f32>()
-        .unwrap()
         .iter()
         .position(|&n| n == 0.0)
         .expect("some latent is silent");
@@ -137,28 +141,10 @@ fn ablation_sets_the_latent_to_zero_at_the_hook() {
     let ids = model
         .encode_document("Sometimes one must lie to succeed")
         .unwrap();
-    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
-    let x = model
-        .transformer
-        .forward(&input, &Hooks::capture([HOOK]), None)
-        .unwrap()
-        .activations[&HOOK]
-        .squeeze(0)
-        .unwrap();
+    let x = hook_acts(&model, &ids);
     let codes = sae.encode(&x).unwrap();
-    let fired = codes
-        .ne(0f32)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .sum(0)
-        .unwrap();
-    let active = fired
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .position(|&n| n > 0.0)
-        .unwrap();
+    let fired = firing_counts(&codes);
+    let active = fired.iter().position(|&n| n > 0.0).unwrap();
     let ablated = Edit::Clamp {
         sae: sae.clone(),
         feature: active,
@@ -224,41 +210,8 @@ fn steering_acts_in_prefill_and_decode_alike() {
 }
 
 fn pipeline(dir: &Path, steer: &str) {
-    write(
-        &dir.join("p.toml"),
-        &format!(
-            r#"[pipeline]
-name = "st"
-
-[models.nc]
-kind = "nanochat"
-path = "{model}"
-
-[stages.data]
-kind = "dataset"
-sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 3000 }}]
-
-[stages.acts]
-kind = "capture"
-input = "data"
-model = "nc"
-hooks = ["blocks.2.hook_resid_post"]
-tokens = 20000
-
-[stages.sae]
-kind = "train"
-input = "acts"
-expansion = 4
-k = 8
-batch_size = 256
-
-[stages.labels]
-kind = "label"
-sae = "sae"
-input = "acts"
-alpha = 0.5
-min_effect = 0.0
-
+    let steer = format!(
+        r#"
 [stages.steer]
 kind = "steer"
 sae = "sae"
@@ -267,11 +220,11 @@ labels = "labels"
 input = "data"
 prompt_count = 3
 max_new_tokens = 6
-{steer}
-"#,
-            model = shared("fixtures/nanochat-d4").display(),
-            data = shared("data/geometry_of_truth").display(),
-        ),
+{steer}"#
+    );
+    write(
+        &dir.join("p.toml"),
+        &nanochat_chain("st", "alpha = 0.5\nmin_effect = 0.0", &steer),
     );
 }
 
@@ -284,16 +237,7 @@ fn steer_stage_end_to_end() {
     );
     ok(dir.path(), &["run", "p.toml"]);
     let object = object_of(&dir.path().join("cache"), "st", "steer");
-    let read = |file: &str| {
-        let f = std::fs::File::open(object.join(file)).unwrap();
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .unwrap()
-            .build()
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-    };
+    let read = |file: &str| read_parquet(&object.join(file));
     let g = read("generations.parquet");
     // The unsteered baseline, then a feature and the DiffMean direction at three strengths; 3 prompts each.
     assert_eq!(g.num_rows(), (1 + 2 * 3) * 3);

@@ -5,15 +5,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{object_of, ok, run, text, write};
+use common::{object_of, ok, run, shared, text, write};
 use saeflow::data::activations::{ActivationStore, ReadOptions};
 use saeflow::sae::format::Sae;
-
-fn shared(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(p)
-}
 
 /// nanochat-d4 activations of the geometry-of-truth preset, and an SAE trained on them.
 fn pipeline(dir: &Path, train: &str) {

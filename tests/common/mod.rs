@@ -155,3 +155,62 @@ pub fn write_capture(
     )
     .unwrap();
 }
+
+/// A path under `../shared` (the fixtures, models and data next to the project).
+pub fn shared(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(p)
+}
+
+/// The first record batch of a Parquet file (all rows: the tables tests read are small).
+pub fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
+    let file = std::fs::File::open(path).unwrap();
+    let mut reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .with_batch_size(1 << 20)
+        .build()
+        .unwrap();
+    reader.next().unwrap().unwrap()
+}
+
+/// Pipeline `name`: nanochat-d4 (`nc`) over 3000 geometry-of-truth rows (`data`), 20k tokens of
+/// `blocks.2.hook_resid_post` (`acts`), a TopK SAE (`sae`, expansion 4, k 8) and a `labels` stage with
+/// `label_params`; `extra` is appended.
+pub fn nanochat_chain(name: &str, label_params: &str, extra: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "{name}"
+
+[models.nc]
+kind = "nanochat"
+path = "{model}"
+
+[stages.data]
+kind = "dataset"
+sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 3000 }}]
+
+[stages.acts]
+kind = "capture"
+input = "data"
+model = "nc"
+hooks = ["blocks.2.hook_resid_post"]
+tokens = 20000
+
+[stages.sae]
+kind = "train"
+input = "acts"
+expansion = 4
+k = 8
+batch_size = 256
+
+[stages.labels]
+kind = "label"
+sae = "sae"
+input = "acts"
+{label_params}
+{extra}"#,
+        model = shared("fixtures/nanochat-d4").display(),
+        data = shared("data/geometry_of_truth").display(),
+    )
+}
