@@ -88,6 +88,15 @@ enum Command {
         #[arg(short = 'n', long, default_value_t = 10)]
         limit: usize,
     },
+    /// Write one self-contained HTML page of everything the pipeline has finished (charts inline, no
+    /// network needed to view it).
+    Report {
+        #[command(flatten)]
+        args: PipelineArgs,
+        /// Directory the page (`index.html`) is written into.
+        #[arg(short = 'o', long, default_value = "report")]
+        out: PathBuf,
+    },
     /// Delete cache objects and partial work that no ref reaches.
     Gc {
         /// List what would be deleted, delete nothing.
@@ -402,6 +411,51 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
                     crate::report::show::show(&cache.object_dir(&inst.key), limit)?
                 );
             }
+            Ok(())
+        }
+        Command::Report { args, out } => {
+            let cache = open_cache(&cli.cache)?;
+            let plan = load_plan(&args, &registry, &cache)?;
+            let (mut entries, mut missing) = (Vec::new(), Vec::new());
+            for &n in &plan.order {
+                let inst = plan.instance(n);
+                if cache.has_object(&inst.key) {
+                    entries.push(crate::report::html::Entry {
+                        name: inst.name.clone(),
+                        kind: inst.kind.clone(),
+                        dir: cache.object_dir(&inst.key),
+                    });
+                } else {
+                    missing.push(inst.name.clone());
+                }
+            }
+            // Tokenizers of local models only: a report never downloads anything.
+            let mut tokenizers = crate::report::html::Tokenizers::new();
+            for (name, spec) in &plan.pipeline.models {
+                if let Some(path) = &spec.path {
+                    let path = crate::config::resolve_path(&plan.pipeline.workdir, path);
+                    if let Ok(t) = crate::models::load_tokenizer(&path, spec.kind) {
+                        tokenizers.insert(name.clone(), t);
+                    }
+                }
+            }
+            let page = crate::report::html::render(
+                &plan.pipeline.header.name,
+                &entries,
+                &missing,
+                &tokenizers,
+            )?;
+            std::fs::create_dir_all(&out)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+            let file = out.join("index.html");
+            std::fs::write(&file, page)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
+            println!(
+                "wrote {} ({} finished instances, {} not computed yet)",
+                file.display(),
+                entries.len(),
+                missing.len()
+            );
             Ok(())
         }
         Command::Gc { dry_run } => {

@@ -160,17 +160,11 @@ pub fn load_with(
             }
             let files = nanochat::locate(path)?;
             let (config, weights) = nanochat::load(&files, device)?;
-            let tok_path = files.tokenizer.clone().with_context(|| {
-                format!(
-                    "{}: no tokenizer.pkl beside the checkpoint or in a tokenizer/ folder above it",
-                    files.model.display()
-                )
-            })?;
-            let tokenizer = Tokenizer::from_tiktoken_pickle(&tok_path)?;
+            let tokenizer = load_tokenizer(path, kind)?;
             if tokenizer.vocab_size() > config.vocab_size {
                 bail!(
                     "{}: tokenizer has {} ids, the model only {}",
-                    tok_path.display(),
+                    path.display(),
                     tokenizer.vocab_size(),
                     config.vocab_size
                 );
@@ -193,18 +187,7 @@ pub fn load_with(
             } else {
                 path.parent().unwrap_or(Path::new(".")).to_path_buf()
             };
-            let tok_path = dir.join("tokenizer.json");
-            let is_gguf = path.extension().is_some_and(|e| e == "gguf");
-            let tokenizer = if !tok_path.exists() && is_gguf {
-                Tokenizer::HuggingFace(Box::new(llama::gguf_tokenizer(path)?))
-            } else {
-                Tokenizer::from_hf_file(&tok_path).with_context(|| {
-                    format!(
-                        "{}: a tokenizer.json is needed beside the model",
-                        dir.display()
-                    )
-                })?
-            };
+            let tokenizer = load_tokenizer(path, kind)?;
             let (config, weights, bos, stop, template) =
                 if path.extension().is_some_and(|e| e == "gguf") {
                     let (c, w, info) =
@@ -250,6 +233,43 @@ pub fn load_with(
                 chat,
                 source: path.to_path_buf(),
             })
+        }
+    }
+}
+
+/// The tokenizer of the model at `path` alone (reports decode tokens without loading weights): nanochat's
+/// `tokenizer.pkl`, else a `tokenizer.json` beside the weights, else the GGUF's own vocabulary.
+pub fn load_tokenizer(path: &Path, kind: ModelKind) -> anyhow::Result<Tokenizer> {
+    match kind {
+        ModelKind::Nanochat => {
+            let files = nanochat::locate(path)?;
+            let tok_path = files.tokenizer.clone().with_context(|| {
+                format!(
+                    "{}: no tokenizer.pkl beside the checkpoint or in a tokenizer/ folder above it",
+                    files.model.display()
+                )
+            })?;
+            Tokenizer::from_tiktoken_pickle(&tok_path)
+        }
+        ModelKind::Llama => {
+            let dir = if path.is_dir() {
+                path.to_path_buf()
+            } else {
+                path.parent().unwrap_or(Path::new(".")).to_path_buf()
+            };
+            let tok_path = dir.join("tokenizer.json");
+            if !tok_path.exists() && path.extension().is_some_and(|e| e == "gguf") {
+                Ok(Tokenizer::HuggingFace(Box::new(llama::gguf_tokenizer(
+                    path,
+                )?)))
+            } else {
+                Tokenizer::from_hf_file(&tok_path).with_context(|| {
+                    format!(
+                        "{}: a tokenizer.json is needed beside the model",
+                        dir.display()
+                    )
+                })
+            }
         }
     }
 }

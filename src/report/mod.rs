@@ -1,3 +1,6 @@
-//! Presenting results: terminal tables of stage outputs (`saeflow show`); the HTML report comes later.
+//! Presenting results: terminal tables of stage outputs (`saeflow show`) and the self-contained HTML report
+//! (`saeflow report`, charts as inline SVG).
 
+pub mod html;
 pub mod show;
+pub mod svg;

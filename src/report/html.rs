@@ -1,0 +1,603 @@
+//! `saeflow report`: one self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched) from a
+//! pipeline's cached outputs. Progressive: every finished instance is shown, every missing one is listed.
+//!
+//! The report reads artifacts by their documented layouts (`schemas/*.md`), one section per stage kind.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, UInt32Type, UInt64Type};
+use arrow_array::{Array, RecordBatch};
+
+use super::svg::{bars, escape, lines, scatter, short};
+use crate::models::Tokenizer;
+
+/// A finished instance.
+pub struct Entry {
+    /// Instance name (`sae[k=8]`).
+    pub name: String,
+    /// Stage kind.
+    pub kind: String,
+    /// Its cache object.
+    pub dir: PathBuf,
+}
+
+/// Tokenizers by model name, for decoding contexts (absent: token ids are shown).
+pub type Tokenizers = BTreeMap<String, Tokenizer>;
+
+fn read(path: &Path) -> anyhow::Result<Vec<RecordBatch>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?
+        .build()?
+        .map(|b| b.with_context(|| format!("reading {}", path.display())))
+        .collect()
+}
+
+fn json(path: &Path) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+/// Column values of a table as f64 (nulls as NaN), strings or u64, by name.
+struct Table(Vec<RecordBatch>);
+
+impl Table {
+    fn open(path: &Path) -> anyhow::Result<Self> {
+        Ok(Table(read(path)?))
+    }
+    fn column(&self, name: &str) -> anyhow::Result<Vec<&dyn Array>> {
+        self.0
+            .iter()
+            .map(|b| {
+                b.column_by_name(name)
+                    .map(|c| c.as_ref())
+                    .with_context(|| format!("no `{name}` column"))
+            })
+            .collect()
+    }
+    fn f64s(&self, name: &str) -> anyhow::Result<Vec<f64>> {
+        Ok(self
+            .column(name)?
+            .into_iter()
+            .flat_map(|c| {
+                let c = c.as_primitive::<Float64Type>();
+                (0..c.len()).map(move |i| if c.is_null(i) { f64::NAN } else { c.value(i) })
+            })
+            .collect())
+    }
+    fn strings(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .column(name)?
+            .into_iter()
+            .flat_map(|c| {
+                let c = c.as_string::<i32>();
+                (0..c.len()).map(move |i| {
+                    if c.is_null(i) {
+                        String::new()
+                    } else {
+                        c.value(i).to_string()
+                    }
+                })
+            })
+            .collect())
+    }
+    fn u64s(&self, name: &str) -> anyhow::Result<Vec<u64>> {
+        Ok(self
+            .column(name)?
+            .into_iter()
+            .flat_map(|c| c.as_primitive::<UInt64Type>().values().to_vec())
+            .collect())
+    }
+    fn u32s(&self, name: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(self
+            .column(name)?
+            .into_iter()
+            .flat_map(|c| c.as_primitive::<UInt32Type>().values().to_vec())
+            .collect())
+    }
+}
+
+/// An HTML table.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut s = String::from("<table><tr>");
+    for h in headers {
+        let _ = write!(s, "<th>{}</th>", escape(h));
+    }
+    s += "</tr>";
+    for r in rows {
+        s += "<tr>";
+        for c in r {
+            let _ = write!(s, "<td>{c}</td>");
+        }
+        s += "</tr>";
+    }
+    s + "</table>"
+}
+
+fn num(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else {
+        short(v)
+    }
+}
+
+const STYLE: &str = "body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}\
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}h3{font-size:1.05em}\
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:top}\
+th{background:#f4f4f4}.charts{display:flex;flex-wrap:wrap;gap:1em}.chart{background:#fff;border:1px solid #eee}\
+.ct{font-size:13px;font-weight:600}.tk{font-size:10px;fill:#555}.al{font-size:11px;fill:#333}.lg{font-size:11px}\
+mark{background:#ffd54f;font-weight:600}.ctx{font-family:ui-monospace,monospace;font-size:12px;white-space:pre-wrap}\
+.missing{color:#888}.note{color:#555}";
+
+/// The whole page.
+pub fn render(
+    pipeline: &str,
+    entries: &[Entry],
+    missing: &[String],
+    tokenizers: &Tokenizers,
+) -> anyhow::Result<String> {
+    let of = |kind: &str| {
+        entries
+            .iter()
+            .filter(|e| e.kind == kind)
+            .collect::<Vec<_>>()
+    };
+    let mut body = String::new();
+    let _ = write!(
+        body,
+        "<h1>saeflow report: {}</h1><p class=\"note\">{} finished instances{}. Generated by saeflow {} from the \
+         cache; rerun <code>saeflow report</code> as stages finish.</p>",
+        escape(pipeline),
+        entries.len(),
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", not computed yet: <span class=\"missing\">{}</span>",
+                escape(&missing.join(", "))
+            )
+        },
+        env!("CARGO_PKG_VERSION")
+    );
+    let sections: [(&str, &str, &str); 6] = [
+        ("data", "Datasets", "dataset"),
+        ("training", "SAE training", "train"),
+        ("evaluation", "Evaluation", "eval"),
+        ("labels", "Labelled features", "label"),
+        ("steering", "Steering", "steer"),
+        ("explanations", "Explanations", "explain"),
+    ];
+    for (id, title, kind) in sections {
+        let found = of(kind);
+        let _ = write!(body, "<section id=\"{id}\"><h2>{title}</h2>");
+        if found.is_empty() {
+            let _ = write!(body, "<p class=\"missing\">No finished `{kind}` stage.</p>");
+        }
+        let html = match kind {
+            "dataset" => found
+                .iter()
+                .map(|e| dataset(e))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            "train" => vec![training(&found)?],
+            "eval" => vec![evaluation(&found)?],
+            "label" => found
+                .iter()
+                .map(|e| labels(e, entries, tokenizers))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            "steer" => found
+                .iter()
+                .map(|e| steering(e))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            _ => found
+                .iter()
+                .map(|e| explanations(e))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        };
+        if !found.is_empty() {
+            body += &html.concat();
+        }
+        body += "</section>";
+    }
+    Ok(format!(
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" \
+         content=\"width=device-width,initial-scale=1\"><title>saeflow: {}</title><style>{STYLE}</style></head>\
+         <body>{body}</body></html>\n",
+        escape(pipeline)
+    ))
+}
+
+fn dataset(e: &Entry) -> anyhow::Result<String> {
+    let t = Table::open(&e.dir.join("rows.parquet"))?;
+    let (labels, splits) = (t.strings("label")?, t.strings("split")?);
+    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for (l, s) in labels.iter().zip(&splits) {
+        let l = if l.is_empty() { "(none)" } else { l };
+        *counts
+            .entry(l.to_string())
+            .or_default()
+            .entry(s.clone())
+            .or_default() += 1;
+    }
+    let split_names: Vec<String> = {
+        let mut v: Vec<String> = splits.clone();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let rows: Vec<Vec<String>> = counts
+        .iter()
+        .map(|(l, per)| {
+            std::iter::once(escape(l))
+                .chain(
+                    split_names
+                        .iter()
+                        .map(|s| per.get(s).copied().unwrap_or(0).to_string()),
+                )
+                .chain(std::iter::once(per.values().sum::<u64>().to_string()))
+                .collect()
+        })
+        .collect();
+    let mut headers = vec!["label"];
+    headers.extend(split_names.iter().map(String::as_str));
+    headers.push("total");
+    let chart = bars(
+        &format!("{}: rows per label", e.name),
+        "rows",
+        &counts
+            .iter()
+            .map(|(l, per)| (l.clone(), per.values().sum::<u64>() as f64))
+            .collect::<Vec<_>>(),
+    );
+    Ok(format!(
+        "<h3>{} ({} rows)</h3>{}<div class=\"charts\">{chart}</div>",
+        escape(&e.name),
+        labels.len(),
+        table(&headers, &rows)
+    ))
+}
+
+fn training(entries: &[&Entry]) -> anyhow::Result<String> {
+    if entries.is_empty() {
+        return Ok(String::new());
+    }
+    let (mut fvu, mut val, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+    for e in entries {
+        let log = Table::open(&e.dir.join("train_log.parquet"))?;
+        let steps: Vec<f64> = log.u64s("step")?.into_iter().map(|s| s as f64).collect();
+        let (f, v) = (log.f64s("fvu")?, log.f64s("val_fvu")?);
+        fvu.push((e.name.clone(), steps.iter().copied().zip(f).collect()));
+        val.push((
+            e.name.clone(),
+            steps
+                .iter()
+                .copied()
+                .zip(v)
+                .filter(|p| p.1.is_finite())
+                .collect(),
+        ));
+        let info = json(&e.dir.join("train.json"))?;
+        let last = &info["final"];
+        rows.push(vec![
+            escape(&e.name),
+            info["d_sae"].to_string(),
+            info["k"].as_u64().map_or("–".into(), |k| k.to_string()),
+            info["steps"].to_string(),
+            info["tokens"].to_string(),
+            num(last["fvu"].as_f64().unwrap_or(f64::NAN)),
+            num(last["val_fvu"].as_f64().unwrap_or(f64::NAN)),
+            num(last["l0"].as_f64().unwrap_or(f64::NAN)),
+            num(info["dead_fraction"].as_f64().unwrap_or(f64::NAN)),
+        ]);
+    }
+    Ok(format!(
+        "{}<div class=\"charts\">{}{}</div>",
+        table(
+            &[
+                "SAE",
+                "latents",
+                "k",
+                "steps",
+                "tokens",
+                "final FVU",
+                "val FVU",
+                "L0",
+                "dead"
+            ],
+            &rows
+        ),
+        lines("training FVU", "step", "FVU", &fvu),
+        lines("validation FVU", "step", "FVU", &val)
+    ))
+}
+
+fn evaluation(entries: &[&Entry]) -> anyhow::Result<String> {
+    if entries.is_empty() {
+        return Ok(String::new());
+    }
+    let (mut fvu, mut ce, mut rows, mut hist) = (Vec::new(), Vec::new(), Vec::new(), String::new());
+    for e in entries {
+        let r = json(&e.dir.join("eval.json"))?;
+        let get = |g: &str, k: &str| r[g][k].as_f64().unwrap_or(f64::NAN);
+        let l0 = get("sparsity", "l0");
+        fvu.push((e.name.clone(), l0, get("reconstruction_quality", "fvu")));
+        ce.push((
+            e.name.clone(),
+            l0,
+            get("model_performance_preservation", "ce_loss_score"),
+        ));
+        rows.push(vec![
+            escape(&e.name),
+            num(l0),
+            num(get("reconstruction_quality", "fvu")),
+            num(get("reconstruction_quality", "cossim")),
+            num(get("sparsity", "dead_fraction")),
+            num(get("sparsity", "dense_1pct_fraction")),
+            num(get("model_performance_preservation", "ce_loss_without_sae")),
+            num(get("model_performance_preservation", "ce_loss_with_sae")),
+            num(get("model_performance_preservation", "ce_loss_score")),
+            num(get("model_behavior_preservation", "kl_div_with_sae")),
+        ]);
+        let edges = r["density_histogram"]["log10_edges"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let counts = r["density_histogram"]["counts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut b: Vec<(String, f64)> = vec![(
+            "dead".into(),
+            r["density_histogram"]["dead"].as_f64().unwrap_or(0.0),
+        )];
+        b.extend(counts.iter().zip(&edges).map(|(c, e)| {
+            (
+                format!("{}", e.as_f64().unwrap_or(0.0)),
+                c.as_f64().unwrap_or(0.0),
+            )
+        }));
+        hist += &bars(
+            &format!("{}: log10 feature density", e.name),
+            "features",
+            &b,
+        );
+    }
+    Ok(format!(
+        "{}<div class=\"charts\">{}{}{hist}</div>",
+        table(
+            &[
+                "SAE",
+                "L0",
+                "FVU",
+                "cos",
+                "dead",
+                "dense >1%",
+                "CE clean",
+                "CE with SAE",
+                "CE recovered",
+                "KL"
+            ],
+            &rows
+        ),
+        scatter("FVU vs L0", "L0", "FVU", &fvu),
+        scatter("CE loss recovered vs L0", "L0", "CE recovered", &ce)
+    ))
+}
+
+/// The capture a label stage read and its model's tokenizer, found through the manifests.
+fn tokenizer_of<'a>(
+    e: &Entry,
+    entries: &[Entry],
+    tokenizers: &'a Tokenizers,
+) -> Option<&'a Tokenizer> {
+    let manifest = json(&e.dir.join("manifest.json")).ok()?;
+    let capture_key = manifest["inputs"]["input"].as_str()?;
+    let capture = entries.iter().find(|x| x.dir.ends_with(capture_key))?;
+    let info = json(&capture.dir.join("capture.json")).ok()?;
+    tokenizers.get(info["model"].as_str()?)
+}
+
+fn context_html(tokens: &[u32], marked: usize, tokenizer: Option<&Tokenizer>) -> String {
+    let text = |ids: &[u32]| match tokenizer {
+        Some(t) => t.decode(ids).unwrap_or_else(|_| format!("{ids:?}")),
+        None => ids.iter().map(|i| format!("[{i}]")).collect::<String>(),
+    };
+    let m = marked.min(tokens.len().saturating_sub(1));
+    format!(
+        "{}<mark>{}</mark>{}",
+        escape(&text(&tokens[..m])),
+        escape(&text(&tokens[m..(m + 1).min(tokens.len())])),
+        escape(&text(&tokens[(m + 1).min(tokens.len())..]))
+    )
+}
+
+fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Result<String> {
+    let summary = json(&e.dir.join("label.json"))?;
+    let unit = summary["unit"].as_str().unwrap_or("doc_mean").to_string();
+    let mut rows = Vec::new();
+    let mut chart = Vec::new();
+    if let Some(per) = summary["per_class"].as_object() {
+        for (class, c) in per {
+            let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
+            rows.push(vec![
+                escape(class),
+                c["labelled_features"].to_string(),
+                c["best_feature"]
+                    .as_u64()
+                    .map_or("–".into(), |b| b.to_string()),
+                num(f(&format!("best_feature_test_auroc_{unit}"))),
+                num(f("best_feature_test_auroc")),
+                num(f("diffmean_test_auroc")),
+                num(f("logistic_test_auroc")),
+            ]);
+            for (what, key) in [
+                ("feature", "best_feature_test_auroc"),
+                ("DiffMean", "diffmean_test_auroc"),
+                ("probe", "logistic_test_auroc"),
+            ] {
+                chart.push((format!("{class} {what}"), f(key)));
+            }
+        }
+    }
+    let auroc_chart = bars("held-out AUROC per token", "AUROC", &chart);
+    // Top labelled features per class with their top contexts.
+    let features = Table::open(&e.dir.join("features.parquet"))?;
+    let (feature, class, labelled) = (
+        features.u32s("feature")?,
+        features.strings("class")?,
+        features.column("labelled")?,
+    );
+    let labelled: Vec<bool> = labelled
+        .into_iter()
+        .flat_map(|c| {
+            let c = c.as_boolean();
+            (0..c.len()).map(move |i| c.value(i))
+        })
+        .collect();
+    let auroc = features.f64s(&if unit == "token" {
+        "test_auroc".into()
+    } else {
+        format!("test_auroc_{unit}")
+    })?;
+    let mut best: BTreeMap<&str, Vec<(f64, u32)>> = BTreeMap::new();
+    for i in 0..feature.len() {
+        if labelled[i] {
+            best.entry(class[i].as_str())
+                .or_default()
+                .push((auroc[i], feature[i]));
+        }
+    }
+    let contexts = Table::open(&e.dir.join("contexts.parquet"))?;
+    let (cf, cc, ck) = (
+        contexts.u32s("feature")?,
+        contexts.strings("class")?,
+        contexts.strings("kind")?,
+    );
+    let (ca, cm) = (contexts.f64s("activation")?, contexts.u32s("marked")?);
+    let ct: Vec<Vec<u32>> = contexts
+        .column("token_ids")?
+        .into_iter()
+        .flat_map(|c| {
+            let c = c.as_list::<i32>();
+            (0..c.len())
+                .map(|i| c.value(i).as_primitive::<UInt32Type>().values().to_vec())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let tokenizer = tokenizer_of(e, entries, tokenizers);
+    let mut pages = String::new();
+    for (c, mut list) in best {
+        list.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (a, f) in list.into_iter().take(3) {
+            let _ = write!(
+                pages,
+                "<h3>feature {f} · {} · held-out AUROC ({unit}) {}</h3>",
+                escape(c),
+                num(a)
+            );
+            let shown: Vec<Vec<String>> = (0..cf.len())
+                .filter(|&i| cf[i] == f && cc[i] == c && ck[i] == "top")
+                .take(5)
+                .map(|i| {
+                    vec![
+                        num(ca[i]),
+                        format!(
+                            "<span class=\"ctx\">{}</span>",
+                            context_html(&ct[i], cm[i] as usize, tokenizer)
+                        ),
+                    ]
+                })
+                .collect();
+            pages += &table(&["activation", "top context (the token marked)"], &shown);
+        }
+    }
+    Ok(format!(
+        "<h3>{}</h3><p class=\"note\">Labels need q &lt; α on the fit split; the numbers are held out (test split).</p>{}\
+         <div class=\"charts\">{auroc_chart}</div>{pages}",
+        escape(&e.name),
+        table(
+            &["class", "labelled", "best feature", &format!("its AUROC ({unit})"), "its AUROC (token)", "DiffMean", "logistic"],
+            &rows
+        )
+    ))
+}
+
+fn steering(e: &Entry) -> anyhow::Result<String> {
+    let t = Table::open(&e.dir.join("effects.parquet"))?;
+    let (target, strength) = (t.strings("target")?, t.f64s("strength")?);
+    let (probe, kl) = (t.f64s("probe_probability")?, t.f64s("kl_neutral")?);
+    let mut names: Vec<String> = target.clone();
+    names.dedup();
+    let series = |values: &[f64]| -> Vec<(String, Vec<(f64, f64)>)> {
+        names
+            .iter()
+            .filter(|n| n.as_str() != "none")
+            .map(|n| {
+                (
+                    n.clone(),
+                    (0..target.len())
+                        .filter(|&i| &target[i] == n)
+                        .map(|i| (strength[i], values[i]))
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let g = Table::open(&e.dir.join("generations.parquet"))?;
+    let (gt, gs, gp, gx) = (
+        g.strings("target")?,
+        g.f64s("strength")?,
+        g.u32s("prompt_index")?,
+        g.strings("text")?,
+    );
+    let prompts = g.strings("prompt")?;
+    let mut rows = Vec::new();
+    for i in (0..gt.len()).filter(|&i| gp[i] == 0) {
+        rows.push(vec![
+            escape(&gt[i]),
+            num(gs[i]),
+            format!("<span class=\"ctx\">{}</span>", escape(&gx[i])),
+        ]);
+    }
+    Ok(format!(
+        "<h3>{}</h3><div class=\"charts\">{}{}</div><p>Prompt 0: <span class=\"ctx\">{}</span></p>{}",
+        escape(&e.name),
+        lines("probe probability of the generations", "strength", "probe p", &series(&probe)),
+        lines("KL on neutral text", "strength", "KL (nats)", &series(&kl)),
+        escape(prompts.first().map(String::as_str).unwrap_or("")),
+        table(&["target", "strength", "generation"], &rows)
+    ))
+}
+
+fn explanations(e: &Entry) -> anyhow::Result<String> {
+    let t = Table::open(&e.dir.join("explanations.parquet"))?;
+    let (f, c, x, b) = (
+        t.u32s("feature")?,
+        t.strings("class")?,
+        t.strings("explanation")?,
+        t.f64s("balanced_accuracy")?,
+    );
+    let rows: Vec<Vec<String>> = (0..f.len())
+        .map(|i| vec![f[i].to_string(), escape(&c[i]), escape(&x[i]), num(b[i])])
+        .collect();
+    Ok(format!(
+        "<h3>{}</h3>{}",
+        escape(&e.name),
+        table(
+            &[
+                "feature",
+                "class",
+                "explanation",
+                "detection balanced accuracy"
+            ],
+            &rows
+        )
+    ))
+}

@@ -1,0 +1,137 @@
+//! `saeflow report`: a self-contained page with every section of a finished pipeline, listing what is not
+//! computed yet, and clean in headless Chromium (no console messages; a screenshot renders).
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{nanochat_chain, ok, write};
+
+const EXTRA: &str = r#"
+[stages.eval]
+kind = "eval"
+sae = "sae"
+input = "acts"
+model = "nc"
+ce_tokens = 500
+
+[stages.steer]
+kind = "steer"
+sae = "sae"
+model = "nc"
+labels = "labels"
+select = "top:true"
+diffmean = "true"
+input = "data"
+prompt_count = 2
+max_new_tokens = 4
+strengths = [-2.0, 0.0, 2.0]
+"#;
+
+/// The `<section id=…>` of the page, up to the next section.
+fn section<'a>(page: &'a str, id: &str) -> &'a str {
+    let start = page
+        .find(&format!("<section id=\"{id}\">"))
+        .unwrap_or_else(|| panic!("no section {id}"));
+    let end = page[start..].find("</section>").unwrap() + start;
+    &page[start..end]
+}
+
+/// Console lines Chromium logs while loading `page` (None when Chromium is not installed here).
+fn chromium_console(page: &Path, screenshot: &Path) -> Option<Vec<String>> {
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1100,2400",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--screenshot={}", screenshot.display()))
+        .arg(format!("file://{}", page.display()))
+        .output();
+    let Ok(out) = out else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "Chromium must be installed in CI (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: chromium is not installed here");
+        return None;
+    };
+    Some(
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.contains(":CONSOLE"))
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+#[test]
+fn report_shows_every_section_and_renders_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("p.toml"),
+        &nanochat_chain("rp", "alpha = 0.5\nmin_effect = 0.0", EXTRA),
+    );
+    // Progressive: before steer runs, the page lists it as missing.
+    ok(dir.path(), &["run", "p.toml", "eval", "labels"]);
+    let out = ok(dir.path(), &["report", "p.toml", "-o", "early"]);
+    assert!(out.contains("1 not computed yet"), "{out}");
+    let page = std::fs::read_to_string(dir.path().join("early/index.html")).unwrap();
+    assert!(section(&page, "steering").contains("No finished `steer` stage"));
+    assert!(page.contains("not computed yet: <span class=\"missing\">steer</span>"));
+
+    ok(dir.path(), &["run", "p.toml"]);
+    ok(dir.path(), &["report", "p.toml"]);
+    let path = dir.path().join("report/index.html");
+    let page = std::fs::read_to_string(&path).unwrap();
+    // Self-contained: nothing to fetch, nothing to run.
+    for outside in ["<script", "src=", "href=", "http://", "https://"] {
+        assert!(!page.contains(outside), "{outside}");
+    }
+    for id in ["data", "training", "evaluation", "labels", "steering"] {
+        let s = section(&page, id);
+        assert!(!s.contains("No finished"), "{id}");
+        // Every chart has marks in it.
+        for chart in s.split("<svg").skip(1) {
+            assert!(
+                chart.contains("<rect")
+                    || chart.contains("<circle")
+                    || chart.contains("<path d=\"M"),
+                "{id}: empty chart"
+            );
+        }
+        assert!(s.contains("<svg"), "{id} has a chart");
+    }
+    // Contexts are decoded text with the token marked, not token ids.
+    let labels = section(&page, "labels");
+    assert!(labels.contains("<mark>"), "contexts shown");
+    assert!(
+        !labels.contains("<mark>["),
+        "decoded with the model's tokenizer"
+    );
+    assert!(section(&page, "steering").contains("diffmean:true"));
+    assert!(section(&page, "explanations").contains("No finished `explain` stage"));
+
+    // Headless Chromium: no console output at all (the page has no scripts), and it renders.
+    let shot = dir.path().join("shot.png");
+    if let Some(console) = chromium_console(&path, &shot) {
+        assert!(console.is_empty(), "{console:?}");
+        assert!(
+            std::fs::metadata(&shot).unwrap().len() > 20_000,
+            "a real screenshot"
+        );
+        // The check itself sees console errors.
+        let bad = dir.path().join("bad.html");
+        std::fs::write(
+            &bad,
+            "<html><body><script>console.error('boom')</script></body></html>",
+        )
+        .unwrap();
+        let console = chromium_console(&bad, &dir.path().join("bad.png")).unwrap();
+        assert!(console.iter().any(|l| l.contains("boom")), "{console:?}");
+    }
+}
