@@ -118,10 +118,11 @@ pub enum ModelKind {
 pub struct ModelSpec {
     /// Model family.
     pub kind: ModelKind,
-    /// Local file or directory (`~` expands). Its content enters the action keys of stages using it.
+    /// Local file or directory (`~` expands). Its content enters the action keys of stages using it. With
+    /// `hub` as well, the local copy is used and `hub`/`revision` record which upstream model it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// Hub repository id (`org/name`), used when `path` is absent.
+    /// Hub repository id (`org/name`), downloaded when `path` is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub: Option<String>,
     /// Hub revision (commit or tag); pin it for reproducible keys.
@@ -536,11 +537,11 @@ impl Loader<'_> {
                     format!("model dtype `{d}` is not supported (f32 or quantized)"),
                 ));
             }
-            if spec.path.is_some() == spec.hub.is_some() {
+            if spec.path.is_none() && spec.hub.is_none() {
                 return Err(self.err(
                     name.span(),
                     format!(
-                        "model `{}` needs exactly one of `path` or `hub`",
+                        "model `{}` needs `path` (a local copy) or `hub` (a repository to download)",
                         name.get_ref()
                     ),
                 ));
