@@ -42,6 +42,16 @@ pub fn write_batches(path: &Path, batches: &[RecordBatch]) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Every record batch of a Parquet file, errors naming the file.
+pub fn read_batches(path: &Path) -> anyhow::Result<Vec<RecordBatch>> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?
+        .build()?
+        .map(|b| b.with_context(|| format!("reading {}", path.display())))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,16 +28,6 @@ pub struct Entry {
 /// Tokenizers by model name, for decoding contexts (absent: token ids are shown).
 pub type Tokenizers = BTreeMap<String, Tokenizer>;
 
-fn read(path: &Path) -> anyhow::Result<Vec<RecordBatch>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?
-        .build()?
-        .map(|b| b.with_context(|| format!("reading {}", path.display())))
-        .collect()
-}
-
 fn json(path: &Path) -> anyhow::Result<serde_json::Value> {
     serde_json::from_slice(
         &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
@@ -50,7 +40,7 @@ struct Table(Vec<RecordBatch>);
 
 impl Table {
     fn open(path: &Path) -> anyhow::Result<Self> {
-        Ok(Table(read(path)?))
+        Ok(Table(crate::data::parquet::read_batches(path)?))
     }
     fn column(&self, name: &str) -> anyhow::Result<Vec<&dyn Array>> {
         self.0
@@ -461,11 +451,9 @@ fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Resu
             (0..c.len()).map(move |i| c.value(i))
         })
         .collect();
-    let auroc = features.f64s(&if unit == "token" {
-        "test_auroc".into()
-    } else {
-        format!("test_auroc_{unit}")
-    })?;
+    let auroc = features.f64s(
+        &crate::stages::label::test_auroc_column(&summary).context("label.json names no unit")?,
+    )?;
     let mut best: BTreeMap<&str, Vec<(f64, u32)>> = BTreeMap::new();
     for i in 0..feature.len() {
         if labelled[i] {

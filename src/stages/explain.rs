@@ -278,13 +278,10 @@ fn chosen_pairs(p: &ExplainParams, dir: &Path) -> anyhow::Result<Vec<Pair>> {
         &std::fs::read(dir.join("label.json"))
             .with_context(|| format!("`{}` is not a label stage (no label.json)", p.labels))?,
     )?;
-    let column = match summary["unit"].as_str() {
-        Some("token") => "test_auroc".to_string(),
-        Some(unit) => format!("test_auroc_{unit}"),
-        None => bail!("`{}`: label.json names no unit", p.labels),
-    };
+    let column = super::label::test_auroc_column(&summary)
+        .with_context(|| format!("`{}`: label.json names no unit", p.labels))?;
     let mut pairs = Vec::new();
-    for batch in read_parquet(&dir.join("features.parquet"))? {
+    for batch in crate::data::parquet::read_batches(&dir.join("features.parquet"))? {
         let feature = batch_column(&batch, "feature")?.as_primitive::<UInt32Type>();
         let class = batch_column(&batch, "class")?.as_string::<i32>();
         let labelled = batch_column(&batch, "labelled")?.as_boolean();
@@ -310,16 +307,6 @@ fn chosen_pairs(p: &ExplainParams, dir: &Path) -> anyhow::Result<Vec<Pair>> {
     Ok(pairs)
 }
 
-fn read_parquet(path: &Path) -> anyhow::Result<Vec<RecordBatch>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?
-        .build()?
-        .map(|b| b.with_context(|| format!("reading {}", path.display())))
-        .collect()
-}
-
 fn batch_column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a ArrayRef> {
     batch
         .column_by_name(name)
@@ -329,7 +316,7 @@ fn batch_column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a Ar
 /// Every context of `contexts.parquet`, with its (feature, class).
 fn read_contexts(dir: &Path) -> anyhow::Result<Vec<(u32, String, Excerpt)>> {
     let mut out = Vec::new();
-    for batch in read_parquet(&dir.join("contexts.parquet"))? {
+    for batch in crate::data::parquet::read_batches(&dir.join("contexts.parquet"))? {
         let feature = batch_column(&batch, "feature")?.as_primitive::<UInt32Type>();
         let class = batch_column(&batch, "class")?.as_string::<i32>();
         let kind = batch_column(&batch, "kind")?.as_string::<i32>();

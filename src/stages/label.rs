@@ -605,6 +605,15 @@ fn versus_labels(
     Ok(Some(labels))
 }
 
+/// The `features.parquet` column holding the held-out AUROC of a label stage's `unit`, from its
+/// `label.json` (`None` when it names no unit).
+pub fn test_auroc_column(summary: &serde_json::Value) -> Option<String> {
+    Some(match summary["unit"].as_str()? {
+        "token" => "test_auroc".to_string(),
+        unit => format!("test_auroc_{unit}"),
+    })
+}
+
 fn split_of(p: &LabelParams, table: &TokenTable, name: &str) -> anyhow::Result<u8> {
     table.split_index(name).with_context(|| {
         format!(

@@ -464,11 +464,8 @@ fn read_labels(name: &str, dir: &Path, device: &Device) -> anyhow::Result<Labels
             .with_context(|| format!("`{name}` is not a label stage (no label.json)"))?,
     )?;
     let hook = summary["hook"].as_str().unwrap_or_default().to_string();
-    let unit_column = match summary["unit"].as_str() {
-        Some("token") => "test_auroc".to_string(),
-        Some(u) => format!("test_auroc_{u}"),
-        None => bail!("`{name}`: label.json names no unit"),
-    };
+    let unit_column = super::label::test_auroc_column(&summary)
+        .with_context(|| format!("`{name}`: label.json names no unit"))?;
     let path = dir.join("features.parquet");
     let file =
         std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
