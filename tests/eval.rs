@@ -8,7 +8,9 @@ use std::path::Path;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt64Type};
 use candle_core::{Device, Tensor};
-use common::{object_of, ok, read_parquet, run, shared, text, write, write_capture};
+use common::{
+    object_of, ok, published_capture_and_sae, read_parquet, run, shared, text, write, write_capture,
+};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -103,30 +105,12 @@ fn reconstruction_metrics_equal_an_independent_computation() {
     let dir = tempfile::tempdir().unwrap();
     write_capture(&dir.path().join("capture"), HOOK, d, &rows, &acts);
     sae.save(&dir.path().join("sae")).unwrap();
+    let stages =
+        published_capture_and_sae("ev", &dir.path().join("capture"), &dir.path().join("sae"));
     write(
         &dir.path().join("p.toml"),
         &format!(
-            r#"[pipeline]
-name = "ev"
-
-[stages.acts]
-kind = "command"
-shell = "cp -r {capture}/. {{out}}/"
-deps = ["{capture}"]
-
-[stages.sae]
-kind = "command"
-shell = "cp -r {sae}/. {{out}}/"
-deps = ["{sae}"]
-
-[stages.eval]
-kind = "eval"
-sae = "sae"
-input = "acts"
-batch_size = 16
-"#,
-            capture = dir.path().join("capture").display(),
-            sae = dir.path().join("sae").display()
+            "{stages}\n[stages.eval]\nkind = \"eval\"\nsae = \"sae\"\ninput = \"acts\"\nbatch_size = 16\n"
         ),
     );
     ok(dir.path(), &["run", "p.toml"]);

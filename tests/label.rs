@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type};
 use candle_core::{DType, Device, Tensor};
-use common::{nanochat_chain, object_of, ok, read_parquet, run, text, write, write_capture};
+use common::{
+    nanochat_chain, object_of, ok, published_capture_and_sae, read_parquet, run, text, write,
+    write_capture,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -105,31 +108,10 @@ fn synthetic(dir: &Path, seed: u64, shuffle: bool) -> (PathBuf, PathBuf) {
 
 /// A pipeline that publishes the synthetic capture and SAE through `command` stages and labels them.
 fn label_pipeline(dir: &Path, capture: &Path, sae: &Path, label: &str) {
+    let stages = published_capture_and_sae("lb", capture, sae);
     write(
         &dir.join("p.toml"),
-        &format!(
-            r#"[pipeline]
-name = "lb"
-
-[stages.acts]
-kind = "command"
-shell = "cp -r {capture}/. {{out}}/"
-deps = ["{capture}"]
-
-[stages.sae]
-kind = "command"
-shell = "cp -r {sae}/. {{out}}/"
-deps = ["{sae}"]
-
-[stages.labels]
-kind = "label"
-sae = "sae"
-input = "acts"
-{label}
-"#,
-            capture = capture.display(),
-            sae = sae.display()
-        ),
+        &format!("{stages}\n[stages.labels]\nkind = \"label\"\nsae = \"sae\"\ninput = \"acts\"\n{label}\n"),
     );
 }
 

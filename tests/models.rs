@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use saeflow::models::generate::{generate, top_k, Sampling};
-use saeflow::models::transformer::{mean_nll, Hook, HookPoint, Hooks, Intervention, KvCache};
+use saeflow::models::transformer::{mean_nll, Hook, HookPoint, Hooks, Intervention};
 use saeflow::models::{self, LoadedModel};
 use serde_json::Value as Json;
 
@@ -333,27 +333,7 @@ fn kv_cache_decoding_equals_a_full_recompute_with_interventions_active() {
         steer,
     );
     let full = run(&model, &ids, &hooks).logits.unwrap();
-    let mut cache = KvCache::default();
-    let split = 5;
-    let head = Tensor::from_vec(ids[..split].to_vec(), (1, split), &Device::Cpu).unwrap();
-    let mut parts = vec![model
-        .transformer
-        .forward(&head, &hooks, Some(&mut cache))
-        .unwrap()
-        .logits
-        .unwrap()];
-    for &id in &ids[split..] {
-        let one = Tensor::from_vec(vec![id], (1, 1), &Device::Cpu).unwrap();
-        parts.push(
-            model
-                .transformer
-                .forward(&one, &hooks, Some(&mut cache))
-                .unwrap()
-                .logits
-                .unwrap(),
-        );
-    }
-    let cached = Tensor::cat(&parts, 1).unwrap();
+    let cached = common::cached_logits(&model, &ids, &hooks, 5);
     let d = max_abs_diff(&full, &cached);
     assert!(d < 1e-4, "cached decoding differs by {d}");
     // A batch of prompts of different lengths gives each prompt's own greedy continuation.

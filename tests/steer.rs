@@ -7,8 +7,9 @@ use std::path::Path;
 use arrow_array::cast::AsArray;
 use arrow_array::types::Float64Type;
 use candle_core::{DType, Device, Tensor};
-use common::{nanochat_chain, object_of, ok, read_parquet, run, shared, text, write};
-use saeflow::models::transformer::KvCache;
+use common::{
+    cached_logits, nanochat_chain, object_of, ok, read_parquet, run, shared, text, write,
+};
 use saeflow::models::{Hook, HookPoint, Hooks};
 use saeflow::sae::format::{Activation, Sae};
 use saeflow::sae::steer::Edit;
@@ -180,27 +181,7 @@ fn steering_acts_in_prefill_and_decode_alike() {
         target: 5.0,
     });
     let full = logits(&model, &ids, &hooks);
-    let mut cache = KvCache::default();
-    let split = 4;
-    let head = Tensor::from_vec(ids[..split].to_vec(), (1, split), &Device::Cpu).unwrap();
-    let mut parts = vec![model
-        .transformer
-        .forward(&head, &hooks, Some(&mut cache))
-        .unwrap()
-        .logits
-        .unwrap()];
-    for &id in &ids[split..] {
-        let one = Tensor::from_vec(vec![id], (1, 1), &Device::Cpu).unwrap();
-        parts.push(
-            model
-                .transformer
-                .forward(&one, &hooks, Some(&mut cache))
-                .unwrap()
-                .logits
-                .unwrap(),
-        );
-    }
-    let cached = Tensor::cat(&parts, 1).unwrap();
+    let cached = cached_logits(&model, &ids, &hooks, 4);
     assert!(
         max_abs(&cached, &full) < 1e-4,
         "{}",

@@ -214,3 +214,47 @@ input = "acts"
         data = shared("data/geometry_of_truth").display(),
     )
 }
+
+/// Logits `[1, t, vocab]` of `ids` decoded through a KV cache: the first `split` tokens in one forward, then
+/// one token at a time, with `hooks` active throughout.
+pub fn cached_logits(
+    model: &saeflow::models::LoadedModel,
+    ids: &[u32],
+    hooks: &saeflow::models::Hooks,
+    split: usize,
+) -> candle_core::Tensor {
+    use candle_core::{Device, Tensor};
+    let mut cache = saeflow::models::transformer::KvCache::default();
+    let mut parts = Vec::new();
+    for chunk in std::iter::once(&ids[..split]).chain(ids[split..].chunks(1)) {
+        let input = Tensor::from_vec(chunk.to_vec(), (1, chunk.len()), &Device::Cpu).unwrap();
+        let out = model
+            .transformer
+            .forward(&input, hooks, Some(&mut cache))
+            .unwrap();
+        parts.push(out.logits.unwrap());
+    }
+    Tensor::cat(&parts, 1).unwrap()
+}
+
+/// The start of pipeline `name`: `command` stages publishing a capture directory as `acts` and an SAE
+/// directory as `sae`.
+pub fn published_capture_and_sae(name: &str, capture: &Path, sae: &Path) -> String {
+    format!(
+        r#"[pipeline]
+name = "{name}"
+
+[stages.acts]
+kind = "command"
+shell = "cp -r {capture}/. {{out}}/"
+deps = ["{capture}"]
+
+[stages.sae]
+kind = "command"
+shell = "cp -r {sae}/. {{out}}/"
+deps = ["{sae}"]
+"#,
+        capture = capture.display(),
+        sae = sae.display()
+    )
+}
