@@ -239,7 +239,12 @@ enum BenchCommand {
 #[derive(Subcommand)]
 enum CacheCommand {
     /// Re-hash every object's files against its manifest.
-    Verify,
+    Verify {
+        /// Move damaged objects to the cache's `quarantine/`, so the next run recomputes them (runs also do
+        /// this on their own when a stage is about to read a damaged input).
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -475,7 +480,7 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Cache {
-            command: CacheCommand::Verify,
+            command: CacheCommand::Verify { repair },
         } => {
             let cache = open_cache(&cli.cache)?;
             let keys = cache.object_keys()?;
@@ -488,12 +493,18 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
                     for p in problems {
                         println!("  {p}");
                     }
+                    if repair {
+                        if let Some(to) = cache.quarantine(key)? {
+                            println!("  moved to {}", to.display());
+                        }
+                    }
                 }
             }
             println!("{} objects verified, {bad} damaged", keys.len());
-            if bad > 0 {
+            if bad > 0 && !repair {
                 return Err(Error::Failed(format!(
-                    "{bad} damaged objects; delete them and rerun to recompute"
+                    "{bad} damaged objects; `saeflow cache verify --repair` moves them aside, and the next run \
+                     recomputes them"
                 )));
             }
             Ok(())

@@ -7,8 +7,11 @@
 //! - `locks/<key>.lock`: one per key, held while computing it
 //! - `logs/<key>.log`: the last run's log of a stage
 //! - `refs/<pipeline>/<instance>.json`: key (and key preimage) of the last successful run
+//! - `quarantine/<key>.<ms>/`: objects found damaged, moved aside so their key is recomputed
 //!
-//! The cache never interprets outputs: it hashes bytes.
+//! The cache never interprets outputs: it hashes bytes. Every object carries `manifest.blake3`, the hash of
+//! its manifest, so reading a manifest checks it; consumers re-hash their inputs before a stage reads them
+//! (`verify_for_read`), like Bazel re-checking action inputs, so a flipped byte is never computed upon.
 
 mod lock;
 
@@ -17,6 +20,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -30,6 +34,9 @@ use crate::stages::Cancel;
 
 /// Name of the manifest file inside every object.
 pub const MANIFEST: &str = "manifest.json";
+
+/// Name of the file holding the blake3 of `manifest.json` (hex), inside every object.
+pub const MANIFEST_SUM: &str = "manifest.blake3";
 
 /// One output file as recorded in a manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +91,8 @@ pub struct RefRecord {
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    /// Objects this process has fully re-hashed already (objects are immutable once published).
+    verified: Arc<Mutex<BTreeSet<String>>>,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -194,13 +203,22 @@ pub struct GcReport {
 impl Cache {
     /// Opens (creating if needed) a cache at `root`.
     pub fn open(root: &Path) -> anyhow::Result<Self> {
-        for sub in ["objects", "tmp", "partial", "locks", "logs", "refs"] {
+        for sub in [
+            "objects",
+            "tmp",
+            "partial",
+            "locks",
+            "logs",
+            "refs",
+            "quarantine",
+        ] {
             std::fs::create_dir_all(root.join(sub)).with_context(|| {
                 format!("cannot create cache directory {}", root.join(sub).display())
             })?;
         }
         Ok(Self {
             root: root.to_path_buf(),
+            verified: Default::default(),
         })
     }
 
@@ -284,8 +302,8 @@ impl Cache {
         let key = Key(manifest.key.clone());
         let mut outputs = Vec::new();
         for rel in list_files(tmp)? {
-            if rel == MANIFEST {
-                bail!("a stage may not write its own `{MANIFEST}`");
+            if rel == MANIFEST || rel == MANIFEST_SUM {
+                bail!("a stage may not write its own `{rel}`");
             }
             let path = tmp.join(&rel);
             let size = path.metadata()?.len();
@@ -296,9 +314,10 @@ impl Cache {
             });
         }
         manifest.outputs = outputs;
-        let mut f = File::create(tmp.join(MANIFEST))?;
-        f.write_all(&serde_json::to_vec_pretty(&manifest)?)?;
-        drop(f);
+        let bytes = serde_json::to_vec_pretty(&manifest)?;
+        File::create(tmp.join(MANIFEST))?.write_all(&bytes)?;
+        File::create(tmp.join(MANIFEST_SUM))?
+            .write_all(blake3::hash(&bytes).to_hex().as_bytes())?;
         sync_tree(tmp).context("cannot fsync outputs")?;
         let target = self.object_dir(&key);
         if target.exists() {
@@ -317,11 +336,20 @@ impl Cache {
         Ok(())
     }
 
-    /// Reads an object's manifest.
+    /// Reads an object's manifest, checking it against `manifest.blake3` (objects written before that file
+    /// existed have none and are read unchecked).
     pub fn manifest(&self, key: &Key) -> anyhow::Result<Manifest> {
         let path = self.object_dir(key).join(MANIFEST);
         let bytes =
             std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        if let Ok(sum) = std::fs::read_to_string(self.object_dir(key).join(MANIFEST_SUM)) {
+            if sum.trim() != blake3::hash(&bytes).to_hex().as_str() {
+                bail!(
+                    "corrupt manifest {}: its blake3 differs from {MANIFEST_SUM}",
+                    path.display()
+                );
+            }
+        }
         serde_json::from_slice(&bytes)
             .with_context(|| format!("corrupt manifest {}", path.display()))
     }
@@ -361,7 +389,7 @@ impl Cache {
         let dir = self.object_dir(key);
         let listed: BTreeSet<&str> = manifest.outputs.iter().map(|o| o.path.as_str()).collect();
         for rel in list_files(&dir).unwrap_or_default() {
-            if rel != MANIFEST && !listed.contains(rel.as_str()) {
+            if rel != MANIFEST && rel != MANIFEST_SUM && !listed.contains(rel.as_str()) {
                 problems.push(format!("`{rel}` is not in the manifest"));
             }
         }
@@ -386,6 +414,49 @@ impl Cache {
             }
         }
         problems
+    }
+
+    /// Checks an object before a stage reads it: the full `verify_object` the first time this process reads
+    /// it, the cheap size check after that (published objects never change, so one hash per run suffices).
+    pub fn verify_for_read(&self, key: &Key) -> Vec<String> {
+        if self.verified.lock().expect("not poisoned").contains(&key.0) {
+            return match self.check_sizes(key) {
+                Ok(()) => Vec::new(),
+                Err(e) => vec![format!("{e:#}")],
+            };
+        }
+        let problems = self.verify_object(key);
+        if problems.is_empty() {
+            self.verified
+                .lock()
+                .expect("not poisoned")
+                .insert(key.0.clone());
+        }
+        problems
+    }
+
+    /// Moves a damaged object aside (to `quarantine/`), so its key counts as not computed and the next
+    /// run that needs it recomputes it. Waits for the key's lock, so no one is computing or collecting it.
+    pub fn quarantine(&self, key: &Key) -> anyhow::Result<Option<PathBuf>> {
+        let _lock = self.lock(key, &Cancel::default(), |_| {})?;
+        let from = self.object_dir(key);
+        if !from.exists() {
+            return Ok(None); // moved aside by another run meanwhile
+        }
+        let to = self
+            .root
+            .join("quarantine")
+            .join(format!("{}.{}", key.0, now_ms()));
+        std::fs::rename(&from, &to).with_context(|| {
+            format!(
+                "cannot move damaged object {} to {}",
+                from.display(),
+                to.display()
+            )
+        })?;
+        File::open(self.root.join("objects"))?.sync_all()?;
+        self.verified.lock().expect("not poisoned").remove(&key.0);
+        Ok(Some(to))
     }
 
     /// Keys of all published objects.
@@ -495,6 +566,9 @@ impl Cache {
             remove(self.root.join("objects").join(key))?;
             remove(self.root.join("partial").join(key))?;
             remove(self.log_path(&Key(key.clone())))?;
+        }
+        for entry in std::fs::read_dir(self.root.join("quarantine"))? {
+            remove(entry?.path())?;
         }
         for entry in std::fs::read_dir(self.root.join("tmp"))? {
             let entry = entry?;

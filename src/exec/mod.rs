@@ -3,7 +3,8 @@
 //! For each instance: if its object exists, it is cached. Otherwise take the key's lock (another process may
 //! be computing it: wait, then reuse its result), run the stage into a fresh temp directory and publish it.
 //! A failure skips the instance's dependents and keeps everything else; cancellation stops scheduling, lets
-//! running stages stop cooperatively, and keeps their partial work.
+//! running stages stop cooperatively, and keeps their partial work. Inputs are re-hashed before a stage reads
+//! them; a damaged one is moved to quarantine and its producer recomputed before the reader runs.
 
 pub mod progress;
 pub mod status;
@@ -50,6 +51,31 @@ pub struct Outcome {
 enum Done {
     Computed,
     Cached,
+}
+
+/// An input object failed its check as a stage was about to read it (it has been quarantined).
+#[derive(Debug)]
+struct DamagedInput {
+    producer: NodeIndex,
+    problems: Vec<String>,
+}
+
+impl std::fmt::Display for DamagedInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "input damaged: {}", self.problems.join("; "))
+    }
+}
+
+impl std::error::Error for DamagedInput {}
+
+/// Whether an error comes from a full disk (or quota), anywhere in its chain.
+fn is_no_space(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|code| code == libc::ENOSPC || code == libc::EDQUOT)
+            || c.to_string().contains("No space left on device")
+    })
 }
 
 /// Instances to run: the targets and all their ancestors (everything when there are no targets).
@@ -100,6 +126,10 @@ pub fn run(
         .filter(|n| waiting.get(n) == Some(&0))
         .collect();
     let mut blocked: BTreeSet<NodeIndex> = BTreeSet::new();
+    // Producers being recomputed because a reader found their object damaged, with the readers waiting;
+    // then those recomputed (a second failure of the same object is an error, not a loop).
+    let mut repairing: BTreeMap<NodeIndex, Vec<NodeIndex>> = BTreeMap::new();
+    let mut repaired: BTreeSet<NodeIndex> = BTreeSet::new();
     let mut running = 0usize;
     // One message per launched group (a lone instance is a group of one): each member's result.
     let (tx, rx) = mpsc::channel::<Vec<(NodeIndex, Result<Done, anyhow::Error>)>>();
@@ -128,10 +158,25 @@ pub fn run(
             while !ready.is_empty() && running < options.jobs.max(1) && !cancel.is_cancelled() {
                 let n = ready.remove(0);
                 running += 1;
-                if cache.has_object(&plan.instance(n).key) {
-                    tx.send(vec![(n, Ok(Done::Cached))])
-                        .expect("receiver alive");
-                    continue;
+                let key = &plan.instance(n).key;
+                if cache.has_object(key) {
+                    match cache.check_sizes(key) {
+                        Ok(()) => {
+                            tx.send(vec![(n, Ok(Done::Cached))])
+                                .expect("receiver alive");
+                            continue;
+                        }
+                        Err(e) => {
+                            reporter.alert(&format!(
+                                "{}: cached result damaged ({e:#}); moving it to quarantine and recomputing",
+                                plan.instance(n).name
+                            ));
+                            if let Err(e) = cache.quarantine(key) {
+                                tx.send(vec![(n, Err(e))]).expect("receiver alive");
+                                continue;
+                            }
+                        }
+                    }
                 }
                 let mut group = vec![n];
                 if options.group {
@@ -181,6 +226,12 @@ pub fn run(
                             Done::Computed => outcome.computed.push(name),
                             Done::Cached => outcome.cached.push(name),
                         }
+                        if let Some(readers) = repairing.remove(&n) {
+                            repaired.insert(n);
+                            ready.extend(readers.into_iter().filter(|r| !blocked.contains(r)));
+                            ready.sort_by_key(|c| plan.order.iter().position(|o| o == c));
+                            continue;
+                        }
                         for child in plan.graph.neighbors_directed(n, Direction::Outgoing) {
                             if let Some(count) = waiting.get_mut(&child) {
                                 *count -= 1;
@@ -196,11 +247,39 @@ pub fn run(
                         reporter.println(&format!("stopped {name} (partial work kept)"));
                         block_descendants(plan, n, &mut blocked);
                     }
+                    Err(e)
+                        if e.downcast_ref::<DamagedInput>()
+                            .is_some_and(|d| !repaired.contains(&d.producer)) =>
+                    {
+                        let damaged = e.downcast_ref::<DamagedInput>().expect("matched");
+                        let producer = damaged.producer;
+                        if let Some(readers) = repairing.get_mut(&producer) {
+                            readers.push(n);
+                            continue;
+                        }
+                        let producer_name = &plan.instance(producer).name;
+                        reporter.alert(&format!(
+                            "{name}: the output of {producer_name} is damaged ({}); moved it to quarantine, recomputing it",
+                            damaged.problems.join("; ")
+                        ));
+                        outcome.cached.retain(|c| c != producer_name);
+                        outcome.computed.retain(|c| c != producer_name);
+                        repairing.insert(producer, vec![n]);
+                        ready.push(producer);
+                        ready.sort_by_key(|c| plan.order.iter().position(|o| o == c));
+                    }
                     Err(e) => {
-                        let msg = format!("{e:#}");
-                        reporter.println(&format!("FAILED {name}: {msg}"));
+                        let mut msg = format!("{e:#}");
+                        if is_no_space(&e) {
+                            msg = format!(
+                                "no space left on the cache's filesystem ({}): free space and rerun; finished stages are kept. {msg}",
+                                cache.root().display()
+                            );
+                        }
+                        reporter.alert(&format!("FAILED {name}: {msg}"));
                         outcome.failed.push((name, msg));
                         block_descendants(plan, n, &mut blocked);
+                        repairing.remove(&n);
                     }
                 }
             }
@@ -392,7 +471,15 @@ fn prepare(
     let mut inputs = BTreeMap::new();
     for (role, &up) in &inst.inputs {
         let key = &plan.instance(up).key;
-        cache.check_sizes(key)?;
+        let problems = cache.verify_for_read(key);
+        if !problems.is_empty() {
+            cache.quarantine(key)?;
+            return Err(DamagedInput {
+                producer: up,
+                problems,
+            }
+            .into());
+        }
         inputs.insert(role.clone(), cache.object_dir(key));
     }
     let pipeline = &plan.pipeline;

@@ -26,9 +26,13 @@ impl Reporter {
 
     /// Prints a line to stderr above any bars.
     pub fn println(&self, msg: &str) {
-        if self.quiet {
-            return;
+        if !self.quiet {
+            self.alert(msg);
         }
+    }
+
+    /// Prints a line even in quiet mode: failures and damage found, which a user must see.
+    pub fn alert(&self, msg: &str) {
         match &self.multi {
             Some(m) => {
                 let _ = m.println(msg);
