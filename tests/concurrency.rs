@@ -93,3 +93,36 @@ fn overlapping_sweeps_share_their_common_members() {
     }
     assert!(ok(d, &["cache", "verify"]).contains("8 objects verified, 0 damaged"));
 }
+
+#[test]
+fn a_lock_left_by_a_dead_node_is_taken_over_once_its_heartbeat_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(&d.join("p.toml"), PIPELINE);
+    std::fs::create_dir(d.join("counts")).unwrap();
+    ok(d, &["run", "p.toml", "a"]);
+    let object = common::object_of(&d.join("cache"), "conc", "a");
+    let key = object.file_name().unwrap().to_str().unwrap().to_string();
+    std::fs::remove_dir_all(&object).unwrap();
+    // What a node that died (or lost the shared filesystem) while computing `a` leaves behind.
+    let lock = d.join("cache/locks").join(format!("{key}.lock"));
+    write(&lock, "host node-17 pid 4242 start 99 token deadbeef\n");
+    let started = std::time::Instant::now();
+    let out = common::saeflow(d)
+        .env("SAEFLOW_LOCK_STALE_SECS", "1")
+        .args(["run", "p.toml", "a"])
+        .output()
+        .unwrap();
+    let text = common::text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("waiting for a: pid 4242 on node-17 is computing it"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "took over too early"
+    );
+    assert_eq!(lines(&d.join("counts/a")), 2);
+    assert!(!lock.exists(), "the new holder released the lock");
+}

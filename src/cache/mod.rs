@@ -127,11 +127,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     result.with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn pid_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence and permission.
-    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
-}
-
 /// Lists files under `dir` (recursively) as sorted `/`-separated relative paths.
 fn list_files(dir: &Path) -> anyhow::Result<Vec<String>> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<()> {
@@ -259,6 +254,15 @@ impl Cache {
         self.root.join("locks").join(format!("{}.lock", key.0))
     }
 
+    /// Takes the lock for `key` if no one holds it (or its holder is dead).
+    fn try_lock_now(&self, key: &Key) -> anyhow::Result<Option<KeyLock>> {
+        lock::try_lock(
+            &self.lock_path(key),
+            &mut lock::Observed::default(),
+            lock::stale_after(),
+        )
+    }
+
     /// Takes the lock for `key`, waiting while another process holds it. `on_wait` is called once with the
     /// holder's description when waiting starts. Returns `Ok(None)` if cancelled while waiting.
     pub fn lock(
@@ -269,8 +273,10 @@ impl Cache {
     ) -> anyhow::Result<Option<KeyLock>> {
         let path = self.lock_path(key);
         let mut on_wait = Some(on_wait);
+        let mut observed = lock::Observed::default();
+        let stale_after = lock::stale_after();
         loop {
-            if let Some(lock) = lock::try_lock(&path)? {
+            if let Some(lock) = lock::try_lock(&path, &mut observed, stale_after)? {
                 return Ok(Some(lock));
             }
             if let Some(f) = on_wait.take() {
@@ -279,7 +285,7 @@ impl Cache {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
-            std::thread::sleep(Duration::from_millis(25));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -323,9 +329,13 @@ impl Cache {
         if target.exists() {
             // Computed meanwhile by a process that ignored the lock protocol; keep the first.
             std::fs::remove_dir_all(tmp)?;
+        } else if let Err(e) = std::fs::rename(tmp, &target) {
+            // Lost a race with a process that took over our lock after a stall: its object stands.
+            if !target.join(MANIFEST).is_file() {
+                return Err(e).with_context(|| format!("cannot publish {}", target.display()));
+            }
+            std::fs::remove_dir_all(tmp)?;
         } else {
-            std::fs::rename(tmp, &target)
-                .with_context(|| format!("cannot publish {}", target.display()))?;
             File::open(self.root.join("objects"))?.sync_all()?;
         }
         let partial = self.root.join("partial").join(&key.0);
@@ -520,7 +530,7 @@ impl Cache {
         let reachable = self.referenced_keys()?;
         let mut report = GcReport::default();
         // Held while deleting, so no run starts computing a key whose leftovers we are removing.
-        let mut held = Vec::new();
+        let mut held = BTreeMap::new();
         let mut doomed: BTreeSet<String> = BTreeSet::new();
         for sub in ["objects", "partial", "logs"] {
             let mut names: Vec<String> = std::fs::read_dir(self.root.join(sub))?
@@ -539,8 +549,8 @@ impl Cache {
                     report.kept += usize::from(sub == "objects");
                 } else if !doomed.contains(&key) {
                     // A key whose lock is held belongs to a live run: leave it alone.
-                    if let Some(l) = lock::try_lock(&self.lock_path(&Key(key.clone())))? {
-                        held.push(l);
+                    if let Some(l) = self.try_lock_now(&Key(key.clone()))? {
+                        held.insert(key.clone(), l);
                         doomed.insert(key);
                     }
                 }
@@ -570,21 +580,23 @@ impl Cache {
         for entry in std::fs::read_dir(self.root.join("quarantine"))? {
             remove(entry?.path())?;
         }
+        // A temp dir `<key>.<pid>.<n>` is garbage when no one holds its key's lock (its writer died); the
+        // lock, not the pid, decides, because the writer may run on another node sharing the cache.
         for entry in std::fs::read_dir(self.root.join("tmp"))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.split('.').nth(1).and_then(|p| p.parse::<i32>().ok());
-            if pid.is_none_or(|p| !pid_alive(p)) {
-                remove(entry.path())?;
+            let key = name.split('.').next().unwrap_or_default().to_string();
+            if !held.contains_key(&key) {
+                match self.try_lock_now(&Key(key.clone()))? {
+                    Some(l) => {
+                        held.insert(key, l);
+                    }
+                    None => continue,
+                }
             }
+            remove(entry.path())?;
         }
-        if !dry_run {
-            // Delete the lock files while holding them; `try_lock` re-checks the inode, so a racing locker
-            // notices the unlink and retries on a fresh file.
-            for l in held.drain(..) {
-                let _ = std::fs::remove_file(&l.path);
-            }
-        }
+        drop(held);
         Ok(report)
     }
 }
