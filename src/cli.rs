@@ -30,6 +30,15 @@ struct Cli {
     command: Command,
 }
 
+/// Where `run` executes stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Executor {
+    /// On this machine.
+    Local,
+    /// As Slurm batch jobs.
+    Slurm,
+}
+
 #[derive(clap::Args)]
 struct PipelineArgs {
     /// Pipeline file (TOML).
@@ -57,6 +66,27 @@ enum Command {
         /// of a training sweep, which otherwise share one pass over the activations). Results are the same.
         #[arg(long)]
         no_group: bool,
+        /// Where stages run: `local` (this machine) or `slurm` (one batch job per instance, a job array per
+        /// stage, on a cache every node shares).
+        #[arg(long, value_enum, default_value_t = Executor::Local)]
+        executor: Executor,
+        /// Slurm partition for the jobs.
+        #[arg(long)]
+        partition: Option<String>,
+        /// Slurm account for the jobs.
+        #[arg(long)]
+        account: Option<String>,
+        /// Most Slurm jobs (array tasks included) queued or running at once.
+        #[arg(long)]
+        max_jobs: Option<usize>,
+    },
+    /// Run exactly one stage instance against the cache (what a Slurm job runs; KEYS[SLURM_ARRAY_TASK_ID] in
+    /// an array job).
+    #[command(hide = true)]
+    ExecStage {
+        /// Action keys, as written by `run --executor slurm`.
+        #[arg(required = true)]
+        keys: Vec<String>,
     },
     /// Show every instance: cached, stale (and why) or missing.
     Status {
@@ -292,6 +322,10 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             jobs,
             dry_run,
             no_group,
+            executor,
+            partition,
+            account,
+            max_jobs,
         } => {
             let cache = open_cache(&cli.cache)?;
             let plan = load_plan(&args, &registry, &cache)?;
@@ -311,13 +345,36 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             }
             let cancel = Cancel::new();
             install_signal_handlers(&cancel)?;
-            let options = Options {
-                jobs,
-                targets,
-                group: !no_group,
+            let outcome = match executor {
+                Executor::Local => {
+                    let options = Options {
+                        jobs,
+                        targets,
+                        group: !no_group,
+                    };
+                    exec::run(&plan, &registry, &cache, &options, &cancel, &reporter)
+                        .map_err(Error::Usage)?
+                }
+                Executor::Slurm => {
+                    let spec = exec::slurm::JobSpec {
+                        pipeline: std::path::absolute(&args.pipeline)
+                            .map_err(anyhow::Error::from)?,
+                        set: args.set.iter().map(|o| o.arg.clone()).collect(),
+                        workdir: std::env::current_dir().map_err(anyhow::Error::from)?,
+                        instance: String::new(),
+                    };
+                    let options = exec::slurm::SlurmOptions {
+                        partition,
+                        account,
+                        max_jobs,
+                        poll: std::time::Duration::from_millis(500),
+                    };
+                    exec::slurm::run(
+                        &plan, &cache, &selected, &spec, &options, &cancel, &reporter,
+                    )
+                    .map_err(Error::Other)?
+                }
             };
-            let outcome = exec::run(&plan, &registry, &cache, &options, &cancel, &reporter)
-                .map_err(Error::Usage)?;
             reporter.println(&format!(
                 "{} computed, {} cached, {} failed, {} skipped",
                 outcome.computed.len(),
@@ -334,9 +391,69 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::ExecStage { keys } => {
+            let cache = open_cache(&cli.cache)?;
+            let key = exec::slurm::key_for_task(&keys)?;
+            let path = exec::slurm::job_spec_path(&cache, key);
+            let spec: exec::slurm::JobSpec = std::fs::read(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::from))
+                .map_err(|e| Error::Other(anyhow::anyhow!("{}: {e}", path.display())))?;
+            std::env::set_current_dir(&spec.workdir)
+                .map_err(|e| Error::Other(anyhow::anyhow!("{}: {e}", spec.workdir.display())))?;
+            let args = PipelineArgs {
+                pipeline: spec.pipeline.clone(),
+                set: spec
+                    .set
+                    .iter()
+                    .map(|s| s.parse())
+                    .collect::<Result<_, String>>()
+                    .map_err(Error::Usage)?,
+            };
+            let plan = load_plan(&args, &registry, &cache)?;
+            let Some(&n) = plan.order.iter().find(|&&n| plan.instance(n).key.0 == key) else {
+                return Err(Error::Failed(format!(
+                    "{} no longer has an instance with key {key} (`{}` changed since submission?)",
+                    spec.pipeline.display(),
+                    spec.instance
+                )));
+            };
+            for (role, &up) in &plan.instance(n).inputs {
+                if !cache.has_object(&plan.instance(up).key) {
+                    return Err(Error::Failed(format!(
+                        "input `{role}` ({}) of {} is not in the cache",
+                        plan.instance(up).name,
+                        spec.instance
+                    )));
+                }
+            }
+            let cancel = Cancel::new();
+            install_signal_handlers(&cancel)?;
+            let options = Options {
+                jobs: 1,
+                targets: vec![plan.instance(n).name.clone()],
+                group: false,
+            };
+            let outcome = exec::run(&plan, &registry, &cache, &options, &cancel, &reporter)
+                .map_err(Error::Usage)?;
+            if let Some((name, msg)) = outcome.failed.first() {
+                return Err(Error::Failed(format!("{name}: {msg}")));
+            }
+            if outcome.cancelled {
+                return Err(Error::Interrupted);
+            }
+            Ok(())
+        }
         Command::Status { args } => {
             let cache = open_cache(&cli.cache)?;
             let plan = load_plan(&args, &registry, &cache)?;
+            let jobs = exec::slurm::read_submitted(&cache, &plan.pipeline.header.name).jobs;
+            let queue = if jobs.is_empty() {
+                Default::default()
+            } else {
+                let ids: Vec<String> = jobs.values().cloned().collect();
+                exec::slurm::queue_states(&ids).unwrap_or_default()
+            };
             let width = plan
                 .order
                 .iter()
@@ -350,8 +467,15 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
                     State::Missing => ("missing", String::new()),
                     State::Stale(r) => ("stale", format!("  ({})", r.join("; "))),
                 };
+                let slurm = jobs
+                    .get(&inst.name)
+                    .and_then(|job| {
+                        let (state, reason) = queue.get(job)?;
+                        Some(format!("  slurm job {job}: {state} {reason}"))
+                    })
+                    .unwrap_or_default();
                 println!(
-                    "{:width$}  {:7}  {}{why}",
+                    "{:width$}  {:7}  {}{why}{slurm}",
                     inst.name,
                     word,
                     inst.key.short()

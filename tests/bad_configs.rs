@@ -1,4 +1,4 @@
-//! Every file in tests/bad_configs/ must fail with exit code 2, its expected message and its line:column.
+//! Every file in tests/bad_inputs/pipeline/ must fail with exit code 2, its expected message and its line:column.
 mod common;
 
 use std::path::Path;
@@ -6,7 +6,7 @@ use std::path::Path;
 #[test]
 fn every_bad_config_exits_2_with_message_and_location() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files: Vec<_> = std::fs::read_dir(root.join("tests/bad_configs"))
+    let mut files: Vec<_> = std::fs::read_dir(root.join("tests/bad_inputs/pipeline"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))

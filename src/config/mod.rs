@@ -146,6 +146,68 @@ pub(crate) struct PipelineFileShape {
     pub sweep: BTreeMap<String, Vec<Json>>,
 }
 
+/// `[stages.NAME.resources]`: what the stage's jobs ask a cluster scheduler for (`--executor slurm`). Not
+/// part of any key: where a stage runs does not change its result.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPUs per task (`--cpus-per-task`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory (`--mem`): a number with an optional K, M, G or T suffix, e.g. `"16G"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+[KMGT]?$"))]
+    pub mem: Option<String>,
+    /// GPUs (`--gpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+    /// Time limit (`--time`): `minutes`, `HH:MM:SS` or `D-HH:MM:SS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$"))]
+    pub time: Option<String>,
+}
+
+impl Resources {
+    /// Checks `mem` and `time` against Slurm's formats; the error names the field.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        if let Some(m) = &self.mem {
+            let digits = m.trim_end_matches(['K', 'M', 'G', 'T']);
+            if digits.is_empty()
+                || !digits.bytes().all(|b| b.is_ascii_digit())
+                || m.len() > digits.len() + 1
+            {
+                return Err((
+                    "mem",
+                    format!(
+                        "`mem` = \"{m}\": expected a number with an optional K, M, G or T suffix"
+                    ),
+                ));
+            }
+        }
+        if let Some(t) = &self.time {
+            let clock = t.split_once('-').map_or(t.as_str(), |(d, rest)| {
+                if d.bytes().all(|b| b.is_ascii_digit()) && !d.is_empty() {
+                    rest
+                } else {
+                    "x"
+                }
+            });
+            let parts: Vec<&str> = clock.split(':').collect();
+            if parts.len() > 3
+                || parts
+                    .iter()
+                    .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return Err((
+                    "time",
+                    format!("`time` = \"{t}\": expected minutes, HH:MM:SS or D-HH:MM:SS"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A stage as declared: its kind and its (overridden) parameter table.
 #[derive(Debug, Clone)]
 pub struct StageDecl {
@@ -159,6 +221,8 @@ pub struct StageDecl {
     pub params: Json,
     /// What the base parameters reference.
     pub references: References,
+    /// Scheduler resources for its jobs.
+    pub resources: Resources,
 }
 
 impl StageDecl {
@@ -310,6 +374,29 @@ pub fn load(
     .load(overrides, workdir.clone())
 }
 
+/// Parses and validates pipeline text that did not come from a file (fuzzing, tests, editors).
+///
+/// `path` only names the text in error messages; it is never read. Relative paths in the pipeline
+/// resolve against `workdir`, as [`load`] resolves them against the current directory.
+pub fn load_str(
+    text: &str,
+    path: &Path,
+    overrides: &[Override],
+    registry: &Registry,
+    workdir: &Path,
+) -> Result<Pipeline, ConfigError> {
+    let source = Source {
+        path: path.to_path_buf(),
+        text: text.to_string(),
+    };
+    Loader {
+        source: &source,
+        registry,
+        workdir,
+    }
+    .load(overrides, workdir.to_path_buf())
+}
+
 struct Loader<'a> {
     source: &'a Source,
     registry: &'a Registry,
@@ -373,6 +460,7 @@ impl Loader<'_> {
                 unreachable!()
             };
             t.remove("kind");
+            t.remove("resources");
             tables.insert(name.clone(), std::mem::take(t));
         }
 
@@ -452,6 +540,7 @@ impl Loader<'_> {
             }
             let references = raw.kind.references(&params);
             self.check_references(name, raw, &references, &raw_stages, &models)?;
+            let resources = self.resources(raw)?;
             stages.insert(
                 name.clone(),
                 StageDecl {
@@ -460,6 +549,7 @@ impl Loader<'_> {
                     table,
                     params,
                     references,
+                    resources,
                 },
             );
         }
@@ -507,6 +597,21 @@ impl Loader<'_> {
     }
 
     /// Attaches the file position of a deserialization error; errors without a span point at `fallback`.
+    fn resources(&self, raw: &RawStage<'_>) -> Result<Resources, ConfigError> {
+        let DeValue::Table(t) = raw.table.get_ref() else {
+            unreachable!("checked to be a table")
+        };
+        let Some(value) = t.get("resources") else {
+            return Ok(Resources::default());
+        };
+        let resources = Resources::deserialize(ValueDeserializer::from(value.clone()))
+            .map_err(|e| self.located(e, value))?;
+        resources.check().map_err(|(field, m)| {
+            self.err(span_at(value, &crate::stages::key_path(&[field])), m)
+        })?;
+        Ok(resources)
+    }
+
     fn located(&self, e: toml::de::Error, fallback: &Spanned<DeValue<'_>>) -> ConfigError {
         let span = e.span().unwrap_or_else(|| fallback.span());
         self.err(span, e.message().trim_end().to_string())
@@ -853,6 +958,7 @@ impl<'i> RawStage<'i> {
         };
         let mut t = t.clone();
         t.remove("kind");
+        t.remove("resources");
         Spanned::new(self.table.span(), DeValue::Table(t))
     }
 }

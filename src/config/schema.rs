@@ -13,6 +13,12 @@ pub fn pipeline_schema(registry: &Registry) -> Json {
     let mut root = serde_json::to_value(root).expect("schema is JSON");
     root["title"] = json!("saeflow pipeline");
     root["description"] = json!("A saeflow pipeline file (TOML). See DESIGN.md / README.md.");
+    let mut resources =
+        serde_json::to_value(schemars::schema_for!(super::Resources)).expect("schema is JSON");
+    resources.as_object_mut().expect("object").remove("$schema");
+    resources["description"] = json!(
+        "Scheduler resources for this stage's jobs with `--executor slurm` (not part of any key)."
+    );
     let mut variants = Vec::new();
     for kind in registry.kinds() {
         let mut schema = serde_json::to_value(kind.schema()).expect("schema is JSON");
@@ -43,6 +49,7 @@ pub fn pipeline_schema(registry: &Registry) -> Json {
         obj.insert("description".into(), json!(kind.about()));
         obj.entry("properties").or_insert_with(|| json!({}))["kind"] =
             json!({ "const": kind.kind(), "description": kind.about() });
+        obj["properties"]["resources"] = resources.clone();
         let required = obj.entry("required").or_insert_with(|| json!([]));
         required
             .as_array_mut()

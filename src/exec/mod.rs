@@ -7,6 +7,7 @@
 //! them; a damaged one is moved to quarantine and its producer recomputed before the reader runs.
 
 pub mod progress;
+pub mod slurm;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,0 +1,216 @@
+//! The Slurm executor against a real single-node cluster (`scripts/slurm-local.sh`, which `.ci/run` starts):
+//! the quickstart's 3-member sweep gives the same bytes as the local executor with each key computed once,
+//! and a training job cancelled with `scancel` resumes from its checkpoint when the pipeline is rerun.
+//!
+//! Without a cluster the tests print why and pass, unless `SAEFLOW_REQUIRE_SLURM=1` (set by `.ci/run`).
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{published_outputs, text};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether a Slurm cluster answers here; `false` (after saying why) lets the test pass without one.
+fn cluster() -> bool {
+    let why = match Command::new("sinfo").args(["-h", "-o", "%T"]).output() {
+        Ok(o) if o.status.success() => {
+            let states = String::from_utf8_lossy(&o.stdout).to_string();
+            if states.contains("idle") || states.contains("mixed") || states.contains("alloc") {
+                return true;
+            }
+            format!("no usable node (sinfo: {})", states.trim())
+        }
+        Ok(o) => format!("sinfo failed: {}", text(&o).trim()),
+        Err(e) => format!("sinfo not found ({e})"),
+    };
+    assert!(
+        std::env::var("SAEFLOW_REQUIRE_SLURM").as_deref() != Ok("1"),
+        "SAEFLOW_REQUIRE_SLURM=1 but no cluster: {why}"
+    );
+    println!("SKIPPED: no Slurm cluster ({why}); start one with scripts/slurm-local.sh");
+    false
+}
+
+fn saeflow(cache: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_saeflow"));
+    c.current_dir(repo())
+        .env_remove("SAEFLOW_LOG")
+        .arg("--cache")
+        .arg(cache)
+        .args(args);
+    c
+}
+
+#[test]
+fn a_sweep_on_slurm_gives_the_local_executors_bytes_and_computes_each_key_once() {
+    if !cluster() {
+        return;
+    }
+    let local = tempfile::tempdir().unwrap();
+    let out = saeflow(
+        local.path(),
+        &["run", "-j", "2", "pipelines/quickstart.toml"],
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let shared = tempfile::tempdir().unwrap();
+    let out = saeflow(
+        shared.path(),
+        &[
+            "run",
+            "--executor",
+            "slurm",
+            "--max-jobs",
+            "4",
+            "pipelines/quickstart.toml",
+        ],
+    )
+    .output()
+    .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    // One job array per swept stage, dependencies on the upstream jobs.
+    assert!(
+        log.contains("submitted sae[k=4], sae[k=8], sae[k=16] as job"),
+        "{log}"
+    );
+    assert!(log.contains("(after "), "{log}");
+    let mut done: BTreeMap<String, usize> = BTreeMap::new();
+    for line in log.lines() {
+        if let Some(rest) = line.strip_prefix("done ") {
+            *done
+                .entry(rest.split(" (job").next().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(done.len(), 14, "{done:?}");
+    assert!(done.values().all(|&n| n == 1), "{done:?}");
+    assert!(log.contains("14 computed, 0 cached, 0 failed"), "{log}");
+    assert_eq!(
+        published_outputs(shared.path()),
+        published_outputs(local.path())
+    );
+    // A second submission finds everything cached and submits nothing.
+    let again = saeflow(
+        shared.path(),
+        &["run", "--executor", "slurm", "pipelines/quickstart.toml"],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        text(&again).contains("0 computed, 14 cached"),
+        "{}",
+        text(&again)
+    );
+    assert!(!text(&again).contains("submitted"), "{}", text(&again));
+}
+
+/// Slurm job id of `instance` as recorded by the submitter.
+fn job_of(cache: &Path, instance: &str) -> Option<String> {
+    let bytes = std::fs::read(cache.join("slurm/quickstart.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v["jobs"][instance].as_str().map(str::to_string)
+}
+
+fn job_state(job: &str) -> String {
+    let out = Command::new("squeue")
+        .args(["-h", "-o", "%T", "-j", job])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn scancel_of_a_training_job_then_rerun_resumes_from_its_checkpoint() {
+    if !cluster() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path();
+    // One long training run (many passes over the capture), checkpointing often.
+    let args = [
+        "run",
+        "--executor",
+        "slurm",
+        "pipelines/quickstart.toml",
+        "sae",
+        "-S",
+        "sae.k=8",
+        "-S",
+        "sae.tokens=4000000",
+        "-S",
+        "sae.checkpoint_every=100",
+    ];
+    let submitter = saeflow(cache, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the training job runs and has written a checkpoint.
+    let started = Instant::now();
+    let job = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "training never checkpointed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let Some(job) = job_of(cache, "sae") else {
+            continue;
+        };
+        let checkpointed = std::fs::read_dir(cache.join("partial"))
+            .map(|d| d.filter_map(Result::ok).any(|e| walk_has_files(&e.path())))
+            .unwrap_or(false);
+        if job_state(&job) == "RUNNING" && checkpointed {
+            break job;
+        }
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let cancel = Command::new("scancel").arg(&job).output().unwrap();
+    assert!(cancel.status.success(), "{}", text(&cancel));
+    let out = submitter.wait_with_output().unwrap();
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("FAILED sae: job"), "{log}");
+
+    let out = saeflow(cache, &args).output().unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let job = job_of(cache, "sae").unwrap();
+    let job_log = std::fs::read_to_string(
+        cache
+            .join("slurm/logs")
+            .join(format!("quickstart-sae-{job}.out")),
+    )
+    .unwrap();
+    let step: u64 = job_log
+        .split("resuming from the checkpoint at step ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("the rerun must resume from a checkpoint:\n{job_log}"));
+    assert!(step >= 100, "resumed at step {step}");
+    println!("scancel'd training resumed at step {step}");
+}
+
+fn walk_has_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok).any(|e| {
+                let p = e.path();
+                if p.is_dir() {
+                    walk_has_files(&p)
+                } else {
+                    true
+                }
+            })
+        })
+        .unwrap_or(false)
+}
