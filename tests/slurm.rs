@@ -172,7 +172,15 @@ fn scancel_of_a_training_job_then_rerun_resumes_from_its_checkpoint() {
             break job;
         }
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // `status` shows the queued/running job beside the instance.
+    let mut status_args = vec!["status", "pipelines/quickstart.toml"];
+    status_args.extend(&args[5..]);
+    let status = saeflow(cache, &status_args).output().unwrap();
+    assert!(
+        text(&status).contains(&format!("slurm job {job}: RUNNING")),
+        "{}",
+        text(&status)
+    );
     let cancel = Command::new("scancel").arg(&job).output().unwrap();
     assert!(cancel.status.success(), "{}", text(&cancel));
     let out = submitter.wait_with_output().unwrap();
