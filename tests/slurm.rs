@@ -222,3 +222,70 @@ fn walk_has_files(dir: &Path) -> bool {
         })
         .unwrap_or(false)
 }
+
+#[test]
+fn a_requeued_job_resumes_and_ctrl_c_cancels_what_was_submitted() {
+    if !cluster() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path();
+    let args = [
+        "run",
+        "--executor",
+        "slurm",
+        "pipelines/quickstart.toml",
+        "sae",
+        "-S",
+        "sae.k=16",
+        "-S",
+        "sae.tokens=4000000",
+        "-S",
+        "sae.checkpoint_every=100",
+    ];
+    let submitter = saeflow(cache, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        while !ok() {
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "never: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let job = || job_of(cache, "sae").unwrap_or_default();
+    let log = || {
+        std::fs::read_to_string(
+            cache
+                .join("slurm/logs")
+                .join(format!("quickstart-sae-{}.out", job())),
+        )
+        .unwrap_or_default()
+    };
+    wait_for("a training checkpoint", &|| {
+        job_state(&job()) == "RUNNING" && walk_has_files(&cache.join("partial"))
+    });
+    // Preemption as the scheduler does it: the job goes back to the queue and runs again.
+    let requeue = Command::new("scontrol")
+        .args(["requeue", &job()])
+        .output()
+        .unwrap();
+    assert!(requeue.status.success(), "{}", text(&requeue));
+    wait_for("the requeued job to resume", &|| {
+        log().contains("resuming from the checkpoint at step")
+    });
+    // Ctrl-C on the submitter cancels the jobs it submitted.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(submitter.id() as i32, libc::SIGINT) };
+    let out = submitter.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    assert!(text(&out).contains("scancel"), "{}", text(&out));
+    wait_for("the job to leave the queue", &|| {
+        job_state(&job()).is_empty()
+    });
+}
