@@ -586,10 +586,10 @@ impl Cache {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let key = name.split('.').next().unwrap_or_default().to_string();
-            if !held.contains_key(&key) {
-                match self.try_lock_now(&Key(key.clone()))? {
+            if let std::collections::btree_map::Entry::Vacant(slot) = held.entry(key) {
+                match self.try_lock_now(&Key(slot.key().clone()))? {
                     Some(l) => {
-                        held.insert(key, l);
+                        slot.insert(l);
                     }
                     None => continue,
                 }

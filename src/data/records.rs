@@ -79,6 +79,9 @@ pub fn read_jsonl(path: &Path) -> anyhow::Result<Vec<Record>> {
                 "{location}: expected a JSON object, found {}",
                 type_name(&other)
             ),
+            Err(e) if ["NaN", "Infinity"].iter().any(|w| line.contains(w)) => {
+                bail!("{location}: malformed JSON: {e} (NaN and Infinity are not JSON numbers)")
+            }
             Err(e) => bail!("{location}: malformed JSON: {e}"),
         }
     }
@@ -95,6 +98,9 @@ pub fn read_csv(path: &Path) -> anyhow::Result<Vec<Record>> {
         .headers()
         .with_context(|| format!("{}: cannot read the header row", path.display()))?
         .clone();
+    if headers.is_empty() {
+        bail!("{}: empty file (no header row)", path.display());
+    }
     let mut out = Vec::new();
     for result in reader.records() {
         let record = result.map_err(|e| {
@@ -118,6 +124,8 @@ pub fn read_csv(path: &Path) -> anyhow::Result<Vec<Record>> {
 /// Parquet; strings, integers, floats and booleans become JSON values, other types are refused.
 pub fn read_parquet(path: &Path) -> anyhow::Result<Vec<Record>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    check_parquet_footer(&file)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("{}: not a readable Parquet file", path.display()))?
         .build()?;
@@ -128,14 +136,21 @@ pub fn read_parquet(path: &Path) -> anyhow::Result<Vec<Record>> {
         let mut rows: Vec<Map<String, Json>> = vec![Map::new(); batch.num_rows()];
         for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
             for (i, row) in rows.iter_mut().enumerate() {
-                let v = cell(column.as_ref(), i).with_context(|| {
-                    format!(
+                let v = match cell(column.as_ref(), i) {
+                    Ok(v) => v,
+                    Err(Cell::Unsupported) => bail!(
                         "{}: column `{}` has unsupported type {}",
                         path.display(),
                         field.name(),
                         field.data_type()
-                    )
-                })?;
+                    ),
+                    Err(Cell::Infinite(x)) => bail!(
+                        "{}:row {}: column `{}` holds {x}, which has no JSON value",
+                        path.display(),
+                        base + i + 1,
+                        field.name()
+                    ),
+                };
                 row.insert(field.name().clone(), v);
             }
         }
@@ -147,11 +162,27 @@ pub fn read_parquet(path: &Path) -> anyhow::Result<Vec<Record>> {
     Ok(out)
 }
 
-fn cell(a: &dyn Array, i: usize) -> Option<Json> {
-    if a.is_null(i) {
-        return Some(Json::Null);
+/// Why a Parquet cell has no JSON value.
+enum Cell {
+    /// A column type records do not carry.
+    Unsupported,
+    /// ±infinity (JSON has no such number; NaN is read as null, pandas' missing value).
+    Infinite(f64),
+}
+
+fn float(x: f64) -> Result<Json, Cell> {
+    if x.is_infinite() {
+        return Err(Cell::Infinite(x));
     }
-    Some(match a.data_type() {
+    // serde_json turns NaN into null.
+    Ok(Json::from(x))
+}
+
+fn cell(a: &dyn Array, i: usize) -> Result<Json, Cell> {
+    if a.is_null(i) {
+        return Ok(Json::Null);
+    }
+    Ok(match a.data_type() {
         DataType::Utf8 => Json::from(a.as_string::<i32>().value(i)),
         DataType::LargeUtf8 => Json::from(a.as_string::<i64>().value(i)),
         DataType::Utf8View => Json::from(a.as_string_view().value(i)),
@@ -164,10 +195,162 @@ fn cell(a: &dyn Array, i: usize) -> Option<Json> {
         DataType::UInt16 => Json::from(a.as_primitive::<UInt16Type>().value(i)),
         DataType::UInt32 => Json::from(a.as_primitive::<UInt32Type>().value(i)),
         DataType::UInt64 => Json::from(a.as_primitive::<UInt64Type>().value(i)),
-        DataType::Float32 => Json::from(a.as_primitive::<Float32Type>().value(i) as f64),
-        DataType::Float64 => Json::from(a.as_primitive::<Float64Type>().value(i)),
-        _ => return None,
+        DataType::Float32 => float(a.as_primitive::<Float32Type>().value(i) as f64)?,
+        DataType::Float64 => float(a.as_primitive::<Float64Type>().value(i))?,
+        _ => return Err(Cell::Unsupported),
     })
+}
+
+/// Deepest struct/list nesting accepted in a Parquet footer (real files nest a handful of levels).
+const MAX_FOOTER_DEPTH: usize = 64;
+
+/// Walks the Parquet footer's thrift (compact protocol) without building it, refusing any list, set, map or
+/// binary whose declared size exceeds the bytes left in the footer, and nesting deeper than
+/// [`MAX_FOOTER_DEPTH`]. The parquet crate reserves room for a declared list before reading it, so a
+/// few-hundred-byte file claiming 2^31 schema elements would otherwise abort the process in the allocator.
+/// Files too short to have a footer, or without the `PAR1` magic, are left to the parquet crate's own errors.
+fn check_parquet_footer(file: &File) -> anyhow::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    if len < 12 {
+        return Ok(());
+    }
+    let mut f = file;
+    f.seek(SeekFrom::End(-8))?;
+    let mut tail = [0u8; 8];
+    f.read_exact(&mut tail)?;
+    if &tail[4..] != b"PAR1" {
+        return Ok(());
+    }
+    let meta_len = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
+    if meta_len + 8 > len {
+        bail!("the footer claims {meta_len} bytes of metadata but the file holds {len} bytes");
+    }
+    f.seek(SeekFrom::Start(len - 8 - meta_len))?;
+    let mut meta = vec![0u8; meta_len as usize];
+    f.read_exact(&mut meta)?;
+    f.seek(SeekFrom::Start(0))?;
+    let mut walker = Thrift { buf: &meta, pos: 0 };
+    walker
+        .skip(12, 0)
+        .map_err(|e| anyhow::anyhow!("corrupt footer metadata: {e}"))
+}
+
+/// A cursor over thrift compact-protocol bytes that only checks sizes.
+struct Thrift<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Thrift<'_> {
+    fn byte(&mut self) -> Result<u8, String> {
+        let b = *self
+            .buf
+            .get(self.pos)
+            .ok_or_else(|| format!("ends early at byte {}", self.pos))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..70).step_by(7) {
+            let b = self.byte()?;
+            if shift < 64 {
+                v |= u64::from(b & 0x7f) << shift;
+            }
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(format!("overlong varint at byte {}", self.pos))
+    }
+
+    fn left(&self) -> u64 {
+        (self.buf.len() - self.pos) as u64
+    }
+
+    /// Declared element count `n` of `what`, each taking at least `min` bytes, must fit in what is left.
+    fn fits(&self, n: u64, min: u64, what: &str) -> Result<(), String> {
+        if n.saturating_mul(min) > self.left() {
+            return Err(format!(
+                "a {what} at byte {} declares {n} elements but only {} bytes remain",
+                self.pos,
+                self.left()
+            ));
+        }
+        Ok(())
+    }
+
+    fn skip(&mut self, ty: u8, depth: usize) -> Result<(), String> {
+        if depth > MAX_FOOTER_DEPTH {
+            return Err(format!("nested deeper than {MAX_FOOTER_DEPTH} levels"));
+        }
+        match ty {
+            1 | 2 => {}
+            3 => {
+                self.byte()?;
+            }
+            4..=6 => {
+                self.varint()?;
+            }
+            7 => self.advance(8)?,
+            8 => {
+                let n = self.varint()?;
+                self.fits(n, 1, "binary")?;
+                self.advance(n as usize)?;
+            }
+            9 | 10 => {
+                let h = self.byte()?;
+                let n = match h >> 4 {
+                    15 => self.varint()?,
+                    n => u64::from(n),
+                };
+                self.fits(n, 1, "list")?;
+                let elem = h & 0x0f;
+                for _ in 0..n {
+                    // Booleans in lists take a byte each.
+                    if elem == 1 || elem == 2 {
+                        self.byte()?;
+                    } else {
+                        self.skip(elem, depth + 1)?;
+                    }
+                }
+            }
+            11 => {
+                let n = self.varint()?;
+                if n > 0 {
+                    self.fits(n, 2, "map")?;
+                    let kv = self.byte()?;
+                    for _ in 0..n {
+                        self.skip(kv >> 4, depth + 1)?;
+                        self.skip(kv & 0x0f, depth + 1)?;
+                    }
+                }
+            }
+            12 => loop {
+                let h = self.byte()?;
+                if h == 0 {
+                    break;
+                }
+                if h >> 4 == 0 {
+                    self.varint()?; // long-form field id
+                }
+                self.skip(h & 0x0f, depth + 1)?;
+            },
+            13 => self.advance(16)?, // UUID
+            other => return Err(format!("unknown thrift type {other} at byte {}", self.pos)),
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, n: usize) -> Result<(), String> {
+        if n > self.buf.len() - self.pos {
+            return Err(format!("ends early at byte {}", self.pos));
+        }
+        self.pos += n;
+        Ok(())
+    }
 }
 
 fn type_name(v: &Json) -> &'static str {
@@ -201,6 +384,24 @@ mod tests {
         std::fs::write(&p, "{\"a\": 1}\n\n{\"a\": 2,}\n").unwrap();
         let err = read_jsonl(&p).unwrap_err().to_string();
         assert!(err.contains("x.jsonl:3: malformed JSON"), "{err}");
+    }
+
+    #[test]
+    fn parquet_footer_declaring_a_huge_list_is_refused_before_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bomb.parquet");
+        // FileMetaData { version: 1, schema: list<struct> of 2^31 - 1 elements } and nothing else.
+        let meta = [0x15, 0x02, 0x19, 0xFC, 0xFF, 0xFF, 0xFF, 0xFF, 0x07];
+        let mut bytes = b"PAR1".to_vec();
+        bytes.extend(meta);
+        bytes.extend((meta.len() as u32).to_le_bytes());
+        bytes.extend(b"PAR1");
+        std::fs::write(&p, bytes).unwrap();
+        let err = format!("{:#}", read_parquet(&p).unwrap_err());
+        assert!(
+            err.contains("bomb.parquet: not a readable Parquet file: corrupt footer metadata: a list at byte 9 declares 2147483647 elements"),
+            "{err}"
+        );
     }
 
     #[test]

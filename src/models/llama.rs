@@ -22,12 +22,12 @@ pub struct GgufInfo {
     pub chat_template: Option<String>,
 }
 
-fn meta_u32(c: &gguf_file::Content, key: &str) -> anyhow::Result<u32> {
+fn meta_u32(c: &gguf_file::Content, key: &str, path: &Path) -> anyhow::Result<u32> {
     c.metadata
         .get(key)
-        .with_context(|| format!("GGUF metadata `{key}` is missing"))?
+        .with_context(|| format!("{}: GGUF metadata `{key}` is missing", path.display()))?
         .to_u32()
-        .map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))
+        .map_err(|e| anyhow::anyhow!("{}: GGUF `{key}`: {e}", path.display()))
 }
 
 fn meta_f32(c: &gguf_file::Content, key: &str) -> Option<f32> {
@@ -145,6 +145,19 @@ fn llama_config(
     }
 }
 
+/// Reads a GGUF header (metadata and tensor infos) after checking it with [`super::gguf_check::check`],
+/// so a corrupt or hostile file fails with an error before candle allocates anything for it, and every
+/// tensor it lists lies inside the file. `what` names the input in errors.
+pub fn read_gguf<R: std::io::Read + std::io::Seek>(
+    reader: &mut R,
+    what: &str,
+) -> anyhow::Result<gguf_file::Content> {
+    super::gguf_check::check(reader)
+        .with_context(|| format!("{what}: not a readable GGUF file"))?;
+    gguf_file::Content::read(reader)
+        .map_err(|e| anyhow::anyhow!("{what}: not a readable GGUF file: {e}"))
+}
+
 /// Loads a GGUF Llama model. By default every tensor is dequantized to f32 on `device`; with `quantized`,
 /// 2-D weight matrices other than the embedding stay quantized and multiply through `QMatMul`.
 pub fn load_gguf(
@@ -154,8 +167,7 @@ pub fn load_gguf(
 ) -> anyhow::Result<(Config, Weights, GgufInfo)> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
+    let content = read_gguf(&mut file, &path.display().to_string())?;
     let arch = content
         .metadata
         .get("general.architecture")
@@ -168,30 +180,13 @@ pub fn load_gguf(
             path.display()
         );
     }
-    let file_len = file.metadata()?.len();
-    // Refuse tensors whose declared extent runs past the file before allocating anything.
-    for (name, info) in &content.tensor_infos {
-        let elems: usize = info.shape.elem_count();
-        let block = info.ggml_dtype.block_size();
-        let bytes = elems / block * info.ggml_dtype.type_size();
-        let end = content
-            .tensor_data_offset
-            .checked_add(info.offset)
-            .and_then(|o| o.checked_add(bytes as u64));
-        if end.is_none_or(|e| e > file_len) {
-            bail!(
-                "{}: tensor `{name}` extends past the end of the file (truncated or corrupt)",
-                path.display()
-            );
-        }
-    }
-    let n_layer = meta_u32(&content, "llama.block_count")? as usize;
-    let d_model = meta_u32(&content, "llama.embedding_length")? as usize;
-    let n_head = meta_u32(&content, "llama.attention.head_count")? as usize;
+    let n_layer = meta_u32(&content, "llama.block_count", path)? as usize;
+    let d_model = meta_u32(&content, "llama.embedding_length", path)? as usize;
+    let n_head = meta_u32(&content, "llama.attention.head_count", path)? as usize;
     let n_kv_head =
-        meta_u32(&content, "llama.attention.head_count_kv").unwrap_or(n_head as u32) as usize;
-    let d_mlp = meta_u32(&content, "llama.feed_forward_length")? as usize;
-    let context = meta_u32(&content, "llama.context_length").unwrap_or(4096) as usize;
+        meta_u32(&content, "llama.attention.head_count_kv", path).unwrap_or(n_head as u32) as usize;
+    let d_mlp = meta_u32(&content, "llama.feed_forward_length", path)? as usize;
+    let context = meta_u32(&content, "llama.context_length", path).unwrap_or(4096) as usize;
     let eps = meta_f32(&content, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64;
     let theta = meta_f32(&content, "llama.rope.freq_base").unwrap_or(10000.0) as f64;
     if n_head == 0
@@ -328,6 +323,17 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weigh
 /// without a `tokenizer.json` beside them. Supports the `gpt2` model with the `default`/`gpt2` and
 /// `smollm` (digits split off first) pre-tokenizers.
 pub fn gguf_tokenizer(path: &Path) -> anyhow::Result<tokenizers::Tokenizer> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content = read_gguf(&mut file, &path.display().to_string())?;
+    gguf_content_tokenizer(&content, &path.display().to_string())
+}
+
+/// [`gguf_tokenizer`] from a GGUF header already read (see [`read_gguf`]); `what` names it in errors.
+pub fn gguf_content_tokenizer(
+    content: &gguf_file::Content,
+    what: &str,
+) -> anyhow::Result<tokenizers::Tokenizer> {
     use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
     use tokenizers::models::bpe::BPE;
     use tokenizers::pre_tokenizers::{
@@ -335,10 +341,6 @@ pub fn gguf_tokenizer(path: &Path) -> anyhow::Result<tokenizers::Tokenizer> {
     };
     use tokenizers::AddedToken;
 
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
     let text = |k: &str| {
         content
             .metadata
@@ -350,13 +352,13 @@ pub fn gguf_tokenizer(path: &Path) -> anyhow::Result<tokenizers::Tokenizer> {
         content
             .metadata
             .get(k)
-            .with_context(|| format!("{}: no `{k}` to rebuild the tokenizer from", path.display()))?
+            .with_context(|| format!("{}: no `{k}` to rebuild the tokenizer from", what))?
             .to_vec()
-            .map_err(|e| anyhow::anyhow!("{}: `{k}`: {e}", path.display()))
+            .map_err(|e| anyhow::anyhow!("{}: `{k}`: {e}", what))
     };
     let model = text("tokenizer.ggml.model").unwrap_or_default();
     if model != "gpt2" {
-        bail!("{}: cannot rebuild a `{model}` tokenizer from GGUF metadata; put a tokenizer.json beside it", path.display());
+        bail!("{}: cannot rebuild a `{model}` tokenizer from GGUF metadata; put a tokenizer.json beside it", what);
     }
     let pre = text("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
     let mut pre_tokenizers: Vec<PreTokenizerWrapper> = Vec::new();
@@ -365,7 +367,7 @@ pub fn gguf_tokenizer(path: &Path) -> anyhow::Result<tokenizers::Tokenizer> {
         "smollm" => pre_tokenizers.push(Digits::new(true).into()),
         other => bail!(
             "{}: pre-tokenizer `{other}` is not supported; put a tokenizer.json beside it",
-            path.display()
+            what
         ),
     }
     pre_tokenizers.push(ByteLevel::new(false, true, true).into());
@@ -374,7 +376,7 @@ pub fn gguf_tokenizer(path: &Path) -> anyhow::Result<tokenizers::Tokenizer> {
         .map(|v| {
             v.to_string()
                 .cloned()
-                .map_err(|e| anyhow::anyhow!("{}: token: {e}", path.display()))
+                .map_err(|e| anyhow::anyhow!("{}: token: {e}", what))
         })
         .collect::<anyhow::Result<_>>()?;
     let merges: Vec<(String, String)> = list("tokenizer.ggml.merges")?
@@ -382,10 +384,10 @@ pub fn gguf_tokenizer(path: &Path) -> anyhow::Result<tokenizers::Tokenizer> {
         .map(|v| {
             let m = v
                 .to_string()
-                .map_err(|e| anyhow::anyhow!("{}: merge: {e}", path.display()))?;
+                .map_err(|e| anyhow::anyhow!("{}: merge: {e}", what))?;
             m.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .with_context(|| format!("{}: malformed merge `{m}`", path.display()))
+                .with_context(|| format!("{}: malformed merge `{m}`", what))
         })
         .collect::<anyhow::Result<_>>()?;
     let kinds: Vec<i64> = match content
@@ -407,7 +409,7 @@ pub fn gguf_tokenizer(path: &Path) -> anyhow::Result<tokenizers::Tokenizer> {
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
-        .map_err(|e| anyhow::anyhow!("{}: cannot build the BPE: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("{}: cannot build the BPE: {e}", what))?;
     let mut tokenizer = tokenizers::Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(Sequence::new(pre_tokenizers)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
@@ -420,6 +422,6 @@ pub fn gguf_tokenizer(path: &Path) -> anyhow::Result<tokenizers::Tokenizer> {
         .collect();
     tokenizer
         .add_special_tokens(specials)
-        .map_err(|e| anyhow::anyhow!("{}: special tokens: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("{}: special tokens: {e}", what))?;
     Ok(tokenizer)
 }

@@ -2,6 +2,7 @@
 //! and generation. Independent of the runner; stages use it through [`load`].
 
 pub mod generate;
+pub mod gguf_check;
 pub mod llama;
 pub mod nanochat;
 pub mod pickle;
@@ -134,6 +135,92 @@ impl std::str::FromStr for WeightFormat {
     }
 }
 
+/// Most positions a model's rotary tables may cover (2^20; Llama 3.1 uses 131072). A file declaring more is
+/// refused before the tables are allocated.
+pub const MAX_POSITIONS: usize = 1 << 20;
+
+/// Checks what a model file declared before anything is built from it: a context within
+/// [`MAX_POSITIONS`], a finite positive norm epsilon and rotary base, a tokenizer whose ids the embedding
+/// covers, and finite dense weights (a NaN or infinity would poison every activation silently, or only in
+/// the layers after the hook).
+fn check_model(
+    source: &Path,
+    config: &transformer::Config,
+    weights: &transformer::Weights,
+    tokenizer: &Tokenizer,
+) -> anyhow::Result<()> {
+    if config.max_seq_len > MAX_POSITIONS {
+        bail!(
+            "{}: context length {} is implausibly large (at most {MAX_POSITIONS} positions)",
+            source.display(),
+            config.max_seq_len
+        );
+    }
+    for (what, v) in [
+        ("RMSNorm epsilon", config.norm_eps),
+        ("rotary base (rope theta)", config.rope_theta),
+    ] {
+        if !v.is_finite() || v <= 0.0 {
+            bail!(
+                "{}: {what} is {v}; it must be a finite positive number",
+                source.display()
+            );
+        }
+    }
+    let mut named: Vec<(String, &candle_core::Tensor)> = vec![("embedding".into(), &weights.embed)];
+    if let Some(t) = &weights.final_norm {
+        named.push(("final norm".into(), t));
+    }
+    if let transformer::Matrix::Dense(t) = &weights.lm_head {
+        named.push(("lm_head".into(), t));
+    }
+    for (i, b) in weights.blocks.iter().enumerate() {
+        for (what, t) in [("attn_norm", &b.attn_norm), ("mlp_norm", &b.mlp_norm)] {
+            if let Some(t) = t {
+                named.push((format!("block {i} {what}"), t));
+            }
+        }
+        for (what, m) in [
+            ("q", Some(&b.q)),
+            ("k", Some(&b.k)),
+            ("v", Some(&b.v)),
+            ("o", Some(&b.o)),
+            ("gate", b.gate.as_ref()),
+            ("up", Some(&b.up)),
+            ("down", Some(&b.down)),
+        ] {
+            if let Some(transformer::Matrix::Dense(t)) = m {
+                named.push((format!("block {i} {what}"), t));
+            }
+        }
+    }
+    for (name, t) in named {
+        // A sum is finite exactly when every entry is (weights never come near f32's overflow).
+        let sum = t
+            .to_dtype(candle_core::DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            bail!(
+                "{}: weight `{name}` holds NaN or infinite values",
+                source.display()
+            );
+        }
+    }
+    let max_id = match tokenizer {
+        Tokenizer::HuggingFace(t) => t.get_vocab(true).values().max().map(|&m| m as usize),
+        Tokenizer::Tiktoken { vocab_size, .. } => vocab_size.checked_sub(1),
+    };
+    let rows = weights.embed.dims().first().copied().unwrap_or(0);
+    if let Some(max_id) = max_id.filter(|&m| m >= rows) {
+        bail!(
+            "{}: the tokenizer has ids up to {max_id}, the model's embedding only {rows} rows",
+            source.display()
+        );
+    }
+    Ok(())
+}
+
 /// Loads a model from a local path with f32 weights.
 pub fn load(path: &Path, kind: Option<ModelKind>, device: &Device) -> anyhow::Result<LoadedModel> {
     load_with(path, kind, WeightFormat::F32, device)
@@ -161,6 +248,7 @@ pub fn load_with(
             let files = nanochat::locate(path)?;
             let (config, weights) = nanochat::load(&files, device)?;
             let tokenizer = load_tokenizer(path, kind)?;
+            check_model(&files.model, &config, &weights, &tokenizer)?;
             if tokenizer.vocab_size() > config.vocab_size {
                 bail!(
                     "{}: tokenizer has {} ids, the model only {}",
@@ -173,7 +261,8 @@ pub fn load_with(
             // nanochat's own generate() runs through <|bos|>; only the end of an assistant turn stops.
             let stop = tokenizer.special("<|assistant_end|>").into_iter().collect();
             Ok(LoadedModel {
-                transformer: Transformer::new(config, weights, device)?,
+                transformer: Transformer::new(config, weights, device)
+                    .with_context(|| files.model.display().to_string())?,
                 tokenizer,
                 bos,
                 stop,
@@ -221,12 +310,14 @@ pub fn load_with(
                         tc["chat_template"].as_str().map(str::to_string),
                     )
                 };
+            check_model(path, &config, &weights, &tokenizer)?;
             let chat = match template {
                 Some(t) if t.contains("<|im_start|>") => ChatFormat::ChatMl,
                 _ => ChatFormat::None,
             };
             Ok(LoadedModel {
-                transformer: Transformer::new(config, weights, device)?,
+                transformer: Transformer::new(config, weights, device)
+                    .with_context(|| path.display().to_string())?,
                 tokenizer,
                 bos,
                 stop,
@@ -262,13 +353,21 @@ pub fn load_tokenizer(path: &Path, kind: ModelKind) -> anyhow::Result<Tokenizer>
                 Ok(Tokenizer::HuggingFace(Box::new(llama::gguf_tokenizer(
                     path,
                 )?)))
+            } else if !tok_path.exists() {
+                bail!(
+                    "{}: a tokenizer.json is needed beside the model",
+                    dir.display()
+                )
             } else {
-                Tokenizer::from_hf_file(&tok_path).with_context(|| {
-                    format!(
-                        "{}: a tokenizer.json is needed beside the model",
-                        dir.display()
-                    )
-                })
+                let tokenizer = Tokenizer::from_hf_file(&tok_path)?;
+                // Some broken files parse but cannot encode (a WordLevel model whose unknown token is not
+                // in its vocabulary): find out now, naming the file, not in the middle of a stage.
+                tokenizer
+                    .encode("The quick brown fox, 42 times.")
+                    .with_context(|| {
+                        format!("{}: the tokenizer cannot encode text", tok_path.display())
+                    })?;
+                Ok(tokenizer)
             }
         }
     }

@@ -148,6 +148,10 @@ fn finish(dir: &Path, step: u64) -> anyhow::Result<CheckpointFiles> {
     })
 }
 
+/// Largest `sequence_len`, `vocab_size`, `n_layer` or `n_embd` a `meta_<step>.json` may state (2^24: far above
+/// any nanochat, far below sizes whose products overflow or whose tables cannot be allocated).
+pub const MAX_CONFIG_VALUE: usize = 1 << 24;
+
 /// Reads the model configuration from `meta_<step>.json`.
 pub fn read_config(meta: &Path) -> anyhow::Result<NanochatConfig> {
     let text =
@@ -159,6 +163,19 @@ pub fn read_config(meta: &Path) -> anyhow::Result<NanochatConfig> {
         .with_context(|| format!("{}: no `model_config`", meta.display()))?;
     let c: NanochatConfig = serde_json::from_value(cfg.clone())
         .with_context(|| format!("{}: bad `model_config`", meta.display()))?;
+    for (name, value) in [
+        ("sequence_len", c.sequence_len),
+        ("vocab_size", c.vocab_size),
+        ("n_layer", c.n_layer),
+        ("n_embd", c.n_embd),
+    ] {
+        if value == 0 || value > MAX_CONFIG_VALUE {
+            bail!(
+                "{}: `model_config.{name}` = {value} is out of range (1 to {MAX_CONFIG_VALUE})",
+                meta.display()
+            );
+        }
+    }
     if c.n_head == 0
         || c.n_kv_head == 0
         || !c.n_embd.is_multiple_of(c.n_head)
@@ -214,31 +231,49 @@ pub fn load(files: &CheckpointFiles, device: &Device) -> anyhow::Result<(Config,
         embed_norm: true,
         mlp: Mlp::ReluSquared,
         softcap: Some(15.0),
-        max_seq_len: nc.sequence_len * 10,
+        // Positions the rotary tables cover: ten times the training context, within what the tables can hold.
+        max_seq_len: nc
+            .sequence_len
+            .saturating_mul(10)
+            .min(super::MAX_POSITIONS)
+            .max(nc.sequence_len),
     };
-    let mut take = |name: String| -> anyhow::Result<Tensor> {
+    let meta_name = files
+        .meta
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let mut take = |name: String, shape: [usize; 2]| -> anyhow::Result<Tensor> {
         let t = sd
             .remove(&name)
             .with_context(|| format!("{}: missing parameter `{name}`", files.model.display()))?;
+        if t.dims() != shape {
+            bail!(
+                "{}: `{name}` has shape {:?}, {meta_name} implies {shape:?}",
+                files.model.display(),
+                t.dims()
+            );
+        }
         Ok(t.to_dtype(DType::F32)?)
     };
-    let embed = take("transformer.wte.weight".into())?;
+    let (d, v) = (nc.n_embd, nc.vocab_size);
+    let (q_out, kv_out) = (nc.n_head * head_dim, nc.n_kv_head * head_dim);
+    let embed = take("transformer.wte.weight".into(), [v, d])?;
     let mut blocks = Vec::new();
     for i in 0..nc.n_layer {
         let p = |s: &str| format!("transformer.h.{i}.{s}");
         blocks.push(BlockWeights {
             attn_norm: None,
-            q: take(p("attn.c_q.weight"))?.into(),
-            k: take(p("attn.c_k.weight"))?.into(),
-            v: take(p("attn.c_v.weight"))?.into(),
-            o: take(p("attn.c_proj.weight"))?.into(),
+            q: take(p("attn.c_q.weight"), [q_out, d])?.into(),
+            k: take(p("attn.c_k.weight"), [kv_out, d])?.into(),
+            v: take(p("attn.c_v.weight"), [kv_out, d])?.into(),
+            o: take(p("attn.c_proj.weight"), [d, q_out])?.into(),
             mlp_norm: None,
             gate: None,
-            up: take(p("mlp.c_fc.weight"))?.into(),
-            down: take(p("mlp.c_proj.weight"))?.into(),
+            up: take(p("mlp.c_fc.weight"), [4 * d, d])?.into(),
+            down: take(p("mlp.c_proj.weight"), [d, 4 * d])?.into(),
         });
     }
-    let lm_head = take("lm_head.weight".into())?;
+    let lm_head = take("lm_head.weight".into(), [v, d])?;
     if let Some(extra) = sd.keys().next() {
         bail!(
             "{}: unexpected parameter `{extra}` for a vintage nanochat model",

@@ -243,28 +243,55 @@ impl Sae {
             candle_core::safetensors::load(&path, device)
                 .with_context(|| format!("{}: not a readable safetensors file", path.display()))
         };
+        if !cfg.is_object() {
+            bail!(
+                "{}: expected a JSON object, found {}",
+                cfg_path.display(),
+                json_type(&cfg)
+            );
+        }
         let get = |ts: &HashMap<String, Tensor>, name: &str, shape: &[usize], file: &str| {
+            let path = dir.join(file);
             let t = ts
                 .get(name)
-                .with_context(|| format!("{}: no tensor `{name}`", dir.join(file).display()))?;
-            if t.dims() != shape {
-                bail!(
-                    "{}: `{name}` has shape {:?}, cfg.json implies {shape:?}",
-                    dir.join(file).display(),
-                    t.dims()
-                );
-            }
-            Ok(t.to_dtype(DType::F32)?)
+                .with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
+            checked_weight(t, name, shape, &path)
         };
-        let usize_of = |key: &str| {
-            cfg[key]
-                .as_u64()
-                .map(|v| v as usize)
-                .with_context(|| format!("{}: `{key}` missing or not a number", cfg_path.display()))
+        let usize_of = |key: &str| match &cfg[key] {
+            Json::Null => bail!("{}: `{key}` is missing", cfg_path.display()),
+            v => match v.as_u64() {
+                Some(n) if n > 0 => Ok(n as usize),
+                _ => bail!(
+                    "{}: `{key}` must be a positive integer, found {v}",
+                    cfg_path.display()
+                ),
+            },
+        };
+        // Optional fields: absent (or null) takes the default, any other type is an error.
+        let str_or = |key: &str, default: &'static str| -> anyhow::Result<String> {
+            match &cfg[key] {
+                Json::Null => Ok(default.to_string()),
+                Json::String(s) => Ok(s.clone()),
+                v => bail!(
+                    "{}: `{key}` must be a string, found {v}",
+                    cfg_path.display()
+                ),
+            }
+        };
+        let bool_or = |key: &str, default: bool| -> anyhow::Result<bool> {
+            match &cfg[key] {
+                Json::Null => Ok(default),
+                Json::Bool(b) => Ok(*b),
+                v => bail!(
+                    "{}: `{key}` must be true or false, found {v}",
+                    cfg_path.display()
+                ),
+            }
         };
         if dir.join("sae_weights.safetensors").exists() {
             let (d_in, d_sae) = (usize_of("d_in")?, usize_of("d_sae")?);
-            let arch = cfg["architecture"].as_str().unwrap_or("standard");
+            let arch = str_or("architecture", "standard")?;
+            let arch = arch.as_str();
             let file = "sae_weights.safetensors";
             let ts = tensors(file)?;
             let activation = match arch {
@@ -281,7 +308,7 @@ impl Sae {
                     bail!("{}: k = {k} exceeds d_sae = {d_sae}", cfg_path.display());
                 }
             }
-            let layer_norm = match cfg["normalize_activations"].as_str().unwrap_or("none") {
+            let layer_norm = match str_or("normalize_activations", "none")?.as_str() {
                 "none" => false,
                 "layer_norm" => true,
                 other => bail!(
@@ -289,7 +316,7 @@ impl Sae {
                     cfg_path.display()
                 ),
             };
-            if cfg["rescale_acts_by_decoder_norm"].as_bool() == Some(true) {
+            if bool_or("rescale_acts_by_decoder_norm", false)? {
                 bail!(
                     "{}: rescale_acts_by_decoder_norm is not supported yet",
                     cfg_path.display()
@@ -305,7 +332,7 @@ impl Sae {
                     Activation::JumpRelu => Some(get(&ts, "threshold", &[d_sae], file)?),
                     _ => None,
                 },
-                apply_b_dec_to_input: cfg["apply_b_dec_to_input"].as_bool().unwrap_or(true),
+                apply_b_dec_to_input: bool_or("apply_b_dec_to_input", true)?,
                 layer_norm,
                 cfg,
             })
@@ -343,6 +370,52 @@ impl Sae {
     }
 }
 
+/// A weight read from `file` as f32, refused unless it has `shape`, a floating-point dtype and only finite
+/// values (a NaN or infinity in an SAE poisons every latent and metric downstream, silently).
+fn checked_weight(t: &Tensor, name: &str, shape: &[usize], file: &Path) -> anyhow::Result<Tensor> {
+    if t.dims() != shape {
+        bail!(
+            "{}: `{name}` has shape {:?}, cfg.json implies {shape:?}",
+            file.display(),
+            t.dims()
+        );
+    }
+    if !t.dtype().is_float() {
+        bail!(
+            "{}: `{name}` has dtype {:?}, expected a floating-point type (f32, f16, bf16, f64)",
+            file.display(),
+            t.dtype()
+        );
+    }
+    let t = t.to_dtype(DType::F32)?;
+    let bad = non_finite_count(&t)?;
+    if bad > 0 {
+        bail!(
+            "{}: `{name}` holds {bad} NaN or infinite value{}",
+            file.display(),
+            if bad == 1 { "" } else { "s" }
+        );
+    }
+    Ok(t)
+}
+
+/// How many entries of an f32 tensor are NaN or infinite.
+fn non_finite_count(t: &Tensor) -> anyhow::Result<usize> {
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.iter().filter(|x| !x.is_finite()).count())
+}
+
+fn json_type(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
 /// The single `.pt` file of a directory (or the path itself when it is one).
 fn openai_checkpoint(path: &Path) -> Option<std::path::PathBuf> {
     if path.extension().is_some_and(|e| e == "pt") {
@@ -365,10 +438,10 @@ impl Sae {
     pub fn load_openai(path: &Path, device: &Device) -> anyhow::Result<Self> {
         let (tensors, extras) = crate::models::torch_pt::read_checkpoint(path, device)?;
         let get = |name: &str| {
-            tensors
+            let t = tensors
                 .get(name)
-                .with_context(|| format!("{}: no `{name}` (not an OpenAI SAE?)", path.display()))
-                .and_then(|t| Ok(t.to_dtype(DType::F32)?))
+                .with_context(|| format!("{}: no `{name}` (not an OpenAI SAE?)", path.display()))?;
+            checked_weight(t, name, t.dims(), path)
         };
         let w_enc_t = get("encoder.weight")?;
         let (d_sae, d_in) = w_enc_t.dims2()?;
