@@ -100,17 +100,6 @@ fn signal(child: &Child, sig: i32) {
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
 }
 
-/// xorshift64*, so random kill moments are reproducible from the printed seed.
-struct Rng(u64);
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 fn assert_cache_clean(cache: &Path, when: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_saeflow"))
         .args(["cache", "verify", "--cache"])
@@ -175,7 +164,7 @@ fn kills_and_signals_in_every_stage_leave_artifacts_identical_to_an_uninterrupte
     // SIGTERM must stop cleanly (exit 130, "partial work kept"); SIGKILL gives no chance to clean up.
     let seed = 0x5eed ^ u64::from(std::process::id());
     println!("kill-moment seed {seed}");
-    let mut rng = Rng(seed | 1);
+    let mut rng = common::Rng(seed | 1);
     let mut clean_stops = 0;
     for (kind, sig) in [
         ("acts", libc::SIGKILL),

@@ -30,17 +30,6 @@ inputs = { b = "b", c = "c" }
 shell = "cat {c}/count.txt {b}/sub/part-2.txt > {out}/final.txt; sleep 0.1; md5sum < {out}/final.txt > {out}/final.md5"
 "#;
 
-/// xorshift64*, so the kill moments are reproducible from the printed seed.
-struct Rng(u64);
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 #[test]
 fn sigkill_at_random_moments_never_corrupts_and_resume_matches_an_uninterrupted_run() {
     let reference = tempfile::tempdir().unwrap();
@@ -56,7 +45,7 @@ fn sigkill_at_random_moments_never_corrupts_and_resume_matches_an_uninterrupted_
     write(&d.join("p.toml"), PIPELINE);
     let seed = 0x5eed_u64 ^ std::process::id() as u64;
     println!("kill-moment seed {seed}, uninterrupted run took {full_time:?}");
-    let mut rng = Rng(seed | 1);
+    let mut rng = common::Rng(seed | 1);
     let (mut kills, mut completed_runs) = (0, 0);
     while kills < 20 {
         let delay = full_time.mul_f64(1.2 * rng.next_f64());

@@ -120,6 +120,24 @@ fn job_of(cache: &Path, instance: &str) -> Option<String> {
     v["jobs"][instance].as_str().map(str::to_string)
 }
 
+/// Arguments submitting one long training run of the quickstart (many passes over the capture, checkpoints
+/// every 100 steps) on Slurm; `k` picks the sweep member (and so the key).
+fn long_training(k: &'static str) -> [&'static str; 11] {
+    [
+        "run",
+        "--executor",
+        "slurm",
+        "pipelines/quickstart.toml",
+        "sae",
+        "-S",
+        k,
+        "-S",
+        "sae.tokens=4000000",
+        "-S",
+        "sae.checkpoint_every=100",
+    ]
+}
+
 fn job_state(job: &str) -> String {
     let out = Command::new("squeue")
         .args(["-h", "-o", "%T", "-j", job])
@@ -135,20 +153,7 @@ fn scancel_of_a_training_job_then_rerun_resumes_from_its_checkpoint() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path();
-    // One long training run (many passes over the capture), checkpointing often.
-    let args = [
-        "run",
-        "--executor",
-        "slurm",
-        "pipelines/quickstart.toml",
-        "sae",
-        "-S",
-        "sae.k=8",
-        "-S",
-        "sae.tokens=4000000",
-        "-S",
-        "sae.checkpoint_every=100",
-    ];
+    let args = long_training("sae.k=8");
     let submitter = saeflow(cache, &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -230,19 +235,7 @@ fn a_requeued_job_resumes_and_ctrl_c_cancels_what_was_submitted() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path();
-    let args = [
-        "run",
-        "--executor",
-        "slurm",
-        "pipelines/quickstart.toml",
-        "sae",
-        "-S",
-        "sae.k=16",
-        "-S",
-        "sae.tokens=4000000",
-        "-S",
-        "sae.checkpoint_every=100",
-    ];
+    let args = long_training("sae.k=16");
     let submitter = saeflow(cache, &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

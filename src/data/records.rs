@@ -353,7 +353,8 @@ impl Thrift<'_> {
     }
 }
 
-fn type_name(v: &Json) -> &'static str {
+/// "a string", "an array", ...: a JSON value's type, for error messages.
+pub(crate) fn type_name(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",

@@ -247,7 +247,7 @@ impl Sae {
             bail!(
                 "{}: expected a JSON object, found {}",
                 cfg_path.display(),
-                json_type(&cfg)
+                crate::data::records::type_name(&cfg)
             );
         }
         let get = |ts: &HashMap<String, Tensor>, name: &str, shape: &[usize], file: &str| {
@@ -403,17 +403,6 @@ fn checked_weight(t: &Tensor, name: &str, shape: &[usize], file: &Path) -> anyho
 fn non_finite_count(t: &Tensor) -> anyhow::Result<usize> {
     let v = t.flatten_all()?.to_vec1::<f32>()?;
     Ok(v.iter().filter(|x| !x.is_finite()).count())
-}
-
-fn json_type(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
-    }
 }
 
 /// The single `.pt` file of a directory (or the path itself when it is one).
