@@ -449,19 +449,35 @@ fn the_reader_shuffles_by_seed_filters_splits_and_returns_each_row_once() {
     assert_eq!(diff, 0.0);
 }
 
-/// Peak resident memory of one saeflow run, from the kernel's accounting of that child.
+/// Peak resident memory of one saeflow run: the child's own high-water mark (`VmHWM`), sampled until it
+/// exits. (`wait4`'s `ru_maxrss` would also count the test process's image the child had before `exec`,
+/// which depends on what other tests hold at that moment.)
 fn peak_rss_kib(dir: &Path, args: &[&str]) -> i64 {
-    #[allow(clippy::zombie_processes)] // reaped by wait4 below
-    let child = common::saeflow(dir).args(args).spawn().unwrap();
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{args:?} failed"
-    );
-    usage.ru_maxrss
+    let mut child = common::saeflow(dir)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let status = loop {
+        let hwm = std::fs::read_to_string(&status_file)
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+            })
+            .unwrap_or(0);
+        peak = peak.max(hwm);
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    assert!(status.success(), "{args:?} failed");
+    peak
 }
 
 #[test]
@@ -541,29 +557,27 @@ fn bad_inputs_fail_with_clear_messages_and_publish_nothing() {
         &["context = 100000 exceeds", "positions"],
     );
 
-    // A checkpoint whose embedding of the first text token is NaN: the error names document and position.
-    let model = saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
-    let ids = model
-        .tokenizer
-        .encode("hello world, this is a test")
-        .unwrap();
+    // A checkpoint with finite weights whose layer-1 MLP overflows: the error names hook, document and
+    // position (weights holding NaN are refused at load, before any capture).
     let poisoned = d.join("poisoned");
-    common::checkpoints::make_nanochat_with(&poisoned, 3, &[], Some(ids[0] as usize));
+    common::checkpoints::make_nanochat_with(&poisoned, 3, &[], Some(1));
     let toml = std::fs::read_to_string(d.join("p.toml")).unwrap().replace(
         &shared("fixtures/nanochat-d4").display().to_string(),
         &poisoned.display().to_string(),
     );
     write(&d.join("p.toml"), &toml.replace("context = 100000", ""));
     ok(d, &["run", "p.toml", "data"]);
-    let doc = doc_ids(&d.join("cache"))["hello world, this is a test"];
-    fails_clearly(
-        d,
-        &["run", "p.toml"],
-        &[&format!(
-            "non-finite activation at blocks.1.hook_resid_post in doc_id {doc} pos 1 (token {})",
-            ids[0]
-        )],
-    );
+    let docs = doc_ids(&d.join("cache"));
+    let out = run(d, &["run", "p.toml"]);
+    let msg = text(&out);
+    let named = msg
+        .split("non-finite activation at blocks.1.hook_resid_post in doc_id ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{msg}"));
+    let doc: u64 = named.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(docs.values().any(|&d| d == doc), "{msg}");
+    assert!(named.contains(" pos 1 (token "), "{msg}"); // the first position after BOS
+    fails_clearly(d, &["run", "p.toml"], &["non-finite activation"]);
 }
 
 #[test]

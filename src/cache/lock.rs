@@ -145,20 +145,25 @@ fn held() -> &'static Mutex<BTreeMap<PathBuf, ()>> {
     HELD.get_or_init(|| {
         std::thread::spawn(|| loop {
             std::thread::sleep(heartbeat_interval());
-            let paths: Vec<PathBuf> = held()
-                .lock()
-                .expect("not poisoned")
-                .keys()
-                .cloned()
-                .collect();
-            for path in paths {
-                if let Ok(f) = OpenOptions::new().write(true).open(&path) {
-                    let _ = f.set_modified(SystemTime::now());
-                }
-            }
+            beat();
         });
         Mutex::new(BTreeMap::new())
     })
+}
+
+/// Touches the mtime of every lock this process holds: the heartbeat waiters on other hosts watch.
+fn beat() {
+    let paths: Vec<PathBuf> = held()
+        .lock()
+        .expect("not poisoned")
+        .keys()
+        .cloned()
+        .collect();
+    for path in paths {
+        if let Ok(f) = OpenOptions::new().write(true).open(&path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
 }
 
 /// Creates `path` exclusively with `content`; `Ok(false)` if it exists.
@@ -286,6 +291,37 @@ mod tests {
         assert!(try_lock(&p, &mut Observed::default(), LONG)
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn the_heartbeat_moves_held_locks_mtime_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.lock");
+        let lock = try_lock(&p, &mut Observed::default(), LONG)
+            .unwrap()
+            .unwrap();
+        let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+        let set_old = || {
+            File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap()
+        };
+        set_old();
+        beat();
+        let beaten = std::fs::metadata(&p).unwrap().modified().unwrap();
+        assert!(
+            beaten.elapsed().unwrap() < Duration::from_secs(60),
+            "{beaten:?}"
+        );
+        drop(lock);
+        // A released lock is no longer beaten, even if a file of that name comes back.
+        std::fs::write(&p, "someone else's").unwrap();
+        set_old();
+        beat();
+        assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), old);
     }
 
     #[test]

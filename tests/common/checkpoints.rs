@@ -95,16 +95,17 @@ pub fn make_nanochat(dir: &Path, kv_heads: usize, extra: &[&str]) {
     make_nanochat_with(dir, kv_heads, extra, None)
 }
 
-/// [`make_nanochat`] whose embedding row of `nan_token` is NaN (every activation at that token is NaN).
-pub fn make_nanochat_with(dir: &Path, kv_heads: usize, extra: &[&str], nan_token: Option<usize>) {
+/// [`make_nanochat`] whose layer `overflow_layer` has MLP input weights scaled by 1e20: every weight is
+/// finite, but ReLU² overflows f32, so that layer's output is infinite or NaN at every position.
+pub fn make_nanochat_with(
+    dir: &Path,
+    kv_heads: usize,
+    extra: &[&str],
+    overflow_layer: Option<usize>,
+) {
     let (d, heads, head_dim, layers, vocab) = (96, 3, 32, 2, 4096);
     std::fs::create_dir_all(dir).unwrap();
-    let mut wte = random(&[vocab, d], 1);
-    if let Some(t) = nan_token {
-        let mut rows: Vec<Vec<f32>> = wte.to_vec2().unwrap();
-        rows[t] = vec![f32::NAN; d];
-        wte = Tensor::new(rows, &Device::Cpu).unwrap();
-    }
+    let wte = random(&[vocab, d], 1);
     let mut tensors = vec![("_orig_mod.transformer.wte.weight".to_string(), wte)];
     for l in 0..layers {
         let p = |s: &str| format!("_orig_mod.transformer.h.{l}.{s}");
@@ -122,7 +123,11 @@ pub fn make_nanochat_with(dir: &Path, kv_heads: usize, extra: &[&str], nan_token
             p("attn.c_proj.weight"),
             random(&[d, heads * head_dim], 40 + l as u64),
         ));
-        tensors.push((p("mlp.c_fc.weight"), random(&[4 * d, d], 50 + l as u64)));
+        let mut c_fc = random(&[4 * d, d], 50 + l as u64);
+        if overflow_layer == Some(l) {
+            c_fc = (c_fc * 1e20).unwrap();
+        }
+        tensors.push((p("mlp.c_fc.weight"), c_fc));
         tensors.push((p("mlp.c_proj.weight"), random(&[d, 4 * d], 60 + l as u64)));
     }
     tensors.push((
