@@ -376,7 +376,8 @@ fn bad_inputs_stop_training_with_clear_messages() {
         ],
     );
 
-    // Corrupt one stored activation into NaN (same size, so the cache's cheap check passes).
+    // A capture published with NaN inside (a producer's bug, not disk damage: the manifest vouches for the
+    // bytes, so the cache's checks pass and the trainer's own check must catch it).
     write(&d.join("p.toml"), &toml);
     ok(d, &["run", "p.toml", "acts"]);
     let acts = object_of(&d.join("cache"), "tr", "acts");
@@ -422,7 +423,22 @@ fn bad_inputs_stop_training_with_clear_messages() {
     #[allow(clippy::permissions_set_readonly_false)]
     perms.set_readonly(false);
     std::fs::set_permissions(&file, perms).unwrap();
-    std::fs::write(&file, bytes).unwrap();
+    std::fs::write(&file, &bytes).unwrap();
+    let manifest_path = acts.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    for out in manifest["outputs"].as_array_mut().unwrap() {
+        if out["path"] == "acts-blocks.2.hook_resid_post-00000.parquet" {
+            out["blake3"] = blake3::hash(&bytes).to_hex().to_string().into();
+        }
+    }
+    let manifest = serde_json::to_vec_pretty(&manifest).unwrap();
+    std::fs::write(&manifest_path, &manifest).unwrap();
+    std::fs::write(
+        acts.join("manifest.blake3"),
+        blake3::hash(&manifest).to_hex().as_bytes(),
+    )
+    .unwrap();
     fails(
         d,
         &[
