@@ -138,6 +138,24 @@ fn long_training(k: &'static str) -> [&'static str; 11] {
     ]
 }
 
+/// Polls `ok` every 200 ms; fails naming `what` after 5 minutes.
+fn wait_for(what: &str, ok: &dyn Fn() -> bool) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "never: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether the submitted `sae` job is running and has written a checkpoint into the cache's partial work.
+fn training_checkpointed(cache: &Path) -> bool {
+    job_of(cache, "sae").is_some_and(|job| job_state(&job) == "RUNNING")
+        && walk_has_files(&cache.join("partial"))
+}
+
 fn job_state(job: &str) -> String {
     let out = Command::new("squeue")
         .args(["-h", "-o", "%T", "-j", job])
@@ -159,24 +177,8 @@ fn scancel_of_a_training_job_then_rerun_resumes_from_its_checkpoint() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the training job runs and has written a checkpoint.
-    let started = Instant::now();
-    let job = loop {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "training never checkpointed"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-        let Some(job) = job_of(cache, "sae") else {
-            continue;
-        };
-        let checkpointed = std::fs::read_dir(cache.join("partial"))
-            .map(|d| d.filter_map(Result::ok).any(|e| walk_has_files(&e.path())))
-            .unwrap_or(false);
-        if job_state(&job) == "RUNNING" && checkpointed {
-            break job;
-        }
-    };
+    wait_for("a training checkpoint", &|| training_checkpointed(cache));
+    let job = job_of(cache, "sae").unwrap();
     // `status` shows the queued/running job beside the instance.
     let mut status_args = vec!["status", "pipelines/quickstart.toml"];
     status_args.extend(&args[5..]);
@@ -241,16 +243,6 @@ fn a_requeued_job_resumes_and_ctrl_c_cancels_what_was_submitted() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
-        let started = Instant::now();
-        while !ok() {
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "never: {what}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
     let job = || job_of(cache, "sae").unwrap_or_default();
     let log = || {
         std::fs::read_to_string(
@@ -260,9 +252,7 @@ fn a_requeued_job_resumes_and_ctrl_c_cancels_what_was_submitted() {
         )
         .unwrap_or_default()
     };
-    wait_for("a training checkpoint", &|| {
-        job_state(&job()) == "RUNNING" && walk_has_files(&cache.join("partial"))
-    });
+    wait_for("a training checkpoint", &|| training_checkpointed(cache));
     // Preemption as the scheduler does it: the job goes back to the queue and runs again.
     let requeue = Command::new("scontrol")
         .args(["requeue", &job()])
