@@ -223,7 +223,7 @@ pub fn train(
     steps: usize,
     precision: crate::sae::step::Precision,
 ) -> anyhow::Result<()> {
-    use crate::sae::gemm::matmul_nt_bias_in;
+    use crate::kernels::gemm::matmul_nt_bias_in;
     use crate::sae::step::{Grads, Precision};
     use crate::sae::trainer::{State, TrainConfig};
     use rand::SeedableRng;

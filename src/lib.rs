@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod exec;
+pub mod kernels;
 pub mod models;
 pub mod plan;
 pub mod report;

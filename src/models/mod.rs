@@ -1,6 +1,7 @@
 //! Language models: loading (nanochat, Llama GGUF / Hugging Face), tokenizers, one hookable transformer,
 //! and generation. Independent of the runner; stages use it through [`load`].
 
+mod cpu_ops;
 pub mod generate;
 pub mod gguf_check;
 pub mod llama;

@@ -8,9 +8,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor, D};
+
+use super::cpu_ops;
+use crate::kernels::gemm::PackedMatrix;
 
 /// Where rotary embeddings pair channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,17 +268,33 @@ pub struct Weights {
     pub lm_head: Matrix,
 }
 
-/// `y = x·Wᵀ` as one GEMM over all tokens: `[batch, seq, in]` is flattened to `[batch·seq, in]` and
-/// multiplied by a transposed *view* of the `[out, in]` weight (no copy: gemm packs either layout). Much
-/// faster on CPU than candle's batched broadcast matmul, which runs one small GEMM per sequence.
+/// `y = x·Wᵀ` as one GEMM over all tokens (`[batch, seq, in]` flattened to `[batch·seq, in]`).
 enum Linear {
-    Dense { wt: Tensor },
+    /// CPU: the weight packed once for the hand-written GEMM (`kernels::gemm`), which beats the `gemm`
+    /// crate on these shapes and does not re-pack the weight on every call.
+    Packed(Arc<PackedMatrix>),
+    /// CPU, packed on first use: the output head, whose weight is often the embedding (kept anyway) and
+    /// which a capture never reaches.
+    PackedLazily {
+        w: Tensor,
+        packed: OnceLock<Arc<PackedMatrix>>,
+    },
+    /// Other devices: candle's matmul by a transposed *view* of the `[out, in]` weight (no copy). One
+    /// GEMM over all tokens is much faster than candle's batched broadcast matmul (one per sequence).
+    Dense {
+        wt: Tensor,
+    },
     Quantized(candle_core::quantized::QMatMul),
+    /// Quantized maps of one input, outputs side by side (quantized blocks are not concatenated).
+    Stacked(Vec<Linear>),
 }
 
 impl Linear {
     fn new(w: &Matrix) -> candle_core::Result<Self> {
         Ok(match w {
+            Matrix::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => {
+                Linear::Packed(cpu_ops::pack(w)?)
+            }
             Matrix::Dense(w) => Linear::Dense {
                 wt: w.contiguous()?.t()?,
             },
@@ -284,10 +303,63 @@ impl Linear {
             }
         })
     }
+
+    /// Maps of one input with their outputs side by side on the last axis: one GEMM over the stacked
+    /// weights where they are dense (one pass over the input, one larger product), else one per map.
+    fn stacked(ws: &[&Matrix]) -> candle_core::Result<Self> {
+        let dense: Option<Vec<&Tensor>> = ws
+            .iter()
+            .map(|w| match w {
+                Matrix::Dense(t) => Some(t),
+                Matrix::Quantized(_) => None,
+            })
+            .collect();
+        match (ws, dense) {
+            ([w], _) => Linear::new(w),
+            (_, Some(ts)) => Linear::new(&Matrix::Dense(Tensor::cat(&ts, 0)?)),
+            (_, None) => Ok(Linear::Stacked(
+                ws.iter()
+                    .map(|w| Linear::new(w))
+                    .collect::<candle_core::Result<_>>()?,
+            )),
+        }
+    }
+
+    /// [`Linear::new`], packing on first use.
+    fn lazy(w: &Matrix) -> candle_core::Result<Self> {
+        match w {
+            Matrix::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => {
+                Ok(Linear::PackedLazily {
+                    w: w.clone(),
+                    packed: OnceLock::new(),
+                })
+            }
+            _ => Linear::new(w),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let wt = match self {
+            Linear::Packed(w) => return cpu_ops::packed_matmul(x, w),
+            Linear::PackedLazily { w, packed } => {
+                let packed = match packed.get() {
+                    Some(p) => p,
+                    None => {
+                        let p = cpu_ops::pack(w)?;
+                        packed.get_or_init(|| p)
+                    }
+                };
+                return cpu_ops::packed_matmul(x, packed);
+            }
             Linear::Dense { wt } => wt,
             Linear::Quantized(q) => return candle_core::Module::forward(q, x),
+            Linear::Stacked(maps) => {
+                let outs: Vec<Tensor> = maps
+                    .iter()
+                    .map(|m| m.forward(x))
+                    .collect::<candle_core::Result<_>>()?;
+                return Tensor::cat(&outs, D::Minus1);
+            }
         };
         let dims = x.dims().to_vec();
         let (inner, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
@@ -298,17 +370,14 @@ impl Linear {
     }
 }
 
-// Fusing q/k/v (and gate/up) into one GEMM was measured slower on CPU here (strided splits cost more than
-// the larger GEMM gains), so the projections stay separate.
 struct Block {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v side by side.
+    qkv: Linear,
     o: Linear,
     mlp_norm: Tensor,
-    gate: Option<Linear>,
-    up: Linear,
+    /// SwiGLU: gate and up side by side; ReLU²: up.
+    mlp_in: Linear,
     down: Linear,
 }
 
@@ -379,7 +448,8 @@ impl Transformer {
         }
         let ones = Tensor::ones(c.d_model, DType::F32, device)?;
         let mut blocks = Vec::new();
-        for (i, b) in w.blocks.iter().enumerate() {
+        // Blocks by value: each one's unpacked weights are freed once packed (peak memory).
+        for (i, b) in w.blocks.into_iter().enumerate() {
             let n = |s: &str| format!("block {i} {s}");
             expect(&b.q.dims(), &[c.n_head * c.head_dim, c.d_model], &n("q"))?;
             expect(&b.k.dims(), &[c.n_kv_head * c.head_dim, c.d_model], &n("k"))?;
@@ -400,13 +470,13 @@ impl Transformer {
             }
             blocks.push(Block {
                 attn_norm: b.attn_norm.clone().unwrap_or_else(|| ones.clone()),
-                q: Linear::new(&b.q)?,
-                k: Linear::new(&b.k)?,
-                v: Linear::new(&b.v)?,
+                qkv: Linear::stacked(&[&b.q, &b.k, &b.v])?,
                 o: Linear::new(&b.o)?,
                 mlp_norm: b.mlp_norm.clone().unwrap_or_else(|| ones.clone()),
-                gate: b.gate.as_ref().map(Linear::new).transpose()?,
-                up: Linear::new(&b.up)?,
+                mlp_in: match &b.gate {
+                    Some(gate) => Linear::stacked(&[gate, &b.up])?,
+                    None => Linear::new(&b.up)?,
+                },
                 down: Linear::new(&b.down)?,
             });
         }
@@ -415,7 +485,7 @@ impl Transformer {
             device: device.clone(),
             embed: w.embed.clone(),
             final_norm: w.final_norm.clone().unwrap_or_else(|| ones.clone()),
-            lm_head: Linear::new(&w.lm_head)?,
+            lm_head: Linear::lazy(&w.lm_head)?,
             ones_head: Tensor::ones(c.head_dim, DType::F32, device)?,
             ones,
             blocks,
@@ -443,7 +513,7 @@ impl Transformer {
     }
 
     fn norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(x, w, self.config.norm_eps as f32)
+        cpu_ops::rms_norm(x, w, self.config.norm_eps as f32)
     }
 
     fn at(
@@ -475,14 +545,14 @@ impl Transformer {
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (bsz, t, _) = x.dims3()?;
-        let shape = |y: Tensor, heads: usize| {
-            y.reshape((bsz, t, heads, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = shape(b.q.forward(x)?, c.n_head)?;
-        let k = shape(b.k.forward(x)?, c.n_kv_head)?;
-        let v = shape(b.v.forward(x)?, c.n_kv_head)?;
+        // One product for q, k and v; each head group becomes [batch, heads, t, head_dim] in one copy.
+        let (nq, nkv) = (c.n_head, c.n_kv_head);
+        let qkv = b
+            .qkv
+            .forward(x)?
+            .reshape((bsz, t, nq + 2 * nkv, c.head_dim))?;
+        let heads = |from: usize, n: usize| qkv.narrow(2, from, n)?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (heads(0, nq)?, heads(nq, nkv)?, heads(nq + nkv, nkv)?);
         let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
         let (mut q, mut k) = match c.rope {
             Rope::HalfSplit => (
@@ -512,31 +582,13 @@ impl Transformer {
             }
             None => (k, v),
         };
-        let s = k.dim(2)?;
         // GQA without copying keys/values: the `groups` query heads sharing a kv head are stacked along the
         // query axis ([b, kv_heads, groups·t, d]), so one matmul per kv head serves them all.
         let groups = c.n_head / c.n_kv_head;
         let q = q.reshape((bsz, c.n_kv_head, groups * t, c.head_dim))?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if t > 1 {
-            // Query row r is position start + r % t and sees keys 0..=start + r % t.
-            let mask: Vec<f32> = (0..groups * t)
-                .flat_map(|r| {
-                    (0..s).map(move |j| {
-                        if j > start + r % t {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (groups * t, s), &self.device)?;
-            scores = scores.broadcast_add(&mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = probs.matmul(&v)?.reshape((bsz, c.n_head, t, c.head_dim))?;
+        let y = cpu_ops::causal_attention(&q, &k, &v, scale, t, start)?
+            .reshape((bsz, c.n_head, t, c.head_dim))?;
         let y = y
             .transpose(1, 2)?
             .reshape((bsz, t, c.n_head * c.head_dim))?;
@@ -544,12 +596,9 @@ impl Transformer {
     }
 
     fn mlp(&self, b: &Block, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = match (self.config.mlp, &b.gate) {
-            (Mlp::ReluSquared, _) => b.up.forward(x)?.relu()?.sqr()?,
-            (Mlp::SwiGlu, Some(gate)) => {
-                (candle_nn::ops::silu(&gate.forward(x)?)? * b.up.forward(x)?)?
-            }
-            (Mlp::SwiGlu, None) => candle_core::bail!("SwiGLU MLP without gate weights"),
+        let h = match self.config.mlp {
+            Mlp::ReluSquared => b.mlp_in.forward(x)?.relu()?.sqr()?,
+            Mlp::SwiGlu => cpu_ops::swiglu(&b.mlp_in.forward(x)?)?,
         };
         b.down.forward(&h)
     }

@@ -3,7 +3,6 @@
 pub mod adam;
 pub mod dense;
 pub mod format;
-pub mod gemm;
 pub mod metrics;
 pub mod steer;
 pub mod step;

@@ -120,7 +120,7 @@ pub enum Sparsity {
     },
 }
 
-pub use super::gemm::{matmul_nt, matmul_nt_bias, matmul_nt_bias_in, Precision};
+pub use crate::kernels::gemm::{matmul_nt, matmul_nt_bias, matmul_nt_bias_in, Precision};
 
 /// Σ a_i·b_i in 16 independent lanes, summed in a fixed order at the end. A plain `.sum()` over f32 is one
 /// serial chain of adds (the compiler may not reorder it), which made the gradient pass latency-bound.
@@ -233,7 +233,7 @@ fn bf16_rounding_norms(v: &[f32]) -> [f32; 3] {
 #[inline(always)]
 fn bf16_rounding_norms_lanes(v: &[f32]) -> [f32; 3] {
     // The rounding the bf16 product packs with.
-    let round = |x: f32| f32::from_bits(super::gemm::bf16_bits(x) << 16);
+    let round = |x: f32| f32::from_bits(crate::kernels::gemm::bf16_bits(x) << 16);
     let mut acc = [[0f32; 16]; 3];
     let chunks = v.chunks_exact(16);
     let tail = chunks.remainder();

@@ -3,7 +3,7 @@
 //! because the probes need only this one model, and its Hessian Xᵀ·diag(p(1−p))·X is one call of the
 //! trainer's GEMM; linfa/smartcore would bring ndarray and a generic solver for it.
 
-use crate::sae::gemm::matmul_nt;
+use crate::kernels::gemm::matmul_nt;
 
 /// A fitted probe: score(x) = w·x + b (log-odds of the positive class).
 #[derive(Debug, Clone, PartialEq)]

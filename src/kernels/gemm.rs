@@ -97,6 +97,61 @@ pub fn matmul_nt_bias_in(
     }
 }
 
+/// A right-hand operand `b [m × d]` packed once for many products `a · bᵀ`: a model's weight matrix,
+/// which a plain [`matmul_nt`] would re-pack on every call.
+pub struct PackedMatrix {
+    rows: usize,
+    depth: usize,
+    form: PackedForm,
+}
+
+enum PackedForm {
+    /// Micro-kernel panels (AVX-512).
+    Panels(Packed<F32s>),
+    /// Row-major, for the `gemm` crate.
+    Plain(Vec<f32>),
+}
+
+impl PackedMatrix {
+    /// Packs row-major `b [rows × depth]`.
+    pub fn new(b: &[f32], rows: usize, depth: usize) -> Self {
+        assert_eq!(b.len(), rows * depth);
+        #[cfg(target_arch = "x86_64")]
+        if rows > 0 && depth > 0 && std::arch::is_x86_feature_detected!("avx512f") {
+            return PackedMatrix {
+                rows,
+                depth,
+                form: PackedForm::Panels(pack(b, rows, depth)),
+            };
+        }
+        PackedMatrix {
+            rows,
+            depth,
+            form: PackedForm::Plain(b.to_vec()),
+        }
+    }
+
+    /// Rows of `b` (columns of the product).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of `b` (the depth of the product).
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// `out[n × rows] = a[n × depth] · bᵀ`, the same sums as [`matmul_nt`] on the unpacked `b`.
+    pub fn matmul_nt(&self, a: &[f32], out: &mut [f32]) {
+        let (m, d) = (self.rows, self.depth);
+        assert!(a.len().is_multiple_of(d.max(1)) && out.len() == a.len() / d.max(1) * m);
+        match &self.form {
+            PackedForm::Panels(b) => multiply(a, b, None, out),
+            PackedForm::Plain(b) => matmul_nt(a, b, out, out.len() / m.max(1), m, d),
+        }
+    }
+}
+
 /// A packed operand format and the micro-kernel that consumes it.
 trait Packing {
     /// One packed depth step of one row.
@@ -189,27 +244,23 @@ fn depth_blocks(steps: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn blocked<K: Packing>(
-    a: &[f32],
-    b: &[f32],
-    bias: Option<&[f32]>,
-    out: &mut [f32],
+/// `b [m × d]` packed for the micro-kernel: per 32-row panel, per depth block, `len × 32` elements
+/// depth-major (zero-padded past m).
+struct Packed<K: Packing> {
+    data: Vec<K::Elem>,
     m: usize,
     d: usize,
-) {
+    steps: usize,
+    blocks: Vec<(usize, usize)>,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn pack<K: Packing>(b: &[f32], m: usize, d: usize) -> Packed<K> {
     let steps = d.div_ceil(K::STEP);
     let blocks = depth_blocks(steps);
     let panels = m.div_ceil(NR);
-    // The bias, zero-padded to whole panels; added by the first depth block's tiles.
-    let mut padded_bias = vec![0f32; panels * NR];
-    if let Some(bias) = bias {
-        padded_bias[..m].copy_from_slice(bias);
-    }
-    // Packed b: per depth block, per 32-row panel, `len × 32` elements depth-major (zero-padded past m).
-    let mut packed_b = vec![K::Elem::default(); panels * NR * steps];
-    packed_b
-        .par_chunks_mut(NR * steps)
+    let mut data = vec![K::Elem::default(); panels * NR * steps];
+    data.par_chunks_mut(NR * steps)
         .enumerate()
         .for_each(|(panel, dst)| {
             let rows: Vec<&[f32]> = (panel * NR..m.min(panel * NR + NR))
@@ -226,49 +277,131 @@ fn blocked<K: Packing>(
                 at += len * NR;
             }
         });
-    out.par_chunks_mut(MC * m)
-        .enumerate()
-        .for_each(|(block, out_rows)| {
-            let row0 = block * MC;
-            let rows = out_rows.len() / m;
-            let a_panels = rows.div_ceil(MR);
-            let deepest = blocks.iter().map(|b| b.1).max().unwrap_or(0);
-            let mut packed_a = vec![K::Elem::default(); a_panels * MR * deepest];
-            let mut b_at = 0;
-            for (bi, &(start, len)) in blocks.iter().enumerate() {
-                for panel in 0..a_panels {
-                    let dst = &mut packed_a[panel * MR * len..(panel + 1) * MR * len];
-                    let first = row0 + panel * MR;
-                    let a_rows: Vec<&[f32]> = (first..first + MR.min(rows - panel * MR))
-                        .map(|r| &a[r * d..][..d])
-                        .collect();
-                    for p in 0..len {
-                        let out = &mut dst[p * MR..][..MR];
-                        for (o, row) in out.iter_mut().zip(&a_rows) {
-                            *o = K::elem(row, start + p);
-                        }
-                    }
-                    // Slots of rows past the block's end hold zeros or an earlier depth block's
-                    // values: they feed only tile rows that are never stored.
-                }
-                for j in 0..panels {
-                    let bp = &packed_b[j * NR * steps + b_at..][..NR * len];
-                    let cols = NR.min(m - j * NR);
-                    for i in 0..a_panels {
-                        let ap = &packed_a[i * MR * len..(i + 1) * MR * len];
-                        let tile_rows = MR.min(rows - i * MR);
-                        let c = &mut out_rows[i * MR * m + j * NR..];
-                        let start = if bi == 0 {
-                            Start::Bias(&padded_bias[j * NR..][..NR])
-                        } else {
-                            Start::Accumulate
-                        };
-                        tile::<K>(len, ap, bp, c, m, tile_rows, cols, start);
-                    }
-                }
-                b_at += len * NR;
+    Packed {
+        data,
+        m,
+        d,
+        steps,
+        blocks,
+    }
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn blocked<K: Packing>(
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    m: usize,
+    d: usize,
+) {
+    multiply(a, &pack::<K>(b, m, d), bias, out);
+}
+
+/// `out = a · bᵀ + bias` with `b` packed. Work is split into row blocks of whole micro-panels, sized so
+/// every thread gets several (the last task of an uneven split would otherwise idle the others), and for
+/// few rows (decoding) into column ranges as well. The split never changes a sum's order.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn multiply<K: Packing>(a: &[f32], b: &Packed<K>, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (m, d) = (b.m, b.d);
+    let n = out.len() / m;
+    let panels = m.div_ceil(NR);
+    // The bias, zero-padded to whole panels; added by the first depth block's tiles.
+    let mut padded_bias = vec![0f32; panels * NR];
+    if let Some(bias) = bias {
+        padded_bias[..m].copy_from_slice(bias);
+    }
+    let wanted = 4 * rayon::current_num_threads();
+    let rows_per_task = n.div_ceil(MR).div_ceil(wanted).clamp(1, MC / MR) * MR;
+    let row_tasks = n.div_ceil(rows_per_task);
+    let col_tasks = wanted.div_ceil(row_tasks).clamp(1, panels);
+    let task = |row0: usize, cols: std::ops::Range<usize>, out: &mut [f32], ldc: usize| {
+        let rows = out.len() / ldc;
+        let a = &a[row0 * d..(row0 + rows) * d];
+        block(a, b, &padded_bias, cols, out, ldc);
+    };
+    if col_tasks == 1 {
+        out.par_chunks_mut(rows_per_task * m)
+            .enumerate()
+            .for_each(|(t, out)| task(t * rows_per_task, 0..panels, out, m));
+        return;
+    }
+    // Each task fills a private strip, copied into place after (only small products come here).
+    let per_task = panels.div_ceil(col_tasks);
+    let strips: Vec<(usize, usize, Vec<f32>)> = (0..row_tasks * col_tasks)
+        .into_par_iter()
+        .map(|t| {
+            let (row0, first) = ((t / col_tasks) * rows_per_task, (t % col_tasks) * per_task);
+            let rows = rows_per_task.min(n - row0);
+            let cols = first.min(panels)..(first + per_task).min(panels);
+            let width = (cols.end * NR).min(m) - (cols.start * NR).min(m);
+            let mut strip = vec![0f32; rows * width];
+            if width > 0 {
+                task(row0, cols, &mut strip, width);
             }
-        });
+            (row0, first * NR, strip)
+        })
+        .collect();
+    for (row0, col0, strip) in strips {
+        let width = strip
+            .len()
+            .checked_div(rows_per_task.min(n - row0))
+            .unwrap_or(0);
+        for (r, row) in strip.chunks_exact(width.max(1)).enumerate() {
+            out[(row0 + r) * m + col0..][..row.len()].copy_from_slice(row);
+        }
+    }
+}
+
+/// The rows of `a` times the panels `cols` of `b`, into `out` (rows of `ldc` floats starting at column
+/// `cols.start · NR`).
+fn block<K: Packing>(
+    a: &[f32],
+    b: &Packed<K>,
+    padded_bias: &[f32],
+    cols: std::ops::Range<usize>,
+    out: &mut [f32],
+    ldc: usize,
+) {
+    let (m, d) = (b.m, b.d);
+    let rows = out.len() / ldc;
+    let a_panels = rows.div_ceil(MR);
+    let deepest = b.blocks.iter().map(|b| b.1).max().unwrap_or(0);
+    let mut packed_a = vec![K::Elem::default(); a_panels * MR * deepest];
+    let mut b_at = 0;
+    for (bi, &(start, len)) in b.blocks.iter().enumerate() {
+        for panel in 0..a_panels {
+            let dst = &mut packed_a[panel * MR * len..(panel + 1) * MR * len];
+            let first = panel * MR;
+            let a_rows: Vec<&[f32]> = (first..first + MR.min(rows - first))
+                .map(|r| &a[r * d..][..d])
+                .collect();
+            for p in 0..len {
+                let out = &mut dst[p * MR..][..MR];
+                for (o, row) in out.iter_mut().zip(&a_rows) {
+                    *o = K::elem(row, start + p);
+                }
+            }
+            // Slots of rows past the block's end hold zeros or an earlier depth block's values: they
+            // feed only tile rows that are never stored.
+        }
+        for j in cols.clone() {
+            let bp = &b.data[j * NR * b.steps + b_at..][..NR * len];
+            let width = NR.min(m - j * NR);
+            for i in 0..a_panels {
+                let ap = &packed_a[i * MR * len..(i + 1) * MR * len];
+                let tile_rows = MR.min(rows - i * MR);
+                let c = &mut out[i * MR * ldc + (j - cols.start) * NR..];
+                let start = if bi == 0 {
+                    Start::Bias(&padded_bias[j * NR..][..NR])
+                } else {
+                    Start::Accumulate
+                };
+                tile::<K>(len, ap, bp, c, ldc, tile_rows, width, start);
+            }
+        }
+        b_at += len * NR;
+    }
 }
 
 /// What a tile's sums are added to.
@@ -487,6 +620,33 @@ mod tests {
                 worst < 1e-4,
                 "({n}, {m}, {d}): differs from the gemm crate by {worst}"
             );
+        }
+    }
+
+    #[test]
+    fn a_packed_matrix_gives_the_bits_of_the_unpacked_product_for_any_split() {
+        // One row (decoding: the columns are split across tasks), a few rows, many; ragged widths.
+        for &(n, m, d) in &[(1, 70, 33), (3, 1000, 64), (8, 576, 576), (250, 193, 100)] {
+            let a = crate::sae::step::tests::random(n * d, 8, 1.0);
+            let b = crate::sae::step::tests::random(m * d, 9, 1.0);
+            let mut want = vec![0f32; n * m];
+            matmul_nt(&a, &b, &mut want, n, m, d);
+            let packed = PackedMatrix::new(&b, m, d);
+            assert_eq!((packed.rows(), packed.depth()), (m, d));
+            for threads in [1, 2, 5] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![f32::NAN; n * m];
+                pool.install(|| packed.matmul_nt(&a, &mut got));
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "({n}, {m}, {d}) on {threads} threads"
+                );
+            }
         }
     }
 

@@ -1,0 +1,216 @@
+//! The transformer's hot ops on CPU tensors, run on [`crate::kernels`] as candle custom ops: linear layers
+//! with weights packed once at load, RMSNorm, SwiGLU (`silu(gate)·up`), and causal attention. Each
+//! function takes tensors on any device and uses candle's own ops off the CPU, so the model code does not
+//! branch on the device (and a CUDA build runs unchanged).
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+
+use crate::kernels::attention::{self, Extents};
+use crate::kernels::gemm::PackedMatrix;
+use crate::kernels::vector;
+
+/// Whether `t` can take the CPU kernels.
+fn on_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// The contiguous f32 elements behind a CPU tensor's layout.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => candle_core::bail!("{op}: expects a contiguous f32 tensor"),
+    }
+}
+
+/// Packs a weight `[out, in]` (a CPU f32 tensor) for [`packed_matmul`].
+pub fn pack(w: &Tensor) -> candle_core::Result<Arc<PackedMatrix>> {
+    let (rows, depth) = w.dims2()?;
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        candle_core::bail!("pack: the weight is not on the CPU");
+    };
+    Ok(Arc::new(PackedMatrix::new(
+        f32_slice(storage, layout, "pack")?,
+        rows,
+        depth,
+    )))
+}
+
+/// `y = x · Wᵀ` over the last axis of a CPU f32 `x`, for a weight packed by [`pack`].
+pub fn packed_matmul(x: &Tensor, w: &Arc<PackedMatrix>) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(w.clone()))
+}
+
+struct PackedMatmul(Arc<PackedMatrix>);
+
+impl CustomOp1 for PackedMatmul {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let (rows, depth) = (self.0.rows(), self.0.depth());
+        let mut dims = l.dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == depth => *last = rows,
+            _ => candle_core::bail!("packed-matmul: input {dims:?} does not end in {depth}"),
+        }
+        let mut out = vec![0f32; x.len() / depth * rows];
+        self.0.matmul_nt(x, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// RMSNorm over the last axis: `x / √(mean(x²) + eps) · weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if on_cpu_f32(x) && on_cpu_f32(weight) {
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&weight.contiguous()?, &RmsNorm(eps));
+    }
+    candle_nn::ops::rms_norm(x, weight, eps)
+}
+
+struct RmsNorm(f32);
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, weight) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+        );
+        if l1.dims().last() != Some(&weight.len()) || weight.is_empty() {
+            candle_core::bail!(
+                "rms-norm: input {:?}, weight of {}",
+                l1.dims(),
+                weight.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        vector::rms_norm(x, weight, self.0, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// SwiGLU of `[…, 2h]` (gate and up projections side by side, as a stacked [`packed_matmul`] gives
+/// them) → `silu(gate) · up`, `[…, h]`.
+pub fn swiglu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if on_cpu_f32(x) {
+        return x.contiguous()?.apply_op1_no_bwd(&Swiglu);
+    }
+    candle_nn::ops::swiglu(x)
+}
+
+struct Swiglu;
+
+impl CustomOp1 for Swiglu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let mut dims = l.dims().to_vec();
+        let width = match dims.last_mut() {
+            Some(last) if *last > 0 && *last % 2 == 0 => {
+                *last /= 2;
+                *last
+            }
+            _ => candle_core::bail!("swiglu: input {dims:?} does not end in an even width"),
+        };
+        let mut out = vec![0f32; x.len() / 2];
+        vector::swiglu(x, width, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// Causal attention with GQA: `q [batch, kv_heads, groups·t, head_dim]` (the `groups` query heads sharing
+/// a kv head stacked along the query axis), `k, v [batch, kv_heads, s, head_dim]` → `softmax(scale ·
+/// q·kᵀ) · v` in `q`'s layout, where query row `r` (position `start + r % t`) sees keys
+/// `0..=start + r % t` only.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    t: usize,
+    start: usize,
+) -> candle_core::Result<Tensor> {
+    let (bsz, kv_heads, rows, head_dim) = q.dims4()?;
+    let keys = k.dim(2)?;
+    if [q, k, v].iter().all(|x| on_cpu_f32(x)) {
+        let extents = Extents {
+            pairs: bsz * kv_heads,
+            rows,
+            t,
+            keys,
+            start,
+            head_dim,
+        };
+        let op = CausalAttention { extents, scale };
+        return q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+    }
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if t > 1 {
+        let mask: Vec<f32> = (0..rows)
+            .flat_map(|r| {
+                (0..keys).map(move |j| {
+                    if j > start + r % t {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (rows, keys), scores.device())?;
+        scores = scores.broadcast_add(&mask)?;
+    }
+    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+}
+
+struct CausalAttention {
+    extents: Extents,
+    scale: f64,
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = f32_slice(s1, l1, self.name())?;
+        let (k, v) = (
+            f32_slice(s2, l2, self.name())?,
+            f32_slice(s3, l3, self.name())?,
+        );
+        let mut out = vec![0f32; q.len()];
+        attention::causal_attention(q, k, v, self.extents, self.scale as f32, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
