@@ -14,6 +14,8 @@ use super::vector::softmax_row;
 const ROWS_PER_TASK: usize = 64;
 /// Keys whose scores one pass over the query row accumulates (8 registers of 16).
 const KEY_BLOCK: usize = 128;
+/// Query rows computed together where the head width is a multiple of 64.
+const GROUP: usize = 4;
 
 /// Extents of one attention call; queries of the `groups` query heads that share a kv head are stacked
 /// (GQA): query row `r` of a kv head is at position `start + r % t`.
@@ -60,6 +62,11 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], e: Extents, scale: f32,
                 }
             }
         });
+    // Four rows at a time share every key and value load (a lone row waits on the cache, not the FMAs).
+    #[cfg(target_arch = "x86_64")]
+    let grouped = hd.is_multiple_of(64) && std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let grouped = false;
     out.par_chunks_mut(rows * hd)
         .enumerate()
         .for_each(|(pair, out)| {
@@ -68,12 +75,28 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], e: Extents, scale: f32,
             out.par_chunks_mut(ROWS_PER_TASK * hd)
                 .enumerate()
                 .for_each(|(block, out)| {
-                    let mut scores = vec![0f32; padded];
-                    for (i, out) in out.chunks_exact_mut(hd).enumerate() {
-                        let r = block * ROWS_PER_TASK + i;
-                        let q = &q[(pair * rows + r) * hd..][..hd];
-                        let seen = (e.start + r % e.t + 1).min(keys);
-                        row(q, kt, padded, v, seen, scale, &mut scores, out);
+                    let first = block * ROWS_PER_TASK;
+                    let q = &q[(pair * rows + first) * hd..][..out.len()];
+                    let seen = |i: usize| (e.start + (first + i) % e.t + 1).min(keys);
+                    let mut scores = vec![0f32; GROUP * padded];
+                    let mut i = 0;
+                    let count = out.len() / hd;
+                    while i < count {
+                        if grouped && i + GROUP <= count {
+                            let seen = [seen(i), seen(i + 1), seen(i + 2), seen(i + 3)];
+                            let (q, out) =
+                                (&q[i * hd..][..GROUP * hd], &mut out[i * hd..][..GROUP * hd]);
+                            // SAFETY: `grouped` means AVX-512F and hd a multiple of 64; extents as in `row`.
+                            #[cfg(target_arch = "x86_64")]
+                            unsafe {
+                                avx512::group(q, kt, padded, v, seen, scale, &mut scores, out)
+                            };
+                            i += GROUP;
+                        } else {
+                            let (q, out) = (&q[i * hd..][..hd], &mut out[i * hd..][..hd]);
+                            row(q, kt, padded, v, seen(i), scale, &mut scores[..padded], out);
+                            i += 1;
+                        }
                     }
                 });
         });
@@ -183,6 +206,98 @@ mod avx512 {
         even
     }
 
+    /// Four consecutive query rows (`q`, `out`: 4 × hd, hd a multiple of 64) over their own `seen` keys;
+    /// `scores` holds 4 × `padded` floats. The scores of all four are computed up to the largest `seen`
+    /// (each row's softmax ignores the rest); each row's weighted sum stops at its own `seen`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn group(
+        q: &[f32],
+        kt: &[f32],
+        padded: usize,
+        v: &[f32],
+        seen: [usize; 4],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len() / 4;
+        let most = seen.iter().copied().max().unwrap_or(0);
+        let least = seen.iter().copied().min().unwrap_or(0);
+        let q: [*const f32; 4] = std::array::from_fn(|i| q.as_ptr().add(i * hd));
+        let s: [*mut f32; 4] = std::array::from_fn(|i| scores.as_mut_ptr().add(i * padded));
+        for from in (0..most).step_by(64) {
+            let at = kt.as_ptr().add(from);
+            let to = s.map(|s| s.add(from));
+            match (most - from).min(64).div_ceil(16) {
+                1 => score4::<1>(q, hd, at, padded, to),
+                2 => score4::<2>(q, hd, at, padded, to),
+                3 => score4::<3>(q, hd, at, padded, to),
+                _ => score4::<4>(q, hd, at, padded, to),
+            }
+        }
+        for (i, &seen) in seen.iter().enumerate() {
+            super::softmax_row(&mut scores[i * padded..][..seen], scale);
+        }
+        for part in (0..hd).step_by(64) {
+            // Keys every row sees together; then each row's own few.
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            let mut at = v.as_ptr().add(part);
+            for j in 0..least {
+                let vj: [__m512; 4] = std::array::from_fn(|c| _mm512_loadu_ps(at.add(16 * c)));
+                for (row, acc) in acc.iter_mut().enumerate() {
+                    let p = _mm512_set1_ps(*s[row].add(j));
+                    for c in 0..4 {
+                        acc[c] = _mm512_fmadd_ps(p, vj[c], acc[c]);
+                    }
+                }
+                at = at.add(hd);
+            }
+            for (row, acc) in acc.iter_mut().enumerate() {
+                for j in least..seen[row] {
+                    let p = _mm512_set1_ps(*s[row].add(j));
+                    let vj = v.as_ptr().add(j * hd + part);
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj.add(16 * c)), *acc);
+                    }
+                }
+                let o = out.as_mut_ptr().add(row * hd + part);
+                for (c, acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(16 * c), *acc);
+                }
+            }
+        }
+    }
+
+    /// Scores of 16·N keys for four query rows: each kᵀ register loaded once serves all four.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn score4<const N: usize>(
+        q: [*const f32; 4],
+        hd: usize,
+        kt: *const f32,
+        padded: usize,
+        out: [*mut f32; 4],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); N]; 4];
+        let mut at = kt;
+        for d in 0..hd {
+            let k: [__m512; N] = std::array::from_fn(|c| _mm512_loadu_ps(at.add(16 * c)));
+            for (row, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*q[row].add(d));
+                for c in 0..N {
+                    acc[c] = _mm512_fmadd_ps(x, k[c], acc[c]);
+                }
+            }
+            at = at.add(padded);
+        }
+        for (row, acc) in acc.iter().enumerate() {
+            for (c, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out[row].add(16 * c), *acc);
+            }
+        }
+    }
+
     /// `out = Σ_j p_j · v_j` over the rows of `v` (width `out.len()`, a multiple of 16).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn weighted_sum(p: &[f32], v: &[f32], out: &mut [f32]) {
@@ -257,12 +372,14 @@ mod tests {
     #[test]
     fn matches_the_definition_for_prefill_gqa_decode_and_odd_widths() {
         // (pairs, groups, t, cached keys, head_dim): GQA prefill with more keys than one block; decode
-        // (t = 1) after 200 cached keys; a chunked prefill after a cache; a width without AVX-512 path.
+        // (t = 1) after 200 cached keys; a chunked prefill after a cache; a width without AVX-512 path;
+        // four-row groups that straddle query heads (positions wrap inside a group).
         for &(pairs, groups, t, cached, hd) in &[
             (3, 3, 130, 0, 64),
             (2, 1, 1, 200, 32),
             (2, 2, 5, 17, 48),
             (1, 2, 9, 0, 20),
+            (2, 4, 3, 70, 128),
         ] {
             let e = Extents {
                 pairs,

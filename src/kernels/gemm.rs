@@ -8,6 +8,8 @@
 //! whatever the thread count, so results are bit-identical across runs and thread counts. Without AVX-512
 //! the `gemm` crate does the work.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Rows of `a` per micro-tile.
@@ -143,11 +145,22 @@ impl PackedMatrix {
 
     /// `out[n × rows] = a[n × depth] · bᵀ`, the same sums as [`matmul_nt`] on the unpacked `b`.
     pub fn matmul_nt(&self, a: &[f32], out: &mut [f32]) {
+        self.matmul_nt_uninit(a, as_uninit(out));
+    }
+
+    /// [`PackedMatrix::matmul_nt`] into memory not yet written (no zeroing pass first): every element of
+    /// `out` is written.
+    pub fn matmul_nt_uninit(&self, a: &[f32], out: &mut [MaybeUninit<f32>]) {
         let (m, d) = (self.rows, self.depth);
         assert!(a.len().is_multiple_of(d.max(1)) && out.len() == a.len() / d.max(1) * m);
         match &self.form {
             PackedForm::Panels(b) => multiply(a, b, None, out),
-            PackedForm::Plain(b) => matmul_nt(a, b, out, out.len() / m.max(1), m, d),
+            PackedForm::Plain(b) => {
+                out.fill(MaybeUninit::new(0.0));
+                // SAFETY: every element was just written.
+                let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                matmul_nt(a, b, out, out.len() / m.max(1), m, d)
+            }
         }
     }
 }
@@ -295,14 +308,25 @@ fn blocked<K: Packing>(
     m: usize,
     d: usize,
 ) {
-    multiply(a, &pack::<K>(b, m, d), bias, out);
+    multiply(a, &pack::<K>(b, m, d), bias, as_uninit(out));
+}
+
+/// Initialised floats seen as memory to overwrite.
+fn as_uninit(x: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; through the result only initialised values are written.
+    unsafe { &mut *(x as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
 /// `out = a · bᵀ + bias` with `b` packed. Work is split into row blocks of whole micro-panels, sized so
 /// every thread gets several (the last task of an uneven split would otherwise idle the others), and for
 /// few rows (decoding) into column ranges as well. The split never changes a sum's order.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn multiply<K: Packing>(a: &[f32], b: &Packed<K>, bias: Option<&[f32]>, out: &mut [f32]) {
+fn multiply<K: Packing>(
+    a: &[f32],
+    b: &Packed<K>,
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) {
     let (m, d) = (b.m, b.d);
     let n = out.len() / m;
     let panels = m.div_ceil(NR);
@@ -315,15 +339,29 @@ fn multiply<K: Packing>(a: &[f32], b: &Packed<K>, bias: Option<&[f32]>, out: &mu
     let rows_per_task = n.div_ceil(MR).div_ceil(wanted).clamp(1, MC / MR) * MR;
     let row_tasks = n.div_ceil(rows_per_task);
     let col_tasks = wanted.div_ceil(row_tasks).clamp(1, panels);
-    let task = |row0: usize, cols: std::ops::Range<usize>, out: &mut [f32], ldc: usize| {
-        let rows = out.len() / ldc;
-        let a = &a[row0 * d..(row0 + rows) * d];
-        block(a, b, &padded_bias, cols, out, ldc);
-    };
+    let task =
+        |row0: usize, cols: std::ops::Range<usize>, out: &mut [MaybeUninit<f32>], ldc: usize| {
+            let rows = out.len() / ldc;
+            let a = &a[row0 * d..(row0 + rows) * d];
+            block(a, b, &padded_bias, cols, out, ldc);
+        };
     if col_tasks == 1 {
-        out.par_chunks_mut(rows_per_task * m)
-            .enumerate()
-            .for_each(|(t, out)| task(t * rows_per_task, 0..panels, out, m));
+        // The same task count with panels spread evenly (sizes differ by at most one panel, and the
+        // larger ones alternate, so rayon's halving gives each thread the same work).
+        let (row_panels, tasks) = (n.div_ceil(MR), row_tasks);
+        let mut parts = Vec::with_capacity(tasks);
+        let mut rest = out;
+        for t in 0..tasks {
+            let panels_here = (t + 1) * row_panels / tasks - t * row_panels / tasks;
+            let row0 = t * row_panels / tasks * MR;
+            let rows = (panels_here * MR).min(n - row0);
+            let (here, after) = rest.split_at_mut(rows * m);
+            parts.push((row0, here));
+            rest = after;
+        }
+        parts
+            .into_par_iter()
+            .for_each(|(row0, out)| task(row0, 0..panels, out, m));
         return;
     }
     // Each task fills a private strip, copied into place after (only small products come here).
@@ -337,7 +375,7 @@ fn multiply<K: Packing>(a: &[f32], b: &Packed<K>, bias: Option<&[f32]>, out: &mu
             let width = (cols.end * NR).min(m) - (cols.start * NR).min(m);
             let mut strip = vec![0f32; rows * width];
             if width > 0 {
-                task(row0, cols, &mut strip, width);
+                task(row0, cols, as_uninit(&mut strip), width);
             }
             (row0, first * NR, strip)
         })
@@ -348,7 +386,12 @@ fn multiply<K: Packing>(a: &[f32], b: &Packed<K>, bias: Option<&[f32]>, out: &mu
             .checked_div(rows_per_task.min(n - row0))
             .unwrap_or(0);
         for (r, row) in strip.chunks_exact(width.max(1)).enumerate() {
-            out[(row0 + r) * m + col0..][..row.len()].copy_from_slice(row);
+            for (o, &x) in out[(row0 + r) * m + col0..][..row.len()]
+                .iter_mut()
+                .zip(row)
+            {
+                o.write(x);
+            }
         }
     }
 }
@@ -360,7 +403,7 @@ fn block<K: Packing>(
     b: &Packed<K>,
     padded_bias: &[f32],
     cols: std::ops::Range<usize>,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     ldc: usize,
 ) {
     let (m, d) = (b.m, b.d);
@@ -413,13 +456,14 @@ enum Start<'a> {
     Accumulate,
 }
 
-/// One MR × NR tile: full tiles go straight to `c`, edge tiles through a scratch tile.
+/// One MR × NR tile: full tiles go straight to `c`, edge tiles through a scratch tile. With
+/// `Start::Bias` the tile is only written; with `Start::Accumulate` it was written by an earlier block.
 #[allow(clippy::too_many_arguments)]
 fn tile<K: Packing>(
     kc: usize,
     a: &[K::Elem],
     b: &[K::Elem],
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     ldc: usize,
     rows: usize,
     cols: usize,
@@ -430,16 +474,38 @@ fn tile<K: Packing>(
     // extents were just checked and the tile's rows and columns lie inside `c` (asserted) or the scratch.
     if rows == MR && cols == NR {
         assert!(c.len() >= (MR - 1) * ldc + NR);
-        unsafe { K::kernel(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), ldc, start) };
+        unsafe {
+            K::kernel(
+                kc,
+                a.as_ptr(),
+                b.as_ptr(),
+                c.as_mut_ptr().cast(),
+                ldc,
+                start,
+            )
+        };
         return;
     }
     let mut scratch = [0f32; MR * NR];
-    for r in 0..rows {
-        scratch[r * NR..r * NR + cols].copy_from_slice(&c[r * ldc..r * ldc + cols]);
+    if let Start::Accumulate = start {
+        for r in 0..rows {
+            for (s, c) in scratch[r * NR..][..cols]
+                .iter_mut()
+                .zip(&c[r * ldc..][..cols])
+            {
+                // SAFETY: an earlier depth block wrote the tile.
+                *s = unsafe { c.assume_init() };
+            }
+        }
     }
     unsafe { K::kernel(kc, a.as_ptr(), b.as_ptr(), scratch.as_mut_ptr(), NR, start) };
     for r in 0..rows {
-        c[r * ldc..r * ldc + cols].copy_from_slice(&scratch[r * NR..r * NR + cols]);
+        for (c, &s) in c[r * ldc..][..cols]
+            .iter_mut()
+            .zip(&scratch[r * NR..][..cols])
+        {
+            c.write(s);
+        }
     }
 }
 

@@ -59,8 +59,12 @@ impl CustomOp1 for PackedMatmul {
             Some(last) if *last == depth => *last = rows,
             _ => candle_core::bail!("packed-matmul: input {dims:?} does not end in {depth}"),
         }
-        let mut out = vec![0f32; x.len() / depth * rows];
-        self.0.matmul_nt(x, &mut out);
+        let len = x.len() / depth * rows;
+        let mut out = Vec::with_capacity(len);
+        self.0
+            .matmul_nt_uninit(x, &mut out.spare_capacity_mut()[..len]);
+        // SAFETY: `matmul_nt_uninit` wrote all `len` elements.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }

@@ -121,7 +121,8 @@ pub struct Capture;
 impl Stage for Capture {
     type Params = CaptureParams;
     const KIND: &'static str = "capture";
-    const VERSION: u32 = 1;
+    // 2: the CPU forward runs on hand-written kernels (same values to float rounding, other bits).
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Run a model over a dataset and store hook activations as sharded Parquet, resumably";
 

@@ -136,7 +136,8 @@ pub struct Steer;
 impl Stage for Steer {
     type Params = SteerParams;
     const KIND: &'static str = "steer";
-    const VERSION: u32 = 1;
+    // 2: the CPU forward runs on hand-written kernels (same values to float rounding, other bits).
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "Steer SAE features (add / clamp / ablate) or a DiffMean direction while generating, and measure the effects";
 
     fn references(p: &SteerParams) -> References {
