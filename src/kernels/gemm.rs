@@ -8,8 +8,6 @@
 //! whatever the thread count, so results are bit-identical across runs and thread counts. Without AVX-512
 //! the `gemm` crate does the work.
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
 /// Rows of `a` per micro-tile.
@@ -96,72 +94,6 @@ pub fn matmul_nt_bias_in(
         out.par_chunks_mut(m).for_each(|row| {
             row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
         });
-    }
-}
-
-/// A right-hand operand `b [m × d]` packed once for many products `a · bᵀ`: a model's weight matrix,
-/// which a plain [`matmul_nt`] would re-pack on every call.
-pub struct PackedMatrix {
-    rows: usize,
-    depth: usize,
-    form: PackedForm,
-}
-
-enum PackedForm {
-    /// Micro-kernel panels (AVX-512).
-    Panels(Packed<F32s>),
-    /// Row-major, for the `gemm` crate.
-    Plain(Vec<f32>),
-}
-
-impl PackedMatrix {
-    /// Packs row-major `b [rows × depth]`.
-    pub fn new(b: &[f32], rows: usize, depth: usize) -> Self {
-        assert_eq!(b.len(), rows * depth);
-        #[cfg(target_arch = "x86_64")]
-        if rows > 0 && depth > 0 && std::arch::is_x86_feature_detected!("avx512f") {
-            return PackedMatrix {
-                rows,
-                depth,
-                form: PackedForm::Panels(pack(b, rows, depth)),
-            };
-        }
-        PackedMatrix {
-            rows,
-            depth,
-            form: PackedForm::Plain(b.to_vec()),
-        }
-    }
-
-    /// Rows of `b` (columns of the product).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Columns of `b` (the depth of the product).
-    pub fn depth(&self) -> usize {
-        self.depth
-    }
-
-    /// `out[n × rows] = a[n × depth] · bᵀ`, the same sums as [`matmul_nt`] on the unpacked `b`.
-    pub fn matmul_nt(&self, a: &[f32], out: &mut [f32]) {
-        self.matmul_nt_uninit(a, as_uninit(out));
-    }
-
-    /// [`PackedMatrix::matmul_nt`] into memory not yet written (no zeroing pass first): every element of
-    /// `out` is written.
-    pub fn matmul_nt_uninit(&self, a: &[f32], out: &mut [MaybeUninit<f32>]) {
-        let (m, d) = (self.rows, self.depth);
-        assert!(a.len().is_multiple_of(d.max(1)) && out.len() == a.len() / d.max(1) * m);
-        match &self.form {
-            PackedForm::Panels(b) => multiply(a, b, None, out),
-            PackedForm::Plain(b) => {
-                out.fill(MaybeUninit::new(0.0));
-                // SAFETY: every element was just written.
-                let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                matmul_nt(a, b, out, out.len() / m.max(1), m, d)
-            }
-        }
     }
 }
 
@@ -308,25 +240,12 @@ fn blocked<K: Packing>(
     m: usize,
     d: usize,
 ) {
-    multiply(a, &pack::<K>(b, m, d), bias, as_uninit(out));
+    multiply(a, &pack::<K>(b, m, d), bias, out);
 }
 
-/// Initialised floats seen as memory to overwrite.
-fn as_uninit(x: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: same layout; through the result only initialised values are written.
-    unsafe { &mut *(x as *mut [f32] as *mut [MaybeUninit<f32>]) }
-}
-
-/// `out = a · bᵀ + bias` with `b` packed. Work is split into row blocks of whole micro-panels, sized so
-/// every thread gets several (the last task of an uneven split would otherwise idle the others), and for
-/// few rows (decoding) into column ranges as well. The split never changes a sum's order.
+/// `out = a · bᵀ + bias` with `b` packed. The split into tasks never changes a sum's order.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn multiply<K: Packing>(
-    a: &[f32],
-    b: &Packed<K>,
-    bias: Option<&[f32]>,
-    out: &mut [MaybeUninit<f32>],
-) {
+fn multiply<K: Packing>(a: &[f32], b: &Packed<K>, bias: Option<&[f32]>, out: &mut [f32]) {
     let (m, d) = (b.m, b.d);
     let n = out.len() / m;
     let panels = m.div_ceil(NR);
@@ -335,79 +254,32 @@ fn multiply<K: Packing>(
     if let Some(bias) = bias {
         padded_bias[..m].copy_from_slice(bias);
     }
-    let wanted = 4 * rayon::current_num_threads();
-    let rows_per_task = n.div_ceil(MR).div_ceil(wanted).clamp(1, MC / MR) * MR;
-    let row_tasks = n.div_ceil(rows_per_task);
-    let col_tasks = wanted.div_ceil(row_tasks).clamp(1, panels);
-    let task =
-        |row0: usize, cols: std::ops::Range<usize>, out: &mut [MaybeUninit<f32>], ldc: usize| {
-            let rows = out.len() / ldc;
-            let a = &a[row0 * d..(row0 + rows) * d];
-            block(a, b, &padded_bias, cols, out, ldc);
-        };
-    if col_tasks == 1 {
-        // The same task count with panels spread evenly (sizes differ by at most one panel, and the
-        // larger ones alternate, so rayon's halving gives each thread the same work).
-        let (row_panels, tasks) = (n.div_ceil(MR), row_tasks);
-        let mut parts = Vec::with_capacity(tasks);
-        let mut rest = out;
-        for t in 0..tasks {
-            let panels_here = (t + 1) * row_panels / tasks - t * row_panels / tasks;
-            let row0 = t * row_panels / tasks * MR;
-            let rows = (panels_here * MR).min(n - row0);
-            let (here, after) = rest.split_at_mut(rows * m);
-            parts.push((row0, here));
-            rest = after;
-        }
-        parts
-            .into_par_iter()
-            .for_each(|(row0, out)| task(row0, 0..panels, out, m));
-        return;
+    // Row blocks of whole micro-panels, several per thread (the last task of an uneven split would idle
+    // the others), sizes differing by at most one panel with the larger ones spread out, so rayon's
+    // halving gives each thread the same work.
+    let row_panels = n.div_ceil(MR);
+    let tasks = row_panels
+        .min(4 * rayon::current_num_threads())
+        .max(row_panels.div_ceil(MC / MR));
+    let mut parts = Vec::with_capacity(tasks);
+    let mut rest = out;
+    for t in 0..tasks {
+        let row0 = t * row_panels / tasks * MR;
+        let rows = (((t + 1) * row_panels / tasks) * MR).min(n) - row0;
+        let (here, after) = rest.split_at_mut(rows * m);
+        parts.push((row0, here));
+        rest = after;
     }
-    // Each task fills a private strip, copied into place after (only small products come here).
-    let per_task = panels.div_ceil(col_tasks);
-    let strips: Vec<(usize, usize, Vec<f32>)> = (0..row_tasks * col_tasks)
-        .into_par_iter()
-        .map(|t| {
-            let (row0, first) = ((t / col_tasks) * rows_per_task, (t % col_tasks) * per_task);
-            let rows = rows_per_task.min(n - row0);
-            let cols = first.min(panels)..(first + per_task).min(panels);
-            let width = (cols.end * NR).min(m) - (cols.start * NR).min(m);
-            let mut strip = vec![0f32; rows * width];
-            if width > 0 {
-                task(row0, cols, as_uninit(&mut strip), width);
-            }
-            (row0, first * NR, strip)
-        })
-        .collect();
-    for (row0, col0, strip) in strips {
-        let width = strip
-            .len()
-            .checked_div(rows_per_task.min(n - row0))
-            .unwrap_or(0);
-        for (r, row) in strip.chunks_exact(width.max(1)).enumerate() {
-            for (o, &x) in out[(row0 + r) * m + col0..][..row.len()]
-                .iter_mut()
-                .zip(row)
-            {
-                o.write(x);
-            }
-        }
-    }
+    parts.into_par_iter().for_each(|(row0, out)| {
+        let a = &a[row0 * d..][..out.len() / m * d];
+        block(a, b, &padded_bias, out);
+    });
 }
 
-/// The rows of `a` times the panels `cols` of `b`, into `out` (rows of `ldc` floats starting at column
-/// `cols.start · NR`).
-fn block<K: Packing>(
-    a: &[f32],
-    b: &Packed<K>,
-    padded_bias: &[f32],
-    cols: std::ops::Range<usize>,
-    out: &mut [MaybeUninit<f32>],
-    ldc: usize,
-) {
+/// The rows of `a` times `b`, into the same rows of `out`.
+fn block<K: Packing>(a: &[f32], b: &Packed<K>, padded_bias: &[f32], out: &mut [f32]) {
     let (m, d) = (b.m, b.d);
-    let rows = out.len() / ldc;
+    let rows = out.len() / m;
     let a_panels = rows.div_ceil(MR);
     let deepest = b.blocks.iter().map(|b| b.1).max().unwrap_or(0);
     // Filled in order (no zeroing pass over a buffer that packing overwrites anyway).
@@ -426,19 +298,19 @@ fn block<K: Packing>(
                 packed_a.extend((a_rows.len()..MR).map(|_| K::Elem::default()));
             }
         }
-        for j in cols.clone() {
+        for j in 0..m.div_ceil(NR) {
             let bp = &b.data[j * NR * b.steps + b_at..][..NR * len];
             let width = NR.min(m - j * NR);
             for i in 0..a_panels {
                 let ap = &packed_a[i * MR * len..(i + 1) * MR * len];
                 let tile_rows = MR.min(rows - i * MR);
-                let c = &mut out[i * MR * ldc + (j - cols.start) * NR..];
+                let c = &mut out[i * MR * m + j * NR..];
                 let start = if bi == 0 {
                     Start::Bias(&padded_bias[j * NR..][..NR])
                 } else {
                     Start::Accumulate
                 };
-                tile::<K>(len, ap, bp, c, ldc, tile_rows, width, start);
+                tile::<K>(len, ap, bp, c, m, tile_rows, width, start);
             }
         }
         b_at += len * NR;
@@ -454,14 +326,13 @@ enum Start<'a> {
     Accumulate,
 }
 
-/// One MR × NR tile: full tiles go straight to `c`, edge tiles through a scratch tile. With
-/// `Start::Bias` the tile is only written; with `Start::Accumulate` it was written by an earlier block.
+/// One MR × NR tile: full tiles go straight to `c`, edge tiles through a scratch tile.
 #[allow(clippy::too_many_arguments)]
 fn tile<K: Packing>(
     kc: usize,
     a: &[K::Elem],
     b: &[K::Elem],
-    c: &mut [MaybeUninit<f32>],
+    c: &mut [f32],
     ldc: usize,
     rows: usize,
     cols: usize,
@@ -472,38 +343,16 @@ fn tile<K: Packing>(
     // extents were just checked and the tile's rows and columns lie inside `c` (asserted) or the scratch.
     if rows == MR && cols == NR {
         assert!(c.len() >= (MR - 1) * ldc + NR);
-        unsafe {
-            K::kernel(
-                kc,
-                a.as_ptr(),
-                b.as_ptr(),
-                c.as_mut_ptr().cast(),
-                ldc,
-                start,
-            )
-        };
+        unsafe { K::kernel(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), ldc, start) };
         return;
     }
     let mut scratch = [0f32; MR * NR];
-    if let Start::Accumulate = start {
-        for r in 0..rows {
-            for (s, c) in scratch[r * NR..][..cols]
-                .iter_mut()
-                .zip(&c[r * ldc..][..cols])
-            {
-                // SAFETY: an earlier depth block wrote the tile.
-                *s = unsafe { c.assume_init() };
-            }
-        }
+    for r in 0..rows {
+        scratch[r * NR..r * NR + cols].copy_from_slice(&c[r * ldc..r * ldc + cols]);
     }
     unsafe { K::kernel(kc, a.as_ptr(), b.as_ptr(), scratch.as_mut_ptr(), NR, start) };
     for r in 0..rows {
-        for (c, &s) in c[r * ldc..][..cols]
-            .iter_mut()
-            .zip(&scratch[r * NR..][..cols])
-        {
-            c.write(s);
-        }
+        c[r * ldc..r * ldc + cols].copy_from_slice(&scratch[r * NR..r * NR + cols]);
     }
 }
 
@@ -685,33 +534,6 @@ mod tests {
                 worst < 1e-4,
                 "({n}, {m}, {d}): differs from the gemm crate by {worst}"
             );
-        }
-    }
-
-    #[test]
-    fn a_packed_matrix_gives_the_bits_of_the_unpacked_product_for_any_split() {
-        // One row (decoding: the columns are split across tasks), a few rows, many; ragged widths.
-        for &(n, m, d) in &[(1, 70, 33), (3, 1000, 64), (8, 576, 576), (250, 193, 100)] {
-            let a = crate::sae::step::tests::random(n * d, 8, 1.0);
-            let b = crate::sae::step::tests::random(m * d, 9, 1.0);
-            let mut want = vec![0f32; n * m];
-            matmul_nt(&a, &b, &mut want, n, m, d);
-            let packed = PackedMatrix::new(&b, m, d);
-            assert_eq!((packed.rows(), packed.depth()), (m, d));
-            for threads in [1, 2, 5] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let mut got = vec![f32::NAN; n * m];
-                pool.install(|| packed.matmul_nt(&a, &mut got));
-                assert!(
-                    got.iter()
-                        .zip(&want)
-                        .all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "({n}, {m}, {d}) on {threads} threads"
-                );
-            }
         }
     }
 

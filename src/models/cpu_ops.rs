@@ -1,14 +1,11 @@
-//! The transformer's hot ops on CPU tensors, run on [`crate::kernels`] as candle custom ops: linear layers
-//! with weights packed once at load, RMSNorm, SwiGLU (`silu(gate)·up`), and causal attention. Each
+//! The transformer's hot ops on CPU tensors that candle runs slowly there, on [`crate::kernels`] as candle
+//! custom ops: RMSNorm, SwiGLU (`silu(gate)·up`), and causal attention. Each
 //! function takes tensors on any device and uses candle's own ops off the CPU, so the model code does not
 //! branch on the device (and a CUDA build runs unchanged).
-
-use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::kernels::attention::{self, Extents};
-use crate::kernels::gemm::PackedMatrix;
 use crate::kernels::vector;
 
 /// Whether `t` can take the CPU kernels.
@@ -21,51 +18,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
         _ => candle_core::bail!("{op}: expects a contiguous f32 tensor"),
-    }
-}
-
-/// Packs a weight `[out, in]` (a CPU f32 tensor) for [`packed_matmul`].
-pub fn pack(w: &Tensor) -> candle_core::Result<Arc<PackedMatrix>> {
-    let (rows, depth) = w.dims2()?;
-    let w = w.contiguous()?;
-    let (storage, layout) = w.storage_and_layout();
-    let candle_core::Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("pack: the weight is not on the CPU");
-    };
-    Ok(Arc::new(PackedMatrix::new(
-        f32_slice(storage, layout, "pack")?,
-        rows,
-        depth,
-    )))
-}
-
-/// `y = x · Wᵀ` over the last axis of a CPU f32 `x`, for a weight packed by [`pack`].
-pub fn packed_matmul(x: &Tensor, w: &Arc<PackedMatrix>) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(w.clone()))
-}
-
-struct PackedMatmul(Arc<PackedMatrix>);
-
-impl CustomOp1 for PackedMatmul {
-    fn name(&self) -> &'static str {
-        "packed-matmul"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, self.name())?;
-        let (rows, depth) = (self.0.rows(), self.0.depth());
-        let mut dims = l.dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == depth => *last = rows,
-            _ => candle_core::bail!("packed-matmul: input {dims:?} does not end in {depth}"),
-        }
-        let len = x.len() / depth * rows;
-        let mut out = Vec::with_capacity(len);
-        self.0
-            .matmul_nt_uninit(x, &mut out.spare_capacity_mut()[..len]);
-        // SAFETY: `matmul_nt_uninit` wrote all `len` elements.
-        unsafe { out.set_len(len) };
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
@@ -110,8 +62,8 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// SwiGLU of `[…, 2h]` (gate and up projections side by side, as a stacked [`packed_matmul`] gives
-/// them) → `silu(gate) · up`, `[…, h]`.
+/// SwiGLU of `[…, 2h]` (gate and up projections side by side, as one product over the stacked weights
+/// gives them) → `silu(gate) · up`, `[…, h]`.
 pub fn swiglu(x: &Tensor) -> candle_core::Result<Tensor> {
     if on_cpu_f32(x) {
         return x.contiguous()?.apply_op1_no_bwd(&Swiglu);

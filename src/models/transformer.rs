@@ -8,12 +8,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 
 use super::cpu_ops;
-use crate::kernels::gemm::PackedMatrix;
 
 /// Where rotary embeddings pair channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,19 +267,11 @@ pub struct Weights {
     pub lm_head: Matrix,
 }
 
-/// `y = x·Wᵀ` as one GEMM over all tokens (`[batch, seq, in]` flattened to `[batch·seq, in]`).
+/// `y = x·Wᵀ` as one GEMM over all tokens: `[batch, seq, in]` is flattened to `[batch·seq, in]` and
+/// multiplied by a transposed *view* of the `[out, in]` weight (no copy: gemm packs either layout). Much
+/// faster on CPU than candle's batched broadcast matmul, which runs one small GEMM per sequence. (Our own
+/// GEMM with weights packed at load measured the same here, so the model stays on candle's.)
 enum Linear {
-    /// CPU: the weight packed once for the hand-written GEMM (`kernels::gemm`), which beats the `gemm`
-    /// crate on these shapes and does not re-pack the weight on every call.
-    Packed(Arc<PackedMatrix>),
-    /// CPU, packed on first use: the output head, whose weight is often the embedding (kept anyway) and
-    /// which a capture never reaches.
-    PackedLazily {
-        w: Tensor,
-        packed: OnceLock<Arc<PackedMatrix>>,
-    },
-    /// Other devices: candle's matmul by a transposed *view* of the `[out, in]` weight (no copy). One
-    /// GEMM over all tokens is much faster than candle's batched broadcast matmul (one per sequence).
     Dense {
         wt: Tensor,
     },
@@ -292,9 +283,6 @@ enum Linear {
 impl Linear {
     fn new(w: &Matrix) -> candle_core::Result<Self> {
         Ok(match w {
-            Matrix::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => {
-                Linear::Packed(cpu_ops::pack(w)?)
-            }
             Matrix::Dense(w) => Linear::Dense {
                 wt: w.contiguous()?.t()?,
             },
@@ -325,32 +313,8 @@ impl Linear {
         }
     }
 
-    /// [`Linear::new`], packing on first use.
-    fn lazy(w: &Matrix) -> candle_core::Result<Self> {
-        match w {
-            Matrix::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => {
-                Ok(Linear::PackedLazily {
-                    w: w.clone(),
-                    packed: OnceLock::new(),
-                })
-            }
-            _ => Linear::new(w),
-        }
-    }
-
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let wt = match self {
-            Linear::Packed(w) => return cpu_ops::packed_matmul(x, w),
-            Linear::PackedLazily { w, packed } => {
-                let packed = match packed.get() {
-                    Some(p) => p,
-                    None => {
-                        let p = cpu_ops::pack(w)?;
-                        packed.get_or_init(|| p)
-                    }
-                };
-                return cpu_ops::packed_matmul(x, packed);
-            }
             Linear::Dense { wt } => wt,
             Linear::Quantized(q) => return candle_core::Module::forward(q, x),
             Linear::Stacked(maps) => {
@@ -448,7 +412,7 @@ impl Transformer {
         }
         let ones = Tensor::ones(c.d_model, DType::F32, device)?;
         let mut blocks = Vec::new();
-        // Blocks by value: each one's unpacked weights are freed once packed (peak memory).
+        // Blocks by value: each one's separate q/k/v and gate/up are freed once stacked (peak memory).
         for (i, b) in w.blocks.into_iter().enumerate() {
             let n = |s: &str| format!("block {i} {s}");
             expect(&b.q.dims(), &[c.n_head * c.head_dim, c.d_model], &n("q"))?;
@@ -485,7 +449,7 @@ impl Transformer {
             device: device.clone(),
             embed: w.embed.clone(),
             final_norm: w.final_norm.clone().unwrap_or_else(|| ones.clone()),
-            lm_head: Linear::lazy(&w.lm_head)?,
+            lm_head: Linear::new(&w.lm_head)?,
             ones_head: Tensor::ones(c.head_dim, DType::F32, device)?,
             ones,
             blocks,
