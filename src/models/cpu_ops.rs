@@ -135,7 +135,8 @@ pub fn causal_attention(
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (rows, keys), scores.device())?;
+        let mask =
+            Tensor::from_vec(mask, (rows, keys), scores.device())?.to_dtype(scores.dtype())?;
         scores = scores.broadcast_add(&mask)?;
     }
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
@@ -168,5 +169,62 @@ impl CustomOp3 for CausalAttention {
         let mut out = vec![0f32; q.len()];
         attention::causal_attention(q, k, v, self.extents, self.scale as f32, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    /// The same values as f32 (our kernels) and as f64 (candle's ops: the path other devices take).
+    fn both(dims: &[usize], seed: u64) -> (Tensor, Tensor) {
+        let n = dims.iter().product();
+        let v = crate::sae::step::tests::random(n, seed, 1.0);
+        let t = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
+        let wide = t.to_dtype(DType::F64).unwrap();
+        (t, wide)
+    }
+
+    fn max_diff(fast: &Tensor, reference: &Tensor) -> f64 {
+        let fast = fast.to_dtype(DType::F64).unwrap();
+        assert_eq!(fast.dims(), reference.dims());
+        (fast - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn cpu_kernels_agree_with_candles_ops() {
+        let (x, x64) = both(&[2, 5, 48], 1);
+        let (w, w64) = both(&[48], 2);
+        // candle's fused rms-norm has no f64 kernel; its definition in candle ops instead.
+        let ms = (x64.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap();
+        let want = x64
+            .broadcast_div(&ms.sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&w64)
+            .unwrap();
+        assert!(max_diff(&rms_norm(&x, &w, 1e-5).unwrap(), &want) < 1e-5);
+
+        let (g, g64) = both(&[2, 5, 2 * 40], 3);
+        assert!(max_diff(&swiglu(&g).unwrap(), &swiglu(&g64).unwrap()) < 1e-5);
+
+        // GQA (3 query heads per kv head) over 6 new positions after 4 cached ones, width 64.
+        let (bsz, kv, groups, t, cached, hd) = (2, 2, 3, 6, 4, 64);
+        let (q, q64) = both(&[bsz, kv, groups * t, hd], 4);
+        let (k, k64) = both(&[bsz, kv, cached + t, hd], 5);
+        let (v, v64) = both(&[bsz, kv, cached + t, hd], 6);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let fast = causal_attention(&q, &k, &v, scale, t, cached).unwrap();
+        let reference = causal_attention(&q64, &k64, &v64, scale, t, cached).unwrap();
+        assert!(max_diff(&fast, &reference) < 1e-5);
     }
 }
