@@ -12,8 +12,8 @@ use super::vector::softmax_row;
 
 /// Query rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
-/// Keys whose scores one pass over the query row accumulates (8 registers of 16).
-const KEY_BLOCK: usize = 128;
+/// Columns (keys, or a head's width) one pass over a query row accumulates: 8 registers of 16.
+const BLOCK: usize = 128;
 /// Query rows computed together where the head width is a multiple of 64.
 const GROUP: usize = 4;
 
@@ -119,9 +119,9 @@ fn row(
     if hd.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F was just detected; `kt` holds hd rows of `padded` ≥ seen (rounded up to 16)
         // floats, `v` seen rows of hd, `scores` padded floats, `out` hd.
-        unsafe { avx512::scores(q, kt, padded, seen, scores) };
+        unsafe { avx512::weighted_rows(q, kt.as_ptr(), padded, seen, scores.as_mut_ptr()) };
         softmax_row(&mut scores[..seen], scale);
-        unsafe { avx512::weighted_sum(&scores[..seen], v, out) };
+        unsafe { avx512::weighted_rows(&scores[..seen], v.as_ptr(), hd, hd, out.as_mut_ptr()) };
         return;
     }
     for (j, s) in scores[..seen].iter_mut().enumerate() {
@@ -142,33 +142,46 @@ fn row(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::KEY_BLOCK;
+    use super::BLOCK;
     use std::arch::x86_64::*;
 
-    /// `scores[j] = q · k_j` for `j < seen` (up to the next multiple of 16; the rest is not written).
+    /// `out[c] = Σ_i w_i · rows[i][c]` for the columns `c < width` (up to the next multiple of 16; the
+    /// rest is not written), rows `stride` apart: a query's scores (`w` = q, rows = kᵀ, columns = keys) and
+    /// its weighted sum of values (`w` = probabilities, rows = v, columns = the head's width).
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn scores(q: &[f32], kt: &[f32], padded: usize, seen: usize, scores: &mut [f32]) {
-        for from in (0..seen).step_by(KEY_BLOCK) {
-            let (at, to) = (kt.as_ptr().add(from), scores.as_mut_ptr().add(from));
+    pub unsafe fn weighted_rows(
+        w: &[f32],
+        rows: *const f32,
+        stride: usize,
+        width: usize,
+        out: *mut f32,
+    ) {
+        for from in (0..width).step_by(BLOCK) {
+            let (at, to) = (rows.add(from), out.add(from));
             // A fixed register count per call keeps the accumulators in registers.
-            match (seen - from).min(KEY_BLOCK).div_ceil(16) {
-                1 => score_block::<1>(q, at, padded, to),
-                2 => score_block::<2>(q, at, padded, to),
-                3 => score_block::<3>(q, at, padded, to),
-                4 => score_block::<4>(q, at, padded, to),
-                5 => score_block::<5>(q, at, padded, to),
-                6 => score_block::<6>(q, at, padded, to),
-                7 => score_block::<7>(q, at, padded, to),
-                _ => score_block::<8>(q, at, padded, to),
+            match (width - from).min(BLOCK).div_ceil(16) {
+                1 => column_block::<1>(w, at, stride, to),
+                2 => column_block::<2>(w, at, stride, to),
+                3 => column_block::<3>(w, at, stride, to),
+                4 => column_block::<4>(w, at, stride, to),
+                5 => column_block::<5>(w, at, stride, to),
+                6 => column_block::<6>(w, at, stride, to),
+                7 => column_block::<7>(w, at, stride, to),
+                _ => column_block::<8>(w, at, stride, to),
             }
         }
     }
 
-    /// Scores of 16·N keys: column block `kt` of kᵀ (rows `padded` apart) times `q`, stored to `out`.
+    /// [`weighted_rows`] for 16·N columns.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn score_block<const N: usize>(q: &[f32], kt: *const f32, padded: usize, out: *mut f32) {
-        let acc = dual_chains::<N>(q, kt, padded);
+    unsafe fn column_block<const N: usize>(
+        w: &[f32],
+        rows: *const f32,
+        stride: usize,
+        out: *mut f32,
+    ) {
+        let acc = dual_chains::<N>(w, rows, stride);
         for (c, acc) in acc.iter().enumerate() {
             _mm512_storeu_ps(out.add(16 * c), *acc);
         }
@@ -295,35 +308,6 @@ mod avx512 {
             for (c, acc) in acc.iter().enumerate() {
                 _mm512_storeu_ps(out[row].add(16 * c), *acc);
             }
-        }
-    }
-
-    /// `out = Σ_j p_j · v_j` over the rows of `v` (width `out.len()`, a multiple of 16).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn weighted_sum(p: &[f32], v: &[f32], out: &mut [f32]) {
-        let hd = out.len();
-        for part in (0..hd).step_by(128) {
-            let (at, to) = (v.as_ptr().add(part), out.as_mut_ptr().add(part));
-            match (hd - part).min(128) / 16 {
-                1 => sum_block::<1>(p, at, hd, to),
-                2 => sum_block::<2>(p, at, hd, to),
-                3 => sum_block::<3>(p, at, hd, to),
-                4 => sum_block::<4>(p, at, hd, to),
-                5 => sum_block::<5>(p, at, hd, to),
-                6 => sum_block::<6>(p, at, hd, to),
-                7 => sum_block::<7>(p, at, hd, to),
-                _ => sum_block::<8>(p, at, hd, to),
-            }
-        }
-    }
-
-    /// 16·N columns of `Σ_j p_j · v_j`, value rows `stride` apart.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn sum_block<const N: usize>(p: &[f32], v: *const f32, stride: usize, out: *mut f32) {
-        let acc = dual_chains::<N>(p, v, stride);
-        for (c, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(out.add(16 * c), *acc);
         }
     }
 }
