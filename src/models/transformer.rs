@@ -437,9 +437,9 @@ impl Transformer {
                 qkv: Linear::stacked(&[&b.q, &b.k, &b.v])?,
                 o: Linear::new(&b.o)?,
                 mlp_norm: b.mlp_norm.clone().unwrap_or_else(|| ones.clone()),
-                mlp_in: match &b.gate {
-                    Some(gate) => Linear::stacked(&[gate, &b.up])?,
-                    None => Linear::new(&b.up)?,
+                mlp_in: match (c.mlp, &b.gate) {
+                    (Mlp::SwiGlu, Some(gate)) => Linear::stacked(&[gate, &b.up])?,
+                    _ => Linear::new(&b.up)?,
                 },
                 down: Linear::new(&b.down)?,
             });
@@ -547,7 +547,7 @@ impl Transformer {
             None => (k, v),
         };
         // GQA without copying keys/values: the `groups` query heads sharing a kv head are stacked along the
-        // query axis ([b, kv_heads, groups·t, d]), so one matmul per kv head serves them all.
+        // query axis ([b, kv_heads, groups·t, d]), so each kv head's keys and values serve them all.
         let groups = c.n_head / c.n_kv_head;
         let q = q.reshape((bsz, c.n_kv_head, groups * t, c.head_dim))?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
