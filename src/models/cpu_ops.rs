@@ -1,7 +1,7 @@
-//! The transformer's hot ops on CPU tensors that candle runs slowly there, on [`crate::kernels`] as candle
-//! custom ops: RMSNorm, SwiGLU (`silu(gate)·up`), and causal attention. Each
-//! function takes tensors on any device and uses candle's own ops off the CPU, so the model code does not
-//! branch on the device (and a CUDA build runs unchanged).
+//! The transformer's ops that candle runs slowly on CPU, on [`crate::kernels`] as candle custom ops:
+//! RMSNorm, SwiGLU (`silu(gate)·up`) and causal attention. Each function takes tensors on any device and
+//! uses candle's own ops off the CPU, so the model code does not branch on the device (and a CUDA build
+//! runs unchanged).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
@@ -166,6 +166,18 @@ impl CustomOp3 for CausalAttention {
             f32_slice(s2, l2, self.name())?,
             f32_slice(s3, l3, self.name())?,
         );
+        let e = self.extents;
+        if q.len() != e.pairs * e.rows * e.head_dim
+            || k.len() != e.pairs * e.keys * e.head_dim
+            || v.len() != k.len()
+        {
+            candle_core::bail!(
+                "causal-attention: q {:?}, k {:?}, v {:?} do not fit {e:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
         let mut out = vec![0f32; q.len()];
         attention::causal_attention(q, k, v, self.extents, self.scale as f32, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
