@@ -85,8 +85,9 @@ pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
     row.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// `e^x` for every element, in place.
-pub fn exp_in_place(x: &mut [f32]) {
+/// `e^x` for every element, in place (the vector `exp`'s test harness).
+#[cfg(test)]
+fn exp_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F was just detected.
@@ -144,6 +145,7 @@ mod avx512 {
         _mm512_mask_mov_ps(u, below, _mm512_setzero_ps())
     }
 
+    #[cfg(test)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp_in_place(x: &mut [f32]) {
         for chunk in x.chunks_mut(16) {
