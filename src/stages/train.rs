@@ -231,7 +231,8 @@ pub struct Train;
 impl Stage for Train {
     type Params = TrainParams;
     const KIND: &'static str = "train";
-    const VERSION: u32 = 1;
+    // 2: the batch error and variance are summed in parallel blocks (train_log's MSE/FVU: other last bits).
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Train a sparse autoencoder on captured activations and export it in SAELens layout";
 
