@@ -15,12 +15,12 @@ pub fn forward(
     seq: usize,
     layer: Option<usize>,
     iters: usize,
-    device: crate::config::DeviceSpec,
-    dtype: crate::models::WeightFormat,
+    device: saeflow_core::models::spec::DeviceSpec,
+    dtype: saeflow_core::models::WeightFormat,
 ) -> anyhow::Result<()> {
-    use crate::models::transformer::{Hook, HookPoint, Hooks};
-    let device = crate::models::device(device)?;
-    let model = crate::models::load_with(path, None, dtype, &device)?;
+    use saeflow_core::models::transformer::{Hook, HookPoint, Hooks};
+    let device = saeflow_core::models::device(device)?;
+    let model = saeflow_core::models::load_with(path, None, dtype, &device)?;
     let vocab = model.transformer.config.vocab_size as u64;
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let ids: Vec<u32> = (0..batch * seq)
@@ -80,19 +80,19 @@ pub fn reader(
     batch: usize,
     passes: usize,
 ) -> anyhow::Result<()> {
-    use crate::data::activations::{ActivationStore, ReadOptions};
+    use saeflow_core::data::activations::{ActivationStore, ReadOptions};
     let synthetic;
     let dir = match store {
         Some(dir) => dir.to_path_buf(),
         None => {
-            let dtype: crate::data::activations::ActDtype =
+            let dtype: saeflow_core::data::activations::ActDtype =
                 serde_json::from_value(serde_json::json!(dtype))
                     .map_err(|_| anyhow::anyhow!("--dtype must be f32, f16 or bf16"))?;
             synthetic = SyntheticStore::write(d_model, rows, dtype)?;
             synthetic.0.clone()
         }
     };
-    let info = crate::data::activations::CaptureInfo::read(&dir)?;
+    let info = saeflow_core::data::activations::CaptureInfo::read(&dir)?;
     let hook = hook.unwrap_or(&info.hooks[0]).to_string();
     let store = ActivationStore::open(&dir, &hook)?;
     let bytes = store.rows() as f64 * (info.d_model * info.dtype.size()) as f64;
@@ -142,9 +142,11 @@ impl SyntheticStore {
     fn write(
         d_model: usize,
         rows: usize,
-        dtype: crate::data::activations::ActDtype,
+        dtype: saeflow_core::data::activations::ActDtype,
     ) -> anyhow::Result<Self> {
-        use crate::data::activations::{act_file_name, write_act_shard, CaptureInfo, ShardInfo};
+        use saeflow_core::data::activations::{
+            act_file_name, write_act_shard, CaptureInfo, ShardInfo,
+        };
         let dir = std::env::temp_dir().join(format!("saeflow-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let store = SyntheticStore(dir.clone());
@@ -165,13 +167,13 @@ impl SyntheticStore {
             let t = candle_core::Tensor::from_vec(values, n * d_model, &candle_core::Device::Cpu)?
                 .to_dtype(dtype.dtype())?;
             let bytes = match dtype {
-                crate::data::activations::ActDtype::F32 => {
+                saeflow_core::data::activations::ActDtype::F32 => {
                     bytemuck::cast_slice(&t.to_vec1::<f32>()?).to_vec()
                 }
-                crate::data::activations::ActDtype::F16 => {
+                saeflow_core::data::activations::ActDtype::F16 => {
                     bytemuck::cast_slice(&t.to_vec1::<half::f16>()?).to_vec()
                 }
-                crate::data::activations::ActDtype::Bf16 => {
+                saeflow_core::data::activations::ActDtype::Bf16 => {
                     bytemuck::cast_slice(&t.to_vec1::<half::bf16>()?).to_vec()
                 }
             };
@@ -182,7 +184,7 @@ impl SyntheticStore {
             });
         }
         let info = CaptureInfo {
-            format: crate::data::activations::FORMAT_VERSION,
+            format: saeflow_core::data::activations::FORMAT_VERSION,
             model: "synthetic".into(),
             model_key: String::new(),
             model_source: String::new(),
@@ -221,13 +223,13 @@ pub fn train(
     k: usize,
     batch: usize,
     steps: usize,
-    precision: crate::sae::step::Precision,
+    precision: saeflow_core::sae::step::Precision,
 ) -> anyhow::Result<()> {
-    use crate::kernels::gemm::matmul_nt_bias_in;
-    use crate::sae::step::{Grads, Precision};
-    use crate::sae::trainer::{State, TrainConfig};
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
+    use saeflow_core::kernels::gemm::matmul_nt_bias_in;
+    use saeflow_core::sae::step::{Grads, Precision};
+    use saeflow_core::sae::trainer::{State, TrainConfig};
     let d_sae = d_in * expansion;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let pool: Vec<Vec<f32>> = (0..8)
@@ -239,9 +241,9 @@ pub fn train(
         .collect();
     let cfg = TrainConfig {
         d_sae,
-        sparsity: crate::sae::step::Sparsity::TopK(k),
+        sparsity: saeflow_core::sae::step::Sparsity::TopK(k),
         penalty_warmup_steps: 0,
-        engine: crate::sae::trainer::Engine::Sparse(precision),
+        engine: saeflow_core::sae::trainer::Engine::Sparse(precision),
         lr: (2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
         warmup_steps: 0,
         decay_fraction: 0.0,
@@ -290,7 +292,7 @@ pub fn train(
     for i in 0..steps {
         last = state.step(&cfg, &pool[(i + 3) % 8], &mut grads)?;
     }
-    let crate::sae::step::StepStats {
+    let saeflow_core::sae::step::StepStats {
         fvu,
         exact_per_token,
         ..

@@ -4,14 +4,16 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use crate::cache::Cache;
-use crate::config::Override;
-use crate::exec::status::{self, State};
-use crate::exec::{self, Options, Reporter};
-use crate::plan::render::{render, DagFormat};
-use crate::plan::{self, FileHasher, Plan};
-use crate::stages::{Cancel, Registry};
-use crate::Error;
+use crate::render::{render, DagFormat};
+use saeflow_core::cancel::Cancel;
+use saeflow_core::progress::Reporter;
+use saeflow_runner::cache::Cache;
+use saeflow_runner::config::Override;
+use saeflow_runner::exec::status::{self, State};
+use saeflow_runner::exec::{self, Options};
+use saeflow_runner::plan::{self, FileHasher, Plan};
+use saeflow_runner::stage::Registry;
+use saeflow_runner::Error;
 
 #[derive(Parser)]
 #[command(
@@ -93,8 +95,8 @@ enum Command {
         #[command(flatten)]
         args: PipelineArgs,
     },
-    /// Explain field by field what changed in a stage's key since its last successful run.
-    Explain {
+    /// Why a stage would rerun: field by field, what changed in its key since its last successful run.
+    Why {
         #[command(flatten)]
         args: PipelineArgs,
         /// Stage or instance name.
@@ -153,13 +155,13 @@ enum Command {
         chat: bool,
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
-        device: crate::config::DeviceSpec,
+        device: saeflow_core::models::spec::DeviceSpec,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         /// Weights: f32 (default) or quantized (GGUF only).
         #[arg(long, default_value = "f32")]
-        dtype: crate::models::WeightFormat,
+        dtype: saeflow_core::models::WeightFormat,
     },
     /// Run a saved SAE (SAELens or sparsify directory) over stored activations and write inputs, latent
     /// activations and reconstructions to a safetensors file (`x`, `acts`, `recon`), e.g. to compare with
@@ -193,6 +195,24 @@ enum Command {
     },
 }
 
+/// The encoder product's precision, as `bench train --encoder` spells it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EncoderPrecision {
+    /// f32 throughout.
+    F32,
+    /// Latents ranked by a bf16 product.
+    Bf16,
+}
+
+impl From<EncoderPrecision> for saeflow_core::kernels::gemm::Precision {
+    fn from(p: EncoderPrecision) -> Self {
+        match p {
+            EncoderPrecision::F32 => Self::F32,
+            EncoderPrecision::Bf16 => Self::Bf16,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Forward passes over random token batches: tokens/s and peak memory.
@@ -213,10 +233,10 @@ enum BenchCommand {
         iters: usize,
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
-        device: crate::config::DeviceSpec,
+        device: saeflow_core::models::spec::DeviceSpec,
         /// Weights: f32 (default) or quantized (GGUF only).
         #[arg(long, default_value = "f32")]
-        dtype: crate::models::WeightFormat,
+        dtype: saeflow_core::models::WeightFormat,
     },
     /// TopK SAE training steps on random inputs: tokens/s, ms/step, GFLOP/s.
     Train {
@@ -237,7 +257,7 @@ enum BenchCommand {
         steps: usize,
         /// Encoder product that ranks the latents: f32 or bf16.
         #[arg(long, default_value = "f32")]
-        encoder: crate::stages::train::PrecisionChoice,
+        encoder: EncoderPrecision,
     },
     /// Activation reader: tokens/s and GB/s in store order and shuffled, from a capture directory or a
     /// synthetic store of the given shape.
@@ -313,7 +333,7 @@ fn load_plan(args: &PipelineArgs, registry: &Registry, cache: &Cache) -> Result<
 }
 
 fn dispatch(cli: Cli) -> Result<(), Error> {
-    let registry = Registry::builtin();
+    let registry = saeflow_stages::builtin();
     let reporter = Reporter::new(cli.quiet);
     match cli.command {
         Command::Run {
@@ -483,7 +503,7 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
-        Command::Explain { args, stage } => {
+        Command::Why { args, stage } => {
             let cache = open_cache(&cli.cache)?;
             let plan = load_plan(&args, &registry, &cache)?;
             let nodes = plan.select_named(&stage).map_err(Error::Usage)?;
@@ -562,8 +582,8 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             let mut tokenizers = crate::report::html::Tokenizers::new();
             for (name, spec) in &plan.pipeline.models {
                 if let Some(path) = &spec.path {
-                    let path = crate::config::resolve_path(&plan.pipeline.workdir, path);
-                    if let Ok(t) = crate::models::load_tokenizer(&path, spec.kind) {
+                    let path = saeflow_core::fs::resolve_path(&plan.pipeline.workdir, path);
+                    if let Ok(t) = saeflow_core::models::load_tokenizer(&path, spec.kind) {
                         tokenizers.insert(name.clone(), t);
                     }
                 }
@@ -705,12 +725,12 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
             out,
         } => sae_encode(&sae, &capture, hook.as_deref(), rows, &out).map_err(Error::Other),
         Command::Schema { output } => {
-            let schema = crate::config::pipeline_schema(&registry);
+            let schema = saeflow_runner::config::pipeline_schema(&registry);
             let text = serde_json::to_string_pretty(&schema).expect("JSON") + "\n";
             if output == Path::new("-") {
                 print!("{text}");
             } else {
-                crate::cache::write_atomic(&output, text.as_bytes())?;
+                saeflow_core::fs::write_atomic(&output, text.as_bytes())?;
                 eprintln!("wrote {}", output.display());
             }
             Ok(())
@@ -749,13 +769,13 @@ fn model_report(
     prompt: &str,
     generate: usize,
     chat: bool,
-    device: crate::config::DeviceSpec,
-    dtype: crate::models::WeightFormat,
+    device: saeflow_core::models::spec::DeviceSpec,
+    dtype: saeflow_core::models::WeightFormat,
 ) -> anyhow::Result<serde_json::Value> {
-    use crate::models::{generate as gen, transformer};
-    let device = crate::models::device(device)?;
+    use saeflow_core::models::{generate as gen, transformer};
+    let device = saeflow_core::models::device(device)?;
     let started = std::time::Instant::now();
-    let model = crate::models::load_with(path, None, dtype, &device)?;
+    let model = saeflow_core::models::load_with(path, None, dtype, &device)?;
     let load_s = started.elapsed().as_secs_f64();
     let ids = if chat {
         model
@@ -841,10 +861,10 @@ fn sae_encode(
     rows: usize,
     out: &Path,
 ) -> anyhow::Result<()> {
-    use crate::data::activations::{ActivationStore, ReadOptions};
     use anyhow::Context;
+    use saeflow_core::data::activations::{ActivationStore, ReadOptions};
     let device = candle_core::Device::Cpu;
-    let sae = crate::sae::format::Sae::load(sae_dir, &device)?;
+    let sae = saeflow_core::sae::format::Sae::load(sae_dir, &device)?;
     let hook = match hook {
         Some(h) => h.to_string(),
         None => sae.cfg["metadata"]["hook_name"]

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use saeflow::data::activations::TokenRow;
+use saeflow_core::data::activations::TokenRow;
 
 const HOOK: &str = "blocks.0.hook_resid_post";
 /// Width of the synthetic capture the SAE cases run on (the base SAE's d_in).

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{object_of, ok, run, shared, text, write};
-use saeflow::data::activations::{ActivationStore, CaptureInfo, ReadOptions};
+use saeflow_core::data::activations::{ActivationStore, CaptureInfo, ReadOptions};
 
 /// A pipeline: a JSONL dataset (records with `text`, or `prompt` and `completion`, and `label`) and a
 /// capture of it by nanochat-d4 with extra capture settings.
@@ -91,7 +91,8 @@ fn all_acts(object: &Path, hook: &str) -> Tensor {
 /// doc_id of each text in the dataset stage's rows.
 fn doc_ids(cache: &Path) -> BTreeMap<String, u64> {
     let rows =
-        saeflow::data::rows::read(&object_of(cache, "cap", "data").join("rows.parquet")).unwrap();
+        saeflow_core::data::rows::read(&object_of(cache, "cap", "data").join("rows.parquet"))
+            .unwrap();
     rows.into_iter().map(|r| (r.text, r.doc_id)).collect()
 }
 
@@ -170,7 +171,8 @@ fn stored_residuals_equal_nanochats_reference_tensors() {
 
 #[test]
 fn positions_select_exactly_the_tokens_the_tokenizer_says() {
-    let model = saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
+    let model =
+        saeflow_core::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
     let pairs = [
         ("Is the sky green?", " No, the sky is blue."),
         ("Did you take the money?", " I never touched it, I promise."),
@@ -582,7 +584,8 @@ fn bad_inputs_fail_with_clear_messages_and_publish_nothing() {
 
 #[test]
 fn packing_cuts_the_document_stream_into_full_contexts() {
-    let model = saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
+    let model =
+        saeflow_core::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
     let texts = [
         "The city of Paris is in France.",
         "Sometimes one must deceive others to succeed, or so they say.",
@@ -653,7 +656,8 @@ fn packing_cuts_the_document_stream_into_full_contexts() {
 
 #[test]
 fn the_chat_template_wraps_prompt_and_completion_in_nanochats_format() {
-    let model = saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
+    let model =
+        saeflow_core::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
     let (prompt, completion) = ("Is the sky green?", "No, it is blue.");
     let records =
         [serde_json::json!({"prompt": prompt, "completion": completion, "label": "honest"})];

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::http::{Routes, Server};
 use common::{object_of, run, text, write};
-use saeflow::data::presets;
+use saeflow_core::data::presets;
 
 fn shared(dir: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -16,7 +16,7 @@ fn shared(dir: &str) -> PathBuf {
         .join(dir)
 }
 
-fn label_counts(rows: &[saeflow::data::rows::Row]) -> BTreeMap<String, usize> {
+fn label_counts(rows: &[saeflow_core::data::rows::Row]) -> BTreeMap<String, usize> {
     let mut c = BTreeMap::new();
     for r in rows {
         *c.entry(r.label.clone().unwrap_or_else(|| "(none)".into()))
@@ -181,7 +181,7 @@ fn embedded_checksums_match_the_shared_copies() {
         };
         let dir = shared(folders[preset.name()]);
         for f in upstream.files {
-            let actual = saeflow::data::download::sha256_file(&dir.join(f.local)).unwrap();
+            let actual = saeflow_core::data::download::sha256_file(&dir.join(f.local)).unwrap();
             assert_eq!(actual, f.sha256, "{}: {}", preset.name(), f.local);
             checked += 1;
         }
@@ -190,7 +190,7 @@ fn embedded_checksums_match_the_shared_copies() {
 }
 
 fn rows_of(object: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    saeflow::data::records::read_parquet(&object.join("rows.parquet"))
+    saeflow_core::data::records::read_parquet(&object.join("rows.parquet"))
         .unwrap()
         .into_iter()
         .map(|r| r.fields)
@@ -439,7 +439,7 @@ fn hub_datasets_resolve_parquet_files_through_the_tree_api() {
     .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let pq = tmp.path().join("train.parquet");
-    saeflow::data::parquet::write_batches(&pq, &[batch]).unwrap();
+    saeflow_core::data::parquet::write_batches(&pq, &[batch]).unwrap();
     let bytes = std::fs::read(&pq).unwrap();
     let tree = serde_json::json!([
         { "type": "directory", "path": "data" },

@@ -14,8 +14,8 @@ use common::{
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use saeflow::data::activations::TokenRow;
-use saeflow::sae::format::{Activation, Provenance, Sae};
+use saeflow_core::data::activations::TokenRow;
+use saeflow_core::sae::format::{Activation, Provenance, Sae};
 use serde_json::Value;
 
 const HOOK: &str = "blocks.2.hook_resid_post";

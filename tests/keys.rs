@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use saeflow::config::Override;
-use saeflow::plan::{FileHasher, Plan};
-use saeflow::stages::{key_path, Reference, References, Registry, Stage, StageContext};
+use saeflow_runner::config::Override;
+use saeflow_runner::plan::{FileHasher, Plan};
+use saeflow_runner::stage::{key_path, Reference, References, Registry, Stage, StageContext};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +47,7 @@ impl Stage for Train {
 }
 
 fn registry() -> Registry {
-    let mut r = Registry::builtin();
+    let mut r = saeflow_stages::builtin();
     r.register::<Train>();
     r
 }
@@ -57,7 +57,7 @@ fn keys(dir: &Path, name: &str, text: &str, overrides: &[&str]) -> BTreeMap<Stri
     std::fs::write(&path, text).unwrap();
     let overrides: Vec<Override> = overrides.iter().map(|o| o.parse().unwrap()).collect();
     let mut hasher = FileHasher::open(dir.join("memo.json"));
-    let plan = saeflow::plan::load(&path, &overrides, &registry(), &mut hasher).unwrap();
+    let plan = saeflow_runner::plan::load(&path, &overrides, &registry(), &mut hasher).unwrap();
     plan_keys(&plan)
 }
 

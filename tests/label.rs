@@ -15,8 +15,8 @@ use common::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use saeflow::data::activations::TokenRow;
-use saeflow::sae::format::{Activation, Provenance, Sae};
+use saeflow_core::data::activations::TokenRow;
+use saeflow_core::sae::format::{Activation, Provenance, Sae};
 
 const D: usize = 16;
 const D_SAE: usize = 32;

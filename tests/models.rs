@@ -9,9 +9,9 @@ use std::io::Write;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use saeflow::models::generate::{generate, top_k, Sampling};
-use saeflow::models::transformer::{mean_nll, Hook, HookPoint, Hooks, Intervention};
-use saeflow::models::{self, LoadedModel};
+use saeflow_core::models::generate::{generate, top_k, Sampling};
+use saeflow_core::models::transformer::{mean_nll, Hook, HookPoint, Hooks, Intervention};
+use saeflow_core::models::{self, LoadedModel};
 use serde_json::Value as Json;
 
 fn nanochat() -> LoadedModel {
@@ -53,7 +53,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn run(model: &LoadedModel, ids: &[u32], hooks: &Hooks) -> saeflow::models::transformer::Output {
+fn run(
+    model: &LoadedModel,
+    ids: &[u32],
+    hooks: &Hooks,
+) -> saeflow_core::models::transformer::Output {
     let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
     model.transformer.forward(&input, hooks, None).unwrap()
 }
@@ -219,7 +223,7 @@ fn hooks_chain_interventions_apply_and_the_pass_stops_early() {
             ..Default::default()
         },
     );
-    let act = |o: &saeflow::models::transformer::Output, layer, point| {
+    let act = |o: &saeflow_core::models::transformer::Output, layer, point| {
         o.activations[&Hook { layer, point }].clone()
     };
     for layer in 0..3 {
@@ -340,7 +344,7 @@ fn kv_cache_decoding_equals_a_full_recompute_with_interventions_active() {
     let other = model
         .encode_document("The city of Paris is in France.")
         .unwrap();
-    let batch = saeflow::models::generate::generate_batch(
+    let batch = saeflow_core::models::generate::generate_batch(
         &model.transformer,
         &[ids.clone(), other.clone()],
         6,
@@ -531,7 +535,7 @@ fn truncated_or_corrupt_model_files_give_clear_errors() {
 fn hugging_face_layout_of_the_gguf_weights_gives_the_same_logits() {
     // Undo llama.cpp's Q/K permutation, save as a Hugging Face directory, and compare with the GGUF path:
     // this checks the safetensors loader, the half-split rotary and the permutation in one go.
-    let (config, weights, _) = saeflow::models::llama::load_gguf(
+    let (config, weights, _) = saeflow_core::models::llama::load_gguf(
         &shared("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"),
         &Device::Cpu,
         false,
@@ -663,7 +667,7 @@ fn hub_model_repositories_download_resumably_and_load() {
         let bytes = std::fs::read(path).unwrap();
         let mut entry = serde_json::json!({"type": "file", "path": name, "size": bytes.len()});
         if *lfs {
-            entry["lfs"] = serde_json::json!({"oid": saeflow::data::download::sha256_file(path).unwrap(), "size": bytes.len()});
+            entry["lfs"] = serde_json::json!({"oid": saeflow_core::data::download::sha256_file(path).unwrap(), "size": bytes.len()});
         }
         tree.push(entry);
         routes
@@ -680,16 +684,16 @@ fn hub_model_repositories_download_resumably_and_load() {
     );
     let server = Server::start(routes);
     std::env::set_var("HF_ENDPOINT", &server.base);
-    let spec = saeflow::config::ModelSpec {
-        kind: saeflow::config::ModelKind::Nanochat,
+    let spec = saeflow_core::models::spec::ModelSpec {
+        kind: saeflow_core::models::spec::ModelKind::Nanochat,
         path: None,
         hub: Some("org/nanochat-d4".into()),
         revision: Some(rev.into()),
         dtype: None,
     };
     let tmp = tempfile::tempdir().unwrap();
-    let cancel = saeflow::stages::Cancel::new();
-    let progress = saeflow::exec::Progress::hidden();
+    let cancel = saeflow_core::cancel::Cancel::new();
+    let progress = saeflow_core::progress::Progress::hidden();
     let dir = models::resolve(
         &spec,
         tmp.path(),
@@ -757,7 +761,7 @@ fn a_gguf_without_tokenizer_json_rebuilds_its_tokenizer_from_metadata() {
         assert_eq!(model.tokenizer.decode(&ids).unwrap(), prompt);
     }
     let digits = model.tokenizer.encode("In 2024, 1234 tokens.").unwrap();
-    let json_tok = saeflow::models::Tokenizer::from_hf_file(&shared(
+    let json_tok = saeflow_core::models::Tokenizer::from_hf_file(&shared(
         "models/smollm2-135m-instruct-q4_1/tokenizer.json",
     ))
     .unwrap();

@@ -86,7 +86,7 @@ fn sweep_runs_upstream_once_and_a_second_run_computes_nothing() {
 }
 
 #[test]
-fn status_dry_run_and_explain_say_what_changed() {
+fn status_dry_run_and_why_say_what_changed() {
     let dir = setup();
     let d = dir.path();
     ok(d, &["run", "p.toml"]);
@@ -122,13 +122,10 @@ fn status_dry_run_and_explain_say_what_changed() {
         "dry run must not run anything"
     );
 
-    let explain = ok(d, &["explain", "p.toml", "b", "-S", "b.params.x=5"]);
-    assert!(explain.contains("params.params.x: 0 -> 5"), "{explain}");
-    let explain = ok(d, &["explain", "p.toml", "a"]);
-    assert!(
-        explain.contains("unchanged since its last run"),
-        "{explain}"
-    );
+    let why = ok(d, &["why", "p.toml", "b", "-S", "b.params.x=5"]);
+    assert!(why.contains("params.params.x: 0 -> 5"), "{why}");
+    let why = ok(d, &["why", "p.toml", "a"]);
+    assert!(why.contains("unchanged since its last run"), "{why}");
 
     // A changed dependency file is named as the reason.
     write(&d.join("script.sh"), "echo v1\n");
@@ -139,8 +136,8 @@ fn status_dry_run_and_explain_say_what_changed() {
     write(&d.join("q.toml"), &with_dep);
     ok(d, &["run", "q.toml"]);
     write(&d.join("script.sh"), "echo v2\n");
-    let explain = ok(d, &["explain", "q.toml", "a"]);
-    assert!(explain.contains("script.sh content changed"), "{explain}");
+    let why = ok(d, &["why", "q.toml", "a"]);
+    assert!(why.contains("script.sh content changed"), "{why}");
 }
 
 #[test]
@@ -395,10 +392,12 @@ mod groups {
     //! `lr` run as one `run_group` call, yet each is its own cache object.
     use std::path::Path;
 
-    use saeflow::cache::Cache;
-    use saeflow::exec::{Options, Reporter};
-    use saeflow::plan::FileHasher;
-    use saeflow::stages::{key_path, Cancel, Reference, References, Registry, Stage, StageContext};
+    use saeflow_core::cancel::Cancel;
+    use saeflow_core::progress::Reporter;
+    use saeflow_runner::cache::Cache;
+    use saeflow_runner::exec::Options;
+    use saeflow_runner::plan::FileHasher;
+    use saeflow_runner::stage::{key_path, Reference, References, Stage, StageContext};
     use schemars::JsonSchema;
     use serde::{Deserialize, Serialize};
 
@@ -468,21 +467,21 @@ lr = 1.0
 
     /// Runs the pipeline with overrides; returns (computed, failed) instance names and the group log.
     fn run(dir: &Path, overrides: &[&str], group: bool) -> (Vec<String>, Vec<String>, String) {
-        let mut registry = Registry::builtin();
+        let mut registry = saeflow_stages::builtin();
         registry.register::<Fit>();
         let path = dir.join("p.toml");
         std::fs::write(&path, PIPELINE).unwrap();
         let overrides: Vec<_> = overrides.iter().map(|o| o.parse().unwrap()).collect();
         let cache = Cache::open(&dir.join("cache")).unwrap();
         let mut hasher = FileHasher::open(dir.join("memo.json"));
-        let plan = saeflow::plan::load(&path, &overrides, &registry, &mut hasher).unwrap();
+        let plan = saeflow_runner::plan::load(&path, &overrides, &registry, &mut hasher).unwrap();
         let options = Options {
             jobs: 1,
             targets: Vec::new(),
             group,
         };
         let reporter = Reporter::new(true);
-        let outcome = saeflow::exec::run(
+        let outcome = saeflow_runner::exec::run(
             &plan,
             &registry,
             &cache,

@@ -16,7 +16,7 @@ fn toml_to_json(text: &str) -> Json {
 
 #[test]
 fn committed_schema_is_up_to_date() {
-    let generated = saeflow::config::pipeline_schema(&saeflow::stages::Registry::builtin());
+    let generated = saeflow_runner::config::pipeline_schema(&saeflow_stages::builtin());
     assert!(
         generated == committed(),
         "schemas/pipeline.schema.json is stale: run `cargo run -- schema` and commit the result"

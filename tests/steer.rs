@@ -10,12 +10,12 @@ use candle_core::{DType, Device, Tensor};
 use common::{
     cached_logits, nanochat_chain, object_of, ok, read_parquet, run, shared, text, write,
 };
-use saeflow::models::{Hook, HookPoint, Hooks};
-use saeflow::sae::format::{Activation, Sae};
-use saeflow::sae::steer::Edit;
+use saeflow_core::models::{Hook, HookPoint, Hooks};
+use saeflow_core::sae::format::{Activation, Sae};
+use saeflow_core::sae::steer::Edit;
 
-fn nanochat() -> saeflow::models::LoadedModel {
-    saeflow::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap()
+fn nanochat() -> saeflow_core::models::LoadedModel {
+    saeflow_core::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap()
 }
 
 /// A random TopK SAE over nanochat-d4's width (128), 256 latents, unit decoder rows.
@@ -42,7 +42,7 @@ const HOOK: Hook = Hook {
     point: HookPoint::ResidPost,
 };
 
-fn logits(model: &saeflow::models::LoadedModel, ids: &[u32], hooks: &Hooks) -> Tensor {
+fn logits(model: &saeflow_core::models::LoadedModel, ids: &[u32], hooks: &Hooks) -> Tensor {
     let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
     model
         .transformer
@@ -66,7 +66,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// `[t, d]` activations at [`HOOK`] of one sequence, unsteered.
-fn hook_acts(model: &saeflow::models::LoadedModel, ids: &[u32]) -> Tensor {
+fn hook_acts(model: &saeflow_core::models::LoadedModel, ids: &[u32]) -> Tensor {
     let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
     model
         .transformer

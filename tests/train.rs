@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::{object_of, ok, run, shared, text, write};
-use saeflow::data::activations::{ActivationStore, ReadOptions};
-use saeflow::sae::format::Sae;
+use saeflow_core::data::activations::{ActivationStore, ReadOptions};
+use saeflow_core::sae::format::Sae;
 
 /// nanochat-d4 activations of the geometry-of-truth preset, and an SAE trained on them.
 fn pipeline(dir: &Path, train: &str) {
@@ -641,7 +641,10 @@ fn openai_topk_checkpoints_load_with_their_layer_norm() {
         &extras,
     );
     let sae = Sae::load(dir.path(), &Device::Cpu).unwrap();
-    assert_eq!(sae.activation, saeflow::sae::format::Activation::TopK(k));
+    assert_eq!(
+        sae.activation,
+        saeflow_core::sae::format::Activation::TopK(k)
+    );
 
     // OpenAI's Autoencoder by hand: LN, (x − pre_bias)·encoderᵀ + latent_bias, top-k, ReLU, decode, un-LN.
     let x = rand(2 * d, 9)

@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut cursor = std::io::Cursor::new(data);
-    let Ok(content) = saeflow::models::llama::read_gguf(&mut cursor, "fuzz.gguf") else {
+    let Ok(content) = saeflow_core::models::llama::read_gguf(&mut cursor, "fuzz.gguf") else {
         return;
     };
     for name in content.tensor_infos.keys() {
@@ -14,5 +14,5 @@ fuzz_target!(|data: &[u8]| {
             let _ = q.dequantize(&candle_core::Device::Cpu);
         }
     }
-    let _ = saeflow::models::llama::gguf_content_tokenizer(&content, "fuzz.gguf");
+    let _ = saeflow_core::models::llama::gguf_content_tokenizer(&content, "fuzz.gguf");
 });

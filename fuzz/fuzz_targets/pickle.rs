@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use saeflow::models::{pickle, torch_pt};
+use saeflow_core::models::{pickle, torch_pt};
 
 fuzz_target!(|data: &[u8]| {
     let _ = pickle::parse(data, torch_pt::ALLOWED);

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use saeflow::models::Tokenizer;
+use saeflow_core::models::Tokenizer;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(t) = Tokenizer::from_tiktoken_pickle_bytes(data, "fuzz.pkl") {

@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = saeflow::models::torch_pt::read_checkpoint_from(
+    let _ = saeflow_core::models::torch_pt::read_checkpoint_from(
         std::io::Cursor::new(data),
         "fuzz.pt",
         &candle_core::Device::Cpu,

@@ -13,7 +13,8 @@ use arrow_array::types::{Float64Type, UInt32Type, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 
 use super::svg::{bars, escape, lines, scatter, short};
-use crate::models::Tokenizer;
+use saeflow_core::models::Tokenizer;
+use saeflow_stages::artifacts::LabelSummary;
 
 /// A finished instance.
 pub struct Entry {
@@ -40,7 +41,7 @@ struct Table(Vec<RecordBatch>);
 
 impl Table {
     fn open(path: &Path) -> anyhow::Result<Self> {
-        Ok(Table(crate::data::parquet::read_batches(path)?))
+        Ok(Table(saeflow_core::data::parquet::read_batches(path)?))
     }
     fn column(&self, name: &str) -> anyhow::Result<Vec<&dyn Array>> {
         self.0
@@ -409,7 +410,8 @@ fn context_html(tokens: &[u32], marked: usize, tokenizer: Option<&Tokenizer>) ->
 }
 
 fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Result<String> {
-    let summary = json(&e.dir.join("label.json"))?;
+    let label = LabelSummary::read(&e.dir, &e.name)?;
+    let summary = &label.json;
     let unit = summary["unit"].as_str().unwrap_or("doc_mean").to_string();
     let mut rows = Vec::new();
     let mut chart = Vec::new();
@@ -451,9 +453,7 @@ fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Resu
             (0..c.len()).map(move |i| c.value(i))
         })
         .collect();
-    let auroc = features.f64s(
-        &crate::stages::label::test_auroc_column(&summary).context("label.json names no unit")?,
-    )?;
+    let auroc = features.f64s(&label.test_auroc_column)?;
     let mut best: BTreeMap<&str, Vec<(f64, u32)>> = BTreeMap::new();
     for i in 0..feature.len() {
         if labelled[i] {

@@ -101,10 +101,10 @@ pub fn write_capture(
     dir: &Path,
     hook: &str,
     d: usize,
-    rows: &[saeflow::data::activations::TokenRow],
+    rows: &[saeflow_core::data::activations::TokenRow],
     acts: &[f32],
 ) {
-    use saeflow::data::activations::{
+    use saeflow_core::data::activations::{
         act_file_name, tokens_batch, write_act_shard, ActDtype, CaptureInfo, ShardInfo,
         FORMAT_VERSION,
     };
@@ -112,7 +112,7 @@ pub fn write_capture(
     std::fs::create_dir_all(dir).unwrap();
     let bytes: Vec<u8> = acts.iter().flat_map(|v| v.to_le_bytes()).collect();
     write_act_shard(&dir.join(act_file_name(hook, 0)), bytes, d, ActDtype::F32).unwrap();
-    saeflow::data::parquet::write_batches(
+    saeflow_core::data::parquet::write_batches(
         &dir.join("tokens.parquet"),
         &[tokens_batch(rows).unwrap()],
     )
@@ -218,13 +218,13 @@ input = "acts"
 /// Logits `[1, t, vocab]` of `ids` decoded through a KV cache: the first `split` tokens in one forward, then
 /// one token at a time, with `hooks` active throughout.
 pub fn cached_logits(
-    model: &saeflow::models::LoadedModel,
+    model: &saeflow_core::models::LoadedModel,
     ids: &[u32],
-    hooks: &saeflow::models::Hooks,
+    hooks: &saeflow_core::models::Hooks,
     split: usize,
 ) -> candle_core::Tensor {
     use candle_core::{Device, Tensor};
-    let mut cache = saeflow::models::transformer::KvCache::default();
+    let mut cache = saeflow_core::models::transformer::KvCache::default();
     let mut parts = Vec::new();
     for chunk in std::iter::once(&ids[..split]).chain(ids[split..].chunks(1)) {
         let input = Tensor::from_vec(chunk.to_vec(), (1, chunk.len()), &Device::Cpu).unwrap();

@@ -1,0 +1,453 @@
+//! Language models: loading (nanochat, Llama GGUF / Hugging Face), tokenizers, one hookable transformer,
+//! and generation. Independent of the runner; stages use it through [`load`].
+
+mod cpu_ops;
+pub mod generate;
+pub mod gguf_check;
+pub mod llama;
+pub mod nanochat;
+pub mod pickle;
+pub mod spec;
+pub mod tokenizer;
+pub mod torch_pt;
+pub mod transformer;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+
+use crate::models::spec::{DeviceSpec, ModelKind};
+pub use tokenizer::Tokenizer;
+pub use transformer::{Hook, HookPoint, Hooks, Intervention, Transformer};
+
+/// How a model wants chats rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatFormat {
+    /// `<|bos|><|user_start|>…<|user_end|><|assistant_start|>…<|assistant_end|>`.
+    Nanochat,
+    /// `<|im_start|>role\n…<|im_end|>\n`.
+    ChatMl,
+    /// No chat template known.
+    None,
+}
+
+/// A model ready to run: weights, tokenizer and the conventions around them.
+pub struct LoadedModel {
+    /// The network.
+    pub transformer: Transformer,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Prepended to every document, when the model expects it.
+    pub bos: Option<u32>,
+    /// Tokens that end a generation.
+    pub stop: Vec<u32>,
+    /// Chat rendering.
+    pub chat: ChatFormat,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+}
+
+/// The candle device for a pipeline's device setting (`auto` = CUDA when built with it and present).
+pub fn device(spec: DeviceSpec) -> anyhow::Result<Device> {
+    Ok(match spec {
+        DeviceSpec::Cpu => Device::Cpu,
+        DeviceSpec::Auto => Device::cuda_if_available(0)?,
+        DeviceSpec::Cuda(n) => Device::new_cuda(n).with_context(|| {
+            format!("cannot use cuda:{n} (is saeflow built with `--features cuda` and is a GPU visible?)")
+        })?,
+    })
+}
+
+/// Files worth fetching from a model repository (weights, configs, tokenizers; not READMEs or images).
+pub const HUB_MODEL_FILES: &[&str] = &[
+    "*.pt",
+    "*.json",
+    "*.pkl",
+    "*.safetensors",
+    "*.gguf",
+    "**/*.pt",
+    "**/*.json",
+    "**/*.pkl",
+];
+
+/// Local path of a model spec: its `path` (relative to `workdir`), or its hub repository at the pinned
+/// revision, downloaded (resumably, checksum-verified) into `downloads`.
+pub fn resolve(
+    spec: &crate::models::spec::ModelSpec,
+    workdir: &Path,
+    downloads: &Path,
+    progress: &crate::progress::Progress,
+    cancel: &crate::cancel::Cancel,
+) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &spec.path {
+        return Ok(crate::fs::resolve_path(workdir, p));
+    }
+    let repo = spec
+        .hub
+        .as_deref()
+        .context("a model needs `path` or `hub`")?;
+    let revision = spec.revision.as_deref().unwrap_or("main");
+    use crate::data::download::{fetch_repo, RepoKind};
+    fetch_repo(
+        RepoKind::Model,
+        repo,
+        revision,
+        HUB_MODEL_FILES,
+        downloads,
+        progress,
+        cancel,
+    )
+}
+
+/// Guesses the family of a model path.
+pub fn detect(path: &Path) -> anyhow::Result<ModelKind> {
+    if path.extension().is_some_and(|e| e == "gguf") || path.join("config.json").is_file() {
+        return Ok(ModelKind::Llama);
+    }
+    if path.extension().is_some_and(|e| e == "pt") || nanochat::locate(path).is_ok() {
+        return Ok(ModelKind::Nanochat);
+    }
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    bail!("{}: cannot tell the model family (expected a nanochat checkpoint, a .gguf file or a Hugging Face directory)", path.display())
+}
+
+/// How weights are held in memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Dense f32 (GGUF dequantized at load): exact, and the fastest on CPU.
+    #[default]
+    F32,
+    /// GGUF blocks kept quantized, multiplied by candle's `QMatMul` (8-bit activations): less memory, less exact.
+    Quantized,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "quantized" => Ok(Self::Quantized),
+            other => Err(format!(
+                "unsupported model dtype `{other}` (f32 or quantized)"
+            )),
+        }
+    }
+}
+
+/// Most positions a model's rotary tables may cover (2^20; Llama 3.1 uses 131072). A file declaring more is
+/// refused before the tables are allocated.
+pub const MAX_POSITIONS: usize = 1 << 20;
+
+/// Checks what a model file declared before anything is built from it: a context within
+/// [`MAX_POSITIONS`], a finite positive norm epsilon and rotary base, a tokenizer whose ids the embedding
+/// covers, and finite dense weights (a NaN or infinity would poison every activation silently, or only in
+/// the layers after the hook).
+fn check_model(
+    source: &Path,
+    config: &transformer::Config,
+    weights: &transformer::Weights,
+    tokenizer: &Tokenizer,
+) -> anyhow::Result<()> {
+    if config.max_seq_len > MAX_POSITIONS {
+        bail!(
+            "{}: context length {} is implausibly large (at most {MAX_POSITIONS} positions)",
+            source.display(),
+            config.max_seq_len
+        );
+    }
+    for (what, v) in [
+        ("RMSNorm epsilon", config.norm_eps),
+        ("rotary base (rope theta)", config.rope_theta),
+    ] {
+        if !v.is_finite() || v <= 0.0 {
+            bail!(
+                "{}: {what} is {v}; it must be a finite positive number",
+                source.display()
+            );
+        }
+    }
+    let mut named: Vec<(String, &candle_core::Tensor)> = vec![("embedding".into(), &weights.embed)];
+    if let Some(t) = &weights.final_norm {
+        named.push(("final norm".into(), t));
+    }
+    if let transformer::Matrix::Dense(t) = &weights.lm_head {
+        named.push(("lm_head".into(), t));
+    }
+    for (i, b) in weights.blocks.iter().enumerate() {
+        for (what, t) in [("attn_norm", &b.attn_norm), ("mlp_norm", &b.mlp_norm)] {
+            if let Some(t) = t {
+                named.push((format!("block {i} {what}"), t));
+            }
+        }
+        for (what, m) in [
+            ("q", Some(&b.q)),
+            ("k", Some(&b.k)),
+            ("v", Some(&b.v)),
+            ("o", Some(&b.o)),
+            ("gate", b.gate.as_ref()),
+            ("up", Some(&b.up)),
+            ("down", Some(&b.down)),
+        ] {
+            if let Some(transformer::Matrix::Dense(t)) = m {
+                named.push((format!("block {i} {what}"), t));
+            }
+        }
+    }
+    for (name, t) in named {
+        // A sum is finite exactly when every entry is (weights never come near f32's overflow).
+        let sum = t
+            .to_dtype(candle_core::DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            bail!(
+                "{}: weight `{name}` holds NaN or infinite values",
+                source.display()
+            );
+        }
+    }
+    let max_id = match tokenizer {
+        Tokenizer::HuggingFace(t) => t.get_vocab(true).values().max().map(|&m| m as usize),
+        Tokenizer::Tiktoken { vocab_size, .. } => vocab_size.checked_sub(1),
+    };
+    let rows = weights.embed.dims().first().copied().unwrap_or(0);
+    if let Some(max_id) = max_id.filter(|&m| m >= rows) {
+        bail!(
+            "{}: the tokenizer has ids up to {max_id}, the model's embedding only {rows} rows",
+            source.display()
+        );
+    }
+    Ok(())
+}
+
+/// Loads a model from a local path with f32 weights.
+pub fn load(path: &Path, kind: Option<ModelKind>, device: &Device) -> anyhow::Result<LoadedModel> {
+    load_with(path, kind, WeightFormat::F32, device)
+}
+
+/// Loads a model from a local path.
+pub fn load_with(
+    path: &Path,
+    kind: Option<ModelKind>,
+    format: WeightFormat,
+    device: &Device,
+) -> anyhow::Result<LoadedModel> {
+    let kind = match kind {
+        Some(k) => k,
+        None => detect(path)?,
+    };
+    match kind {
+        ModelKind::Nanochat => {
+            if format == WeightFormat::Quantized {
+                bail!(
+                    "{}: quantized weights apply to GGUF files only",
+                    path.display()
+                );
+            }
+            let files = nanochat::locate(path)?;
+            let (config, weights) = nanochat::load(&files, device)?;
+            let tokenizer = load_tokenizer(path, kind)?;
+            check_model(&files.model, &config, &weights, &tokenizer)?;
+            if tokenizer.vocab_size() > config.vocab_size {
+                bail!(
+                    "{}: tokenizer has {} ids, the model only {}",
+                    path.display(),
+                    tokenizer.vocab_size(),
+                    config.vocab_size
+                );
+            }
+            let bos = tokenizer.special("<|bos|>");
+            // nanochat's own generate() runs through <|bos|>; only the end of an assistant turn stops.
+            let stop = tokenizer.special("<|assistant_end|>").into_iter().collect();
+            Ok(LoadedModel {
+                transformer: Transformer::new(config, weights, device)
+                    .with_context(|| files.model.display().to_string())?,
+                tokenizer,
+                bos,
+                stop,
+                chat: ChatFormat::Nanochat,
+                source: files.model,
+            })
+        }
+        ModelKind::Llama => {
+            let dir = if path.is_dir() {
+                path.to_path_buf()
+            } else {
+                path.parent().unwrap_or(Path::new(".")).to_path_buf()
+            };
+            let tokenizer = load_tokenizer(path, kind)?;
+            let (config, weights, bos, stop, template) =
+                if path.extension().is_some_and(|e| e == "gguf") {
+                    let (c, w, info) =
+                        llama::load_gguf(path, device, format == WeightFormat::Quantized)?;
+                    let bos = if info.add_bos { info.bos } else { None };
+                    (
+                        c,
+                        w,
+                        bos,
+                        info.eos.into_iter().collect::<Vec<_>>(),
+                        info.chat_template,
+                    )
+                } else {
+                    let (c, w) = llama::load_hf_dir(path, device)?;
+                    let tc: serde_json::Value =
+                        std::fs::read_to_string(dir.join("tokenizer_config.json"))
+                            .ok()
+                            .and_then(|t| serde_json::from_str(&t).ok())
+                            .unwrap_or_default();
+                    let id = |k: &str| tc[k].as_str().and_then(|t| tokenizer.special(t));
+                    let bos = if tc["add_bos_token"].as_bool().unwrap_or(false) {
+                        id("bos_token")
+                    } else {
+                        None
+                    };
+                    (
+                        c,
+                        w,
+                        bos,
+                        id("eos_token").into_iter().collect(),
+                        tc["chat_template"].as_str().map(str::to_string),
+                    )
+                };
+            check_model(path, &config, &weights, &tokenizer)?;
+            let chat = match template {
+                Some(t) if t.contains("<|im_start|>") => ChatFormat::ChatMl,
+                _ => ChatFormat::None,
+            };
+            Ok(LoadedModel {
+                transformer: Transformer::new(config, weights, device)
+                    .with_context(|| path.display().to_string())?,
+                tokenizer,
+                bos,
+                stop,
+                chat,
+                source: path.to_path_buf(),
+            })
+        }
+    }
+}
+
+/// The tokenizer of the model at `path` alone (reports decode tokens without loading weights): nanochat's
+/// `tokenizer.pkl`, else a `tokenizer.json` beside the weights, else the GGUF's own vocabulary.
+pub fn load_tokenizer(path: &Path, kind: ModelKind) -> anyhow::Result<Tokenizer> {
+    match kind {
+        ModelKind::Nanochat => {
+            let files = nanochat::locate(path)?;
+            let tok_path = files.tokenizer.clone().with_context(|| {
+                format!(
+                    "{}: no tokenizer.pkl beside the checkpoint or in a tokenizer/ folder above it",
+                    files.model.display()
+                )
+            })?;
+            Tokenizer::from_tiktoken_pickle(&tok_path)
+        }
+        ModelKind::Llama => {
+            let dir = if path.is_dir() {
+                path.to_path_buf()
+            } else {
+                path.parent().unwrap_or(Path::new(".")).to_path_buf()
+            };
+            let tok_path = dir.join("tokenizer.json");
+            if !tok_path.exists() && path.extension().is_some_and(|e| e == "gguf") {
+                Ok(Tokenizer::HuggingFace(Box::new(llama::gguf_tokenizer(
+                    path,
+                )?)))
+            } else if !tok_path.exists() {
+                bail!(
+                    "{}: a tokenizer.json is needed beside the model",
+                    dir.display()
+                )
+            } else {
+                let tokenizer = Tokenizer::from_hf_file(&tok_path)?;
+                // Some broken files parse but cannot encode (a WordLevel model whose unknown token is not
+                // in its vocabulary): find out now, naming the file, not in the middle of a stage.
+                tokenizer
+                    .encode("The quick brown fox, 42 times.")
+                    .with_context(|| {
+                        format!("{}: the tokenizer cannot encode text", tok_path.display())
+                    })?;
+                Ok(tokenizer)
+            }
+        }
+    }
+}
+
+impl LoadedModel {
+    /// Token ids of a document: BOS (when the model uses one) + the text.
+    pub fn encode_document(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        ids.extend(self.tokenizer.encode(text)?);
+        Ok(ids)
+    }
+
+    /// Token ids of a single-turn chat in the model's format, without BOS, split where the answer starts:
+    /// (everything up to and including the assistant header, the answer with its end marker). The texts are
+    /// encoded as ordinary text, so special-token strings inside data stay text.
+    pub fn chat_tokens(
+        &self,
+        user: &str,
+        assistant: Option<&str>,
+    ) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+        let special = |name: &str| {
+            self.tokenizer.special(name).with_context(|| {
+                format!("{}: tokenizer has no {name} token", self.source.display())
+            })
+        };
+        let tok = &self.tokenizer;
+        let mut prompt = Vec::new();
+        let mut answer = Vec::new();
+        match self.chat {
+            ChatFormat::Nanochat => {
+                prompt.push(special("<|user_start|>")?);
+                prompt.extend(tok.encode(user)?);
+                prompt.extend([special("<|user_end|>")?, special("<|assistant_start|>")?]);
+                if let Some(a) = assistant {
+                    answer.extend(tok.encode(a)?);
+                    answer.push(special("<|assistant_end|>")?);
+                }
+            }
+            ChatFormat::ChatMl => {
+                prompt.extend(tok.encode_with_specials("<|im_start|>user\n")?);
+                prompt.extend(tok.encode(user)?);
+                prompt.extend(tok.encode_with_specials("<|im_end|>\n<|im_start|>assistant\n")?);
+                if let Some(a) = assistant {
+                    answer.extend(tok.encode(a)?);
+                    answer.extend(tok.encode_with_specials("<|im_end|>\n")?);
+                }
+            }
+            ChatFormat::None => bail!(
+                "{}: no known chat template; use template = \"none\"",
+                self.source.display()
+            ),
+        }
+        Ok((prompt, answer))
+    }
+
+    /// Renders a single-turn chat (user message, optional assistant answer) in the model's format; without
+    /// an answer the text ends where the assistant would start.
+    pub fn render_chat(&self, user: &str, assistant: Option<&str>) -> anyhow::Result<String> {
+        Ok(match self.chat {
+            ChatFormat::Nanochat => {
+                let mut s = format!("<|bos|><|user_start|>{user}<|user_end|><|assistant_start|>");
+                if let Some(a) = assistant {
+                    s.push_str(&format!("{a}<|assistant_end|>"));
+                }
+                s
+            }
+            ChatFormat::ChatMl => {
+                let mut s = format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n");
+                if let Some(a) = assistant {
+                    s.push_str(&format!("{a}<|im_end|>\n"));
+                }
+                s
+            }
+            ChatFormat::None => bail!(
+                "{}: no known chat template; use template = \"none\"",
+                self.source.display()
+            ),
+        })
+    }
+}
