@@ -3,7 +3,6 @@
 
 mod bench;
 mod cli;
-mod render;
 mod report;
 
 fn main() {

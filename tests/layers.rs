@@ -54,7 +54,7 @@ const MODULE_LAYERS: &[(&str, &[&[&str]])] = &[
             ],
         ],
     ),
-    ("src", &[&["render", "report", "bench"], &["cli"]]),
+    ("src", &[&["report", "bench"], &["cli"]]),
 ];
 
 /// The only parts of `saeflow-core` the runner may use: it carries cancellation, progress, files and the

@@ -1,10 +1,35 @@
-//! Drawing the plan: plain text, Graphviz dot, Mermaid.
+//! `saeflow dag`: draws the plan as plain text, Graphviz dot or Mermaid.
+
+use std::path::Path;
 
 use saeflow_runner::plan::Plan;
+use saeflow_runner::stage::Registry;
+use saeflow_runner::Error;
+
+use super::shared::{load_plan, name_width, open_cache, PipelineArgs};
+
+/// Arguments of `saeflow dag`.
+#[derive(clap::Args)]
+pub struct DagArgs {
+    /// The pipeline file and its overrides.
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "ascii")]
+    format: DagFormat,
+}
+
+/// Prints the pipeline's plan in the chosen format.
+pub fn dag(cache_dir: &Path, args: DagArgs, registry: &Registry) -> Result<(), Error> {
+    let cache = open_cache(cache_dir)?;
+    let plan = load_plan(&args.pipeline, registry, &cache)?;
+    print!("{}", render(&plan, args.format));
+    Ok(())
+}
 
 /// Output formats of `saeflow dag`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DagFormat {
+enum DagFormat {
     /// One line per instance with its inputs.
     Ascii,
     /// Graphviz dot.
@@ -14,17 +39,12 @@ pub enum DagFormat {
 }
 
 /// Renders the plan in `format`.
-pub fn render(plan: &Plan, format: DagFormat) -> String {
+fn render(plan: &Plan, format: DagFormat) -> String {
     let mut out = String::new();
     let id = |n: petgraph::graph::NodeIndex| format!("n{}", n.index());
     match format {
         DagFormat::Ascii => {
-            let width = plan
-                .order
-                .iter()
-                .map(|&n| plan.instance(n).name.len())
-                .max()
-                .unwrap_or(0);
+            let width = name_width(plan);
             for &n in &plan.order {
                 let inst = plan.instance(n);
                 let inputs: Vec<String> = inst
@@ -100,12 +120,14 @@ pub fn render(plan: &Plan, format: DagFormat) -> String {
     out
 }
 
+/// Escapes a string for a double-quoted Graphviz label.
 fn dot_escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
 
+/// Replaces the characters Mermaid reads as syntax inside labels with its entity codes.
 fn mermaid_escape(s: &str) -> String {
     s.replace('"', "#quot;")
         .replace('|', "#124;")

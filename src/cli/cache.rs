@@ -1,0 +1,104 @@
+//! Cache maintenance: `saeflow gc` and `saeflow cache verify`.
+
+use std::path::Path;
+
+use clap::Subcommand;
+use saeflow_runner::Error;
+
+use super::shared::open_cache;
+
+/// Arguments of `saeflow gc`.
+#[derive(clap::Args)]
+pub struct GcArgs {
+    /// List what would be deleted, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Subcommands of `saeflow cache`.
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Re-hash every object's files against its manifest.
+    Verify {
+        /// Move damaged objects to the cache's `quarantine/`, so the next run recomputes them (runs also do
+        /// this on their own when a stage is about to read a damaged input).
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+/// `saeflow gc`: deletes (or with `--dry-run` lists) what no ref reaches, with sizes.
+pub fn gc(cache_dir: &Path, args: GcArgs) -> Result<(), Error> {
+    let cache = open_cache(cache_dir)?;
+    let report = cache.gc(args.dry_run)?;
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    for (path, size) in &report.removed {
+        println!("{verb} {} ({})", path.display(), human_bytes(*size));
+    }
+    let total: u64 = report.removed.iter().map(|(_, s)| s).sum();
+    println!(
+        "{verb} {} entries, {}; kept {} referenced objects",
+        report.removed.len(),
+        human_bytes(total),
+        report.kept
+    );
+    Ok(())
+}
+
+/// Runs a `saeflow cache` subcommand.
+pub fn cache(cache_dir: &Path, command: CacheCommand) -> Result<(), Error> {
+    match command {
+        CacheCommand::Verify { repair } => verify(cache_dir, repair),
+    }
+}
+
+/// `saeflow cache verify`: re-hashes every object, lists the damaged ones and, with `repair`, quarantines
+/// them; without `repair`, damage fails the command.
+fn verify(cache_dir: &Path, repair: bool) -> Result<(), Error> {
+    let cache = open_cache(cache_dir)?;
+    let keys = cache.object_keys()?;
+    let mut bad = 0;
+    for key in &keys {
+        let problems = cache.verify_object(key);
+        if !problems.is_empty() {
+            bad += 1;
+            println!("BAD {key}");
+            for p in problems {
+                println!("  {p}");
+            }
+            if repair {
+                if let Some(to) = cache.quarantine(key)? {
+                    println!("  moved to {}", to.display());
+                }
+            }
+        }
+    }
+    println!("{} objects verified, {bad} damaged", keys.len());
+    if bad > 0 && !repair {
+        return Err(Error::Failed(format!(
+            "{bad} damaged objects; `saeflow cache verify --repair` moves them aside, and the next run \
+             recomputes them"
+        )));
+    }
+    Ok(())
+}
+
+/// `n` bytes in binary units with one decimal (`1.5 GiB`); exact below 1 KiB.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

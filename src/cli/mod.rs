@@ -1,0 +1,132 @@
+//! The `saeflow` command line: the command list, parsing and exit codes here; each command's arguments and
+//! body in its own module.
+
+mod bench;
+mod cache;
+mod dag;
+mod model;
+mod report;
+mod run;
+mod sae_encode;
+mod schema;
+mod shared;
+mod show;
+mod status;
+mod why;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use saeflow_core::progress::Reporter;
+use saeflow_runner::Error;
+
+/// The parsed command line: global options and the command.
+#[derive(Parser)]
+#[command(
+    name = "saeflow",
+    version,
+    about = "Sparse-autoencoder interpretability pipelines with a content-addressed cache"
+)]
+struct Cli {
+    /// Cache directory.
+    #[arg(long, global = true, env = "SAEFLOW_CACHE", default_value = "cache")]
+    cache: PathBuf,
+    /// Print only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The commands; each variant's doc comment is its `--help` summary, its arguments live in its module.
+#[derive(Subcommand)]
+enum Command {
+    /// Run every stage that is not cached yet (or only TARGETS and what they need).
+    Run(run::RunArgs),
+    /// Run exactly one stage instance against the cache (what a Slurm job runs; KEYS[SLURM_ARRAY_TASK_ID] in
+    /// an array job).
+    #[command(hide = true)]
+    ExecStage(run::ExecStageArgs),
+    /// Show every instance: cached, stale (and why) or missing.
+    Status(shared::PipelineArgs),
+    /// Why a stage would rerun: field by field, what changed in its key since its last successful run.
+    Why(why::WhyArgs),
+    /// Draw the pipeline's DAG.
+    Dag(dag::DagArgs),
+    /// Print the first rows and the label counts of a stage's tables.
+    Show(show::ShowArgs),
+    /// Write one self-contained HTML page of everything the pipeline has finished (charts inline, no
+    /// network needed to view it).
+    Report(report::ReportArgs),
+    /// Delete cache objects and partial work that no ref reaches.
+    Gc(cache::GcArgs),
+    /// Cache maintenance.
+    Cache {
+        /// The maintenance task.
+        #[command(subcommand)]
+        command: cache::CacheCommand,
+    },
+    /// Load a model and report its architecture, tokens, next-token predictions, NLL and a greedy continuation.
+    Model(model::ModelArgs),
+    /// Run a saved SAE (SAELens or sparsify directory) over stored activations and write inputs, latent
+    /// activations and reconstructions to a safetensors file (`x`, `acts`, `recon`), e.g. to compare with
+    /// another implementation (`scripts/check_saelens.py`).
+    SaeEncode(sae_encode::SaeEncodeArgs),
+    /// Measure throughput (see BENCHMARKS.md).
+    Bench {
+        /// What to measure.
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+    /// Write the pipeline JSON Schema (for editors).
+    Schema(schema::SchemaArgs),
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    // Library errors (candle's) would otherwise carry backtraces into user-facing messages.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SAEFLOW_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Hands the command to its module.
+fn dispatch(cli: Cli) -> Result<(), Error> {
+    let registry = saeflow_stages::builtin();
+    let reporter = Reporter::new(cli.quiet);
+    let cache_dir = cli.cache.as_path();
+    match cli.command {
+        Command::Run(args) => run::run(cache_dir, args, &registry, &reporter),
+        Command::ExecStage(args) => run::exec_stage(cache_dir, args, &registry, &reporter),
+        Command::Status(args) => status::status(cache_dir, args, &registry),
+        Command::Why(args) => why::why(cache_dir, args, &registry),
+        Command::Dag(args) => dag::dag(cache_dir, args, &registry),
+        Command::Show(args) => show::show(cache_dir, args, &registry),
+        Command::Report(args) => report::report(cache_dir, args, &registry),
+        Command::Gc(args) => cache::gc(cache_dir, args),
+        Command::Cache { command } => cache::cache(cache_dir, command),
+        Command::Model(args) => model::model(args),
+        Command::SaeEncode(args) => sae_encode::sae_encode(args),
+        Command::Bench { command } => bench::bench(command),
+        Command::Schema(args) => schema::schema(args, &registry),
+    }
+}
