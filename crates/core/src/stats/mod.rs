@@ -10,6 +10,7 @@
 
 pub mod features;
 pub mod logistic;
+pub mod probe;
 
 /// One group of tied scores: how many positives and negatives share the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

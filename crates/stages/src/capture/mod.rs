@@ -5,14 +5,21 @@
 //! depend only on the batches in it. Each finished shard is published into the partial directory with the
 //! index of the next batch; a rerun after a crash skips the batches already stored (re-tokenizing, not
 //! re-running the model) and produces the same files as an uninterrupted run.
+//!
+//! Here: the parameters and the run; `sequences` turns rows into token sequences, `forward` runs them
+//! through the model, `shards` stores the result resumably.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+mod forward;
+mod sequences;
+mod shards;
+
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -21,16 +28,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::shared::Template;
+use forward::Forward;
 use saeflow_core::cancel::Cancelled;
-use saeflow_core::data::activations::{
-    act_file_name, concat_tokens, tokens_batch, write_act_shard, ActDtype, CaptureInfo, ShardInfo,
-    TokenRow, FORMAT_VERSION,
-};
+use saeflow_core::data::activations::{ActDtype, CaptureInfo, TokenRow, FORMAT_VERSION};
 use saeflow_core::data::rows::{self, Row};
 use saeflow_core::models::{self, Hook, Hooks, LoadedModel};
 use saeflow_runner::stage::{
     key_path, KeySeg, ParamError, Reference, References, Stage, StageContext,
 };
+use sequences::Sequences;
+use shards::{assemble, finished_shards, write_shard, ShardBuffer};
 
 /// Which token positions of each document are stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -168,216 +175,6 @@ impl Stage for Capture {
 
     fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         run(p, ctx)
-    }
-}
-
-/// One token of a document on its way through the model.
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    /// Index into the rows.
-    row: u32,
-    pos: u32,
-    token: u32,
-    completion: bool,
-    store: bool,
-}
-
-/// Turns rows into the sequences the model runs over, in a fixed order, honouring the token budget.
-struct Sequences<'a> {
-    p: &'a CaptureParams,
-    model: &'a LoadedModel,
-    rows: &'a [Row],
-    order: std::iter::Copied<std::slice::Iter<'a, usize>>,
-    pending: VecDeque<Entry>,
-    budget: u64,
-    stored: u64,
-    documents: u64,
-    last_document: u32,
-    truncated: u64,
-}
-
-impl<'a> Sequences<'a> {
-    fn new(
-        p: &'a CaptureParams,
-        model: &'a LoadedModel,
-        rows: &'a [Row],
-        order: &'a [usize],
-    ) -> Self {
-        Self {
-            p,
-            model,
-            rows,
-            order: order.iter().copied(),
-            pending: VecDeque::new(),
-            budget: p.tokens.unwrap_or(u64::MAX),
-            stored: 0,
-            documents: 0,
-            last_document: u32::MAX,
-            truncated: 0,
-        }
-    }
-
-    /// The tokens of one row, with the positions to store marked.
-    fn document(&mut self, index: usize) -> anyhow::Result<Vec<Entry>> {
-        let row = &self.rows[index];
-        let tok = &self.model.tokenizer;
-        let (prompt, completion) = match self.p.template {
-            Template::None => match &row.completion {
-                Some(c) => (
-                    tok.encode(row.prompt.as_deref().unwrap_or(""))?,
-                    tok.encode(c)?,
-                ),
-                None => (tok.encode(&row.text)?, Vec::new()),
-            },
-            Template::Chat => match &row.completion {
-                Some(c) => self
-                    .model
-                    .chat_tokens(row.prompt.as_deref().unwrap_or(""), Some(c))?,
-                None => self.model.chat_tokens(&row.text, None)?,
-            },
-        };
-        let bos = self.model.bos.filter(|_| self.p.bos);
-        let prompt_end = bos.iter().len() + prompt.len();
-        let mut ids: Vec<u32> = bos.into_iter().chain(prompt).chain(completion).collect();
-        if !self.p.pack && ids.len() > self.p.context {
-            ids.truncate(self.p.context);
-            self.truncated += 1;
-        }
-        let n = ids.len();
-        let keep = |i: usize| match self.p.positions {
-            Positions::All => !(i == 0 && bos.is_some() && self.p.exclude_bos),
-            Positions::Completion => i >= prompt_end,
-            Positions::Last => i + 1 == n,
-            Positions::LastPrompt => i + 1 == prompt_end,
-        };
-        Ok(ids
-            .iter()
-            .enumerate()
-            .map(|(i, &token)| Entry {
-                row: index as u32,
-                pos: i as u32,
-                token,
-                completion: i >= prompt_end,
-                store: keep(i),
-            })
-            .collect())
-    }
-
-    /// The next sequence with at least one token to store, cut after its last stored token (attention is
-    /// causal, so later tokens cannot change it); `None` when the rows or the budget are used up.
-    fn next_sequence(&mut self) -> anyhow::Result<Option<Vec<Entry>>> {
-        loop {
-            if self.stored >= self.budget {
-                return Ok(None);
-            }
-            while self.pending.len() < self.p.context || !self.p.pack {
-                let Some(index) = self.order.next() else {
-                    break;
-                };
-                let doc = self.document(index)?;
-                self.pending.extend(doc);
-                if !self.p.pack {
-                    break;
-                }
-            }
-            if self.pending.is_empty() {
-                return Ok(None);
-            }
-            let take = self.p.context.min(self.pending.len());
-            let mut seq: Vec<Entry> = self.pending.drain(..take).collect();
-            for e in seq.iter_mut() {
-                if e.store {
-                    if self.stored < self.budget {
-                        self.stored += 1;
-                    } else {
-                        e.store = false;
-                    }
-                }
-            }
-            if let Some(last) = seq.iter().rposition(|e| e.store) {
-                seq.truncate(last + 1);
-                for e in seq.iter().filter(|e| e.store) {
-                    // A document's tokens are contiguous in the stream, so each change of row is a new one.
-                    if e.row != self.last_document {
-                        self.last_document = e.row;
-                        self.documents += 1;
-                    }
-                }
-                return Ok(Some(seq));
-            }
-        }
-    }
-
-    /// The next batch of up to `batch_size` sequences.
-    fn next_batch(&mut self) -> anyhow::Result<Vec<Vec<Entry>>> {
-        let mut batch = Vec::new();
-        while batch.len() < self.p.batch_size {
-            match self.next_sequence()? {
-                Some(s) => batch.push(s),
-                None => break,
-            }
-        }
-        Ok(batch)
-    }
-}
-
-/// A shard as kept in the partial directory.
-#[derive(Debug, Serialize, Deserialize)]
-struct ShardState {
-    /// Batch the next shard starts at.
-    next_batch: u64,
-    rows: u64,
-    /// Sum of vector norms per hook (for the mean in `capture.json`).
-    norm_sums: BTreeMap<String, f64>,
-}
-
-fn shard_dir(partial: &Path, shard: usize) -> PathBuf {
-    partial.join(format!("shard-{shard:05}"))
-}
-
-/// Complete shards left by an interrupted run (a contiguous prefix); anything else there is removed.
-fn finished_shards(partial: &Path) -> anyhow::Result<Vec<ShardState>> {
-    let mut shards = Vec::new();
-    loop {
-        let state = shard_dir(partial, shards.len()).join("state.json");
-        match std::fs::read(&state) {
-            Ok(bytes) => match serde_json::from_slice::<ShardState>(&bytes) {
-                Ok(s) => shards.push(s),
-                Err(_) => break,
-            },
-            Err(_) => break,
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(partial) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let keep = name
-                .strip_prefix("shard-")
-                .and_then(|n| n.parse::<usize>().ok())
-                .is_some_and(|n| n < shards.len());
-            if !keep {
-                let _ = std::fs::remove_dir_all(entry.path());
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-    Ok(shards)
-}
-
-/// Activations and token rows of the shard being filled.
-struct ShardBuffer {
-    acts: Vec<Vec<u8>>,
-    tokens: Vec<TokenRow>,
-    norm_sums: Vec<f64>,
-}
-
-impl ShardBuffer {
-    fn new(hooks: usize) -> Self {
-        Self {
-            acts: vec![Vec::new(); hooks],
-            tokens: Vec::new(),
-            norm_sums: vec![0.0; hooks],
-        }
     }
 }
 
@@ -653,158 +450,4 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         100.0 * forward_time.as_secs_f64() / secs.max(1e-9)
     ));
     Ok(())
-}
-
-/// Puts the finished shards into the output directory: act files hard-linked (the partial copies stay valid
-/// until publish), token tables concatenated. Returns the shard list and the norm sums per hook.
-fn assemble(
-    partial: &Path,
-    shard_count: usize,
-    hooks: &[String],
-    out_dir: &Path,
-) -> anyhow::Result<(Vec<ShardInfo>, Vec<f64>)> {
-    let mut info_shards = Vec::new();
-    let mut norm_sums = vec![0.0f64; hooks.len()];
-    let mut first_row = 0u64;
-    let mut token_parts = Vec::new();
-    for s in 0..shard_count {
-        let dir = shard_dir(partial, s);
-        let state: ShardState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-        for (i, h) in hooks.iter().enumerate() {
-            norm_sums[i] += state.norm_sums[h];
-            saeflow_core::fs::link_or_copy(
-                &dir.join(format!("acts-{h}.parquet")),
-                &out_dir.join(act_file_name(h, s)),
-            )?;
-        }
-        token_parts.push(dir.join("tokens.parquet"));
-        info_shards.push(ShardInfo {
-            first_row,
-            rows: state.rows,
-        });
-        first_row += state.rows;
-    }
-    concat_tokens(&token_parts, &out_dir.join("tokens.parquet"))?;
-    Ok((info_shards, norm_sums))
-}
-
-/// Runs batches through the model and stores what they capture.
-struct Forward<'a> {
-    model: &'a LoadedModel,
-    capture: Hooks,
-    hooks: &'a [Hook],
-    dtype: ActDtype,
-    device: &'a Device,
-}
-
-impl Forward<'_> {
-    /// Runs one batch and appends the stored activations to the shard; returns the stored entries in
-    /// order. A NaN or Inf among them is an error naming the document and position.
-    fn run(
-        &self,
-        batch: &[Vec<Entry>],
-        rows: &[Row],
-        shard: &mut ShardBuffer,
-    ) -> anyhow::Result<Vec<Entry>> {
-        let t = batch.iter().map(Vec::len).max().unwrap_or(0);
-        // Right padding with token 0: attention is causal, so padding never reaches a real position.
-        let mut ids = vec![0u32; batch.len() * t];
-        let mut index = Vec::new();
-        let mut stored = Vec::new();
-        for (b, seq) in batch.iter().enumerate() {
-            for (i, e) in seq.iter().enumerate() {
-                ids[b * t + i] = e.token;
-                if e.store {
-                    index.push((b * t + i) as u32);
-                    stored.push(*e);
-                }
-            }
-        }
-        let input = Tensor::from_vec(ids, (batch.len(), t), self.device)?;
-        let out = self
-            .model
-            .transformer
-            .forward(&input, &self.capture, None)?;
-        let index = Tensor::from_vec(index, stored.len(), self.device)?;
-        let d = self.model.transformer.config.d_model;
-        for (i, hook) in self.hooks.iter().enumerate() {
-            let acts = out.activations[hook]
-                .reshape((batch.len() * t, d))?
-                .index_select(&index, 0)?;
-            let norms: Vec<f32> = acts.sqr()?.sum(1)?.sqrt()?.to_vec1()?;
-            shard.norm_sums[i] += norms.iter().map(|&n| n as f64).sum::<f64>();
-            let acts = acts.to_dtype(self.dtype.dtype())?.flatten_all()?;
-            let buf = &mut shard.acts[i];
-            let start = buf.len();
-            match self.dtype {
-                ActDtype::F32 => {
-                    buf.extend_from_slice(bytemuck::cast_slice(&acts.to_vec1::<f32>()?))
-                }
-                ActDtype::F16 => {
-                    buf.extend_from_slice(bytemuck::cast_slice(&acts.to_vec1::<half::f16>()?))
-                }
-                ActDtype::Bf16 => {
-                    buf.extend_from_slice(bytemuck::cast_slice(&acts.to_vec1::<half::bf16>()?))
-                }
-            }
-            if let Some(at) = self.dtype.first_non_finite(&buf[start..]) {
-                let e = stored[at / d];
-                bail!(
-                    "non-finite activation at {hook} in doc_id {} pos {} (token {}): nothing was published",
-                    rows[e.row as usize].doc_id,
-                    e.pos,
-                    e.token
-                );
-            }
-        }
-        Ok(stored)
-    }
-}
-
-/// Writes the shard into a temporary directory, then renames it into place: a shard exists whole or not.
-/// Returns the number of shards now written.
-fn write_shard(
-    partial: &Path,
-    index: usize,
-    hooks: &[Hook],
-    d: usize,
-    dtype: ActDtype,
-    shard: &mut ShardBuffer,
-    next_batch: u64,
-) -> anyhow::Result<usize> {
-    let tmp = partial.join(format!("tmp-shard-{index:05}"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    let mut norm_sums = BTreeMap::new();
-    for (i, hook) in hooks.iter().enumerate() {
-        let name = hook.to_string();
-        write_act_shard(
-            &tmp.join(format!("acts-{name}.parquet")),
-            std::mem::take(&mut shard.acts[i]),
-            d,
-            dtype,
-        )?;
-        norm_sums.insert(name, shard.norm_sums[i]);
-    }
-    saeflow_core::data::parquet::write_batches(
-        &tmp.join("tokens.parquet"),
-        &[tokens_batch(&shard.tokens)?],
-    )?;
-    let state = ShardState {
-        next_batch,
-        rows: shard.tokens.len() as u64,
-        norm_sums,
-    };
-    saeflow_core::fs::write_atomic(
-        &tmp.join("state.json"),
-        serde_json::to_string_pretty(&state)?.as_bytes(),
-    )?;
-    let dest = shard_dir(partial, index);
-    let _ = std::fs::remove_dir_all(&dest);
-    std::fs::rename(&tmp, &dest).with_context(|| format!("publishing shard {}", dest.display()))?;
-    if let Ok(dir) = std::fs::File::open(partial) {
-        let _ = dir.sync_all();
-    }
-    *shard = ShardBuffer::new(hooks.len());
-    Ok(index + 1)
 }

@@ -1,0 +1,154 @@
+//! Resumable shard storage: the shard being filled, each finished shard written whole into the partial
+//! directory with the batch the next one starts at (so a rerun finds where to resume), and the finished
+//! shards put together into the output directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use saeflow_core::data::activations::{
+    act_file_name, concat_tokens, tokens_batch, write_act_shard, ActDtype, ShardInfo, TokenRow,
+};
+use saeflow_core::models::Hook;
+use serde::{Deserialize, Serialize};
+
+/// A shard as kept in the partial directory.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ShardState {
+    /// Batch the next shard starts at.
+    pub(super) next_batch: u64,
+    pub(super) rows: u64,
+    /// Sum of vector norms per hook (for the mean in `capture.json`).
+    norm_sums: BTreeMap<String, f64>,
+}
+
+fn shard_dir(partial: &Path, shard: usize) -> PathBuf {
+    partial.join(format!("shard-{shard:05}"))
+}
+
+/// Complete shards left by an interrupted run (a contiguous prefix); anything else there is removed.
+pub(super) fn finished_shards(partial: &Path) -> anyhow::Result<Vec<ShardState>> {
+    let mut shards = Vec::new();
+    loop {
+        let state = shard_dir(partial, shards.len()).join("state.json");
+        match std::fs::read(&state) {
+            Ok(bytes) => match serde_json::from_slice::<ShardState>(&bytes) {
+                Ok(s) => shards.push(s),
+                Err(_) => break,
+            },
+            Err(_) => break,
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(partial) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let keep = name
+                .strip_prefix("shard-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n < shards.len());
+            if !keep {
+                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(shards)
+}
+
+/// Activations and token rows of the shard being filled.
+pub(super) struct ShardBuffer {
+    pub(super) acts: Vec<Vec<u8>>,
+    pub(super) tokens: Vec<TokenRow>,
+    pub(super) norm_sums: Vec<f64>,
+}
+
+impl ShardBuffer {
+    pub(super) fn new(hooks: usize) -> Self {
+        Self {
+            acts: vec![Vec::new(); hooks],
+            tokens: Vec::new(),
+            norm_sums: vec![0.0; hooks],
+        }
+    }
+}
+
+/// Puts the finished shards into the output directory: act files hard-linked (the partial copies stay valid
+/// until publish), token tables concatenated. Returns the shard list and the norm sums per hook.
+pub(super) fn assemble(
+    partial: &Path,
+    shard_count: usize,
+    hooks: &[String],
+    out_dir: &Path,
+) -> anyhow::Result<(Vec<ShardInfo>, Vec<f64>)> {
+    let mut info_shards = Vec::new();
+    let mut norm_sums = vec![0.0f64; hooks.len()];
+    let mut first_row = 0u64;
+    let mut token_parts = Vec::new();
+    for s in 0..shard_count {
+        let dir = shard_dir(partial, s);
+        let state: ShardState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+        for (i, h) in hooks.iter().enumerate() {
+            norm_sums[i] += state.norm_sums[h];
+            saeflow_core::fs::link_or_copy(
+                &dir.join(format!("acts-{h}.parquet")),
+                &out_dir.join(act_file_name(h, s)),
+            )?;
+        }
+        token_parts.push(dir.join("tokens.parquet"));
+        info_shards.push(ShardInfo {
+            first_row,
+            rows: state.rows,
+        });
+        first_row += state.rows;
+    }
+    concat_tokens(&token_parts, &out_dir.join("tokens.parquet"))?;
+    Ok((info_shards, norm_sums))
+}
+
+/// Writes the shard into a temporary directory, then renames it into place: a shard exists whole or not.
+/// Returns the number of shards now written.
+pub(super) fn write_shard(
+    partial: &Path,
+    index: usize,
+    hooks: &[Hook],
+    d: usize,
+    dtype: ActDtype,
+    shard: &mut ShardBuffer,
+    next_batch: u64,
+) -> anyhow::Result<usize> {
+    let tmp = partial.join(format!("tmp-shard-{index:05}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let mut norm_sums = BTreeMap::new();
+    for (i, hook) in hooks.iter().enumerate() {
+        let name = hook.to_string();
+        write_act_shard(
+            &tmp.join(format!("acts-{name}.parquet")),
+            std::mem::take(&mut shard.acts[i]),
+            d,
+            dtype,
+        )?;
+        norm_sums.insert(name, shard.norm_sums[i]);
+    }
+    saeflow_core::data::parquet::write_batches(
+        &tmp.join("tokens.parquet"),
+        &[tokens_batch(&shard.tokens)?],
+    )?;
+    let state = ShardState {
+        next_batch,
+        rows: shard.tokens.len() as u64,
+        norm_sums,
+    };
+    saeflow_core::fs::write_atomic(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
+    let dest = shard_dir(partial, index);
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::rename(&tmp, &dest).with_context(|| format!("publishing shard {}", dest.display()))?;
+    if let Ok(dir) = std::fs::File::open(partial) {
+        let _ = dir.sync_all();
+    }
+    *shard = ShardBuffer::new(hooks.len());
+    Ok(index + 1)
+}

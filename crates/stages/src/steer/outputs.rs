@@ -1,0 +1,230 @@
+//! What a `steer` stage writes: `generations.parquet`, `effects.parquet` and the `steer.json` summary
+//! (documented in `schemas/steer.md`).
+
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array};
+use serde_json::json;
+
+use super::readings::Reading;
+use super::SteerParams;
+use saeflow_runner::stage::StageContext;
+
+/// One generation: a row of `generations.parquet`.
+pub(super) struct Generation {
+    pub(super) target: String,
+    pub(super) strength: f64,
+    pub(super) prompt_index: u32,
+    pub(super) prompt: String,
+    pub(super) text: String,
+    pub(super) new_tokens: u32,
+    pub(super) reading: Reading,
+}
+
+/// One (target, strength) setting, its readings averaged over the prompts: a row of `effects.parquet`.
+pub(super) struct Effect {
+    pub(super) target: String,
+    pub(super) strength: f64,
+    pub(super) feature_activation: Option<f64>,
+    pub(super) diffmean_score: Option<f64>,
+    pub(super) probe_probability: Option<f64>,
+    pub(super) kl_neutral: f64,
+    pub(super) perplexity_neutral: f64,
+}
+
+/// Spearman's rank correlation (average ranks for ties); `None` with fewer than 3 points or no spread.
+fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i;
+            while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+                j += 1;
+            }
+            for &k in &order[i..=j] {
+                r[k] = (i + j) as f64 / 2.0 + 1.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    if x.len() < 3 {
+        return None;
+    }
+    let (rx, ry) = (ranks(x), ranks(y));
+    let n = x.len() as f64;
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = rx.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = ry.iter().map(|b| (b - my).powi(2)).sum();
+    (vx > 0.0 && vy > 0.0).then(|| cov / (vx * vy).sqrt())
+}
+
+/// Writes the two tables and `steer.json`, whose per-target summary is how the DiffMean score follows the
+/// strength (Spearman) and what the strongest setting costs on neutral text.
+pub(super) fn write_outputs(
+    p: &SteerParams,
+    ctx: &mut StageContext,
+    hook: &str,
+    generations: &[Generation],
+    effects: &[Effect],
+    probe_class: Option<&str>,
+) -> anyhow::Result<()> {
+    let strings = |v: Vec<&str>| Arc::new(StringArray::from(v)) as ArrayRef;
+    let floats = |v: Vec<Option<f64>>| Arc::new(Float64Array::from(v)) as ArrayRef;
+    let g = RecordBatch::try_from_iter([
+        (
+            "target",
+            strings(generations.iter().map(|g| g.target.as_str()).collect()),
+        ),
+        (
+            "strength",
+            floats(generations.iter().map(|g| Some(g.strength)).collect()),
+        ),
+        (
+            "prompt_index",
+            Arc::new(UInt32Array::from_iter_values(
+                generations.iter().map(|g| g.prompt_index),
+            )) as ArrayRef,
+        ),
+        (
+            "prompt",
+            strings(generations.iter().map(|g| g.prompt.as_str()).collect()),
+        ),
+        (
+            "text",
+            strings(generations.iter().map(|g| g.text.as_str()).collect()),
+        ),
+        (
+            "new_tokens",
+            Arc::new(UInt32Array::from_iter_values(
+                generations.iter().map(|g| g.new_tokens),
+            )) as ArrayRef,
+        ),
+        (
+            "feature_activation",
+            floats(
+                generations
+                    .iter()
+                    .map(|g| g.reading.feature_activation)
+                    .collect(),
+            ),
+        ),
+        (
+            "diffmean_score",
+            floats(
+                generations
+                    .iter()
+                    .map(|g| g.reading.diffmean_score)
+                    .collect(),
+            ),
+        ),
+        (
+            "probe_probability",
+            floats(
+                generations
+                    .iter()
+                    .map(|g| g.reading.probe_probability)
+                    .collect(),
+            ),
+        ),
+    ])?;
+    saeflow_core::data::parquet::write_batches(&ctx.out_dir.join("generations.parquet"), &[g])?;
+    let e = RecordBatch::try_from_iter([
+        (
+            "target",
+            strings(effects.iter().map(|e| e.target.as_str()).collect()),
+        ),
+        (
+            "strength",
+            floats(effects.iter().map(|e| Some(e.strength)).collect()),
+        ),
+        (
+            "feature_activation",
+            floats(effects.iter().map(|e| e.feature_activation).collect()),
+        ),
+        (
+            "diffmean_score",
+            floats(effects.iter().map(|e| e.diffmean_score).collect()),
+        ),
+        (
+            "probe_probability",
+            floats(effects.iter().map(|e| e.probe_probability).collect()),
+        ),
+        (
+            "kl_neutral",
+            floats(effects.iter().map(|e| Some(e.kl_neutral)).collect()),
+        ),
+        (
+            "perplexity_neutral",
+            floats(effects.iter().map(|e| Some(e.perplexity_neutral)).collect()),
+        ),
+    ])?;
+    saeflow_core::data::parquet::write_batches(&ctx.out_dir.join("effects.parquet"), &[e])?;
+
+    // Per target: how the probe score follows the strength, and the cost at the strongest setting.
+    let mut per_target = serde_json::Map::new();
+    let mut names: Vec<&str> = effects.iter().map(|e| e.target.as_str()).collect();
+    names.dedup();
+    for name in names {
+        let rows: Vec<&Effect> = effects.iter().filter(|e| e.target == name).collect();
+        let strengths: Vec<f64> = rows.iter().map(|e| e.strength).collect();
+        let scores: Vec<f64> = rows.iter().filter_map(|e| e.diffmean_score).collect();
+        let strongest = rows
+            .iter()
+            .max_by(|a, b| a.strength.abs().total_cmp(&b.strength.abs()))
+            .expect("a target has rows");
+        per_target.insert(
+            name.to_string(),
+            json!({
+                "spearman_strength_diffmean_score": (scores.len() == strengths.len())
+                    .then(|| spearman(&strengths, &scores))
+                    .flatten(),
+                "strongest": strongest.strength,
+                "kl_neutral_at_strongest": strongest.kl_neutral,
+                "perplexity_neutral_at_strongest": strongest.perplexity_neutral,
+            }),
+        );
+    }
+    let summary = json!({
+        "sae": p.sae,
+        "model": p.model,
+        "hook": hook,
+        "mode": p.mode,
+        "strengths": p.strengths,
+        "probe_class": probe_class,
+        "prompts": generations.iter().map(|g| g.prompt_index).max().map_or(0, |m| m + 1),
+        "targets": per_target,
+    });
+    std::fs::write(
+        ctx.out_dir.join("steer.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
+    ctx.log(&format!(
+        "{} generations over {} settings",
+        generations.len(),
+        effects.len()
+    ));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spearman;
+
+    #[test]
+    fn spearman_matches_hand_values() {
+        // Monotone → 1; reversed → −1; scipy.stats.spearmanr([1,2,3,4,5],[2,1,4,3,5]) = 0.8.
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 40.0]), Some(1.0));
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
+        let r = spearman(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]).unwrap();
+        assert!((r - 0.8).abs() < 1e-12);
+        // Ties get average ranks: spearmanr([1,2,3,4],[1,1,2,2]) = 0.8944271909999159.
+        let r = spearman(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0, 2.0, 2.0]).unwrap();
+        assert!((r - 0.894_427_190_999_915_9).abs() < 1e-12);
+        assert_eq!(spearman(&[1.0, 2.0], &[1.0, 2.0]), None);
+    }
+}
