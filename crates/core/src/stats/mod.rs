@@ -1,5 +1,5 @@
-//! Statistics for labelling and evaluating features: AUROC, the Mann–Whitney U test, Benjamini–Hochberg
-//! FDR control. Written here because no maintained crate offers a tie-corrected Mann–Whitney test or BH;
+//! Statistics for labelling, evaluating and steering features: AUROC, the Mann–Whitney U test, Benjamini–Hochberg
+//! FDR control, Spearman correlation; probes in [`probe`]. Written here because no maintained crate offers a tie-corrected Mann–Whitney test or BH;
 //! the formulas follow scipy (`scipy.stats.mannwhitneyu` with `method="asymptotic"`,
 //! `scipy.stats.false_discovery_control`) and sklearn (`roc_auc_score`), and the tests compare against
 //! their outputs stored as fixtures (`scripts/make_stats_fixtures.py`).
@@ -139,6 +139,37 @@ pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
     q
 }
 
+/// Spearman's rank correlation (average ranks for ties); `None` with fewer than 3 points or no spread.
+pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i;
+            while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+                j += 1;
+            }
+            for &k in &order[i..=j] {
+                r[k] = (i + j) as f64 / 2.0 + 1.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    if x.len() < 3 {
+        return None;
+    }
+    let (rx, ry) = (ranks(x), ranks(y));
+    let n = x.len() as f64;
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = rx.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = ry.iter().map(|b| (b - my).powi(2)).sum();
+    (vx > 0.0 && vy > 0.0).then(|| cov / (vx * vy).sqrt())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +297,18 @@ mod tests {
             assert!((q - w).abs() < 1e-12, "{q} vs {w}");
         }
         assert_eq!(benjamini_hochberg(&[0.9, 0.8]), vec![0.9, 0.9]);
+    }
+
+    #[test]
+    fn spearman_matches_hand_values() {
+        // Monotone → 1; reversed → −1; scipy.stats.spearmanr([1,2,3,4,5],[2,1,4,3,5]) = 0.8.
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 40.0]), Some(1.0));
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
+        let r = spearman(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]).unwrap();
+        assert!((r - 0.8).abs() < 1e-12);
+        // Ties get average ranks: spearmanr([1,2,3,4],[1,1,2,2]) = 0.8944271909999159.
+        let r = spearman(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0, 2.0, 2.0]).unwrap();
+        assert!((r - 0.894_427_190_999_915_9).abs() < 1e-12);
+        assert_eq!(spearman(&[1.0, 2.0], &[1.0, 2.0]), None);
     }
 }
