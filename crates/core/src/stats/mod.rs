@@ -1,7 +1,8 @@
-//! Statistics for labelling, evaluating and steering features: AUROC, the Mann–Whitney U test, Benjamini–Hochberg
-//! FDR control, Spearman correlation; probes in [`probe`]. Written here because no maintained crate offers a tie-corrected Mann–Whitney test or BH;
-//! the formulas follow scipy (`scipy.stats.mannwhitneyu` with `method="asymptotic"`,
-//! `scipy.stats.false_discovery_control`) and sklearn (`roc_auc_score`), and the tests compare against
+//! Statistics for labelling, evaluating and steering features: AUROC, the Mann–Whitney U test,
+//! Benjamini–Hochberg FDR control, Spearman correlation; linear probes in [`probe`]. Written here because
+//! no maintained crate offers a tie-corrected Mann–Whitney test or BH; the formulas follow scipy
+//! (`scipy.stats.mannwhitneyu` with `method="asymptotic"`, `scipy.stats.false_discovery_control`,
+//! `spearmanr`) and sklearn (`roc_auc_score`), and the tests compare against
 //! their outputs stored as fixtures (`scripts/make_stats_fixtures.py`).
 //!
 //! SAE activations are mostly zero, so the two-sample statistics take scores as sorted groups of tied
