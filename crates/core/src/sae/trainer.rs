@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::adam::{AdamConfig, Moments};
-use super::step::{Grads, Params, Precision, Sparsity, StepStats};
+use super::step::{Grads, Precision, Sparsity, StepStats, Weights};
 use crate::data::activations::{ActivationStore, ReadOptions};
 
 /// Everything that shapes a training run.
@@ -72,8 +72,8 @@ pub struct TrainConfig {
 /// Which implementation of the training step runs.
 #[derive(Debug, Clone)]
 pub enum Engine {
-    /// `step::Params::step`: sparse, multithreaded, CPU, ranking TopK latents by an encoder product at
-    /// this precision.
+    /// [`Weights::step`](super::step::Weights::step): sparse, multithreaded, CPU, ranking TopK latents
+    /// by an encoder product at this precision.
     Sparse(Precision),
     /// `dense::step` on a device (GPUs; also the CPU reference).
     Dense(Device),
@@ -113,7 +113,7 @@ pub struct LogRow {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct State {
     /// Weights.
-    pub params: Params,
+    pub weights: Weights,
     /// Adam moments of w_enc, b_enc, w_dec, b_dec, threshold.
     pub moments: [Moments; 5],
     /// Steps done.
@@ -241,7 +241,7 @@ impl State {
                 *b += v as f64;
             }
         }
-        let params = Params {
+        let weights = Weights {
             d_in,
             d_sae: cfg.d_sae,
             w_enc: w_dec.clone(),
@@ -256,13 +256,13 @@ impl State {
         };
         Self {
             moments: [
-                Moments::zeros(params.w_enc.len()),
-                Moments::zeros(params.b_enc.len()),
-                Moments::zeros(params.w_dec.len()),
-                Moments::zeros(params.b_dec.len()),
-                Moments::zeros(params.threshold.len()),
+                Moments::zeros(weights.w_enc.len()),
+                Moments::zeros(weights.b_enc.len()),
+                Moments::zeros(weights.w_dec.len()),
+                Moments::zeros(weights.b_dec.len()),
+                Moments::zeros(weights.threshold.len()),
             ],
-            params,
+            weights,
             step: 0,
             since_fired: vec![0; cfg.d_sae],
             fired_total: vec![0; cfg.d_sae],
@@ -302,22 +302,22 @@ impl State {
         let sparsity = cfg.training_sparsity(self.step + 1);
         let stats = match &cfg.engine {
             Engine::Sparse(precision) => self
-                .params
+                .weights
                 .step(x, sparsity, *precision, &dead, aux_coef, grads),
             Engine::Dense(device) => {
-                super::dense::step(&self.params, x, sparsity, &dead, aux_coef, device, grads)?
+                super::dense::step(&self.weights, x, sparsity, &dead, aux_coef, device, grads)?
             }
         };
         if matches!(cfg.sparsity, Sparsity::BatchTopK(_)) && stats.min_active > 0.0 {
             self.threshold = 0.99 * self.threshold + 0.01 * stats.min_active;
         }
-        let d = self.params.d_in;
+        let d = self.weights.d_in;
         // Remove the part of each decoder row's gradient along the (unit) row: only directions can change.
         let unit = cfg.unit_decoder();
         grads
             .w_dec
             .par_chunks_mut(d)
-            .zip(self.params.w_dec.par_chunks(d))
+            .zip(self.weights.w_dec.par_chunks(d))
             .for_each(|(g, w)| {
                 let along = super::step::dot(g, w);
                 if unit && along != 0.0 {
@@ -342,7 +342,7 @@ impl State {
         };
         self.step += 1;
         let lr = cfg.lr_at(self.step);
-        let p = &mut self.params;
+        let p = &mut self.weights;
         let [m_we, m_be, m_wd, m_bd, m_th] = &mut self.moments;
         m_we.update(&cfg.adam, &mut p.w_enc, &grads.w_enc, scale, lr, self.step);
         m_be.update(&cfg.adam, &mut p.b_enc, &grads.b_enc, scale, lr, self.step);
@@ -379,7 +379,7 @@ impl State {
     fn tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
         let cpu = Device::Cpu;
         let f = |v: &[f32]| Tensor::from_slice(v, v.len(), &cpu);
-        let p = &self.params;
+        let p = &self.weights;
         let i = |v: &[u64]| {
             let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
             Tensor::from_vec(v, self.since_fired.len(), &cpu)
@@ -466,7 +466,7 @@ impl State {
                 .to_vec1()?;
             Ok(v.into_iter().map(|x| x as u64).collect())
         };
-        let params = Params {
+        let weights = Weights {
             d_in,
             d_sae,
             w_enc: f("w_enc")?,
@@ -475,7 +475,7 @@ impl State {
             b_dec: f("b_dec")?,
             threshold: f("threshold")?,
         };
-        if params.w_enc.len() != d_in * d_sae || params.b_dec.len() != d_in {
+        if weights.w_enc.len() != d_in * d_sae || weights.b_dec.len() != d_in {
             bail!(
                 "checkpoint {} has other shapes than this run",
                 last.display()
@@ -495,7 +495,7 @@ impl State {
                 m("b_dec")?,
                 m("threshold")?,
             ],
-            params,
+            weights,
             step: meta["step"].as_u64().context("checkpoint without step")?,
             since_fired: u("since_fired")?,
             fired_total: u("fired_total")?,
@@ -513,7 +513,7 @@ impl State {
         cfg: &TrainConfig,
         from: &super::format::Provenance,
     ) -> anyhow::Result<super::format::Sae> {
-        let p = &self.params;
+        let p = &self.weights;
         let (d, m, s) = (p.d_in, p.d_sae, cfg.scale);
         let cpu = Device::Cpu;
         let w_enc = Tensor::from_slice(&p.w_enc, (m, d), &cpu)?
@@ -850,7 +850,7 @@ fn member_step(
     let lr = cfg.lr_at(state.step + 1) as f64;
     let stats = state.step(cfg, x, grads)?;
     let loss = stats.mse + stats.aux + stats.penalty;
-    if !loss.is_finite() || state.params.w_dec.iter().any(|v| !v.is_finite()) {
+    if !loss.is_finite() || state.weights.w_dec.iter().any(|v| !v.is_finite()) {
         bail!(
             "training diverged at step {} (loss {loss}); the last good checkpoint (step {last_good}) is \
              kept: lower lr and rerun to resume from it",
@@ -859,7 +859,7 @@ fn member_step(
     }
     let step = state.step;
     if step.is_multiple_of(cfg.log_every) || step == cfg.steps {
-        let v = val.map(|v| state.params.evaluate(v, state.inference_sparsity(cfg)));
+        let v = val.map(|v| state.weights.evaluate(v, state.inference_sparsity(cfg)));
         let dead = state.dead(cfg).iter().filter(|&&b| b).count();
         state.log.push(LogRow {
             step,
@@ -915,7 +915,7 @@ mod tests {
 
     #[test]
     fn checkpoints_round_trip_the_whole_state_of_every_architecture() {
-        let x = crate::sae::step::tests::random(4 * 6, 7, 1.0);
+        let x = crate::kernels::test_data::random(4 * 6, 7, 1.0);
         for sparsity in [
             Sparsity::TopK(2),
             Sparsity::BatchTopK(2),
