@@ -350,7 +350,7 @@ mod tests {
     }
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
-        crate::sae::step::tests::random(n, seed, 1.0)
+        crate::kernels::test_data::random(n, seed, 1.0)
     }
 
     #[test]

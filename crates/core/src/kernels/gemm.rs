@@ -481,6 +481,7 @@ fn fallback(a: &[f32], b: &[f32], out: &mut [f32], n: usize, m: usize, d: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_data::random;
 
     fn naive(a: &[f32], b: &[f32], n: usize, m: usize, d: usize) -> Vec<f64> {
         let mut out = vec![0f64; n * m];
@@ -506,9 +507,9 @@ mod tests {
             (24, 96, 400),
             (30, 40, 2100),
         ] {
-            let a = crate::sae::step::tests::random(n * d, 1, 1.0);
-            let b = crate::sae::step::tests::random(m * d, 2, 1.0);
-            let bias = crate::sae::step::tests::random(m, 5, 1.0);
+            let a = random(n * d, 1, 1.0);
+            let b = random(m * d, 2, 1.0);
+            let bias = random(m, 5, 1.0);
             let mut out = vec![f32::NAN; n * m];
             matmul_nt_bias(&a, &b, Some(&bias), &mut out, n, m, d);
             let mut want = naive(&a, &b, n, m, d);
@@ -541,7 +542,7 @@ mod tests {
 
     #[test]
     fn bf16_rounding_is_halfs_to_nearest_even() {
-        let mut values = crate::sae::step::tests::random(10_000, 7, 3.0);
+        let mut values = random(10_000, 7, 3.0);
         values.extend([
             0.0,
             -0.0,
@@ -578,9 +579,9 @@ mod tests {
             (250, 64, 577),
             (30, 40, 2101),
         ] {
-            let a = crate::sae::step::tests::random(n * d, 1, 1.0);
-            let b = crate::sae::step::tests::random(m * d, 2, 1.0);
-            let bias = crate::sae::step::tests::random(m, 5, 1.0);
+            let a = random(n * d, 1, 1.0);
+            let b = random(m * d, 2, 1.0);
+            let bias = random(m, 5, 1.0);
             let mut out = vec![f32::NAN; n * m];
             matmul_nt_bias_in(Precision::Bf16, &a, &b, Some(&bias), &mut out, n, m, d);
             let round = |v: &[f32]| -> Vec<f32> {
@@ -621,8 +622,8 @@ mod tests {
     #[test]
     fn the_result_does_not_depend_on_the_thread_count() {
         let (n, m, d) = (300, 100, 250);
-        let a = crate::sae::step::tests::random(n * d, 3, 1.0);
-        let b = crate::sae::step::tests::random(m * d, 4, 1.0);
+        let a = random(n * d, 3, 1.0);
+        let b = random(m * d, 4, 1.0);
         let run = |threads, precision| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -642,5 +643,14 @@ mod tests {
             .iter()
             .zip(run(3, Precision::Bf16))
             .all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    #[test]
+    fn matmul_nt_multiplies_by_the_transpose() {
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2×3
+        let b = [1.0, 0.0, -1.0, 0.5, 0.5, 0.5]; // 2×3
+        let mut out = [0.0; 4];
+        matmul_nt(&a, &b, &mut out, 2, 2, 3);
+        assert_eq!(out, [-2.0, 3.0, -2.0, 7.5]);
     }
 }

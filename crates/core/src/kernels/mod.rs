@@ -1,7 +1,11 @@
 //! Hand-written CPU kernels for the loops that dominate training and inference: the f32/bf16 GEMM
-//! ([`gemm`]), causal attention ([`attention`]) and vectorised row-wise math ([`vector`]: `exp`, SwiGLU,
-//! RMSNorm, softmax). Each has a portable fallback; tensors on other devices use candle's ops.
+//! ([`gemm`]), causal attention ([`attention`]), vectorised row-wise math ([`vector`]: `exp`, SwiGLU,
+//! RMSNorm, softmax) and the SAE step's dot products and axpy ([`simd`]). Each has a portable fallback;
+//! tensors on other devices use candle's ops.
 
 pub mod attention;
 pub mod gemm;
+pub mod simd;
+#[cfg(test)]
+pub(crate) mod test_data;
 pub mod vector;

@@ -192,7 +192,7 @@ mod tests {
     /// The same values as f32 (our kernels) and as f64 (candle's ops: the path other devices take).
     fn both(dims: &[usize], seed: u64) -> (Tensor, Tensor) {
         let n = dims.iter().product();
-        let v = crate::sae::step::tests::random(n, seed, 1.0);
+        let v = crate::kernels::test_data::random(n, seed, 1.0);
         let t = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
         let wide = t.to_dtype(DType::F64).unwrap();
         (t, wide)

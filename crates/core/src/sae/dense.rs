@@ -6,7 +6,7 @@
 use anyhow::bail;
 use candle_core::{DType, Device, Tensor, D};
 
-use super::step::{total_variance, Grads, L0Mode, Params, Sparsity, StepStats};
+use super::step::{total_variance, Grads, L0Mode, Sparsity, StepStats, Weights};
 
 fn host(t: &Tensor) -> anyhow::Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
@@ -32,7 +32,7 @@ fn top_k_mask(x: &Tensor, k: usize, allowed: Option<&Tensor>) -> anyhow::Result<
 
 /// Loss and gradients of one batch on `device`, written into `grads` (host buffers).
 pub fn step(
-    p: &Params,
+    p: &Weights,
     x: &[f32],
     sparsity: Sparsity,
     dead: &[bool],
@@ -215,14 +215,15 @@ pub fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sae::step::tests::{params, random};
+    use crate::kernels::test_data::random;
+    use crate::sae::step::tests::random_weights;
     use crate::sae::step::Precision;
 
     /// The dense path agrees with the sparse one on every gradient, for every architecture it trains.
     #[test]
     fn dense_and_sparse_steps_agree() {
         let (d, m, n) = (8, 24, 12);
-        let p = params(d, m);
+        let p = random_weights(d, m);
         let x = random(n * d, 9, 1.0);
         let dead: Vec<bool> = (0..m).map(|j| j % 3 == 0).collect();
         for (sparsity, aux) in [

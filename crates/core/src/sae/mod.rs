@@ -4,6 +4,7 @@ pub mod adam;
 pub mod dense;
 pub mod format;
 pub mod metrics;
+pub mod select;
 pub mod steer;
 pub mod step;
 pub mod trainer;

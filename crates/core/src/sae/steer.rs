@@ -2,8 +2,8 @@
 //! everything the SAE does not explain.
 //!
 //! Clamping follows the SAELens / Neuronpedia convention of editing the latent and keeping the SAE's error
-//! term: x' = decode(f with f_i := t) + (x − decode(f)) = x + (t − f_i(x))·W_dec[i] (times the input scale for
-//! layer-norm SAEs), so the edit touches only the feature's own direction and is exact when t = f_i(x).
+//! term: `x' = decode(f with f_i := t) + (x − decode(f)) = x + (t − f_i(x))·W_dec[i]` (times the input scale
+//! for layer-norm SAEs), so the edit touches only the feature's own direction and is exact when t = f_i(x).
 
 use std::sync::Arc;
 

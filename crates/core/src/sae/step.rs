@@ -1,10 +1,15 @@
-//! The TopK SAE's training step on the CPU, with closed-form gradients that use the sparsity: after the one
-//! dense product (pre-activations = encoder · input), every other product touches only the k selected
-//! latents of each token (and the k_aux dead latents of AuxK), and the weight gradients are accumulated per
-//! latent in token order, so a step is deterministic whatever the thread scheduling.
+//! An SAE's training step on the CPU, for every architecture it trains (TopK, BatchTopK, JumpReLU, ReLU:
+//! [`Sparsity`]): the weights ([`Weights`]), one batch's loss and closed-form gradients ([`Weights::step`]
+//! into [`Grads`]) and what the step measured ([`StepStats`]). The gradients use the sparsity: after the
+//! one dense product (pre-activations = encoder · input), every other product touches only each token's
+//! selected latents (chosen by [`super::select`]) and the k_aux dead latents of AuxK, and the weight
+//! gradients are accumulated per latent in token order, so a step is deterministic whatever the thread
+//! scheduling.
 //!
-//! Conventions (OpenAI / SAELens TopK): `pre = (x − b_dec)·W_encᵀ + b_enc`, the k largest pre-activations
-//! are kept and ReLU'd, `x̂ = Σ a_j W_dec[j] + b_dec`; loss = mean over tokens of ‖x̂ − x‖² plus AuxK:
+//! Conventions (OpenAI / SAELens): `pre = (x − b_dec)·W_encᵀ + b_enc`, the selected pre-activations are
+//! kept and ReLU'd, `x̂ = Σ a_j W_dec[j] + b_dec`; loss = mean over tokens of ‖x̂ − x‖², plus the
+//! architecture's sparsity penalty (JumpReLU's L0, ReLU's L1; see [`Sparsity`]), plus AuxK when
+//! `aux_coef` is positive (the trainer sets it for TopK and BatchTopK):
 //! `aux_coef · min(dead / k_aux, 1) · mean ‖Σ_{j∈topk_aux(dead)} relu(pre_j) W_dec[j] − (x − x̂)‖²` with the
 //! residual detached and k_aux = d/2 (sparsify's form; no b_dec in the auxiliary reconstruction, as in
 //! current SAELens). Encoder weights are held as `[d_sae, d_in]` rows (sparsify's layout) so both weight
@@ -12,9 +17,17 @@
 
 use rayon::prelude::*;
 
-/// Parameters of a TopK SAE, row-major: `w_enc` and `w_dec` are `[d_sae, d_in]`.
+use super::select::{keep, select_above, select_batch, select_rows, top_k_unrestricted, Selection};
+use crate::kernels::gemm::{matmul_nt_bias, matmul_nt_bias_in};
+use crate::kernels::simd::{axpy, bf16_rounding_norms, dot4};
+
+pub use crate::kernels::gemm::Precision;
+// Still named here for saeflow-stages' label stage; drop once it imports `kernels::simd::dot`.
+pub use crate::kernels::simd::dot;
+
+/// The weights of an SAE of any architecture, row-major: `w_enc` and `w_dec` are `[d_sae, d_in]`.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Params {
+pub struct Weights {
     /// Input width.
     pub d_in: usize,
     /// Number of latents.
@@ -31,7 +44,7 @@ pub struct Params {
     pub threshold: Vec<f32>,
 }
 
-/// Gradients, same shapes as [`Params`].
+/// Gradients, same shapes as [`Weights`].
 #[derive(Debug, Clone, Default)]
 pub struct Grads {
     /// d loss / d w_enc.
@@ -44,7 +57,7 @@ pub struct Grads {
     pub b_dec: Vec<f32>,
     /// d loss / d threshold (JumpReLU's straight-through estimate).
     pub threshold: Vec<f32>,
-    /// Tokens on which each latent was active (filled by [`Params::step`]).
+    /// Tokens on which each latent was active (filled by [`Weights::step`]).
     pub fired: Vec<u32>,
     /// Scratch: the step's pre-activations, kept so the next step reuses the allocation (a fresh 75 MB
     /// buffer per step cost ~10 ms of page faults).
@@ -70,24 +83,13 @@ pub struct StepStats {
     pub exact_per_token: f64,
 }
 
-/// Per token: the selected latents and their (ReLU'd) activations, as compressed rows.
-#[derive(Debug, Clone)]
-pub struct Selection {
-    /// Token t's entries are `offsets[t]..offsets[t + 1]`.
-    pub offsets: Vec<usize>,
-    /// Latent indices.
-    pub index: Vec<u32>,
-    /// Activations.
-    pub value: Vec<f32>,
-}
-
 /// JumpReLU's sparsity penalty.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum L0Mode {
     /// λ·(number of active latents), threshold gradient through the step's straight-through estimate
     /// (Google DeepMind).
     Step,
-    /// λ·Σ tanh(c·a_j·‖W_dec[j]‖) with scale c (Anthropic); differentiable in the activations.
+    /// `λ·Σ tanh(c·a_j·‖W_dec[j]‖)` with scale c (Anthropic); differentiable in the activations.
     Tanh(f32),
 }
 
@@ -110,7 +112,7 @@ pub enum Sparsity {
         bandwidth: f32,
         /// How the sparsity is penalised.
         mode: L0Mode,
-        /// Coefficient of Σ_dead relu(θ_j − pre_j)·‖W_dec[j]‖ (0: off; Anthropic uses 3e-6).
+        /// Coefficient of `Σ_dead relu(θ_j − pre_j)·‖W_dec[j]‖` (0: off; Anthropic uses 3e-6).
         pre_act: f32,
     },
     /// ReLU with an L1 penalty on activations weighted by decoder-row norms (SAELens `standard`).
@@ -120,167 +122,8 @@ pub enum Sparsity {
     },
 }
 
-pub use crate::kernels::gemm::{matmul_nt, matmul_nt_bias, matmul_nt_bias_in, Precision};
-
-/// Σ a_i·b_i in 16 independent lanes, summed in a fixed order at the end. A plain `.sum()` over f32 is one
-/// serial chain of adds (the compiler may not reorder it), which made the gradient pass latency-bound.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked).
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot_lanes(a, b)
-}
-
-/// y += a·x.
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked).
-        return unsafe { axpy_avx2(a, x, y) };
-    }
-    axpy_plain(a, x, y)
-}
-
-/// Whether the hot loops can run their AVX2 builds. The crate is compiled for the x86-64 baseline (SSE2):
-/// building it all for x86-64-v3 made these loops 2–4× faster but the model forward (candle) ~6% slower,
-/// so only these few leaf functions get AVX2 copies, chosen at run time. The arithmetic is the same (no
-/// FMA contraction), so both copies give the same bits.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-pub(crate) fn avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-}
-
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (a_body, b_body) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = a_body
-        .remainder()
-        .iter()
-        .zip(b_body.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a_body.zip(b_body) {
-        for l in 0..16 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-/// [`dot`] of `x` with four rows at once: the same lanes and order per row (so the same bits), four
-/// independent chains of adds instead of one.
-pub fn dot4(x: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked).
-        return unsafe { dot4_avx2(x, rows) };
-    }
-    dot4_lanes(x, rows)
-}
-
-#[inline(always)]
-fn dot4_lanes(x: &[f32], [r0, r1, r2, r3]: [&[f32]; 4]) -> [f32; 4] {
-    let d = x.len();
-    assert!(r0.len() == d && r1.len() == d && r2.len() == d && r3.len() == d);
-    let mut lanes = [[0f32; 16]; 4];
-    let [l0, l1, l2, l3] = &mut lanes;
-    let chunks = x
-        .chunks_exact(16)
-        .zip(r0.chunks_exact(16))
-        .zip(r1.chunks_exact(16).zip(r2.chunks_exact(16)))
-        .zip(r3.chunks_exact(16));
-    for (((xs, a), (b, c)), e) in chunks {
-        for l in 0..16 {
-            l0[l] += xs[l] * a[l];
-            l1[l] += xs[l] * b[l];
-            l2[l] += xs[l] * c[l];
-            l3[l] += xs[l] * e[l];
-        }
-    }
-    let body = d - d % 16;
-    let rows = [r0, r1, r2, r3];
-    std::array::from_fn(|r| {
-        let tail: f32 = x[body..]
-            .iter()
-            .zip(&rows[r][body..])
-            .map(|(x, y)| x * y)
-            .sum();
-        lanes[r].iter().sum::<f32>() + tail
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot4_avx2(x: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
-    dot4_lanes(x, rows)
-}
-
-/// ‖v‖², ‖ṽ‖² and ‖v − ṽ‖² for ṽ the bf16 rounding of v (to nearest even, as the bf16 product packs it).
-/// f32 sums in 16 lanes: relative error ≤ len·2⁻²⁴, far inside the 1% the bound that uses them adds.
-fn bf16_rounding_norms(v: &[f32]) -> [f32; 3] {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked).
-        return unsafe { bf16_rounding_norms_avx2(v) };
-    }
-    bf16_rounding_norms_lanes(v)
-}
-
-#[inline(always)]
-fn bf16_rounding_norms_lanes(v: &[f32]) -> [f32; 3] {
-    // The rounding the bf16 product packs with.
-    let round = |x: f32| f32::from_bits(crate::kernels::gemm::bf16_bits(x) << 16);
-    let mut acc = [[0f32; 16]; 3];
-    let chunks = v.chunks_exact(16);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for l in 0..16 {
-            let r = round(c[l]);
-            acc[0][l] += c[l] * c[l];
-            acc[1][l] += r * r;
-            acc[2][l] += (c[l] - r) * (c[l] - r);
-        }
-    }
-    for (l, &x) in tail.iter().enumerate() {
-        let r = round(x);
-        acc[0][l] += x * x;
-        acc[1][l] += r * r;
-        acc[2][l] += (x - r) * (x - r);
-    }
-    acc.map(|a| a.iter().sum())
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn bf16_rounding_norms_avx2(v: &[f32]) -> [f32; 3] {
-    bf16_rounding_norms_lanes(v)
-}
-
-#[inline(always)]
-fn axpy_plain(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
-    axpy_plain(a, x, y)
-}
-
 /// Largest encoder row norm, largest norm of a row's bf16 rounding residual, largest |b_enc|: the
-/// weights' part of [`Params::top_k`]'s bound.
+/// weights' part of [`Weights::top_k`]'s bound.
 pub struct WeightBounds {
     norm: f64,
     residual: f64,
@@ -288,10 +131,10 @@ pub struct WeightBounds {
 }
 
 impl WeightBounds {
-    fn of(params: &Params) -> Self {
-        let (norm, residual) = params
+    fn of(weights: &Weights) -> Self {
+        let (norm, residual) = weights
             .w_enc
-            .par_chunks(params.d_in)
+            .par_chunks(weights.d_in)
             .map(|w| {
                 let [norm, _, residual] = bf16_rounding_norms(w);
                 (norm as f64, residual as f64)
@@ -302,7 +145,7 @@ impl WeightBounds {
         WeightBounds {
             norm: norm + residual,
             residual,
-            bias: params
+            bias: weights
                 .b_enc
                 .iter()
                 .fold(0f64, |a, &b| a.max(b.abs() as f64)),
@@ -310,271 +153,7 @@ impl WeightBounds {
     }
 }
 
-/// Indices of the `k` largest values of `row` for which `allowed` holds, largest first; ties go to the
-/// lower index, so the choice is deterministic.
-pub fn top_k(row: &[f32], k: usize, allowed: impl Fn(usize) -> bool) -> Vec<u32> {
-    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
-    top_k_into(row, k, allowed, &mut best);
-    best.into_iter().map(|(_, j)| j).collect()
-}
-
-/// [`top_k`] into a reusable buffer of (value, index), largest first.
-fn top_k_into(row: &[f32], k: usize, allowed: impl Fn(usize) -> bool, best: &mut Vec<(f32, u32)>) {
-    best.clear();
-    if k == 0 {
-        return;
-    }
-    // Once k candidates are held, almost every value fails the comparison against the smallest: blocks
-    // of 16 are tested at once (a vectorised compare) and skipped whole.
-    let mut floor = f32::NEG_INFINITY;
-    for (c, block) in row.chunks(16).enumerate() {
-        if best.len() == k && !block.iter().fold(false, |any, &v| any | (v > floor)) {
-            continue;
-        }
-        for (i, &v) in block.iter().enumerate() {
-            let j = c * 16 + i;
-            if best.len() == k && v <= floor || !allowed(j) {
-                continue;
-            }
-            // Insertion into a short sorted list beats a heap for k ≤ a few hundred.
-            let at = best.partition_point(|&(b, _)| b >= v);
-            best.insert(at, (v, j as u32));
-            best.truncate(k);
-            if best.len() == k {
-                floor = best[k - 1].0;
-            }
-        }
-    }
-}
-
-/// [`top_k_into`] with every latent allowed, faster: each of 16 lanes keeps its r = ⌈k/16⌉ largest values
-/// over the row's 16-wide blocks (a vectorised pass). Those 16·r values are distinct elements, so their k-th
-/// largest is at most the row's k-th largest: only values at or above it can be chosen, and they are few.
-/// Same choice and order as `top_k_into` (ties to the lower index).
-///
-/// With `slack` > 0 it keeps, beyond the k largest, every value within `slack` of the k-th largest (all of
-/// them, not necessarily in order): the candidates of [`Params::top_k`]'s exact re-ranking.
-fn top_k_unrestricted(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked).
-        return unsafe { top_k_unrestricted_avx512(row, k, slack, best) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked).
-        return unsafe { top_k_unrestricted_avx2(row, k, slack, best) };
-    }
-    top_k_lanes(row, k, slack, best)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn top_k_unrestricted_avx512(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
-    top_k_lanes(row, k, slack, best)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn top_k_unrestricted_avx2(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
-    top_k_lanes(row, k, slack, best)
-}
-
-#[inline(always)]
-fn top_k_lanes(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
-    const LANES: usize = 16;
-    // Twice the minimum depth: a tighter bound, so far fewer candidates to sort.
-    let r = 2 * k.div_ceil(LANES);
-    let blocks = row.chunks_exact(LANES);
-    let cut = if k == 0 || r > 8 || blocks.len() < r {
-        f32::NAN
-    } else {
-        let mut tops = [[f32::NEG_INFINITY; LANES]; 8];
-        for block in blocks {
-            let mut v: [f32; LANES] = block.try_into().expect("exact chunk");
-            for top in tops.iter_mut().take(r) {
-                let lo: [f32; LANES] = std::array::from_fn(|l| top[l].min(v[l]));
-                *top = std::array::from_fn(|l| top[l].max(v[l]));
-                v = lo;
-            }
-        }
-        let mut kept: Vec<f32> = tops[..r].iter().flatten().copied().collect();
-        kept.sort_unstable_by(|a, b| b.total_cmp(a));
-        kept[k - 1] - slack
-    };
-    if cut.is_nan() {
-        // Large k, short rows, or NaN: the plain scan, then the values within the slack.
-        top_k_into(row, k, |_| true, best);
-        if slack > 0.0 && best.len() == k {
-            let floor = best[k - 1].0 - slack;
-            best.clear();
-            best.extend(
-                row.iter()
-                    .enumerate()
-                    .filter(|&(_, &v)| v >= floor)
-                    .map(|(j, &v)| (v, j as u32)),
-            );
-            best.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        }
-        return;
-    }
-    best.clear();
-    for (c, block) in row.chunks(LANES).enumerate() {
-        if block.iter().fold(false, |any, &v| any | (v >= cut)) {
-            for (i, &v) in block.iter().enumerate() {
-                if v >= cut {
-                    best.push((v, (c * LANES + i) as u32));
-                }
-            }
-        }
-    }
-    // No NaN passed `v >= cut`, so the comparison is a total order.
-    let order = |a: &(f32, u32), b: &(f32, u32)| {
-        b.0.partial_cmp(&a.0)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.1.cmp(&b.1))
-    };
-    if best.len() > k {
-        best.select_nth_unstable_by(k - 1, order);
-        if slack > 0.0 {
-            let floor = best[k - 1].0 - slack;
-            best.retain(|e| e.0 >= floor);
-            // The caller re-ranks the candidates by their exact values.
-            return;
-        }
-        best.truncate(k);
-    }
-    best.sort_unstable_by(order);
-}
-
-/// Writes a token's k kept latents (ReLU'd) from a ranked candidate list.
-fn keep(best: &[(f32, u32)], k: usize, idx: &mut [u32], val: &mut [f32]) {
-    for (s, &(v, j)) in best.iter().take(k).enumerate() {
-        idx[s] = j;
-        val[s] = v.max(0.0);
-    }
-}
-
-/// Top-k selection of every row of `pre` (`m` wide) among `allowed` latents, ReLU'd, written per token.
-fn select_rows(
-    pre: &[f32],
-    m: usize,
-    k: usize,
-    allowed: Option<&(dyn Fn(usize) -> bool + Sync)>,
-) -> Selection {
-    let n = pre.len() / m;
-    let unrestricted = allowed.is_none();
-    let allowed = allowed.unwrap_or(&|_| true);
-    let mut index = vec![0u32; n * k];
-    let mut value = vec![0f32; n * k];
-    index
-        .par_chunks_mut(k.max(1) * 64)
-        .zip(value.par_chunks_mut(k.max(1) * 64))
-        .enumerate()
-        .for_each(|(c, (idx, val))| {
-            let mut best = Vec::with_capacity(k + 1);
-            for (r, (idx, val)) in idx.chunks_mut(k).zip(val.chunks_mut(k)).enumerate() {
-                let t = c * 64 + r;
-                let row = &pre[t * m..][..m];
-                if unrestricted {
-                    top_k_unrestricted(row, k, 0.0, &mut best);
-                } else {
-                    top_k_into(row, k, allowed, &mut best);
-                }
-                for (s, &(v, j)) in best.iter().enumerate() {
-                    idx[s] = j;
-                    val[s] = v.max(0.0);
-                }
-            }
-        });
-    Selection {
-        offsets: (0..=n).map(|t| t * k).collect(),
-        index,
-        value,
-    }
-}
-
-/// The `total` largest ReLU'd pre-activations of the whole batch; ties at the cut are taken in (token,
-/// latent) order, so the choice is deterministic.
-fn select_batch(pre: &[f32], m: usize, total: usize) -> Selection {
-    let n = pre.len() / m;
-    let total = total.min(pre.len());
-    let mut values: Vec<f32> = pre.par_iter().map(|v| v.max(0.0)).collect();
-    let cut = if total == 0 {
-        f32::INFINITY
-    } else {
-        let at = values.len() - total;
-        *values.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1
-    };
-    drop(values);
-    let counts: Vec<(usize, usize)> = pre
-        .par_chunks(m)
-        .map(|row| {
-            let above = row.iter().filter(|&&v| v.max(0.0) > cut).count();
-            let ties = row.iter().filter(|&&v| v.max(0.0) == cut).count();
-            (above, ties)
-        })
-        .collect();
-    let mut ties_left = total - counts.iter().map(|c| c.0).sum::<usize>();
-    let mut offsets = Vec::with_capacity(n + 1);
-    let mut ties_taken = Vec::with_capacity(n);
-    offsets.push(0);
-    for &(above, ties) in &counts {
-        let take = ties.min(ties_left);
-        ties_left -= take;
-        ties_taken.push(take);
-        offsets.push(offsets.last().unwrap() + above + take);
-    }
-    let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
-        .par_chunks(m)
-        .zip(ties_taken.par_iter())
-        .map(|(row, &take)| {
-            let (mut index, mut value, mut tied) = (Vec::new(), Vec::new(), 0);
-            for (j, &v) in row.iter().enumerate() {
-                let v = v.max(0.0);
-                if v > cut || (v == cut && tied < take) {
-                    tied += usize::from(v == cut);
-                    index.push(j as u32);
-                    value.push(v);
-                }
-            }
-            (index, value)
-        })
-        .collect();
-    Selection {
-        offsets,
-        index: rows.iter().flat_map(|r| r.0.iter().copied()).collect(),
-        value: rows.into_iter().flat_map(|r| r.1).collect(),
-    }
-}
-
-/// Every positive pre-activation above its latent's threshold.
-fn select_above(pre: &[f32], m: usize, threshold: &(dyn Fn(usize) -> f32 + Sync)) -> Selection {
-    let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
-        .par_chunks(m)
-        .map(|row| {
-            let mut out = (Vec::new(), Vec::new());
-            for (j, &v) in row.iter().enumerate() {
-                if v > threshold(j) && v > 0.0 {
-                    out.0.push(j as u32);
-                    out.1.push(v);
-                }
-            }
-            out
-        })
-        .collect();
-    let mut offsets = vec![0];
-    for r in &rows {
-        offsets.push(offsets.last().unwrap() + r.0.len());
-    }
-    Selection {
-        offsets,
-        index: rows.iter().flat_map(|r| r.0.iter().copied()).collect(),
-        value: rows.into_iter().flat_map(|r| r.1).collect(),
-    }
-}
-
-impl Params {
+impl Weights {
     /// Pre-activations `[n, d_sae]` of the (already normalised) inputs `x` `[n, d_in]`, and the centred
     /// inputs x − b_dec.
     pub fn pre_activations(&self, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
@@ -590,7 +169,7 @@ impl Params {
             .collect()
     }
 
-    /// [`Params::pre_activations`] into a reused buffer; returns the centred inputs.
+    /// [`Weights::pre_activations`] into a reused buffer; returns the centred inputs.
     pub fn pre_activations_into(&self, x: &[f32], n: usize, pre: &mut Vec<f32>) -> Vec<f32> {
         let d = self.d_in;
         let centered = self.centered(x);
@@ -722,7 +301,7 @@ impl Params {
         (centered, selection, exact as f64 / n.max(1) as f64)
     }
 
-    /// Σ_j a_j W_dec[j] (+ b_dec when `bias`) for every token of a selection.
+    /// `Σ_j a_j W_dec[j]` (+ b_dec when `bias`) for every token of a selection.
     pub fn decode(&self, sel: &Selection, bias: bool) -> Vec<f32> {
         let d = self.d_in;
         let n = sel.offsets.len() - 1;
@@ -767,7 +346,7 @@ impl Params {
     /// Loss and gradients for a batch `x` `[n, d_in]` (already normalised). `dead` marks latents that have
     /// not fired recently (AuxK draws on them); `aux_coef` = 0 switches AuxK off. With
     /// [`Precision::Bf16`] (TopK only) the encoder product that ranks the latents is bf16 and the chosen
-    /// activations exact (see [`Params::refined_top_k`]).
+    /// activations exact (see [`Weights::top_k`]).
     pub fn step(
         &self,
         x: &[f32],
@@ -1128,23 +707,12 @@ pub fn total_variance(x: &[f32], d: usize) -> f64 {
 #[allow(clippy::needless_range_loop, clippy::type_complexity)] // index loops mirror the formulas
 pub(crate) mod tests {
     use super::*;
+    use crate::kernels::test_data::random;
+    use crate::sae::select::top_k;
 
-    /// Deterministic uniform values in [−scale, scale).
-    pub(crate) fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-            })
-            .collect()
-    }
-
-    /// Small random parameters with non-negative thresholds.
-    pub(crate) fn params(d: usize, m: usize) -> Params {
-        Params {
+    /// Small random weights with non-negative thresholds.
+    pub(crate) fn random_weights(d: usize, m: usize) -> Weights {
+        Weights {
             d_in: d,
             d_sae: m,
             w_enc: random(m * d, 1, 0.5),
@@ -1159,7 +727,7 @@ pub(crate) mod tests {
     /// fits that fixed residual (the detached x − x̂ of the unperturbed parameters). `batch` selects the
     /// k·n largest ReLU'd pre-activations of the whole batch (BatchTopK) instead of k per token.
     fn reference_loss(
-        p: &Params,
+        p: &Weights,
         x: &[f32],
         mode: Sparsity,
         dead: &[bool],
@@ -1280,7 +848,7 @@ pub(crate) mod tests {
 
     fn check(dead: &[bool], coef: f32, sparsity: Sparsity) {
         let (d, m, n) = (6, 16, 5);
-        let p = params(d, m);
+        let p = random_weights(d, m);
         let x = random(n * d, 9, 1.0);
         let mut g = Grads::default();
         let stats = p.step(&x, sparsity, Precision::F32, dead, coef, &mut g);
@@ -1291,7 +859,7 @@ pub(crate) mod tests {
         );
         // Central differences on every parameter, AuxK's residual held fixed as in the detached gradient.
         let h = 1e-3f32;
-        let fields: [(&str, fn(&mut Params) -> &mut Vec<f32>, &Vec<f32>); 4] = [
+        let fields: [(&str, fn(&mut Weights) -> &mut Vec<f32>, &Vec<f32>); 4] = [
             ("w_enc", |p| &mut p.w_enc, &g.w_enc),
             ("b_enc", |p| &mut p.b_enc, &g.b_enc),
             ("w_dec", |p| &mut p.w_dec, &g.w_dec),
@@ -1355,8 +923,8 @@ pub(crate) mod tests {
 
     /// d 2, two latents, identity encoder and decoder, θ = [0.5, 0.5]: for x = [1, 0] the pre-activations are
     /// [0.7, 0.2], latent 0 active, both within a bandwidth-1 window of their thresholds.
-    fn two_latents() -> Params {
-        Params {
+    fn two_latents() -> Weights {
+        Weights {
             d_in: 2,
             d_sae: 2,
             w_enc: vec![1.0, 0.0, 0.0, 1.0],
@@ -1427,18 +995,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn batch_top_k_keeps_the_largest_activations_of_the_whole_batch() {
-        // Two tokens, three latents, k = 1: the two largest of the batch are both in token 0.
-        let pre = [5.0, 4.0, -1.0, 1.0, 0.5, 0.2];
-        let sel = select_batch(&pre, 3, 2);
-        assert_eq!(sel.offsets, [0, 2, 2]);
-        assert_eq!((sel.index, sel.value), (vec![0, 1], vec![5.0, 4.0]));
-        // Ties at the cut go to the earlier (token, latent).
-        let sel = select_batch(&[1.0, 2.0, 1.0, 1.0], 2, 2);
-        assert_eq!((sel.offsets, sel.index), (vec![0, 2, 2], vec![0, 1]));
-    }
-
-    #[test]
     fn batch_top_k_gradients_match_finite_differences() {
         check(&[false; 16], 0.0, Sparsity::BatchTopK(3));
         let dead: Vec<bool> = (0..16).map(|j| j % 4 == 1).collect();
@@ -1457,49 +1013,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn top_k_breaks_ties_by_index_and_respects_the_mask() {
-        let row = [1.0, 3.0, 3.0, -1.0, 2.0];
-        assert_eq!(top_k(&row, 3, |_| true), vec![1, 2, 4]);
-        assert_eq!(top_k(&row, 2, |j| j != 1), vec![2, 4]);
-        assert_eq!(top_k(&row, 9, |j| j == 3), vec![3]);
-    }
-
-    #[test]
-    fn the_avx2_builds_of_the_hot_loops_give_the_portable_bits() {
-        let (a, b) = (random(1003, 1, 1.0), random(1003, 2, 1.0));
-        assert_eq!(dot(&a, &b).to_bits(), dot_lanes(&a, &b).to_bits());
-        let (mut y1, mut y2) = (b.clone(), b.clone());
-        axpy(0.37, &a, &mut y1);
-        axpy_plain(0.37, &a, &mut y2);
-        assert!(y1.iter().zip(&y2).all(|(u, v)| u.to_bits() == v.to_bits()));
-        let (mut t1, mut t2) = (Vec::new(), Vec::new());
-        top_k_unrestricted(&a, 32, 0.0, &mut t1);
-        top_k_lanes(&a, 32, 0.0, &mut t2);
-        assert_eq!(t1, t2);
-    }
-
-    #[test]
-    fn dot4_gives_dots_bits() {
-        for d in [1, 15, 16, 577] {
-            let x = random(d, 1, 1.0);
-            let rows: Vec<Vec<f32>> = (0..4).map(|r| random(d, 10 + r, 1.0)).collect();
-            let four = dot4(&x, std::array::from_fn(|r| rows[r].as_slice()));
-            for r in 0..4 {
-                assert_eq!(
-                    four[r].to_bits(),
-                    dot(&x, &rows[r]).to_bits(),
-                    "d {d} row {r}"
-                );
-                assert_eq!(
-                    four[r].to_bits(),
-                    dot_lanes(&x, &rows[r]).to_bits(),
-                    "d {d} row {r}"
-                );
-            }
-        }
-    }
-
-    #[test]
     fn bf16_ranked_top_k_chooses_what_exact_top_k_chooses_even_among_near_ties() {
         if !Precision::bf16_native() {
             eprintln!("no AVX512-BF16 here: bf16 ranking falls back to the f32 product");
@@ -1509,7 +1022,7 @@ pub(crate) mod tests {
         // pre-activations differ far below bf16's resolution (~4e-3), so the bf16 product cannot rank
         // them and only the exact re-ranking can pick the right ones.
         let (n, d, m, k) = (300, 64, 384, 16);
-        let mut p = params(d, m);
+        let mut p = random_weights(d, m);
         let base = random(m / 12 * d, 21, 1.0);
         let noise = random(m * d, 22, 1e-4);
         for j in 0..m {
@@ -1560,43 +1073,6 @@ pub(crate) mod tests {
             differing <= n / 100,
             "{differing} tokens whose f32 and bf16-ranked choices differ"
         );
-    }
-
-    #[test]
-    fn the_lane_bounded_top_k_chooses_exactly_what_the_plain_one_does() {
-        let mut fast = Vec::new();
-        let mut plain = Vec::new();
-        for (seed, &(m, k)) in [
-            (16, 1),
-            (40, 3),
-            (100, 16),
-            (333, 17),
-            (4608, 32),
-            (4608, 128),
-            (64, 40),
-        ]
-        .iter()
-        .enumerate()
-        {
-            // Values on a coarse grid, so ties (and ±0) are frequent.
-            let row: Vec<f32> = random(m, seed as u64 + 10, 1.0)
-                .iter()
-                .map(|v| (v * 8.0).round() / 8.0 * if seed % 2 == 0 { 1.0 } else { -1.0 })
-                .collect();
-            top_k_unrestricted(&row, k, 0.0, &mut fast);
-            top_k_into(&row, k, |_| true, &mut plain);
-            let ids = |v: &Vec<(f32, u32)>| v.iter().map(|&(_, j)| j).collect::<Vec<_>>();
-            assert_eq!(ids(&fast), ids(&plain), "m {m}, k {k}");
-        }
-    }
-
-    #[test]
-    fn the_gemm_wrapper_multiplies_by_the_transpose() {
-        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2×3
-        let b = [1.0, 0.0, -1.0, 0.5, 0.5, 0.5]; // 2×3
-        let mut out = [0.0; 4];
-        matmul_nt(&a, &b, &mut out, 2, 2, 3);
-        assert_eq!(out, [-2.0, 3.0, -2.0, 7.5]);
     }
 
     #[test]

@@ -1,0 +1,356 @@
+//! Which latents each token keeps, chosen from its pre-activations: the k largest of a row ([`top_k`]),
+//! the k·n largest of a whole batch (BatchTopK), or every value above a threshold (JumpReLU, ReLU; BatchTopK
+//! at inference), written as compressed rows ([`Selection`]).
+//!
+//! Only pre-activations come in here. The bf16-ranked TopK that recomputes its candidates exactly
+//! ([`Weights::top_k`](super::step::Weights::top_k)) and the weights' part of the bound that decides which
+//! candidates it recomputes ([`WeightBounds`](super::step::WeightBounds)) stay with the weights in
+//! [`super::step`]: both read encoder rows, and leaving them there keeps this module below the step (the
+//! step uses it, never the reverse).
+
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::simd::avx2;
+
+/// Per token: the selected latents and their (ReLU'd) activations, as compressed rows.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// Token t's entries are `offsets[t]..offsets[t + 1]`.
+    pub offsets: Vec<usize>,
+    /// Latent indices.
+    pub index: Vec<u32>,
+    /// Activations.
+    pub value: Vec<f32>,
+}
+
+/// Indices of the `k` largest values of `row` for which `allowed` holds, largest first; ties go to the
+/// lower index, so the choice is deterministic.
+pub fn top_k(row: &[f32], k: usize, allowed: impl Fn(usize) -> bool) -> Vec<u32> {
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    top_k_into(row, k, allowed, &mut best);
+    best.into_iter().map(|(_, j)| j).collect()
+}
+
+/// [`top_k`] into a reusable buffer of (value, index), largest first.
+fn top_k_into(row: &[f32], k: usize, allowed: impl Fn(usize) -> bool, best: &mut Vec<(f32, u32)>) {
+    best.clear();
+    if k == 0 {
+        return;
+    }
+    // Once k candidates are held, almost every value fails the comparison against the smallest: blocks
+    // of 16 are tested at once (a vectorised compare) and skipped whole.
+    let mut floor = f32::NEG_INFINITY;
+    for (c, block) in row.chunks(16).enumerate() {
+        if best.len() == k && !block.iter().fold(false, |any, &v| any | (v > floor)) {
+            continue;
+        }
+        for (i, &v) in block.iter().enumerate() {
+            let j = c * 16 + i;
+            if best.len() == k && v <= floor || !allowed(j) {
+                continue;
+            }
+            // Insertion into a short sorted list beats a heap for k ≤ a few hundred.
+            let at = best.partition_point(|&(b, _)| b >= v);
+            best.insert(at, (v, j as u32));
+            best.truncate(k);
+            if best.len() == k {
+                floor = best[k - 1].0;
+            }
+        }
+    }
+}
+
+/// [`top_k_into`] with every latent allowed, faster: each of 16 lanes keeps its r = ⌈k/16⌉ largest values
+/// over the row's 16-wide blocks (a vectorised pass). Those 16·r values are distinct elements, so their k-th
+/// largest is at most the row's k-th largest: only values at or above it can be chosen, and they are few.
+/// Same choice and order as `top_k_into` (ties to the lower index).
+///
+/// With `slack` > 0 it keeps, beyond the k largest, every value within `slack` of the k-th largest (all of
+/// them, not necessarily in order): the candidates of [`Weights::top_k`](super::step::Weights::top_k)'s exact re-ranking.
+pub(super) fn top_k_unrestricted(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked).
+        return unsafe { top_k_unrestricted_avx512(row, k, slack, best) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked).
+        return unsafe { top_k_unrestricted_avx2(row, k, slack, best) };
+    }
+    top_k_lanes(row, k, slack, best)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn top_k_unrestricted_avx512(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
+    top_k_lanes(row, k, slack, best)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn top_k_unrestricted_avx2(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
+    top_k_lanes(row, k, slack, best)
+}
+
+#[inline(always)]
+fn top_k_lanes(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
+    const LANES: usize = 16;
+    // Twice the minimum depth: a tighter bound, so far fewer candidates to sort.
+    let r = 2 * k.div_ceil(LANES);
+    let blocks = row.chunks_exact(LANES);
+    let cut = if k == 0 || r > 8 || blocks.len() < r {
+        f32::NAN
+    } else {
+        let mut tops = [[f32::NEG_INFINITY; LANES]; 8];
+        for block in blocks {
+            let mut v: [f32; LANES] = block.try_into().expect("exact chunk");
+            for top in tops.iter_mut().take(r) {
+                let lo: [f32; LANES] = std::array::from_fn(|l| top[l].min(v[l]));
+                *top = std::array::from_fn(|l| top[l].max(v[l]));
+                v = lo;
+            }
+        }
+        let mut kept: Vec<f32> = tops[..r].iter().flatten().copied().collect();
+        kept.sort_unstable_by(|a, b| b.total_cmp(a));
+        kept[k - 1] - slack
+    };
+    if cut.is_nan() {
+        // Large k, short rows, or NaN: the plain scan, then the values within the slack.
+        top_k_into(row, k, |_| true, best);
+        if slack > 0.0 && best.len() == k {
+            let floor = best[k - 1].0 - slack;
+            best.clear();
+            best.extend(
+                row.iter()
+                    .enumerate()
+                    .filter(|&(_, &v)| v >= floor)
+                    .map(|(j, &v)| (v, j as u32)),
+            );
+            best.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        }
+        return;
+    }
+    best.clear();
+    for (c, block) in row.chunks(LANES).enumerate() {
+        if block.iter().fold(false, |any, &v| any | (v >= cut)) {
+            for (i, &v) in block.iter().enumerate() {
+                if v >= cut {
+                    best.push((v, (c * LANES + i) as u32));
+                }
+            }
+        }
+    }
+    // No NaN passed `v >= cut`, so the comparison is a total order.
+    let order = |a: &(f32, u32), b: &(f32, u32)| {
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
+    };
+    if best.len() > k {
+        best.select_nth_unstable_by(k - 1, order);
+        if slack > 0.0 {
+            let floor = best[k - 1].0 - slack;
+            best.retain(|e| e.0 >= floor);
+            // The caller re-ranks the candidates by their exact values.
+            return;
+        }
+        best.truncate(k);
+    }
+    best.sort_unstable_by(order);
+}
+
+/// Writes a token's k kept latents (ReLU'd) from a ranked candidate list.
+pub(super) fn keep(best: &[(f32, u32)], k: usize, idx: &mut [u32], val: &mut [f32]) {
+    for (s, &(v, j)) in best.iter().take(k).enumerate() {
+        idx[s] = j;
+        val[s] = v.max(0.0);
+    }
+}
+
+/// Top-k selection of every row of `pre` (`m` wide) among `allowed` latents, ReLU'd, written per token.
+pub(super) fn select_rows(
+    pre: &[f32],
+    m: usize,
+    k: usize,
+    allowed: Option<&(dyn Fn(usize) -> bool + Sync)>,
+) -> Selection {
+    let n = pre.len() / m;
+    let unrestricted = allowed.is_none();
+    let allowed = allowed.unwrap_or(&|_| true);
+    let mut index = vec![0u32; n * k];
+    let mut value = vec![0f32; n * k];
+    index
+        .par_chunks_mut(k.max(1) * 64)
+        .zip(value.par_chunks_mut(k.max(1) * 64))
+        .enumerate()
+        .for_each(|(c, (idx, val))| {
+            let mut best = Vec::with_capacity(k + 1);
+            for (r, (idx, val)) in idx.chunks_mut(k).zip(val.chunks_mut(k)).enumerate() {
+                let t = c * 64 + r;
+                let row = &pre[t * m..][..m];
+                if unrestricted {
+                    top_k_unrestricted(row, k, 0.0, &mut best);
+                } else {
+                    top_k_into(row, k, allowed, &mut best);
+                }
+                for (s, &(v, j)) in best.iter().enumerate() {
+                    idx[s] = j;
+                    val[s] = v.max(0.0);
+                }
+            }
+        });
+    Selection {
+        offsets: (0..=n).map(|t| t * k).collect(),
+        index,
+        value,
+    }
+}
+
+/// The `total` largest ReLU'd pre-activations of the whole batch; ties at the cut are taken in (token,
+/// latent) order, so the choice is deterministic.
+pub(super) fn select_batch(pre: &[f32], m: usize, total: usize) -> Selection {
+    let n = pre.len() / m;
+    let total = total.min(pre.len());
+    let mut values: Vec<f32> = pre.par_iter().map(|v| v.max(0.0)).collect();
+    let cut = if total == 0 {
+        f32::INFINITY
+    } else {
+        let at = values.len() - total;
+        *values.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1
+    };
+    drop(values);
+    let counts: Vec<(usize, usize)> = pre
+        .par_chunks(m)
+        .map(|row| {
+            let above = row.iter().filter(|&&v| v.max(0.0) > cut).count();
+            let ties = row.iter().filter(|&&v| v.max(0.0) == cut).count();
+            (above, ties)
+        })
+        .collect();
+    let mut ties_left = total - counts.iter().map(|c| c.0).sum::<usize>();
+    let mut offsets = Vec::with_capacity(n + 1);
+    let mut ties_taken = Vec::with_capacity(n);
+    offsets.push(0);
+    for &(above, ties) in &counts {
+        let take = ties.min(ties_left);
+        ties_left -= take;
+        ties_taken.push(take);
+        offsets.push(offsets.last().unwrap() + above + take);
+    }
+    let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
+        .par_chunks(m)
+        .zip(ties_taken.par_iter())
+        .map(|(row, &take)| {
+            let (mut index, mut value, mut tied) = (Vec::new(), Vec::new(), 0);
+            for (j, &v) in row.iter().enumerate() {
+                let v = v.max(0.0);
+                if v > cut || (v == cut && tied < take) {
+                    tied += usize::from(v == cut);
+                    index.push(j as u32);
+                    value.push(v);
+                }
+            }
+            (index, value)
+        })
+        .collect();
+    Selection {
+        offsets,
+        index: rows.iter().flat_map(|r| r.0.iter().copied()).collect(),
+        value: rows.into_iter().flat_map(|r| r.1).collect(),
+    }
+}
+
+/// Every positive pre-activation above its latent's threshold.
+pub(super) fn select_above(
+    pre: &[f32],
+    m: usize,
+    threshold: &(dyn Fn(usize) -> f32 + Sync),
+) -> Selection {
+    let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
+        .par_chunks(m)
+        .map(|row| {
+            let mut out = (Vec::new(), Vec::new());
+            for (j, &v) in row.iter().enumerate() {
+                if v > threshold(j) && v > 0.0 {
+                    out.0.push(j as u32);
+                    out.1.push(v);
+                }
+            }
+            out
+        })
+        .collect();
+    let mut offsets = vec![0];
+    for r in &rows {
+        offsets.push(offsets.last().unwrap() + r.0.len());
+    }
+    Selection {
+        offsets,
+        index: rows.iter().flat_map(|r| r.0.iter().copied()).collect(),
+        value: rows.into_iter().flat_map(|r| r.1).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_data::random;
+
+    #[test]
+    fn top_k_breaks_ties_by_index_and_respects_the_mask() {
+        let row = [1.0, 3.0, 3.0, -1.0, 2.0];
+        assert_eq!(top_k(&row, 3, |_| true), vec![1, 2, 4]);
+        assert_eq!(top_k(&row, 2, |j| j != 1), vec![2, 4]);
+        assert_eq!(top_k(&row, 9, |j| j == 3), vec![3]);
+    }
+
+    #[test]
+    fn the_avx_builds_of_the_lane_bounded_top_k_choose_what_the_portable_one_does() {
+        let a = random(1003, 1, 1.0);
+        let (mut t1, mut t2) = (Vec::new(), Vec::new());
+        top_k_unrestricted(&a, 32, 0.0, &mut t1);
+        top_k_lanes(&a, 32, 0.0, &mut t2);
+        assert_eq!(t1, t2);
+    }
+
+    #[test]
+    fn the_lane_bounded_top_k_chooses_exactly_what_the_plain_one_does() {
+        let mut fast = Vec::new();
+        let mut plain = Vec::new();
+        for (seed, &(m, k)) in [
+            (16, 1),
+            (40, 3),
+            (100, 16),
+            (333, 17),
+            (4608, 32),
+            (4608, 128),
+            (64, 40),
+        ]
+        .iter()
+        .enumerate()
+        {
+            // Values on a coarse grid, so ties (and ±0) are frequent.
+            let row: Vec<f32> = random(m, seed as u64 + 10, 1.0)
+                .iter()
+                .map(|v| (v * 8.0).round() / 8.0 * if seed % 2 == 0 { 1.0 } else { -1.0 })
+                .collect();
+            top_k_unrestricted(&row, k, 0.0, &mut fast);
+            top_k_into(&row, k, |_| true, &mut plain);
+            let ids = |v: &Vec<(f32, u32)>| v.iter().map(|&(_, j)| j).collect::<Vec<_>>();
+            assert_eq!(ids(&fast), ids(&plain), "m {m}, k {k}");
+        }
+    }
+
+    #[test]
+    fn batch_top_k_keeps_the_largest_activations_of_the_whole_batch() {
+        // Two tokens, three latents, k = 1: the two largest of the batch are both in token 0.
+        let pre = [5.0, 4.0, -1.0, 1.0, 0.5, 0.2];
+        let sel = select_batch(&pre, 3, 2);
+        assert_eq!(sel.offsets, [0, 2, 2]);
+        assert_eq!((sel.index, sel.value), (vec![0, 1], vec![5.0, 4.0]));
+        // Ties at the cut go to the earlier (token, latent).
+        let sel = select_batch(&[1.0, 2.0, 1.0, 1.0], 2, 2);
+        assert_eq!((sel.offsets, sel.index), (vec![0, 2, 2], vec![0, 1]));
+    }
+}
