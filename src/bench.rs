@@ -223,12 +223,13 @@ pub fn train(
     k: usize,
     batch: usize,
     steps: usize,
-    precision: saeflow_core::sae::step::Precision,
+    precision: saeflow_core::kernels::gemm::Precision,
 ) -> anyhow::Result<()> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
     use saeflow_core::kernels::gemm::matmul_nt_bias_in;
-    use saeflow_core::sae::step::{Grads, Precision};
+    use saeflow_core::kernels::gemm::Precision;
+    use saeflow_core::sae::step::Grads;
     use saeflow_core::sae::trainer::{State, TrainConfig};
     let d_sae = d_in * expansion;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);

@@ -11,8 +11,8 @@ use common::{
     cached_logits, nanochat_chain, object_of, ok, read_parquet, run, shared, text, write,
 };
 use saeflow_core::models::{Hook, HookPoint, Hooks};
+use saeflow_core::sae::edit::Edit;
 use saeflow_core::sae::format::{Activation, Sae};
-use saeflow_core::sae::steer::Edit;
 
 fn nanochat() -> saeflow_core::models::LoadedModel {
     saeflow_core::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap()

@@ -15,9 +15,9 @@ use serde_json::json;
 
 use saeflow_core::cancel::Cancelled;
 use saeflow_core::data::activations::{ActivationStore, CaptureInfo};
+use saeflow_core::kernels::gemm::Precision;
 use saeflow_core::sae::adam::AdamConfig;
 use saeflow_core::sae::format::Provenance;
-use saeflow_core::sae::step::Precision;
 use saeflow_core::sae::trainer::{self, Engine, LogRow, Stop, TrainConfig};
 use saeflow_runner::stage::{key_path, ParamError, Reference, References, Stage, StageContext};
 

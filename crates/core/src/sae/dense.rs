@@ -215,9 +215,9 @@ pub fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::gemm::Precision;
     use crate::kernels::test_data::random;
     use crate::sae::step::tests::random_weights;
-    use crate::sae::step::Precision;
 
     /// The dense path agrees with the sparse one on every gradient, for every architecture it trains.
     #[test]

@@ -2,9 +2,9 @@
 
 pub mod adam;
 pub mod dense;
+pub mod edit;
 pub mod format;
 pub mod metrics;
 pub mod select;
-pub mod steer;
 pub mod step;
 pub mod trainer;

@@ -59,7 +59,7 @@ pub(super) fn score_test(
             }
             class.push(c);
             for (s, (dir, bias)) in scores.iter_mut().zip(scorers) {
-                s.push((saeflow_core::sae::step::dot(x, dir) as f64 + bias) as f32);
+                s.push((saeflow_core::kernels::simd::dot(x, dir) as f64 + bias) as f32);
             }
         }
     }

@@ -1,5 +1,5 @@
 //! `steer`: turn SAE features (or a DiffMean direction) up or down at the hook while the model generates,
-//! and measure what changes. Edits (`sae::steer`) are interventions, so they act in prefill and in every
+//! and measure what changes. Edits (`saeflow_core::sae::edit`) are interventions, so they act in prefill and in every
 //! decode step. For each target and strength: the generations, and how the unsteered model reads them (the
 //! target feature's activation, the label stage's DiffMean and logistic-probe scores); and what the edit
 //! costs elsewhere (KL of next-token distributions from the unsteered model, and perplexity, on neutral

@@ -9,8 +9,8 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type, UInt64Type};
 use candle_core::{Device, Tensor};
 use saeflow_core::models::{Hook, Hooks, LoadedModel};
+use saeflow_core::sae::edit::Edit;
 use saeflow_core::sae::format::Sae;
-use saeflow_core::sae::steer::Edit;
 
 use super::readings::hook_activations;
 use super::{Mode, SteerParams};

@@ -3,8 +3,9 @@
 
 use candle_core::Device;
 
+use crate::kernels::gemm::Precision;
 use crate::sae::adam::AdamConfig;
-use crate::sae::step::{Precision, Sparsity};
+use crate::sae::step::Sparsity;
 
 /// Everything that shapes a training run.
 #[derive(Debug, Clone)]

@@ -64,7 +64,7 @@ pub struct State {
 /// Scales every row (`d` wide) to unit norm.
 fn unit_rows(w: &mut [f32], d: usize) {
     w.par_chunks_mut(d).for_each(|row| {
-        let norm = crate::sae::step::dot(row, row).sqrt();
+        let norm = crate::kernels::simd::dot(row, row).sqrt();
         // f32 epsilon as in sparsify, so an all-zero row stays finite.
         let inv = 1.0 / (norm + f32::EPSILON);
         row.iter_mut().for_each(|v| *v *= inv);
@@ -184,7 +184,7 @@ impl State {
             .par_chunks_mut(d)
             .zip(self.weights.w_dec.par_chunks(d))
             .for_each(|(g, w)| {
-                let along = crate::sae::step::dot(g, w);
+                let along = crate::kernels::simd::dot(g, w);
                 if unit && along != 0.0 {
                     g.iter_mut().zip(w).for_each(|(g, w)| *g -= along * w);
                 }
