@@ -4,8 +4,8 @@
 //! ```sh
 //! cargo run --release -p saeflow-core --example train_topk -- CAPTURE_DIR OUT_DIR [K] [EXPANSION] [STEPS]
 //! ```
-//! CAPTURE_DIR is a capture's directory (`capture.json` + Parquet shards, e.g. the `acts` object of the
-//! quickstart: `saeflow show pipelines/quickstart.toml acts` names it); its first hook is read.
+//! CAPTURE_DIR is a capture's directory (`capture.json` + Parquet shards), e.g. a `capture` stage's cache
+//! object `cache/objects/<key>` (`saeflow status PIPELINE` lists the keys); its first hook is read.
 
 use std::path::PathBuf;
 
