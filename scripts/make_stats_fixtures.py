@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference values for saeflow's statistics (src/stats), from scipy and sklearn.
+"""Reference values for saeflow's statistics (crates/core/src/stats), from scipy and sklearn.
 
 Writes tests/fixtures/stats.json: two-sample cases (scores, classes) with sklearn's roc_auc_score, scipy's
 mannwhitneyu U and two-sided asymptotic p-value (tie and continuity corrections), and p-value lists with

@@ -130,3 +130,25 @@ fn dispatch(cli: Cli) -> Result<(), Error> {
         Command::Schema(args) => schema::schema(args, &registry),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// A verb that is also a stage kind (as `explain` once was) reads as "run that stage"; keep them apart.
+    #[test]
+    fn no_command_shares_a_name_with_a_stage_kind() {
+        let kinds = saeflow_stages::builtin().names();
+        let commands: Vec<String> = super::Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        assert!(commands.iter().any(|c| c == "why"), "{commands:?}");
+        for command in &commands {
+            assert!(
+                !kinds.contains(&command.as_str()),
+                "`saeflow {command}` is also a stage kind"
+            );
+        }
+    }
+}
