@@ -1,9 +1,13 @@
 //! `command`: run any program as a stage (DVC / Snakemake style).
 //!
 //! The argv runs without a shell unless `shell` is used. Placeholders `{out}`, `{partial}`, `{seed}`,
-//! `{device}` and `{ROLE}` (an upstream stage's artifact directory) are substituted in `cmd`, `shell` and
-//! `env` values; `{{` and `}}` are literal braces. The same paths are exported as `SAEFLOW_OUT`,
-//! `SAEFLOW_PARTIAL`, `SAEFLOW_SEED`, `SAEFLOW_DEVICE` and `SAEFLOW_INPUT_<ROLE>`.
+//! `{device}`, `{ROLE}` (an upstream stage's artifact directory) and `{PARAM}` are substituted in `cmd`,
+//! `shell` and `env` values; `{{` and `}}` are literal braces. In `cmd` and `env` a value is pasted into its
+//! one argument or variable; in a `shell` script it becomes a quoted variable reference, never script text
+//! (see [`shell`]). The same paths are exported as `SAEFLOW_OUT`, `SAEFLOW_PARTIAL`, `SAEFLOW_SEED`,
+//! `SAEFLOW_DEVICE` and `SAEFLOW_INPUT_<ROLE>`.
+
+mod shell;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -27,7 +31,9 @@ pub struct CommandParams {
     /// Program and arguments, run without a shell. Exactly one of `cmd` and `shell`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cmd: Vec<String>,
-    /// A script for `sh -c`, for when pipes or redirections are wanted.
+    /// A script for `sh -c`, for when pipes or redirections are wanted. Placeholders expand to their value as
+    /// one word wherever they stand (unquoted, in double or single quotes): a path with spaces or a value with
+    /// `;` is data, never shell syntax.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shell: Option<String>,
     /// Upstream stages, by the role name the placeholders use: `{ labels = "labels" }`.
@@ -63,7 +69,8 @@ pub struct Command;
 impl Stage for Command {
     type Params = CommandParams;
     const KIND: &'static str = "command";
-    const VERSION: u32 = 1;
+    // 2: `shell` placeholders are quoted variable references (a value with spaces is one word).
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "Run a program; its deps and outputs are hashed like any stage's";
 
     fn references(p: &CommandParams) -> References {
@@ -150,6 +157,20 @@ impl Stage for Command {
                 }
             }
         }
+        if let Some(script) = &p.shell {
+            // Quoting contexts a placeholder cannot stand in (after a backslash, in a quoted here-document)
+            // are refused here rather than when the stage runs.
+            let names = placeholders(script).unwrap_or_default();
+            let vars = names.into_iter().map(|n| (n, String::new())).collect();
+            let pieces = pieces(script).map_err(|message| ParamError {
+                at: key_path(&["shell"]),
+                message,
+            })?;
+            shell::make_safe(&pieces, &vars).map_err(|message| ParamError {
+                at: key_path(&["shell"]),
+                message,
+            })?;
+        }
         for (i, out) in p.outs.iter().enumerate() {
             let path = std::path::Path::new(out);
             if out.is_empty()
@@ -185,8 +206,10 @@ impl Stage for Command {
 
         let mut process = match &p.shell {
             Some(script) => {
+                let safe = shell::make_safe(&pieces(script).map_err(anyhow::Error::msg)?, &vars)
+                    .map_err(anyhow::Error::msg)?;
                 let mut c = Process::new("sh");
-                c.arg("-c").arg(subst(script)?);
+                c.arg("-c").arg(safe.script).envs(safe.env);
                 c
             }
             None => {
