@@ -23,7 +23,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 struct Case {
     /// The bad file, relative to tests/bad_inputs/.
     file: String,
-    /// `dataset`, `nanochat`, `llama` or `sae`.
+    /// `dataset`, `nanochat`, `llama` (GGUF), `hf` (a Hugging Face directory) or `sae`.
     consumer: String,
     /// For model and SAE consumers: the path inside the model/SAE directory the file replaces.
     #[serde(default, rename = "as")]
@@ -31,6 +31,9 @@ struct Case {
     /// Further replacements inside the model/SAE directory: path there → corpus file.
     #[serde(default)]
     also: BTreeMap<String, String>,
+    /// Files deleted from the model/SAE directory (a missing tokenizer, weights or config).
+    #[serde(default)]
+    remove: Vec<String>,
     /// Extra keys of the dataset source (TOML inline-table body).
     #[serde(default)]
     source: Option<String>,
@@ -188,6 +191,9 @@ fn build(
             for (target, file) in &c.also {
                 replace(model, target, &root.join(file));
             }
+            for target in &c.remove {
+                std::fs::remove_file(model.join(target)).unwrap();
+            }
         }
     };
     let (text, failing) = match consumer {
@@ -204,21 +210,34 @@ fn build(
             };
             (format!("{header}{}", data(&file, &extra)), "data")
         }
-        "nanochat" | "llama" => {
+        "nanochat" | "llama" | "hf" => {
             let model = dir.join("model");
-            let path = if consumer == "nanochat" {
-                swap_in(
-                    &Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/quickstart/nanochat-d4"),
-                    &model,
-                );
-                model.clone()
+            let path = match consumer {
+                "nanochat" => {
+                    swap_in(
+                        &Path::new(env!("CARGO_MANIFEST_DIR"))
+                            .join("assets/quickstart/nanochat-d4"),
+                        &model,
+                    );
+                    model.clone()
+                }
+                "llama" => {
+                    swap_in(&root.join("base/tiny-llama"), &model);
+                    model.join("model.gguf")
+                }
+                _ => {
+                    swap_in(&root.join("base/tiny-hf"), &model);
+                    model.clone()
+                }
+            };
+            let kind = if consumer == "nanochat" {
+                "nanochat"
             } else {
-                swap_in(&root.join("base/tiny-llama"), &model);
-                model.join("model.gguf")
+                "llama"
             };
             (
                 format!(
-                    "{header}\n[models.m]\nkind = \"{consumer}\"\npath = {}\n\n{}\n{capture_stage}",
+                    "{header}\n[models.m]\nkind = \"{kind}\"\npath = {}\n\n{}\n{capture_stage}",
                     toml_str(&path),
                     data(&rows, "")
                 ),
@@ -322,7 +341,7 @@ fn every_bad_input_fails_cleanly() {
 
     // Controls: each consumer succeeds on the good base, so a case fails for its bad file alone.
     if only.is_none() {
-        for consumer in ["dataset", "nanochat", "llama", "sae"] {
+        for consumer in ["dataset", "nanochat", "llama", "hf", "sae"] {
             let dir = work.path().join(format!("control-{consumer}"));
             let (p, _) = build(consumer, None, &dir, &capture);
             let o = run_saeflow(&dir, &dir, p.to_str().unwrap(), "");

@@ -763,9 +763,70 @@ def gguf_cases():
         "normalized": False, "special": True}]))
 
 
+# ------------------------------------------------------------------------- Hugging Face directory (config.json)
+
+def hf_config(**changes):
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": TL["vocab"],
+           "hidden_size": TL["d"], "intermediate_size": TL["ff"], "num_hidden_layers": 1,
+           "num_attention_heads": TL["heads"], "num_key_value_heads": TL["heads"], "rms_norm_eps": 1e-5,
+           "rope_theta": 10000.0, "max_position_embeddings": 64, "tie_word_embeddings": True}
+    for key, val in changes.items():
+        if val is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = val
+    return json.dumps(cfg, indent=1)
+
+
+def hf_cases():
+    """base/tiny-hf: the tiny llama as a Hugging Face directory (config.json, model.safetensors with a tied
+    head, tokenizer.json); hf/*.json: config.json fields zero, negative, huge, of the wrong type, missing."""
+    v, d, ff = TL["vocab"], TL["d"], TL["ff"]
+    shapes = [("model.embed_tokens.weight", (v, d)), ("model.norm.weight", (d,)),
+              ("model.layers.0.input_layernorm.weight", (d,)),
+              ("model.layers.0.self_attn.q_proj.weight", (d, d)),
+              ("model.layers.0.self_attn.k_proj.weight", (d, d)),
+              ("model.layers.0.self_attn.v_proj.weight", (d, d)),
+              ("model.layers.0.self_attn.o_proj.weight", (d, d)),
+              ("model.layers.0.post_attention_layernorm.weight", (d,)),
+              ("model.layers.0.mlp.gate_proj.weight", (ff, d)),
+              ("model.layers.0.mlp.up_proj.weight", (ff, d)),
+              ("model.layers.0.mlp.down_proj.weight", (d, ff))]
+    tensors = []
+    for i, (name, shape) in enumerate(shapes):
+        vals = [1.0] * shape[0] if len(shape) == 1 else floats(math.prod(shape), 60 + i)
+        tensors.append((name, "F32", shape, f32(vals)))
+    out("base/tiny-hf/config.json", hf_config())
+    out("base/tiny-hf/model.safetensors", safetensors(tensors))
+    out("base/tiny-hf/tokenizer.json", tokenizer_json())
+    h = "hf/"
+    out(h + "zero-heads.json", hf_config(num_attention_heads=0))
+    out(h + "zero-kv-heads.json", hf_config(num_key_value_heads=0))
+    out(h + "zero-layers.json", hf_config(num_hidden_layers=0))
+    out(h + "zero-hidden.json", hf_config(hidden_size=0))
+    out(h + "zero-head-dim.json", hf_config(head_dim=0))
+    out(h + "heads-not-dividing-width.json", hf_config(num_attention_heads=3, num_key_value_heads=3))
+    out(h + "kv-heads-not-dividing-heads.json", hf_config(num_key_value_heads=3))
+    out(h + "negative-layers.json", hf_config(num_hidden_layers=-1))
+    out(h + "negative-vocab.json", hf_config(vocab_size=-16))
+    out(h + "huge-hidden.json", hf_config(hidden_size=1 << 40))
+    out(h + "huge-layers.json", hf_config(num_hidden_layers=10 ** 9))
+    out(h + "huge-vocab.json", hf_config(vocab_size=1 << 40))
+    out(h + "huge-context.json", hf_config(max_position_embeddings=1 << 40))
+    out(h + "zero-eps.json", hf_config(rms_norm_eps=0.0))
+    out(h + "heads-as-string.json", hf_config(num_attention_heads="2"))
+    out(h + "width-as-float.json", hf_config(hidden_size=8.5))
+    out(h + "missing-hidden.json", hf_config(hidden_size=None))
+    out(h + "width-not-matching-weights.json", hf_config(hidden_size=16))
+    out(h + "rope-scaling.json", hf_config(rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+    out(h + "not-json.json", "{\"hidden_size\": 8,")
+    out(h + "array.json", "[1, 2, 3]")
+
+
+
 def main():
     for d in ["jsonl", "csv", "parquet", "safetensors", "sae_cfg", "pt", "tokenizer_pkl", "meta_json", "gguf",
-              "tokenizer_json", "base"]:
+              "tokenizer_json", "base", "hf"]:
         shutil.rmtree(os.path.join(HERE, d), ignore_errors=True)
     text_formats()
     parquet()
@@ -774,6 +835,7 @@ def main():
     tokenizer_pkl()
     meta_json()
     gguf_cases()
+    hf_cases()
     total = 0
     for dirpath, _, files in os.walk(HERE):
         total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)

@@ -254,6 +254,52 @@ struct HfConfig {
     tie_word_embeddings: bool,
 }
 
+impl HfConfig {
+    /// Refuses dimensions no model has before anything is sized by them: zeros (a division by zero when the
+    /// head width is derived), heads that do not divide the width or each other, and sizes far beyond any
+    /// published model (which would only ever be a corrupt or hostile file).
+    fn check(&self, path: &Path) -> anyhow::Result<()> {
+        const LIMIT: usize = 1 << 20;
+        let dims = [
+            ("vocab_size", Some(self.vocab_size), 1 << 24),
+            ("hidden_size", Some(self.hidden_size), LIMIT),
+            ("intermediate_size", Some(self.intermediate_size), LIMIT),
+            ("num_hidden_layers", Some(self.num_hidden_layers), 4096),
+            ("num_attention_heads", Some(self.num_attention_heads), 4096),
+            ("num_key_value_heads", self.num_key_value_heads, 4096),
+            ("head_dim", self.head_dim, LIMIT),
+        ];
+        for (field, value, limit) in dims {
+            match value {
+                Some(0) => bail!("{}: `{field}` is 0; it must be at least 1", path.display()),
+                Some(v) if v > limit => bail!(
+                    "{}: `{field}` is {v}, implausibly large (at most {limit})",
+                    path.display()
+                ),
+                _ => {}
+            }
+        }
+        let heads = self.num_attention_heads;
+        if let Some(kv) = self.num_key_value_heads {
+            if heads % kv != 0 {
+                bail!(
+                    "{}: `num_attention_heads` ({heads}) is not a multiple of `num_key_value_heads` ({kv})",
+                    path.display()
+                );
+            }
+        }
+        if self.head_dim.is_none() && self.hidden_size % heads != 0 {
+            bail!(
+                "{}: `hidden_size` ({}) is not a multiple of `num_attention_heads` ({heads}) and no \
+                 `head_dim` is given",
+                path.display(),
+                self.hidden_size
+            );
+        }
+        Ok(())
+    }
+}
+
 fn default_eps() -> f64 {
     1e-5
 }
@@ -268,6 +314,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weigh
         .with_context(|| format!("cannot read {}", cfg_path.display()))?;
     let hf: HfConfig = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a Llama config", cfg_path.display()))?;
+    hf.check(&cfg_path)?;
     if let Some(s) = &hf.rope_scaling {
         if !s.is_null() {
             bail!(
