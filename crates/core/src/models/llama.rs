@@ -281,14 +281,14 @@ impl HfConfig {
         }
         let heads = self.num_attention_heads;
         if let Some(kv) = self.num_key_value_heads {
-            if heads % kv != 0 {
+            if !heads.is_multiple_of(kv) {
                 bail!(
                     "{}: `num_attention_heads` ({heads}) is not a multiple of `num_key_value_heads` ({kv})",
                     path.display()
                 );
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
             bail!(
                 "{}: `hidden_size` ({}) is not a multiple of `num_attention_heads` ({heads}) and no \
                  `head_dim` is given",
