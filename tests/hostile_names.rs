@@ -96,8 +96,10 @@ fn pipeline_name_overrides_are_checked_like_the_file() {
             };
             let msg = refused(d, &args, field);
             if !bad.is_empty() {
+                // Named, with a newline escaped so the message stays on its line.
+                let shown = arg.replace('\n', "\\n");
                 assert!(
-                    msg.contains(&format!("-S {arg}")),
+                    msg.contains(&format!("-S {shown}")),
                     "names the argument: {msg}"
                 );
             }

@@ -206,11 +206,26 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
         .find(|c| ['/', '\\'].contains(c) || c.is_control())
     {
         return Err(format!(
-            "must not contain {} (no `/`, `\\` or control characters)",
-            c.escape_debug()
+            "must not contain `{}` (no `/`, `\\` or control characters)",
+            printable(&c.to_string())
         ));
     }
     Ok(())
+}
+
+/// `s` with control characters escaped (`\n`, `\u{0}`), for messages: a name or argument being refused
+/// for a newline must not break the line that reports it, nor send escape sequences to the terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// Loads and validates a pipeline file, applying `-S` overrides.

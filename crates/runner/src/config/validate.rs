@@ -110,7 +110,7 @@ impl Loader<'_> {
             let span = span_at(&root_value, &crate::stage::key_path(&["pipeline", "name"]));
             return Err(self.err(
                 span,
-                format!("pipeline name `{}` {m}", header.name.escape_debug()),
+                format!("pipeline name `{}` {m}", super::printable(&header.name)),
             ));
         }
 
@@ -227,7 +227,10 @@ impl Loader<'_> {
     ) -> Result<(), ConfigError> {
         for o in overrides {
             let fail = |m: String| {
-                ConfigError::without_location(&self.source.path, format!("-S {}: {m}", o.arg))
+                ConfigError::without_location(
+                    &self.source.path,
+                    format!("-S {}: {m}", super::printable(&o.arg)),
+                )
             };
             if o.stage == "pipeline" {
                 override_header(header, o).map_err(fail)?;
@@ -236,7 +239,7 @@ impl Loader<'_> {
                 super::check_file_name(&header.name).map_err(|m| {
                     fail(format!(
                         "pipeline name `{}` {m}",
-                        header.name.escape_debug()
+                        super::printable(&header.name)
                     ))
                 })?;
                 continue;
@@ -372,7 +375,7 @@ impl Loader<'_> {
                     name.span(),
                     format!(
                         "invalid stage name `{}`: use letters, digits, `_` and `-`",
-                        name_str.escape_debug()
+                        super::printable(&name_str)
                     ),
                 ));
             }

@@ -177,8 +177,8 @@ pub fn check_slurm_name(option: &str, value: &str) -> Result<(), String> {
     {
         Some(c) => Err(format!(
             "--{option} `{}`: `{}` is not allowed (letters, digits and `_.,:-` only)",
-            value.escape_debug(),
-            c.escape_debug()
+            crate::config::printable(value),
+            crate::config::printable(&c.to_string())
         )),
         None => Ok(()),
     }
@@ -194,7 +194,7 @@ fn job_script(lines: &[String], command: &str) -> anyhow::Result<String> {
         if line.chars().any(|c| c.is_control() || c.is_whitespace()) {
             bail!(
                 "cannot write the Slurm job script: `#SBATCH {}` contains whitespace or a control character",
-                line.escape_debug()
+                crate::config::printable(line)
             );
         }
         script.push_str(&format!("#SBATCH {line}\n"));
@@ -202,7 +202,7 @@ fn job_script(lines: &[String], command: &str) -> anyhow::Result<String> {
     if command.chars().any(char::is_control) {
         bail!(
             "cannot write the Slurm job script: the command `{}` contains a control character",
-            command.escape_debug()
+            crate::config::printable(command)
         );
     }
     script.push_str(command);
