@@ -73,6 +73,12 @@ pub fn run(
     registry: &Registry,
     reporter: &Reporter,
 ) -> Result<(), Error> {
+    // Checked before anything is read or written: these values go into Slurm job scripts verbatim.
+    for (option, value) in [("partition", &args.partition), ("account", &args.account)] {
+        if let Some(v) = value {
+            slurm::check_slurm_name(option, v).map_err(Error::Usage)?;
+        }
+    }
     let cache = open_cache(cache_dir)?;
     let plan = load_plan(&args.pipeline, registry, &cache)?;
     let selected = exec::selection(&plan, &args.targets).map_err(Error::Usage)?;

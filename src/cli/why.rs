@@ -39,7 +39,8 @@ pub fn why(cache_dir: &Path, args: WhyArgs, registry: &Registry) -> Result<(), E
                 println!(
                     "{}: key {} -> {}",
                     inst.name,
-                    &r.key[..12.min(r.key.len())],
+                    // The ref file is data: its key may be anything, so cut on characters, not bytes.
+                    r.key.chars().take(12).collect::<String>(),
                     inst.key.short()
                 );
                 for reason in status::reasons(&plan, n, &r.preimage) {

@@ -45,7 +45,13 @@ impl std::fmt::Display for Key {
 impl Key {
     /// First 12 hex digits, for display.
     pub fn short(&self) -> &str {
-        &self.0[..12.min(self.0.len())]
+        // Keys are hex, but one read from a damaged ref may not be: cut on a character boundary.
+        let end = self
+            .0
+            .char_indices()
+            .nth(12)
+            .map_or(self.0.len(), |(i, _)| i);
+        &self.0[..end]
     }
 }
 

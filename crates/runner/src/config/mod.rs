@@ -180,6 +180,54 @@ pub struct Pipeline {
     pub workdir: PathBuf,
 }
 
+/// Longest pipeline or stage name, in bytes. Names become directory and file names (refs, Slurm state and
+/// logs, with more text around them); 100 leaves room under the usual 255-byte file-name limit.
+pub const MAX_NAME_BYTES: usize = 100;
+
+/// Checks a name that becomes (part of) a file or directory name: non-empty, at most [`MAX_NAME_BYTES`],
+/// not `.`/`..` or starting with `.`, and without `/`, `\`, NUL or other control characters (a newline
+/// would also break line-based files such as Slurm job scripts). The error is the reason, to follow the
+/// field's name.
+pub fn check_file_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "is {} bytes long, at most {MAX_NAME_BYTES} are allowed",
+            name.len()
+        ));
+    }
+    if name.starts_with('.') {
+        return Err("must not start with `.` (`.` and `..` are directories)".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| ['/', '\\'].contains(c) || c.is_control())
+    {
+        return Err(format!(
+            "must not contain `{}` (no `/`, `\\` or control characters)",
+            printable(&c.to_string())
+        ));
+    }
+    Ok(())
+}
+
+/// `s` with control characters escaped (`\n`, `\u{0}`), for messages: a name or argument being refused
+/// for a newline must not break the line that reports it, nor send escape sequences to the terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
 /// Loads and validates a pipeline file, applying `-S` overrides.
 pub fn load(
     path: &Path,

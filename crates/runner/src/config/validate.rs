@@ -106,14 +106,11 @@ impl Loader<'_> {
                 .map_err(|e| self.located(e, v))?,
             None => return Err(self.err(0..0, "missing [pipeline] table (with at least `name`)")),
         };
-        if header.name.is_empty()
-            || header.name.contains(['/', '\\'])
-            || header.name.starts_with('.')
-        {
+        if let Err(m) = super::check_file_name(&header.name) {
             let span = span_at(&root_value, &crate::stage::key_path(&["pipeline", "name"]));
             return Err(self.err(
                 span,
-                "pipeline name must be non-empty, without `/`, and not start with `.`",
+                format!("pipeline name `{}` {m}", super::printable(&header.name)),
             ));
         }
 
@@ -230,10 +227,21 @@ impl Loader<'_> {
     ) -> Result<(), ConfigError> {
         for o in overrides {
             let fail = |m: String| {
-                ConfigError::without_location(&self.source.path, format!("-S {}: {m}", o.arg))
+                ConfigError::without_location(
+                    &self.source.path,
+                    format!("-S {}: {m}", super::printable(&o.arg)),
+                )
             };
             if o.stage == "pipeline" {
                 override_header(header, o).map_err(fail)?;
+                // The name becomes the refs directory (and Slurm file names): checked here as in the file,
+                // or `-S pipeline.name=../../x` would write outside `refs/`.
+                super::check_file_name(&header.name).map_err(|m| {
+                    fail(format!(
+                        "pipeline name `{}` {m}",
+                        super::printable(&header.name)
+                    ))
+                })?;
                 continue;
             }
             let raw = raw_stages
@@ -365,7 +373,20 @@ impl Loader<'_> {
             if !valid_stage_name(&name_str) {
                 return Err(self.err(
                     name.span(),
-                    format!("invalid stage name `{name_str}`: use letters, digits, `_` and `-`"),
+                    format!(
+                        "invalid stage name `{}`: use letters, digits, `_` and `-`",
+                        super::printable(&name_str)
+                    ),
+                ));
+            }
+            if name_str.len() > super::MAX_NAME_BYTES {
+                return Err(self.err(
+                    name.span(),
+                    format!(
+                        "stage name `{name_str}` is {} bytes long, at most {} are allowed",
+                        name_str.len(),
+                        super::MAX_NAME_BYTES
+                    ),
                 ));
             }
             let DeValue::Table(t) = v.get_ref() else {

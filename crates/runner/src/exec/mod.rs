@@ -9,7 +9,7 @@
 pub mod slurm;
 pub mod status;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -120,12 +120,32 @@ pub fn run(
             );
         }
     }
-    let mut ready: Vec<NodeIndex> = plan
-        .order
-        .iter()
-        .copied()
-        .filter(|n| waiting.get(n) == Some(&0))
-        .collect();
+    // Position of each node in the plan order: the ready set is ordered by it, so instances launch in plan
+    // order without re-sorting (or searching `plan.order`) on every step.
+    let mut position = vec![0usize; plan.graph.node_count()];
+    for (i, &n) in plan.order.iter().enumerate() {
+        position[n.index()] = i;
+    }
+    let group_keys: Vec<Option<String>> = if options.group {
+        plan.order
+            .iter()
+            .map(|&n| {
+                if selected.contains(&n) {
+                    group_key(plan, registry, n)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    } else {
+        vec![None; plan.order.len()]
+    };
+    let mut ready = Ready::new(group_keys);
+    for (i, &n) in plan.order.iter().enumerate() {
+        if waiting.get(&n) == Some(&0) {
+            ready.push(i);
+        }
+    }
     let mut blocked: BTreeSet<NodeIndex> = BTreeSet::new();
     // Producers being recomputed because a reader found their object damaged, with the readers waiting;
     // then those recomputed (a second failure of the same object is an error, not a loop).
@@ -156,8 +176,9 @@ pub fn run(
     std::thread::scope(|scope| {
         loop {
             // Launch what is ready, in plan order; cached instances finish inline without a thread.
-            while !ready.is_empty() && running < options.jobs.max(1) && !cancel.is_cancelled() {
-                let n = ready.remove(0);
+            while running < options.jobs.max(1) && !cancel.is_cancelled() {
+                let Some(i) = ready.pop() else { break };
+                let n = plan.order[i];
                 running += 1;
                 let key = &plan.instance(n).key;
                 if cache.has_object(key) {
@@ -180,20 +201,17 @@ pub fn run(
                     }
                 }
                 let mut group = vec![n];
-                if options.group {
-                    if let Some(key) = group_key(plan, registry, n) {
-                        let (same, rest): (Vec<_>, Vec<_>) = ready.iter().partition(|&&m| {
-                            group_key(plan, registry, m).as_ref() == Some(&key)
-                                && !cache.has_object(&plan.instance(m).key)
-                        });
-                        group.extend(same);
-                        ready = rest;
-                    }
-                }
+                group.extend(
+                    ready
+                        .take_group(i, |m| !cache.has_object(&plan.instance(plan.order[m]).key))
+                        .into_iter()
+                        .map(|m| plan.order[m]),
+                );
+                let position = &position;
                 let tx = tx.clone();
                 scope.spawn(move || {
                     let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        compute_group(plan, registry, cache, &group, cancel, reporter)
+                        compute_group(plan, registry, cache, &group, position, cancel, reporter)
                     }))
                     .unwrap_or_else(|panic| {
                         let msg = panic
@@ -229,19 +247,19 @@ pub fn run(
                         }
                         if let Some(readers) = repairing.remove(&n) {
                             repaired.insert(n);
-                            ready.extend(readers.into_iter().filter(|r| !blocked.contains(r)));
-                            ready.sort_by_key(|c| plan.order.iter().position(|o| o == c));
+                            for r in readers.into_iter().filter(|r| !blocked.contains(r)) {
+                                ready.push(position[r.index()]);
+                            }
                             continue;
                         }
                         for child in plan.graph.neighbors_directed(n, Direction::Outgoing) {
                             if let Some(count) = waiting.get_mut(&child) {
                                 *count -= 1;
                                 if *count == 0 && !blocked.contains(&child) {
-                                    ready.push(child);
+                                    ready.push(position[child.index()]);
                                 }
                             }
                         }
-                        ready.sort_by_key(|c| plan.order.iter().position(|o| o == c));
                     }
                     Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
                         outcome.cancelled = true;
@@ -266,8 +284,7 @@ pub fn run(
                         outcome.cached.retain(|c| c != producer_name);
                         outcome.computed.retain(|c| c != producer_name);
                         repairing.insert(producer, vec![n]);
-                        ready.push(producer);
-                        ready.sort_by_key(|c| plan.order.iter().position(|o| o == c));
+                        ready.push(position[producer.index()]);
                     }
                     Err(e) => {
                         let mut msg = format!("{e:#}");
@@ -300,6 +317,66 @@ pub fn run(
         }
     }
     Ok(outcome)
+}
+
+/// Instances ready to launch, by plan position (smallest first), with an index of the groupable ones by
+/// group key so a launch finds its group without scanning everything ready.
+struct Ready {
+    set: BTreeSet<usize>,
+    keys: Vec<Option<String>>,
+    groups: HashMap<String, BTreeSet<usize>>,
+}
+
+impl Ready {
+    fn new(keys: Vec<Option<String>>) -> Self {
+        Self {
+            set: BTreeSet::new(),
+            keys,
+            groups: HashMap::new(),
+        }
+    }
+
+    fn push(&mut self, i: usize) {
+        self.set.insert(i);
+        if let Some(k) = &self.keys[i] {
+            self.groups.entry(k.clone()).or_default().insert(i);
+        }
+    }
+
+    fn remove_from_group(&mut self, i: usize) {
+        if let Some(k) = &self.keys[i] {
+            if let Some(g) = self.groups.get_mut(k) {
+                g.remove(&i);
+                if g.is_empty() {
+                    self.groups.remove(k);
+                }
+            }
+        }
+    }
+
+    /// The first ready instance in plan order.
+    fn pop(&mut self) -> Option<usize> {
+        let i = self.set.pop_first()?;
+        self.remove_from_group(i);
+        Some(i)
+    }
+
+    /// Takes the ready instances with the same group key as `i` (just popped) that `eligible` accepts, in
+    /// plan order; the others stay ready.
+    fn take_group(&mut self, i: usize, eligible: impl Fn(usize) -> bool) -> Vec<usize> {
+        let Some(k) = self.keys[i].clone() else {
+            return Vec::new();
+        };
+        let Some(members) = self.groups.get(&k) else {
+            return Vec::new();
+        };
+        let taken: Vec<usize> = members.iter().copied().filter(|&m| eligible(m)).collect();
+        for &m in &taken {
+            self.set.remove(&m);
+            self.remove_from_group(m);
+        }
+        taken
+    }
 }
 
 fn block_descendants(plan: &Plan, n: NodeIndex, blocked: &mut BTreeSet<NodeIndex>) {
@@ -349,6 +426,7 @@ fn compute_group(
     registry: &Registry,
     cache: &Cache,
     group: &[NodeIndex],
+    position: &[usize],
     cancel: &Cancel,
     reporter: &Reporter,
 ) -> Vec<(NodeIndex, anyhow::Result<Done>)> {
@@ -387,7 +465,7 @@ fn compute_group(
         }
     }
     // Members run in plan order (as they would one by one).
-    members.sort_by_key(|m| plan.order.iter().position(|&o| o == m.n));
+    members.sort_by_key(|m| position[m.n.index()]);
     if members.is_empty() {
         return results;
     }

@@ -164,6 +164,52 @@ fn expand_array_id(id: &str) -> Vec<String> {
     out
 }
 
+/// Checks a `--partition` or `--account` value: Slurm names of letters, digits and `_.,:-` only (a comma
+/// separates several partitions). Anything else, a newline above all, could add lines to the job script.
+/// The error names the option.
+pub fn check_slurm_name(option: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("--{option} must not be empty"));
+    }
+    match value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_.,:-".contains(*c)))
+    {
+        Some(c) => Err(format!(
+            "--{option} `{}`: `{}` is not allowed (letters, digits and `_.,:-` only)",
+            crate::config::printable(value),
+            crate::config::printable(&c.to_string())
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The job script: `#SBATCH` lines, then the command. Every value in it must stay on its line: the
+/// names in it are validated upstream, and this refuses any line break or control character that got
+/// through (a path, say) rather than write a script whose directives say something else.
+fn job_script(lines: &[String], command: &str) -> anyhow::Result<String> {
+    let mut script = String::from("#!/bin/sh\n");
+    for line in lines {
+        // `#SBATCH` values are split on whitespace by sbatch, so they must not contain any either.
+        if line.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            bail!(
+                "cannot write the Slurm job script: `#SBATCH {}` contains whitespace or a control character",
+                crate::config::printable(line)
+            );
+        }
+        script.push_str(&format!("#SBATCH {line}\n"));
+    }
+    if command.chars().any(char::is_control) {
+        bail!(
+            "cannot write the Slurm job script: the command `{}` contains a control character",
+            crate::config::printable(command)
+        );
+    }
+    script.push_str(command);
+    script.push('\n');
+    Ok(script)
+}
+
 /// The `#SBATCH` lines of a job.
 fn sbatch_lines(
     name: &str,
@@ -319,23 +365,22 @@ pub fn run(
                 format!("{pipeline}-{}-%j.out", batch.stage)
             });
             let deps: Vec<String> = deps.into_iter().collect();
-            let mut script = String::from("#!/bin/sh\n");
-            for line in sbatch_lines(
-                &format!("saeflow:{pipeline}:{}", batch.stage),
-                &log,
-                &resources,
-                options,
-                array,
-                &deps,
-            ) {
-                script.push_str(&format!("#SBATCH {line}\n"));
-            }
-            script.push_str(&format!(
-                "exec {} --cache {} exec-stage {}\n",
-                shell_quote(&exe.display().to_string()),
-                shell_quote(&cache.root().display().to_string()),
-                keys.join(" ")
-            ));
+            let script = job_script(
+                &sbatch_lines(
+                    &format!("saeflow:{pipeline}:{}", batch.stage),
+                    &log,
+                    &resources,
+                    options,
+                    array,
+                    &deps,
+                ),
+                &format!(
+                    "exec {} --cache {} exec-stage {}",
+                    shell_quote(&exe.display().to_string()),
+                    shell_quote(&cache.root().display().to_string()),
+                    keys.join(" ")
+                ),
+            )?;
             let script_path = slurm_dir(cache)
                 .join("jobs")
                 .join(format!("{}.sbatch", keys[0]));
@@ -496,6 +541,26 @@ pub fn key_for_task(keys: &[String]) -> anyhow::Result<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slurm_names_refuse_what_could_break_the_script() {
+        assert!(check_slurm_name("partition", "gpu,gpu-large").is_ok());
+        assert!(check_slurm_name("account", "lab_1.a:b").is_ok());
+        for bad in ["gpu\n#SBATCH --wrap=x", "", "a b", "a;b", "a\0b", "\u{e9}"] {
+            let e = check_slurm_name("partition", bad).unwrap_err();
+            assert!(e.contains("--partition"), "{e}");
+        }
+    }
+
+    #[test]
+    fn job_script_refuses_line_breaks_in_values() {
+        let lines = vec!["--job-name=a\n#SBATCH --wrap=x".to_string()];
+        assert!(job_script(&lines, "exec x").is_err());
+        assert!(job_script(&["--output=/my drive/x".into()], "exec x").is_err());
+        assert!(job_script(&["--job-name=a".into()], "exec 'x\ny'").is_err());
+        let ok = job_script(&["--job-name=a".into()], "exec x").unwrap();
+        assert_eq!(ok, "#!/bin/sh\n#SBATCH --job-name=a\nexec x\n");
+    }
 
     #[test]
     fn array_ids_expand() {

@@ -226,32 +226,43 @@ fn model_identity(
 }
 
 /// Stage names in dependency order; ties broken by name so the order is stable.
+///
+/// The order is by level (a stage with no inputs is level 0, any other one more than its deepest input),
+/// then by name: the order of repeatedly taking every stage whose inputs are all taken, computed in one
+/// pass instead of rescanning the remaining stages each round (quadratic on wide pipelines).
 fn stage_topological_order(pipeline: &Pipeline) -> Vec<String> {
-    let mut remaining: BTreeMap<&str, Vec<&str>> = pipeline
-        .stages
-        .iter()
-        .map(|(n, d)| (n.as_str(), d.upstream_stages()))
-        .collect();
-    let mut order = Vec::new();
-    while !remaining.is_empty() {
-        let ready: Vec<&str> = remaining
-            .iter()
-            .filter(|(_, ups)| ups.is_empty())
-            .map(|(n, _)| *n)
-            .collect();
-        assert!(
-            !ready.is_empty(),
-            "cycles are rejected by config validation"
-        );
-        for n in ready {
-            remaining.remove(n);
-            remaining
-                .values_mut()
-                .for_each(|ups| ups.retain(|u| *u != n));
-            order.push(n.to_string());
+    let mut level: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut open: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    for start in pipeline.stages.keys() {
+        // Iterative depth-first search: a long chain must not overflow the stack.
+        let mut stack: Vec<(&str, bool)> = vec![(start.as_str(), false)];
+        while let Some((name, expanded)) = stack.pop() {
+            if level.contains_key(name) {
+                continue;
+            }
+            let ups = pipeline.stages[name].upstream_stages();
+            if expanded {
+                let l = ups.iter().map(|u| level[u] + 1).max().unwrap_or(0);
+                level.insert(name, l);
+                open.remove(name);
+            } else {
+                stack.push((name, true));
+                open.insert(name);
+                for u in ups {
+                    assert!(
+                        !open.contains(u),
+                        "cycles are rejected by config validation"
+                    );
+                    if !level.contains_key(u) {
+                        stack.push((u, false));
+                    }
+                }
+            }
         }
     }
-    order
+    let mut order: Vec<(usize, &str)> = level.into_iter().map(|(n, l)| (l, n)).collect();
+    order.sort_unstable();
+    order.into_iter().map(|(_, n)| n.to_string()).collect()
 }
 
 fn combinations(pipeline: &Pipeline, axes: &[usize]) -> Vec<Assignment> {
@@ -299,14 +310,63 @@ fn instance_name(pipeline: &Pipeline, stage: &str, assignment: &Assignment) -> S
             } else {
                 a.name()
             };
-            let shown = match value {
-                toml::Value::String(s) => s.clone(),
-                v => v.to_string(),
-            };
-            format!("{label}={shown}")
+            format!("{label}={}", shown_value(value))
         })
         .collect();
-    format!("{stage}[{}]", parts.join(","))
+    bounded_name(format!("{stage}[{}]", parts.join(",")))
+}
+
+/// A swept value as shown in an instance name. Plain strings are shown bare (`act=relu`), as they always
+/// were, so existing refs keep their names; a string that would read as another value or make the name
+/// ambiguous is quoted like JSON: `"1"` (not `1`, the integer), `""`, `"a,b"`, and control characters
+/// escaped (`"a\nb"`), so distinct values give distinct names and no newline or NUL reaches a file name.
+fn shown_value(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) if !string_needs_quotes(s) => s.clone(),
+        toml::Value::String(s) => Json::String(s.clone()).to_string(),
+        // Arrays and tables show TOML's inline form, whose strings are quoted; escape anything left.
+        v => v
+            .to_string()
+            .chars()
+            .flat_map(char::escape_default)
+            .collect(),
+    }
+}
+
+/// Whether a string value shown bare could be taken for another value or split the name.
+fn string_needs_quotes(s: &str) -> bool {
+    s.is_empty()
+        || s.trim() != s
+        || s.chars()
+            .any(|c| c.is_control() || matches!(c, '"' | ',' | '=' | '[' | ']' | '{' | '}'))
+        // `1`, `1.5`, `true`, `1979-05-27`, `inf`: anything TOML reads as a non-string.
+        || s.parse::<toml::Value>().is_ok()
+        || format!("x = {s}").parse::<toml::Table>().is_ok()
+}
+
+/// Longest instance name kept as is, in bytes. Instance names become ref file names (`<name>.json`, with
+/// `%` and `/` escaped to three bytes each), which must stay under the usual 255-byte limit.
+const MAX_INSTANCE_FILE_BYTES: usize = 200;
+
+/// Keeps an instance name within [`MAX_INSTANCE_FILE_BYTES`] once escaped for a file name. A longer one
+/// (long swept strings, e.g. prompts) becomes a readable prefix plus a hash of the whole name. Refusing
+/// instead would forbid sweeping over long strings, which is legitimate; the hash keeps distinct values
+/// distinct and the name stable from run to run, so refs still find their instance.
+fn bounded_name(name: String) -> String {
+    let file_bytes = |s: &str| s.len() + 2 * s.matches(['%', '/']).count();
+    if file_bytes(&name) <= MAX_INSTANCE_FILE_BYTES {
+        return name;
+    }
+    let hash = blake3::hash(name.as_bytes()).to_hex();
+    let mut prefix = String::new();
+    for c in name.chars() {
+        let mut buf = [0u8; 4];
+        if file_bytes(&prefix) + file_bytes(c.encode_utf8(&mut buf)) > 120 {
+            break;
+        }
+        prefix.push(c);
+    }
+    format!("{prefix}…#{}]", &hash.as_str()[..16])
 }
 
 /// Loads a pipeline and builds its plan in one step.
