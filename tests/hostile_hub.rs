@@ -310,7 +310,7 @@ fn a_gzip_encoded_response_is_refused() {
     let log = server.log.lock().unwrap().clone();
     assert_eq!(
         log,
-        [format!("GET /x.jsonl accept-encoding=identity")],
+        ["GET /x.jsonl accept-encoding=identity"],
         "asked for identity, once"
     );
 }
