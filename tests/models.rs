@@ -668,6 +668,10 @@ fn hub_model_repositories_download_resumably_and_load() {
         let mut entry = serde_json::json!({"type": "file", "path": name, "size": bytes.len()});
         if *lfs {
             entry["lfs"] = serde_json::json!({"oid": saeflow_core::data::download::sha256_file(path).unwrap(), "size": bytes.len()});
+        } else {
+            entry["oid"] = saeflow_core::data::download::git_blob_oid(path)
+                .unwrap()
+                .into();
         }
         tree.push(entry);
         routes

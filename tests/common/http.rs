@@ -41,6 +41,42 @@ impl Server {
         Self::serve(move |stream, log| respond(stream, &*handler, log))
     }
 
+    /// Hands each connection to `handler` with the request's path and lower-cased headers, after the request
+    /// head is read; the handler writes whatever it likes (a stall, a lie, an endless body). The log gets
+    /// `GET PATH accept-encoding=...`.
+    pub fn raw(
+        handler: impl Fn(&str, &BTreeMap<String, String>, &mut TcpStream) + Send + Sync + 'static,
+    ) -> Self {
+        let handler = Arc::new(handler);
+        Self::serve(move |mut stream, log| {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                return;
+            }
+            let mut headers = BTreeMap::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                }
+            }
+            let path = request_line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("/")
+                .to_string();
+            log.lock().unwrap().push(format!(
+                "GET {path} accept-encoding={}",
+                headers.get("accept-encoding").map_or("-", |v| v.as_str())
+            ));
+            handler(&path, &headers, &mut stream);
+        })
+    }
+
     fn serve(
         on_connection: impl Fn(TcpStream, &Mutex<Vec<String>>) + Send + Sync + 'static,
     ) -> Self {

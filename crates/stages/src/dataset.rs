@@ -9,7 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use saeflow_core::data::download::{fetch, hub_dataset_files};
+use saeflow_core::data::download::{fetch, fetch_expected, hub_dataset_files};
 use saeflow_core::data::records::{field_text, read, Format, Record};
 use saeflow_core::data::rows::{assign_ids_from, content_identity, Row};
 use saeflow_core::data::{presets, select};
@@ -422,9 +422,9 @@ fn load_source(s: &SourceSpec, ctx: &StageContext) -> anyhow::Result<Vec<Row>> {
                     )
                 })?;
                 Ok((
-                    fetch(
+                    fetch_expected(
                         &f.url,
-                        f.sha256.as_deref(),
+                        &f.expected(),
                         &ctx.downloads_dir,
                         &headers,
                         &ctx.progress,

@@ -1,13 +1,21 @@
-//! Downloads into the cache's download area: resumable (HTTP Range), checksum-verified (sha256), retried on
-//! dropped connections, and with a clear message when the machine is offline.
+//! Downloads into the cache's download area: resumable (HTTP Range), checksum-verified (sha256, or the git
+//! blob oid for hub files outside LFS), retried on dropped connections, and with a clear message when the
+//! machine is offline.
 //!
 //! Files land in `<downloads>/sha256/<hex>` when their checksum is known (so any stage or pipeline that needs
-//! the same bytes shares one copy), else under a name derived from the URL.
+//! the same bytes shares one copy), else under a name derived from the URL. A file is verified *before* it is
+//! renamed into place, so a name under `sha256/` is only ever given to bytes that hashed to it.
+//!
+//! Everything a server says is treated as hostile: content addresses and paths from a hub listing are checked
+//! before they reach the filesystem, bodies are capped at the declared size, compressed responses are refused
+//! (a gzip bomb), redirects may only lead to http(s), and every attempt has an idle and a total time limit:
+//! `SAEFLOW_DOWNLOAD_IDLE_SECS` (default 60), `SAEFLOW_DOWNLOAD_TOTAL_SECS` (default 21600, all attempts of one
+//! file together) and `SAEFLOW_DOWNLOAD_MAX_BYTES` (default 64 GiB, for a file whose size nobody declared).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
@@ -17,7 +25,42 @@ use crate::progress::Progress;
 
 /// How often a download is resumed after the connection drops before giving up.
 const MAX_ATTEMPTS: usize = 5;
+/// Redirects followed (by hand, so that each target's scheme is checked) before giving up.
+const MAX_REDIRECTS: usize = 10;
+/// Default for `SAEFLOW_DOWNLOAD_IDLE_SECS`: a stalled body must not hang a run (or its SIGTERM) forever.
+const DEFAULT_IDLE_SECS: u64 = 60;
+/// Default for `SAEFLOW_DOWNLOAD_TOTAL_SECS`: ample for tens of GB on a slow link, yet finite.
+const DEFAULT_TOTAL_SECS: u64 = 6 * 3600;
+/// Default for `SAEFLOW_DOWNLOAD_MAX_BYTES`: the cap for a file no listing gave a size for.
+const DEFAULT_MAX_BYTES: u64 = 64 << 30;
 
+/// The download limits in force (from the environment, else the defaults above).
+struct Limits {
+    idle: u64,
+    total: u64,
+    max_bytes: u64,
+}
+
+impl Limits {
+    fn from_env() -> anyhow::Result<Self> {
+        fn var(name: &str, default: u64) -> anyhow::Result<u64> {
+            match std::env::var(name) {
+                Err(_) => Ok(default),
+                Ok(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => bail!("{name} must be a positive whole number, got `{v}`"),
+                },
+            }
+        }
+        Ok(Limits {
+            idle: var("SAEFLOW_DOWNLOAD_IDLE_SECS", DEFAULT_IDLE_SECS)?,
+            total: var("SAEFLOW_DOWNLOAD_TOTAL_SECS", DEFAULT_TOTAL_SECS)?,
+            max_bytes: var("SAEFLOW_DOWNLOAD_MAX_BYTES", DEFAULT_MAX_BYTES)?,
+        })
+    }
+}
+
+/// The agent for API calls (redirects followed by ureq: only http(s) can be fetched either way).
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(20)))
@@ -28,29 +71,102 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
+/// The agent for one download attempt: an idle limit on every read, a total limit on the whole attempt,
+/// and no automatic redirects (see [`send`]).
+fn download_agent(idle: Duration, left: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(20)))
+        .timeout_per_read(Some(idle))
+        .timeout_global(Some(left))
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .user_agent(concat!("saeflow/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
 /// sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
+    hash_file(path, |b| h.update(b))?;
+    Ok(hex(&h.finalize()))
+}
+
+/// The git blob oid of a file (sha1 of `blob <len>\0` followed by the content), as the hub lists for files
+/// outside LFS.
+pub fn git_blob_oid(path: &Path) -> anyhow::Result<String> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot open {}", path.display()))?
+        .len();
+    // SHA-1 only because git names blobs by it; ring is already in the build (through rustls).
+    let mut h = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    h.update(format!("blob {len}\0").as_bytes());
+    hash_file(path, |b| h.update(b))?;
+    Ok(hex(h.finish().as_ref()))
+}
+
+fn hash_file(path: &Path, mut update: impl FnMut(&[u8])) -> anyhow::Result<()> {
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
-            break;
+            return Ok(());
         }
-        h.update(&buf[..n]);
+        update(&buf[..n]);
     }
-    Ok(hex(&h.finalize()))
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether `s` is a content address: exactly 64 lowercase hex characters (a sha256). Only such a string may
+/// become a file name in the download area.
+pub fn is_content_address(s: &str) -> bool {
+    is_lower_hex(s, 64)
+}
+
+/// Why `path` (a file path from a hub listing) may not be joined onto a local directory, if it may not:
+/// it must be relative, `/`-separated, without empty, `.` or `..` components, backslashes or control
+/// characters (NUL included).
+pub fn unsafe_repo_path(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        Some("it is empty")
+    } else if path.chars().any(char::is_control) {
+        Some("it contains a control character (NUL, newline, ...)")
+    } else if path.contains('\\') {
+        Some("it contains a backslash")
+    } else if path.starts_with('/') {
+        Some("it is absolute")
+    } else if path.split('/').any(|c| c == ".." || c == ".") {
+        Some("it has a `.` or `..` component")
+    } else if path.split('/').any(str::is_empty) {
+        Some("it has an empty component")
+    } else {
+        None
+    }
+}
+
+/// What a downloaded file must match before it is used.
+#[derive(Debug, Clone, Default)]
+pub struct Expected {
+    /// sha256, hex (64 characters; upper case is accepted and lowered).
+    pub sha256: Option<String>,
+    /// git blob oid (40 lowercase hex characters), for hub files outside LFS.
+    pub git_oid: Option<String>,
+    /// Exact size in bytes; the body is cut off (and refused) as soon as it grows past it.
+    pub size: Option<u64>,
+}
+
 /// Where a URL's content goes.
 fn target(dir: &Path, url: &str, sha256: Option<&str>) -> PathBuf {
     match sha256 {
-        Some(s) => dir.join("sha256").join(s.to_ascii_lowercase()),
+        Some(s) => dir.join("sha256").join(s),
         None => dir
             .join("url")
             .join(crate::data::rows::stable_id(&[url]).to_string()),
@@ -62,11 +178,100 @@ fn offline_hint(e: &ureq::Error) -> &'static str {
         ureq::Error::Io(_)
         | ureq::Error::HostNotFound
         | ureq::Error::ConnectionFailed
-        | ureq::Error::Timeout(_) => {
+        | ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve) => {
             " (is this machine offline? point the source at a local copy with `path = ...`)"
         }
         _ => "",
     }
+}
+
+/// The ureq timeout behind an I/O error from a body reader, if that is what it is.
+fn timeout_of(e: &std::io::Error) -> Option<ureq::Timeout> {
+    match e.get_ref()?.downcast_ref::<ureq::Error>()? {
+        ureq::Error::Timeout(t) => Some(*t),
+        _ => None,
+    }
+}
+
+fn scheme_of(url: &str) -> Option<String> {
+    let (scheme, _) = url.split_once(':')?;
+    let mut chars = scheme.chars();
+    let plausible = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    plausible.then(|| scheme.to_ascii_lowercase())
+}
+
+fn is_http(url: &str) -> bool {
+    matches!(scheme_of(url).as_deref(), Some("http" | "https"))
+}
+
+/// Resolves a `Location` header against the URL that sent it (absolute, scheme-relative, absolute-path or
+/// relative-path references).
+fn resolve_location(base: &str, location: &str) -> anyhow::Result<String> {
+    if scheme_of(location).is_some() {
+        return Ok(location.to_string());
+    }
+    let uri: ureq::http::Uri = base.parse().with_context(|| format!("bad URL {base}"))?;
+    let scheme = uri.scheme_str().unwrap_or("http");
+    if location.starts_with("//") {
+        return Ok(format!("{scheme}:{location}"));
+    }
+    let origin = format!(
+        "{scheme}://{}",
+        uri.authority().map(|a| a.as_str()).unwrap_or("")
+    );
+    if location.starts_with('/') {
+        return Ok(format!("{origin}{location}"));
+    }
+    let path = uri.path();
+    let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+    Ok(format!("{origin}{dir}{location}"))
+}
+
+/// Sends a GET for `url`, following redirects by hand so that a redirect to `file://` (or anything but
+/// http(s)) is refused by name. The outer error is such a refusal (final); the inner one a transport error
+/// (worth a retry). `Authorization` is not sent after a redirect, as ureq's own policy would do.
+fn send(
+    agent: &ureq::Agent,
+    url: &str,
+    headers: &[(String, String)],
+    extra: &[(&str, String)],
+) -> anyhow::Result<Result<ureq::http::Response<ureq::Body>, ureq::Error>> {
+    let mut current = url.to_string();
+    for hop in 0..=MAX_REDIRECTS {
+        let mut request = agent.get(&current);
+        for (k, v) in headers {
+            if hop == 0 || !k.eq_ignore_ascii_case("authorization") {
+                request = request.header(k, v);
+            }
+        }
+        for (k, v) in extra {
+            request = request.header(*k, v);
+        }
+        let response = match request.call() {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        if !response.status().is_redirection() {
+            return Ok(Ok(response));
+        }
+        let Some(location) = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Ok(Ok(response));
+        };
+        let next = resolve_location(&current, location)?;
+        if !is_http(&next) {
+            bail!(
+                "refusing the redirect from {current} to `{}`: only http and https downloads are allowed",
+                next.escape_debug()
+            );
+        }
+        current = next;
+    }
+    bail!("cannot download {url}: more than {MAX_REDIRECTS} redirects")
 }
 
 /// Downloads `url` into `dir` (or reuses a finished download), verifying `sha256` when given.
@@ -79,28 +284,113 @@ pub fn fetch(
     progress: &Progress,
     cancel: &Cancel,
 ) -> anyhow::Result<PathBuf> {
-    let dest = target(dir, url, sha256);
+    let expected = Expected {
+        sha256: sha256.map(str::to_string),
+        ..Expected::default()
+    };
+    fetch_expected(url, &expected, dir, headers, progress, cancel)
+}
+
+/// Downloads `url` into `dir` (or reuses a finished download) and checks it against `expected` before it
+/// is used: sha256, git blob oid and size, whichever are given. A body that grows past the expected size
+/// (or `SAEFLOW_DOWNLOAD_MAX_BYTES` when none is known), a compressed body, a redirect away from http(s),
+/// no data for `SAEFLOW_DOWNLOAD_IDLE_SECS` (per attempt) and more than `SAEFLOW_DOWNLOAD_TOTAL_SECS` in
+/// all are errors; nothing is published under the file's name unless it verified.
+pub fn fetch_expected(
+    url: &str,
+    expected: &Expected,
+    dir: &Path,
+    headers: &[(String, String)],
+    progress: &Progress,
+    cancel: &Cancel,
+) -> anyhow::Result<PathBuf> {
+    let limits = Limits::from_env()?;
+    if !is_http(url) {
+        bail!("cannot download `{url}`: only http and https URLs can be downloaded");
+    }
+    // The content address is checked before it names a file: a hostile `../..` must never be joined on.
+    let sha256 = match &expected.sha256 {
+        Some(s) => {
+            let lower = s.to_ascii_lowercase();
+            if !is_content_address(&lower) {
+                bail!(
+                    "cannot download {url}: sha256 `{}` is not 64 hex characters",
+                    s.escape_debug()
+                );
+            }
+            Some(lower)
+        }
+        None => None,
+    };
+    if let Some(g) = &expected.git_oid {
+        if !is_lower_hex(g, 40) {
+            bail!(
+                "cannot download {url}: git oid `{}` is not 40 lowercase hex characters",
+                g.escape_debug()
+            );
+        }
+    }
+    let expected = Expected {
+        sha256,
+        ..expected.clone()
+    };
+    let dest = target(dir, url, expected.sha256.as_deref());
     if dest.is_file() {
-        return Ok(dest);
+        // A name under sha256/ was given only after verification; size and git oid are cheap to recheck.
+        if verify(url, &dest, &expected, false).is_ok() {
+            return Ok(dest);
+        }
+        std::fs::remove_file(&dest)
+            .with_context(|| format!("cannot remove the stale download {}", dest.display()))?;
     }
     std::fs::create_dir_all(dest.parent().expect("has parent"))?;
     let part = dest.with_extension("part");
-    let agent = agent();
+    let (cap, cap_source) = match expected.size {
+        Some(n) => (n, "the size the listing declares"),
+        None => (limits.max_bytes, "SAEFLOW_DOWNLOAD_MAX_BYTES"),
+    };
+    let idle = Duration::from_secs(limits.idle);
+    let total = Duration::from_secs(limits.total);
+    let total_error = || {
+        anyhow::anyhow!(
+            "cannot download {url}: not finished within {} s (SAEFLOW_DOWNLOAD_TOTAL_SECS)",
+            limits.total
+        )
+    };
+    let idle_error = || {
+        format!(
+            "no data for {} s from {url} (SAEFLOW_DOWNLOAD_IDLE_SECS)",
+            limits.idle
+        )
+    };
+    let started = Instant::now();
     let mut last_error = String::new();
     for attempt in 1..=MAX_ATTEMPTS {
         if cancel.is_cancelled() {
             return Err(Cancelled.into());
         }
-        let have = part.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut request = agent.get(url);
-        for (k, v) in headers {
-            request = request.header(k, v);
+        let left = total.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(total_error());
         }
+        let agent = download_agent(idle, left);
+        let mut have = part.metadata().map(|m| m.len()).unwrap_or(0);
+        if have > cap {
+            std::fs::remove_file(&part)?;
+            have = 0;
+        }
+        // identity: a compressed body could expand without limit before any check sees it.
+        let mut extra = vec![("Accept-Encoding", "identity".to_string())];
         if have > 0 {
-            request = request.header("Range", format!("bytes={have}-"));
+            extra.push(("Range", format!("bytes={have}-")));
         }
-        let response = match request.call() {
+        let response = match send(&agent, url, headers, &extra)? {
             Ok(r) => r,
+            Err(ureq::Error::Timeout(ureq::Timeout::Global)) => return Err(total_error()),
+            Err(ureq::Error::Timeout(ureq::Timeout::PerRead)) => {
+                last_error = idle_error();
+                continue;
+            }
             Err(e) => {
                 last_error = format!("{e}{}", offline_hint(&e));
                 if matches!(e, ureq::Error::HostNotFound | ureq::Error::ConnectionFailed) {
@@ -114,9 +404,8 @@ pub fn fetch(
             206 => true,
             200 => false, // the server ignored the range: start over
             416 if have > 0 => {
-                // Range past the end: the part file is already complete (or wrong; the checksum will tell).
-                std::fs::rename(&part, &dest)?;
-                return verify(url, &dest, sha256);
+                // Range past the end: the part file is already complete (or wrong; the checks will tell).
+                return publish(url, &part, &dest, &expected);
             }
             404 => bail!("cannot download {url}: not found (HTTP 404)"),
             401 | 403 => bail!("cannot download {url}: access denied (HTTP {status}); set a token if it is private"),
@@ -125,13 +414,28 @@ pub fn fetch(
                 continue;
             }
         };
-        let total = response
+        if let Some(enc) = response.headers().get("content-encoding") {
+            let enc = enc.to_str().unwrap_or("?").trim();
+            if !enc.eq_ignore_ascii_case("identity") {
+                let _ = std::fs::remove_file(&part);
+                bail!(
+                    "cannot download {url}: the server sent a `Content-Encoding: {}` body although \
+                     `identity` was asked for; refused (a compressed body can expand without limit)",
+                    enc.escape_debug()
+                );
+            }
+        }
+        let total_len = response
             .headers()
             .get("content-length")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map(|n| if append { n + have } else { n });
-        if let Some(t) = total {
+        if let Some(t) = total_len.filter(|&t| t > cap) {
+            let _ = std::fs::remove_file(&part);
+            bail!("cannot download {url}: the server announces {t} bytes, more than {cap} ({cap_source})");
+        }
+        if let Some(t) = total_len {
             progress.set_total(t);
         }
         let mut file = if append {
@@ -151,6 +455,14 @@ pub fn fetch(
             match reader.read(&mut buf) {
                 Ok(0) => break Ok(()),
                 Ok(n) => {
+                    if written + n as u64 > cap {
+                        // An endless (or just too long) body: stop at the first byte too many.
+                        drop(file);
+                        let _ = std::fs::remove_file(&part);
+                        bail!(
+                            "cannot download {url}: more than {cap} bytes arrived ({cap_source}); download discarded"
+                        );
+                    }
                     file.write_all(&buf[..n])?;
                     written += n as u64;
                     progress.set_position(written);
@@ -160,17 +472,20 @@ pub fn fetch(
         };
         file.sync_all()?;
         match outcome {
-            Ok(()) if total.is_none_or(|t| t == written) => {
-                std::fs::rename(&part, &dest)?;
-                return verify(url, &dest, sha256);
+            Ok(()) if total_len.is_none_or(|t| t == written) => {
+                return publish(url, &part, &dest, &expected);
             }
             Ok(()) => {
                 last_error = format!(
                     "connection closed after {written} of {} bytes",
-                    total.unwrap_or(0)
+                    total_len.unwrap_or(0)
                 )
             }
-            Err(e) => last_error = format!("connection lost after {written} bytes: {e}"),
+            Err(e) => match timeout_of(&e) {
+                Some(ureq::Timeout::Global) => return Err(total_error()),
+                Some(ureq::Timeout::PerRead) => last_error = idle_error(),
+                _ => last_error = format!("connection lost after {written} bytes: {e}"),
+            },
         }
         progress.set_message(&format!(
             "resuming download (attempt {}/{MAX_ATTEMPTS})",
@@ -180,25 +495,46 @@ pub fn fetch(
     bail!("cannot download {url}: {last_error}")
 }
 
-fn verify(url: &str, path: &Path, sha256: Option<&str>) -> anyhow::Result<PathBuf> {
-    if let Some(expected) = sha256 {
-        let actual = sha256_file(path)?;
-        if !actual.eq_ignore_ascii_case(expected) {
-            let _ = std::fs::remove_file(path);
-            bail!("checksum mismatch for {url}: expected sha256 {expected}, got {actual} (download discarded)");
+/// Verifies a finished part file and only then renames it to its (content-addressed) name.
+fn publish(url: &str, part: &Path, dest: &Path, expected: &Expected) -> anyhow::Result<PathBuf> {
+    if let Err(e) = verify(url, part, expected, true) {
+        let _ = std::fs::remove_file(part);
+        return Err(e);
+    }
+    std::fs::rename(part, dest)?;
+    Ok(dest.to_path_buf())
+}
+
+/// Checks `path` against `expected`: size and git oid always, sha256 when `full` (a reused file under
+/// `sha256/<hex>` was hashed before it got that name).
+fn verify(url: &str, path: &Path, expected: &Expected, full: bool) -> anyhow::Result<()> {
+    if let Some(size) = expected.size {
+        let actual = std::fs::metadata(path)?.len();
+        if actual != size {
+            bail!(
+                "size mismatch for {url}: expected {size} bytes, got {actual} (download discarded)"
+            );
         }
     }
-    Ok(path.to_path_buf())
+    if let Some(oid) = &expected.git_oid {
+        let actual = git_blob_oid(path)?;
+        if &actual != oid {
+            bail!("checksum mismatch for {url}: expected git blob oid {oid}, got {actual} (download discarded)");
+        }
+    }
+    if let (true, Some(sha)) = (full, &expected.sha256) {
+        let actual = sha256_file(path)?;
+        if &actual != sha {
+            bail!("checksum mismatch for {url}: expected sha256 {sha}, got {actual} (download discarded)");
+        }
+    }
+    Ok(())
 }
 
 /// Fetches a small JSON document (API responses).
 pub fn get_json(url: &str, headers: &[(String, String)]) -> anyhow::Result<serde_json::Value> {
-    let mut request = agent().get(url);
-    for (k, v) in headers {
-        request = request.header(k, v);
-    }
-    let response = request
-        .call()
+    let extra = [("Accept-Encoding", "identity".to_string())];
+    let response = send(&agent_no_redirects(), url, headers, &extra)?
         .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}{}", offline_hint(&e)))?;
     let status = response.status().as_u16();
     let body = response
@@ -212,6 +548,20 @@ pub fn get_json(url: &str, headers: &[(String, String)]) -> anyhow::Result<serde
         );
     }
     serde_json::from_str(&body).with_context(|| format!("{url}: response is not JSON"))
+}
+
+/// [`agent`] without automatic redirects, for [`send`].
+fn agent_no_redirects() -> ureq::Agent {
+    let idle = Limits::from_env().map_or(DEFAULT_IDLE_SECS, |l| l.idle);
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(20)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_per_read(Some(Duration::from_secs(idle)))
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .user_agent(concat!("saeflow/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
 }
 
 /// Posts a JSON body and returns the JSON response (chat-completion APIs). A non-200 status is an error
@@ -245,12 +595,88 @@ pub fn post_json(
 /// One file of a Hugging Face dataset repository.
 #[derive(Debug, Clone)]
 pub struct HubFile {
-    /// Path inside the repository.
+    /// Path inside the repository (checked: relative, no `..`, see [`unsafe_repo_path`]).
     pub path: String,
     /// Download URL at the pinned revision.
     pub url: String,
-    /// sha256 from the hub's LFS metadata, when the file is in LFS.
+    /// sha256 from the hub's LFS metadata, when the file is in LFS (checked: a content address).
     pub sha256: Option<String>,
+    /// git blob oid (sha1) from the listing, for a file outside LFS.
+    pub git_oid: Option<String>,
+    /// Size in bytes the listing declares.
+    pub size: Option<u64>,
+}
+
+impl HubFile {
+    /// What the downloaded file must match.
+    pub fn expected(&self) -> Expected {
+        Expected {
+            sha256: self.sha256.clone(),
+            git_oid: self.git_oid.clone(),
+            size: self.size,
+        }
+    }
+}
+
+/// Reads one `type = "file"` entry of a hub tree listing, refusing a path, content address, git oid or size
+/// that is not what the hub would send (a hostile mirror would otherwise steer files outside the cache).
+fn listed_file(
+    repo: &str,
+    revision: &str,
+    path: &str,
+    entry: &serde_json::Value,
+    resolve: &str,
+) -> anyhow::Result<HubFile> {
+    let at = format!("hub repository {repo}@{revision}");
+    let shown = path.escape_debug();
+    if let Some(why) = unsafe_repo_path(path) {
+        bail!("{at}: the listing has a file `path` `{shown}` that is not a plain relative path ({why}); refused");
+    }
+    let size_of = |v: &serde_json::Value, field: &str| -> anyhow::Result<Option<u64>> {
+        match v {
+            serde_json::Value::Null => Ok(None),
+            v => v.as_u64().map(Some).with_context(|| {
+                format!("{at}: file `{shown}`: `{field}` is {v}, not a size in bytes; refused")
+            }),
+        }
+    };
+    let lfs = &entry["lfs"];
+    let (sha256, git_oid, size) = if lfs.is_null() {
+        let oid = entry["oid"].as_str().with_context(|| {
+            format!("{at}: file `{shown}` has no git `oid` in the listing, so it cannot be verified; refused")
+        })?;
+        if !is_lower_hex(oid, 40) {
+            bail!(
+                "{at}: file `{shown}`: `oid` `{}` is not a git blob oid (40 lowercase hex characters); refused",
+                oid.escape_debug()
+            );
+        }
+        (
+            None,
+            Some(oid.to_string()),
+            size_of(&entry["size"], "size")?,
+        )
+    } else {
+        let oid = lfs["oid"].as_str().unwrap_or_default();
+        if !is_content_address(oid) {
+            bail!(
+                "{at}: file `{shown}`: `lfs.oid` `{}` is not a sha256 content address (64 lowercase hex characters); refused",
+                lfs["oid"].to_string().escape_debug()
+            );
+        }
+        (
+            Some(oid.to_string()),
+            None,
+            size_of(&lfs["size"], "lfs.size")?,
+        )
+    };
+    Ok(HubFile {
+        path: path.to_string(),
+        url: format!("{resolve}/resolve/{revision}/{path}"),
+        sha256,
+        git_oid,
+        size,
+    })
 }
 
 /// The hub endpoint (`HF_ENDPOINT`, as huggingface_hub reads it) and auth headers (`HF_TOKEN`).
@@ -313,12 +739,8 @@ pub fn hub_files(
         .filter(|e| e["type"] == "file")
         .filter_map(|e| e["path"].as_str().map(|p| (p, e)))
         .filter(|(p, _)| globs.iter().any(|g| g.matches(p)))
-        .map(|(p, e)| HubFile {
-            path: p.to_string(),
-            url: format!("{resolve}/resolve/{revision}/{p}"),
-            sha256: e["lfs"]["oid"].as_str().map(str::to_string),
-        })
-        .collect();
+        .map(|(p, e)| listed_file(repo, revision, p, e, &resolve))
+        .collect::<anyhow::Result<_>>()?;
     files.sort_by(|a, b| a.path.cmp(&b.path));
     if files.is_empty() {
         bail!(
@@ -341,27 +763,127 @@ pub fn fetch_repo(
     progress: &Progress,
     cancel: &Cancel,
 ) -> anyhow::Result<PathBuf> {
-    if repo.split('/').count() != 2 || repo.contains("..") {
-        bail!("hub repository id must be `org/name`, got `{repo}`");
+    if repo.split('/').count() != 2 || unsafe_repo_path(repo).is_some() {
+        bail!(
+            "hub repository id must be `org/name`, got `{}`",
+            repo.escape_debug()
+        );
     }
-    if revision.is_empty() || revision.contains("..") || revision.contains(char::is_whitespace) {
-        bail!("bad hub revision `{revision}`");
+    if unsafe_repo_path(revision).is_some() || revision.contains(char::is_whitespace) {
+        bail!("bad hub revision `{}`", revision.escape_debug());
     }
     let (_, headers) = hub_endpoint();
     let root = dir
         .join("repos")
         .join(format!("{}@{revision}", repo.replace('/', "__")));
     for f in hub_files(kind, repo, revision, patterns)? {
-        if f.path.split('/').any(|c| c == ".." || c.is_empty()) {
-            bail!("hub file path `{}` is not a plain relative path", f.path);
+        // hub_files refused unsafe paths already; checked again here because this is where one is joined on.
+        if let Some(why) = unsafe_repo_path(&f.path) {
+            bail!(
+                "hub file path `{}` is not a plain relative path ({why})",
+                f.path.escape_debug()
+            );
         }
         let dest = root.join(&f.path);
         if dest.is_file() {
-            continue;
+            // Linked from a verified blob; size and git oid are rechecked (cheap), sha256 trusted by name.
+            if verify(&f.url, &dest, &f.expected(), false).is_ok() {
+                continue;
+            }
+            std::fs::remove_file(&dest)?;
         }
         progress.set_message(&format!("downloading {}", f.path));
-        let blob = fetch(&f.url, f.sha256.as_deref(), dir, &headers, progress, cancel)?;
+        let blob = fetch_expected(&f.url, &f.expected(), dir, &headers, progress, cancel)?;
         crate::fs::link_or_copy(&blob, &dest)?;
     }
     Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_git_blob_oid_matches_git() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("hello");
+        std::fs::write(&p, "hello\n").unwrap();
+        // `printf 'hello\n' | git hash-object --stdin`
+        assert_eq!(
+            git_blob_oid(&p).unwrap(),
+            "ce013625030ba8dba906f756967f9e9ca394464a"
+        );
+    }
+
+    #[test]
+    fn download_content_addresses_and_listed_paths_are_checked() {
+        assert!(is_content_address(&"ab".repeat(32)));
+        for bad in [
+            "../../x",
+            "/etc/passwd",
+            &"AB".repeat(32),
+            &"a".repeat(63),
+            "",
+        ] {
+            assert!(!is_content_address(bad), "{bad}");
+        }
+        assert_eq!(unsafe_repo_path("data/train.parquet"), None);
+        for bad in [
+            "", "/abs", "a/../b", "..", "./a", "a//b", "a/", "a\\b", "a\0b", "a\nb",
+        ] {
+            assert!(unsafe_repo_path(bad).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn download_redirect_locations_resolve_and_schemes_are_checked() {
+        let base = "https://hub.example/org/m/resolve/main/config.json";
+        assert_eq!(
+            resolve_location(base, "/api/x?y=1").unwrap(),
+            "https://hub.example/api/x?y=1"
+        );
+        assert_eq!(
+            resolve_location(base, "//cdn.example/b").unwrap(),
+            "https://cdn.example/b"
+        );
+        assert_eq!(
+            resolve_location(base, "other.json").unwrap(),
+            "https://hub.example/org/m/resolve/main/other.json"
+        );
+        assert_eq!(
+            resolve_location(base, "file:///etc/passwd").unwrap(),
+            "file:///etc/passwd"
+        );
+        assert!(is_http("HTTPS://x") && is_http("http://x"));
+        assert!(!is_http("file:///etc/passwd") && !is_http("ftp://x") && !is_http("/x"));
+    }
+
+    #[test]
+    fn download_refuses_a_bad_sha256_before_touching_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = fetch(
+            "http://127.0.0.1:9/x",
+            Some("../../x"),
+            &dir.path().join("downloads"),
+            &[],
+            &Progress::hidden(),
+            &Cancel::new(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("is not 64 hex characters"),
+            "{err}"
+        );
+        assert!(!dir.path().join("downloads").exists());
+        let err = fetch(
+            "file:///etc/passwd",
+            None,
+            dir.path(),
+            &[],
+            &Progress::hidden(),
+            &Cancel::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("only http and https"), "{err}");
+    }
 }
