@@ -140,6 +140,15 @@ fn hub_source(files: &str) -> String {
     format!("{{ hub = \"org/evil\", revision = \"{REV}\", files = \"{files}\", text = \"t\" }}")
 }
 
+/// A dataset source downloading `x.jsonl` from `server`, pinned by a sha256 (that no body will match).
+fn pinned_url_source(server: &Server) -> String {
+    format!(
+        "{{ url = \"{}/x.jsonl\", sha256 = \"{}\", text = \"t\" }}",
+        server.base,
+        "a".repeat(64)
+    )
+}
+
 #[test]
 fn a_hostile_listing_cannot_reach_outside_the_cache() {
     let body = b"{\"t\": \"a\"}\n".to_vec();
@@ -265,11 +274,7 @@ fn a_stalled_body_hits_the_idle_timeout() {
     });
     let dir = workdir();
     let started = Instant::now();
-    let source = format!(
-        "{{ url = \"{}/x.jsonl\", sha256 = \"{}\", text = \"t\" }}",
-        server.base,
-        "a".repeat(64)
-    );
+    let source = pinned_url_source(&server);
     refused(
         dir.path(),
         &source,
@@ -295,11 +300,7 @@ fn a_gzip_encoded_response_is_refused() {
         );
     });
     let dir = workdir();
-    let source = format!(
-        "{{ url = \"{}/x.jsonl\", sha256 = \"{}\", text = \"t\" }}",
-        server.base,
-        "a".repeat(64)
-    );
+    let source = pinned_url_source(&server);
     refused(
         dir.path(),
         &source,
@@ -357,11 +358,7 @@ fn an_endless_body_for_a_pinned_file_is_cut_off() {
     // A url source pinned by sha256 alone: capped by SAEFLOW_DOWNLOAD_MAX_BYTES.
     let server = Server::raw(|_, _, stream| endless(stream));
     let dir = workdir();
-    let source = format!(
-        "{{ url = \"{}/x.jsonl\", sha256 = \"{}\", text = \"t\" }}",
-        server.base,
-        "a".repeat(64)
-    );
+    let source = pinned_url_source(&server);
     refused(
         dir.path(),
         &source,
@@ -402,11 +399,7 @@ fn a_redirect_to_file_is_refused_by_name() {
         );
     });
     let dir = workdir();
-    let source = format!(
-        "{{ url = \"{}/x.jsonl\", sha256 = \"{}\", text = \"t\" }}",
-        server.base,
-        "a".repeat(64)
-    );
+    let source = pinned_url_source(&server);
     let t = refused(
         dir.path(),
         &source,

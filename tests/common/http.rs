@@ -50,20 +50,9 @@ impl Server {
         let handler = Arc::new(handler);
         Self::serve(move |mut stream, log| {
             let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut request_line = String::new();
-            if reader.read_line(&mut request_line).is_err() {
+            let Some((request_line, headers)) = read_head(&mut reader) else {
                 return;
-            }
-            let mut headers = BTreeMap::new();
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some((k, v)) = line.split_once(':') {
-                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-                }
-            }
+            };
             let path = request_line
                 .split_whitespace()
                 .nth(1)
@@ -123,20 +112,9 @@ fn respond(
 ) {
     use std::io::Read;
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).is_err() {
+    let Some((request_line, headers)) = read_head(&mut reader) else {
         return;
-    }
-    let mut headers = BTreeMap::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
+    };
     let length = headers
         .get("content-length")
         .and_then(|v| v.parse::<usize>().ok())
@@ -225,4 +203,21 @@ fn handle(mut stream: TcpStream, routes: &Mutex<Routes>, log: &Mutex<Vec<String>
     let _ = stream.write_all(&part[..sent]);
     let _ = stream.flush();
     // Dropping the stream closes the connection, mid-body when cut.
+}
+
+/// The request line and the headers (names lower-cased) of one request; `None` if the peer went away.
+fn read_head(reader: &mut impl BufRead) -> Option<(String, BTreeMap<String, String>)> {
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).ok()?;
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    Some((request_line, headers))
 }

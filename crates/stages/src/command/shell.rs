@@ -81,7 +81,19 @@ impl Lexer {
                 self.escaped = false;
                 continue;
             }
-            match self.top().clone() {
+            let top = self.top().clone();
+            let substitutes = matches!(
+                top,
+                Context::Plain { .. } | Context::Backtick | Context::Double
+            );
+            if substitutes && c == '$' && next == Some('(') {
+                // `$(` opens an unquoted context, even inside double quotes.
+                self.line.push('(');
+                i += 1;
+                self.stack.push(Context::Plain { parens: 0 });
+                continue;
+            }
+            match top {
                 Context::HereDoc { .. } => {}
                 Context::Single => {
                     if c == '\'' {
@@ -94,11 +106,6 @@ impl Lexer {
                         self.stack.pop();
                     }
                     '`' => self.stack.push(Context::Backtick),
-                    '$' if next == Some('(') => {
-                        self.line.push('(');
-                        i += 1;
-                        self.stack.push(Context::Plain { parens: 0 });
-                    }
                     _ => {}
                 },
                 Context::Plain { .. } | Context::Backtick => match c {
@@ -109,11 +116,6 @@ impl Lexer {
                         self.stack.pop();
                     }
                     '`' => self.stack.push(Context::Backtick),
-                    '$' if next == Some('(') => {
-                        self.line.push('(');
-                        i += 1;
-                        self.stack.push(Context::Plain { parens: 0 });
-                    }
                     '(' => {
                         if let Some(Context::Plain { parens }) = self.stack.last_mut() {
                             *parens += 1;
