@@ -268,19 +268,7 @@ fn dataset_pipeline(dir: &Path, source: &str) {
 }
 
 fn assert_fails(dir: &Path, code: i32, fragments: &[&str]) {
-    let out = run(dir, &["run", "p.toml"]);
-    let t = text(&out);
-    assert_eq!(out.status.code(), Some(code), "{t}");
-    for f in fragments {
-        assert!(t.contains(f), "want `{f}` in:\n{t}");
-    }
-    assert!(!t.contains("panicked"), "{t}");
-    let objects = dir.join("cache/objects");
-    assert_eq!(
-        std::fs::read_dir(&objects).map(|d| d.count()).unwrap_or(0),
-        0,
-        "nothing may be published"
-    );
+    common::assert_clean_failure(&run(dir, &["run", "p.toml"]), dir, code, fragments);
 }
 
 #[test]

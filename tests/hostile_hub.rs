@@ -103,19 +103,7 @@ fn refused(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
-    let t = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{t}");
-    for f in fragments {
-        assert!(t.contains(f), "want `{f}` in:\n{t}");
-    }
-    assert!(!t.contains("panicked"), "{t}");
-    let objects = dir.join("cache/objects");
-    assert_eq!(
-        std::fs::read_dir(&objects).map(|d| d.count()).unwrap_or(0),
-        0,
-        "nothing may be published:\n{t}"
-    );
+    let t = common::assert_clean_failure(&cmd.output().unwrap(), dir, 1, fragments);
     assert_eq!(
         snapshot(dir),
         before,

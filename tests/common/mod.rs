@@ -55,6 +55,24 @@ pub fn lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Checks a run that must fail cleanly: exit `code`, every fragment in its output, no panic, nothing
+/// published under `dir/cache/objects`. Returns the output text.
+pub fn assert_clean_failure(out: &Output, dir: &Path, code: i32, fragments: &[&str]) -> String {
+    let t = text(out);
+    assert_eq!(out.status.code(), Some(code), "{t}");
+    for f in fragments {
+        assert!(t.contains(f), "want `{f}` in:\n{t}");
+    }
+    assert!(!t.contains("panicked"), "{t}");
+    let objects = dir.join("cache/objects");
+    assert_eq!(
+        std::fs::read_dir(&objects).map(|d| d.count()).unwrap_or(0),
+        0,
+        "nothing may be published:\n{t}"
+    );
+    t
+}
+
 /// blake3 of every published output file, keyed by instance name and file (manifests excluded).
 pub fn published_outputs(cache: &Path) -> std::collections::BTreeMap<String, String> {
     let mut out = std::collections::BTreeMap::new();
