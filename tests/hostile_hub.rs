@@ -5,7 +5,6 @@
 //! and leaves every file outside the cache as it was (a snapshot of the work directory, cache excluded).
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
@@ -22,28 +21,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Every path under `dir` except `cache/`, with a hash of each file's content ("dir" for directories).
-fn snapshot(dir: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, d: &Path, out: &mut BTreeMap<String, String>) {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
-            if rel == "cache" {
-                continue;
-            }
-            if p.is_dir() {
-                out.insert(rel, "dir".into());
-                walk(root, &p, out);
-            } else {
-                out.insert(rel, sha256_hex(&std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
 }
 
 /// A work directory with a sentinel folder beside the cache: files an attacker would like to read, link,
@@ -97,7 +74,7 @@ fn refused(
             "[pipeline]\nname = \"d\"\n\n[stages.data]\nkind = \"dataset\"\nsources = [{source}]\n"
         ),
     );
-    let before = snapshot(dir);
+    let before = common::snapshot(dir, &dir.join("cache"));
     let mut cmd = common::saeflow(dir);
     cmd.env("HF_ENDPOINT", &server.base).args(["run", "p.toml"]);
     for (k, v) in env {
@@ -105,7 +82,7 @@ fn refused(
     }
     let t = common::assert_clean_failure(&cmd.output().unwrap(), dir, 1, fragments);
     assert_eq!(
-        snapshot(dir),
+        common::snapshot(dir, &dir.join("cache")),
         before,
         "nothing outside the cache may change:\n{t}"
     );
@@ -222,7 +199,7 @@ fn a_hostile_model_listing_creates_nothing_outside_the_cache() {
     for (entry, fragment) in cases {
         let server = hub(serde_json::json!([entry]), config.clone());
         let dir = workdir();
-        let before = snapshot(dir.path());
+        let before = common::snapshot(dir.path(), &dir.path().join("cache"));
         let downloads = dir.path().join("cache/downloads");
         // SAFETY of the global: every test in this binary passes HF_ENDPOINT to its child explicitly; this
         // one alone reads it in-process, one case at a time.
@@ -239,7 +216,11 @@ fn a_hostile_model_listing_creates_nothing_outside_the_cache() {
         .unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains(fragment), "want `{fragment}` in {msg}");
-        assert_eq!(snapshot(dir.path()), before, "{msg}");
+        assert_eq!(
+            common::snapshot(dir.path(), &dir.path().join("cache")),
+            before,
+            "{msg}"
+        );
         assert!(
             !downloads
                 .join("repos")

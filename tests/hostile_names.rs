@@ -19,25 +19,6 @@ cmd = ["true"]
 params = { x = 0 }
 "#;
 
-/// Every path under `root` outside its `cache` directory: the sentinel snapshot.
-fn outside_cache(root: &Path) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p == root.join("work").join("cache") {
-                continue;
-            }
-            out.insert(p.strip_prefix(root).unwrap().display().to_string());
-            if p.is_dir() {
-                stack.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// A tree `root/work` (the working directory, cache inside) with sentinel files around it.
 fn setup(pipeline: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -48,7 +29,7 @@ fn setup(pipeline: &str) -> tempfile::TempDir {
 
 /// Runs saeflow in `root/work` and asserts exit 2 with `field` named, nothing changed outside the cache.
 fn refused(root: &Path, args: &[&str], field: &str) -> String {
-    let before = outside_cache(root);
+    let before = common::snapshot(root, &root.join("work/cache"));
     let out = run(&root.join("work"), args);
     let msg = text(&out);
     assert_eq!(out.status.code(), Some(2), "{args:?}: {msg}");
@@ -58,7 +39,7 @@ fn refused(root: &Path, args: &[&str], field: &str) -> String {
     );
     assert!(!msg.contains("panicked"), "{msg}");
     assert_eq!(
-        outside_cache(root),
+        common::snapshot(root, &root.join("work/cache")),
         before,
         "{args:?} wrote outside the cache"
     );
@@ -182,10 +163,10 @@ fn hostile_swept_strings_make_safe_bounded_ref_names() {
     ));
     let d = dir.path();
     let work = d.join("work");
-    let before = outside_cache(d);
+    let before = common::snapshot(d, &d.join("work/cache"));
     let out = ok(&work, &["run", "p.toml"]);
     assert!(out.contains("5 computed"), "{out}");
-    assert_eq!(outside_cache(d), before);
+    assert_eq!(common::snapshot(d, &d.join("work/cache")), before);
     let refs: Vec<String> = std::fs::read_dir(work.join("cache/refs/p"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -4,27 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
-/// Every file under `dir` (relative path → content), to compare before and after.
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else {
-                let rel = path.strip_prefix(root).unwrap().display().to_string();
-                out.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
 #[test]
 fn placeholder_values_are_data_wherever_they_stand_in_a_script() {
     let dir = tempfile::tempdir().unwrap();
@@ -34,7 +13,10 @@ fn placeholder_values_are_data_wherever_they_stand_in_a_script() {
     std::fs::create_dir_all(&sentinel).unwrap();
     std::fs::write(sentinel.join("keep.txt"), "untouched").unwrap();
     std::fs::write(d.join("My"), "a file the split path would have truncated").unwrap();
-    let before = (snapshot(&sentinel), std::fs::read(d.join("My")).unwrap());
+    let before = (
+        common::snapshot(&sentinel, &sentinel.join("cache")),
+        std::fs::read(d.join("My")).unwrap(),
+    );
 
     let pwn = sentinel.join("pwned");
     let attack = format!(
@@ -74,7 +56,10 @@ echo {{out}} > {{out}}/out.txt
     assert!(out.status.success(), "{}", common::text(&out));
 
     assert_eq!(
-        (snapshot(&sentinel), std::fs::read(d.join("My")).unwrap()),
+        (
+            common::snapshot(&sentinel, &sentinel.join("cache")),
+            std::fs::read(d.join("My")).unwrap()
+        ),
         before,
         "something outside the cache changed"
     );

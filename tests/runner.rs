@@ -216,7 +216,7 @@ fn gc_and_verify() {
     ok(d, &["run", "p.toml", "-S", "b.params.x=1,2"]);
     ok(d, &["run", "p.toml", "-S", "b.params.x=3"]);
     // Refs now point at the x=3 chain and at the swept instances; nothing is garbage yet.
-    let dry = ok(d, &["gc", "--dry-run"]);
+    let dry = ok(d, &["gc", "--dry-run", "--grace", "0"]);
     assert!(dry.contains("would remove 0 entries"), "{dry}");
     // Drop the refs of the sweep: its objects become unreachable.
     for entry in std::fs::read_dir(d.join("cache/refs/chain")).unwrap() {
@@ -225,13 +225,20 @@ fn gc_and_verify() {
             std::fs::remove_file(p).unwrap();
         }
     }
+    // Within the grace period (default 1h) even garbage stays.
     let dry = ok(d, &["gc", "--dry-run"]);
+    assert!(
+        dry.contains("would remove 0 entries")
+            && dry.contains("kept 4 unreferenced entries younger"),
+        "{dry}"
+    );
+    let dry = ok(d, &["gc", "--dry-run", "--grace", "0s"]);
     assert!(dry.contains("would remove 8 entries"), "{dry}");
     assert_eq!(
         std::fs::read_dir(d.join("cache/objects")).unwrap().count(),
         7
     );
-    let gc = ok(d, &["gc"]);
+    let gc = ok(d, &["gc", "--grace", "0"]);
     assert!(
         gc.contains("removed 8 entries") && gc.contains("kept 3 referenced objects"),
         "{gc}"

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use clap::Subcommand;
+use saeflow_runner::cache::GcOptions;
 use saeflow_runner::Error;
 
 use super::shared::open_cache;
@@ -13,6 +14,14 @@ pub struct GcArgs {
     /// List what would be deleted, delete nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Keep whatever was written more recently than this (`0`, `30s`, `10m`, `2h`, `7days`). Live runs'
+    /// inputs are kept however old, by their leases.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    grace: std::time::Duration,
+    /// Also delete the partial work of unfinished (killed or failed) runs, which their next run would resume
+    /// from.
+    #[arg(long)]
+    partial: bool,
 }
 
 /// Subcommands of `saeflow cache`.
@@ -27,10 +36,15 @@ pub enum CacheCommand {
     },
 }
 
-/// `saeflow gc`: deletes (or with `--dry-run` lists) what no ref reaches, with sizes.
+/// `saeflow gc`: deletes (or with `--dry-run` lists) what no ref reaches, with sizes, and says what it kept
+/// and why.
 pub fn gc(cache_dir: &Path, args: GcArgs) -> Result<(), Error> {
     let cache = open_cache(cache_dir)?;
-    let report = cache.gc(args.dry_run)?;
+    let report = cache.gc(&GcOptions {
+        dry_run: args.dry_run,
+        grace: args.grace,
+        partial: args.partial,
+    })?;
     let verb = if args.dry_run {
         "would remove"
     } else {
@@ -46,6 +60,28 @@ pub fn gc(cache_dir: &Path, args: GcArgs) -> Result<(), Error> {
         human_bytes(total),
         report.kept
     );
+    if report.in_use > 0 {
+        println!(
+            "kept {} unreferenced keys a running pipeline reads or computes",
+            report.in_use
+        );
+    }
+    if report.recent > 0 {
+        println!(
+            "kept {} unreferenced entries younger than the grace period ({}); `--grace 0` removes them",
+            report.recent,
+            humantime::format_duration(args.grace)
+        );
+    }
+    if !report.partial_kept.is_empty() {
+        let size: u64 = report.partial_kept.iter().map(|(_, s)| s).sum();
+        println!(
+            "kept the partial work of {} unfinished runs ({}), which their next run resumes from; \
+             `--partial` removes it",
+            report.partial_kept.len(),
+            human_bytes(size)
+        );
+    }
     Ok(())
 }
 

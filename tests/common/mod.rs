@@ -289,3 +289,32 @@ impl Rng {
         (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
     }
 }
+
+/// Every path under `root` except the tree at `skip` (the cache), each with what it is: a file's blake3, a
+/// link's target, or "dir". Compared before and after an attack, it shows nothing outside the cache changed.
+pub fn snapshot(root: &Path, skip: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path == skip {
+                continue;
+            }
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let what = if meta.file_type().is_symlink() {
+                format!("link -> {}", std::fs::read_link(&path).unwrap().display())
+            } else if meta.is_dir() {
+                stack.push(path);
+                "dir".to_string()
+            } else {
+                blake3::hash(&std::fs::read(&path).unwrap())
+                    .to_hex()
+                    .to_string()
+            };
+            out.insert(rel, what);
+        }
+    }
+    out
+}

@@ -74,17 +74,17 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// The owner record of a lock file.
+/// The owner record of a lock (or lease) file.
 #[derive(Debug, Clone, PartialEq)]
-struct Owner {
-    host: String,
+pub(super) struct Owner {
+    pub(super) host: String,
     pid: u32,
     start: u64,
-    token: String,
+    pub(super) token: String,
 }
 
 impl Owner {
-    fn me() -> Self {
+    pub(super) fn me() -> Self {
         let pid = std::process::id();
         Self {
             host: hostname(),
@@ -97,14 +97,14 @@ impl Owner {
         }
     }
 
-    fn record(&self) -> String {
+    pub(super) fn record(&self) -> String {
         format!(
             "host {} pid {} start {} token {}\n",
             self.host, self.pid, self.start, self.token
         )
     }
 
-    fn parse(text: &str) -> Option<Self> {
+    pub(super) fn parse(text: &str) -> Option<Self> {
         let fields: BTreeMap<&str, &str> = text
             .split_whitespace()
             .collect::<Vec<_>>()
@@ -120,7 +120,7 @@ impl Owner {
     }
 
     /// Whether the owner is a process on this host that no longer runs.
-    fn is_dead_here(&self) -> bool {
+    pub(super) fn is_dead_here(&self) -> bool {
         if self.host != hostname() {
             return false;
         }
@@ -139,8 +139,8 @@ fn read_owner(path: &Path) -> Option<Owner> {
     Owner::parse(&s)
 }
 
-/// Locks this process holds, touched by the heartbeat thread.
-fn held() -> &'static Mutex<BTreeMap<PathBuf, ()>> {
+/// Locks (and leases) this process holds, touched by the heartbeat thread.
+pub(super) fn held() -> &'static Mutex<BTreeMap<PathBuf, ()>> {
     static HELD: OnceLock<Mutex<BTreeMap<PathBuf, ()>>> = OnceLock::new();
     HELD.get_or_init(|| {
         std::thread::spawn(|| loop {

@@ -5,6 +5,7 @@
 //! - `tmp/<key>.<pid>.<n>/`: outputs being written
 //! - `partial/<key>/`: resumable work of an unfinished run of `<key>`
 //! - `locks/<key>.lock`: one per key, held while computing it
+//! - `leases/<host>.<pid>.<token>.lease`: the keys a live run may read, which `gc` keeps (`lease.rs`)
 //! - `logs/<key>.log`: the last run's log of a stage
 //! - `refs/<pipeline>/<instance>.json`: key (and key preimage) of the last successful run
 //! - `quarantine/<key>.<ms>/`: objects found damaged, moved aside so their key is recomputed
@@ -13,6 +14,8 @@
 //! its manifest, so reading a manifest checks it; consumers re-hash their inputs before a stage reads them
 //! (`verify_for_read`), like Bazel re-checking action inputs, so a flipped byte is never computed upon.
 
+mod gc;
+mod lease;
 mod lock;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +30,8 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
+pub use gc::{GcOptions, GcReport};
+pub use lease::Lease;
 pub use lock::{hostname, KeyLock};
 
 use saeflow_core::cancel::Cancel;
@@ -186,15 +191,6 @@ fn escape_instance(name: &str) -> String {
     name.replace('%', "%25").replace('/', "%2F")
 }
 
-/// What `gc` removed (or would remove).
-#[derive(Debug, Default)]
-pub struct GcReport {
-    /// Paths removed, with their sizes.
-    pub removed: Vec<(PathBuf, u64)>,
-    /// Objects kept because a ref reaches them.
-    pub kept: usize,
-}
-
 impl Cache {
     /// Opens (creating if needed) a cache at `root`.
     pub fn open(root: &Path) -> anyhow::Result<Self> {
@@ -203,6 +199,7 @@ impl Cache {
             "tmp",
             "partial",
             "locks",
+            "leases",
             "logs",
             "refs",
             "quarantine",
@@ -499,113 +496,13 @@ impl Cache {
             &serde_json::to_vec_pretty(record)?,
         )
     }
-
-    /// Every key any ref points at.
-    fn referenced_keys(&self) -> anyhow::Result<BTreeSet<String>> {
-        let mut keys = BTreeSet::new();
-        for pipeline in std::fs::read_dir(self.root.join("refs"))? {
-            let pipeline = pipeline?;
-            if !pipeline.file_type()?.is_dir() {
-                continue;
-            }
-            for entry in std::fs::read_dir(pipeline.path())? {
-                let path = entry?.path();
-                if path.extension().is_some_and(|e| e == "json") {
-                    let record: RefRecord = serde_json::from_slice(&std::fs::read(&path)?)
-                        .with_context(|| {
-                            format!(
-                                "corrupt ref {}; refusing to collect garbage",
-                                path.display()
-                            )
-                        })?;
-                    keys.insert(record.key);
-                }
-            }
-        }
-        Ok(keys)
-    }
-
-    /// Removes objects, partial work, logs and temporaries that no ref reaches and no live run holds.
-    pub fn gc(&self, dry_run: bool) -> anyhow::Result<GcReport> {
-        let reachable = self.referenced_keys()?;
-        let mut report = GcReport::default();
-        // Held while deleting, so no run starts computing a key whose leftovers we are removing.
-        let mut held = BTreeMap::new();
-        let mut doomed: BTreeSet<String> = BTreeSet::new();
-        for sub in ["objects", "partial", "logs"] {
-            let mut names: Vec<String> = std::fs::read_dir(self.root.join(sub))?
-                .map(|e| {
-                    e.map(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .trim_end_matches(".log")
-                            .to_string()
-                    })
-                })
-                .collect::<Result<_, _>>()?;
-            names.sort();
-            for key in names {
-                if reachable.contains(&key) {
-                    report.kept += usize::from(sub == "objects");
-                } else if !doomed.contains(&key) {
-                    // A key whose lock is held belongs to a live run: leave it alone.
-                    if let Some(l) = self.try_lock_now(&Key(key.clone()))? {
-                        held.insert(key.clone(), l);
-                        doomed.insert(key);
-                    }
-                }
-            }
-        }
-        let mut remove = |path: PathBuf| -> anyhow::Result<()> {
-            if !path.exists() {
-                return Ok(());
-            }
-            let size = dir_size(&path);
-            if !dry_run {
-                if path.is_dir() {
-                    std::fs::remove_dir_all(&path)
-                } else {
-                    std::fs::remove_file(&path)
-                }
-                .with_context(|| format!("cannot remove {}", path.display()))?;
-            }
-            report.removed.push((path, size));
-            Ok(())
-        };
-        for key in &doomed {
-            remove(self.root.join("objects").join(key))?;
-            remove(self.root.join("partial").join(key))?;
-            remove(self.log_path(&Key(key.clone())))?;
-        }
-        for entry in std::fs::read_dir(self.root.join("quarantine"))? {
-            remove(entry?.path())?;
-        }
-        // A temp dir `<key>.<pid>.<n>` is garbage when no one holds its key's lock (its writer died); the
-        // lock, not the pid, decides, because the writer may run on another node sharing the cache.
-        for entry in std::fs::read_dir(self.root.join("tmp"))? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let key = name.split('.').next().unwrap_or_default().to_string();
-            if let std::collections::btree_map::Entry::Vacant(slot) = held.entry(key) {
-                match self.try_lock_now(&Key(slot.key().clone()))? {
-                    Some(l) => {
-                        slot.insert(l);
-                    }
-                    None => continue,
-                }
-            }
-            remove(entry.path())?;
-        }
-        drop(held);
-        Ok(report)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn manifest(key: &str) -> Manifest {
+    pub(super) fn manifest(key: &str) -> Manifest {
         Manifest {
             key: key.into(),
             kind: "test".into(),
@@ -646,35 +543,5 @@ mod tests {
         let problems = cache.verify_object(&key);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("out.txt"));
-    }
-
-    #[test]
-    fn gc_keeps_referenced_objects_and_drops_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(dir.path()).unwrap();
-        for k in ["keep", "drop"] {
-            let tmp = cache.new_tmp_dir(&Key(k.into())).unwrap();
-            std::fs::write(tmp.join("f"), vec![0u8; 100]).unwrap();
-            cache.publish(&tmp, manifest(k)).unwrap();
-        }
-        cache
-            .write_ref(
-                "p",
-                &RefRecord {
-                    instance: "a/b".into(),
-                    key: "keep".into(),
-                    preimage: Json::Null,
-                },
-            )
-            .unwrap();
-        let dry = cache.gc(true).unwrap();
-        assert!(dir.path().join("objects/drop").exists());
-        assert_eq!(dry.removed.len(), 1);
-        let report = cache.gc(false).unwrap();
-        assert_eq!(report.kept, 1);
-        assert!(report.removed[0].1 >= 100);
-        assert!(cache.has_object(&Key("keep".into())));
-        assert!(!dir.path().join("objects/drop").exists());
-        assert_eq!(cache.read_ref("p", "a/b").unwrap().key, "keep");
     }
 }

@@ -107,6 +107,10 @@ pub fn run(
     reporter: &Reporter,
 ) -> Result<Outcome, String> {
     let selected = selection(plan, &options.targets)?;
+    // Before any key is looked up, so `gc` keeps every object this run reads (see `cache/lease.rs`).
+    let _lease = cache
+        .lease(plan.order.iter().map(|&n| &plan.instance(n).key))
+        .map_err(|e| format!("{e:#}"))?;
     let pipeline_name = plan.pipeline.header.name.as_str();
     let mut outcome = Outcome::default();
     let mut waiting: BTreeMap<NodeIndex, usize> = BTreeMap::new();

@@ -274,6 +274,8 @@ pub fn run(
     reporter: &Reporter,
 ) -> anyhow::Result<Outcome> {
     let pipeline = plan.pipeline.header.name.clone();
+    // Held while the jobs run, so `gc` keeps what they will read between one job and the next.
+    let _lease = cache.lease(plan.order.iter().map(|&n| &plan.instance(n).key))?;
     let mut outcome = Outcome::default();
     // Batches in stage order (a stage's first instance comes after all its upstream stages' first ones).
     let mut batches: Vec<Batch> = Vec::new();
