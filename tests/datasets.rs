@@ -465,3 +465,25 @@ fn hub_datasets_resolve_parquet_files_through_the_tree_api() {
     assert_eq!(rows[1]["label"], "honest");
     assert_eq!(rows[0]["source"], "org/lies");
 }
+
+#[test]
+fn escape_sequences_in_data_reach_the_terminal_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    // A label that would retitle the terminal, clear it and hide text behind a bidi override.
+    write(
+        &dir.path().join("y.jsonl"),
+        "{\"t\": \"a\", \"l\": \"\\u001b]0;pwned\\u0007\\u001b[2J\\u202e\"}\n",
+    );
+    dataset_pipeline(
+        dir.path(),
+        "{ path = \"y.jsonl\", text = \"t\", label = \"l\", label_map = { \"1\" = \"honest\" } }",
+    );
+    let out = run(dir.path(), &["run", "p.toml"]);
+    let t = common::assert_clean_failure(
+        &out,
+        dir.path(),
+        1,
+        &["y.jsonl:1: label `\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{202e}` is not in label_map"],
+    );
+    assert!(!t.contains(['\u{1b}', '\u{7}', '\u{202e}']), "{t:?}");
+}

@@ -410,3 +410,68 @@ fn honest_listings_still_download() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn a_same_sized_file_put_in_place_of_a_downloaded_blob_is_rehashed_and_replaced() {
+    let body = b"{\"t\": \"honest a\"}\n{\"t\": \"honest b\"}\n".to_vec();
+    let sha = sha256_hex(&body);
+    let listing = serde_json::json!([
+        {"type": "file", "path": "y.jsonl", "lfs": {"oid": sha, "size": body.len()}},
+    ]);
+    let server = hub(listing, body.clone());
+    let dir = workdir();
+    let d = dir.path();
+    write(
+        &d.join("p.toml"),
+        &format!(
+            "[pipeline]\nname = \"d\"\n\n[stages.data]\nkind = \"dataset\"\nsources = [{}]\n",
+            hub_source("*.jsonl")
+        ),
+    );
+    let run = || {
+        let out = common::saeflow(d)
+            .env("HF_ENDPOINT", &server.base)
+            .args(["run", "p.toml"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let table = common::read_parquet(
+            &common::object_of(&d.join("cache"), "d", "data").join("rows.parquet"),
+        );
+        let rows = format!("{:?}", table.column_by_name("text").unwrap());
+        assert!(rows.contains("honest a"), "{rows}");
+        (rows, server.log.lock().unwrap().len())
+    };
+    let (_, first_requests) = run();
+    let blob = d.join("cache/downloads/sha256").join(&sha);
+    let poison = body
+        .iter()
+        .map(|&b| if b == b'h' { b'H' } else { b })
+        .collect::<Vec<u8>>();
+    for older_saeflow in [false, true] {
+        // Poisoned in place (same inode and size; the model folder's hard link sees it too), by a process
+        // that also removed the stamps when it stands for a cache an older saeflow wrote.
+        std::fs::write(&blob, &poison).unwrap();
+        if older_saeflow {
+            std::fs::remove_dir_all(d.join("cache/downloads/verified")).unwrap();
+        }
+        // The dataset is recomputed (its object removed), so the download area is consulted again.
+        std::fs::remove_dir_all(d.join("cache/objects")).unwrap();
+        std::fs::create_dir(d.join("cache/objects")).unwrap();
+        let before = server.log.lock().unwrap().len();
+        let (rows, after) = run();
+        assert!(after > before, "the poisoned blob was fetched again");
+        assert_eq!(std::fs::read(&blob).unwrap(), body);
+        assert!(!rows.contains("Honest"), "poisoned rows were used: {rows}");
+    }
+    // An untouched blob is reused without a request (its stamp still matches).
+    std::fs::remove_dir_all(d.join("cache/objects")).unwrap();
+    std::fs::create_dir(d.join("cache/objects")).unwrap();
+    let before = server.log.lock().unwrap().len();
+    let (_, after) = run();
+    assert_eq!(
+        after - before,
+        first_requests - 1,
+        "only the listing is asked for again"
+    );
+}

@@ -223,3 +223,45 @@ fn slurm_partition_and_account_with_a_newline_are_refused() {
     // Nothing was submitted: no job script was written.
     assert!(!d.join("work/cache/slurm").exists());
 }
+
+#[test]
+fn a_fifo_under_a_deps_directory_is_refused_instead_of_hanging() {
+    let dir = setup(
+        "[pipeline]\nname = \"p\"\n[stages.a]\nkind = \"command\"\ncmd = [\"true\"]\ndeps = [\"d\"]\n",
+    );
+    let d = dir.path();
+    write(&d.join("work/d/ok.txt"), "fine");
+    let fifo = d.join("work/d/pipe");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for args in [
+        &["status", "p.toml"][..],
+        &["run", "p.toml"][..],
+        &["why", "p.toml", "a"][..],
+    ] {
+        let mut child = saeflow(&d.join("work"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > std::time::Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("{args:?} hangs on a FIFO under deps");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let msg = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {msg}");
+        assert!(
+            msg.contains(&format!("{} is not a regular file", fifo.display())),
+            "{args:?}: {msg}"
+        );
+    }
+}

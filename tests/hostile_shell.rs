@@ -104,3 +104,36 @@ fn a_placeholder_the_shell_would_not_expand_is_refused_before_running() {
         "{text}"
     );
 }
+
+#[test]
+fn a_symlink_or_fifo_among_a_stages_outputs_is_refused_and_nothing_is_published() {
+    for (script, says) in [
+        (
+            "ln -s {victim} {out}/x.txt",
+            "output `x.txt` is a symbolic link (to `VICTIM`)",
+        ),
+        (
+            "mkdir {out}/d && ln -s / {out}/d/root",
+            "output `d/root` is a symbolic link",
+        ),
+        ("mkfifo {out}/x.txt", "output `x.txt` is not a regular file"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let victim = d.join("sentinel/victim.txt");
+        common::write(&victim, "precious");
+        common::write(
+            &d.join("p.toml"),
+            &format!(
+                "[pipeline]\nname = \"h\"\n[stages.a]\nkind = \"command\"\nparams = {{ victim = '{}' }}\nshell = '{script}'\n",
+                victim.display()
+            ),
+        );
+        let before = common::snapshot(d, &d.join("cache"));
+        let out = common::run(d, &["run", "p.toml"]);
+        let says = says.replace("VICTIM", &victim.display().to_string());
+        common::assert_clean_failure(&out, d, 1, &["FAILED a", &says]);
+        assert_eq!(common::snapshot(d, &d.join("cache")), before, "{script}");
+        assert_eq!(std::fs::read_dir(d.join("cache/tmp")).unwrap().count(), 0);
+    }
+}

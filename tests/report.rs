@@ -116,6 +116,34 @@ fn report_shows_every_section_and_renders_cleanly() {
     assert!(section(&page, "steering").contains("diffmean:true"));
     assert!(section(&page, "explanations").contains("No finished `explain` stage"));
 
+    // Values read from the cache's JSON are data: a tampered (shared) cache cannot put markup on the page.
+    let cache = dir.path().join("cache");
+    let evil = "<script>alert(1)</script>";
+    for (stage, file, fields) in [
+        ("sae", "train.json", &["d_sae", "steps", "tokens", "k"][..]),
+        ("labels", "label.json", &[][..]),
+    ] {
+        let path = common::object_of(&cache, "rp", stage).join(file);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for f in fields {
+            json[f] = evil.into();
+        }
+        if let Some(per) = json["per_class"].as_object_mut() {
+            for c in per.values_mut() {
+                c["labelled_features"] = evil.into();
+            }
+        }
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+    }
+    ok(dir.path(), &["report", "p.toml", "-o", "tampered"]);
+    let tampered = std::fs::read_to_string(dir.path().join("tampered/index.html")).unwrap();
+    assert!(
+        !tampered.contains("<script"),
+        "cache JSON reached the page as markup"
+    );
+    assert!(section(&tampered, "training").contains("<td>–</td>"));
+
     // Headless Chromium: no console output at all (the page has no scripts), and it renders.
     let shot = dir.path().join("shot.png");
     if let Some(console) = chromium_console(&path, &shot) {

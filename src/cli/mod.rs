@@ -103,7 +103,10 @@ pub fn main() -> i32 {
     match dispatch(cli) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!(
+                "error: {}",
+                saeflow_core::progress::terminal_safe(&e.to_string())
+            );
             e.exit_code()
         }
     }

@@ -112,6 +112,12 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     s + "</table>"
 }
 
+/// A count from a JSON file of the cache: digits, or "–" for anything else (a JSON value is data, and a
+/// string in it must never reach the page as markup).
+fn count(v: &serde_json::Value) -> String {
+    v.as_u64().map_or("–".into(), |n| n.to_string())
+}
+
 fn num(v: f64) -> String {
     if v.is_nan() {
         "–".into()
@@ -278,10 +284,10 @@ fn training(entries: &[&Entry]) -> anyhow::Result<String> {
         let last = &info["final"];
         rows.push(vec![
             escape(&e.name),
-            info["d_sae"].to_string(),
-            info["k"].as_u64().map_or("–".into(), |k| k.to_string()),
-            info["steps"].to_string(),
-            info["tokens"].to_string(),
+            count(&info["d_sae"]),
+            count(&info["k"]),
+            count(&info["steps"]),
+            count(&info["tokens"]),
             num(last["fvu"].as_f64().unwrap_or(f64::NAN)),
             num(last["val_fvu"].as_f64().unwrap_or(f64::NAN)),
             num(last["l0"].as_f64().unwrap_or(f64::NAN)),
@@ -420,10 +426,8 @@ fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Resu
             let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
             rows.push(vec![
                 escape(class),
-                c["labelled_features"].to_string(),
-                c["best_feature"]
-                    .as_u64()
-                    .map_or("–".into(), |b| b.to_string()),
+                count(&c["labelled_features"]),
+                count(&c["best_feature"]),
                 num(f(&format!("best_feature_test_auroc_{unit}"))),
                 num(f("best_feature_test_auroc")),
                 num(f("diffmean_test_auroc")),
@@ -486,8 +490,9 @@ fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Resu
         for (a, f) in list.into_iter().take(3) {
             let _ = write!(
                 pages,
-                "<h3>feature {f} · {} · held-out AUROC ({unit}) {}</h3>",
+                "<h3>feature {f} · {} · held-out AUROC ({}) {}</h3>",
                 escape(c),
+                escape(&unit),
                 num(a)
             );
             let shown: Vec<Vec<String>> = (0..cf.len())

@@ -308,10 +308,12 @@ pub fn snapshot(root: &Path, skip: &Path) -> std::collections::BTreeMap<String, 
             } else if meta.is_dir() {
                 stack.push(path);
                 "dir".to_string()
-            } else {
+            } else if meta.is_file() {
                 blake3::hash(&std::fs::read(&path).unwrap())
                     .to_hex()
                     .to_string()
+            } else {
+                "not a regular file".to_string() // a FIFO: reading it would block
             };
             out.insert(rel, what);
         }

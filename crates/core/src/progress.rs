@@ -6,6 +6,29 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// `text` as it may reach a terminal: control characters other than newline and tab (ESC, BEL, CR, DEL, the
+/// C1 range) and the bidirectional overrides are shown as `\u{..}` escapes. Messages quote data (a label
+/// from a dataset, a field of a downloaded file); printed raw, an escape sequence in it could retitle the
+/// terminal, clear the screen or hide text (as "Trojan Source" does with bidi controls).
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// How often a plain (non-terminal) progress line may be printed per stage.
 const PLAIN_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -33,6 +56,7 @@ impl Reporter {
 
     /// Prints a line even in quiet mode: failures and damage found, which a user must see.
     pub fn alert(&self, msg: &str) {
+        let msg = terminal_safe(msg);
         match &self.multi {
             Some(m) => {
                 let _ = m.println(msg);
@@ -138,6 +162,7 @@ impl Progress {
 
     /// Sets the message shown after the bar.
     pub fn set_message(&self, msg: &str) {
+        let msg = &*terminal_safe(msg);
         if let Some(bar) = &self.inner.bar {
             bar.set_message(msg.to_string());
         }
@@ -146,6 +171,7 @@ impl Progress {
 
     /// Prints a line (above the bar on a terminal); hidden handles print nothing.
     pub fn println(&self, msg: &str) {
+        let msg = terminal_safe(msg);
         if let Some(bar) = &self.inner.bar {
             bar.println(format!("[{}] {msg}", self.inner.name));
         } else if self.inner.plain.is_some() {
@@ -198,5 +224,26 @@ impl Progress {
             _ => format!("[{}] running for {:.0}s {}", self.inner.name, secs, p.msg),
         };
         eprintln!("{}", line.trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::terminal_safe;
+
+    #[test]
+    fn terminal_safe_escapes_control_and_bidi_characters_only() {
+        assert_eq!(
+            terminal_safe("label `é` at 3:\n\tok"),
+            "label `é` at 3:\n\tok"
+        );
+        assert!(matches!(
+            terminal_safe("plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            terminal_safe("\u{1b}]0;pwned\u{7}\u{1b}[2J\r\u{9b}x\u{202e}y\u{7f}"),
+            "\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{d}\\u{9b}x\\u{202e}y\\u{7f}"
+        );
     }
 }

@@ -132,27 +132,38 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Lists files under `dir` (recursively) as sorted `/`-separated relative paths.
+/// Lists files under `dir` (recursively) as sorted `/`-separated relative paths. Only regular files with
+/// UTF-8 names may be there: a symbolic link (which could point outside the cache, or change after it was
+/// hashed), a FIFO (whose reader would hang) or a device is refused by name, as is a name a manifest could
+/// not spell.
 fn list_files(dir: &Path) -> anyhow::Result<Vec<String>> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<()> {
         for entry in
             std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?
         {
             let entry = entry?;
-            if entry.file_type()?.is_dir() {
-                walk(root, &entry.path(), out)?;
-            } else {
-                let rel = entry
-                    .path()
-                    .strip_prefix(root)
-                    .expect("under root")
-                    .to_path_buf();
-                out.push(
-                    rel.components()
-                        .map(|c| c.as_os_str().to_string_lossy())
-                        .collect::<Vec<_>>()
-                        .join("/"),
+            let path = entry.path();
+            let rel = path.strip_prefix(root).expect("under root");
+            let Some(rel) = rel.to_str() else {
+                bail!(
+                    "output `{}` has a name that is not UTF-8; name outputs in UTF-8",
+                    rel.display()
                 );
+            };
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(root, &path, out)?;
+            } else if kind.is_file() {
+                out.push(rel.replace(std::path::MAIN_SEPARATOR, "/"));
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(&path).unwrap_or_default();
+                bail!(
+                    "output `{rel}` is a symbolic link (to `{}`): outputs must be regular files, so the cache \
+                     holds the bytes it hashed; copy the file instead (`cp -L`)",
+                    target.display()
+                );
+            } else {
+                bail!("output `{rel}` is not a regular file (a FIFO, socket or device): outputs must be regular files");
             }
         }
         Ok(())
@@ -395,10 +406,15 @@ impl Cache {
         }
         let dir = self.object_dir(key);
         let listed: BTreeSet<&str> = manifest.outputs.iter().map(|o| o.path.as_str()).collect();
-        for rel in list_files(&dir).unwrap_or_default() {
-            if rel != MANIFEST && rel != MANIFEST_SUM && !listed.contains(rel.as_str()) {
-                problems.push(format!("`{rel}` is not in the manifest"));
+        match list_files(&dir) {
+            Ok(files) => {
+                for rel in files {
+                    if rel != MANIFEST && rel != MANIFEST_SUM && !listed.contains(rel.as_str()) {
+                        problems.push(format!("`{rel}` is not in the manifest"));
+                    }
+                }
             }
+            Err(e) => problems.push(format!("{e:#}")),
         }
         for out in &manifest.outputs {
             let path = dir.join(&out.path);

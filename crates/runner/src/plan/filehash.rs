@@ -69,6 +69,14 @@ impl FileHasher {
             }
             return Ok(hasher.finalize().to_hex().to_string());
         }
+        if !meta.is_file() {
+            // Reading a FIFO would block until someone writes to it (forever, for `status`).
+            anyhow::bail!(
+                "{} is not a regular file (a FIFO, socket or device): dependencies are hashed by content, \
+                 so they must be files or directories",
+                path.display()
+            );
+        }
         let mtime_ns = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         if let Some(s) = self.memo.get(&abs) {

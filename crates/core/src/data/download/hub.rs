@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 use super::checksum::{is_content_address, is_lower_hex, unsafe_repo_path};
-use super::{fetch_expected, get_json, verify, Expected};
+use super::{fetch_expected, get_json, verify_reused, Expected};
 use crate::cancel::Cancel;
 use crate::progress::Progress;
 
@@ -204,8 +204,8 @@ pub fn fetch_repo(
         }
         let dest = root.join(&f.path);
         if dest.is_file() {
-            // Linked from a verified blob; size and git oid are rechecked (cheap), sha256 trusted by name.
-            if verify(&f.url, &dest, &f.expected(), false).is_ok() {
+            // Usually a hard link of a verified blob, sharing its stamp.
+            if verify_reused(&f.url, &dest, &f.expected(), dir).is_ok() {
                 continue;
             }
             std::fs::remove_file(&dest)?;

@@ -66,17 +66,6 @@ impl Limits {
     }
 }
 
-/// The agent for API calls (redirects followed by ureq: only http(s) can be fetched either way).
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_connect(Some(Duration::from_secs(20)))
-        .timeout_recv_response(Some(Duration::from_secs(60)))
-        .http_status_as_error(false)
-        .user_agent(concat!("saeflow/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into()
-}
-
 /// The agent for one download attempt: an idle limit on every read, a total limit on the whole attempt,
 /// and no automatic redirects (see [`send`]).
 fn download_agent(idle: Duration, left: Duration) -> ureq::Agent {
@@ -275,8 +264,7 @@ pub fn fetch_expected(
     };
     let dest = target(dir, url, expected.sha256.as_deref());
     if dest.is_file() {
-        // A name under sha256/ was given only after verification; size and git oid are cheap to recheck.
-        if verify(url, &dest, &expected, false).is_ok() {
+        if verify_reused(url, &dest, &expected, dir).is_ok() {
             return Ok(dest);
         }
         std::fs::remove_file(&dest)
@@ -344,7 +332,7 @@ pub fn fetch_expected(
             200 => false, // the server ignored the range: start over
             416 if have > 0 => {
                 // Range past the end: the part file is already complete (or wrong; the checks will tell).
-                return publish(url, &part, &dest, &expected);
+                return publish(url, &part, &dest, &expected, dir);
             }
             404 => bail!("cannot download {url}: not found (HTTP 404)"),
             401 | 403 => bail!("cannot download {url}: access denied (HTTP {status}); set a token if it is private"),
@@ -412,7 +400,7 @@ pub fn fetch_expected(
         file.sync_all()?;
         match outcome {
             Ok(()) if total_len.is_none_or(|t| t == written) => {
-                return publish(url, &part, &dest, &expected);
+                return publish(url, &part, &dest, &expected, dir);
             }
             Ok(()) => {
                 last_error = format!(
@@ -434,18 +422,64 @@ pub fn fetch_expected(
     bail!("cannot download {url}: {last_error}")
 }
 
-/// Verifies a finished part file and only then renames it to its (content-addressed) name.
-fn publish(url: &str, part: &Path, dest: &Path, expected: &Expected) -> anyhow::Result<PathBuf> {
+/// Verifies a finished part file and only then renames it to its (content-addressed) name, stamped as
+/// verified.
+fn publish(
+    url: &str,
+    part: &Path,
+    dest: &Path,
+    expected: &Expected,
+    dir: &Path,
+) -> anyhow::Result<PathBuf> {
     if let Err(e) = verify(url, part, expected, true) {
         let _ = std::fs::remove_file(part);
         return Err(e);
     }
     std::fs::rename(part, dest)?;
+    if let Some((stamp, line)) = verified_stamp(dir, dest, expected) {
+        // Best effort: without the stamp the next reuse hashes the file again.
+        let _ = crate::fs::write_atomic(&stamp, line.as_bytes());
+    }
     Ok(dest.to_path_buf())
 }
 
-/// Checks `path` against `expected`: size and git oid always, sha256 when `full` (a reused file under
-/// `sha256/<hex>` was hashed before it got that name).
+/// Where the "verified" stamp of `path` lives under the download area `dir`, and what it must say for the
+/// file to count as verified: size, mtime and the sha256 it was checked against. Stamps are named by device
+/// and inode, so a hard link of a blob (a model file under `repos/`) shares the blob's stamp, and a file
+/// changed in place (new mtime) or swapped (new inode) is hashed again. `None` without a sha256 to check.
+fn verified_stamp(dir: &Path, path: &Path, expected: &Expected) -> Option<(PathBuf, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let sha = expected.sha256.as_ref()?;
+    let meta = std::fs::metadata(path).ok()?;
+    let stamp = dir
+        .join("verified")
+        .join(format!("{}.{}", meta.dev(), meta.ino()));
+    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+    Some((stamp, format!("{} {mtime_ns} {sha}\n", meta.len())))
+}
+
+/// Checks a file found already downloaded: size and git oid always (cheap); its sha256 unless a stamp
+/// shows this very file verified against it (an older saeflow's cache, or one where a same-sized file was
+/// put in place, is hashed once more), and stamps it after.
+pub(super) fn verify_reused(
+    url: &str,
+    path: &Path,
+    expected: &Expected,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let stamp = verified_stamp(dir, path, expected);
+    let fresh = stamp
+        .as_ref()
+        .is_some_and(|(file, line)| std::fs::read_to_string(file).is_ok_and(|s| &s == line));
+    verify(url, path, expected, !fresh)?;
+    if let (false, Some((file, line))) = (fresh, stamp) {
+        let _ = crate::fs::write_atomic(&file, line.as_bytes());
+    }
+    Ok(())
+}
+
+/// Checks `path` against `expected`: size and git oid always, sha256 when `full` (see [`verify_reused`]
+/// for when a file may skip it).
 fn verify(url: &str, path: &Path, expected: &Expected, full: bool) -> anyhow::Result<()> {
     if let Some(size) = expected.size {
         let actual = std::fs::metadata(path)?.len();
@@ -473,7 +507,7 @@ fn verify(url: &str, path: &Path, expected: &Expected, full: bool) -> anyhow::Re
 /// Fetches a small JSON document (API responses).
 pub fn get_json(url: &str, headers: &[(String, String)]) -> anyhow::Result<serde_json::Value> {
     let extra = [("Accept-Encoding", "identity".to_string())];
-    let response = send(&agent_no_redirects(), url, headers, &extra)?
+    let response = send(&api_agent(Duration::from_secs(60)), url, headers, &extra)?
         .map_err(|e| anyhow::anyhow!("cannot reach {url}: {e}{}", offline_hint(&e)))?;
     let status = response.status().as_u16();
     let body = response
@@ -489,12 +523,13 @@ pub fn get_json(url: &str, headers: &[(String, String)]) -> anyhow::Result<serde
     serde_json::from_str(&body).with_context(|| format!("{url}: response is not JSON"))
 }
 
-/// [`agent`] without automatic redirects, for [`send`].
-fn agent_no_redirects() -> ureq::Agent {
+/// The agent for API calls: no automatic redirects (a POST must not be re-sent, with its credentials, to
+/// wherever a response points), `wait` for the response head, then the download idle limit on every read.
+fn api_agent(wait: Duration) -> ureq::Agent {
     let idle = Limits::from_env().map_or(DEFAULT_IDLE_SECS, |l| l.idle);
     ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(20)))
-        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_recv_response(Some(wait))
         .timeout_per_read(Some(Duration::from_secs(idle)))
         .max_redirects(0)
         .http_status_as_error(false)
@@ -510,7 +545,10 @@ pub fn post_json(
     headers: &[(String, String)],
     body: &serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
-    let mut request = agent().post(url).header("Content-Type", "application/json");
+    // A chat completion may think for minutes before the response head.
+    let mut request = api_agent(Duration::from_secs(600))
+        .post(url)
+        .header("Content-Type", "application/json");
     for (k, v) in headers {
         request = request.header(k, v);
     }
@@ -522,6 +560,9 @@ pub fn post_json(
         .into_body()
         .read_to_string()
         .with_context(|| format!("reading the response of {url}"))?;
+    if (300..400).contains(&status) {
+        bail!("{url}: HTTP {status}: API calls do not follow redirects; set the final URL");
+    }
     if status != 200 {
         bail!(
             "{url}: HTTP {status}: {}",
