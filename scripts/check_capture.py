@@ -20,6 +20,10 @@ TOKENS = [
     ("label", pa.string(), True),
     ("split", pa.string(), False),
     ("is_completion", pa.bool_(), False),
+    ("seq_pos", pa.uint32(), False),
+    ("source", pa.string(), False),
+    ("subset", pa.string(), True),
+    ("pair_id", pa.uint64(), True),
 ]
 
 
@@ -45,6 +49,7 @@ def check(obj: Path) -> dict:
     for i, (name, typ, nullable) in enumerate(TOKENS):
         field = tokens.schema.field(i)
         assert (field.name, field.type, field.nullable) == (name, typ, nullable), f"{obj}: tokens column {i} is {field}"
+    assert tokens.num_columns == len(TOKENS), f"{obj}: {tokens.num_columns} token columns"
     assert tokens.num_rows == info["tokens"], f"{obj}: {tokens.num_rows} token rows, capture.json says {info['tokens']}"
     splits = {}
     for s in tokens.column("split").to_pylist():

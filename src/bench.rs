@@ -202,6 +202,7 @@ impl SyntheticStore {
             labels: Default::default(),
             mean_norm: Default::default(),
             shards,
+            sinks: Default::default(),
         };
         std::fs::write(dir.join("capture.json"), serde_json::to_string(&info)?)?;
         Ok(store)

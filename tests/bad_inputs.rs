@@ -155,6 +155,7 @@ fn write_synthetic_capture(dir: &Path) {
                 label: Some((if doc % 2 == 0 { "true" } else { "false" }).into()),
                 split: (if doc % 3 == 0 { "test" } else { "train" }).into(),
                 is_completion: false,
+                ..Default::default()
             });
             acts.extend((0..D).map(|i| ((doc as f32 + 1.0) * (i as f32 + 0.5) + pos as f32).sin()));
         }

@@ -17,6 +17,11 @@ fn pipeline(dir: &Path, records: &[serde_json::Value], capture: &str) {
     } else {
         r#"prompt = "prompt", completion = "completion""#
     };
+    let label = if records[0].get("label").is_some() {
+        r#", label = "label""#
+    } else {
+        ""
+    };
     let jsonl: String = records.iter().map(|r| format!("{r}\n")).collect();
     write(&dir.join("data.jsonl"), &jsonl);
     write(
@@ -31,7 +36,7 @@ path = "{model}"
 
 [stages.data]
 kind = "dataset"
-sources = [{{ path = "data.jsonl", {fields}, label = "label" }}]
+sources = [{{ path = "data.jsonl", {fields}{label} }}]
 splits = {{ train = 1.0 }}
 
 [stages.acts]
@@ -243,7 +248,7 @@ fn positions_select_exactly_the_tokens_the_tokenizer_says() {
     }
 }
 
-/// A packed, multi-shard capture of the geometry-of-truth preset by nanochat-d4.
+/// A multi-shard capture of the geometry-of-truth preset by nanochat-d4.
 fn geometry_pipeline(dir: &Path, capture: &str) {
     write(
         &dir.join("p.toml"),
@@ -264,7 +269,6 @@ kind = "capture"
 input = "data"
 model = "nc"
 hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
-pack = true
 {capture}
 "#,
             model = shared("fixtures/nanochat-d4").display(),
@@ -593,14 +597,14 @@ fn packing_cuts_the_document_stream_into_full_contexts() {
     ];
     let records: Vec<_> = texts
         .iter()
-        .map(|t| serde_json::json!({"text": t, "label": "x"}))
+        .map(|t| serde_json::json!({ "text": t }))
         .collect();
     let hook = "blocks.2.hook_resid_post";
     let capture = |dir: &Path, pack: bool| {
         pipeline(
             dir,
             &records,
-            &format!("hooks = [\"{hook}\"]\ncontext = 8\npack = {pack}\nshuffle = false\nexclude_bos = false"),
+            &format!("hooks = [\"{hook}\"]\ncontext = 8\npack = {pack}\nshuffle = false\nexclude_bos = false\ndrop_first = 0"),
         );
         ok(dir, &["run", "p.toml"]);
         object_of(&dir.join("cache"), "cap", "acts")
@@ -690,4 +694,121 @@ fn the_chat_template_wraps_prompt_and_completion_in_nanochats_format() {
             assert_eq!(first_completion, Some(head.len() - 1));
         }
     }
+}
+
+#[test]
+fn sequence_start_sinks_are_left_out_measured_and_reported() {
+    let texts = [
+        "The city of Paris is in France.",
+        "Sometimes one must deceive others to succeed, or so they say.",
+        "I will support you in Burgundy, I promise.",
+        "Water boils at one hundred degrees Celsius at sea level.",
+    ];
+    let records: Vec<_> = texts
+        .iter()
+        .map(|t| serde_json::json!({"text": t, "label": "x"}))
+        .collect();
+    let hook = "blocks.2.hook_resid_post";
+    // Without BOS every sequence starts on an ordinary token: the attention sink.
+    let capture = |extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        pipeline(
+            dir.path(),
+            &records,
+            &format!("hooks = [\"{hook}\"]\nbos = false\nshuffle = false\n{extra}"),
+        );
+        ok(dir.path(), &["run", "p.toml"]);
+        let object = object_of(&dir.path().join("cache"), "cap", "acts");
+        (dir, object)
+    };
+    let (_all_dir, all) = capture("drop_first = 0");
+    let (_auto_dir, auto) = capture("");
+    let (_two_dir, two) = capture("drop_first = 2");
+    let (_cut_dir, cut) = capture("drop_first = 0\nnorm_cut = 1.5");
+
+    let all_rows = token_rows(&all);
+    for (object, first_kept) in [(&auto, 1), (&two, 2)] {
+        let rows = token_rows(object);
+        let expected: Vec<_> = all_rows
+            .iter()
+            .filter(|r| r.1 >= first_kept)
+            .copied()
+            .collect();
+        assert_eq!(
+            rows, expected,
+            "drop_first leaves out exactly positions < {first_kept}"
+        );
+        let info = CaptureInfo::read(object).unwrap();
+        assert_eq!(
+            info.sinks.dropped_first,
+            first_kept as u64 * texts.len() as u64
+        );
+        assert_eq!(info.tokens, expected.len() as u64);
+        // The same forward: the kept rows are the all-token capture's rows.
+        let keep: Vec<u32> = (0..all_rows.len() as u32)
+            .filter(|&i| all_rows[i as usize].1 >= first_kept)
+            .collect();
+        let want = all_acts(&all, hook)
+            .index_select(&Tensor::new(keep.as_slice(), &Device::Cpu).unwrap(), 0)
+            .unwrap();
+        let diff: f32 = (all_acts(object, hook) - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+    // "Before" is measured over every candidate token: the all-token capture's "after".
+    let share = |o: &Path| CaptureInfo::read(o).unwrap().sinks.top_half_percent_share[hook].clone();
+    let (everything, auto_share) = (share(&all), share(&auto));
+    assert!((everything.after.unwrap() - auto_share.before.unwrap()).abs() < 1e-9);
+    assert!((everything.before.unwrap() - everything.after.unwrap()).abs() < 1e-12);
+    assert!(
+        auto_share.after.unwrap() < auto_share.before.unwrap(),
+        "{auto_share:?}"
+    );
+
+    // The norm cut leaves out the outliers it counts, and only those.
+    let cut_info = CaptureInfo::read(&cut).unwrap();
+    assert!(cut_info.sinks.dropped_norm > 0);
+    assert_eq!(
+        cut_info.tokens + cut_info.sinks.dropped_norm,
+        all_rows.len() as u64
+    );
+
+    // Sources, pairs and sequence positions are stored beside each token.
+    let table = saeflow_core::data::activations::TokenTable::read(&auto).unwrap();
+    assert_eq!(table.sources, ["data.jsonl"]);
+    assert_eq!(
+        table.seq_pos, table.pos,
+        "unpacked: one document per sequence"
+    );
+    assert!(table.pair_id.iter().all(Option::is_none));
+    assert_eq!(table.is_completion.len(), table.pos.len());
+}
+
+#[test]
+fn packing_labelled_documents_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = [serde_json::json!({"text": "hello world, this is a test", "label": "x"})];
+    pipeline(
+        dir.path(),
+        &records,
+        "hooks = [\"blocks.1.hook_resid_post\"]\npack = true",
+    );
+    let out = common::run(dir.path(), &["run", "p.toml"]);
+    let text = common::text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for want in [
+        "FAILED acts",
+        "pack = true",
+        "input `data` is labelled (source `data.jsonl`)",
+        "set pack = false",
+    ] {
+        assert!(text.contains(want), "want `{want}` in {text}");
+    }
+    assert!(!dir.path().join("cache/refs/cap/acts.json").exists());
 }

@@ -81,6 +81,7 @@ fn reconstruction_metrics_equal_an_independent_computation() {
                 label: None,
                 split: (if doc % 3 == 0 { "test" } else { "train" }).into(),
                 is_completion: false,
+                ..Default::default()
             });
             acts.extend((0..d).map(|_| 3.0 + noise.sample(&mut rng)));
         }
@@ -246,7 +247,7 @@ tokens = 12000
             r#"
 [stages.{name}]
 kind = "command"
-shell = "cp -r {sae}/. {{out}}/"
+shell = "cp -rL {sae}/. {{out}}/"
 deps = ["{sae}"]
 
 [stages.eval_{name}]

@@ -56,6 +56,7 @@ fn synthetic(dir: &Path, seed: u64, shuffle: bool) -> (PathBuf, PathBuf) {
                 label: Some((if labels[d as usize] { "A" } else { "B" }).into()),
                 split: split.into(),
                 is_completion: false,
+                ..Default::default()
             });
             let mut x: Vec<f32> = (0..D).map(|_| noise.sample(&mut rng)).collect();
             if planted[d as usize] {

@@ -166,6 +166,7 @@ pub fn write_capture(
             first_row: 0,
             rows: rows.len() as u64,
         }],
+        sinks: Default::default(),
     };
     std::fs::write(
         dir.join("capture.json"),
@@ -264,12 +265,12 @@ name = "{name}"
 
 [stages.acts]
 kind = "command"
-shell = "cp -r {capture}/. {{out}}/"
+shell = "cp -rL {capture}/. {{out}}/"
 deps = ["{capture}"]
 
 [stages.sae]
 kind = "command"
-shell = "cp -r {sae}/. {{out}}/"
+shell = "cp -rL {sae}/. {{out}}/"
 deps = ["{sae}"]
 "#,
         capture = capture.display(),

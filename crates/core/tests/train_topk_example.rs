@@ -91,6 +91,7 @@ fn write_capture(dir: &Path, rows: &[f32]) {
             first_row: 0,
             rows: n as u64,
         }],
+        sinks: Default::default(),
     };
     std::fs::write(
         dir.join("capture.json"),

@@ -140,6 +140,20 @@ pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
     q
 }
 
+/// The share of `values`' total carried by its largest `fraction` (at least one value): with squared token
+/// norms, how much of the activations' second moment a few outlier tokens (attention sinks) hold. `None`
+/// for no values or a zero total.
+pub fn top_share(values: &[f64], fraction: f64) -> Option<f64> {
+    let total: f64 = values.iter().sum();
+    if values.is_empty() || total <= 0.0 {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+    let top = ((fraction * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    Some(sorted[..top].iter().sum::<f64>() / total)
+}
+
 /// Spearman's rank correlation (average ranks for ties); `None` with fewer than 3 points or no spread.
 pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
     fn ranks(v: &[f64]) -> Vec<f64> {
@@ -174,6 +188,21 @@ pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_share_by_hand() {
+        // 200 values: one of 100, 199 of 1. The top 0.5% is one value: 100 / 299.
+        let mut v = vec![1.0; 199];
+        v.insert(57, 100.0);
+        assert!((top_share(&v, 0.005).unwrap() - 100.0 / 299.0).abs() < 1e-12);
+        // 1% of 200 is two values: 101 / 299.
+        assert!((top_share(&v, 0.01).unwrap() - 101.0 / 299.0).abs() < 1e-12);
+        // At least one value even for a tiny fraction; all of them for 1.
+        assert_eq!(top_share(&[3.0, 1.0], 1e-9), Some(0.75));
+        assert_eq!(top_share(&[3.0, 1.0], 1.0), Some(1.0));
+        assert_eq!(top_share(&[], 0.1), None);
+        assert_eq!(top_share(&[0.0], 0.1), None);
+    }
 
     #[test]
     fn auroc_and_u_by_hand() {

@@ -30,7 +30,9 @@ use serde_json::json;
 use crate::shared::Template;
 use forward::Forward;
 use saeflow_core::cancel::Cancelled;
-use saeflow_core::data::activations::{ActDtype, CaptureInfo, TokenRow, FORMAT_VERSION};
+use saeflow_core::data::activations::{
+    ActDtype, BeforeAfter, CaptureInfo, SinkReport, TokenRow, FORMAT_VERSION,
+};
 use saeflow_core::data::rows::{self, Row};
 use saeflow_core::models::{self, Hook, Hooks, LoadedModel};
 use saeflow_runner::stage::{
@@ -100,6 +102,16 @@ pub struct CaptureParams {
     /// Visit documents in a seeded random order (so a token budget samples every source).
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// First positions of every forward sequence left out of the store. A sequence's first token that is
+    /// not BOS becomes an attention sink (SmolLM2, which has no BOS: norm ~25,000 against a median of
+    /// ~170) that dominates means, probes and SAE training. Default: the first position of every sequence
+    /// that does not start with BOS (a BOS is left out by `exclude_bos`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_first: Option<u32>,
+    /// Also leave out tokens whose norm at any hook exceeds this multiple of the median norm of their
+    /// batch's stored tokens (default: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_cut: Option<f64>,
 }
 
 fn default_context() -> usize {
@@ -122,7 +134,8 @@ impl Stage for Capture {
     type Params = CaptureParams;
     const KIND: &'static str = "capture";
     // 2: the CPU forward runs on hand-written kernels (same values to float rounding, other bits).
-    const VERSION: u32 = 2;
+    // 3: store format 2 (sources, pairs, sequence positions), attention sinks left out by default.
+    const VERSION: u32 = 3;
     const ABOUT: &'static str =
         "Run a model over a dataset and store hook activations as sharded Parquet, resumably";
 
@@ -169,6 +182,23 @@ impl Stage for Capture {
         }
         if p.splits.as_ref().is_some_and(|s| s.is_empty()) {
             return err(key_path(&["splits"]), "`splits` is empty".into());
+        }
+        if p.drop_first.is_some_and(|n| n as usize >= p.context) {
+            return err(
+                key_path(&["drop_first"]),
+                format!(
+                    "`drop_first` must be less than `context` ({}): nothing would be stored",
+                    p.context
+                ),
+            );
+        }
+        if let Some(cut) = p.norm_cut {
+            if !(cut.is_finite() && cut > 1.0) {
+                return err(
+                    key_path(&["norm_cut"]),
+                    format!("`norm_cut` is a multiple of the median norm above 1, got {cut}"),
+                );
+            }
         }
         Ok(())
     }
@@ -249,6 +279,17 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         // Fails early, naming the model, when it has no chat format.
         model.chat_tokens("", None)?;
     }
+    if p.pack {
+        if let Some(r) = rows.iter().find(|r| r.label.is_some()) {
+            bail!(
+                "pack = true runs documents back to back, so each attends into the one before it (often of \
+                 another label) and its tokens carry that context; input `{}` is labelled (source `{}`), so \
+                 set pack = false",
+                p.input,
+                r.source
+            );
+        }
+    }
 
     let mut order: Vec<usize> = (0..rows.len()).collect();
     if p.shuffle {
@@ -270,6 +311,18 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     let splits: Vec<Arc<str>> = rows
         .iter()
         .map(|r| Arc::from(r.split.as_deref().unwrap_or("train")))
+        .collect();
+    let mut interned: BTreeMap<String, Arc<str>> = BTreeMap::new();
+    let mut intern = |s: &str| -> Arc<str> {
+        interned
+            .entry(s.to_string())
+            .or_insert_with(|| Arc::from(s))
+            .clone()
+    };
+    let sources: Vec<Arc<str>> = rows.iter().map(|r| intern(&r.source)).collect();
+    let subsets: Vec<Option<Arc<str>>> = rows
+        .iter()
+        .map(|r| r.subset.as_deref().map(&mut intern))
         .collect();
 
     let partial = &ctx.partial_dir;
@@ -307,6 +360,7 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         hooks: &hooks,
         dtype: p.dtype,
         device: &device,
+        norm_cut: p.norm_cut,
     };
     let mut forward_time = std::time::Duration::ZERO;
     let d = config.d_model;
@@ -336,13 +390,20 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         let batch_started = Instant::now();
         let stored = forward.run(&batch, &rows, &mut shard)?;
         forward_time += batch_started.elapsed();
-        shard.tokens.extend(stored.iter().map(|e| TokenRow {
-            doc_id: rows[e.row as usize].doc_id,
-            pos: e.pos,
-            token_id: e.token,
-            label: labels[e.row as usize].clone(),
-            split: splits[e.row as usize].clone(),
-            is_completion: e.completion,
+        shard.tokens.extend(stored.iter().map(|e| {
+            let r = e.row as usize;
+            TokenRow {
+                doc_id: rows[r].doc_id,
+                pos: e.pos,
+                seq_pos: e.seq_pos,
+                token_id: e.token,
+                label: labels[r].clone(),
+                split: splits[r].clone(),
+                is_completion: e.completion,
+                source: sources[r].clone(),
+                subset: subsets[r].clone(),
+                pair_id: rows[r].pair_id,
+            }
         }));
         computed += stored.len() as u64;
         ctx.progress.inc(stored.len() as u64);
@@ -380,8 +441,28 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         );
     }
 
-    let (info_shards, norm_sums) = assemble(partial, shard_count, &p.hooks, &ctx.out_dir)?;
-    let first_row: u64 = info_shards.iter().map(|s| s.rows).sum();
+    let assembled = assemble(partial, shard_count, &p.hooks, &ctx.out_dir)?;
+    let first_row: u64 = assembled.shards.iter().map(|s| s.rows).sum();
+    let sinks = sink_report(p, &seqs, &assembled);
+    ctx.log(&format!(
+        "left out {} sequence-start tokens (drop_first = {}) and {} norm outliers; top 0.5% of tokens' \
+         share of the squared norm: {}",
+        sinks.dropped_first,
+        sinks
+            .drop_first
+            .map_or("the first unless BOS".to_string(), |n| n.to_string()),
+        sinks.dropped_norm,
+        sinks
+            .top_half_percent_share
+            .iter()
+            .map(|(h, s)| format!(
+                "{h} {} before, {} after",
+                s.before.map_or("–".into(), |v| format!("{:.1}%", 100.0 * v)),
+                s.after.map_or("–".into(), |v| format!("{:.1}%", 100.0 * v))
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    ));
     let info = CaptureInfo {
         format: FORMAT_VERSION,
         model: p.model.clone(),
@@ -416,6 +497,8 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             "batch_size": p.batch_size,
             "splits": p.splits,
             "shuffle": p.shuffle,
+            "drop_first": p.drop_first,
+            "norm_cut": p.norm_cut,
         }),
         tokens: first_row,
         documents: seqs.documents,
@@ -426,10 +509,11 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         mean_norm: p
             .hooks
             .iter()
-            .zip(&norm_sums)
+            .zip(&assembled.norm_sums)
             .map(|(h, s)| (h.clone(), s / first_row as f64))
             .collect(),
-        shards: info_shards,
+        shards: assembled.shards,
+        sinks: sinks.clone(),
     };
     std::fs::write(
         ctx.out_dir.join("capture.json"),
@@ -437,6 +521,10 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     )?;
     let secs = started.elapsed().as_secs_f64();
     ctx.metrics.insert("tokens".into(), json!(first_row));
+    ctx.metrics.insert(
+        "dropped_tokens".into(),
+        json!(sinks.dropped_first + sinks.dropped_norm),
+    );
     ctx.metrics.insert("shards".into(), json!(shard_count));
     if computed > 0 {
         ctx.metrics.insert(
@@ -450,4 +538,34 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         100.0 * forward_time.as_secs_f64() / secs.max(1e-9)
     ));
     Ok(())
+}
+
+/// What sink handling left out, and the top 0.5% share of the squared norm before and after it.
+fn sink_report(p: &CaptureParams, seqs: &Sequences, all: &shards::Assembled) -> SinkReport {
+    let share = |v: &[f64]| saeflow_core::stats::top_share(v, 0.005);
+    SinkReport {
+        drop_first: p.drop_first,
+        norm_cut: p.norm_cut,
+        dropped_first: seqs.dropped_first,
+        dropped_norm: all.dropped_norm,
+        top_half_percent_share: p
+            .hooks
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let before: Vec<f64> = all.kept_sq_norms[i]
+                    .iter()
+                    .chain(&all.dropped_sq_norms[i])
+                    .copied()
+                    .collect();
+                (
+                    h.clone(),
+                    BeforeAfter {
+                        before: share(&before),
+                        after: share(&all.kept_sq_norms[i]),
+                    },
+                )
+            })
+            .collect(),
+    }
 }

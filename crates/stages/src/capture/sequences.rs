@@ -19,6 +19,11 @@ pub(super) struct Entry {
     pub(super) token: u32,
     pub(super) completion: bool,
     pub(super) store: bool,
+    /// Position in its forward sequence (set when the sequence is cut).
+    pub(super) seq_pos: u32,
+    /// Would be stored but is among its sequence's first `drop_first` (an attention sink): not stored, but
+    /// its norm is measured for the capture's sink report.
+    pub(super) sink: bool,
 }
 
 /// Turns rows into the sequences the model runs over, in a fixed order, honouring the token budget.
@@ -33,6 +38,10 @@ pub(super) struct Sequences<'a> {
     pub(super) documents: u64,
     last_document: u32,
     pub(super) truncated: u64,
+    /// The BOS token sequences may start with (`None`: none is prepended).
+    bos: Option<u32>,
+    /// Tokens left out as sequence-start sinks (`drop_first`).
+    pub(super) dropped_first: u64,
 }
 
 impl<'a> Sequences<'a> {
@@ -53,6 +62,8 @@ impl<'a> Sequences<'a> {
             documents: 0,
             last_document: u32::MAX,
             truncated: 0,
+            bos: model.bos.filter(|_| p.bos),
+            dropped_first: 0,
         }
     }
 
@@ -98,6 +109,8 @@ impl<'a> Sequences<'a> {
                 token,
                 completion: i >= prompt_end,
                 store: keep(i),
+                seq_pos: 0,
+                sink: false,
             })
             .collect())
     }
@@ -124,7 +137,17 @@ impl<'a> Sequences<'a> {
             }
             let take = self.p.context.min(self.pending.len());
             let mut seq: Vec<Entry> = self.pending.drain(..take).collect();
-            for e in seq.iter_mut() {
+            for (i, e) in seq.iter_mut().enumerate() {
+                e.seq_pos = i as u32;
+                let sink = match self.p.drop_first {
+                    Some(n) => e.seq_pos < n,
+                    None => e.seq_pos == 0 && Some(e.token) != self.bos,
+                };
+                if e.store && sink {
+                    e.store = false;
+                    e.sink = true;
+                    self.dropped_first += 1;
+                }
                 if e.store {
                     if self.stored < self.budget {
                         self.stored += 1;

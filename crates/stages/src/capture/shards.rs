@@ -20,6 +20,9 @@ pub(super) struct ShardState {
     pub(super) rows: u64,
     /// Sum of vector norms per hook (for the mean in `capture.json`).
     norm_sums: BTreeMap<String, f64>,
+    /// Tokens left out by the norm cut.
+    #[serde(default)]
+    dropped_norm: u64,
 }
 
 fn shard_dir(partial: &Path, shard: usize) -> PathBuf {
@@ -55,11 +58,16 @@ pub(super) fn finished_shards(partial: &Path) -> anyhow::Result<Vec<ShardState>>
     Ok(shards)
 }
 
-/// Activations and token rows of the shard being filled.
+/// Activations and token rows of the shard being filled, and the norms the sink report needs.
 pub(super) struct ShardBuffer {
     pub(super) acts: Vec<Vec<u8>>,
     pub(super) tokens: Vec<TokenRow>,
     pub(super) norm_sums: Vec<f64>,
+    /// Squared norms per hook of the stored tokens, in order.
+    pub(super) kept_sq_norms: Vec<Vec<f32>>,
+    /// Squared norms per hook of the tokens left out as sinks or outliers.
+    pub(super) dropped_sq_norms: Vec<Vec<f32>>,
+    pub(super) dropped_norm: u64,
 }
 
 impl ShardBuffer {
@@ -68,41 +76,71 @@ impl ShardBuffer {
             acts: vec![Vec::new(); hooks],
             tokens: Vec::new(),
             norm_sums: vec![0.0; hooks],
+            kept_sq_norms: vec![Vec::new(); hooks],
+            dropped_sq_norms: vec![Vec::new(); hooks],
+            dropped_norm: 0,
         }
     }
 }
 
+/// What the finished shards hold together: their list, per-hook norm sums and the sink report's numbers.
+pub(super) struct Assembled {
+    pub(super) shards: Vec<ShardInfo>,
+    pub(super) norm_sums: Vec<f64>,
+    pub(super) dropped_norm: u64,
+    /// Per hook: squared norms of the stored tokens and of those left out.
+    pub(super) kept_sq_norms: Vec<Vec<f64>>,
+    pub(super) dropped_sq_norms: Vec<Vec<f64>>,
+}
+
+fn read_f32s(path: &Path) -> anyhow::Result<Vec<f64>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f64::from(f32::from_ne_bytes(c.try_into().expect("4 bytes"))))
+        .collect())
+}
+
 /// Puts the finished shards into the output directory: act files hard-linked (the partial copies stay valid
-/// until publish), token tables concatenated. Returns the shard list and the norm sums per hook.
+/// until publish), token tables concatenated; and sums up what they measured.
 pub(super) fn assemble(
     partial: &Path,
     shard_count: usize,
     hooks: &[String],
     out_dir: &Path,
-) -> anyhow::Result<(Vec<ShardInfo>, Vec<f64>)> {
-    let mut info_shards = Vec::new();
-    let mut norm_sums = vec![0.0f64; hooks.len()];
+) -> anyhow::Result<Assembled> {
+    let mut all = Assembled {
+        shards: Vec::new(),
+        norm_sums: vec![0.0f64; hooks.len()],
+        dropped_norm: 0,
+        kept_sq_norms: vec![Vec::new(); hooks.len()],
+        dropped_sq_norms: vec![Vec::new(); hooks.len()],
+    };
     let mut first_row = 0u64;
     let mut token_parts = Vec::new();
     for s in 0..shard_count {
         let dir = shard_dir(partial, s);
         let state: ShardState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+        all.dropped_norm += state.dropped_norm;
         for (i, h) in hooks.iter().enumerate() {
-            norm_sums[i] += state.norm_sums[h];
+            all.norm_sums[i] += state.norm_sums[h];
+            all.kept_sq_norms[i].extend(read_f32s(&dir.join(format!("sqnorms-{h}.f32")))?);
+            all.dropped_sq_norms[i]
+                .extend(read_f32s(&dir.join(format!("sqnorms-dropped-{h}.f32")))?);
             saeflow_core::fs::link_or_copy(
                 &dir.join(format!("acts-{h}.parquet")),
                 &out_dir.join(act_file_name(h, s)),
             )?;
         }
         token_parts.push(dir.join("tokens.parquet"));
-        info_shards.push(ShardInfo {
+        all.shards.push(ShardInfo {
             first_row,
             rows: state.rows,
         });
         first_row += state.rows;
     }
     concat_tokens(&token_parts, &out_dir.join("tokens.parquet"))?;
-    Ok((info_shards, norm_sums))
+    Ok(all)
 }
 
 /// Writes the shard into a temporary directory, then renames it into place: a shard exists whole or not.
@@ -128,6 +166,15 @@ pub(super) fn write_shard(
             d,
             dtype,
         )?;
+        // Native-endian f32, read back only by `assemble` on this machine for the sink report.
+        std::fs::write(
+            tmp.join(format!("sqnorms-{name}.f32")),
+            bytemuck::cast_slice::<f32, u8>(&shard.kept_sq_norms[i]),
+        )?;
+        std::fs::write(
+            tmp.join(format!("sqnorms-dropped-{name}.f32")),
+            bytemuck::cast_slice::<f32, u8>(&shard.dropped_sq_norms[i]),
+        )?;
         norm_sums.insert(name, shard.norm_sums[i]);
     }
     saeflow_core::data::parquet::write_batches(
@@ -138,6 +185,7 @@ pub(super) fn write_shard(
         next_batch,
         rows: shard.tokens.len() as u64,
         norm_sums,
+        dropped_norm: shard.dropped_norm,
     };
     saeflow_core::fs::write_atomic(
         &tmp.join("state.json"),

@@ -36,7 +36,7 @@ pub const ACT_COLUMN: &str = "act";
 /// Rows per Parquet row group in activation shards: the unit a shuffled reader picks at random.
 pub const ACT_ROW_GROUP: usize = 4096;
 /// Version of the store layout, recorded in `capture.json`.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Element type of stored activations.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -144,6 +144,35 @@ pub struct CaptureInfo {
     pub mean_norm: BTreeMap<String, f64>,
     /// Shards in order.
     pub shards: Vec<ShardInfo>,
+    /// How attention sinks and norm outliers were kept out of the store.
+    #[serde(default)]
+    pub sinks: SinkReport,
+}
+
+/// `capture.json` `sinks`: the tokens left out as attention sinks or norm outliers, and what that did to
+/// the store's norm distribution.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SinkReport {
+    /// First positions of every forward sequence left out (`None`: the first, unless it is BOS).
+    pub drop_first: Option<u32>,
+    /// Norm cut, as a multiple of the batch's median norm (`None`: off).
+    pub norm_cut: Option<f64>,
+    /// Tokens left out for being among their sequence's first `drop_first`.
+    pub dropped_first: u64,
+    /// Tokens left out by the norm cut.
+    pub dropped_norm: u64,
+    /// Per hook: the share of the total squared norm (the activations' uncentred second moment) held by
+    /// the top 0.5% of tokens by norm, over the tokens before sink handling and over those stored.
+    pub top_half_percent_share: BTreeMap<String, BeforeAfter>,
+}
+
+/// A measure before and after a filter.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BeforeAfter {
+    /// Before (`None`: nothing to measure).
+    pub before: Option<f64>,
+    /// After.
+    pub after: Option<f64>,
 }
 
 impl CaptureInfo {
@@ -216,12 +245,15 @@ pub fn write_act_shard(
 }
 
 /// One stored token: a row of `tokens.parquet`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenRow {
     /// The document (row of `rows.parquet`).
     pub doc_id: u64,
     /// Position in the document's token sequence (0 = BOS when one is prepended).
     pub pos: u32,
+    /// Position in the forward sequence the token was computed in (its distance from the sequence's
+    /// attention sink; equals `pos` unless documents were split across sequences).
+    pub seq_pos: u32,
     /// Token id.
     pub token_id: u32,
     /// The document's label.
@@ -230,23 +262,37 @@ pub struct TokenRow {
     pub split: Arc<str>,
     /// Whether the token belongs to the completion (answer) part.
     pub is_completion: bool,
+    /// The document's source (preset name or file).
+    pub source: Arc<str>,
+    /// The document's subset within its source (file, task or condition).
+    pub subset: Option<Arc<str>>,
+    /// Shared by documents that answer one prompt (the two sides of a contrast pair).
+    pub pair_id: Option<u64>,
 }
 
 /// The Arrow batch of `tokens.parquet` rows.
 pub fn tokens_batch(rows: &[TokenRow]) -> anyhow::Result<RecordBatch> {
     let mut doc_id = UInt64Builder::with_capacity(rows.len());
     let mut pos = UInt32Builder::with_capacity(rows.len());
+    let mut seq_pos = UInt32Builder::with_capacity(rows.len());
     let mut token_id = UInt32Builder::with_capacity(rows.len());
     let mut label = StringBuilder::new();
     let mut split = StringBuilder::new();
     let mut is_completion = BooleanBuilder::with_capacity(rows.len());
+    let mut source = StringBuilder::new();
+    let mut subset = StringBuilder::new();
+    let mut pair_id = UInt64Builder::with_capacity(rows.len());
     for r in rows {
         doc_id.append_value(r.doc_id);
         pos.append_value(r.pos);
+        seq_pos.append_value(r.seq_pos);
         token_id.append_value(r.token_id);
         label.append_option(r.label.as_deref());
         split.append_value(&r.split);
         is_completion.append_value(r.is_completion);
+        source.append_value(&r.source);
+        subset.append_option(r.subset.as_deref());
+        pair_id.append_option(r.pair_id);
     }
     let schema = Schema::new(vec![
         Field::new("doc_id", DataType::UInt64, false),
@@ -255,6 +301,10 @@ pub fn tokens_batch(rows: &[TokenRow]) -> anyhow::Result<RecordBatch> {
         Field::new("label", DataType::Utf8, true),
         Field::new("split", DataType::Utf8, false),
         Field::new("is_completion", DataType::Boolean, false),
+        Field::new("seq_pos", DataType::UInt32, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("subset", DataType::Utf8, true),
+        Field::new("pair_id", DataType::UInt64, true),
     ]);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(doc_id.finish()),
@@ -263,6 +313,10 @@ pub fn tokens_batch(rows: &[TokenRow]) -> anyhow::Result<RecordBatch> {
         Arc::new(label.finish()),
         Arc::new(split.finish()),
         Arc::new(is_completion.finish()),
+        Arc::new(seq_pos.finish()),
+        Arc::new(source.finish()),
+        Arc::new(subset.finish()),
+        Arc::new(pair_id.finish()),
     ];
     Ok(RecordBatch::try_new(Arc::new(schema), columns)?)
 }
@@ -284,6 +338,16 @@ pub struct TokenTable {
     pub split: Vec<u8>,
     /// Distinct splits, sorted.
     pub splits: Vec<String>,
+    /// Position of each row in its forward sequence.
+    pub seq_pos: Vec<u32>,
+    /// Whether each row is a completion (answer) token.
+    pub is_completion: Vec<bool>,
+    /// Source of each row, as an index into `sources`.
+    pub source: Vec<u16>,
+    /// Distinct sources, sorted.
+    pub sources: Vec<String>,
+    /// Pair of each row's document (`None`: unpaired).
+    pub pair_id: Vec<Option<u64>>,
 }
 
 impl TokenTable {
@@ -297,13 +361,14 @@ impl TokenTable {
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
             .with_context(|| format!("{}: not a readable Parquet file", path.display()))?
             .build()?;
-        let (mut table, mut labels, mut splits) = (
+        let (mut table, mut labels, mut splits, mut sources) = (
             TokenTable::default(),
+            BTreeMap::<String, Vec<u64>>::new(),
             BTreeMap::<String, Vec<u64>>::new(),
             BTreeMap::<String, Vec<u64>>::new(),
         );
         // Rows per distinct value first, indices once the sorted value lists are known.
-        let (mut label_row, mut split_row) = (0u64, 0u64);
+        let (mut label_row, mut split_row, mut source_row) = (0u64, 0u64, 0u64);
         for batch in reader {
             let batch = batch.with_context(|| format!("reading {}", path.display()))?;
             let column = |name: &str| {
@@ -333,18 +398,57 @@ impl TokenTable {
                     .push(split_row);
                 split_row += 1;
             }
+            let old_format = || {
+                format!(
+                    "{}: no `seq_pos` column: a capture of store format 1, from before sources and \
+                     sequence positions were stored; rerun its capture stage",
+                    path.display()
+                )
+            };
+            let seq_pos = batch.column_by_name("seq_pos").with_context(old_format)?;
+            table
+                .seq_pos
+                .extend(seq_pos.as_primitive::<UInt32Type>().values());
+            table.is_completion.extend(
+                column("is_completion")?
+                    .as_boolean()
+                    .iter()
+                    .map(|b| b == Some(true)),
+            );
+            for source in column("source")?.as_string::<i32>() {
+                sources
+                    .entry(source.unwrap_or_default().to_string())
+                    .or_default()
+                    .push(source_row);
+                source_row += 1;
+            }
+            table
+                .pair_id
+                .extend(column("pair_id")?.as_primitive::<UInt64Type>().iter());
         }
         let rows = table.doc_id.len();
-        if labels.len() > u16::MAX as usize || splits.len() > u8::MAX as usize {
+        if labels.len() > u16::MAX as usize
+            || splits.len() > u8::MAX as usize
+            || sources.len() > u16::MAX as usize
+        {
             bail!(
-                "{}: {} labels and {} splits; at most {} and {} are supported",
+                "{}: {} labels, {} splits and {} sources; at most {}, {} and {} are supported",
                 path.display(),
                 labels.len(),
                 splits.len(),
+                sources.len(),
                 u16::MAX,
-                u8::MAX
+                u8::MAX,
+                u16::MAX
             );
         }
+        table.source = vec![0; rows];
+        for (i, rows) in sources.values().enumerate() {
+            for &r in rows {
+                table.source[r as usize] = i as u16;
+            }
+        }
+        table.sources = sources.into_keys().collect();
         table.label = vec![None; rows];
         for (i, rows) in labels.values().enumerate() {
             for &r in rows {
