@@ -2,8 +2,9 @@
 """Reference values for saeflow's statistics (crates/core/src/stats), from scipy and sklearn.
 
 Writes tests/fixtures/stats.json: two-sample cases (scores, classes) with sklearn's roc_auc_score, scipy's
-mannwhitneyu U and two-sided asymptotic p-value (tie and continuity corrections), and p-value lists with
-scipy's Benjamini-Hochberg q-values. Run once with scipy and scikit-learn installed; the output is committed,
+mannwhitneyu U and two-sided asymptotic p-value (tie and continuity corrections), p-value lists with
+scipy's Benjamini-Hochberg q-values, logistic regressions, numpy percentiles, and cluster-bootstrap AUROC
+intervals computed on stored draws. Run once with scipy and scikit-learn installed; the output is committed,
 so the tests need neither:
 
     python3 scripts/make_stats_fixtures.py > tests/fixtures/stats.json
@@ -83,6 +84,58 @@ for c, n, d, shift in [(1.0, 300, 5, 0.8), (0.01, 200, 3, 0.5), (10.0, 400, 8, 0
         "intercept": float(model.intercept_[0]),
     })
 
+# numpy's default (linear) percentile, for the bootstrap's interval ends.
+percentiles = []
+for values in [rng.normal(size=37), rng.random(200), np.array([1.0, 1.0, 2.0, 10.0])]:
+    q = [0.0, 2.5, 33.3, 50.0, 97.5, 100.0]
+    percentiles.append({"values": values.tolist(), "q": q, "want": np.percentile(values, q).tolist()})
+
+
+def bootstrap_case(name, scores, positive, cluster, resamples=200):
+    # Clusters in ascending id order; each draw picks cluster indices with replacement; every document of
+    # a drawn cluster enters the resample; sklearn's AUROC per resample (one-class resamples skipped);
+    # numpy's 2.5th and 97.5th percentiles.
+    scores = np.asarray(f32(scores), dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    ids = sorted(set(cluster))
+    groups = [[i for i, c in enumerate(cluster) if c == cid] for cid in ids]
+    draws = rng.integers(0, len(groups), size=(resamples, len(groups)))
+    stats = []
+    for draw in draws:
+        rows = [i for g in draw for i in groups[g]]
+        if positive[rows].all() or not positive[rows].any():
+            continue
+        stats.append(roc_auc_score(positive[rows], scores[rows]))
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return {
+        "name": name,
+        "scores": scores.tolist(),
+        "positive": positive.tolist(),
+        "cluster": [int(c) for c in cluster],
+        "draws": draws.tolist(),
+        "estimate": float(roc_auc_score(positive, scores)),
+        "low": float(low),
+        "high": float(high),
+        "resamples": len(stats),
+    }
+
+
+bootstrap = []
+# Contrast pairs: each pair one positive and one negative document, a modest shift.
+n = 80
+cluster = [i // 2 for i in range(n)]
+pos = np.array([i % 2 == 0 for i in range(n)])
+bootstrap.append(bootstrap_case("pairs", rng.normal(size=n) + 0.5 * pos, pos, cluster))
+# Unpaired documents (singleton clusters with scattered ids) and heavy ties.
+n = 60
+pos = rng.random(n) < 0.3
+bootstrap.append(bootstrap_case("singletons, ties", np.round(rng.normal(size=n) + 0.3 * pos, 0), pos,
+                                [int(c) for c in rng.permutation(10 * n)[:n]]))
+# Few positives: some resamples hold none and are skipped.
+n = 30
+pos = np.array([i < 2 for i in range(n)])
+bootstrap.append(bootstrap_case("two positives", rng.normal(size=n) + pos, pos, list(range(n))))
+
 json.dump(
     {
         "generated_by": "scripts/make_stats_fixtures.py",
@@ -91,6 +144,8 @@ json.dump(
         "two_sample": cases,
         "benjamini_hochberg": bh,
         "logistic": logistic,
+        "percentile": percentiles,
+        "cluster_bootstrap": bootstrap,
     },
     sys.stdout,
     separators=(",", ":"),

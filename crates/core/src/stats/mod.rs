@@ -1,5 +1,6 @@
 //! Statistics for labelling, evaluating and steering features: AUROC, the Mann–Whitney U test,
-//! Benjamini–Hochberg FDR control, Spearman correlation; linear probes in [`probe`]. Written here because
+//! Benjamini–Hochberg FDR control, Spearman correlation; cluster-bootstrap intervals in [`bootstrap`];
+//! linear probes in [`probe`]. Written here because
 //! no maintained crate offers a tie-corrected Mann–Whitney test or BH; the formulas follow scipy
 //! (`scipy.stats.mannwhitneyu` with `method="asymptotic"`, `scipy.stats.false_discovery_control`,
 //! `spearmanr`) and sklearn (`roc_auc_score`), and the tests compare against
@@ -9,6 +10,7 @@
 //! values; [`TwoSample::sparse`] builds the groups from the non-zero entries alone (the zeros are one group
 //! below every positive activation) in O(nnz log nnz).
 
+pub mod bootstrap;
 pub mod features;
 pub mod logistic;
 pub mod probe;
