@@ -458,12 +458,14 @@ fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Resu
         })
         .collect();
     let auroc = features.f64s(&label.test_auroc_column)?;
-    let mut best: BTreeMap<&str, Vec<(f64, u32)>> = BTreeMap::new();
+    // Ranked on validation, shown with the test AUROC: the page never picks by the number it reports.
+    let val = features.f64s(&label.val_auroc_column)?;
+    let mut best: BTreeMap<&str, Vec<(f64, f64, u32)>> = BTreeMap::new();
     for i in 0..feature.len() {
         if labelled[i] {
             best.entry(class[i].as_str())
                 .or_default()
-                .push((auroc[i], feature[i]));
+                .push((val[i], auroc[i], feature[i]));
         }
     }
     let contexts = Table::open(&e.dir.join("contexts.parquet"))?;
@@ -486,14 +488,15 @@ fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Resu
     let tokenizer = tokenizer_of(e, entries, tokenizers);
     let mut pages = String::new();
     for (c, mut list) in best {
-        list.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (a, f) in list.into_iter().take(3) {
+        list.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)));
+        for (v, a, f) in list.into_iter().take(3) {
             let _ = write!(
                 pages,
-                "<h3>feature {f} · {} · held-out AUROC ({}) {}</h3>",
+                "<h3>feature {f} · {} · AUROC ({}) {} on test, {} on validation (chosen by)</h3>",
                 escape(c),
                 escape(&unit),
-                num(a)
+                num(a),
+                num(v)
             );
             let shown: Vec<Vec<String>> = (0..cf.len())
                 .filter(|&i| cf[i] == f && cc[i] == c && ck[i] == "top")

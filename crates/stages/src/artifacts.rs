@@ -11,6 +11,9 @@ pub struct LabelSummary {
     pub json: serde_json::Value,
     /// `test_auroc` for token units, `test_auroc_<unit>` for pooled ones.
     pub test_auroc_column: String,
+    /// The same on the validation split (`val_auroc…`): what features are ranked by, so that a test AUROC
+    /// reported for a chosen feature is not the reason it was chosen.
+    pub val_auroc_column: String,
 }
 
 impl LabelSummary {
@@ -22,9 +25,11 @@ impl LabelSummary {
             .with_context(|| format!("`{stage}`: label.json is not JSON"))?;
         let test_auroc_column = test_auroc_column(&json)
             .with_context(|| format!("`{stage}`: label.json names no unit"))?;
+        let val_auroc_column = test_auroc_column.replacen("test_", "val_", 1);
         Ok(Self {
             json,
             test_auroc_column,
+            val_auroc_column,
         })
     }
 }

@@ -69,7 +69,8 @@ pub struct Explain;
 impl Stage for Explain {
     type Params = ExplainParams;
     const KIND: &'static str = "explain";
-    const VERSION: u32 = 1;
+    // 2: pairs to explain are ranked by validation AUROC (was: test).
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Explain labelled features with an OpenAI-compatible LLM and score the explanations by detection";
 
@@ -130,6 +131,8 @@ struct Excerpt {
 struct Pair {
     feature: u32,
     class: String,
+    /// What pairs are ranked by (never the test split they are reported on).
+    val_auroc: f64,
     test_auroc: f64,
 }
 
@@ -273,29 +276,31 @@ fn run(p: &ExplainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Labelled pairs of the label stage, largest |held-out AUROC − 0.5| first (the AUROC of its `unit`).
+/// Labelled pairs of the label stage, largest |validation AUROC − 0.5| first (the AUROC of its `unit`).
 fn chosen_pairs(p: &ExplainParams, dir: &Path) -> anyhow::Result<Vec<Pair>> {
-    let column = crate::artifacts::LabelSummary::read(dir, &p.labels)?.test_auroc_column;
+    let summary = crate::artifacts::LabelSummary::read(dir, &p.labels)?;
     let mut pairs = Vec::new();
     for batch in saeflow_core::data::parquet::read_batches(&dir.join("features.parquet"))? {
         let feature = batch_column(&batch, "feature")?.as_primitive::<UInt32Type>();
         let class = batch_column(&batch, "class")?.as_string::<i32>();
         let labelled = batch_column(&batch, "labelled")?.as_boolean();
-        let auroc = batch_column(&batch, &column)?.as_primitive::<Float64Type>();
+        let auroc = batch_column(&batch, &summary.test_auroc_column)?.as_primitive::<Float64Type>();
+        let val = batch_column(&batch, &summary.val_auroc_column)?.as_primitive::<Float64Type>();
         for i in 0..batch.num_rows() {
             if labelled.value(i) {
                 pairs.push(Pair {
                     feature: feature.value(i),
                     class: class.value(i).to_string(),
+                    val_auroc: val.value(i),
                     test_auroc: auroc.value(i),
                 });
             }
         }
     }
     pairs.sort_by(|a, b| {
-        (b.test_auroc - 0.5)
+        (b.val_auroc - 0.5)
             .abs()
-            .total_cmp(&(a.test_auroc - 0.5).abs())
+            .total_cmp(&(a.val_auroc - 0.5).abs())
             .then(a.feature.cmp(&b.feature))
             .then(a.class.cmp(&b.class))
     });
@@ -490,6 +495,12 @@ fn write_outputs(
             "class",
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| r.0.class.as_str()),
+            )),
+        ),
+        (
+            "val_auroc",
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.0.val_auroc),
             )),
         ),
         (

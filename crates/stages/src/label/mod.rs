@@ -53,6 +53,38 @@ pub enum Unit {
     Token,
 }
 
+impl Unit {
+    /// The statistics of `s` in this unit.
+    pub fn of(self, s: &FeatureClass) -> saeflow_core::stats::TwoSample {
+        match self {
+            Unit::DocMean => s.doc_mean,
+            Unit::DocMax => s.doc_max,
+            Unit::Token => s.token,
+        }
+    }
+}
+
+/// The feature reported as `class`'s best: among those labelled with it and detecting it (validation
+/// AUROC above 0.5), the one with the highest *validation* AUROC in `unit` (ties: the lower feature). Chosen
+/// on validation so that its test AUROC is an unbiased estimate, like the baselines' (choosing by test
+/// AUROC would pick the luckiest of many features). Returns an index into the stats.
+fn best_on_val(
+    fit: &[FeatureClass],
+    val: &[FeatureClass],
+    labelled: &[bool],
+    class: u16,
+    unit: Unit,
+) -> Option<usize> {
+    (0..fit.len())
+        .filter(|&i| labelled[i] && fit[i].class == class && unit.of(&val[i]).auroc > 0.5)
+        .max_by(|&a, &b| {
+            unit.of(&val[a])
+                .auroc
+                .total_cmp(&unit.of(&val[b]).auroc)
+                .then(val[b].feature.cmp(&val[a].feature))
+        })
+}
+
 /// Parameters of a `label` stage.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -144,7 +176,8 @@ pub struct Label;
 impl Stage for Label {
     type Params = LabelParams;
     const KIND: &'static str = "label";
-    const VERSION: u32 = 3;
+    // 4: the best feature is chosen on the validation split (was: test); val AUROCs in features.parquet.
+    const VERSION: u32 = 4;
     const ABOUT: &'static str =
         "Label SAE features with the classes they detect (rank tests, FDR control, held-out AUROC, DiffMean baseline)";
 
@@ -320,15 +353,15 @@ impl Stage for Label {
             .into_iter()
             .filter(chosen)
             .collect();
+        let val_stats: Vec<FeatureClass> = feature_classes(&codes, &tokens, val, names.len())
+            .into_iter()
+            .filter(chosen)
+            .collect();
         let test_stats: Vec<FeatureClass> = feature_classes(&codes, &tokens, test, names.len())
             .into_iter()
             .filter(chosen)
             .collect();
-        let tested = |s: &FeatureClass| match p.unit {
-            Unit::DocMean => s.doc_mean,
-            Unit::DocMax => s.doc_max,
-            Unit::Token => s.token,
-        };
+        let tested = |s: &FeatureClass| p.unit.of(s);
         let q = benjamini_hochberg(&fit_stats.iter().map(|s| tested(s).p).collect::<Vec<_>>());
         let labelled: Vec<bool> = fit_stats
             .iter()
@@ -369,6 +402,7 @@ impl Stage for Label {
             &[features_batch(
                 &names,
                 &fit_stats,
+                &val_stats,
                 &test_stats,
                 &q,
                 &labelled,
@@ -423,13 +457,9 @@ impl Stage for Label {
         let unit_name = unit_name.as_str().unwrap_or("unit");
         let mut summary = serde_json::Map::new();
         for (i, (&c, name)) in classes.iter().zip(&tested_names).enumerate() {
+            let best = best_on_val(&fit_stats, &val_stats, &labelled, c, p.unit)
+                .map(|b| ((&fit_stats[b], &test_stats[b]), &val_stats[b]));
             let c = c as usize;
-            let best = fit_stats
-                .iter()
-                .zip(&test_stats)
-                .zip(&labelled)
-                .filter(|((s, _), &l)| l && s.class as usize == c && tested(s).auroc > 0.5)
-                .max_by(|a, b| tested(a.0 .1).auroc.total_cmp(&tested(b.0 .1).auroc));
             let count = fit_stats
                 .iter()
                 .zip(&labelled)
@@ -440,6 +470,8 @@ impl Stage for Label {
                 json!({
                     "labelled_features": count,
                     "best_feature": best.map(|((s, _), _)| s.feature),
+                    "best_feature_chosen_on": &p.val_split,
+                    "best_feature_val_auroc": best.map(|(_, v)| tested(v).auroc),
                     "best_feature_test_auroc": best.map(|((_, t), _)| t.token.auroc),
                     "best_feature_test_auroc_doc_max": best.map(|((_, t), _)| t.doc_max.auroc),
                     "best_feature_test_auroc_doc_mean": best.map(|((_, t), _)| t.doc_mean.auroc),
@@ -479,6 +511,7 @@ impl Stage for Label {
                 "classes": tested_names,
                 "versus": p.versus,
                 "fit_split": p.fit_split,
+                "val_split": p.val_split,
                 "test_split": p.test_split,
                 "alpha": p.alpha,
                 "unit": p.unit,
@@ -490,5 +523,56 @@ impl Stage for Label {
         )?;
         ctx.metrics.insert("labelled".into(), json!(labelled_total));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saeflow_core::stats::TwoSample;
+
+    /// A (feature, class 0) row whose doc-mean AUROC is `auroc`.
+    fn stat(feature: u32, auroc: f64) -> FeatureClass {
+        let t = TwoSample {
+            n_pos: 10,
+            n_neg: 10,
+            u: auroc * 100.0,
+            auroc,
+            p: 0.001,
+        };
+        FeatureClass {
+            feature,
+            class: 0,
+            fire_pos: 0.0,
+            fire_neg: 0.0,
+            mean_pos: 0.0,
+            mean_neg: 0.0,
+            active_mean_pos: 0.0,
+            active_mean_neg: 0.0,
+            token: t,
+            doc_max: t,
+            doc_mean: t,
+        }
+    }
+
+    #[test]
+    fn a_feature_best_on_test_but_not_on_val_is_not_chosen() {
+        let fit = [stat(0, 0.9), stat(1, 0.9), stat(2, 0.9), stat(3, 0.99)];
+        let val = [stat(0, 0.80), stat(1, 0.70), stat(2, 0.40), stat(3, 0.95)];
+        // Test AUROCs are not even an input. Feature 3 is the best on val but not labelled.
+        let labelled = [true, true, true, false];
+        assert_eq!(
+            best_on_val(&fit, &val, &labelled, 0, Unit::DocMean),
+            Some(0)
+        );
+        // Ties on val go to the lower feature; nothing above 0.5 on val means no best feature.
+        let tied = [stat(0, 0.8), stat(1, 0.8), stat(2, 0.4), stat(3, 0.95)];
+        assert_eq!(
+            best_on_val(&fit, &tied, &labelled, 0, Unit::DocMean),
+            Some(0)
+        );
+        let below = [stat(0, 0.5), stat(1, 0.3), stat(2, 0.4), stat(3, 0.95)];
+        assert_eq!(best_on_val(&fit, &below, &labelled, 0, Unit::DocMean), None);
+        assert_eq!(best_on_val(&fit, &val, &labelled, 1, Unit::DocMean), None);
     }
 }

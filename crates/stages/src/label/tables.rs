@@ -22,6 +22,7 @@ use super::LabelParams;
 pub(super) fn features_batch(
     names: &[&str],
     fit: &[FeatureClass],
+    val: &[FeatureClass],
     test: &[FeatureClass],
     q: &[f64],
     labelled: &[bool],
@@ -33,7 +34,7 @@ pub(super) fn features_batch(
     let mut floats: Vec<Float64Builder> = (0..FLOAT_COLUMNS.len())
         .map(|_| Float64Builder::new())
         .collect();
-    for (i, (s, t)) in fit.iter().zip(test).enumerate() {
+    for (i, ((s, v), t)) in fit.iter().zip(val).zip(test).enumerate() {
         feature.append_value(s.feature);
         class.append_value(names[s.class as usize]);
         flag.append_value(labelled[i]);
@@ -62,6 +63,9 @@ pub(super) fn features_batch(
             t.doc_max.auroc,
             t.doc_mean.auroc,
             t.token.p,
+            v.token.auroc,
+            v.doc_max.auroc,
+            v.doc_mean.auroc,
         ];
         for (b, v) in floats.iter_mut().zip(values) {
             b.append_value(v);
@@ -85,7 +89,7 @@ pub(super) fn features_batch(
 }
 
 /// The f64 columns of `features.parquet`, in order (`schemas/label.md`).
-const FLOAT_COLUMNS: [&str; 17] = [
+const FLOAT_COLUMNS: [&str; 20] = [
     "fire_rate",
     "fire_rate_rest",
     "mean",
@@ -103,6 +107,9 @@ const FLOAT_COLUMNS: [&str; 17] = [
     "test_auroc_doc_max",
     "test_auroc_doc_mean",
     "test_p",
+    "val_auroc",
+    "val_auroc_doc_max",
+    "val_auroc_doc_mean",
 ];
 
 /// Top and random active contexts of every labelled (feature, class): the token, its document, its

@@ -137,7 +137,8 @@ impl Stage for Steer {
     type Params = SteerParams;
     const KIND: &'static str = "steer";
     // 2: the CPU forward runs on hand-written kernels (same values to float rounding, other bits).
-    const VERSION: u32 = 2;
+    // 3: `top:<class>` ranks labelled features by validation AUROC (was: test).
+    const VERSION: u32 = 3;
     const ABOUT: &'static str = "Steer SAE features (add / clamp / ablate) or a DiffMean direction while generating, and measure the effects";
 
     fn references(p: &SteerParams) -> References {

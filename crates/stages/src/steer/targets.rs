@@ -81,7 +81,8 @@ pub(super) fn read_labels(name: &str, dir: &Path, device: &Device) -> anyhow::Re
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let unit_column = summary.test_auroc_column;
+    // Ranked by validation AUROC: `top:<class>` must not choose by the test split it is judged on.
+    let unit_column = summary.val_auroc_column;
     let path = dir.join("features.parquet");
     let file =
         std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -108,7 +109,7 @@ pub(super) fn read_labels(name: &str, dir: &Path, device: &Device) -> anyhow::Re
         let (rate, rate_rest) = (f64s("fire_rate")?, f64s("fire_rate_rest")?);
         let (active, active_rest) = (f64s("mean_active")?, f64s("mean_active_rest")?);
         let (n_pos, n_neg) = (counts("n_pos")?, counts("n_neg")?);
-        let test_auroc = f64s(&unit_column)?;
+        let val_auroc = f64s(&unit_column)?;
         for i in 0..batch.num_rows() {
             let (fires, fires_rest) = (rate[i] * n_pos[i] as f64, rate_rest[i] * n_neg[i] as f64);
             if fires + fires_rest > 0.0 {
@@ -120,7 +121,7 @@ pub(super) fn read_labels(name: &str, dir: &Path, device: &Device) -> anyhow::Re
                 ranked
                     .entry(class.value(i).to_string())
                     .or_default()
-                    .push((test_auroc[i], feature.value(i)));
+                    .push((val_auroc[i], feature.value(i)));
             }
         }
     }
