@@ -56,6 +56,7 @@ fn synthetic(dir: &Path, seed: u64, shuffle: bool) -> (PathBuf, PathBuf) {
                 label: Some((if labels[d as usize] { "A" } else { "B" }).into()),
                 split: split.into(),
                 is_completion: false,
+                source: "synthetic".into(),
                 ..Default::default()
             });
             let mut x: Vec<f32> = (0..D).map(|_| noise.sample(&mut rng)).collect();
@@ -179,6 +180,41 @@ fn the_planted_feature_gets_its_class_and_a_held_out_auroc_above_095() {
         a["sparse_probe_test_auroc"]["1"].as_f64().unwrap() > 0.95,
         "{a}"
     );
+    // Per document, every method on the same unit with a 95% interval: the planted feature, DiffMean, the
+    // probes find class A; the nulls (shuffled labels, the lone source, bags of noise tokens) do not.
+    let docs = &a["documents"];
+    for method in ["best_feature", "diffmean", "logistic"] {
+        let m = &docs[method];
+        let (auroc, low, high) = (
+            m["auroc"].as_f64().unwrap(),
+            m["low"].as_f64().unwrap(),
+            m["high"].as_f64().unwrap(),
+        );
+        assert!(
+            auroc > 0.95 && low <= auroc && auroc <= high && low > 0.85,
+            "{method}: {m}"
+        );
+    }
+    for method in [
+        "shuffled_diffmean",
+        "shuffled_logistic",
+        "source_only",
+        "lexical",
+    ] {
+        let m = &docs[method];
+        let (low, high) = (m["low"].as_f64().unwrap(), m["high"].as_f64().unwrap());
+        assert!(
+            low < 0.5 + 0.05 && high > 0.5 - 0.05 && high - low < 0.4,
+            "{method}: {m}"
+        );
+    }
+    let evaluation = read_parquet(&object.join("evaluation.parquet"));
+    let scope = evaluation
+        .column_by_name("scope")
+        .unwrap()
+        .as_string::<i32>();
+    assert!((0..evaluation.num_rows())
+        .all(|i| ["pooled", "source:synthetic"].contains(&scope.value(i))));
     let probes = read_parquet(&object.join("probes.parquet"));
     let method = probes.column_by_name("method").unwrap().as_string::<i32>();
     let chosen = probes.column_by_name("features").unwrap().as_list::<i32>();

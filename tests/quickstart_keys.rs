@@ -34,15 +34,15 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "labels[sae.k=16]",
-        "4aff074bf27c88d599179598713101cc4ce0fff594b7e08f0aa021c00c9a1d19",
+        "5b8c78afadbf876f2de00576f024ece25443ea933da874e17aeb63ac4a9034d1",
     ),
     (
         "labels[sae.k=4]",
-        "781df516fad2337de8ad4909d84aea260aee7ee45e78b7a6372914e8aa95ab7a",
+        "61799f2fe414e0edf34b4c981479664e28759136efcb04fa5db55f2435a77a99",
     ),
     (
         "labels[sae.k=8]",
-        "2a1d9e2d51380957a18aa2107f89caafbef33c26b0d46bef0734416fb160d68a",
+        "27de408a4f84a71f834734652aafa5de6e42434d100f1800ff10f0d02fc6c148",
     ),
     (
         "sae[k=16]",
@@ -58,15 +58,15 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "steer[sae.k=16]",
-        "045baca2311945005d92368c552ca6f3cf12cff3fb95566454cc34d23791c80d",
+        "86fae6bef573200b8e12b0c595db3f30768a6cbe5554b712580a703b66207a5e",
     ),
     (
         "steer[sae.k=4]",
-        "9967c23c7b0480f938800d750ab203edc47e9b084f172ecc8d201eb837ae927e",
+        "741b9a03ce1f3786744e6424d0ba97a002750a974722047c0fc41a40c6527390",
     ),
     (
         "steer[sae.k=8]",
-        "773899717fc30504a843ba06073d02380ce295508a2c64b8a45f06033bc0aa70",
+        "045a9f381c91121588245f0c07cb6b0d01d5634c4ff0523e9dceb4c6bbe61d3d",
     ),
 ];
 

@@ -106,8 +106,20 @@ fn report_shows_every_section_and_renders_cleanly() {
         }
         assert!(s.contains("<svg"), "{id} has a chart");
     }
-    // Contexts are decoded text with the token marked, not token ids.
+    // Every method on one unit with an interval, baselines beside them.
     let labels = section(&page, "labels");
+    for method in [
+        "best_feature",
+        "diffmean",
+        "logistic",
+        "lexical",
+        "source_only",
+        "shuffled_diffmean",
+    ] {
+        assert!(labels.contains(&format!("<td>{method}</td>")), "{method}");
+    }
+    assert!(labels.contains("AUROC [95% interval]"));
+    // Contexts are decoded text with the token marked, not token ids.
     assert!(labels.contains("<mark>"), "contexts shown");
     assert!(
         !labels.contains("<mark>["),

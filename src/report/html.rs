@@ -514,12 +514,55 @@ fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Resu
             pages += &table(&["activation", "top context (the token marked)"], &shown);
         }
     }
+    let documents = document_table(e)?;
     Ok(format!(
         "<h3>{}</h3><p class=\"note\">Labels need q &lt; α on the fit split; the numbers are held out (test split).</p>{}\
-         <div class=\"charts\">{auroc_chart}</div>{pages}",
+         {documents}<div class=\"charts\">{auroc_chart}</div>{pages}",
         escape(&e.name),
         table(
             &["class", "labelled", "best feature", &format!("its AUROC ({unit})"), "its AUROC (token)", "DiffMean", "logistic"],
+            &rows
+        )
+    ))
+}
+
+/// Every method per document (pooled test documents) with its 95% interval and within-pair AUROC, from
+/// `evaluation.parquet`; empty for label objects without one.
+fn document_table(e: &Entry) -> anyhow::Result<String> {
+    let path = e.dir.join("evaluation.parquet");
+    if !path.is_file() {
+        return Ok(String::new());
+    }
+    let t = Table::open(&path)?;
+    let (class, method, scope) = (
+        t.strings("class")?,
+        t.strings("method")?,
+        t.strings("scope")?,
+    );
+    let (auroc, low, high, pair) = (
+        t.f64s("auroc")?,
+        t.f64s("auroc_low")?,
+        t.f64s("auroc_high")?,
+        t.f64s("within_pair_auroc")?,
+    );
+    let (n_pos, n_neg) = (t.u64s("n_pos")?, t.u64s("n_neg")?);
+    let rows: Vec<Vec<String>> = (0..class.len())
+        .filter(|&i| scope[i] == "pooled")
+        .map(|i| {
+            vec![
+                escape(&class[i]),
+                escape(&method[i]),
+                format!("{} [{}, {}]", num(auroc[i]), num(low[i]), num(high[i])),
+                num(pair[i]),
+                format!("{} / {}", n_pos[i], n_neg[i]),
+            ]
+        })
+        .collect();
+    Ok(format!(
+        "<p class=\"note\">One unit for every method: documents (mean over stored positions), test split, \
+         95% bootstrap intervals with pairs drawn together; per-source rows in evaluation.parquet.</p>{}",
+        table(
+            &["class", "method", "AUROC [95% interval]", "within pairs", "test documents (class / rest)"],
             &rows
         )
     ))

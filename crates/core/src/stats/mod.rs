@@ -10,6 +10,7 @@
 //! values; [`TwoSample::sparse`] builds the groups from the non-zero entries alone (the zeros are one group
 //! below every positive activation) in O(nnz log nnz).
 
+pub mod baselines;
 pub mod bootstrap;
 pub mod features;
 pub mod logistic;

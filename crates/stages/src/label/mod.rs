@@ -16,6 +16,7 @@
 
 mod classes;
 mod directions;
+mod documents;
 mod tables;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ use serde_json::json;
 use crate::shared::SaeOnCapture;
 use classes::{check_splits, choose_classes, split_of, versus_labels};
 use directions::{diffmean_directions, score_test};
+use documents::{evaluate, evaluation_batch, Docs, Setting};
 use saeflow_core::cancel::Cancelled;
 use saeflow_core::data::activations::{ReadOptions, TokenTable};
 use saeflow_core::stats::benjamini_hochberg;
@@ -137,6 +139,9 @@ pub struct LabelParams {
     /// Tokens encoded at once.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// Bootstrap resamples behind every 95% interval of `evaluation.parquet`.
+    #[serde(default = "default_resamples")]
+    pub resamples: usize,
 }
 
 fn default_fit() -> String {
@@ -169,6 +174,9 @@ fn default_window() -> usize {
 fn default_batch() -> usize {
     4096
 }
+fn default_resamples() -> usize {
+    1000
+}
 
 /// The `label` stage kind.
 pub struct Label;
@@ -176,7 +184,8 @@ pub struct Label;
 impl Stage for Label {
     type Params = LabelParams;
     const KIND: &'static str = "label";
-    // 4: the best feature is chosen on the validation split (was: test); val AUROCs in features.parquet.
+    // 4: the best feature is chosen on the validation split (was: test); val AUROCs in features.parquet;
+    // evaluation.parquet: every method per document, with intervals and baselines.
     const VERSION: u32 = 4;
     const ABOUT: &'static str =
         "Label SAE features with the classes they detect (rank tests, FDR control, held-out AUROC, DiffMean baseline)";
@@ -231,6 +240,13 @@ impl Stage for Label {
             return Err(ParamError {
                 at: key_path(&["probe_tokens"]),
                 message: "`probe_tokens` must be at least 2".into(),
+            });
+        }
+        if p.resamples < 100 {
+            return Err(ParamError {
+                at: key_path(&["resamples"]),
+                message: "`resamples` must be at least 100 for a 95% interval to mean anything"
+                    .into(),
             });
         }
         if p.batch_size == 0 {
@@ -315,6 +331,7 @@ impl Stage for Label {
         // One pass: sparse codes of every token, per-class sums of the raw activations (fit split), and the
         // probes' samples.
         let mut codes = Codes::new(sae.d_sae());
+        let mut docs = Docs::new(&table, &tokens, d);
         let mut class_sums = vec![vec![0f64; d]; names.len()];
         let options = ReadOptions {
             batch_size: p.batch_size,
@@ -334,6 +351,7 @@ impl Stage for Label {
             let acts = batch.acts.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             for (row, x) in batch.rows.iter().zip(&acts) {
                 let r = *row as usize;
+                docs.add(r, x);
                 if let (Some(c), true) = (tokens.class[r], tokens.split[r] == fit) {
                     for (s, v) in class_sums[c as usize].iter_mut().zip(x) {
                         *s += *v as f64;
@@ -347,6 +365,7 @@ impl Stage for Label {
             }
             ctx.progress.inc(batch.rows.len() as u64);
         }
+        docs.finish();
 
         let chosen = |s: &FeatureClass| classes.contains(&s.class);
         let fit_stats: Vec<FeatureClass> = feature_classes(&codes, &tokens, fit, names.len())
@@ -452,6 +471,32 @@ impl Stage for Label {
             out.join("directions.safetensors"),
         )?;
 
+        // Every method on one unit (documents), with intervals and baselines.
+        ctx.log("scoring every method per document, with baselines and 95% intervals");
+        let bests: Vec<(u16, Option<u32>)> = classes
+            .iter()
+            .map(|&c| {
+                let best = best_on_val(&fit_stats, &val_stats, &labelled, c, p.unit);
+                (c, best.map(|b| fit_stats[b].feature))
+            })
+            .collect();
+        let evaluated = evaluate(
+            &docs,
+            &codes,
+            &bests,
+            &Setting {
+                names: &names,
+                sources: &table.sources,
+                splits: (fit, val, test),
+                resamples: p.resamples,
+                seed: ctx.seed,
+            },
+        );
+        saeflow_core::data::parquet::write_batches(
+            &out.join("evaluation.parquet"),
+            &[evaluation_batch(&evaluated)?],
+        )?;
+
         // Summary: per class, how many features were labelled and the best of them on held-out data.
         let unit_name = serde_json::to_value(p.unit)?;
         let unit_name = unit_name.as_str().unwrap_or("unit");
@@ -484,8 +529,35 @@ impl Stage for Label {
                         .map(|sp| (sp.k.to_string(), sp.test.auroc))
                         .collect::<BTreeMap<_, _>>(),
                     "fit_tokens": fit_counts[c],
+                    "documents": evaluated
+                        .iter()
+                        .filter(|e| e.class == *name && e.scope == "pooled")
+                        .map(|e| (e.method.clone(), json!({
+                            "auroc": e.interval.map(|i| i.estimate),
+                            "low": e.interval.map(|i| i.low),
+                            "high": e.interval.map(|i| i.high),
+                            "within_pair": e.within_pair,
+                            "n_pos": e.n_pos,
+                            "n_neg": e.n_neg,
+                        })))
+                        .collect::<serde_json::Map<_, _>>(),
                 }),
             );
+            let pooled: Vec<String> = evaluated
+                .iter()
+                .filter(|e| e.class == *name && e.scope == "pooled")
+                .map(|e| match e.interval {
+                    Some(i) => format!(
+                        "{} {:.3} [{:.3}, {:.3}]",
+                        e.method, i.estimate, i.low, i.high
+                    ),
+                    None => format!("{} –", e.method),
+                })
+                .collect();
+            ctx.log(&format!(
+                "{name}, per document (test split, 95% intervals): {}",
+                pooled.join("; ")
+            ));
             ctx.log(&format!(
                 "{name}: {count} features labelled; best held-out AUROC {}; per token: DiffMean {:.3}, \
                  logistic {:.3}",
