@@ -30,6 +30,16 @@ const PLANTED: usize = 5;
 /// documents (the planted direction stays with the original A documents). Splits by document: 70% train,
 /// 15% val, 15% test.
 fn synthetic(dir: &Path, seed: u64, shuffle: bool) -> (PathBuf, PathBuf) {
+    synthetic_with(dir, seed, shuffle, |_| "synthetic")
+}
+
+/// [`synthetic`] with each document's source named by `source_of(doc)`.
+fn synthetic_with(
+    dir: &Path,
+    seed: u64,
+    shuffle: bool,
+    source_of: fn(u64) -> &'static str,
+) -> (PathBuf, PathBuf) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let docs = 400u64;
     let per_doc = 10;
@@ -56,7 +66,7 @@ fn synthetic(dir: &Path, seed: u64, shuffle: bool) -> (PathBuf, PathBuf) {
                 label: Some((if labels[d as usize] { "A" } else { "B" }).into()),
                 split: split.into(),
                 is_completion: false,
-                source: "synthetic".into(),
+                source: source_of(d).into(),
                 ..Default::default()
             });
             let mut x: Vec<f32> = (0..D).map(|_| noise.sample(&mut rng)).collect();
@@ -325,6 +335,23 @@ fn bad_inputs_fail_with_the_reason() {
         "`A` is in both `classes` and `versus`",
     );
     fails(&sae, "versus = [\"B\"]", "`versus` needs `classes`");
+    // A source with fit documents and no test documents could never be tested.
+    let other = tempfile::tempdir().unwrap();
+    let (lopsided, lopsided_sae) = synthetic_with(other.path(), 3, false, |d| {
+        if d % 20 == 0 {
+            "train_only"
+        } else {
+            "synthetic"
+        }
+    });
+    label_pipeline(dir.path(), &lopsided, &lopsided_sae, "");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("FAILED labels: source `train_only` has 20 labelled documents in `train` but none in `test`"),
+        "{}",
+        text(&out)
+    );
     // One class against the rest is fine, on any split.
     label_pipeline(
         dir.path(),

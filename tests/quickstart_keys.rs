@@ -3,7 +3,7 @@
 //! computed by `main` at 102f4bb, before the crates were split, and moved once since, deliberately: capture
 //! VERSION 3 (store format 2 with sources, pairs and sequence positions; sequence-start sinks left out) moved
 //! `acts` and everything downstream of it; label VERSION 4 and steer VERSION 3 (features chosen on validation,
-//! not test) moved `labels` and `steer`. A deliberate change to a stage kind bumps its `VERSION` and
+//! not test) moved `labels` and `steer`; dataset VERSION 2 (stratified splits) moved every key. A deliberate change to a stage kind bumps its `VERSION` and
 //! updates the values here, saying why in the commit.
 
 use std::collections::BTreeMap;
@@ -14,59 +14,59 @@ use saeflow_runner::plan::FileHasher;
 const PINNED: &[(&str, &str)] = &[
     (
         "acts",
-        "5c8ce937c05864532bd16cd00c270b5c266adbe581528d8b46e99a57e67c34a8",
+        "18f2367ffa10c39bb37b4f2b232568006f68ae82772dbd421910677a4a5358b3",
     ),
     (
         "data",
-        "f77abed2126240e7794114085a4d711bd535f5b572c5255c873ab5712498290f",
+        "5d5c6665c702776f19cd8381232b4feec6458cec1fb96f9c88e6f18b3da9ba9d",
     ),
     (
         "eval[sae.k=16]",
-        "3b700b3fb8cc9d1f77fffbce05fe10e701fb23f32540c64577109317587eefcb",
+        "a51c661e7ba57ff76686703857e2f6a3dc2b0c30a10f4ea519304cbeb75e398d",
     ),
     (
         "eval[sae.k=4]",
-        "2707afde2f2d49b6781b6999f459a72115d92c46610933f08b8278b4bca95cdc",
+        "20c3fb08cf65e5cb26a80274f38ea6e1fb14e2fffbd0b8f14e0f44b22a1bfe78",
     ),
     (
         "eval[sae.k=8]",
-        "15c325aa36e9f953c3758e4e48c955e6cc9dd6341e64830196cea7019015bbde",
+        "7cdc10044518f22d4ef70d4de5c96579b72191d7f5a767deb0757f6f62e5b646",
     ),
     (
         "labels[sae.k=16]",
-        "5b8c78afadbf876f2de00576f024ece25443ea933da874e17aeb63ac4a9034d1",
+        "f4f4c3b1a130a53de7d77b6bdf066de3ff7fa7242fd1a750e7a8e05ee19f50bc",
     ),
     (
         "labels[sae.k=4]",
-        "61799f2fe414e0edf34b4c981479664e28759136efcb04fa5db55f2435a77a99",
+        "212942cf1877d49e572efc857bd13877ae15aeca2915e11ee2794eeee502e8a9",
     ),
     (
         "labels[sae.k=8]",
-        "27de408a4f84a71f834734652aafa5de6e42434d100f1800ff10f0d02fc6c148",
+        "1bf0b7030c35e5ed2585673e9462df0a26c6b1acc133df95efd4a562d5329618",
     ),
     (
         "sae[k=16]",
-        "4be926b7f26e0284a19593a392fe95044f3d57171a73a8e82033a1027b778b66",
+        "c1ca248e62f6832e3c5f1a7111ddf388419ceb69bab898a42311120e1ee4cfdb",
     ),
     (
         "sae[k=4]",
-        "7cf8c2c1925d880eecdcfbd92ed8a56ebe5f49484f166f1acfcf2b42deb6e12a",
+        "e47c9d7a9d45c8cf497d0c356e46a9540a64cfe710b17db2dd8370a0379e90f0",
     ),
     (
         "sae[k=8]",
-        "54aa0100cb4dc9d921713267b3321531316a90bcc1bb9f3591e167f427217d66",
+        "fcac1dd0c0c4187eb38aeb05523c0e661f8e95ea197a244558a66f9b23c152d5",
     ),
     (
         "steer[sae.k=16]",
-        "86fae6bef573200b8e12b0c595db3f30768a6cbe5554b712580a703b66207a5e",
+        "3add01e71fd9f4412913a8914759a8d6bbf5be7d4dfa6f67564179feb2c22664",
     ),
     (
         "steer[sae.k=4]",
-        "741b9a03ce1f3786744e6424d0ba97a002750a974722047c0fc41a40c6527390",
+        "d55abb7618148f3e340b485e010a22c5aee08cfb3bf2ed2ce2b8000396e912ae",
     ),
     (
         "steer[sae.k=8]",
-        "045a9f381c91121588245f0c07cb6b0d01d5634c4ff0523e9dceb4c6bbe61d3d",
+        "d8a45859a1ada446b0ef0972990c586189cd4daf3dbd6e76af7ad52d5cbbba34",
     ),
 ];
 

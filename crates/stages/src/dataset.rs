@@ -155,7 +155,8 @@ fn source_error(i: usize, key: &str, message: String) -> ParamError {
 impl Stage for Dataset {
     type Params = DatasetParams;
     const KIND: &'static str = "dataset";
-    const VERSION: u32 = 1;
+    // 2: splits cut per stratum (source, label) at the fractions; sources without upstream test rows re-split.
+    const VERSION: u32 = 2;
     const ABOUT: &'static str =
         "Labelled text rows from dataset presets, local files, URLs or the Hugging Face hub";
 
@@ -340,7 +341,12 @@ impl Stage for Dataset {
         } else {
             0
         };
-        select::assign_splits(&mut all, &p.splits, ctx.seed);
+        for source in select::assign_splits(&mut all, &p.splits, ctx.seed) {
+            ctx.log(&format!(
+                "source `{source}` has no upstream test rows: its rows are re-split (grouped by pair, by the \
+                 `splits` fractions) so that it is tested too"
+            ));
+        }
         let mut ids = std::collections::BTreeSet::new();
         if let Some(dup) = all.iter().find(|r| !ids.insert(r.doc_id)) {
             bail!("two sources produced the same row (doc_id {}, source `{}`); give them different `name`s", dup.doc_id, dup.source);

@@ -68,24 +68,85 @@ pub fn split_order(fractions: &BTreeMap<String, f64>) -> Vec<(&str, f64)> {
     names
 }
 
-/// Assigns a split to every row without an upstream one, by a seeded hash of its group, so that paired
-/// rows always land in the same split.
-pub fn assign_splits(rows: &mut [Row], fractions: &BTreeMap<String, f64>, seed: u64) {
+/// Assigns splits, grouped and stratified: paired rows (same `pair_id`) always share a split, and within
+/// each stratum — a source, and for unpaired rows their label too — the groups are ordered by a seeded hash
+/// and cut at the fractions, so every source (and label) gets its share of every split rather than a
+/// hash-dependent one. Upstream splits are kept for a source only when they include `test`: a source whose
+/// upstream data has no test rows (lie_detector's train/validation) is re-split whole, since a detector
+/// that is never tested on a source says nothing about it. Returns the sources re-split that way.
+pub fn assign_splits(
+    rows: &mut [Row],
+    fractions: &BTreeMap<String, f64>,
+    seed: u64,
+) -> Vec<String> {
+    // Sources whose upstream splits lack `test` lose them.
+    let mut upstream: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for r in rows.iter() {
+        if let Some(s) = &r.split {
+            upstream.entry(&r.source).or_default().insert(s);
+        }
+    }
+    let resplit: Vec<String> = upstream
+        .iter()
+        .filter(|(_, splits)| !splits.contains("test"))
+        .map(|(source, _)| source.to_string())
+        .collect();
+    for r in rows.iter_mut() {
+        if resplit.contains(&r.source) {
+            r.split = None;
+        }
+    }
+
+    // Groups without a split, by stratum: (source, the group's label when it has one label, else none).
+    let mut labels_of: BTreeMap<u64, BTreeSet<Option<&str>>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.split.is_none()) {
+        labels_of
+            .entry(group(r))
+            .or_default()
+            .insert(r.label.as_deref());
+    }
+    let mut strata: BTreeMap<(String, Option<String>), Vec<(u64, u64)>> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for r in rows.iter().filter(|r| r.split.is_none()) {
+        let g = group(r);
+        if !seen.insert(g) {
+            continue;
+        }
+        let labels = &labels_of[&g];
+        let label = (labels.len() == 1)
+            .then(|| labels.iter().next().copied().flatten().map(str::to_string))
+            .flatten();
+        strata
+            .entry((r.source.clone(), label))
+            .or_default()
+            .push((rank(seed, "split", r), g));
+    }
     let order = split_order(fractions);
     let total: f64 = order.iter().map(|(_, f)| f).sum();
-    for row in rows.iter_mut().filter(|r| r.split.is_none()) {
-        let u = rank(seed, "split", row) as f64 / u64::MAX as f64 * total;
+    let mut split_of: BTreeMap<u64, &str> = BTreeMap::new();
+    for groups in strata.values_mut() {
+        groups.sort_unstable();
+        let n = groups.len();
+        // Cut points at the cumulative fractions; a split's share is exact up to rounding.
+        let mut start = 0;
         let mut acc = 0.0;
-        let mut chosen = order.last().map(|(n, _)| *n).unwrap_or("train");
-        for (name, f) in &order {
+        for (k, (name, f)) in order.iter().enumerate() {
             acc += f;
-            if u < acc {
-                chosen = name;
-                break;
+            let end = if k + 1 == order.len() {
+                n
+            } else {
+                ((acc / total * n as f64).round() as usize).clamp(start, n)
+            };
+            for &(_, g) in &groups[start..end] {
+                split_of.insert(g, name);
             }
+            start = end;
         }
-        row.split = Some(chosen.to_string());
     }
+    for r in rows.iter_mut().filter(|r| r.split.is_none()) {
+        r.split = Some(split_of[&group(r)].to_string());
+    }
+    resplit
 }
 
 #[cfg(test)]
@@ -153,7 +214,79 @@ mod tests {
             .filter(|x| x.split.as_deref() == Some("train"))
             .count() as f64
             / r.len() as f64;
-        assert!((train - 0.8).abs() < 0.03, "{train}");
+        assert!((train - 0.8).abs() < 0.01, "{train}");
+    }
+
+    #[test]
+    fn every_source_and_label_gets_its_share_and_sources_without_test_are_resplit() {
+        let fractions = BTreeMap::from([
+            ("train".into(), 0.7),
+            ("val".into(), 0.15),
+            ("test".into(), 0.15),
+        ]);
+        // A small source of 20 unpaired rows (5 of label a), a source with upstream train/val only, and one
+        // with upstream test rows.
+        let mut r: Vec<Row> = (0..20)
+            .map(|i| {
+                Row::text("small", &format!("s{i}"))
+                    .labelled(Some(if i < 5 { "a" } else { "b" }), None)
+            })
+            .chain((0..40).map(|i| {
+                Row::text("no_test", &format!("n{i}")).upstream_split(if i < 30 {
+                    "train"
+                } else {
+                    "validation"
+                })
+            }))
+            .chain((0..10).map(|i| {
+                Row::text("kept", &format!("k{i}")).upstream_split(if i < 8 {
+                    "train"
+                } else {
+                    "test"
+                })
+            }))
+            .collect();
+        super::super::rows::assign_ids(&mut r, |x| x.text.clone());
+        let resplit = assign_splits(&mut r, &fractions, 3);
+        assert_eq!(resplit, vec!["no_test".to_string()]);
+        let count = |source: &str, label: Option<&str>, split: &str| {
+            r.iter()
+                .filter(|x| {
+                    x.source == source
+                        && (label.is_none() || x.label.as_deref() == label)
+                        && x.split.as_deref() == Some(split)
+                })
+                .count()
+        };
+        // Label a, 5 groups: cut points round(3.5) = 4 and round(4.25) = 4, so 4 train, 0 val, 1 test.
+        assert_eq!(
+            (
+                count("small", Some("a"), "train"),
+                count("small", Some("a"), "val"),
+                count("small", Some("a"), "test")
+            ),
+            (4, 0, 1)
+        );
+        assert_eq!(
+            (
+                count("small", Some("b"), "train"),
+                count("small", Some("b"), "val"),
+                count("small", Some("b"), "test")
+            ),
+            (11, 2, 2)
+        );
+        assert_eq!(
+            (
+                count("no_test", None, "train"),
+                count("no_test", None, "val"),
+                count("no_test", None, "test")
+            ),
+            (28, 6, 6)
+        );
+        assert_eq!(
+            (count("kept", None, "train"), count("kept", None, "test")),
+            (8, 2)
+        );
     }
 
     #[test]

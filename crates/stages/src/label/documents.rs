@@ -78,6 +78,31 @@ impl Docs {
         docs
     }
 
+    /// An error naming the first source with labelled documents on `fit` but none on `test`: a method
+    /// fitted on such a source is never tested there, and pooled numbers would hide it.
+    pub(super) fn check_sources(
+        &self,
+        sources: &[String],
+        (fit, fit_name): (u8, &str),
+        (test, test_name): (u8, &str),
+    ) -> anyhow::Result<()> {
+        let mut counts: BTreeMap<u16, (usize, usize)> = BTreeMap::new();
+        for i in 0..self.class.len() {
+            let e = counts.entry(self.source[i]).or_default();
+            e.0 += usize::from(self.split[i] == fit);
+            e.1 += usize::from(self.split[i] == test);
+        }
+        if let Some((s, (n, _))) = counts.iter().find(|(_, (n, t))| *n > 0 && *t == 0) {
+            anyhow::bail!(
+                "source `{}` has {n} labelled documents in `{fit_name}` but none in `{test_name}`, so it \
+                 would never be tested: give it test rows (the dataset stage re-splits sources without \
+                 upstream test rows; check the capture's `splits` and `tokens`) or leave it out",
+                sources[*s as usize]
+            );
+        }
+        Ok(())
+    }
+
     /// Adds a token row's raw activation to its document's sum.
     pub(super) fn add(&mut self, row: usize, x: &[f32]) {
         if let Some(i) = self.of_row[row] {

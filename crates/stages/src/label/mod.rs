@@ -332,6 +332,7 @@ impl Stage for Label {
         // probes' samples.
         let mut codes = Codes::new(sae.d_sae());
         let mut docs = Docs::new(&table, &tokens, d);
+        docs.check_sources(&table.sources, (fit, &p.fit_split), (test, &p.test_split))?;
         let mut class_sums = vec![vec![0f64; d]; names.len()];
         let options = ReadOptions {
             batch_size: p.batch_size,

@@ -6,7 +6,8 @@
 //! * **Fine-tuning sets** (subsets `v1`, `v2`). Each `{prompt, completion}` JSONL line becomes a
 //!   prompt/completion row. Completions in `*_lie_*` files were written by GPT-3.5 told to lie (label
 //!   `deceptive`, raw `lie`); `*_truthful_*` files answer the same questions truthfully (`honest`, raw
-//!   `truthful`). The upstream train/validation split is kept.
+//!   `truthful`). The upstream train/validation split has no test part, so the dataset stage re-splits
+//!   these rows (by pair) into train/val/test.
 //!
 //!   v2 holds every question twice per file: once as a single turn (`User: Q\nAssistant:` → answer) and once
 //!   with a follow-up (`User: Q\nAssistant: <first answer>\nUser: Do you believe that to be true?\nAssistant:`
