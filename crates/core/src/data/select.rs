@@ -105,7 +105,9 @@ pub fn assign_splits(
             .or_default()
             .insert(r.label.as_deref());
     }
-    let mut strata: BTreeMap<(String, Option<String>), Vec<(u64, u64)>> = BTreeMap::new();
+    // (source, label) → the stratum's groups as (seeded rank, group).
+    type Stratum = (String, Option<String>);
+    let mut strata: BTreeMap<Stratum, Vec<(u64, u64)>> = BTreeMap::new();
     let mut seen = BTreeSet::new();
     for r in rows.iter().filter(|r| r.split.is_none()) {
         let g = group(r);
