@@ -458,3 +458,91 @@ fn labels_a_trained_sae_on_real_activations_end_to_end() {
         first
     );
 }
+
+#[test]
+fn methods_fit_on_some_sources_and_report_on_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (capture, sae) = synthetic_with(dir.path(), 4, false, |d| {
+        if d % 3 == 0 {
+            "left"
+        } else {
+            "right"
+        }
+    });
+    let test_docs = |source: usize| {
+        (0..400u64)
+            .filter(|d| d % 20 >= 17 && (d % 3 == 0) == (source == 0))
+            .count() as u64
+    };
+    // Fit on `left`, report on `right`: the planted direction transfers.
+    label_pipeline(
+        dir.path(),
+        &capture,
+        &sae,
+        "train_sources = [\"left\"]\ntest_sources = [\"right\"]",
+    );
+    ok(dir.path(), &["run", "p.toml"]);
+    let object = object_of(&dir.path().join("cache"), "lb", "labels");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(object.join("label.json")).unwrap()).unwrap();
+    let diffmean = &summary["per_class"]["A"]["documents"]["diffmean"];
+    assert_eq!(
+        diffmean["n_pos"].as_u64().unwrap() + diffmean["n_neg"].as_u64().unwrap(),
+        test_docs(1),
+        "only `right`'s test documents are scored: {diffmean}"
+    );
+    assert!(diffmean["low"].as_f64().unwrap() > 0.85, "{diffmean}");
+    // The matrix: each source alone against each source's test documents, both ways.
+    label_pipeline(dir.path(), &capture, &sae, "source_matrix = true");
+    ok(dir.path(), &["run", "p.toml"]);
+    let object = object_of(&dir.path().join("cache"), "lb", "labels");
+    let evaluation = read_parquet(&object.join("evaluation.parquet"));
+    let scope = evaluation
+        .column_by_name("scope")
+        .unwrap()
+        .as_string::<i32>();
+    let method = evaluation
+        .column_by_name("method")
+        .unwrap()
+        .as_string::<i32>();
+    let auroc = evaluation
+        .column_by_name("auroc")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    let class = evaluation
+        .column_by_name("class")
+        .unwrap()
+        .as_string::<i32>();
+    let mut cells = Vec::new();
+    for i in 0..evaluation.num_rows() {
+        if scope.value(i).starts_with("train:") && class.value(i) == "A" {
+            cells.push((scope.value(i).to_string(), method.value(i).to_string()));
+            assert!(
+                auroc.value(i) > 0.9,
+                "{} {}: {}",
+                scope.value(i),
+                method.value(i),
+                auroc.value(i)
+            );
+        }
+    }
+    cells.sort();
+    let want: Vec<(String, String)> = ["left", "right"]
+        .iter()
+        .flat_map(|a| ["left", "right"].map(move |b| format!("train:{a}/source:{b}")))
+        .flat_map(|s| ["diffmean", "logistic"].map(|m| (s.clone(), m.to_string())))
+        .collect();
+    assert_eq!(cells, want);
+
+    // A source the capture does not have is named.
+    label_pipeline(dir.path(), &capture, &sae, "train_sources = [\"nope\"]");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains(
+            "`train_sources`: `nope` is not a source of capture `acts` (its sources: left, right)"
+        ),
+        "{}",
+        text(&out)
+    );
+}

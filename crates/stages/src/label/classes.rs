@@ -114,3 +114,42 @@ pub(super) fn split_of(p: &LabelParams, table: &TokenTable, name: &str) -> anyho
         )
     })
 }
+
+/// Source indices a split draws on (`None`: every source).
+pub(super) type Sources = Option<Vec<u16>>;
+
+/// Which sources each split draws on, as source indices: `train_sources` for the fit and val splits and
+/// `test_sources` for the test split (each: every source when empty). `None` means every source. A name
+/// that is not a source of the capture is an error listing its sources.
+pub(super) fn source_selection(
+    p: &LabelParams,
+    table: &TokenTable,
+) -> anyhow::Result<(Sources, Sources)> {
+    let pick = |key: &str, names: &[String]| -> anyhow::Result<Sources> {
+        if names.is_empty() {
+            return Ok(None);
+        }
+        names
+            .iter()
+            .map(|n| {
+                table
+                    .sources
+                    .iter()
+                    .position(|s| s == n)
+                    .map(|i| i as u16)
+                    .with_context(|| {
+                        format!(
+                            "`{key}`: `{n}` is not a source of capture `{}` (its sources: {})",
+                            p.input,
+                            table.sources.join(", ")
+                        )
+                    })
+            })
+            .collect::<anyhow::Result<Vec<u16>>>()
+            .map(Some)
+    };
+    Ok((
+        pick("train_sources", &p.train_sources)?,
+        pick("test_sources", &p.test_sources)?,
+    ))
+}

@@ -296,6 +296,88 @@ pub(super) fn evaluate(
     out
 }
 
+/// Train on one source, test on each: per class, DiffMean and the logistic probe fitted on one source's fit
+/// documents (C chosen on its validation documents) and scored on every source's test documents. Sources
+/// lacking either class in their fit or validation documents train nothing.
+pub(super) fn transfer_matrix(docs: &Docs, classes: &[u16], s: &Setting) -> Vec<Evaluated> {
+    let d = docs.d;
+    let (fit, val, test) = (
+        docs.of_split(s.splits.0),
+        docs.of_split(s.splits.1),
+        docs.of_split(s.splits.2),
+    );
+    let raw = |i: usize| docs.x[i * d..(i + 1) * d].to_vec();
+    let n_sources = s.sources.len() as u16;
+    let mut out = Vec::new();
+    for &c in classes {
+        for a in 0..n_sources {
+            let of_a = |set: &[usize]| -> Vec<usize> {
+                set.iter()
+                    .copied()
+                    .filter(|&i| docs.source[i] == a)
+                    .collect()
+            };
+            let (fit_a, val_a) = (of_a(&fit), of_a(&val));
+            let both = |set: &[usize]| {
+                set.iter().any(|&i| docs.class[i] == c) && set.iter().any(|&i| docs.class[i] != c)
+            };
+            if !both(&fit_a) || !both(&val_a) {
+                continue;
+            }
+            let direction = diffmean(docs, &fit_a, &docs.class, c);
+            let probe = fit_dense_probe(
+                &docs.sample(&fit_a, &docs.class, raw),
+                &docs.sample(&val_a, &docs.class, raw),
+                c,
+                d,
+            );
+            for b in 0..n_sources {
+                let members: Vec<usize> = test
+                    .iter()
+                    .copied()
+                    .filter(|&i| docs.source[i] == b)
+                    .collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let pos: Vec<bool> = members.iter().map(|&i| docs.class[i] == c).collect();
+                let cluster: Vec<u64> = members.iter().map(|&i| docs.cluster[i]).collect();
+                let n_pos = pos.iter().filter(|&&p| p).count() as u64;
+                for (method, scores) in [
+                    (
+                        "diffmean",
+                        members
+                            .iter()
+                            .map(|&i| dot(&direction, &docs.x[i * d..(i + 1) * d]))
+                            .collect::<Vec<f32>>(),
+                    ),
+                    (
+                        "logistic",
+                        members
+                            .iter()
+                            .map(|&i| (dot(&probe.direction, &raw(i)) as f64 + probe.bias) as f32)
+                            .collect(),
+                    ),
+                ] {
+                    out.push(Evaluated {
+                        class: s.names[c as usize].to_string(),
+                        method: method.to_string(),
+                        scope: format!(
+                            "train:{}/source:{}",
+                            s.sources[a as usize], s.sources[b as usize]
+                        ),
+                        n_pos,
+                        n_neg: members.len() as u64 - n_pos,
+                        interval: auroc_interval(&scores, &pos, &cluster, s.resamples, s.seed),
+                        within_pair: within_pair_auroc(&scores, &pos, &cluster),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }

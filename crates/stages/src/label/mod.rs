@@ -29,9 +29,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::shared::SaeOnCapture;
-use classes::{check_splits, choose_classes, split_of, versus_labels};
+use classes::{check_splits, choose_classes, source_selection, split_of, versus_labels};
 use directions::{diffmean_directions, score_test};
-use documents::{evaluate, evaluation_batch, Docs, Setting};
+use documents::{evaluate, evaluation_batch, transfer_matrix, Docs, Setting};
 use saeflow_core::cancel::Cancelled;
 use saeflow_core::data::activations::{ReadOptions, TokenTable};
 use saeflow_core::stats::benjamini_hochberg;
@@ -142,6 +142,18 @@ pub struct LabelParams {
     /// Bootstrap resamples behind every 95% interval of `evaluation.parquet`.
     #[serde(default = "default_resamples")]
     pub resamples: usize,
+    /// Sources whose documents everything is fitted and chosen on (fit and val splits; default: all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub train_sources: Vec<String>,
+    /// Sources whose documents everything is reported on (test split; default: all). With
+    /// `train_sources`, this measures transfer to sources never seen in fitting.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test_sources: Vec<String>,
+    /// Also fit DiffMean and the logistic probe on each source alone and score them on every source's test
+    /// documents: a train-on-A/test-on-B matrix (`evaluation.parquet` scope `train:A/source:B`) over the
+    /// sources taking part (all, unless `train_sources`/`test_sources` narrow them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub source_matrix: bool,
 }
 
 fn default_fit() -> String {
@@ -276,11 +288,25 @@ impl Stage for Label {
         // Every label takes part (the rest of a one-vs-rest comparison is all other labelled tokens) unless
         // `versus` narrows it; only the chosen classes are tested.
         let taking_part = versus_labels(p, &table, &classes)?;
+        // With `train_sources`/`test_sources`, tokens of other sources take no part in their splits.
+        let (train_sources, test_sources) = source_selection(p, &table)?;
+        let source_takes_part = |r: usize| {
+            let chosen = if table.split[r] == test {
+                &test_sources
+            } else {
+                &train_sources
+            };
+            chosen.as_ref().is_none_or(|c| c.contains(&table.source[r]))
+        };
         let tokens = TokenInfo {
             class: table
                 .label
                 .iter()
-                .map(|l| l.filter(|l| taking_part.as_ref().is_none_or(|t| t.contains(l))))
+                .enumerate()
+                .map(|(r, l)| {
+                    l.filter(|l| taking_part.as_ref().is_none_or(|t| t.contains(l)))
+                        .filter(|_| source_takes_part(r))
+                })
                 .collect(),
             doc: table.doc_id.clone(),
             split: table.split.clone(),
@@ -332,7 +358,9 @@ impl Stage for Label {
         // probes' samples.
         let mut codes = Codes::new(sae.d_sae());
         let mut docs = Docs::new(&table, &tokens, d);
-        docs.check_sources(&table.sources, (fit, &p.fit_split), (test, &p.test_split))?;
+        if p.test_sources.is_empty() {
+            docs.check_sources(&table.sources, (fit, &p.fit_split), (test, &p.test_split))?;
+        }
         let mut class_sums = vec![vec![0f64; d]; names.len()];
         let options = ReadOptions {
             batch_size: p.batch_size,
@@ -481,18 +509,18 @@ impl Stage for Label {
                 (c, best.map(|b| fit_stats[b].feature))
             })
             .collect();
-        let evaluated = evaluate(
-            &docs,
-            &codes,
-            &bests,
-            &Setting {
-                names: &names,
-                sources: &table.sources,
-                splits: (fit, val, test),
-                resamples: p.resamples,
-                seed: ctx.seed,
-            },
-        );
+        let setting = Setting {
+            names: &names,
+            sources: &table.sources,
+            splits: (fit, val, test),
+            resamples: p.resamples,
+            seed: ctx.seed,
+        };
+        let mut evaluated = evaluate(&docs, &codes, &bests, &setting);
+        if p.source_matrix {
+            ctx.log("fitting DiffMean and the logistic probe on each source alone (source_matrix)");
+            evaluated.extend(transfer_matrix(&docs, &classes, &setting));
+        }
         saeflow_core::data::parquet::write_batches(
             &out.join("evaluation.parquet"),
             &[evaluation_batch(&evaluated)?],
