@@ -789,26 +789,3 @@ fn sequence_start_sinks_are_left_out_measured_and_reported() {
     assert!(table.pair_id.iter().all(Option::is_none));
     assert_eq!(table.is_completion.len(), table.pos.len());
 }
-
-#[test]
-fn packing_labelled_documents_is_refused_by_name() {
-    let dir = tempfile::tempdir().unwrap();
-    let records = [serde_json::json!({"text": "hello world, this is a test", "label": "x"})];
-    pipeline(
-        dir.path(),
-        &records,
-        "hooks = [\"blocks.1.hook_resid_post\"]\npack = true",
-    );
-    let out = common::run(dir.path(), &["run", "p.toml"]);
-    let text = common::text(&out);
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    for want in [
-        "FAILED acts",
-        "pack = true",
-        "input `data` is labelled (source `data.jsonl`)",
-        "set pack = false",
-    ] {
-        assert!(text.contains(want), "want `{want}` in {text}");
-    }
-    assert!(!dir.path().join("cache/refs/cap/acts.json").exists());
-}

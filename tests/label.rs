@@ -335,6 +335,23 @@ fn bad_inputs_fail_with_the_reason() {
         "`A` is in both `classes` and `versus`",
     );
     fails(&sae, "versus = [\"B\"]", "`versus` needs `classes`");
+    // A packed capture mixes documents: labels measured on it are refused.
+    let packed = tempfile::tempdir().unwrap();
+    let (packed_capture, packed_sae) = synthetic(packed.path(), 3, false);
+    let info_path = packed_capture.join("capture.json");
+    let mut info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&info_path).unwrap()).unwrap();
+    info["settings"] = serde_json::json!({ "pack": true });
+    std::fs::write(&info_path, serde_json::to_vec(&info).unwrap()).unwrap();
+    label_pipeline(dir.path(), &packed_capture, &packed_sae, "");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("FAILED labels: capture `acts` packs documents (pack = true)")
+            && text(&out).contains("label a capture with pack = false"),
+        "{}",
+        text(&out)
+    );
     // A source with fit documents and no test documents could never be tested.
     let other = tempfile::tempdir().unwrap();
     let (lopsided, lopsided_sae) = synthetic_with(other.path(), 3, false, |d| {

@@ -279,17 +279,6 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         // Fails early, naming the model, when it has no chat format.
         model.chat_tokens("", None)?;
     }
-    if p.pack {
-        if let Some(r) = rows.iter().find(|r| r.label.is_some()) {
-            bail!(
-                "pack = true runs documents back to back, so each attends into the one before it (often of \
-                 another label) and its tokens carry that context; input `{}` is labelled (source `{}`), so \
-                 set pack = false",
-                p.input,
-                r.source
-            );
-        }
-    }
 
     let mut order: Vec<usize> = (0..rows.len()).collect();
     if p.shuffle {

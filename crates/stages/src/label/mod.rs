@@ -273,11 +273,19 @@ impl Stage for Label {
     fn run(p: &LabelParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         let SaeOnCapture {
             sae,
+            info,
             hook,
             store,
             device,
-            ..
         } = SaeOnCapture::open(ctx, &p.sae, &p.input, p.hook.as_deref())?;
+        if info.settings["pack"] == json!(true) {
+            anyhow::bail!(
+                "capture `{}` packs documents (pack = true): each attends into the one before it, often of \
+                 another label, so its tokens carry their neighbours' context and labels measured on them are \
+                 confounded; label a capture with pack = false",
+                p.input
+            );
+        }
         let table = TokenTable::read(&ctx.inputs["input"])?;
         let classes = choose_classes(p, &table)?;
         let (fit, val, test) = (
