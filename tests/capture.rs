@@ -770,6 +770,13 @@ fn sequence_start_sinks_are_left_out_measured_and_reported() {
         auto_share.after.unwrap() < auto_share.before.unwrap(),
         "{auto_share:?}"
     );
+    let above = |o: &Path| CaptureInfo::read(o).unwrap().sinks.above_10x_median_share[hook].clone();
+    let (everything, auto_above) = (above(&all), above(&auto));
+    assert!((everything.after.unwrap() - auto_above.before.unwrap()).abs() < 1e-9);
+    assert!(
+        (0.0..=1.0).contains(&auto_above.after.unwrap()),
+        "{auto_above:?}"
+    );
 
     // The norm cut leaves out the outliers it counts, and only those.
     let cut_info = CaptureInfo::read(&cut).unwrap();

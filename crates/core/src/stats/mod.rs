@@ -157,6 +157,21 @@ pub fn top_share(values: &[f64], fraction: f64) -> Option<f64> {
     Some(sorted[..top].iter().sum::<f64>() / total)
 }
 
+/// The share of the total of `squares` (squared norms) held by the values whose root exceeds `factor` × the
+/// median root: how much of the activations' second moment a handful of massive tokens carry. `None` for no
+/// values or a zero total.
+pub fn share_above_median_multiple(squares: &[f64], factor: f64) -> Option<f64> {
+    let total: f64 = squares.iter().sum();
+    if squares.is_empty() || total <= 0.0 {
+        return None;
+    }
+    let mut sorted = squares.to_vec();
+    sorted.sort_unstable_by(f64::total_cmp);
+    // Upper median of the norms (the root is monotone, so it is the root of the squares' median).
+    let limit = factor * factor * sorted[sorted.len() / 2];
+    Some(squares.iter().filter(|&&v| v > limit).sum::<f64>() / total)
+}
+
 /// Spearman's rank correlation (average ranks for ties); `None` with fewer than 3 points or no spread.
 pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
     fn ranks(v: &[f64]) -> Vec<f64> {
@@ -191,6 +206,17 @@ pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn share_above_a_median_multiple_by_hand() {
+        // Norms 1, 1, 1, 2, 30 → squares 1, 1, 1, 4, 900; median norm 1; above 10 × 1: only 30.
+        let squares = [1.0, 900.0, 1.0, 4.0, 1.0];
+        assert!(
+            (share_above_median_multiple(&squares, 10.0).unwrap() - 900.0 / 907.0).abs() < 1e-12
+        );
+        assert_eq!(share_above_median_multiple(&squares, 100.0), Some(0.0));
+        assert_eq!(share_above_median_multiple(&[], 10.0), None);
+    }
 
     #[test]
     fn top_share_by_hand() {

@@ -434,15 +434,15 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     let first_row: u64 = assembled.shards.iter().map(|s| s.rows).sum();
     let sinks = sink_report(p, &seqs, &assembled);
     ctx.log(&format!(
-        "left out {} sequence-start tokens (drop_first = {}) and {} norm outliers; top 0.5% of tokens' \
-         share of the squared norm: {}",
+        "left out {} sequence-start tokens (drop_first = {}) and {} norm outliers; share of the squared \
+         norm held by tokens above 10x the median norm: {}",
         sinks.dropped_first,
         sinks
             .drop_first
             .map_or("the first unless BOS".to_string(), |n| n.to_string()),
         sinks.dropped_norm,
         sinks
-            .top_half_percent_share
+            .above_10x_median_share
             .iter()
             .map(|(h, s)| format!(
                 "{h} {} before, {} after",
@@ -532,29 +532,37 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
 /// What sink handling left out, and the top 0.5% share of the squared norm before and after it.
 fn sink_report(p: &CaptureParams, seqs: &Sequences, all: &shards::Assembled) -> SinkReport {
     let share = |v: &[f64]| saeflow_core::stats::top_share(v, 0.005);
+    let above = |v: &[f64]| saeflow_core::stats::share_above_median_multiple(v, 10.0);
+    let before: Vec<Vec<f64>> = (0..p.hooks.len())
+        .map(|i| {
+            all.kept_sq_norms[i]
+                .iter()
+                .chain(&all.dropped_sq_norms[i])
+                .copied()
+                .collect()
+        })
+        .collect();
+    let per_hook = |measure: &dyn Fn(&[f64]) -> Option<f64>| -> BTreeMap<String, BeforeAfter> {
+        p.hooks
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                (
+                    h.clone(),
+                    BeforeAfter {
+                        before: measure(&before[i]),
+                        after: measure(&all.kept_sq_norms[i]),
+                    },
+                )
+            })
+            .collect()
+    };
     SinkReport {
         drop_first: p.drop_first,
         norm_cut: p.norm_cut,
         dropped_first: seqs.dropped_first,
         dropped_norm: all.dropped_norm,
-        top_half_percent_share: p
-            .hooks
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let before: Vec<f64> = all.kept_sq_norms[i]
-                    .iter()
-                    .chain(&all.dropped_sq_norms[i])
-                    .copied()
-                    .collect();
-                (
-                    h.clone(),
-                    BeforeAfter {
-                        before: share(&before),
-                        after: share(&all.kept_sq_norms[i]),
-                    },
-                )
-            })
-            .collect(),
+        top_half_percent_share: per_hook(&share),
+        above_10x_median_share: per_hook(&above),
     }
 }

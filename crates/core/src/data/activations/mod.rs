@@ -164,6 +164,11 @@ pub struct SinkReport {
     /// Per hook: the share of the total squared norm (the activations' uncentred second moment) held by
     /// the top 0.5% of tokens by norm, over the tokens before sink handling and over those stored.
     pub top_half_percent_share: BTreeMap<String, BeforeAfter>,
+    /// Per hook: the share of the total squared norm held by tokens whose norm exceeds 10× the median norm
+    /// (of the same set), before and after. Unlike the top-0.5% share it does not depend on how many sinks
+    /// there are: with short documents sinks are more than 0.5% of the tokens.
+    #[serde(default)]
+    pub above_10x_median_share: BTreeMap<String, BeforeAfter>,
 }
 
 /// A measure before and after a filter.
