@@ -200,7 +200,12 @@ pub fn check<R: Read + Seek>(r: &mut R) -> anyhow::Result<()> {
     )?;
     let mut alignment = 32u64;
     for _ in 0..n_kv {
-        let key = String::from_utf8_lossy(&w.string("metadata key")?).into_owned();
+        // Read as candle reads keys (trailing NULs dropped), so `general.alignment\0` is checked too.
+        let mut raw = w.string("metadata key")?;
+        while raw.last() == Some(&0) {
+            raw.pop();
+        }
+        let key = String::from_utf8_lossy(&raw).into_owned();
         let ty = w.u32(&key)?;
         let v = w.value(ty, &key, 0)?;
         // candle honours only 8/16/32-bit integer alignments, but refuse every zero.
