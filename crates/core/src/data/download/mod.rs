@@ -66,18 +66,27 @@ impl Limits {
     }
 }
 
-/// The agent for one download attempt: an idle limit on every read, a total limit on the whole attempt,
-/// and no automatic redirects (see [`send`]).
-fn download_agent(idle: Duration, left: Duration) -> ureq::Agent {
+/// An agent that never follows redirects (downloads follow them by hand in [`send`]; API calls not at
+/// all: a POST must not be re-sent, with its credentials, to wherever a response points), with an idle
+/// limit on every read, and optionally a limit on the whole call (`total`) and on the wait for the
+/// response head (`head`).
+fn agent(idle: Duration, total: Option<Duration>, head: Option<Duration>) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(20)))
         .timeout_per_read(Some(idle))
-        .timeout_global(Some(left))
+        .timeout_global(total)
+        .timeout_recv_response(head)
         .max_redirects(0)
         .http_status_as_error(false)
         .user_agent(concat!("saeflow/", env!("CARGO_PKG_VERSION")))
         .build()
         .into()
+}
+
+/// The agent for API calls: [`agent`] with the download idle limit, waiting `head` for the response head.
+fn api_agent(head: Duration) -> ureq::Agent {
+    let idle = Limits::from_env().map_or(DEFAULT_IDLE_SECS, |l| l.idle);
+    agent(Duration::from_secs(idle), None, Some(head))
 }
 
 /// What a downloaded file must match before it is used.
@@ -300,7 +309,7 @@ pub fn fetch_expected(
         if left.is_zero() {
             return Err(total_error());
         }
-        let agent = download_agent(idle, left);
+        let agent = agent(idle, Some(left), None);
         let mut have = part.metadata().map(|m| m.len()).unwrap_or(0);
         if have > cap {
             std::fs::remove_file(&part)?;
@@ -521,21 +530,6 @@ pub fn get_json(url: &str, headers: &[(String, String)]) -> anyhow::Result<serde
         );
     }
     serde_json::from_str(&body).with_context(|| format!("{url}: response is not JSON"))
-}
-
-/// The agent for API calls: no automatic redirects (a POST must not be re-sent, with its credentials, to
-/// wherever a response points), `wait` for the response head, then the download idle limit on every read.
-fn api_agent(wait: Duration) -> ureq::Agent {
-    let idle = Limits::from_env().map_or(DEFAULT_IDLE_SECS, |l| l.idle);
-    ureq::Agent::config_builder()
-        .timeout_connect(Some(Duration::from_secs(20)))
-        .timeout_recv_response(Some(wait))
-        .timeout_per_read(Some(Duration::from_secs(idle)))
-        .max_redirects(0)
-        .http_status_as_error(false)
-        .user_agent(concat!("saeflow/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into()
 }
 
 /// Posts a JSON body and returns the JSON response (chat-completion APIs). A non-200 status is an error
