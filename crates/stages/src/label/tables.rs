@@ -1,4 +1,4 @@
-//! The Arrow tables a `label` stage writes as `features.parquet`, `contexts.parquet` and `probes.parquet`;
+//! The Arrow tables a `label` stage writes as `features.parquet` and `contexts.parquet`;
 //! their columns are documented in `schemas/label.md`.
 
 use std::sync::Arc;
@@ -12,8 +12,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use saeflow_core::data::activations::TokenTable;
 use saeflow_core::stats::features::{Codes, FeatureClass};
-use saeflow_core::stats::probe::{Probe, SparseProbe};
-use saeflow_core::stats::TwoSample;
 
 use super::LabelParams;
 
@@ -55,17 +53,21 @@ pub(super) fn features_batch(
             s.token.auroc,
             s.doc_max.auroc,
             s.doc_mean.auroc,
+            s.doc_last.auroc,
             s.token.p,
             s.doc_max.p,
             s.doc_mean.p,
+            s.doc_last.p,
             q[i],
             t.token.auroc,
             t.doc_max.auroc,
             t.doc_mean.auroc,
+            t.doc_last.auroc,
             t.token.p,
             v.token.auroc,
             v.doc_max.auroc,
             v.doc_mean.auroc,
+            v.doc_last.auroc,
         ];
         for (b, v) in floats.iter_mut().zip(values) {
             b.append_value(v);
@@ -89,7 +91,7 @@ pub(super) fn features_batch(
 }
 
 /// The f64 columns of `features.parquet`, in order (`schemas/label.md`).
-const FLOAT_COLUMNS: [&str; 20] = [
+const FLOAT_COLUMNS: [&str; 24] = [
     "fire_rate",
     "fire_rate_rest",
     "mean",
@@ -99,17 +101,21 @@ const FLOAT_COLUMNS: [&str; 20] = [
     "auroc",
     "auroc_doc_max",
     "auroc_doc_mean",
+    "auroc_doc_last",
     "p",
     "p_doc_max",
     "p_doc_mean",
+    "p_doc_last",
     "q",
     "test_auroc",
     "test_auroc_doc_max",
     "test_auroc_doc_mean",
+    "test_auroc_doc_last",
     "test_p",
     "val_auroc",
     "val_auroc_doc_max",
     "val_auroc_doc_mean",
+    "val_auroc_doc_last",
 ];
 
 /// Top and random active contexts of every labelled (feature, class): the token, its document, its
@@ -193,60 +199,5 @@ pub(super) fn contexts_batch(
         ("activation", Arc::new(activation.finish())),
         ("token_ids", Arc::new(window.finish())),
         ("marked", Arc::new(marked.finish())),
-    ])?)
-}
-
-/// One row per tested class and method (DiffMean, logistic), then one per sparse probe: the held-out
-/// AUROC and p-value, and the C chosen where a probe was fitted.
-pub(super) fn probes_batch(
-    names: &[&str],
-    diffmean: &[TwoSample],
-    logistic: &[Probe],
-    logistic_test: &[TwoSample],
-    sparse: &[SparseProbe],
-) -> anyhow::Result<RecordBatch> {
-    let mut class = StringBuilder::new();
-    let mut method = StringBuilder::new();
-    let mut k = UInt32Builder::new();
-    let mut c = Float64Builder::new();
-    let mut features = ListBuilder::new(UInt32Builder::new());
-    let mut val_auroc = Float64Builder::new();
-    let mut auroc = Float64Builder::new();
-    let mut p = Float64Builder::new();
-    for (i, name) in names.iter().enumerate() {
-        for (m, t, probe) in [
-            ("diffmean", &diffmean[i], None),
-            ("logistic", &logistic_test[i], Some(&logistic[i])),
-        ] {
-            class.append_value(name);
-            method.append_value(m);
-            k.append_null();
-            c.append_option(probe.map(|pr| pr.c));
-            features.append_null();
-            val_auroc.append_option(probe.map(|pr| pr.val_auroc));
-            auroc.append_value(t.auroc);
-            p.append_value(t.p);
-        }
-    }
-    for s in sparse {
-        class.append_value(names[s.position]);
-        method.append_value("sparse_logistic");
-        k.append_value(s.k as u32);
-        c.append_value(s.c);
-        features.values().append_slice(&s.features);
-        features.append(true);
-        val_auroc.append_null();
-        auroc.append_value(s.test.auroc);
-        p.append_value(s.test.p);
-    }
-    Ok(RecordBatch::try_from_iter([
-        ("class", Arc::new(class.finish()) as ArrayRef),
-        ("method", Arc::new(method.finish())),
-        ("k", Arc::new(k.finish())),
-        ("c", Arc::new(c.finish())),
-        ("features", Arc::new(features.finish())),
-        ("val_auroc", Arc::new(val_auroc.finish())),
-        ("test_auroc", Arc::new(auroc.finish())),
-        ("test_p", Arc::new(p.finish())),
     ])?)
 }

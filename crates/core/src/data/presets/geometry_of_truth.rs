@@ -1,11 +1,19 @@
 //! `geometry_of_truth`: true/false statements of Marks & Tegmark (2023), 11 subsets; label 1/0 → true/false.
 //! Truth labels, not deception labels: the "truth direction" control.
+//!
+//! Statements about one subject are paired (`pair_id`), across a subset and its negation: a city's
+//! statements in `cities` and `neg_cities`, a Spanish word's in `sp_en_trans` and `neg_sp_en_trans`, a
+//! number pair's in `larger_than` and `smaller_than`, a subject's in `counterfact_true_false`, a city
+//! pair's in the conjunctions and disjunctions. Splits never separate a pair, so a probe is not tested on
+//! a city it saw in training; within-pair AUROC compares true and false statements about one subject.
+//! `companies_true_false` and `common_claim_true_false` name no subject and stay unpaired.
 
 use std::path::Path;
 
 use super::{file, str_field, Preset, Upstream, UpstreamFile};
 use crate::data::records::read_csv;
-use crate::data::rows::{assign_ids, Row};
+use crate::data::records::Record;
+use crate::data::rows::{assign_ids, stable_id, Row};
 
 /// The `geometry_of_truth` preset.
 pub struct GeometryOfTruth;
@@ -85,14 +93,54 @@ impl Preset for GeometryOfTruth {
                     "0" => "false",
                     other => anyhow::bail!("{}: label `{other}` is neither 1 nor 0", r.location),
                 };
-                rows.push(
-                    Row::text(self.name(), str_field(&r, "statement")?)
-                        .labelled(Some(label), Some(raw))
-                        .subset(subset),
-                );
+                let statement = str_field(&r, "statement")?;
+                let mut row = Row::text(self.name(), statement)
+                    .labelled(Some(label), Some(raw))
+                    .subset(subset);
+                if let Some(subject) = subject(subset, &r, statement)? {
+                    row.pair_id = Some(stable_id(&[self.name(), "subject", &subject]));
+                }
+                rows.push(row);
             }
         }
         assign_ids(&mut rows, |r| r.text.clone());
         Ok(rows)
     }
+}
+
+/// The subject a statement is about, as a pairing key shared by a subset and its negation (`None` for
+/// subsets that name none).
+fn subject(subset: &str, r: &Record, statement: &str) -> anyhow::Result<Option<String>> {
+    let field = |name: &str| -> anyhow::Result<String> {
+        match r.fields.get(name) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(v) if !v.is_null() => Ok(v.to_string()),
+            _ => anyhow::bail!("{}: no field `{name}` to pair by", r.location),
+        }
+    };
+    Ok(Some(match subset {
+        "cities" | "neg_cities" => format!("city:{}", field("city")?),
+        "sp_en_trans" | "neg_sp_en_trans" => {
+            // "The Spanish word 'con' means 'with'.": the word between the first pair of quotes.
+            let word = statement.split('\'').nth(1).filter(|w| !w.is_empty());
+            match word {
+                Some(w) => format!("es:{w}"),
+                None => anyhow::bail!("{}: no quoted Spanish word in `{statement}`", r.location),
+            }
+        }
+        "larger_than" | "smaller_than" => {
+            let (a, b) = (field("n1")?, field("n2")?);
+            let (lo, hi) = if a.parse::<i64>().ok() <= b.parse::<i64>().ok() {
+                (a, b)
+            } else {
+                (b, a)
+            };
+            format!("numbers:{lo}-{hi}")
+        }
+        "counterfact_true_false" => format!("subject:{}", field("subject")?),
+        "cities_cities_conj" | "cities_cities_disj" => {
+            format!("cities:{}|{}", field("city1")?, field("city2")?)
+        }
+        _ => return Ok(None),
+    }))
 }

@@ -49,6 +49,11 @@ pub trait Preset: Sync {
     fn upstream(&self) -> Result<Upstream, &'static str>;
     /// Reads a local copy into rows (doc ids assigned, labels normalised).
     fn load(&self, dir: &Path) -> anyhow::Result<Vec<Row>>;
+    /// The `label_confidence` below which rows are dropped unless a source says otherwise (`None`: the
+    /// preset's rows carry no confidence).
+    fn default_min_confidence(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// Every preset, by name.

@@ -4,6 +4,11 @@
 //! `desire-to-persuade-people-to-be-more-honest-to-others`, where matching the behaviour is honest and the
 //! label is flipped so that `deceptive` means the same thing in every subset. `label_raw` keeps the raw
 //! `answer_matching_behavior`.
+//!
+//! What the label means: whether a persona with the behaviour would *endorse* the statement — not whether
+//! the statement is a lie. Each statement carries the writing model's `label_confidence` that it matches
+//! the behaviour; 42% are below 0.75, so by default the dataset stage keeps only those at or above it
+//! (`min_confidence` on the source changes that).
 
 use std::path::Path;
 
@@ -96,6 +101,9 @@ impl Preset for PersonaDeception {
             commit: "84fcc677e52e1902d696c32cd1a6b663e70d3993",
             files: FILES,
         })
+    }
+    fn default_min_confidence(&self) -> Option<f64> {
+        Some(0.75)
     }
     fn load(&self, dir: &Path) -> anyhow::Result<Vec<Row>> {
         let mut rows = Vec::new();
