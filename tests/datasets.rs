@@ -169,12 +169,17 @@ fn preset_rows_and_labels_match_the_source_documents() {
         .iter()
         .filter(|r| matches!(r.subset.as_deref(), Some("cities" | "neg_cities")))
     {
-        let e = cities.entry(r.pair_id.expect("cities are paired")).or_default();
+        let e = cities
+            .entry(r.pair_id.expect("cities are paired"))
+            .or_default();
         e.0 += 1;
         e.1 += usize::from(r.label.as_deref() == Some("true"));
     }
     assert_eq!(cities.len(), 1496 / 2);
-    assert!(cities.values().all(|&(n, t)| n == 4 && t == 2), "{cities:?}");
+    assert!(
+        cities.values().all(|&(n, t)| n == 4 && t == 2),
+        "{cities:?}"
+    );
     assert!(truth
         .iter()
         .filter(|r| r.subset.as_deref() == Some("common_claim_true_false"))

@@ -599,7 +599,29 @@ fn hugging_face_layout_of_the_gguf_weights_gives_the_same_logits() {
         &run(&gguf, &ids, &Hooks::logits()).logits.unwrap(),
     );
     assert!(d < 1e-3, "HF layout differs from GGUF by {d}");
-    assert_eq!(hf.chat, models::ChatFormat::ChatMl);
+    // Both layouts carry SmolLM2's own Jinja chat template, which adds its default system turn; the
+    // tokens of a chat are those of its rendered text, split where the answer starts.
+    assert!(matches!(hf.chat, models::ChatFormat::Template(_)));
+    let text = hf.render_chat("Is Paris in France?", Some("Yes.")).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nIs Paris in France?<|im_end|>\n<|im_start|>assistant\nYes.<|im_end|>\n"
+    );
+    assert_eq!(
+        gguf.render_chat("Is Paris in France?", Some("Yes."))
+            .unwrap(),
+        text
+    );
+    for model in [&hf, &gguf] {
+        let (prompt, answer) = model
+            .chat_tokens("Is Paris in France?", Some("Yes."))
+            .unwrap();
+        let whole = model.tokenizer.encode_with_specials(&text).unwrap();
+        assert_eq!([prompt.clone(), answer].concat(), whole);
+        let head = model.render_chat("Is Paris in France?", None).unwrap();
+        assert_eq!(prompt, model.tokenizer.encode_with_specials(&head).unwrap());
+    }
 }
 
 #[test]

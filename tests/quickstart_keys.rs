@@ -4,7 +4,8 @@
 //! VERSION 3 (store format 2 with sources, pairs and sequence positions; sequence-start sinks left out) moved
 //! `acts` and everything downstream of it; label VERSION 4 and steer VERSION 3 (features chosen on validation,
 //! not test) moved `labels` and `steer`; dataset VERSION 2 (stratified splits) moved every key, and dataset
-//! VERSION 3 (preset fixes) with label VERSION 5 (one unit for every method) every key again. A deliberate
+//! VERSION 3 (preset fixes) with label VERSION 5 (one unit for every method) every key again, and capture
+//! VERSION 4 (chat templates rendered by Jinja) `acts` and everything after it. A deliberate
 //! change to a stage kind bumps its `VERSION` and
 //! updates the values here, saying why in the commit.
 
@@ -16,7 +17,7 @@ use saeflow_runner::plan::FileHasher;
 const PINNED: &[(&str, &str)] = &[
     (
         "acts",
-        "b04ec470e506c9dbde454154195220af2127bed0f6466cb47e24af05644650d6",
+        "f1ce7605cf0c1e2d6fe4d91dbf581cee1e86ebf10d1a1ffe944775b7c13de02e",
     ),
     (
         "data",
@@ -24,51 +25,51 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "eval[sae.k=16]",
-        "3607fbceacd24f0d41c7246e29463f34bce7642bbf1e2ab2b777fcf680fc3148",
+        "4da64d11a8591194575d350bb654015fdb27f89d2ebe087aab7d3104e3c1ca47",
     ),
     (
         "eval[sae.k=4]",
-        "948499c968594ff9b194db2b98a12bd6a9e3b7c487806f53cf5801ff3df5b434",
+        "daf96b3f4b01e8846f739092fcc9271b4ee67de2829f0fb87491529b080fcf34",
     ),
     (
         "eval[sae.k=8]",
-        "51d0e02b2d3d2c496286f0ac7923412bbe7338fac264b08816b52977a755c604",
+        "72e161fbe94c2aa289cd5c6edfd14a71d951332217d4415bb628bc8941a4e955",
     ),
     (
         "labels[sae.k=16]",
-        "7e245830812ef00dce4a1d1ef27e554dd0733fb67279de102c2cf7eda9cbcc97",
+        "d98b0fbcd3de6ba99d79e5ae6f7b842ec0837876b96ccfbd75edac4bd8aa3c5d",
     ),
     (
         "labels[sae.k=4]",
-        "b17a7159a7ecd3d5743590be49fc4830c5fe6132f388006d4a3d27a8743e1399",
+        "18d1788a9c0d74dbb93de83e3f729afce9762eb4b3345fe0e64fda24cb97582c",
     ),
     (
         "labels[sae.k=8]",
-        "48995635f5a27a1ef3b1ffbd0dc7489864a259d255ce14474175d173fdb06145",
+        "24eb45fced29a3a761fdd7646414dc1b95d7404ba5ff9274a70d20a9c774cd95",
     ),
     (
         "sae[k=16]",
-        "30189b85e9aa5804f602bdd8daa696dc0f50933386f828fae8b74519dfb5d4df",
+        "35a9145a887be5e61235e5dbbf8fadc5f9f5356e21eadbd3cf104d17329cf8ab",
     ),
     (
         "sae[k=4]",
-        "8043e20b1be214944e384fe1216e9645a8475270b9b4edbcfb7bf011e41eca39",
+        "887ea05b94460192703912c335bc9c4c26aa6127bb522593d1d87cdb844003e9",
     ),
     (
         "sae[k=8]",
-        "24ad22bf632d13459793c424eaac16e495988c5ca8c25ea80bbb3b189c3390d8",
+        "3041a05dbea74d1ed3dd6893a09fd9bb6b7d2897ba7421b83b6b4a33b8b4f87a",
     ),
     (
         "steer[sae.k=16]",
-        "e6110a82685b3dec09a9299f6fc2667fd1d1d7d0c22cb747054adf94241392bc",
+        "1e756db270212bd03dbe0f179b7f06dfc6faebe06e94fa3542a496537e8ffac7",
     ),
     (
         "steer[sae.k=4]",
-        "2363a74d1fd511f1eefd2510167e7088bb33da8e02245245a99260008dfa8dd4",
+        "3a349fa5fca8a412d9bdfb2f78bcc55ab90d06d6627c61c3bbcd1ae9b5d1d889",
     ),
     (
         "steer[sae.k=8]",
-        "2fccb8b08bb5c5df92e72e8b548d24aca0f93cdc22cb867d6857b99bcef5437b",
+        "8e906174386d5917dbb85043ed19acd04df22e86fa7aaf467017632418a7200d",
     ),
 ];
 

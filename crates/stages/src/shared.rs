@@ -12,7 +12,9 @@ pub enum Template {
     /// Prompt followed by completion, as plain text.
     #[default]
     None,
-    /// The model's chat format: the prompt as the user turn, the completion as the assistant's answer.
+    /// The model's own chat template (the Jinja `chat_template` of its tokenizer config or GGUF, rendered as
+    /// Hugging Face renders it; nanochat's special tokens for nanochat): the prompt as the user turn, the
+    /// completion as the assistant's answer.
     Chat,
 }
 

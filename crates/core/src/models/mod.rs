@@ -1,6 +1,7 @@
 //! Language models: loading (nanochat, Llama GGUF / Hugging Face), tokenizers, one hookable transformer,
 //! and generation. Independent of the runner; stages use it through [`load`].
 
+pub mod chat;
 mod cpu_ops;
 pub mod generate;
 pub mod gguf_check;
@@ -22,12 +23,13 @@ pub use tokenizer::Tokenizer;
 pub use transformer::{Hook, HookPoint, Hooks, Intervention, Transformer};
 
 /// How a model wants chats rendered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ChatFormat {
+    /// nanochat's own special tokens:
     /// `<|bos|><|user_start|>…<|user_end|><|assistant_start|>…<|assistant_end|>`.
     Nanochat,
-    /// `<|im_start|>role\n…<|im_end|>\n`.
-    ChatMl,
+    /// The model's own Jinja chat template (`tokenizer_config.json` or GGUF metadata).
+    Template(Box<chat::ChatTemplate>),
     /// No chat template known.
     None,
 }
@@ -279,7 +281,9 @@ pub fn load_with(
                 path.parent().unwrap_or(Path::new(".")).to_path_buf()
             };
             let tokenizer = load_tokenizer(path, kind)?;
-            let (config, weights, bos, stop, template) =
+            // `bos` is prepended to documents (when the model asks for it); `bos_token` is the tokenizer's
+            // BOS either way, which chat templates may write themselves.
+            let (config, weights, bos, bos_token, stop, template) =
                 if path.extension().is_some_and(|e| e == "gguf") {
                     let (c, w, info) =
                         llama::load_gguf(path, device, format == WeightFormat::Quantized)?;
@@ -288,6 +292,7 @@ pub fn load_with(
                         c,
                         w,
                         bos,
+                        info.bos,
                         info.eos.into_iter().collect::<Vec<_>>(),
                         info.chat_template,
                     )
@@ -308,14 +313,26 @@ pub fn load_with(
                         c,
                         w,
                         bos,
+                        id("bos_token"),
                         id("eos_token").into_iter().collect(),
                         tc["chat_template"].as_str().map(str::to_string),
                     )
                 };
             check_model(path, &config, &weights, &tokenizer)?;
             let chat = match template {
-                Some(t) if t.contains("<|im_start|>") => ChatFormat::ChatMl,
-                _ => ChatFormat::None,
+                Some(t) => {
+                    // The strings the template's `bos_token`/`eos_token` hold: the tokenizer's own.
+                    let text = |id: Option<u32>| -> String {
+                        id.and_then(|i| tokenizer.decode(&[i]).ok())
+                            .unwrap_or_default()
+                    };
+                    let bos_text = text(bos_token);
+                    ChatFormat::Template(Box::new(
+                        chat::ChatTemplate::new(&t, &bos_text, &text(stop.first().copied()))
+                            .with_context(|| path.display().to_string())?,
+                    ))
+                }
+                None => ChatFormat::None,
             };
             Ok(LoadedModel {
                 transformer: Transformer::new(config, weights, device)
@@ -383,9 +400,9 @@ impl LoadedModel {
         Ok(ids)
     }
 
-    /// Token ids of a single-turn chat in the model's format, without BOS, split where the answer starts:
-    /// (everything up to and including the assistant header, the answer with its end marker). The texts are
-    /// encoded as ordinary text, so special-token strings inside data stay text.
+    /// Token ids of a single-turn chat in the model's format, split where the answer starts: (everything up
+    /// to and including the assistant header, the answer with its end marker). BOS is included only when
+    /// the chat template writes it. The texts are encoded as ordinary text, never parsed by the template.
     pub fn chat_tokens(
         &self,
         user: &str,
@@ -399,7 +416,7 @@ impl LoadedModel {
         let tok = &self.tokenizer;
         let mut prompt = Vec::new();
         let mut answer = Vec::new();
-        match self.chat {
+        match &self.chat {
             ChatFormat::Nanochat => {
                 prompt.push(special("<|user_start|>")?);
                 prompt.extend(tok.encode(user)?);
@@ -409,27 +426,51 @@ impl LoadedModel {
                     answer.push(special("<|assistant_end|>")?);
                 }
             }
-            ChatFormat::ChatMl => {
-                prompt.extend(tok.encode_with_specials("<|im_start|>user\n")?);
-                prompt.extend(tok.encode(user)?);
-                prompt.extend(tok.encode_with_specials("<|im_end|>\n<|im_start|>assistant\n")?);
+            ChatFormat::Template(template) => {
+                let encode = |pieces: &[(String, bool)], out: &mut Vec<u32>| -> anyhow::Result<()> {
+                    for (text, data) in pieces {
+                        out.extend(if *data {
+                            tok.encode(text)?
+                        } else {
+                            tok.encode_with_specials(text)?
+                        });
+                    }
+                    Ok(())
+                };
+                let head = template.pieces(&[("user", user)], true)?;
+                encode(&head, &mut prompt)?;
                 if let Some(a) = assistant {
-                    answer.extend(tok.encode(a)?);
-                    answer.extend(tok.encode_with_specials("<|im_end|>\n")?);
+                    let whole = template.pieces(&[("user", user), ("assistant", a)], false)?;
+                    // The answer is what the whole chat adds to the prompt: the template must render the
+                    // prompt as a prefix of the chat (every Hugging Face template does).
+                    let (last, _) = head.last().expect("a header after the user turn");
+                    let at = whole
+                        .iter()
+                        .position(|(t, data)| !data && t.starts_with(last.as_str()))
+                        .filter(|&i| whole[..i] == head[..head.len() - 1])
+                        .with_context(|| {
+                            format!(
+                                "{}: the chat template does not render the prompt as the start of the chat",
+                                self.source.display()
+                            )
+                        })?;
+                    let mut rest = whole[at..].to_vec();
+                    rest[0].0 = rest[0].0[last.len()..].to_string();
+                    encode(&rest, &mut answer)?;
                 }
             }
             ChatFormat::None => bail!(
-                "{}: no known chat template; use template = \"none\"",
+                "{}: no chat template (neither tokenizer_config.json nor the GGUF has one); use template = \"none\"",
                 self.source.display()
             ),
         }
         Ok((prompt, answer))
     }
 
-    /// Renders a single-turn chat (user message, optional assistant answer) in the model's format; without
-    /// an answer the text ends where the assistant would start.
+    /// Renders a single-turn chat (user message, optional assistant answer) in the model's format, exactly
+    /// as its template says; without an answer the text ends where the assistant would start.
     pub fn render_chat(&self, user: &str, assistant: Option<&str>) -> anyhow::Result<String> {
-        Ok(match self.chat {
+        Ok(match &self.chat {
             ChatFormat::Nanochat => {
                 let mut s = format!("<|bos|><|user_start|>{user}<|user_end|><|assistant_start|>");
                 if let Some(a) = assistant {
@@ -437,15 +478,12 @@ impl LoadedModel {
                 }
                 s
             }
-            ChatFormat::ChatMl => {
-                let mut s = format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n");
-                if let Some(a) = assistant {
-                    s.push_str(&format!("{a}<|im_end|>\n"));
-                }
-                s
-            }
+            ChatFormat::Template(t) => match assistant {
+                Some(a) => t.render(&[("user", user), ("assistant", a)], false)?,
+                None => t.render(&[("user", user)], true)?,
+            },
             ChatFormat::None => bail!(
-                "{}: no known chat template; use template = \"none\"",
+                "{}: no chat template (neither tokenizer_config.json nor the GGUF has one); use template = \"none\"",
                 self.source.display()
             ),
         })

@@ -135,7 +135,8 @@ impl Stage for Capture {
     const KIND: &'static str = "capture";
     // 2: the CPU forward runs on hand-written kernels (same values to float rounding, other bits).
     // 3: store format 2 (sources, pairs, sequence positions), attention sinks left out by default.
-    const VERSION: u32 = 3;
+    // 4: `template = "chat"` renders the model's own Jinja template (SmolLM2's adds its system turn).
+    const VERSION: u32 = 4;
     const ABOUT: &'static str =
         "Run a model over a dataset and store hook activations as sharded Parquet, resumably";
 

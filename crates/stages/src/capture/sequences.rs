@@ -86,7 +86,11 @@ impl<'a> Sequences<'a> {
                 None => self.model.chat_tokens(&row.text, None)?,
             },
         };
-        let bos = self.model.bos.filter(|_| self.p.bos);
+        // A chat template that writes BOS itself (Llama 3's) already put it first.
+        let bos = self
+            .model
+            .bos
+            .filter(|b| self.p.bos && prompt.first() != Some(b));
         let prompt_end = bos.iter().len() + prompt.len();
         let mut ids: Vec<u32> = bos.into_iter().chain(prompt).chain(completion).collect();
         if !self.p.pack && ids.len() > self.p.context {
