@@ -433,15 +433,15 @@ impl Stage for Label {
             .collect::<Vec<_>>()
             .join(", ");
         ctx.log(&format!(
-            "{} {class_names} on {hook} of `{}`: {} units ({:?} over {:?} positions), {} tokens stored{}",
+            "{} {class_names} on {hook} of `{}`: {} units (pool = {}, positions = {}), {} tokens stored{}",
             match &sae {
                 Some(s) => format!("labelling {} features of `{}` against", s.d_sae(), p.sae.as_deref().unwrap_or("")),
                 None => "probing (no SAE)".to_string(),
             },
             p.input,
             units.len(),
-            p.pool,
-            p.positions,
+            json!(p.pool),
+            json!(p.positions),
             store.rows(),
             if p.shuffle_labels { " — labels shuffled within source and split (a null)" } else { "" }
         ));
