@@ -231,6 +231,31 @@ fn the_planted_feature_gets_its_class_and_a_held_out_auroc_above_095() {
         .as_string::<i32>();
     assert!((0..evaluation.num_rows())
         .all(|i| ["pooled", "source:synthetic"].contains(&scope.value(i))));
+    // `show` puts every method's interval and the baselines first.
+    let shown = ok(dir.path(), &["show", "p.toml", "labels"]);
+    let line = |method: &str| {
+        shown
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{method} ")))
+            .unwrap_or_else(|| panic!("no {method} line in:\n{shown}"))
+            .to_string()
+    };
+    assert!(shown.contains("every method on one unit"), "{shown}");
+    for method in [
+        "best_feature",
+        "sparse_probe_k5",
+        "diffmean",
+        "logistic",
+        "lexical",
+        "source_only",
+        "shuffled_logistic",
+    ] {
+        let l = line(method);
+        assert!(
+            l.contains(" [") && l.contains(" pairs ") && l.contains(" n "),
+            "{l}"
+        );
+    }
     let directions =
         candle_core::safetensors::load(object.join("directions.safetensors"), &Device::Cpu)
             .unwrap();

@@ -78,9 +78,89 @@ fn table(batch: &RecordBatch, limit: usize) -> String {
     out
 }
 
-/// Describes every Parquet file of an object directory: row count, first rows, label counts.
+/// A label object's `evaluation.parquet` as one line per (class, scope, method): the test AUROC with its
+/// 95% interval, within-pair AUROC, recall at 1% false positives and the unit counts — every number beside
+/// its interval and its baselines (empty when the object has none).
+fn evaluation(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("evaluation.parquet");
+    if !path.is_file() {
+        return Ok(String::new());
+    }
+    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path)?)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?
+        .build()?;
+    let number = |c: &dyn Array, r: usize| -> Option<f64> {
+        (!c.is_null(r)).then(|| c.as_primitive::<arrow_array::types::Float64Type>().value(r))
+    };
+    let mut out = String::from(
+        "every method on one unit, test split (AUROC [95% interval]; within pairs; recall at 1% FPR on the control; units of the class / the rest):\n",
+    );
+    // (class, scope rank, scope, file order) → the line: pooled first, then each source, then the matrix.
+    let mut lines: Vec<((String, u8, String, usize), String)> = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let column = |name: &str| -> anyhow::Result<&dyn Array> {
+            batch
+                .column_by_name(name)
+                .map(|c| c.as_ref())
+                .with_context(|| format!("{}: no column `{name}`", path.display()))
+        };
+        let (class, method, scope) = (column("class")?, column("method")?, column("scope")?);
+        let (auroc, low, high) = (
+            column("auroc")?,
+            column("auroc_low")?,
+            column("auroc_high")?,
+        );
+        let (pair, n_pos, n_neg) = (
+            column("within_pair_auroc")?,
+            column("n_pos")?,
+            column("n_neg")?,
+        );
+        let recall = batch
+            .column_by_name("recall_at_1pct_fpr")
+            .map(|c| c.as_ref());
+        for r in 0..batch.num_rows() {
+            let estimate = match (number(auroc, r), number(low, r), number(high, r)) {
+                (Some(a), Some(l), Some(h)) => format!("{a:.3} [{l:.3}, {h:.3}]"),
+                _ => "–".into(),
+            };
+            let optional = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.3}"));
+            let scope = cell_text(scope, r);
+            let rank = match scope.as_str() {
+                "pooled" => 0,
+                s if s.starts_with("source:") => 1,
+                _ => 2,
+            };
+            lines.push((
+                (cell_text(class, r), rank, scope, lines.len()),
+                format!(
+                    "    {:<20} {estimate:<22} pairs {:<6} recall {:<6} n {} / {}",
+                    cell_text(method, r),
+                    optional(number(pair, r)),
+                    optional(recall.and_then(|c| number(c, r))),
+                    cell_text(n_pos, r),
+                    cell_text(n_neg, r),
+                ),
+            ));
+        }
+    }
+    lines.sort();
+    let mut heading = String::new();
+    for ((class, _, scope, _), line) in lines {
+        let here = format!("{class} · {scope}");
+        if here != heading {
+            writeln!(out, "  {here}")?;
+            heading = here;
+        }
+        writeln!(out, "{line}")?;
+    }
+    Ok(out + "\n")
+}
+
+/// Describes every Parquet file of an object directory: row count, first rows, label counts; for a label
+/// object, first its evaluation with intervals.
 pub fn show(dir: &Path, limit: usize) -> anyhow::Result<String> {
-    let mut out = String::new();
+    let mut out = evaluation(dir)?;
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
