@@ -31,10 +31,13 @@ def main() -> None:
     pipeline = sys.argv[2] if len(sys.argv) > 2 else "sinks"
     refs = {p.stem: json.loads(p.read_text())["key"] for p in (cache / "refs" / pipeline).glob("*.json")}
     obj = lambda name: cache / "objects" / refs[name]
-    print("| capture | tokens stored | sequence starts left out | median norm | mean norm at pos 0 | max norm "
+    print("| capture | tokens stored | sequence starts left out | norm outliers left out | median norm | mean norm at pos 0 | max norm "
           "| share of Σ‖x‖² above 10× median | top 0.5% share (capture.json) | SAE FVU (test) | L0 | dead |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name in sorted(n for n in refs if n.startswith("acts")):
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    # Each capture and the eval of the SAE trained on it.
+    evals = {n: "eval[acts." + n[len("acts["):] for n in refs if n.startswith("acts[")}
+    evals["acts_cut"] = "eval_cut"
+    for name in sorted(evals):
         info = json.loads((obj(name) / "capture.json").read_text())
         sinks = info["sinks"]
         ((_, share),) = sinks["top_half_percent_share"].items()
@@ -43,9 +46,9 @@ def main() -> None:
         median = np.median(norms)
         outlier = n2[norms > 10 * median].sum() / n2.sum()
         at0 = f"{norms[pos == 0].mean():,.0f}" if (pos == 0).any() else "– (left out)"
-        ev = json.loads((obj("eval[acts." + name[len("acts["):]) / "eval.json").read_text())
+        ev = json.loads((obj(evals[name]) / "eval.json").read_text())
         print(
-            f"| `{name}` | {info['tokens']:,} | {sinks['dropped_first']:,} | {median:,.0f} | {at0} | {norms.max():,.0f} "
+            f"| `{name}` | {info['tokens']:,} | {sinks['dropped_first']:,} | {sinks.get('dropped_norm', 0):,} | {median:,.0f} | {at0} | {norms.max():,.0f} "
             f"| {100 * outlier:.1f}% | {100 * share['after']:.1f}% | {ev['reconstruction_quality']['fvu']:.3f} "
             f"| {ev['sparsity']['l0']:.1f} | {ev['sparsity']['dead_fraction']:.3f} |"
         )

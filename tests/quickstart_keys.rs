@@ -5,7 +5,8 @@
 //! `acts` and everything downstream of it; label VERSION 4 and steer VERSION 3 (features chosen on validation,
 //! not test) moved `labels` and `steer`; dataset VERSION 2 (stratified splits) moved every key, and dataset
 //! VERSION 3 (preset fixes) with label VERSION 5 (one unit for every method) every key again, and capture
-//! VERSION 4 (chat templates rendered by Jinja) `acts` and everything after it. A deliberate
+//! VERSION 4 (chat templates rendered by Jinja) `acts` and everything after it, and steer VERSION 4
+//! (strengths in residual-norm units, random controls, intervals) `steer`. A deliberate
 //! change to a stage kind bumps its `VERSION` and
 //! updates the values here, saying why in the commit.
 
@@ -61,15 +62,15 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "steer[sae.k=16]",
-        "1e756db270212bd03dbe0f179b7f06dfc6faebe06e94fa3542a496537e8ffac7",
+        "778f08e371d0b6beda5ee2c6a53b7f33b22b48e2a4a1b7fc33e11116bbb78c78",
     ),
     (
         "steer[sae.k=4]",
-        "3a349fa5fca8a412d9bdfb2f78bcc55ab90d06d6627c61c3bbcd1ae9b5d1d889",
+        "e541cc05138b00f600fac869dfe097c34356bf87bfa13c4c8ed265de810ec115",
     ),
     (
         "steer[sae.k=8]",
-        "8e906174386d5917dbb85043ed19acd04df22e86fa7aaf467017632418a7200d",
+        "2d056c0d49d3c7d02b9efe540a3739776d934840af72d3f1fadef887b805fadb",
     ),
 ];
 

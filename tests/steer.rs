@@ -214,7 +214,8 @@ fn steer_stage_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     pipeline(
         dir.path(),
-        "select = \"top:true\"\ndiffmean = \"true\"\nstrengths = [-8.0, 0.0, 8.0]\n",
+        "select = \"top:true\"\ndiffmean = \"true\"\nstrengths = [-8.0, 0.0, 8.0]\nunit = \"native\"\n\
+         random_directions = 0\n",
     );
     ok(dir.path(), &["run", "p.toml"]);
     let object = object_of(&dir.path().join("cache"), "st", "steer");
@@ -277,7 +278,78 @@ fn steer_stage_end_to_end() {
             > 0.0
     );
 
-    // Bad inputs: a class with no labelled feature, a feature the SAE does not have.
+    // Residual-norm units (the default): the same targets and two random directions, all edits of one
+    // size per strength; every reading with a 95% interval over the prompts, KL over the neutral texts.
+    pipeline(
+        dir.path(),
+        "select = \"top:true\"\ndiffmean = \"true\"\nstrengths = [-1.0, 0.0, 1.0]\n",
+    );
+    ok(dir.path(), &["run", "p.toml"]);
+    let object = object_of(&dir.path().join("cache"), "st", "steer");
+    let e = read_parquet(&object.join("effects.parquet"));
+    let column = |n: &str| {
+        e.column_by_name(n)
+            .unwrap_or_else(|| panic!("no {n}"))
+            .as_primitive::<Float64Type>()
+            .clone()
+    };
+    let e_target = e.column_by_name("target").unwrap().as_string::<i32>();
+    let targets: std::collections::BTreeSet<&str> =
+        (0..e.num_rows()).map(|i| e_target.value(i)).collect();
+    assert!(
+        targets.contains("random:0") && targets.contains("random:1") && targets.len() == 5,
+        "{targets:?}"
+    );
+    let e_strength = column("strength");
+    for name in ["probe_probability", "kl_neutral", "diffmean_score"] {
+        let (v, low, high) = (
+            column(name),
+            column(&format!("{name}_low")),
+            column(&format!("{name}_high")),
+        );
+        for i in 0..e.num_rows() {
+            assert!(
+                low.value(i) <= v.value(i) && v.value(i) <= high.value(i),
+                "{name} row {i}"
+            );
+            if name == "kl_neutral" {
+                assert_eq!(
+                    v.value(i) == 0.0,
+                    e_strength.value(i) == 0.0,
+                    "{} row {i}",
+                    e_target.value(i)
+                );
+            }
+        }
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(object.join("steer.json")).unwrap()).unwrap();
+    assert_eq!(summary["unit"], "residual");
+    assert!(
+        summary["residual_norm"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+    let g = read_parquet(&object.join("generations.parquet"));
+    let source = g.column_by_name("source").unwrap().as_string::<i32>();
+    assert!((0..g.num_rows()).all(|i| !source.value(i).is_empty()));
+
+    // Bad inputs: a class with no labelled feature, a feature the SAE does not have, clamping in residual
+    // units, random directions in native units.
+    for (steer, message) in [
+        (
+            "features = [0]\nmode = \"clamp\"\n",
+            "mode = \"clamp\" sets a latent's value, which has no residual-norm size",
+        ),
+        (
+            "features = [0]\nunit = \"native\"\n",
+            "random directions have no native scale",
+        ),
+    ] {
+        pipeline(dir.path(), steer);
+        let out = run(dir.path(), &["run", "p.toml"]);
+        assert!(!out.status.success(), "{steer}");
+        assert!(text(&out).contains(message), "{}", text(&out));
+    }
     pipeline(dir.path(), "select = \"top:maybe\"\n");
     let out = run(dir.path(), &["run", "p.toml"]);
     assert!(!out.status.success());

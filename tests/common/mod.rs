@@ -193,7 +193,9 @@ pub fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
     reader.next().unwrap().unwrap()
 }
 
-/// Pipeline `name`: nanochat-d4 (`nc`) over 3000 geometry-of-truth rows (`data`), 20k tokens of
+/// Pipeline `name`: nanochat-d4 (`nc`) over 3000 geometry-of-truth number comparisons (`data`: the
+/// `larger_than`/`smaller_than` subsets, which the 4-layer model reads linearly; its city facts are at
+/// chance once a city's true and false statements stay in one split), 20k tokens of
 /// `blocks.2.hook_resid_post` (`acts`), a TopK SAE (`sae`, expansion 4, k 8) and a `labels` stage with
 /// `label_params`; `extra` is appended.
 pub fn nanochat_chain(name: &str, label_params: &str, extra: &str) -> String {
@@ -207,7 +209,7 @@ path = "{model}"
 
 [stages.data]
 kind = "dataset"
-sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 3000 }}]
+sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 3000, subsets = ["larger_than", "smaller_than"] }}]
 
 [stages.acts]
 kind = "capture"

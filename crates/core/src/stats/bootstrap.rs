@@ -1,4 +1,4 @@
-//! 95% intervals for AUROC by a percentile bootstrap over clusters.
+//! 95% intervals for AUROC by a percentile bootstrap over clusters (and for a mean, over its values).
 //!
 //! The unit of analysis is a document, but documents are not independent: the two sides of a contrast pair
 //! share a prompt, so they are resampled together. Each resample draws clusters (pairs; an unpaired
@@ -120,6 +120,29 @@ pub fn auroc_interval(
     )
 }
 
+/// The mean of `values` with a 95% percentile-bootstrap interval (`resamples` resamples of the values with
+/// replacement, seeded) — for per-prompt effects, where each value is one prompt. `None` for no values.
+pub fn mean_interval(values: &[f64], resamples: usize, seed: u64) -> Option<Interval> {
+    let mean = |v: &mut dyn Iterator<Item = f64>| {
+        let (sum, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+        sum / n.max(1) as f64
+    };
+    if values.is_empty() {
+        return None;
+    }
+    let mut stats: Vec<f64> = draws(values.len(), resamples, seed)
+        .iter()
+        .map(|d| mean(&mut d.iter().map(|&i| values[i])))
+        .collect();
+    stats.sort_unstable_by(f64::total_cmp);
+    Some(Interval {
+        estimate: mean(&mut values.iter().copied()),
+        low: percentile(&stats, 2.5)?,
+        high: percentile(&stats, 97.5)?,
+        resamples: stats.len(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +258,31 @@ mod tests {
             auroc_interval(&[0.1, 0.2], &[true, true], &[0, 1], 10, 0),
             None
         );
+    }
+
+    #[test]
+    fn mean_interval_is_the_percentiles_of_resampled_means() {
+        let values = [1.0, 2.0, 4.0, 8.0, 16.0];
+        let i = mean_interval(&values, 200, 3).unwrap();
+        assert_eq!(i.estimate, 6.2);
+        let mut means: Vec<f64> = draws(5, 200, 3)
+            .iter()
+            .map(|d| d.iter().map(|&k| values[k]).sum::<f64>() / 5.0)
+            .collect();
+        means.sort_unstable_by(f64::total_cmp);
+        assert_eq!(
+            (i.low, i.high),
+            (
+                percentile(&means, 2.5).unwrap(),
+                percentile(&means, 97.5).unwrap()
+            )
+        );
+        assert!(i.low < i.estimate && i.estimate < i.high);
+        let constant = mean_interval(&[0.5; 7], 100, 0).unwrap();
+        assert_eq!(
+            (constant.low, constant.estimate, constant.high),
+            (0.5, 0.5, 0.5)
+        );
+        assert_eq!(mean_interval(&[], 100, 0), None);
     }
 }

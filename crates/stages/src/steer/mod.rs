@@ -23,8 +23,9 @@ use saeflow_core::cancel::Cancelled;
 use saeflow_core::models::generate::{generate, Sampling};
 use saeflow_core::models::{Hook, Hooks, LoadedModel};
 use saeflow_core::sae::format::Sae;
+use saeflow_core::stats::bootstrap::mean_interval;
 use saeflow_runner::stage::{key_path, ParamError, Reference, References, Stage, StageContext};
-use targets::{read_labels, targets, Target};
+use targets::{read_labels, targets, Scale, Target};
 
 /// How a feature is steered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -37,6 +38,20 @@ pub enum Mode {
     Clamp,
     /// Set the feature to 0 (strengths are ignored).
     Ablate,
+}
+
+/// What a strength is a multiple of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StrengthUnit {
+    /// The typical residual norm at the hook (the median norm of the prompts' tokens, sequence starts
+    /// left out), along each target's unit direction: at one strength a feature's decoder row, a DiffMean
+    /// direction and a random direction are edits of the same size (`mode = "add"` only).
+    #[default]
+    Residual,
+    /// Each target's own scale: a feature's typical activation along its decoder row (set, for clamp), the
+    /// DiffMean vector itself. Edits of different targets then differ in size.
+    Native,
 }
 
 /// Parameters of a `steer` stage.
@@ -66,9 +81,15 @@ pub struct SteerParams {
     /// How features are steered.
     #[serde(default)]
     pub mode: Mode,
-    /// Strengths s (multiples of a typical activation; for `diffmean`, of the DiffMean vector).
+    /// Strengths s, in `unit`s.
     #[serde(default = "default_strengths")]
     pub strengths: Vec<f64>,
+    /// What a strength is a multiple of.
+    #[serde(default)]
+    pub unit: StrengthUnit,
+    /// Random directions (seeded, unit norm) steered at the same strengths: the control an effect must beat.
+    #[serde(default = "default_random_directions")]
+    pub random_directions: usize,
     /// Also steer along this class's DiffMean direction from `labels` (x + s·(mean_class − mean_rest)): the
     /// non-SAE baseline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,7 +106,8 @@ pub struct SteerParams {
     /// The split `input`'s prompts come from.
     #[serde(default = "default_split")]
     pub split: String,
-    /// How many of `input`'s rows (the first of the split).
+    /// How many of `input`'s rows: a seeded choice from the split, taken from each source in turn (so every
+    /// source is represented).
     #[serde(default = "default_prompt_count")]
     pub prompt_count: usize,
     /// Plain prompts or the model's chat format (the prompt as the user turn, generation as the answer).
@@ -106,13 +128,16 @@ fn one() -> usize {
     1
 }
 fn default_strengths() -> Vec<f64> {
-    vec![-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0]
+    vec![-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
+}
+fn default_random_directions() -> usize {
+    2
 }
 fn default_split() -> String {
     "test".into()
 }
 fn default_prompt_count() -> usize {
-    8
+    50
 }
 fn default_max_new() -> usize {
     32
@@ -138,7 +163,9 @@ impl Stage for Steer {
     const KIND: &'static str = "steer";
     // 2: the CPU forward runs on hand-written kernels (same values to float rounding, other bits).
     // 3: `top:<class>` ranks labelled features by validation AUROC (was: test).
-    const VERSION: u32 = 3;
+    // 4: strengths in residual-norm units by default, random-direction controls, prompts stratified by
+    // source, intervals over prompts and neutral texts.
+    const VERSION: u32 = 4;
     const ABOUT: &'static str = "Steer SAE features (add / clamp / ablate) or a DiffMean direction while generating, and measure the effects";
 
     fn references(p: &SteerParams) -> References {
@@ -226,6 +253,22 @@ impl Stage for Steer {
                 return err("hook", e);
             }
         }
+        if p.unit == StrengthUnit::Residual && p.mode != Mode::Add {
+            return err(
+                "unit",
+                format!(
+                    "mode = \"{}\" sets a latent's value, which has no residual-norm size: use unit = \"native\"",
+                    if p.mode == Mode::Clamp { "clamp" } else { "ablate" }
+                ),
+            );
+        }
+        if p.unit == StrengthUnit::Native && p.random_directions > 0 {
+            return err(
+                "random_directions",
+                "random directions have no native scale: use unit = \"residual\" or random_directions = 0"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -285,10 +328,14 @@ fn run(p: &SteerParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     };
     let prompt_ids: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|text| prompt_tokens(p, &model, text))
+        .map(|(text, _)| prompt_tokens(p, &model, text))
         .collect::<anyhow::Result<_>>()?;
+    let scale = match p.unit {
+        StrengthUnit::Native => Scale::Native,
+        StrengthUnit::Residual => Scale::Residual(residual_norm(&model, &hook, &prompt_ids)?),
+    };
 
-    let targets = targets(p, &sae, labels.as_ref(), &model, &hook, &neutral)?;
+    let targets = targets(p, &sae, labels.as_ref(), &model, &hook, &neutral, ctx.seed)?;
     let probe_class = p
         .probe
         .clone()
@@ -298,6 +345,11 @@ fn run(p: &SteerParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         (Some(l), Some(c)) => Some(Probe::from_labels(l, c, p.labels.as_deref().unwrap_or(""))?),
         _ => None,
     };
+    if let Scale::Residual(r) = scale {
+        ctx.log(&format!(
+            "strength 1 = an added vector of norm {r:.2} (the median residual norm of the prompts' tokens at {hook_name})"
+        ));
+    }
     ctx.log(&format!(
         "steering {} at {hook_name} ({:?}) over {} strengths, {} prompts × {} tokens",
         targets
@@ -341,7 +393,7 @@ fn run(p: &SteerParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         }
         let target = &targets[t];
         let mut hooks = Hooks::logits();
-        if let Some(edit) = target.edit(&sae, p.mode, s)? {
+        if let Some(edit) = target.edit(&sae, p.mode, scale, s)? {
             hooks.interventions.insert(hook, edit.intervention());
         }
         let feature = match target {
@@ -368,7 +420,8 @@ fn run(p: &SteerParams, ctx: &mut StageContext) -> anyhow::Result<()> {
                 target: target.name(),
                 strength: s,
                 prompt_index: i as u32,
-                prompt: prompts[i].clone(),
+                prompt: prompts[i].0.clone(),
+                source: prompts[i].1.clone(),
                 text: model.tokenizer.decode(&new)?,
                 new_tokens: new.len() as u32,
                 reading,
@@ -376,17 +429,19 @@ fn run(p: &SteerParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         }
         let steered = reader.logits(&neutral, &hooks)?;
         let (kl, nll) = side_effects(&clean_neutral, &steered, &neutral)?;
-        let mean = |f: &dyn Fn(&Reading) -> Option<f64>| {
+        // Each prompt (each neutral text) is one value; intervals resample them.
+        let seed = ctx.seed ^ 0x57ee;
+        let over_prompts = |f: &dyn Fn(&Reading) -> Option<f64>| {
             let v: Vec<f64> = rows.iter().filter_map(|r| f(&r.reading)).collect();
-            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+            mean_interval(&v, INTERVAL_RESAMPLES, seed)
         };
         effects.push(Effect {
             target: target.name(),
             strength: s,
-            feature_activation: mean(&|r| r.feature_activation),
-            diffmean_score: mean(&|r| r.diffmean_score),
-            probe_probability: mean(&|r| r.probe_probability),
-            kl_neutral: kl,
+            feature_activation: over_prompts(&|r| r.feature_activation),
+            diffmean_score: over_prompts(&|r| r.diffmean_score),
+            probe_probability: over_prompts(&|r| r.probe_probability),
+            kl_neutral: mean_interval(&kl, INTERVAL_RESAMPLES, seed).context("no neutral texts")?,
             perplexity_neutral: nll.exp(),
         });
         generations.extend(rows);
@@ -399,13 +454,45 @@ fn run(p: &SteerParams, ctx: &mut StageContext) -> anyhow::Result<()> {
         &generations,
         &effects,
         probe_class.as_deref(),
+        match scale {
+            Scale::Residual(r) => Some(r),
+            Scale::Native => None,
+        },
     )
 }
 
-/// The prompts: the list, or the first `prompt_count` rows of `input`'s split (their prompt, else text).
-fn prompts(p: &SteerParams, ctx: &StageContext) -> anyhow::Result<Vec<String>> {
+/// Resamples behind every interval of `effects.parquet`.
+const INTERVAL_RESAMPLES: usize = 1000;
+
+/// The median norm of the prompts' tokens at the hook, unsteered, leaving out each sequence's first
+/// position (a BOS or an attention sink, whose norm is hundreds of times the rest).
+fn residual_norm(model: &LoadedModel, hook: &Hook, prompts: &[Vec<u32>]) -> anyhow::Result<f64> {
+    let mut norms = Vec::new();
+    for ids in prompts {
+        let x = readings::hook_activations(model, hook, ids, &Hooks::capture([*hook]))?;
+        let n = x
+            .to_dtype(candle_core::DType::F32)?
+            .sqr()?
+            .sum(1)?
+            .sqrt()?
+            .to_vec1::<f32>()?;
+        norms.extend(n.into_iter().skip(1).map(f64::from));
+    }
+    norms.sort_unstable_by(f64::total_cmp);
+    saeflow_core::stats::bootstrap::percentile(&norms, 50.0)
+        .filter(|r| *r > 0.0)
+        .context("the prompts have no tokens after the first to measure the residual norm on: use longer prompts or unit = \"native\"")
+}
+
+/// The prompts and their sources: the list (source `prompts`), or `prompt_count` rows of `input`'s split
+/// (their prompt, else text), chosen by seed from each source in turn.
+fn prompts(p: &SteerParams, ctx: &StageContext) -> anyhow::Result<Vec<(String, String)>> {
     if !p.prompts.is_empty() {
-        return Ok(p.prompts.clone());
+        return Ok(p
+            .prompts
+            .iter()
+            .map(|t| (t.clone(), "prompts".to_string()))
+            .collect());
     }
     let input = p.input.as_deref().unwrap_or_default();
     let path = ctx.inputs["input"].join("rows.parquet");
@@ -413,12 +500,39 @@ fn prompts(p: &SteerParams, ctx: &StageContext) -> anyhow::Result<Vec<String>> {
         bail!("input `{input}` has no rows.parquet (steer reads prompts from a `dataset` stage)");
     }
     let rows = saeflow_core::data::rows::read(&path)?;
-    let chosen: Vec<String> = rows
+    let mut by_source: std::collections::BTreeMap<String, Vec<saeflow_core::data::rows::Row>> =
+        Default::default();
+    for r in rows
         .into_iter()
         .filter(|r| r.split.as_deref() == Some(p.split.as_str()))
-        .take(p.prompt_count)
-        .map(|r| r.prompt.unwrap_or(r.text))
+    {
+        by_source.entry(r.source.clone()).or_default().push(r);
+    }
+    let seed = ctx.seed.to_string();
+    let mut queues: Vec<std::vec::IntoIter<saeflow_core::data::rows::Row>> = by_source
+        .into_values()
+        .map(|mut rows| {
+            rows.sort_by_key(|r| {
+                saeflow_core::data::rows::stable_id(&[&seed, "steer", &r.doc_id.to_string()])
+            });
+            rows.into_iter()
+        })
         .collect();
+    let mut chosen = Vec::new();
+    while chosen.len() < p.prompt_count {
+        let before = chosen.len();
+        for queue in &mut queues {
+            if chosen.len() == p.prompt_count {
+                break;
+            }
+            if let Some(r) = queue.next() {
+                chosen.push((r.prompt.unwrap_or(r.text), r.source));
+            }
+        }
+        if chosen.len() == before {
+            break;
+        }
+    }
     if chosen.is_empty() {
         bail!("input `{input}` has no rows in split `{}`", p.split);
     }

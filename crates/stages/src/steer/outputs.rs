@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::readings::Reading;
 use super::SteerParams;
+use saeflow_core::stats::bootstrap::Interval;
 use saeflow_runner::stage::StageContext;
 
 /// One generation: a row of `generations.parquet`.
@@ -16,19 +17,21 @@ pub(super) struct Generation {
     pub(super) strength: f64,
     pub(super) prompt_index: u32,
     pub(super) prompt: String,
+    pub(super) source: String,
     pub(super) text: String,
     pub(super) new_tokens: u32,
     pub(super) reading: Reading,
 }
 
-/// One (target, strength) setting, its readings averaged over the prompts: a row of `effects.parquet`.
+/// One (target, strength) setting, its readings averaged over the prompts (and its KL over the neutral
+/// texts), each with a 95% bootstrap interval: a row of `effects.parquet`.
 pub(super) struct Effect {
     pub(super) target: String,
     pub(super) strength: f64,
-    pub(super) feature_activation: Option<f64>,
-    pub(super) diffmean_score: Option<f64>,
-    pub(super) probe_probability: Option<f64>,
-    pub(super) kl_neutral: f64,
+    pub(super) feature_activation: Option<Interval>,
+    pub(super) diffmean_score: Option<Interval>,
+    pub(super) probe_probability: Option<Interval>,
+    pub(super) kl_neutral: Interval,
     pub(super) perplexity_neutral: f64,
 }
 
@@ -41,6 +44,7 @@ pub(super) fn write_outputs(
     generations: &[Generation],
     effects: &[Effect],
     probe_class: Option<&str>,
+    residual_norm: Option<f64>,
 ) -> anyhow::Result<()> {
     let strings = |v: Vec<&str>| Arc::new(StringArray::from(v)) as ArrayRef;
     let floats = |v: Vec<Option<f64>>| Arc::new(Float64Array::from(v)) as ArrayRef;
@@ -62,6 +66,10 @@ pub(super) fn write_outputs(
         (
             "prompt",
             strings(generations.iter().map(|g| g.prompt.as_str()).collect()),
+        ),
+        (
+            "source",
+            strings(generations.iter().map(|g| g.source.as_str()).collect()),
         ),
         (
             "text",
@@ -102,36 +110,39 @@ pub(super) fn write_outputs(
         ),
     ])?;
     saeflow_core::data::parquet::write_batches(&ctx.out_dir.join("generations.parquet"), &[g])?;
-    let e = RecordBatch::try_from_iter([
+    let mut columns: Vec<(String, ArrayRef)> = vec![
         (
-            "target",
+            "target".into(),
             strings(effects.iter().map(|e| e.target.as_str()).collect()),
         ),
         (
-            "strength",
+            "strength".into(),
             floats(effects.iter().map(|e| Some(e.strength)).collect()),
         ),
-        (
-            "feature_activation",
-            floats(effects.iter().map(|e| e.feature_activation).collect()),
-        ),
-        (
-            "diffmean_score",
-            floats(effects.iter().map(|e| e.diffmean_score).collect()),
-        ),
-        (
-            "probe_probability",
-            floats(effects.iter().map(|e| e.probe_probability).collect()),
-        ),
-        (
-            "kl_neutral",
-            floats(effects.iter().map(|e| Some(e.kl_neutral)).collect()),
-        ),
-        (
-            "perplexity_neutral",
-            floats(effects.iter().map(|e| Some(e.perplexity_neutral)).collect()),
-        ),
-    ])?;
+    ];
+    let readings: [(&str, &dyn Fn(&Effect) -> Option<Interval>); 4] = [
+        ("feature_activation", &|e| e.feature_activation),
+        ("diffmean_score", &|e| e.diffmean_score),
+        ("probe_probability", &|e| e.probe_probability),
+        ("kl_neutral", &|e| Some(e.kl_neutral)),
+    ];
+    for (name, get) in readings {
+        for (suffix, part) in [
+            ("", (|i: Interval| i.estimate) as fn(Interval) -> f64),
+            ("_low", |i| i.low),
+            ("_high", |i| i.high),
+        ] {
+            columns.push((
+                format!("{name}{suffix}"),
+                floats(effects.iter().map(|e| get(e).map(part)).collect()),
+            ));
+        }
+    }
+    columns.push((
+        "perplexity_neutral".into(),
+        floats(effects.iter().map(|e| Some(e.perplexity_neutral)).collect()),
+    ));
+    let e = RecordBatch::try_from_iter(columns)?;
     saeflow_core::data::parquet::write_batches(&ctx.out_dir.join("effects.parquet"), &[e])?;
 
     // Per target: how the probe score follows the strength, and the cost at the strongest setting.
@@ -141,7 +152,10 @@ pub(super) fn write_outputs(
     for name in names {
         let rows: Vec<&Effect> = effects.iter().filter(|e| e.target == name).collect();
         let strengths: Vec<f64> = rows.iter().map(|e| e.strength).collect();
-        let scores: Vec<f64> = rows.iter().filter_map(|e| e.diffmean_score).collect();
+        let scores: Vec<f64> = rows
+            .iter()
+            .filter_map(|e| e.diffmean_score.map(|i| i.estimate))
+            .collect();
         let strongest = rows
             .iter()
             .max_by(|a, b| a.strength.abs().total_cmp(&b.strength.abs()))
@@ -153,7 +167,8 @@ pub(super) fn write_outputs(
                     .then(|| saeflow_core::stats::spearman(&strengths, &scores))
                     .flatten(),
                 "strongest": strongest.strength,
-                "kl_neutral_at_strongest": strongest.kl_neutral,
+                "kl_neutral_at_strongest": strongest.kl_neutral.estimate,
+                "probe_probability_at_strongest": strongest.probe_probability.map(|i| json!([i.estimate, i.low, i.high])),
                 "perplexity_neutral_at_strongest": strongest.perplexity_neutral,
             }),
         );
@@ -163,6 +178,8 @@ pub(super) fn write_outputs(
         "model": p.model,
         "hook": hook,
         "mode": p.mode,
+        "unit": p.unit,
+        "residual_norm": residual_norm,
         "strengths": p.strengths,
         "probe_class": probe_class,
         "prompts": generations.iter().map(|g| g.prompt_index).max().map_or(0, |m| m + 1),

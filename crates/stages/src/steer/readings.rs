@@ -114,17 +114,17 @@ impl Reader<'_> {
     }
 }
 
-/// Mean KL(unsteered ‖ steered) over the neutral texts' positions, and the steered mean next-token loss.
+/// Per neutral text, the mean KL(unsteered ‖ steered) over its positions; and the steered mean next-token
+/// loss over all of them.
 pub(super) fn side_effects(
     clean: &[Tensor],
     steered: &[Tensor],
     texts: &[Vec<u32>],
-) -> anyhow::Result<(f64, f64)> {
-    let (mut kl, mut kl_n, mut nll, mut nll_n) = (0.0, 0usize, 0.0, 0usize);
+) -> anyhow::Result<(Vec<f64>, f64)> {
+    let (mut kl, mut nll, mut nll_n) = (Vec::new(), 0.0, 0usize);
     for ((c, s), ids) in clean.iter().zip(steered).zip(texts) {
         let k = kl_per_position(c, s)?.flatten_all()?.to_vec1::<f32>()?;
-        kl += k.iter().map(|&v| v as f64).sum::<f64>();
-        kl_n += k.len();
+        kl.push(k.iter().map(|&v| v as f64).sum::<f64>() / k.len().max(1) as f64);
         if ids.len() >= 2 {
             let tokens = Tensor::from_vec(ids.clone(), (1, ids.len()), s.device())?;
             let l = next_token_nll(s, &tokens)?
@@ -134,5 +134,5 @@ pub(super) fn side_effects(
             nll_n += l.len();
         }
     }
-    Ok((kl / kl_n.max(1) as f64, nll / nll_n.max(1) as f64))
+    Ok((kl, nll / nll_n.max(1) as f64))
 }

@@ -1,5 +1,6 @@
 //! What a `steer` stage steers: features by id or chosen from a label stage's output, each with its
-//! typical activation (the unit of a strength), and DiffMean directions; the unsteered baseline first.
+//! typical activation, DiffMean directions, and seeded random directions; the unsteered baseline first.
+//! How big an edit of strength s is depends on the stage's `unit` ([`Scale`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,8 +13,21 @@ use saeflow_core::models::{Hook, Hooks, LoadedModel};
 use saeflow_core::sae::edit::Edit;
 use saeflow_core::sae::format::Sae;
 
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
 use super::readings::hook_activations;
 use super::{Mode, SteerParams};
+
+/// What strength 1 means.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Scale {
+    /// An added vector of this norm along the target's unit direction (the typical residual norm).
+    Residual(f64),
+    /// The target's own scale (a feature's typical activation, the DiffMean vector as it is).
+    Native,
+}
 
 /// What the label stage provides.
 pub(super) struct Labels {
@@ -31,6 +45,7 @@ pub(super) enum Target {
     None,
     Feature { id: u32, typical: f64 },
     DiffMean { class: String, direction: Tensor },
+    Random { index: usize, direction: Tensor },
 }
 
 impl Target {
@@ -40,17 +55,49 @@ impl Target {
             Target::None => "none".into(),
             Target::Feature { id, .. } => format!("feature:{id}"),
             Target::DiffMean { class, .. } => format!("diffmean:{class}"),
+            Target::Random { index, .. } => format!("random:{index}"),
         }
     }
 
     /// The edit that steers this target at strength `s` (`None` for the baseline).
-    pub(super) fn edit(&self, sae: &Sae, mode: Mode, s: f64) -> anyhow::Result<Option<Edit>> {
+    pub(super) fn edit(
+        &self,
+        sae: &Sae,
+        mode: Mode,
+        scale: Scale,
+        s: f64,
+    ) -> anyhow::Result<Option<Edit>> {
+        let unit = |v: &Tensor| -> anyhow::Result<Tensor> {
+            let norm = v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            anyhow::ensure!(
+                norm > 0.0,
+                "{}: a zero direction cannot be steered along",
+                self.name()
+            );
+            Ok((v / norm as f64)?)
+        };
+        if let (Scale::Residual(r), false) = (scale, matches!(self, Target::None)) {
+            let direction = match self {
+                Target::Feature { id, .. } => sae.w_dec.get(*id as usize)?,
+                Target::DiffMean { direction, .. } | Target::Random { direction, .. } => {
+                    direction.clone()
+                }
+                Target::None => unreachable!("handled above"),
+            };
+            return Ok(Some(Edit::Add {
+                direction: unit(&direction)?,
+                amount: s * r,
+            }));
+        }
         Ok(match self {
             Target::None => None,
             Target::DiffMean { direction, .. } => Some(Edit::Add {
                 direction: direction.clone(),
                 amount: s,
             }),
+            Target::Random { .. } => {
+                anyhow::bail!("random directions are steered in residual-norm units only")
+            }
             Target::Feature { id, typical } => {
                 let feature = *id as usize;
                 Some(match mode {
@@ -150,6 +197,7 @@ pub(super) fn targets(
     model: &LoadedModel,
     hook: &Hook,
     neutral: &[Vec<u32>],
+    seed: u64,
 ) -> anyhow::Result<Vec<Target>> {
     let mut ids: Vec<u32> = p.features.clone();
     if let (Some(select), Some(l)) = (&p.select, labels) {
@@ -199,6 +247,16 @@ pub(super) fn targets(
             direction,
         });
     }
+    // Random directions: isotropic Gaussian, seeded by the pipeline seed and their index.
+    let d = sae.d_in();
+    for index in 0..p.random_directions {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (0x5eed_0000 + index as u64));
+        let v: Vec<f32> = (0..d).map(|_| StandardNormal.sample(&mut rng)).collect();
+        targets.push(Target::Random {
+            index,
+            direction: Tensor::from_vec(v, d, sae.w_dec.device())?,
+        });
+    }
     Ok(targets)
 }
 
@@ -226,4 +284,81 @@ fn typical_on(
         }
     }
     Ok((count > 0).then(|| sum / count as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+    use saeflow_core::sae::format::Activation;
+
+    fn norm(t: &Tensor) -> f32 {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn at_one_strength_every_target_is_an_edit_of_the_same_size() {
+        let cpu = Device::Cpu;
+        // Decoder row 0 has norm 3; the DiffMean direction norm 7; the random one norm 11.
+        let mut w_dec = vec![0f32; 2 * 4];
+        w_dec[0] = 3.0;
+        let sae = Sae {
+            activation: Activation::Relu,
+            w_enc: Tensor::zeros((4, 2), DType::F32, &cpu).unwrap(),
+            w_dec: Tensor::from_vec(w_dec, (2, 4), &cpu).unwrap(),
+            b_enc: Tensor::zeros(2, DType::F32, &cpu).unwrap(),
+            b_dec: Tensor::zeros(4, DType::F32, &cpu).unwrap(),
+            threshold: None,
+            apply_b_dec_to_input: true,
+            layer_norm: false,
+            cfg: serde_json::Value::Null,
+        };
+        let targets = [
+            Target::Feature {
+                id: 0,
+                typical: 5.0,
+            },
+            Target::DiffMean {
+                class: "c".into(),
+                direction: Tensor::new(&[0f32, 7.0, 0.0, 0.0], &cpu).unwrap(),
+            },
+            Target::Random {
+                index: 0,
+                direction: Tensor::new(&[0f32, 0.0, 11.0, 0.0], &cpu).unwrap(),
+            },
+        ];
+        for t in &targets {
+            let Some(Edit::Add { direction, amount }) =
+                t.edit(&sae, Mode::Add, Scale::Residual(2.0), 0.5).unwrap()
+            else {
+                panic!("{}: not an addition", t.name());
+            };
+            // 0.5 × the residual norm 2 along a unit direction: an added vector of norm 1 for each.
+            assert!((norm(&direction) - 1.0).abs() < 1e-6, "{}", t.name());
+            assert_eq!(amount, 1.0, "{}", t.name());
+        }
+        // Native units: the feature moves by s × its typical activation along its (norm-3) row, DiffMean
+        // by s × its own vector; they differ in size (15 vs 3.5 at s = 1 and 0.5).
+        let Some(Edit::Add { direction, amount }) = targets[0]
+            .edit(&sae, Mode::Add, Scale::Native, 1.0)
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(norm(&direction) as f64 * amount, 15.0);
+        assert!(targets[2]
+            .edit(&sae, Mode::Add, Scale::Native, 1.0)
+            .is_err());
+        assert!(Target::None
+            .edit(&sae, Mode::Add, Scale::Residual(2.0), 1.0)
+            .unwrap()
+            .is_none());
+    }
 }
