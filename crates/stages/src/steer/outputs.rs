@@ -35,6 +35,9 @@ pub(super) struct Effect {
     pub(super) perplexity_neutral: f64,
 }
 
+/// Reads one interval of an effect.
+type Reads = dyn Fn(&Effect) -> Option<Interval>;
+
 /// Writes the two tables and `steer.json`, whose per-target summary is how the DiffMean score follows the
 /// strength (Spearman) and what the strongest setting costs on neutral text.
 pub(super) fn write_outputs(
@@ -120,7 +123,7 @@ pub(super) fn write_outputs(
             floats(effects.iter().map(|e| Some(e.strength)).collect()),
         ),
     ];
-    let readings: [(&str, &dyn Fn(&Effect) -> Option<Interval>); 4] = [
+    let readings: [(&str, &Reads); 4] = [
         ("feature_activation", &|e| e.feature_activation),
         ("diffmean_score", &|e| e.diffmean_score),
         ("probe_probability", &|e| e.probe_probability),
