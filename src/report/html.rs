@@ -584,6 +584,28 @@ fn steering(e: &Entry) -> anyhow::Result<String> {
     let t = Table::open(&e.dir.join("effects.parquet"))?;
     let (target, strength) = (t.strings("target")?, t.f64s("strength")?);
     let (probe, kl) = (t.f64s("probe_probability")?, t.f64s("kl_neutral")?);
+    // Intervals (steer VERSION 4 on); older objects have none.
+    let interval = |name: &str| -> Option<(Vec<f64>, Vec<f64>)> {
+        Some((
+            t.f64s(&format!("{name}_low")).ok()?,
+            t.f64s(&format!("{name}_high")).ok()?,
+        ))
+    };
+    let with = |v: &[f64], i: usize, band: &Option<(Vec<f64>, Vec<f64>)>| match band {
+        Some((low, high)) => format!("{} [{}, {}]", num(v[i]), num(low[i]), num(high[i])),
+        None => num(v[i]),
+    };
+    let (probe_band, kl_band) = (interval("probe_probability"), interval("kl_neutral"));
+    let effect_rows: Vec<Vec<String>> = (0..target.len())
+        .map(|i| {
+            vec![
+                escape(&target[i]),
+                num(strength[i]),
+                with(&probe, i, &probe_band),
+                with(&kl, i, &kl_band),
+            ]
+        })
+        .collect();
     let mut names: Vec<String> = target.clone();
     names.dedup();
     let series = |values: &[f64]| -> Vec<(String, Vec<(f64, f64)>)> {
@@ -617,11 +639,26 @@ fn steering(e: &Entry) -> anyhow::Result<String> {
             format!("<span class=\"ctx\">{}</span>", escape(&gx[i])),
         ]);
     }
+    // Effect against side effect: each target's probe probability over its KL on neutral text.
+    let tradeoff: Vec<(String, Vec<(f64, f64)>)> = series(&probe)
+        .into_iter()
+        .zip(series(&kl))
+        .map(|((name, p), (_, k))| {
+            let mut points: Vec<(f64, f64)> = k.iter().zip(&p).map(|(k, p)| (k.1, p.1)).collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (name, points)
+        })
+        .collect();
     Ok(format!(
-        "<h3>{}</h3><div class=\"charts\">{}{}</div><p>Prompt 0: <span class=\"ctx\">{}</span></p>{}",
+        "<h3>{}</h3><div class=\"charts\">{}{}{}</div>{}<p>Prompt 0: <span class=\"ctx\">{}</span></p>{}",
         escape(&e.name),
         lines("probe probability of the generations", "strength", "probe p", &series(&probe)),
         lines("KL on neutral text", "strength", "KL (nats)", &series(&kl)),
+        lines("effect against side effect", "KL on neutral text", "probe p", &tradeoff),
+        table(
+            &["target", "strength", "probe p [95% interval over prompts]", "KL [95% interval over texts]"],
+            &effect_rows
+        ),
         escape(prompts.first().map(String::as_str).unwrap_or("")),
         table(&["target", "strength", "generation"], &rows)
     ))
