@@ -586,6 +586,68 @@ fn bad_inputs_fail_with_clear_messages_and_publish_nothing() {
     fails_clearly(d, &["run", "p.toml"], &["non-finite activation"]);
 }
 
+/// Activations of one document's stored rows, in position order.
+fn doc_acts(object: &Path, hook: &str, doc: u64) -> Tensor {
+    let rows: Vec<u32> = token_rows(object)
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.0 == doc)
+        .map(|(i, _)| i as u32)
+        .collect();
+    assert!(!rows.is_empty(), "document {doc} has no stored rows");
+    let index = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
+    all_acts(object, hook).index_select(&index, 0).unwrap()
+}
+
+#[test]
+fn a_documents_activations_are_the_same_batched_with_others_or_alone() {
+    // Labelled captures never pack (`pack = false`, and `label` refuses packed ones): each document is its
+    // own sequence, batched with others of other lengths and right-padded. Nothing of another document may
+    // reach it: its activations alone (a capture of it by itself) and in a batch of six agree.
+    let texts = [
+        "The city of Paris is in France.",
+        "Sometimes one must deceive others to succeed, or so they say, and then they say it again at length.",
+        "I will support you in Burgundy, I promise.",
+        "Water boils at one hundred degrees.",
+        "A short one.",
+        "Trains leave the central station every fifteen minutes during the day, and more often at rush hour.",
+    ];
+    let hook = "blocks.2.hook_resid_post";
+    let capture = format!("hooks = [\"{hook}\"]\nbatch_size = 6\nshuffle = false");
+    let together = tempfile::tempdir().unwrap();
+    let records: Vec<_> = texts
+        .iter()
+        .map(|t| serde_json::json!({ "text": t }))
+        .collect();
+    pipeline(together.path(), &records, &capture);
+    ok(together.path(), &["run", "p.toml"]);
+    let batched = object_of(&together.path().join("cache"), "cap", "acts");
+    let ids = doc_ids(&together.path().join("cache"));
+    for text in [texts[1], texts[4]] {
+        let alone_dir = tempfile::tempdir().unwrap();
+        pipeline(
+            alone_dir.path(),
+            &[serde_json::json!({ "text": text })],
+            &capture,
+        );
+        ok(alone_dir.path(), &["run", "p.toml"]);
+        let alone = object_of(&alone_dir.path().join("cache"), "cap", "acts");
+        let doc = doc_ids(&alone_dir.path().join("cache"))[text];
+        assert_eq!(doc, ids[text], "the same document has the same id");
+        let (a, b) = (doc_acts(&alone, hook, doc), doc_acts(&batched, hook, doc));
+        assert_eq!(a.dims(), b.dims());
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{text}: batched differs from alone by {diff}");
+    }
+}
+
 #[test]
 fn packing_cuts_the_document_stream_into_full_contexts() {
     let model =
