@@ -672,3 +672,49 @@ fn probes_alone_and_every_pool_measure_the_same_planted_direction() {
         }
     }
 }
+
+#[test]
+fn recall_at_one_percent_false_positives_is_set_on_the_control_source() {
+    // A third of the class-B documents form a `neutral` source, never fitted on: its test units set each
+    // method's threshold at 1% false positives, and the planted class is recalled above it.
+    let dir = tempfile::tempdir().unwrap();
+    let (capture, sae) = synthetic_with(dir.path(), 8, false, |d| {
+        if d % 2 == 1 && d % 3 == 0 {
+            "neutral"
+        } else {
+            "data"
+        }
+    });
+    label_pipeline(
+        dir.path(),
+        &capture,
+        &sae,
+        "control_source = \"neutral\"\ntrain_sources = [\"data\"]",
+    );
+    ok(dir.path(), &["run", "p.toml"]);
+    let object = object_of(&dir.path().join("cache"), "lb", "labels");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(object.join("label.json")).unwrap()).unwrap();
+    let docs = &summary["per_class"]["A"]["documents"];
+    for method in ["diffmean", "logistic"] {
+        let recall = docs[method]["recall_at_1pct_fpr"].as_f64().unwrap();
+        assert!(recall > 0.8, "{method}: {}", docs[method]);
+    }
+    // Every test A document is a positive; the control's documents are negatives.
+    let test_a = (0..400u64).filter(|d| d % 20 == 18).count() as u64;
+    assert_eq!(docs["diffmean"]["n_pos"], test_a, "{}", docs["diffmean"]);
+    // A control source that is also fitted on is refused.
+    label_pipeline(
+        dir.path(),
+        &capture,
+        &sae,
+        "control_source = \"neutral\"\ntrain_sources = [\"neutral\", \"data\"]",
+    );
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("the control source `neutral` is also in `train_sources`"),
+        "{}",
+        text(&out)
+    );
+}
