@@ -32,8 +32,8 @@ use serde_json::json;
 use crate::shared::{CaptureHook, SaeOnCapture};
 use classes::{check_splits, choose_classes, source_selection, split_of, versus_labels};
 use documents::{evaluate, evaluation_batch, transfer_matrix, Evaluated, Setting, Units};
-pub use positions::Over;
 use positions::{check_pooled, pooled_rows, shuffle_document_labels};
+pub use positions::{Over, Statements};
 use saeflow_core::cancel::Cancelled;
 use saeflow_core::data::activations::{ReadOptions, TokenTable};
 use saeflow_core::stats::benjamini_hochberg;
@@ -131,6 +131,11 @@ pub struct LabelParams {
     /// opening of a response, which echoes the prompt).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub skip_completion: u32,
+    /// With `positions = "auto"`: which positions of a standalone statement (a document without a
+    /// completion) are pooled, so one capture can hold QA sources (their completions) and statement sources
+    /// (their last token).
+    #[serde(default, skip_serializing_if = "Statements::is_all")]
+    pub statements: Statements,
     /// The unit of analysis, the same for every method.
     #[serde(default)]
     pub pool: Pool,
@@ -303,6 +308,13 @@ impl Stage for Label {
                     .into(),
             );
         }
+        if p.statements != Statements::All && p.positions != Over::Auto {
+            return error(
+                "statements",
+                "`statements` applies to `positions = \"auto\"` (the rule for documents without a completion)"
+                    .into(),
+            );
+        }
         if let (Some(c), false) = (&p.control_source, p.train_sources.is_empty()) {
             if p.train_sources.contains(c) {
                 return error(
@@ -398,7 +410,7 @@ impl Stage for Label {
             shuffle_document_labels(&table, &mut class, ctx.seed);
         }
         // Only the pooled positions carry a class into the statistics.
-        let pooled = pooled_rows(&table, p.positions, p.skip_completion);
+        let pooled = pooled_rows(&table, p.positions, p.skip_completion, p.statements);
         check_pooled(&table, &class, &pooled, (p.positions, p.skip_completion))
             .map_err(|e| anyhow::anyhow!("capture `{}`: {e}", p.input))?;
         let tokens = TokenInfo {
@@ -611,6 +623,7 @@ impl Stage for Label {
                 "alpha": p.alpha,
                 "pool": p.pool,
                 "positions": p.positions,
+                "statements": p.statements,
                 "skip_completion": p.skip_completion,
                 "unit": unit_name(p.pool),
                 "units": units.len(),

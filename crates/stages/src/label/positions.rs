@@ -23,6 +23,26 @@ pub enum Over {
     All,
 }
 
+/// The stored positions pooled from a document without a completion (a standalone statement) under
+/// `positions = "auto"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Statements {
+    /// Every stored token of the statement.
+    #[default]
+    All,
+    /// Its last stored token (Marks & Tegmark read a statement there), while documents with a completion
+    /// still pool their completion tokens: one capture can hold QA and statement sources.
+    Last,
+}
+
+impl Statements {
+    /// Whether this is the default (left out of the stage's key when it is).
+    pub fn is_all(&self) -> bool {
+        *self == Statements::All
+    }
+}
+
 /// The contiguous row ranges of each document in `tokens.parquet`, in order.
 pub(super) fn documents(table: &TokenTable) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
@@ -37,8 +57,14 @@ pub(super) fn documents(table: &TokenTable) -> Vec<std::ops::Range<usize>> {
 }
 
 /// Whether each row is pooled: by `over`, leaving out the first `skip` completion tokens of each
-/// document (counted by position from its first stored completion token).
-pub(super) fn pooled_rows(table: &TokenTable, over: Over, skip: u32) -> Vec<bool> {
+/// document (counted by position from its first stored completion token); under `auto`, a statement's rows
+/// by `statements`.
+pub(super) fn pooled_rows(
+    table: &TokenTable,
+    over: Over,
+    skip: u32,
+    statements: Statements,
+) -> Vec<bool> {
     let mut pooled = vec![false; table.doc_id.len()];
     for doc in documents(table) {
         let first = doc
@@ -46,13 +72,15 @@ pub(super) fn pooled_rows(table: &TokenTable, over: Over, skip: u32) -> Vec<bool
             .filter(|&r| table.is_completion[r])
             .map(|r| table.pos[r])
             .min();
+        let last = doc.end - 1;
         for r in doc {
             let completion =
                 first.is_some_and(|f| table.is_completion[r] && table.pos[r] - f >= skip);
+            let statement = first.is_none() && (statements == Statements::All || r == last);
             pooled[r] = match over {
                 Over::All => true,
                 Over::Completion => completion,
-                Over::Auto => first.is_none() || completion,
+                Over::Auto => statement || completion,
             };
         }
     }
@@ -140,11 +168,17 @@ mod tests {
     fn positions_by_rule() {
         let t = table();
         let on = |v: Vec<bool>| -> Vec<usize> { (0..v.len()).filter(|&i| v[i]).collect() };
-        assert_eq!(on(pooled_rows(&t, Over::Auto, 0)), vec![2, 3, 4, 5, 6]);
-        assert_eq!(on(pooled_rows(&t, Over::Auto, 2)), vec![4, 5, 6]);
-        assert_eq!(on(pooled_rows(&t, Over::Completion, 1)), vec![3, 4]);
+        let all = Statements::All;
+        assert_eq!(on(pooled_rows(&t, Over::Auto, 0, all)), vec![2, 3, 4, 5, 6]);
+        assert_eq!(on(pooled_rows(&t, Over::Auto, 2, all)), vec![4, 5, 6]);
+        // A statement's last token only; the QA document keeps its completion.
         assert_eq!(
-            on(pooled_rows(&t, Over::All, 3)),
+            on(pooled_rows(&t, Over::Auto, 0, Statements::Last)),
+            vec![2, 3, 4, 6]
+        );
+        assert_eq!(on(pooled_rows(&t, Over::Completion, 1, all)), vec![3, 4]);
+        assert_eq!(
+            on(pooled_rows(&t, Over::All, 3, all)),
             (0..7).collect::<Vec<_>>()
         );
     }
@@ -153,12 +187,12 @@ mod tests {
     fn a_document_with_nothing_to_pool_is_an_error_naming_its_source() {
         let t = table();
         let class = vec![Some(0); 7];
-        let pooled = pooled_rows(&t, Over::Completion, 0);
+        let pooled = pooled_rows(&t, Over::Completion, 0, Statements::All);
         let e = check_pooled(&t, &class, &pooled, (Over::Completion, 0))
             .unwrap_err()
             .to_string();
         assert!(e.contains("1 labelled documents of source `facts`"), "{e}");
-        let pooled = pooled_rows(&t, Over::Auto, 3);
+        let pooled = pooled_rows(&t, Over::Auto, 3, Statements::All);
         let e = check_pooled(&t, &class, &pooled, (Over::Auto, 3))
             .unwrap_err()
             .to_string();
@@ -166,7 +200,7 @@ mod tests {
             e.contains("source `qa`") && e.contains("skip_completion = 3"),
             "{e}"
         );
-        let pooled = pooled_rows(&t, Over::Auto, 2);
+        let pooled = pooled_rows(&t, Over::Auto, 2, Statements::All);
         check_pooled(&t, &class, &pooled, (Over::Auto, 2)).unwrap();
     }
 }
