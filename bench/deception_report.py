@@ -2,7 +2,9 @@
 """The "Deception" tables of BENCHMARKS.md from a cache that ran pipelines/deception.toml: per source and pooled,
 every method's held-out AUROC with its 95% interval (documents, mean over completion tokens; chosen on
 validation, reported on test), the within-pair AUROC where a source has pairs, the train-on-A/test-on-B matrix
-of the logistic probe, and the shuffled-label null (features labelled by BH against alpha x tests).
+of the logistic probe, the shuffled-label null (features labelled by BH against alpha x tests), and the
+steering effects (probe probability of the generations and KL on neutral text, with intervals) of each target
+against random directions of the same size.
 
   python3 bench/deception_report.py CACHE_DIR [PIPELINE_NAME]      # needs pyarrow
 """
@@ -62,6 +64,21 @@ def main() -> None:
     print(f"\nNull (labels shuffled within source and split): {null['labelled']} features labelled, alpha x tests = "
           f"{null['alpha'] * null['tests']:.0f}; pooled: "
           + "; ".join(f"{m} {cell(nrows.get(m))}" for m in ["sparse_probe_k20", "diffmean", "logistic"]))
+
+    if "steer" not in refs:
+        return
+    steer = json.loads((obj("steer") / "steer.json").read_text())
+    effects = pq.read_table(obj("steer") / "effects.parquet").to_pylist()
+    print(f"\nSteering at {steer['hook']}: strength 1 = an added vector of norm {steer['residual_norm']:.1f} (the "
+          f"median residual norm of the prompts' tokens); {steer['prompts']} test prompts, probe class "
+          f"`{steer['probe_class']}`.\n")
+    print("| target | strength | probe probability of the generation [95% interval over prompts] "
+          "| DiffMean score | KL on neutral text [95% interval over texts] |")
+    print("| --- | --- | --- | --- | --- |")
+    f = lambda r, k, n=3: "–" if r[k] is None else f"{r[k]:.{n}f} [{r[k + '_low']:.{n}f}, {r[k + '_high']:.{n}f}]"
+    for r in effects:
+        print(f"| {r['target']} | {r['strength']:+.2f} | {f(r, 'probe_probability')} | {f(r, 'diffmean_score', 2)} "
+              f"| {f(r, 'kl_neutral')} |")
 
 
 if __name__ == "__main__":
