@@ -447,8 +447,9 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             .iter()
             .map(|(h, s)| format!(
                 "{h} {} before, {} after",
-                s.before.map_or("–".into(), |v| format!("{:.1}%", 100.0 * v)),
-                s.after.map_or("–".into(), |v| format!("{:.1}%", 100.0 * v))
+                // `+ 0.0` shows a share of -0 (an empty sum) as 0.
+                s.before.map_or("–".into(), |v| format!("{:.1}%", 100.0 * v + 0.0)),
+                s.after.map_or("–".into(), |v| format!("{:.1}%", 100.0 * v + 0.0))
             ))
             .collect::<Vec<_>>()
             .join("; ")
