@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{object_of, ok, run, shared, text, write};
+use common::{max_abs_diff, object_of, ok, run, shared, text, write};
 use saeflow_core::data::activations::{ActivationStore, CaptureInfo, ReadOptions};
 
 /// A pipeline: a JSONL dataset (records with `text`, or `prompt` and `completion`, and `label`) and a
@@ -411,15 +411,10 @@ fn the_reader_shuffles_by_seed_filters_splits_and_returns_each_row_once() {
         &Device::Cpu,
     )
     .unwrap();
-    let diff: f32 = (all.index_select(&index, 0).unwrap() - a_acts)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    assert_eq!(diff, 0.0);
+    assert_eq!(
+        max_abs_diff(&all.index_select(&index, 0).unwrap(), &a_acts),
+        0.0
+    );
     // The first 1000 shuffled rows come from all over the store, not from one block.
     let first: Vec<u64> = a[..1000].to_vec();
     assert!(first.iter().max().unwrap() - first.iter().min().unwrap() > 6000);
@@ -634,16 +629,7 @@ fn a_documents_activations_are_the_same_batched_with_others_or_alone() {
         let alone = object_of(&alone_dir.path().join("cache"), "cap", "acts");
         let doc = doc_ids(&alone_dir.path().join("cache"))[text];
         assert_eq!(doc, ids[text], "the same document has the same id");
-        let (a, b) = (doc_acts(&alone, hook, doc), doc_acts(&batched, hook, doc));
-        assert_eq!(a.dims(), b.dims());
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&doc_acts(&alone, hook, doc), &doc_acts(&batched, hook, doc));
         assert!(diff < 1e-4, "{text}: batched differs from alone by {diff}");
     }
 }
@@ -813,15 +799,7 @@ fn sequence_start_sinks_are_left_out_measured_and_reported() {
         let want = all_acts(&all, hook)
             .index_select(&Tensor::new(keep.as_slice(), &Device::Cpu).unwrap(), 0)
             .unwrap();
-        let diff: f32 = (all_acts(object, hook) - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(max_abs_diff(&all_acts(object, hook), &want), 0.0);
     }
     // "Before" is measured over every candidate token: the all-token capture's "after".
     let share = |o: &Path| CaptureInfo::read(o).unwrap().sinks.top_half_percent_share[hook].clone();

@@ -3,7 +3,7 @@
 mod common;
 
 use common::checkpoints::make_nanochat;
-use common::shared;
+use common::{max_abs_diff, shared};
 
 use std::io::Write;
 use std::path::Path;
@@ -37,20 +37,6 @@ fn ids_of(v: &Json) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn run(

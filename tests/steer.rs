@@ -8,7 +8,8 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::Float64Type;
 use candle_core::{DType, Device, Tensor};
 use common::{
-    cached_logits, nanochat_chain, object_of, ok, read_parquet, run, shared, text, write,
+    cached_logits, max_abs_diff, nanochat_chain, object_of, ok, read_parquet, run, shared, text,
+    write,
 };
 use saeflow_core::models::{Hook, HookPoint, Hooks};
 use saeflow_core::sae::edit::Edit;
@@ -49,19 +50,6 @@ fn logits(model: &saeflow_core::models::LoadedModel, ids: &[u32], hooks: &Hooks)
         .forward(&input, hooks, None)
         .unwrap()
         .logits
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
         .unwrap()
 }
 
@@ -109,7 +97,7 @@ fn no_op_edits_leave_logits_unchanged() {
         amount: 0.0,
     };
     assert_eq!(
-        max_abs(&logits(&model, &ids, &steered(add_nothing)), &clean),
+        max_abs_diff(&logits(&model, &ids, &steered(add_nothing)), &clean),
         0.0
     );
     // A latent that is zero at every position: clamping it to 0 (its current value) changes nothing.
@@ -125,13 +113,16 @@ fn no_op_edits_leave_logits_unchanged() {
         feature: silent,
         target: 0.0,
     };
-    assert_eq!(max_abs(&logits(&model, &ids, &steered(clamp)), &clean), 0.0);
+    assert_eq!(
+        max_abs_diff(&logits(&model, &ids, &steered(clamp)), &clean),
+        0.0
+    );
     // Adding the decoder row for real changes the logits.
     let add = Edit::Add {
         direction: sae.w_dec.get(3).unwrap(),
         amount: 20.0,
     };
-    assert!(max_abs(&logits(&model, &ids, &steered(add)), &clean) > 1e-2);
+    assert!(max_abs_diff(&logits(&model, &ids, &steered(add)), &clean) > 1e-2);
 }
 
 #[test]
@@ -160,9 +151,9 @@ fn ablation_sets_the_latent_to_zero_at_the_hook() {
     }
     let zeroed = Tensor::new(zeroed, &Device::Cpu).unwrap();
     let expected = (sae.decode(&zeroed).unwrap() + error).unwrap();
-    assert!(max_abs(&ablated, &expected) < 1e-4);
+    assert!(max_abs_diff(&ablated, &expected) < 1e-4);
     assert!(
-        max_abs(&ablated, &x) > 1e-3,
+        max_abs_diff(&ablated, &x) > 1e-3,
         "the latent was active: something changed"
     );
 }
@@ -183,11 +174,11 @@ fn steering_acts_in_prefill_and_decode_alike() {
     let full = logits(&model, &ids, &hooks);
     let cached = cached_logits(&model, &ids, &hooks, 4);
     assert!(
-        max_abs(&cached, &full) < 1e-4,
+        max_abs_diff(&cached, &full) < 1e-4,
         "{}",
-        max_abs(&cached, &full)
+        max_abs_diff(&cached, &full)
     );
-    assert!(max_abs(&full, &logits(&model, &ids, &Hooks::logits())) > 1e-3);
+    assert!(max_abs_diff(&full, &logits(&model, &ids, &Hooks::logits())) > 1e-3);
 }
 
 fn pipeline(dir: &Path, steer: &str) {

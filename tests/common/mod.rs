@@ -182,6 +182,21 @@ pub fn shared(p: &str) -> PathBuf {
         .join(p)
 }
 
+/// The largest |a − b| over two tensors of the same shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// The first record batch of a Parquet file (all rows: the tables tests read are small).
 pub fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
     let file = std::fs::File::open(path).unwrap();
