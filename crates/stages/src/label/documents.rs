@@ -65,16 +65,18 @@ impl Units {
             d,
         };
         let mut last: Option<(u64, usize)> = None; // the previous pooled row's document and row
-        let mut seen: Vec<u32> = Vec::new(); // the current document's pooled tokens so far
+        let mut seen: Vec<u32> = Vec::new(); // `token` pools: the document's pooled tokens so far
         for r in 0..table.doc_id.len() {
             let Some(class) = tokens.class[r] else {
                 continue;
             };
             let same_doc = last.is_some_and(|(doc, _)| doc == table.doc_id[r]);
-            if !same_doc {
-                seen.clear();
+            if pool == Pool::Token {
+                if !same_doc {
+                    seen.clear();
+                }
+                seen.push(table.token_id[r]);
             }
-            seen.push(table.token_id[r]);
             if !same_doc || pool == Pool::Token {
                 units.class.push(class);
                 units.split.push(tokens.split[r]);
@@ -95,7 +97,11 @@ impl Units {
                 units.count[i] += 1;
             }
             units.of_row[r] = Some(i as u32);
-            units.tokens[i].clone_from(&seen);
+            if pool == Pool::Token {
+                units.tokens[i].clone_from(&seen);
+            } else {
+                units.tokens[i].push(table.token_id[r]);
+            }
             last = Some((table.doc_id[r], r));
         }
         let fill = if pool == Pool::Max {

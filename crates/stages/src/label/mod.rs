@@ -486,20 +486,15 @@ impl Stage for Label {
         units.finish();
 
         let out = ctx.out_dir.clone();
-        let features = match &codes {
-            Some(codes) => Some(test_features(
-                p,
-                ctx.seed,
-                codes,
-                &tokens,
-                &table,
-                &names,
-                &classes,
-                (fit, val, test),
-                &out,
-            )?),
-            None => None,
-        };
+        let features = codes
+            .as_ref()
+            .map(|codes| {
+                let splits = (fit, val, test);
+                test_features(
+                    p, ctx.seed, codes, &tokens, &table, &names, &classes, splits, &out,
+                )
+            })
+            .transpose()?;
 
         // Every method on one unit, with intervals and baselines.
         ctx.log("scoring every method on the test units, with baselines and 95% intervals");
