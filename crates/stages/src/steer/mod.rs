@@ -545,7 +545,9 @@ fn prompt_tokens(p: &SteerParams, model: &LoadedModel, text: &str) -> anyhow::Re
         Template::None => model.tokenizer.encode(text)?,
         Template::Chat => model.chat_tokens(text, None)?.0,
     };
-    let ids: Vec<u32> = model.bos.into_iter().chain(body).collect();
+    // A chat template that writes BOS itself (Llama 3's) already put it first.
+    let bos = model.bos.filter(|b| body.first() != Some(b));
+    let ids: Vec<u32> = bos.into_iter().chain(body).collect();
     if ids.is_empty() {
         bail!("an empty prompt (and no BOS token) cannot be continued");
     }
