@@ -3,7 +3,7 @@
 #  1. `saeflow bench forward`: SmolLM2-135M (f32), batch 8 x 128 random tokens, up to blocks.15, as many
 #     passes as the capture has batches (this VM slows down under sustained load: compare equal durations).
 #  2. A capture stage with the same shapes (packed 128-token contexts, batch 8, blocks.15.hook_resid_post,
-#     BOS kept so every computed token is stored), over the lie-detector preset; tokens/s from its manifest
+#     BOS and first positions kept so every computed token is stored), over the lie-detector preset; tokens/s from its manifest
 #     (time after model loading: tokenizing, forward, gathering, shard writing and final assembly).
 #  3. `saeflow bench reader` on synthetic d=576 stores, f32 and f16.
 # Usage: bench/capture.sh [TOKENS]   (needs: cargo build --release)
@@ -12,6 +12,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 bin="$here/target/release/saeflow"
 tokens=${1:-16384}
 cd "$here"
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; $(date -u +%F); $(git rev-parse --short HEAD)"
 model=../shared/models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf
 work=$(mktemp -d)
 cat > "$work/capture.toml" <<TOML
@@ -32,6 +33,7 @@ context = 128
 batch_size = 8
 pack = true
 exclude_bos = false
+drop_first = 0
 tokens = $tokens
 TOML
 "$bin" run -q --cache "$work/c" "$work/capture.toml" data

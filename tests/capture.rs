@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{max_abs_diff, object_of, ok, run, shared, text, write};
+use common::{
+    max_abs_diff, nanochat_d4, number_comparisons, object_of, ok, run, shared, text, write,
+};
 use saeflow_core::data::activations::{ActivationStore, CaptureInfo, ReadOptions};
 
 /// A pipeline: a JSONL dataset (records with `text`, or `prompt` and `completion`, and `label`) and a
@@ -45,7 +47,7 @@ input = "data"
 model = "nc"
 {capture}
 "#,
-            model = shared("fixtures/nanochat-d4").display()
+            model = nanochat_d4().display()
         ),
     );
 }
@@ -102,6 +104,7 @@ fn doc_ids(cache: &Path) -> BTreeMap<String, u64> {
 }
 
 #[test]
+#[cfg_attr(missing = "shared", ignore = "needs ../shared")]
 fn stored_residuals_equal_nanochats_reference_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let reference: serde_json::Value = serde_json::from_slice(
@@ -176,8 +179,7 @@ fn stored_residuals_equal_nanochats_reference_tensors() {
 
 #[test]
 fn positions_select_exactly_the_tokens_the_tokenizer_says() {
-    let model =
-        saeflow_core::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
+    let model = saeflow_core::models::load(&nanochat_d4(), None, &Device::Cpu).unwrap();
     let pairs = [
         ("Is the sky green?", " No, the sky is blue."),
         ("Did you take the money?", " I never touched it, I promise."),
@@ -248,7 +250,7 @@ fn positions_select_exactly_the_tokens_the_tokenizer_says() {
     }
 }
 
-/// A multi-shard capture of the geometry-of-truth preset by nanochat-d4.
+/// A multi-shard capture of geometry-of-truth's number comparisons by nanochat-d4.
 fn geometry_pipeline(dir: &Path, capture: &str) {
     write(
         &dir.join("p.toml"),
@@ -262,7 +264,7 @@ path = "{model}"
 
 [stages.data]
 kind = "dataset"
-sources = [{{ preset = "geometry_of_truth", path = "{data}" }}]
+sources = [{{ preset = "geometry_of_truth", path = "{data}", subsets = ["larger_than", "smaller_than"] }}]
 
 [stages.acts]
 kind = "capture"
@@ -271,8 +273,8 @@ model = "nc"
 hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
 {capture}
 "#,
-            model = shared("fixtures/nanochat-d4").display(),
-            data = shared("data/geometry_of_truth").display(),
+            model = nanochat_d4().display(),
+            data = number_comparisons(&dir.join("geometry_of_truth")).display(),
         ),
     );
 }
@@ -563,7 +565,7 @@ fn bad_inputs_fail_with_clear_messages_and_publish_nothing() {
     let poisoned = d.join("poisoned");
     common::checkpoints::make_nanochat_with(&poisoned, 3, &[], Some(1));
     let toml = std::fs::read_to_string(d.join("p.toml")).unwrap().replace(
-        &shared("fixtures/nanochat-d4").display().to_string(),
+        &nanochat_d4().display().to_string(),
         &poisoned.display().to_string(),
     );
     write(&d.join("p.toml"), &toml.replace("context = 100000", ""));
@@ -636,8 +638,7 @@ fn a_documents_activations_are_the_same_batched_with_others_or_alone() {
 
 #[test]
 fn packing_cuts_the_document_stream_into_full_contexts() {
-    let model =
-        saeflow_core::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
+    let model = saeflow_core::models::load(&nanochat_d4(), None, &Device::Cpu).unwrap();
     let texts = [
         "The city of Paris is in France.",
         "Sometimes one must deceive others to succeed, or so they say.",
@@ -708,8 +709,7 @@ fn packing_cuts_the_document_stream_into_full_contexts() {
 
 #[test]
 fn the_chat_template_wraps_prompt_and_completion_in_nanochats_format() {
-    let model =
-        saeflow_core::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap();
+    let model = saeflow_core::models::load(&nanochat_d4(), None, &Device::Cpu).unwrap();
     let (prompt, completion) = ("Is the sky green?", "No, it is blue.");
     let records =
         [serde_json::json!({"prompt": prompt, "completion": completion, "label": "honest"})];

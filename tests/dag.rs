@@ -5,6 +5,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 #[test]
+#[cfg_attr(missing = "dot", ignore = "needs Graphviz `dot`")]
 fn dot_output_renders_with_graphviz() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let cache = tempfile::tempdir().unwrap();
@@ -25,19 +26,12 @@ fn dot_output_renders_with_graphviz() {
     let dot = String::from_utf8(out.stdout).unwrap();
     assert_eq!(dot.matches("label=\"eval[").count(), 4, "{dot}");
 
-    let Ok(mut child) = Command::new("dot")
+    let mut child = Command::new("dot")
         .arg("-Tsvg")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-    else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "Graphviz `dot` must be installed in CI (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: Graphviz `dot` is not installed here");
-        return;
-    };
+        .expect("Graphviz `dot` runs");
     child
         .stdin
         .take()

@@ -110,6 +110,7 @@ const EXPECTED: &[Expected] = &[
 ];
 
 #[test]
+#[cfg_attr(missing = "shared", ignore = "needs ../shared")]
 fn preset_rows_and_labels_match_the_source_documents() {
     for (name, dir, rows, labels) in EXPECTED {
         let loaded = presets::get(name).unwrap().load(&shared(dir)).unwrap();
@@ -187,6 +188,7 @@ fn preset_rows_and_labels_match_the_source_documents() {
 }
 
 #[test]
+#[cfg_attr(missing = "shared", ignore = "needs ../shared")]
 fn doc_ids_do_not_depend_on_row_order() {
     let dir = tempfile::tempdir().unwrap();
     let src =
@@ -207,6 +209,22 @@ fn doc_ids_do_not_depend_on_row_order() {
 }
 
 #[test]
+fn number_comparisons_written_by_the_tests_are_upstreams_bytes() {
+    // The shipped-asset tests read geometry-of-truth's number comparisons as `common` writes them; they
+    // must be upstream's files, which the preset pins by sha256.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = common::number_comparisons(dir.path());
+    let got = presets::get("geometry_of_truth").unwrap();
+    let files = got.upstream().unwrap().files;
+    for name in ["larger_than.csv", "smaller_than.csv"] {
+        let pinned = files.iter().find(|f| f.local == name).unwrap();
+        let actual = saeflow_core::data::download::sha256_file(&copy.join(name)).unwrap();
+        assert_eq!(actual, pinned.sha256, "{name}");
+    }
+}
+
+#[test]
+#[cfg_attr(missing = "shared", ignore = "needs ../shared")]
 fn embedded_checksums_match_the_shared_copies() {
     let folders: BTreeMap<&str, &str> = EXPECTED.iter().map(|(n, d, _, _)| (*n, *d)).collect();
     let mut checked = 0;
@@ -417,6 +435,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 #[test]
+#[cfg_attr(missing = "shared", ignore = "needs ../shared")]
 fn presets_download_their_pinned_upstream_files() {
     let preset = presets::get("alignment_faking").unwrap();
     let up = preset.upstream().unwrap();

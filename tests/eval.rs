@@ -9,7 +9,8 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt64Type};
 use candle_core::{Device, Tensor};
 use common::{
-    object_of, ok, published_capture_and_sae, read_parquet, run, shared, text, write, write_capture,
+    nanochat_d4, object_of, ok, published_capture_and_sae, read_parquet, run, text, write,
+    write_capture,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -217,8 +218,9 @@ fn reconstruction_metrics_equal_an_independent_computation() {
     assert_eq!(density[0], fires[0] as f64 / n);
 }
 
-/// A nanochat-d4 pipeline over geometry-of-truth: capture every position of block 2, the SAEs in `saes`
-/// (name → directory, published by command stages) each evaluated with the model, plus `extra` stages.
+/// A nanochat-d4 pipeline over the quickstart's persona statements: capture every position of block 2, the
+/// SAEs in `saes` (name → directory, published by command stages) each evaluated with the model, plus
+/// `extra` stages.
 fn nanochat_pipeline(dir: &Path, saes: &[(&str, &Path)], extra: &str) {
     let mut text = format!(
         r#"[pipeline]
@@ -230,7 +232,7 @@ path = "{model}"
 
 [stages.data]
 kind = "dataset"
-sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 2000 }}]
+sources = [{{ path = "{data}", text = "statement", label = "label", max_rows = 2000 }}]
 
 [stages.acts]
 kind = "capture"
@@ -239,8 +241,10 @@ model = "nc"
 hooks = ["{HOOK}"]
 tokens = 12000
 "#,
-        model = shared("fixtures/nanochat-d4").display(),
-        data = shared("data/geometry_of_truth").display(),
+        model = nanochat_d4().display(),
+        data = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("assets/quickstart/persona-deception.csv")
+            .display(),
     );
     for (name, sae) in saes {
         text += &format!(
@@ -411,11 +415,13 @@ split = "holdout"
         "capture `acts` has no tokens in split `holdout` (its splits: ",
     );
     // Another model than the capture's.
+    let other = dir.path().join("other-nanochat");
+    common::checkpoints::make_nanochat(&other, 2, &[]);
     fails(
         &format!(
             r#"
 [models.smol]
-kind = "llama"
+kind = "nanochat"
 path = "{}"
 
 [stages.eval_m]
@@ -424,7 +430,7 @@ sae = "s"
 input = "acts"
 model = "smol"
 "#,
-            shared("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf").display()
+            other.display()
         ),
         "capture `acts` ran model `nc`, not `smol`",
     );

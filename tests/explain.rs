@@ -29,7 +29,7 @@ features = 3
     );
     write(
         &dir.join("p.toml"),
-        &nanochat_chain("ex", "alpha = 0.5\nmin_effect = 0.0", &explain),
+        &nanochat_chain(dir, "ex", "alpha = 0.5\nmin_effect = 0.0", &explain),
     );
 }
 

@@ -33,12 +33,28 @@ fn synthetic(dir: &Path, seed: u64, shuffle: bool) -> (PathBuf, PathBuf) {
     synthetic_with(dir, seed, shuffle, |_| "synthetic")
 }
 
+/// A document's label: A for the (possibly shuffled) class-A documents, else B.
+fn a_or_b(_doc: u64, a: bool) -> Option<&'static str> {
+    Some(if a { "A" } else { "B" })
+}
+
 /// [`synthetic`] with each document's source named by `source_of(doc)`.
 fn synthetic_with(
     dir: &Path,
     seed: u64,
     shuffle: bool,
     source_of: fn(u64) -> &'static str,
+) -> (PathBuf, PathBuf) {
+    synthetic_labelled(dir, seed, shuffle, source_of, a_or_b)
+}
+
+/// [`synthetic_with`] with each document's label given by `label_of(doc, class_a)`.
+fn synthetic_labelled(
+    dir: &Path,
+    seed: u64,
+    shuffle: bool,
+    source_of: fn(u64) -> &'static str,
+    label_of: fn(u64, bool) -> Option<&'static str>,
 ) -> (PathBuf, PathBuf) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let docs = 400u64;
@@ -63,7 +79,7 @@ fn synthetic_with(
                 doc_id: d,
                 pos,
                 token_id: (d as u32 * 7 + pos) % 50,
-                label: Some((if labels[d as usize] { "A" } else { "B" }).into()),
+                label: label_of(d, labels[d as usize]).map(Into::into),
                 split: split.into(),
                 is_completion: false,
                 source: source_of(d).into(),
@@ -398,6 +414,35 @@ fn bad_inputs_fail_with_the_reason() {
         "{}",
         text(&out)
     );
+    // A capture of unlabelled rows has nothing to compare.
+    let unlabelled = tempfile::tempdir().unwrap();
+    let (none, none_sae) =
+        synthetic_labelled(unlabelled.path(), 3, false, |_| "synthetic", |_, _| None);
+    label_pipeline(dir.path(), &none, &none_sae, "");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("FAILED labels: capture `acts` has no labelled tokens: label the rows in its dataset stage"),
+        "{}",
+        text(&out)
+    );
+    // A test split of one class: no AUROC could be measured on it.
+    let single = tempfile::tempdir().unwrap();
+    let (one_class, one_class_sae) = synthetic_labelled(
+        single.path(),
+        3,
+        false,
+        |_| "synthetic",
+        |d, a| Some(if a || d % 20 >= 17 { "A" } else { "B" }),
+    );
+    label_pipeline(dir.path(), &one_class, &one_class_sae, "");
+    let out = run(dir.path(), &["run", "p.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("FAILED labels: split `test` of capture `acts` has no `B` tokens"),
+        "{}",
+        text(&out)
+    );
     // One class against the rest is fine, on any split.
     label_pipeline(
         dir.path(),
@@ -465,7 +510,10 @@ fn bad_inputs_fail_with_the_reason() {
 fn labels_a_trained_sae_on_real_activations_end_to_end() {
     // nanochat-d4 on geometry-of-truth (true/false statements), a small TopK SAE, then `label`.
     let dir = tempfile::tempdir().unwrap();
-    write(&dir.path().join("p.toml"), &nanochat_chain("lb", "", ""));
+    write(
+        &dir.path().join("p.toml"),
+        &nanochat_chain(dir.path(), "lb", "", ""),
+    );
     let out = ok(dir.path(), &["run", "p.toml"]);
     assert!(
         out.contains("labelling 512 features of `sae` against false, true"),

@@ -2,8 +2,9 @@
 //! computed yet, and clean in headless Chromium (no console messages; a screenshot renders).
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use common::{nanochat_chain, ok, write};
 
@@ -37,8 +38,8 @@ fn section<'a>(page: &'a str, id: &str) -> &'a str {
     &page[start..end]
 }
 
-/// Console lines Chromium logs while loading `page` (None when Chromium is not installed here).
-fn chromium_console(page: &Path, screenshot: &Path) -> Option<Vec<String>> {
+/// Console lines Chromium logs while loading `page`.
+fn chromium_console(page: &Path, screenshot: &Path) -> Vec<String> {
     let out = Command::new("chromium")
         .args([
             "--headless",
@@ -51,43 +52,45 @@ fn chromium_console(page: &Path, screenshot: &Path) -> Option<Vec<String>> {
         ])
         .arg(format!("--screenshot={}", screenshot.display()))
         .arg(format!("file://{}", page.display()))
-        .output();
-    let Ok(out) = out else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "Chromium must be installed in CI (.ci/run installs it)"
+        .output()
+        .expect("chromium runs");
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.contains(":CONSOLE"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The chain run to the end, its report written before `steer` ran (`early/`) and after (`report/`);
+/// made once for the tests of this file.
+fn finished() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("report");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        write(
+            &dir.join("p.toml"),
+            &nanochat_chain(&dir, "rp", "alpha = 0.5\nmin_effect = 0.0", EXTRA),
         );
-        eprintln!("SKIPPED: chromium is not installed here");
-        return None;
-    };
-    Some(
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter(|l| l.contains(":CONSOLE"))
-            .map(str::to_string)
-            .collect(),
-    )
+        ok(&dir, &["run", "p.toml", "eval", "labels"]);
+        let out = ok(&dir, &["report", "p.toml", "-o", "early"]);
+        assert!(out.contains("1 not computed yet"), "{out}");
+        ok(&dir, &["run", "p.toml"]);
+        ok(&dir, &["report", "p.toml"]);
+        dir
+    })
 }
 
 #[test]
-fn report_shows_every_section_and_renders_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        &dir.path().join("p.toml"),
-        &nanochat_chain("rp", "alpha = 0.5\nmin_effect = 0.0", EXTRA),
-    );
+fn report_shows_every_section_and_what_is_not_computed_yet() {
+    let dir = finished();
     // Progressive: before steer runs, the page lists it as missing.
-    ok(dir.path(), &["run", "p.toml", "eval", "labels"]);
-    let out = ok(dir.path(), &["report", "p.toml", "-o", "early"]);
-    assert!(out.contains("1 not computed yet"), "{out}");
-    let page = std::fs::read_to_string(dir.path().join("early/index.html")).unwrap();
+    let page = std::fs::read_to_string(dir.join("early/index.html")).unwrap();
     assert!(section(&page, "steering").contains("No finished `steer` stage"));
     assert!(page.contains("not computed yet: <span class=\"missing\">steer</span>"));
 
-    ok(dir.path(), &["run", "p.toml"]);
-    ok(dir.path(), &["report", "p.toml"]);
-    let path = dir.path().join("report/index.html");
-    let page = std::fs::read_to_string(&path).unwrap();
+    let page = std::fs::read_to_string(dir.join("report/index.html")).unwrap();
     // Self-contained: nothing to fetch, nothing to run.
     for outside in ["<script", "src=", "href=", "http://", "https://"] {
         assert!(!page.contains(outside), "{outside}");
@@ -129,7 +132,7 @@ fn report_shows_every_section_and_renders_cleanly() {
     assert!(section(&page, "explanations").contains("No finished `explain` stage"));
 
     // Values read from the cache's JSON are data: a tampered (shared) cache cannot put markup on the page.
-    let cache = dir.path().join("cache");
+    let cache = dir.join("cache");
     let evil = "<script>alert(1)</script>";
     for (stage, file, fields) in [
         ("sae", "train.json", &["d_sae", "steps", "tokens", "k"][..]),
@@ -148,30 +151,34 @@ fn report_shows_every_section_and_renders_cleanly() {
         }
         std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
     }
-    ok(dir.path(), &["report", "p.toml", "-o", "tampered"]);
-    let tampered = std::fs::read_to_string(dir.path().join("tampered/index.html")).unwrap();
+    ok(dir, &["report", "p.toml", "-o", "tampered"]);
+    let tampered = std::fs::read_to_string(dir.join("tampered/index.html")).unwrap();
     assert!(
         !tampered.contains("<script"),
         "cache JSON reached the page as markup"
     );
     assert!(section(&tampered, "training").contains("<td>–</td>"));
+}
 
-    // Headless Chromium: no console output at all (the page has no scripts), and it renders.
-    let shot = dir.path().join("shot.png");
-    if let Some(console) = chromium_console(&path, &shot) {
-        assert!(console.is_empty(), "{console:?}");
-        assert!(
-            std::fs::metadata(&shot).unwrap().len() > 20_000,
-            "a real screenshot"
-        );
-        // The check itself sees console errors.
-        let bad = dir.path().join("bad.html");
-        std::fs::write(
-            &bad,
-            "<html><body><script>console.error('boom')</script></body></html>",
-        )
-        .unwrap();
-        let console = chromium_console(&bad, &dir.path().join("bad.png")).unwrap();
-        assert!(console.iter().any(|l| l.contains("boom")), "{console:?}");
-    }
+#[test]
+#[cfg_attr(missing = "chromium", ignore = "needs chromium")]
+fn the_page_renders_in_headless_chromium_without_console_messages() {
+    let dir = finished();
+    // No console output at all (the page has no scripts), and it renders.
+    let shot = dir.join("shot.png");
+    let console = chromium_console(&dir.join("report/index.html"), &shot);
+    assert!(console.is_empty(), "{console:?}");
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 20_000,
+        "a real screenshot"
+    );
+    // The check itself sees console errors.
+    let bad = dir.join("bad.html");
+    std::fs::write(
+        &bad,
+        "<html><body><script>console.error('boom')</script></body></html>",
+    )
+    .unwrap();
+    let console = chromium_console(&bad, &dir.join("bad.png"));
+    assert!(console.iter().any(|l| l.contains("boom")), "{console:?}");
 }

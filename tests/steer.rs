@@ -8,15 +8,15 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::Float64Type;
 use candle_core::{DType, Device, Tensor};
 use common::{
-    cached_logits, max_abs_diff, nanochat_chain, object_of, ok, read_parquet, run, shared, text,
-    write,
+    cached_logits, max_abs_diff, nanochat_chain, nanochat_d4, object_of, ok, read_parquet, run,
+    text, write,
 };
 use saeflow_core::models::{Hook, HookPoint, Hooks};
 use saeflow_core::sae::edit::Edit;
 use saeflow_core::sae::format::{Activation, Sae};
 
 fn nanochat() -> saeflow_core::models::LoadedModel {
-    saeflow_core::models::load(&shared("fixtures/nanochat-d4"), None, &Device::Cpu).unwrap()
+    saeflow_core::models::load(&nanochat_d4(), None, &Device::Cpu).unwrap()
 }
 
 /// A random TopK SAE over nanochat-d4's width (128), 256 latents, unit decoder rows.
@@ -196,7 +196,7 @@ max_new_tokens = 6
     );
     write(
         &dir.join("p.toml"),
-        &nanochat_chain("st", "alpha = 0.5\nmin_effect = 0.0", &steer),
+        &nanochat_chain(dir, "st", "alpha = 0.5\nmin_effect = 0.0", &steer),
     );
 }
 

@@ -5,11 +5,11 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{object_of, ok, run, shared, text, write};
+use common::{nanochat_d4, number_comparisons, object_of, ok, run, text, write};
 use saeflow_core::data::activations::{ActivationStore, ReadOptions};
 use saeflow_core::sae::format::Sae;
 
-/// nanochat-d4 activations of the geometry-of-truth preset, and an SAE trained on them.
+/// nanochat-d4 activations of geometry-of-truth's number comparisons, and an SAE trained on them.
 fn pipeline(dir: &Path, train: &str) {
     write(
         &dir.join("p.toml"),
@@ -23,7 +23,7 @@ path = "{model}"
 
 [stages.data]
 kind = "dataset"
-sources = [{{ preset = "geometry_of_truth", path = "{data}", max_rows = 4000 }}]
+sources = [{{ preset = "geometry_of_truth", path = "{data}", subsets = ["larger_than", "smaller_than"], max_rows = 4000 }}]
 
 [stages.acts]
 kind = "capture"
@@ -43,8 +43,8 @@ batch_size = 256
 log_every = 5
 {train}
 "#,
-            model = shared("fixtures/nanochat-d4").display(),
-            data = shared("data/geometry_of_truth").display(),
+            model = nanochat_d4().display(),
+            data = number_comparisons(&dir.join("geometry_of_truth")).display(),
         ),
     );
 }

@@ -141,8 +141,7 @@ pub fn make_nanochat_with(
     let meta = serde_json::json!({"step": 10, "model_config": {"sequence_len": 64, "vocab_size": vocab, "n_layer": layers, "n_head": heads, "n_kv_head": kv_heads, "n_embd": d}});
     std::fs::write(dir.join("meta_000010.json"), meta.to_string()).unwrap();
     std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/nanochat-d4/tokenizer/tokenizer.pkl"),
+        super::nanochat_d4().join("tokenizer/tokenizer.pkl"),
         dir.join("tokenizer.pkl"),
     )
     .unwrap();

@@ -175,11 +175,69 @@ pub fn write_capture(
     .unwrap();
 }
 
-/// A path under `../shared` (the fixtures, models and data next to the project).
+/// A path under `../shared` (the fixtures, models and data next to the project). A test that calls it
+/// carries `#[cfg_attr(missing = "shared", ignore = "needs ../shared")]`, so that on a machine without
+/// `../shared` it is listed as ignored rather than failing (see `crates/core/preconditions.rs`).
 pub fn shared(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared")
         .join(p)
+}
+
+/// nanochat-d4 as the quickstart ships it (`assets/quickstart/nanochat-d4`; the same files as
+/// `../shared/fixtures/nanochat-d4`, without the reference outputs).
+pub fn nanochat_d4() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/quickstart/nanochat-d4")
+}
+
+/// A local copy of geometry-of-truth in `dir` holding its two number-comparison subsets, written here
+/// byte for byte as upstream has them — they are arithmetic: every ordered pair of distinct numbers in
+/// 51..=99 that are not multiples of ten, "Fifty-one is larger than fifty-two." — and the other subsets
+/// empty. `tests/datasets.rs` checks the bytes against the preset's recorded sha256.
+pub fn number_comparisons(dir: &Path) -> PathBuf {
+    const ONES: [&str; 10] = [
+        "", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    ];
+    const TENS: [&str; 10] = [
+        "", "", "", "", "", "fifty", "sixty", "seventy", "eighty", "ninety",
+    ];
+    let word = |n: i32| format!("{}-{}", TENS[n as usize / 10], ONES[n as usize % 10]);
+    let numbers: Vec<i32> = (51..100).filter(|n| n % 10 != 0).collect();
+    let header = "statement,label,n1,n2,diff,abs_diff\n";
+    std::fs::create_dir_all(dir).unwrap();
+    for subset in [
+        "cities",
+        "neg_cities",
+        "sp_en_trans",
+        "neg_sp_en_trans",
+        "companies_true_false",
+        "common_claim_true_false",
+        "counterfact_true_false",
+        "cities_cities_conj",
+        "cities_cities_disj",
+    ] {
+        std::fs::write(dir.join(format!("{subset}.csv")), header).unwrap();
+    }
+    for (subset, relation) in [("larger_than", "larger"), ("smaller_than", "smaller")] {
+        let mut csv = header.to_string();
+        for &a in &numbers {
+            for &b in numbers.iter().filter(|&&b| b != a) {
+                let first = word(a);
+                let truth = if relation == "larger" { a > b } else { a < b };
+                csv += &format!(
+                    "{}{} is {relation} than {}.,{},{a},{b},{},{}\n",
+                    first[..1].to_uppercase(),
+                    &first[1..],
+                    word(b),
+                    u8::from(truth),
+                    a - b,
+                    (a - b).abs()
+                );
+            }
+        }
+        std::fs::write(dir.join(format!("{subset}.csv")), csv).unwrap();
+    }
+    dir.to_path_buf()
 }
 
 /// The largest |a − b| over two tensors of the same shape.
@@ -208,12 +266,13 @@ pub fn read_parquet(path: &Path) -> arrow_array::RecordBatch {
     reader.next().unwrap().unwrap()
 }
 
-/// Pipeline `name`: nanochat-d4 (`nc`) over 3000 geometry-of-truth number comparisons (`data`: the
-/// `larger_than`/`smaller_than` subsets, which the 4-layer model reads linearly; its city facts are at
-/// chance once a city's true and false statements stay in one split), 20k tokens of
+/// Pipeline `name` in `dir`: nanochat-d4 (`nc`) over 3000 geometry-of-truth number comparisons (`data`:
+/// the `larger_than`/`smaller_than` subsets, written by `number_comparisons`, which the 4-layer model
+/// reads linearly; its city facts are at chance once a city's true and false statements stay in one
+/// split), 20k tokens of
 /// `blocks.2.hook_resid_post` (`acts`), a TopK SAE (`sae`, expansion 4, k 8) and a `labels` stage with
 /// `label_params`; `extra` is appended.
-pub fn nanochat_chain(name: &str, label_params: &str, extra: &str) -> String {
+pub fn nanochat_chain(dir: &Path, name: &str, label_params: &str, extra: &str) -> String {
     format!(
         r#"[pipeline]
 name = "{name}"
@@ -246,8 +305,8 @@ sae = "sae"
 input = "acts"
 {label_params}
 {extra}"#,
-        model = shared("fixtures/nanochat-d4").display(),
-        data = shared("data/geometry_of_truth").display(),
+        model = nanochat_d4().display(),
+        data = number_comparisons(&dir.join("geometry_of_truth")).display(),
     )
 }
 

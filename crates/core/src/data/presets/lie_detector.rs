@@ -318,6 +318,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(missing = "shared", ignore = "needs ../shared")]
     fn row_counts_match_source() {
         let rows = load();
         let mut counts: BTreeMap<(String, String, String), usize> = BTreeMap::new();
@@ -401,6 +402,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(missing = "shared", ignore = "needs ../shared")]
     fn pairs_are_complete() {
         let rows = load();
         // pair id -> (subset, split, labels seen)
@@ -438,6 +440,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(missing = "shared", ignore = "needs ../shared")]
     fn instrumental_rows_split_at_the_answer() {
         let rows = load();
         let r = rows
@@ -469,6 +472,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(missing = "shared", ignore = "needs ../shared")]
     fn v2_follow_up_rows_pair_by_first_question() {
         let rows = load();
         let q = "User: Through which process does water from the oceans enter the atmosphere?";
@@ -486,6 +490,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(missing = "shared", ignore = "needs ../shared")]
     fn embedded_checksums_match_files() {
         let up = LieDetector.upstream().unwrap();
         assert_eq!(up.files.len(), 11);
@@ -500,6 +505,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(missing = "shared", ignore = "needs ../shared")]
     fn malformed_input_names_file_and_line() {
         let tmp = tempfile::tempdir().unwrap();
         for f in FILES {

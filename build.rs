@@ -1,0 +1,17 @@
+//! Test preconditions (see `crates/core/preconditions.rs`): the integration tests need `../shared`, and a few
+//! need Graphviz, Chromium, a Slurm cluster's commands or the right to mount a tmpfs.
+include!("crates/core/preconditions.rs");
+
+fn main() {
+    Preconditions::new()
+        .shared()
+        .tool("dot", &["dot"], "Debian: apt install graphviz")
+        .tool("chromium", &["chromium"], "Debian: apt install chromium")
+        .tool(
+            "slurm",
+            &["sinfo"],
+            "scripts/slurm-local.sh start installs and starts one",
+        )
+        .mount()
+        .finish();
+}
