@@ -23,8 +23,8 @@ cache that ran the pipeline (`cargo run --release -- run pipelines/quality.toml`
    split, in original units: FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² (x̄ the mean of those rows), mean L0, and the
    fraction of latents that never fire on those rows ("dead on val").
 
-Training tokens/s of the peers is the wall time of their training loop only (batches are pre-gathered, norm
-estimation is outside), with torch.set_num_threads(2); saeflow's is its own `tokens_per_s` metric.
+Training tokens/s of the peers is the wall time of their training loop only (each batch is gathered from the
+rows by index, ~1% of a step; norm estimation is outside), with torch.set_num_threads(2); saeflow's is its own `tokens_per_s` metric.
 
 Output: one JSON object on stdout (per trainer: config, val_fvu, l0, dead_on_val, tokens_per_s,
 train_seconds), then the Markdown table `| trainer | val FVU | L0 | dead on val | training tokens/s |`.
@@ -124,28 +124,32 @@ def read_acts(capture: Path, hook: str):
     return x, split.astype(str)
 
 
-def training_stream(train_x, tokens: int, seed: int = 0):
-    """`tokens` training rows in one contiguous array: a numpy-seed-0 permutation of the rows, followed by
-    further permutations if the budget exceeds them. Built before any timing, so batches are free views."""
-    import numpy as np
+class TrainingStream:
+    """`tokens` training rows: a numpy-seed-0 permutation of the rows, followed by further permutations if the
+    budget exceeds them. Only the order is held (the rows themselves would be tokens × d_in floats, 11 GB for
+    pipelines/quality.toml's budget); each batch is gathered when asked for, ~1% of a step's time."""
 
-    rng = np.random.default_rng(seed)
-    order = []
-    left = tokens
-    while left > 0:
-        p = rng.permutation(len(train_x))[:left]
-        order.append(p)
-        left -= len(p)
-    return np.ascontiguousarray(train_x[np.concatenate(order)])
+    def __init__(self, train_x, tokens: int, seed: int = 0):
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        order, left = [], tokens
+        while left > 0:
+            p = rng.permutation(len(train_x))[:left]
+            order.append(p)
+            left -= len(p)
+        self.rows, self.order = train_x, np.concatenate(order)
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
-def batches(stream, batch: int, cycle: bool = False):
+def batches(stream: TrainingStream, batch: int, cycle: bool = False):
     import torch
 
-    t = torch.from_numpy(stream)
     while True:
         for i in range(len(stream) // batch):
-            yield t[i * batch:(i + 1) * batch]
+            yield torch.from_numpy(stream.rows[stream.order[i * batch:(i + 1) * batch]])
         if not cycle:
             return
 
@@ -400,8 +404,8 @@ def main() -> None:
     if len(train_x) == 0:
         raise Fail(f"capture {capture} has no `train` rows")
     if len(val) == 0:
-        raise Fail(f"capture {capture} has no `val` rows to measure on (splits: {sorted(set(split))})")
-    stream = training_stream(train_x, steps * batch)
+        raise Fail(f"capture {capture} has no `val` rows to measure on (splits: {sorted(set(split.tolist()))})")
+    stream = TrainingStream(train_x, steps * batch)
     print(f"{hook}: d_in {d_in}, d_sae {d_sae}, k {k}; {steps} steps of {batch} tokens from {len(train_x):,} "
           f"train rows; measuring on {len(val):,} val rows", file=sys.stderr)
 
@@ -435,11 +439,14 @@ def main() -> None:
         r = results[name]
         r["tokens_per_s"] = r["config"]["tokens"] / r["train_seconds"]
 
-    report = {"hook": hook, "d_in": d_in, "d_sae": d_sae, "k": k, "steps": steps, "batch": batch, "tokens": steps * batch,
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "unknown CPU")
+    report = {"cpu": cpu, "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "hook": hook, "d_in": d_in, "d_sae": d_sae, "k": k, "steps": steps, "batch": batch, "tokens": steps * batch,
               "train_rows": len(train_x), "val_rows": len(val), "torch_threads": torch.get_num_threads(),
               "torch": torch.__version__, "capture": capture.name, **results}
     print(json.dumps(report, indent=1, default=float))
     print()
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; {report['date']}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| trainer | val FVU | L0 | dead on val | training tokens/s |")
     print("| --- | --- | --- | --- | --- |")
     labels = {"saeflow": "saeflow", "saelens": f"SAELens {sae_lens.__version__}",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A 4-member TopK sweep (k = 16, 32, 48, 64) sharing one pass over the activations, against one member,
 # the same four with `--no-group` (a pass each, one process) and four separate runs; then one member with
-# the f32 and with the bf16-ranked encoder product. Wall time of `saeflow run` for the `sae` stage of
-# pipelines/quality.toml, whose capture must be cached already:
+# the f32 and with the bf16-ranked encoder product; 100 steps of 4096 tokens per member. Wall time of
+# `saeflow run` for the `sae` stage of pipelines/quality.toml, whose capture must be cached already:
 #
 #   cargo build --release && target/release/saeflow run --cache CACHE pipelines/quality.toml
 #   bench/sweep.sh CACHE            # the "A 4-member sweep" table of BENCHMARKS.md
@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 cache=${1:?usage: bench/sweep.sh CACHE}
 bin=target/release/saeflow
 pipeline=pipelines/quality.toml
+tokens=409600 # 100 steps of 4096 per member
 [ -d "$cache/refs/quality" ] || { echo "no pipeline \`quality\` in $cache: run $pipeline first" >&2; exit 2; }
 
 forget() {
@@ -29,7 +30,7 @@ timed() {
   forget
   local start end
   start=$(date +%s.%N)
-  "$bin" run -q --cache "$cache" "$@" "$pipeline" sae >/dev/null
+  "$bin" run -q --cache "$cache" -S sae.tokens=$tokens "$@" "$pipeline" sae >/dev/null
   end=$(date +%s.%N)
   printf '| %s | %.1f s |\n' "$label" "$(echo "$end - $start" | bc)"
 }
@@ -43,14 +44,13 @@ timed "the same four with \`--no-group\` (one pass each, one process)" --no-grou
 forget
 start=$(date +%s.%N)
 for k in 16 32 48 64; do
-  "$bin" run -q --cache "$cache" -S "sae.k=$k" "$pipeline" sae >/dev/null
+  "$bin" run -q --cache "$cache" -S sae.tokens=$tokens -S "sae.k=$k" "$pipeline" sae >/dev/null
 done
 end=$(date +%s.%N)
 printf '| four separate runs | %.1f s |\n' "$(echo "$end - $start" | bc)"
 for precision in f32 bf16; do
   timed "one member, \`encoder_precision = \"$precision\"\`" -S "sae.encoder_precision=$precision"
-  ref="$cache/refs/quality/sae[encoder_precision=$precision].json"
-  [ -e "$ref" ] || ref="$cache/refs/quality/sae.json"
+  ref=$(ls "$cache"/refs/quality/sae*.json) # the one instance just trained
   key=$(grep -o '"key": *"[0-9a-f]*"' "$ref" | grep -o '[0-9a-f]\{16,\}')
   python3 - "$cache/objects/$key" <<'PY'
 import json, sys
