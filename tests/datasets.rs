@@ -251,6 +251,7 @@ fn rows_of(object: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
 }
 
 #[test]
+#[cfg_attr(missing = "shared", ignore = "needs ../shared")]
 fn datasets_pipeline_is_byte_identical_on_rerun_and_pairs_never_straddle_splits() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
