@@ -7,7 +7,7 @@
 #   cargo build --release && target/release/saeflow run --cache CACHE pipelines/quality.toml
 #   bench/sweep.sh CACHE            # the "A 4-member sweep" table of BENCHMARKS.md
 #
-# Before every timed run the SAE objects of the pipeline are removed, so each run trains from scratch.
+# Before every timed run the cache's trained SAEs are removed, so each run trains from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${1:?usage: bench/sweep.sh CACHE}
@@ -16,12 +16,11 @@ pipeline=pipelines/quality.toml
 tokens=409600 # 100 steps of 4096 per member
 [ -d "$cache/refs/quality" ] || { echo "no pipeline \`quality\` in $cache: run $pipeline first" >&2; exit 2; }
 
-forget() {
-  for ref in "$cache"/refs/quality/sae*.json; do
-    [ -e "$ref" ] || continue
-    key=$(grep -o '"key": *"[0-9a-f]*"' "$ref" | grep -o '[0-9a-f]\{16,\}')
-    rm -rf "${cache:?}/objects/$key" "$ref"
+forget() { # every trained SAE in the cache (refs of single runs overwrite each other, so go by manifest)
+  grep -l '"kind": *"train"' "$cache"/objects/*/manifest.json 2>/dev/null | while read -r manifest; do
+    rm -rf "$(dirname "$manifest")"
   done
+  rm -f "$cache"/refs/quality/sae*.json
 }
 
 timed() {
