@@ -341,12 +341,13 @@ fn shuffled_labels_give_labels_in_no_more_than_alpha_of_runs() {
 fn bad_inputs_fail_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let (capture, sae) = synthetic(dir.path(), 3, false);
-    let fails = |sae: &Path, label: &str, message: &str| {
-        label_pipeline(dir.path(), &capture, sae, label);
+    let fails_on = |capture: &Path, sae: &Path, label: &str, message: &str| {
+        label_pipeline(dir.path(), capture, sae, label);
         let out = run(dir.path(), &["run", "p.toml"]);
         assert!(!out.status.success(), "{label}: succeeded");
         assert!(text(&out).contains(message), "{label}: {}", text(&out));
     };
+    let fails = |sae: &Path, label: &str, message: &str| fails_on(&capture, sae, label, message);
     fails(
         &sae,
         "classes = [\"C\"]",
@@ -406,25 +407,21 @@ fn bad_inputs_fail_with_the_reason() {
             "synthetic"
         }
     });
-    label_pipeline(dir.path(), &lopsided, &lopsided_sae, "");
-    let out = run(dir.path(), &["run", "p.toml"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out).contains("FAILED labels: source `train_only` has 20 labelled units in `train` but none in `test`"),
-        "{}",
-        text(&out)
+    fails_on(
+        &lopsided,
+        &lopsided_sae,
+        "",
+        "FAILED labels: source `train_only` has 20 labelled units in `train` but none in `test`",
     );
     // A capture of unlabelled rows has nothing to compare.
     let unlabelled = tempfile::tempdir().unwrap();
     let (none, none_sae) =
         synthetic_labelled(unlabelled.path(), 3, false, |_| "synthetic", |_, _| None);
-    label_pipeline(dir.path(), &none, &none_sae, "");
-    let out = run(dir.path(), &["run", "p.toml"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out).contains("FAILED labels: capture `acts` has no labelled tokens: label the rows in its dataset stage"),
-        "{}",
-        text(&out)
+    fails_on(
+        &none,
+        &none_sae,
+        "",
+        "FAILED labels: capture `acts` has no labelled tokens: label the rows in its dataset stage",
     );
     // A test split of one class: no AUROC could be measured on it.
     let single = tempfile::tempdir().unwrap();
@@ -435,13 +432,11 @@ fn bad_inputs_fail_with_the_reason() {
         |_| "synthetic",
         |d, a| Some(if a || d % 20 >= 17 { "A" } else { "B" }),
     );
-    label_pipeline(dir.path(), &one_class, &one_class_sae, "");
-    let out = run(dir.path(), &["run", "p.toml"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out).contains("FAILED labels: split `test` of capture `acts` has no `B` tokens"),
-        "{}",
-        text(&out)
+    fails_on(
+        &one_class,
+        &one_class_sae,
+        "",
+        "FAILED labels: split `test` of capture `acts` has no `B` tokens",
     );
     // One class against the rest is fine, on any split.
     label_pipeline(

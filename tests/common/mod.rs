@@ -205,18 +205,9 @@ pub fn number_comparisons(dir: &Path) -> PathBuf {
     let numbers: Vec<i32> = (51..100).filter(|n| n % 10 != 0).collect();
     let header = "statement,label,n1,n2,diff,abs_diff\n";
     std::fs::create_dir_all(dir).unwrap();
-    for subset in [
-        "cities",
-        "neg_cities",
-        "sp_en_trans",
-        "neg_sp_en_trans",
-        "companies_true_false",
-        "common_claim_true_false",
-        "counterfact_true_false",
-        "cities_cities_conj",
-        "cities_cities_disj",
-    ] {
-        std::fs::write(dir.join(format!("{subset}.csv")), header).unwrap();
+    let preset = saeflow_core::data::presets::get("geometry_of_truth").unwrap();
+    for file in preset.upstream().unwrap().files {
+        std::fs::write(dir.join(file.local), header).unwrap();
     }
     for (subset, relation) in [("larger_than", "larger"), ("smaller_than", "smaller")] {
         let mut csv = header.to_string();
