@@ -1,12 +1,10 @@
 //! Cache maintenance: `saeflow gc` and `saeflow cache verify`.
 
-use std::path::Path;
-
 use clap::Subcommand;
 use saeflow_runner::cache::GcOptions;
 use saeflow_runner::Error;
 
-use super::shared::open_cache;
+use super::shared::{open_cache, CacheArgs};
 
 /// Arguments of `saeflow gc`.
 #[derive(clap::Args)]
@@ -38,8 +36,8 @@ pub enum CacheCommand {
 
 /// `saeflow gc`: deletes (or with `--dry-run` lists) what no ref reaches, with sizes, and says what it kept
 /// and why.
-pub fn gc(cache_dir: &Path, args: GcArgs) -> Result<(), Error> {
-    let cache = open_cache(cache_dir)?;
+pub fn gc(cache_args: &CacheArgs, args: GcArgs) -> Result<(), Error> {
+    let cache = open_cache(cache_args)?;
     let report = cache.gc(&GcOptions {
         dry_run: args.dry_run,
         grace: args.grace,
@@ -86,16 +84,16 @@ pub fn gc(cache_dir: &Path, args: GcArgs) -> Result<(), Error> {
 }
 
 /// Runs a `saeflow cache` subcommand.
-pub fn cache(cache_dir: &Path, command: CacheCommand) -> Result<(), Error> {
+pub fn cache(cache_args: &CacheArgs, command: CacheCommand) -> Result<(), Error> {
     match command {
-        CacheCommand::Verify { repair } => verify(cache_dir, repair),
+        CacheCommand::Verify { repair } => verify(cache_args, repair),
     }
 }
 
 /// `saeflow cache verify`: re-hashes every object, lists the damaged ones and, with `repair`, quarantines
 /// them; without `repair`, damage fails the command.
-fn verify(cache_dir: &Path, repair: bool) -> Result<(), Error> {
-    let cache = open_cache(cache_dir)?;
+fn verify(cache_args: &CacheArgs, repair: bool) -> Result<(), Error> {
+    let cache = open_cache(cache_args)?;
     let keys = cache.object_keys()?;
     let mut bad = 0;
     for key in &keys {

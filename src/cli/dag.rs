@@ -1,12 +1,10 @@
 //! `saeflow dag`: draws the plan as plain text, Graphviz dot or Mermaid.
 
-use std::path::Path;
-
 use saeflow_runner::plan::Plan;
 use saeflow_runner::stage::Registry;
 use saeflow_runner::Error;
 
-use super::shared::{load_plan, name_width, open_cache, PipelineArgs};
+use super::shared::{load_plan, name_width, open_cache, CacheArgs, PipelineArgs};
 
 /// Arguments of `saeflow dag`.
 #[derive(clap::Args)]
@@ -20,8 +18,8 @@ pub struct DagArgs {
 }
 
 /// Prints the pipeline's plan in the chosen format.
-pub fn dag(cache_dir: &Path, args: DagArgs, registry: &Registry) -> Result<(), Error> {
-    let cache = open_cache(cache_dir)?;
+pub fn dag(cache_args: &CacheArgs, args: DagArgs, registry: &Registry) -> Result<(), Error> {
+    let cache = open_cache(cache_args)?;
     let plan = load_plan(&args.pipeline, registry, &cache)?;
     print!("{}", render(&plan, args.format));
     Ok(())

@@ -14,8 +14,6 @@ mod show;
 mod status;
 mod why;
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
 use saeflow_core::progress::Reporter;
 use saeflow_runner::Error;
@@ -28,9 +26,9 @@ use saeflow_runner::Error;
     about = "Sparse-autoencoder interpretability pipelines with a content-addressed cache"
 )]
 struct Cli {
-    /// Cache directory.
-    #[arg(long, global = true, env = "SAEFLOW_CACHE", default_value = "cache")]
-    cache: PathBuf,
+    /// Where the cache is.
+    #[command(flatten)]
+    cache: shared::CacheArgs,
     /// Print only errors.
     #[arg(short, long, global = true)]
     quiet: bool,
@@ -116,17 +114,17 @@ pub fn main() -> i32 {
 fn dispatch(cli: Cli) -> Result<(), Error> {
     let registry = saeflow_stages::builtin();
     let reporter = Reporter::new(cli.quiet);
-    let cache_dir = cli.cache.as_path();
+    let cache_args = &cli.cache;
     match cli.command {
-        Command::Run(args) => run::run(cache_dir, args, &registry, &reporter),
-        Command::ExecStage(args) => run::exec_stage(cache_dir, args, &registry, &reporter),
-        Command::Status(args) => status::status(cache_dir, args, &registry),
-        Command::Why(args) => why::why(cache_dir, args, &registry),
-        Command::Dag(args) => dag::dag(cache_dir, args, &registry),
-        Command::Show(args) => show::show(cache_dir, args, &registry),
-        Command::Report(args) => report::report(cache_dir, args, &registry),
-        Command::Gc(args) => cache::gc(cache_dir, args),
-        Command::Cache { command } => cache::cache(cache_dir, command),
+        Command::Run(args) => run::run(cache_args, args, &registry, &reporter),
+        Command::ExecStage(args) => run::exec_stage(cache_args, args, &registry, &reporter),
+        Command::Status(args) => status::status(cache_args, args, &registry),
+        Command::Why(args) => why::why(cache_args, args, &registry),
+        Command::Dag(args) => dag::dag(cache_args, args, &registry),
+        Command::Show(args) => show::show(cache_args, args, &registry),
+        Command::Report(args) => report::report(cache_args, args, &registry),
+        Command::Gc(args) => cache::gc(cache_args, args),
+        Command::Cache { command } => cache::cache(cache_args, command),
         Command::Model(args) => model::model(args),
         Command::SaeEncode(args) => sae_encode::sae_encode(args),
         Command::Bench { command } => bench::bench(command),

@@ -1,14 +1,14 @@
 //! `saeflow report`: collects what the pipeline has finished and writes the HTML page (built by
 //! `crate::report::html`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use saeflow_runner::stage::Registry;
 use saeflow_runner::Error;
 
 use crate::report::html::{self, Entry, Tokenizers};
 
-use super::shared::{load_plan, open_cache, PipelineArgs};
+use super::shared::{load_plan, open_cache, CacheArgs, PipelineArgs};
 
 /// Arguments of `saeflow report`.
 #[derive(clap::Args)]
@@ -22,8 +22,8 @@ pub struct ReportArgs {
 }
 
 /// Writes `OUT/index.html` for the instances already in the cache and names the ones not computed yet.
-pub fn report(cache_dir: &Path, args: ReportArgs, registry: &Registry) -> Result<(), Error> {
-    let cache = open_cache(cache_dir)?;
+pub fn report(cache_args: &CacheArgs, args: ReportArgs, registry: &Registry) -> Result<(), Error> {
+    let cache = open_cache(cache_args)?;
     let plan = load_plan(&args.pipeline, registry, &cache)?;
     let (mut entries, mut missing) = (Vec::new(), Vec::new());
     for &n in &plan.order {

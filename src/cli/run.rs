@@ -2,7 +2,6 @@
 //! run a Slurm job makes.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use petgraph::graph::NodeIndex;
 use saeflow_core::cancel::Cancel;
@@ -14,7 +13,7 @@ use saeflow_runner::plan::Plan;
 use saeflow_runner::stage::Registry;
 use saeflow_runner::Error;
 
-use super::shared::{load_plan, open_cache, PipelineArgs};
+use super::shared::{attach_pipeline_remote, load_plan, open_cache, CacheArgs, PipelineArgs};
 
 /// Where `run` executes stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,7 +67,7 @@ pub struct ExecStageArgs {
 
 /// `saeflow run`: runs the selected instances that are not cached, here or on Slurm.
 pub fn run(
-    cache_dir: &Path,
+    cache_args: &CacheArgs,
     args: RunArgs,
     registry: &Registry,
     reporter: &Reporter,
@@ -79,8 +78,9 @@ pub fn run(
             slurm::check_slurm_name(option, v).map_err(Error::Usage)?;
         }
     }
-    let cache = open_cache(cache_dir)?;
+    let mut cache = open_cache(cache_args)?;
     let plan = load_plan(&args.pipeline, registry, &cache)?;
+    attach_pipeline_remote(&mut cache, &plan)?;
     let selected = exec::selection(&plan, &args.targets).map_err(Error::Usage)?;
     if args.dry_run {
         print_dry_run(&plan, &cache, &selected);
@@ -115,8 +115,13 @@ pub fn run(
                 .map_err(Error::Other)?
         }
     };
+    let pulled = if outcome.pulled.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} pulled from the remote)", outcome.pulled.len())
+    };
     reporter.println(&format!(
-        "{} computed, {} cached, {} failed, {} skipped",
+        "{} computed, {} cached{pulled}, {} failed, {} skipped",
         outcome.computed.len(),
         outcome.cached.len(),
         outcome.failed.len(),
@@ -135,6 +140,7 @@ fn print_dry_run(plan: &Plan, cache: &Cache, selected: &BTreeSet<NodeIndex>) {
         let name = &plan.instance(n).name;
         match status::state(plan, cache, n) {
             State::Cached => println!("{name}: cached, would not run"),
+            State::Remote => println!("{name}: cached on the remote, would pull it"),
             State::Missing => println!("{name}: would run (never run before)"),
             State::Stale(reasons) => {
                 println!("{name}: would run ({})", reasons.join("; "))
@@ -146,12 +152,12 @@ fn print_dry_run(plan: &Plan, cache: &Cache, selected: &BTreeSet<NodeIndex>) {
 /// `saeflow exec-stage`: runs the one instance a Slurm job (or array task) stands for, as submitted: the
 /// pipeline, overrides and working directory come from the job spec `run --executor slurm` wrote.
 pub fn exec_stage(
-    cache_dir: &Path,
+    cache_args: &CacheArgs,
     args: ExecStageArgs,
     registry: &Registry,
     reporter: &Reporter,
 ) -> Result<(), Error> {
-    let cache = open_cache(cache_dir)?;
+    let mut cache = open_cache(cache_args)?;
     let key = slurm::key_for_task(&args.keys)?;
     let path = slurm::job_spec_path(&cache, key);
     let spec: slurm::JobSpec = std::fs::read(&path)
@@ -170,6 +176,7 @@ pub fn exec_stage(
             .map_err(Error::Usage)?,
     };
     let plan = load_plan(&pipeline, registry, &cache)?;
+    attach_pipeline_remote(&mut cache, &plan)?;
     let Some(&n) = plan.order.iter().find(|&&n| plan.instance(n).key.0 == key) else {
         return Err(Error::Failed(format!(
             "{} no longer has an instance with key {key} (`{}` changed since submission?)",

@@ -1,9 +1,9 @@
 //! What the pipeline commands share: the pipeline file with its `-S` overrides, opening the cache, loading
 //! the plan, and the column width of instance names.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use saeflow_runner::cache::Cache;
+use saeflow_runner::cache::{Cache, Remote};
 use saeflow_runner::config::Override;
 use saeflow_runner::plan::{self, FileHasher, Plan};
 use saeflow_runner::stage::Registry;
@@ -19,9 +19,71 @@ pub struct PipelineArgs {
     pub set: Vec<Override>,
 }
 
-/// Opens (creating if needed) the cache at `path`.
-pub fn open_cache(path: &Path) -> Result<Cache, Error> {
-    Cache::open(path).map_err(Error::Other)
+/// Where the cache is: global options of every command.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CacheArgs {
+    /// Cache directory; or a remote URL (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///dir`) to keep
+    /// the cache only there, with `--scratch` as the local working copy.
+    #[arg(long, global = true, env = "SAEFLOW_CACHE", default_value = "cache")]
+    pub cache: String,
+    /// A remote cache behind the local one: lookups that miss locally try it, results and partial work
+    /// (capture shards, training checkpoints) go to it, so another machine resumes. Overrides the
+    /// pipeline's `cache_remote`. Credentials come from the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS,
+    /// AZURE_*).
+    #[arg(long, global = true, env = "SAEFLOW_CACHE_REMOTE", value_name = "URL")]
+    pub cache_remote: Option<String>,
+    /// The local working copy when `--cache` is a URL (default: a directory per URL under
+    /// `$XDG_CACHE_HOME/saeflow/scratch`, or `~/.cache/...`); anything in it may be deleted at any time.
+    #[arg(long, global = true, env = "SAEFLOW_SCRATCH")]
+    pub scratch: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    /// The local directory and the remote URL, if any.
+    fn resolve(&self) -> Result<(PathBuf, Option<String>), Error> {
+        if !self.cache.contains("://") {
+            return Ok((PathBuf::from(&self.cache), self.cache_remote.clone()));
+        }
+        if self.cache_remote.is_some() {
+            return Err(Error::Usage(
+                "--cache is already a remote URL; give --cache-remote only with a local --cache directory"
+                    .into(),
+            ));
+        }
+        let scratch = match &self.scratch {
+            Some(dir) => dir.clone(),
+            None => {
+                let base = std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                    .unwrap_or_else(std::env::temp_dir);
+                let id = blake3::hash(self.cache.as_bytes()).to_hex();
+                base.join("saeflow/scratch").join(&id.as_str()[..16])
+            }
+        };
+        Ok((scratch, Some(self.cache.clone())))
+    }
+}
+
+/// Opens (creating if needed) the local cache, with the remote from `--cache`/`--cache-remote` behind it.
+pub fn open_cache(args: &CacheArgs) -> Result<Cache, Error> {
+    let (dir, remote) = args.resolve()?;
+    let mut cache = Cache::open(&dir).map_err(Error::Other)?;
+    if let Some(url) = remote {
+        cache.set_remote(Remote::open(&url).map_err(Error::Other)?);
+    }
+    Ok(cache)
+}
+
+/// Puts the pipeline's `cache_remote` behind `cache` unless the command line named a remote already.
+pub fn attach_pipeline_remote(cache: &mut Cache, plan: &Plan) -> Result<(), Error> {
+    if cache.remote().is_some() {
+        return Ok(());
+    }
+    if let Some(url) = &plan.pipeline.header.cache_remote {
+        cache.set_remote(Remote::open(url).map_err(Error::Other)?);
+    }
+    Ok(())
 }
 
 /// Loads and plans the pipeline, hashing input files through the cache's memo of file hashes.

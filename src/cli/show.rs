@@ -1,11 +1,9 @@
 //! `saeflow show`: the first rows and label counts of a stage's tables, in the terminal.
 
-use std::path::Path;
-
 use saeflow_runner::stage::Registry;
 use saeflow_runner::Error;
 
-use super::shared::{load_plan, open_cache, PipelineArgs};
+use super::shared::{load_plan, open_cache, CacheArgs, PipelineArgs};
 
 /// Arguments of `saeflow show`.
 #[derive(clap::Args)]
@@ -22,8 +20,8 @@ pub struct ShowArgs {
 
 /// Prints the tables of every computed instance of the stage; for one not computed yet, the command that
 /// computes it.
-pub fn show(cache_dir: &Path, args: ShowArgs, registry: &Registry) -> Result<(), Error> {
-    let cache = open_cache(cache_dir)?;
+pub fn show(cache_args: &CacheArgs, args: ShowArgs, registry: &Registry) -> Result<(), Error> {
+    let cache = open_cache(cache_args)?;
     let plan = load_plan(&args.pipeline, registry, &cache)?;
     let nodes = plan.select_named(&args.stage).map_err(Error::Usage)?;
     for n in nodes {

@@ -1,12 +1,10 @@
 //! `saeflow why`: what changed in a stage's key since its last successful run, field by field.
 
-use std::path::Path;
-
 use saeflow_runner::exec::status;
 use saeflow_runner::stage::Registry;
 use saeflow_runner::Error;
 
-use super::shared::{load_plan, open_cache, PipelineArgs};
+use super::shared::{load_plan, open_cache, CacheArgs, PipelineArgs};
 
 /// Arguments of `saeflow why`.
 #[derive(clap::Args)]
@@ -20,8 +18,8 @@ pub struct WhyArgs {
 
 /// Prints, per instance of the stage, whether its key changed since the run its ref records and, if so,
 /// the reasons (the fields of the key that differ).
-pub fn why(cache_dir: &Path, args: WhyArgs, registry: &Registry) -> Result<(), Error> {
-    let cache = open_cache(cache_dir)?;
+pub fn why(cache_args: &CacheArgs, args: WhyArgs, registry: &Registry) -> Result<(), Error> {
+    let cache = open_cache(cache_args)?;
     let plan = load_plan(&args.pipeline, registry, &cache)?;
     let nodes = plan.select_named(&args.stage).map_err(Error::Usage)?;
     for n in nodes {

@@ -63,6 +63,37 @@ pub struct ParamError {
     pub message: String,
 }
 
+/// How a stage reports finished partial work, which the runner mirrors to a remote cache if there is one.
+/// The stage calls [`saved`](Self::saved) when everything in its partial directory is consistent (right
+/// after a shard or checkpoint is renamed into place); the copy is taken then, whole.
+#[derive(Clone, Default)]
+pub struct PartialSync(Option<Arc<dyn Fn() -> anyhow::Result<()> + Send + Sync>>);
+
+impl PartialSync {
+    /// A sync that runs `f`.
+    pub fn new(f: impl Fn() -> anyhow::Result<()> + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(f)))
+    }
+
+    /// The partial directory holds a consistent state worth keeping: copy it (no-op without a remote).
+    pub fn saved(&self) -> anyhow::Result<()> {
+        match &self.0 {
+            Some(f) => f(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for PartialSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "PartialSync(remote)"
+        } else {
+            "PartialSync(none)"
+        })
+    }
+}
+
 /// What a running stage gets from the runner.
 pub struct StageContext {
     /// Instance name, e.g. `sae[k=32]`, for messages.
@@ -77,6 +108,9 @@ pub struct StageContext {
     pub out_dir: PathBuf,
     /// Directory that survives an interrupted run of the same key, for resumable work.
     pub partial_dir: PathBuf,
+    /// Call [`PartialSync::saved`] after each finished piece of work written into `partial_dir` (a shard, a
+    /// checkpoint): with a remote cache the runner copies the directory there, so another machine resumes.
+    pub partial_sync: PartialSync,
     /// Where to write the stage's log (kept beside the cache object).
     pub log_path: PathBuf,
     /// Shared, content-addressed download area of the cache (see `data::download`).

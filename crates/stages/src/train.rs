@@ -407,6 +407,7 @@ struct Report {
     progress: saeflow_core::progress::Progress,
     cancel: saeflow_core::cancel::Cancel,
     log_path: std::path::PathBuf,
+    partial_sync: saeflow_runner::stage::PartialSync,
     batch: u64,
     first_step: std::cell::Cell<Option<u64>>,
 }
@@ -417,6 +418,7 @@ impl Report {
             progress: ctx.progress.clone(),
             cancel: ctx.cancel.clone(),
             log_path: ctx.log_path.clone(),
+            partial_sync: ctx.partial_sync.clone(),
             batch,
             first_step: Default::default(),
         }
@@ -436,6 +438,9 @@ impl trainer::Callbacks for Report {
     }
     fn log(&self, msg: &str) {
         saeflow_runner::stage::log_line(&self.log_path, &self.progress, msg)
+    }
+    fn checkpointed(&self) -> anyhow::Result<()> {
+        self.partial_sync.saved()
     }
 }
 

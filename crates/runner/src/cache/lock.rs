@@ -119,6 +119,21 @@ impl Owner {
         })
     }
 
+    /// "pid N on HOST", for messages.
+    pub(super) fn describe(&self) -> String {
+        format!("pid {} on {}", self.pid, self.host)
+    }
+
+    /// An owner whose record could not be read.
+    pub(super) fn unknown() -> Self {
+        Self {
+            host: "?".into(),
+            pid: 0,
+            start: 0,
+            token: "?".into(),
+        }
+    }
+
     /// Whether the owner is a process on this host that no longer runs.
     pub(super) fn is_dead_here(&self) -> bool {
         if self.host != hostname() {
@@ -261,7 +276,7 @@ fn take_over(path: &Path, observed: &Observed) -> anyhow::Result<bool> {
 /// Who holds a lock, as recorded in its file (best effort, for messages).
 pub fn holder(path: &Path) -> String {
     match read_owner(path) {
-        Some(o) => format!("pid {} on {}", o.pid, o.host),
+        Some(o) => o.describe(),
         None => "another process".into(),
     }
 }

@@ -17,6 +17,7 @@
 mod gc;
 mod lease;
 mod lock;
+pub mod remote;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -33,6 +34,7 @@ use serde_json::Value as Json;
 pub use gc::{GcOptions, GcReport};
 pub use lease::Lease;
 pub use lock::{hostname, KeyLock};
+pub use remote::Remote;
 
 use saeflow_core::cancel::Cancel;
 use saeflow_core::fs::write_atomic;
@@ -115,12 +117,13 @@ pub struct RefRecord {
     pub preimage: Json,
 }
 
-/// A cache rooted at a directory.
+/// A cache rooted at a directory, with an optional remote tier behind it (`remote/`).
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
     /// Objects this process has fully re-hashed already (objects are immutable once published).
     verified: Arc<Mutex<BTreeSet<String>>>,
+    remote: Option<Arc<Remote>>,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -136,7 +139,7 @@ pub fn now_ms() -> u64 {
 /// UTF-8 names may be there: a symbolic link (which could point outside the cache, or change after it was
 /// hashed), a FIFO (whose reader would hang) or a device is refused by name, as is a name a manifest could
 /// not spell.
-fn list_files(dir: &Path) -> anyhow::Result<Vec<String>> {
+pub(crate) fn list_files(dir: &Path) -> anyhow::Result<Vec<String>> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<()> {
         for entry in
             std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?
@@ -222,7 +225,18 @@ impl Cache {
         Ok(Self {
             root: root.to_path_buf(),
             verified: Default::default(),
+            remote: None,
         })
+    }
+
+    /// Puts `remote` behind this cache: lookups that miss here try it, results computed here go to it.
+    pub fn set_remote(&mut self, remote: Remote) {
+        self.remote = Some(Arc::new(remote));
+    }
+
+    /// The remote tier, if any.
+    pub fn remote(&self) -> Option<&Arc<Remote>> {
+        self.remote.as_ref()
     }
 
     /// The cache root.
@@ -329,11 +343,28 @@ impl Cache {
         }
         manifest.outputs = outputs;
         let bytes = serde_json::to_vec_pretty(&manifest)?;
-        File::create(tmp.join(MANIFEST))?.write_all(&bytes)?;
+        self.install(tmp, &key, &bytes)?;
+        let partial = self.root.join("partial").join(&key.0);
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial)
+                .with_context(|| format!("cannot remove {}", partial.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `tmp`, whose files `manifest_json` lists with their hashes (checked by the caller), the object
+    /// for `key`: writes the manifest, fsyncs and renames into place. The caller holds the key's lock.
+    pub(crate) fn install(
+        &self,
+        tmp: &Path,
+        key: &Key,
+        manifest_json: &[u8],
+    ) -> anyhow::Result<()> {
+        File::create(tmp.join(MANIFEST))?.write_all(manifest_json)?;
         File::create(tmp.join(MANIFEST_SUM))?
-            .write_all(blake3::hash(&bytes).to_hex().as_bytes())?;
+            .write_all(blake3::hash(manifest_json).to_hex().as_bytes())?;
         sync_tree(tmp).context("cannot fsync outputs")?;
-        let target = self.object_dir(&key);
+        let target = self.object_dir(key);
         if target.exists() {
             // Computed meanwhile by a process that ignored the lock protocol; keep the first.
             std::fs::remove_dir_all(tmp)?;
@@ -345,11 +376,11 @@ impl Cache {
             std::fs::remove_dir_all(tmp)?;
         } else {
             File::open(self.root.join("objects"))?.sync_all()?;
-        }
-        let partial = self.root.join("partial").join(&key.0);
-        if partial.exists() {
-            std::fs::remove_dir_all(&partial)
-                .with_context(|| format!("cannot remove {}", partial.display()))?;
+            // Every file was just hashed (by `publish`, or as it arrived from a remote).
+            self.verified
+                .lock()
+                .expect("not poisoned")
+                .insert(key.0.clone());
         }
         Ok(())
     }

@@ -36,6 +36,11 @@ pub struct PipelineHeader {
     /// Seed handed to every stage; part of every action key.
     #[serde(default)]
     pub seed: u64,
+    /// A remote cache behind the local one (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///dir`):
+    /// lookups that miss locally try it, results and partial work go to it. `--cache-remote` overrides it.
+    /// Not part of any key. Credentials come from the environment, never from this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_remote: Option<String>,
 }
 
 /// The parts of a pipeline file that have a fixed shape, for the JSON schema (stages are added per kind).

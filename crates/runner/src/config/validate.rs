@@ -114,6 +114,27 @@ impl Loader<'_> {
             ));
         }
 
+        if let Some(url) = &header.cache_remote {
+            let scheme = url.split_once("://").map(|(s, _)| s);
+            if !matches!(
+                scheme,
+                Some("s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" | "file")
+            ) {
+                let span = span_at(
+                    &root_value,
+                    &crate::stage::key_path(&["pipeline", "cache_remote"]),
+                );
+                return Err(self.err(
+                    span,
+                    format!(
+                        "cache_remote `{}` is not a remote cache URL: s3://bucket/prefix, gs://bucket/prefix, \
+                         az://container/prefix or file:///dir",
+                        super::printable(url)
+                    ),
+                ));
+            }
+        }
+
         let models = self.models(top)?;
         let raw_stages = self.raw_stages(top)?;
 

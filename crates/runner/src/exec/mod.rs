@@ -16,9 +16,10 @@ use std::time::Instant;
 use petgraph::graph::NodeIndex;
 use petgraph::Direction;
 
-use crate::cache::{now_ms, Cache, Manifest, RefRecord};
+use crate::cache::remote::{Pulled, RemoteLock};
+use crate::cache::{now_ms, Cache, Key, Manifest, RefRecord};
 use crate::plan::Plan;
-use crate::stage::{Registry, StageContext};
+use crate::stage::{PartialSync, Registry, StageContext};
 use saeflow_core::cancel::{Cancel, Cancelled};
 use saeflow_core::fs::resolve_path;
 use saeflow_core::progress::Reporter;
@@ -41,6 +42,8 @@ pub struct Outcome {
     pub computed: Vec<String>,
     /// Instances whose result was already in the cache (or computed meanwhile by another run).
     pub cached: Vec<String>,
+    /// Of those, the ones brought from the remote cache.
+    pub pulled: Vec<String>,
     /// Instances that failed, with the error.
     pub failed: Vec<(String, String)>,
     /// Instances not run because something upstream failed or the run was cancelled.
@@ -52,6 +55,8 @@ pub struct Outcome {
 enum Done {
     Computed,
     Cached,
+    /// Cached on the remote, now pulled into the local cache.
+    Pulled,
 }
 
 /// An input object failed its check as a stage was about to read it (it has been quarantined).
@@ -248,6 +253,10 @@ pub fn run(
                         match done {
                             Done::Computed => outcome.computed.push(name),
                             Done::Cached => outcome.cached.push(name),
+                            Done::Pulled => {
+                                outcome.pulled.push(name.clone());
+                                outcome.cached.push(name);
+                            }
                         }
                         if let Some(readers) = repairing.remove(&n) {
                             repaired.insert(n);
@@ -308,6 +317,9 @@ pub fn run(
         }
     });
     outcome.cancelled |= cancel.is_cancelled();
+    if cache.remote().is_some() && !cancel.is_cancelled() {
+        push_cached(plan, cache, &mut outcome, reporter);
+    }
     let done: BTreeSet<&String> = outcome
         .computed
         .iter()
@@ -439,6 +451,7 @@ fn compute_group(
     let mut order = group.to_vec();
     order.sort_by(|&a, &b| plan.instance(a).key.0.cmp(&plan.instance(b).key.0));
     let mut locks = Vec::new();
+    let mut remote_locks: Vec<RemoteLock> = Vec::new();
     let mut members = Vec::new();
     for &n in &order {
         let inst = plan.instance(n);
@@ -462,6 +475,23 @@ fn compute_group(
         if cache.has_object(&inst.key) {
             results.push((n, Ok(Done::Cached)));
             continue;
+        }
+        if cache.remote().is_some() {
+            match remote_tier(cache, &inst.name, &inst.key, cancel, reporter) {
+                Ok(Tier::Pulled) => {
+                    results.push((n, Ok(Done::Pulled)));
+                    continue;
+                }
+                Ok(Tier::Compute(lock)) => remote_locks.push(lock),
+                Ok(Tier::Cancelled) => {
+                    results.push((n, Err(Cancelled.into())));
+                    continue;
+                }
+                Err(e) => {
+                    results.push((n, Err(e)));
+                    continue;
+                }
+            }
         }
         match prepare(plan, cache, n, cancel, reporter) {
             Ok(member) => members.push(member),
@@ -521,7 +551,8 @@ fn compute_group(
                 metrics: ctx.metrics,
                 saeflow_version: env!("CARGO_PKG_VERSION").to_string(),
             };
-            cache.publish(&tmp, manifest)
+            cache.publish(&tmp, manifest)?;
+            push_computed(cache, &inst.key, &inst.name, reporter)
         });
         match published {
             Ok(()) => {
@@ -538,8 +569,169 @@ fn compute_group(
             }
         }
     }
+    // Remote locks go first: another machine may take the key once the object is on the remote.
+    drop(remote_locks);
     drop(locks);
     results
+}
+
+/// What the remote tier decided for an instance missing here.
+enum Tier {
+    /// The remote had it; it is now in the local cache.
+    Pulled,
+    /// Nobody has it: compute it under this remote lock (partial work, if the remote had any, restored).
+    Compute(RemoteLock),
+    Cancelled,
+}
+
+/// Looks `key` up on the remote (pulling it, checked, if there), else takes its remote lock, looks again
+/// (another machine may have published it meanwhile) and restores the remote's partial work into an
+/// empty partial directory. A damaged remote object is quarantined there under the lock and recomputed.
+fn remote_tier(
+    cache: &Cache,
+    name: &str,
+    key: &Key,
+    cancel: &Cancel,
+    reporter: &Reporter,
+) -> anyhow::Result<Tier> {
+    let remote = cache.remote().expect("called with a remote");
+    let mut lock: Option<RemoteLock> = None;
+    loop {
+        let progress = reporter.stage(name);
+        progress.set_message("checking the remote cache");
+        let pulled = remote.pull(cache, key, &progress);
+        progress.finish();
+        match pulled? {
+            Pulled::Done(t) => {
+                if t.bytes > 0 {
+                    reporter.println(&format!(
+                        "pulled {name} ({}) from {}: {} files, {:.1} MB, checked",
+                        key.short(),
+                        remote.url(),
+                        t.files,
+                        t.bytes as f64 / 1e6
+                    ));
+                }
+                return Ok(Tier::Pulled);
+            }
+            Pulled::Missing => {}
+            Pulled::Damaged {
+                problems,
+                bad_blobs,
+            } => {
+                if lock.is_some() {
+                    reporter.alert(&format!(
+                        "{name}: the remote's copy is damaged ({}); moved it to the remote's quarantine, recomputing it",
+                        problems.join("; ")
+                    ));
+                    remote.quarantine(key, &bad_blobs)?;
+                }
+            }
+        }
+        if let Some(lock) = lock {
+            restore_partial(cache, name, key, reporter)?;
+            return Ok(Tier::Compute(lock));
+        }
+        let waiting = |holder: &str| {
+            reporter.println(&format!("waiting for {name}: {holder} is computing it"))
+        };
+        match remote.lock(key, cancel, waiting, || {
+            remote.has_object(key).unwrap_or(false)
+        })? {
+            Some(l) => lock = Some(l), // look again under the lock
+            None if cancel.is_cancelled() => return Ok(Tier::Cancelled),
+            None => {} // published elsewhere meanwhile: pull it
+        }
+    }
+}
+
+/// Brings the remote's partial work of `key` into the local partial directory when that is empty.
+fn restore_partial(
+    cache: &Cache,
+    name: &str,
+    key: &Key,
+    reporter: &Reporter,
+) -> anyhow::Result<()> {
+    let remote = cache.remote().expect("called with a remote");
+    let dir = cache.partial_dir(key)?;
+    if std::fs::read_dir(&dir)?.next().is_some() {
+        return Ok(()); // this machine's own partial work stands
+    }
+    match remote.restore_partial(key, &dir)? {
+        Ok(t) => reporter.println(&format!(
+            "resuming {name} from the partial work on {}: {} files, {:.1} MB",
+            remote.url(),
+            t.files,
+            t.bytes as f64 / 1e6
+        )),
+        Err(why) if why == "none recorded" => {}
+        Err(why) => reporter.alert(&format!(
+            "{name}: the partial work on {} is unusable ({why}); starting over",
+            remote.url()
+        )),
+    }
+    Ok(())
+}
+
+/// After a local publish: sends the object to the remote and forgets the remote's partial work of it.
+fn push_computed(cache: &Cache, key: &Key, name: &str, reporter: &Reporter) -> anyhow::Result<()> {
+    let Some(remote) = cache.remote() else {
+        return Ok(());
+    };
+    let progress = reporter.stage(name);
+    progress.set_message(&format!("pushing to {}", remote.url()));
+    let pushed = remote.push(cache, key, &progress);
+    progress.finish();
+    pushed.map_err(|e| {
+        e.context(format!(
+            "{name} is computed and kept in the local cache, but not on the remote; rerun to push it"
+        ))
+    })?;
+    remote.drop_partial(key)
+}
+
+/// Results that were cached here but are missing on the remote (computed before the remote was added, or
+/// by a run whose push failed) are pushed at the end of a run, checked first.
+fn push_cached(plan: &Plan, cache: &Cache, outcome: &mut Outcome, reporter: &Reporter) {
+    let remote = cache.remote().expect("called with a remote");
+    let names: BTreeSet<&String> = outcome
+        .cached
+        .iter()
+        .filter(|name| !outcome.pulled.contains(name))
+        .collect();
+    let mut failed = Vec::new();
+    for &n in &plan.order {
+        let inst = plan.instance(n);
+        if !names.contains(&inst.name) || !cache.has_object(&inst.key) {
+            continue;
+        }
+        let result = remote.has_object(&inst.key).and_then(|there| {
+            if there {
+                return Ok(false);
+            }
+            let problems = cache.verify_for_read(&inst.key);
+            if !problems.is_empty() {
+                anyhow::bail!(
+                    "the local copy is damaged ({}); not pushed",
+                    problems.join("; ")
+                );
+            }
+            let progress = reporter.stage(&inst.name);
+            progress.set_message(&format!("pushing to {}", remote.url()));
+            let pushed = remote.push(cache, &inst.key, &progress);
+            progress.finish();
+            pushed.map(|_| true)
+        });
+        match result {
+            Ok(true) => reporter.println(&format!("pushed {} to {}", inst.name, remote.url())),
+            Ok(false) => {}
+            Err(e) => {
+                reporter.alert(&format!("FAILED pushing {}: {e:#}", inst.name));
+                failed.push((inst.name.clone(), format!("{e:#}")));
+            }
+        }
+    }
+    outcome.failed.extend(failed);
 }
 
 /// The context of an instance about to run (under its lock, not cached).
@@ -586,13 +778,22 @@ fn prepare(
         })
         .collect();
     let tmp = cache.new_tmp_dir(&inst.key)?;
+    let partial_dir = cache.partial_dir(&inst.key)?;
+    let partial_sync = match cache.remote() {
+        Some(remote) => {
+            let mirror = crate::cache::remote::PartialMirror::new(remote, &inst.key, &partial_dir);
+            PartialSync::new(move || mirror.sync())
+        }
+        None => PartialSync::default(),
+    };
     let ctx = StageContext {
         instance: inst.name.clone(),
         inputs,
         models,
         model_keys,
         out_dir: tmp,
-        partial_dir: cache.partial_dir(&inst.key)?,
+        partial_dir,
+        partial_sync,
         log_path: cache.log_path(&inst.key),
         downloads_dir: cache.root().join("downloads"),
         workdir: pipeline.workdir.clone(),

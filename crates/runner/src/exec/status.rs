@@ -8,8 +8,10 @@ use crate::plan::{key, Plan};
 /// The state of one instance against the cache.
 #[derive(Debug, Clone, PartialEq)]
 pub enum State {
-    /// An object exists for the current key.
+    /// An object exists for the current key in the local cache.
     Cached,
+    /// Only the remote cache has an object for the current key (a run pulls it).
+    Remote,
     /// An earlier run exists under another key; the reasons say what changed.
     Stale(Vec<String>),
     /// Never run.
@@ -21,6 +23,12 @@ pub fn state(plan: &Plan, cache: &Cache, n: NodeIndex) -> State {
     let inst = plan.instance(n);
     if cache.has_object(&inst.key) {
         return State::Cached;
+    }
+    if cache
+        .remote()
+        .is_some_and(|r| r.has_object(&inst.key).unwrap_or(false))
+    {
+        return State::Remote;
     }
     match cache.read_ref(&plan.pipeline.header.name, &inst.name) {
         Some(r) => State::Stale(reasons(plan, n, &r.preimage)),

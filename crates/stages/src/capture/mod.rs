@@ -407,6 +407,7 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
                 &mut shard,
                 batch_index,
             )?;
+            ctx.partial_sync.saved()?;
             let rate = computed as f64 / started.elapsed().as_secs_f64().max(1e-9);
             ctx.progress
                 .set_message(&format!("{shard_count} shards, {rate:.0} tok/s"));

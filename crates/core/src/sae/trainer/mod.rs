@@ -41,6 +41,11 @@ pub trait Callbacks {
     }
     /// A line for the user.
     fn log(&self, _msg: &str) {}
+    /// A checkpoint was just written (whole) into the run's checkpoint directory: a chance to copy it
+    /// elsewhere. An error stops the run.
+    fn checkpointed(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// Why a run stopped early.
@@ -206,7 +211,12 @@ fn shared_pass(
             let finished = if state.step >= r.cfg.steps {
                 None
             } else if cancelled {
-                Some(state.save_checkpoint(&r.checkpoints).map(|()| state.step))
+                Some(
+                    state
+                        .save_checkpoint(&r.checkpoints)
+                        .and_then(|()| r.callbacks.checkpointed())
+                        .map(|()| state.step),
+                )
             } else {
                 continue;
             };
@@ -291,6 +301,7 @@ fn member_step(
     }
     if step.is_multiple_of(cfg.checkpoint_every) && step < cfg.steps {
         state.save_checkpoint(&run.checkpoints)?;
+        run.callbacks.checkpointed()?;
         *last_good = step;
     }
     run.callbacks.progress(step);
