@@ -1,5 +1,5 @@
 //! Test preconditions (see `crates/core/preconditions.rs`): the integration tests need `../shared`, and a few
-//! need Graphviz, Chromium, a Slurm cluster's commands or the right to mount a tmpfs.
+//! need Graphviz, Chromium, a Slurm cluster's commands, moto's S3 server or the right to mount a tmpfs.
 include!("crates/core/preconditions.rs");
 
 fn main() {
@@ -11,6 +11,11 @@ fn main() {
             "slurm",
             &["sinfo"],
             "scripts/slurm-local.sh start installs and starts one",
+        )
+        .tool(
+            "moto",
+            &["moto_server"],
+            "python3 -m pip install 'moto[server]': the S3 server of tests/remote.rs",
         )
         .mount()
         .finish();

@@ -6,14 +6,19 @@
     {"status": 503, "count": 3, "method": "PUT"}  answer the next 3 PUTs with 503 SlowDown (a transient error)
     {"delay_ms": 3000, "count": 2}                 hold the next 2 responses for 3 s before answering
     {"expired": true}                              answer everything with 400 ExpiredToken (expired credentials)
-    {"die_after": 5, "method": "PUT"}              exit the process on the 6th PUT, before answering it
-  `GET /__faults` returns the counters (requests seen, faults injected); `POST /__faults` with `{}` resets.
+    {"status": 403, "code": "AccessDenied"}        answer every request with 403 AccessDenied (a denied write)
+    {"freeze_after": 5, "method": "PUT"}           stop the whole process (SIGSTOP) on the 6th PUT, before
+                                                   answering it: the server is gone mid-upload until the test
+                                                   sends SIGCONT
+  Both return the counters (requests seen, faults injected) since the previous POST, which starts new ones;
+  `POST /__faults` with `{}` switches faults off. `GET /__faults` only reads the counters.
 
 Prints `port N` on stdout once it listens on 127.0.0.1 (port 0 = any free port). Only ever binds loopback.
 """
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -61,19 +66,22 @@ def app_with_faults(moto_app):
                     if "count" in _faults:
                         _faults["left"] = _faults["count"]
                 out = json.dumps({**_seen, "faults": _faults}).encode()
-            start_response("200 OK", [("Content-Type", "application/json")])
+                if method == "POST":
+                    _seen.update(requests=0, injected=0)
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))])
             return [out]
         with _serial:
             _seen["requests"] += 1
             if _faults.get("expired"):
                 _seen["injected"] += 1
-                start_response("400 Bad Request", [("Content-Type", "application/xml")])
+                start_response("400 Bad Request", [("Content-Type", "application/xml"), ("Content-Length", str(len(EXPIRED)))])
                 return [EXPIRED]
-            if "die_after" in _faults and _matches(method):
-                if _faults["die_after"] <= 0:
-                    sys.stdout.flush()
-                    os._exit(17)
-                _faults["die_after"] -= 1
+            if "freeze_after" in _faults and _matches(method):
+                if _faults["freeze_after"] <= 0:
+                    del _faults["freeze_after"]
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                else:
+                    _faults["freeze_after"] -= 1
             if "status" in _faults and _matches(method) and _take("left"):
                 _seen["injected"] += 1
                 # Read the body, as a real server does before it answers.
@@ -81,8 +89,10 @@ def app_with_faults(moto_app):
                 if length:
                     environ["wsgi.input"].read(length)
                 status = int(_faults["status"])
-                start_response(f"{status} Injected", [("Content-Type", "application/xml")])
-                return [SLOWDOWN]
+                code = _faults.get("code", "SlowDown")
+                out = SLOWDOWN.replace(b"SlowDown", code.encode())
+                start_response(f"{status} Injected", [("Content-Type", "application/xml"), ("Content-Length", str(len(out)))])
+                return [out]
             delay = 0.0
             if "delay_ms" in _faults and _matches(method) and _take("left"):
                 _seen["injected"] += 1

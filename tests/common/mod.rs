@@ -3,6 +3,7 @@
 
 pub mod checkpoints;
 pub mod http;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -34,7 +34,7 @@ use serde_json::Value as Json;
 pub use gc::{GcOptions, GcReport};
 pub use lease::Lease;
 pub use lock::{hostname, KeyLock};
-pub use remote::Remote;
+pub use remote::{Pulled, Remote, SyncReport};
 
 use saeflow_core::cancel::Cancel;
 use saeflow_core::fs::write_atomic;
@@ -536,12 +536,16 @@ impl Cache {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Records a successful run (atomic replace; the last writer wins, which is the newest result).
+    /// Records a successful run (atomic replace; the last writer wins, which is the newest result), on the
+    /// remote too if there is one (its `gc` keeps what refs name).
     pub fn write_ref(&self, pipeline: &str, record: &RefRecord) -> anyhow::Result<()> {
-        write_atomic(
-            &self.ref_path(pipeline, &record.instance),
-            &serde_json::to_vec_pretty(record)?,
-        )
+        let bytes = serde_json::to_vec_pretty(record)?;
+        write_atomic(&self.ref_path(pipeline, &record.instance), &bytes)?;
+        if let Some(remote) = &self.remote {
+            let file = format!("{}.json", escape_instance(&record.instance));
+            remote.write_ref(pipeline, &file, bytes)?;
+        }
+        Ok(())
     }
 }
 

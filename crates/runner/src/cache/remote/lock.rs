@@ -114,6 +114,7 @@ impl Remote {
         over: Option<UpdateVersion>,
     ) -> anyhow::Result<Option<UpdateVersion>> {
         let path = self.path(&lock_name(key));
+        let updating = over.is_some();
         let mode = match over {
             None => PutMode::Create,
             Some(v) => PutMode::Update(v),
@@ -133,8 +134,15 @@ impl Remote {
                     version: put.version,
                 })),
                 Err(object_store::Error::AlreadyExists { .. })
-                | Err(object_store::Error::Precondition { .. })
-                | Err(object_store::Error::NotFound { .. }) => Ok(None),
+                | Err(object_store::Error::Precondition { .. }) => Ok(None),
+                // Replacing a lock that was deleted meanwhile: lost the race. Anything else not found
+                // (creating a lock, a missing bucket) is an error, or the caller would poll forever.
+                Err(e @ object_store::Error::NotFound { .. })
+                    if !updating || e.to_string().contains("NoSuchBucket") =>
+                {
+                    Err(explain(&self.shown(&path), "taking a lock", e))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(explain(&self.shown(&path), "taking a lock", e)),
             }
         })

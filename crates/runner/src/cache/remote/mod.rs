@@ -20,7 +20,9 @@
 //! retried with exponential backoff by `object_store`'s retry layer; what is left is an error naming the
 //! URL and saying what to do.
 
+mod gc;
 mod lock;
+mod sync;
 mod transfer;
 
 use std::collections::BTreeMap;
@@ -33,7 +35,9 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
+pub use gc::RemoteGcReport;
 pub use lock::RemoteLock;
+pub use sync::SyncReport;
 pub use transfer::{PartialMirror, Pulled, Transfer};
 
 use super::{Key, OutputFile};
@@ -78,10 +82,6 @@ fn retry_config() -> object_store::RetryConfig {
     }
 }
 
-fn env_set(name: &str) -> bool {
-    std::env::var_os(name).is_some_and(|v| !v.is_empty())
-}
-
 /// The URL without user info, query or fragment, for messages.
 fn display_url(url: &url::Url) -> String {
     let mut shown = url.clone();
@@ -94,7 +94,13 @@ fn display_url(url: &url::Url) -> String {
 
 /// Refuses a remote whose credentials cannot come from the environment, before any request: otherwise the
 /// cloud SDKs fall back on an instance-metadata service, which on a laptop hangs until a timeout.
-fn check_credentials(scheme: &str, url: &str) -> anyhow::Result<()> {
+/// `env` looks a variable up (the process environment outside tests).
+fn check_credentials(
+    scheme: &str,
+    url: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<()> {
+    let env_set = |name: &str| env(name).is_some_and(|v| !v.is_empty());
     let found = match scheme {
         "s3" | "s3a" => {
             (env_set("AWS_ACCESS_KEY_ID") && env_set("AWS_SECRET_ACCESS_KEY"))
@@ -102,14 +108,14 @@ fn check_credentials(scheme: &str, url: &str) -> anyhow::Result<()> {
                 || env_set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
                 || env_set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
                 || env_set("AWS_METADATA_ENDPOINT")
-                || std::env::var("AWS_SKIP_SIGNATURE").is_ok_and(|v| v == "true")
+                || env("AWS_SKIP_SIGNATURE").is_some_and(|v| v == "true")
         }
         "gs" => {
             env_set("GOOGLE_APPLICATION_CREDENTIALS")
                 || env_set("GOOGLE_SERVICE_ACCOUNT")
                 || env_set("GOOGLE_SERVICE_ACCOUNT_PATH")
                 || env_set("GOOGLE_SERVICE_ACCOUNT_KEY")
-                || std::env::var_os("HOME").is_some_and(|home| {
+                || env("HOME").is_some_and(|home| {
                     Path::new(&home)
                         .join(".config/gcloud/application_default_credentials.json")
                         .is_file()
@@ -123,7 +129,7 @@ fn check_credentials(scheme: &str, url: &str) -> anyhow::Result<()> {
                 || env_set("AZURE_STORAGE_TOKEN")
                 || env_set("AZURE_CLIENT_SECRET")
                 || env_set("AZURE_FEDERATED_TOKEN_FILE")
-                || std::env::var("AZURE_STORAGE_USE_EMULATOR").is_ok_and(|v| v == "true")
+                || env("AZURE_STORAGE_USE_EMULATOR").is_some_and(|v| v == "true")
         }
     };
     if found {
@@ -235,7 +241,7 @@ impl Remote {
                 (Arc::new(store), ObjPath::default(), Some(dir))
             }
             "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" => {
-                check_credentials(scheme, &shown)?;
+                check_credentials(scheme, &shown, |name| std::env::var(name).ok())?;
                 let prefix = ObjPath::parse(url.path().trim_matches('/'))
                     .with_context(|| format!("remote cache {shown}: bad path"))?;
                 let store: Arc<dyn ObjectStore> = match scheme {
@@ -363,8 +369,7 @@ impl Remote {
         })
     }
 
-    /// Relative names of the documents under `dir` (one level of `/`-separated names), with their sizes
-    /// and modification times.
+    /// Every document under `dir`, at any depth: its name relative to `dir`, size and modification time.
     fn list(&self, dir: &str) -> anyhow::Result<Vec<(String, u64, std::time::SystemTime)>> {
         use futures::TryStreamExt;
         let path = self.path(dir);
@@ -566,14 +571,29 @@ mod tests {
 
     #[test]
     fn a_remote_without_credentials_is_refused_before_any_request() {
-        // Only the variables the check reads matter; with none of them set the error says what to set.
-        if env_set("AWS_ACCESS_KEY_ID") || env_set("AWS_WEB_IDENTITY_TOKEN_FILE") {
-            panic!("this test needs an environment without AWS credentials");
-        }
-        let e = check_credentials("s3", "s3://b/p").unwrap_err().to_string();
+        let none = |_: &str| None;
+        let e = check_credentials("s3", "s3://b/p", none)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("s3://b/p") && e.contains("AWS_ACCESS_KEY_ID"),
             "{e}"
         );
+        let e = check_credentials("gs", "gs://b/p", none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GOOGLE_APPLICATION_CREDENTIALS"), "{e}");
+        let e = check_credentials("az", "az://c/p", none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("AZURE_STORAGE_ACCOUNT_KEY"), "{e}");
+        // A key id alone is not enough; with its secret it is.
+        let id_only = |n: &str| (n == "AWS_ACCESS_KEY_ID").then(|| "x".to_string());
+        assert!(check_credentials("s3", "s3://b/p", id_only).is_err());
+        let both = |n: &str| n.starts_with("AWS_").then(|| "x".to_string());
+        assert!(check_credentials("s3", "s3://b/p", both).is_ok());
+        // An empty variable counts as unset.
+        let empty = |n: &str| n.starts_with("AWS_").then(String::new);
+        assert!(check_credentials("s3", "s3://b/p", empty).is_err());
     }
 }

@@ -125,12 +125,13 @@ impl Remote {
         }
     }
 
-    /// Downloads `cas/<blake3>` to `dest` (through `dest.part`), checking size and hash. A wrong blob is
-    /// `Err(BadBlob)`; a failed request is an ordinary error.
+    /// Downloads `cas/<blake3>` to `dest` (or only reads it, with `None`), checking size and hash. `dest` is
+    /// inside a fresh directory that becomes visible only once every file checks out, so it needs no
+    /// temporary name of its own. A wrong blob is `Err(BadBlob)`; a failed request is an ordinary error.
     async fn get_blob(
         &self,
         out: &OutputFile,
-        dest: &Path,
+        dest: Option<&Path>,
         progress: &Progress,
     ) -> anyhow::Result<Result<u64, BadBlob>> {
         use tokio::io::AsyncWriteExt;
@@ -143,13 +144,18 @@ impl Remote {
             }
             Err(e) => return Err(explain(&shown, "downloading", e)),
         };
-        if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        let part = dest.with_extension("part");
-        let mut file = tokio::fs::File::create(&part)
-            .await
-            .with_context(|| format!("cannot create {}", part.display()))?;
+        let mut file = match dest {
+            Some(dest) => {
+                if let Some(parent) = dest.parent() {
+                    tokio::fs::create_dir_all(parent).await?;
+                }
+                let file = tokio::fs::File::create(dest)
+                    .await
+                    .with_context(|| format!("cannot create {}", dest.display()))?;
+                Some(file)
+            }
+            None => None,
+        };
         let mut hasher = blake3::Hasher::new();
         let mut received = 0u64;
         let mut stream = got.into_stream();
@@ -160,20 +166,24 @@ impl Remote {
                 break; // longer than the manifest says: no need to read the rest
             }
             hasher.update(&chunk);
-            file.write_all(&chunk).await?;
+            if let Some(file) = &mut file {
+                file.write_all(&chunk).await?;
+            }
             progress.inc(chunk.len() as u64);
         }
-        file.sync_all().await?;
-        drop(file);
+        if let Some(file) = file {
+            file.sync_all().await?;
+        }
         let hash = hasher.finalize().to_hex().to_string();
         if received != out.size || hash != out.blake3 {
-            let _ = tokio::fs::remove_file(&part).await;
+            if let Some(dest) = dest {
+                let _ = tokio::fs::remove_file(dest).await;
+            }
             return Ok(Err(BadBlob(format!(
                 "`{}` arrived with {received} bytes and blake3 {hash}; the manifest says {} bytes, {}",
                 out.path, out.size, out.blake3
             ))));
         }
-        tokio::fs::rename(&part, dest).await?;
         Ok(Ok(received))
     }
 
@@ -212,27 +222,20 @@ impl Remote {
         })
     }
 
-    /// Pulls the object `key` into the local cache, checking every byte against the manifest before the
-    /// object appears there. The caller holds the key's local lock.
-    pub fn pull(&self, cache: &Cache, key: &Key, progress: &Progress) -> anyhow::Result<Pulled> {
+    /// The manifest of `key` on the remote, checked before any of it is trusted: its hash, its key, and
+    /// every file name a plain relative path. `Err` is the object's problems.
+    pub(super) fn checked_manifest(
+        &self,
+        key: &Key,
+    ) -> anyhow::Result<Option<Result<(Manifest, Vec<u8>), Vec<String>>>> {
         let manifest_json = match self.manifest_bytes(key)? {
-            None => return Ok(Pulled::Missing),
-            Some(Err(problem)) => {
-                return Ok(Pulled::Damaged {
-                    problems: vec![problem],
-                    bad_blobs: Vec::new(),
-                })
-            }
+            None => return Ok(None),
+            Some(Err(problem)) => return Ok(Some(Err(vec![problem]))),
             Some(Ok(json)) => json,
         };
         let manifest: Manifest = match serde_json::from_slice(&manifest_json) {
             Ok(m) => m,
-            Err(e) => {
-                return Ok(Pulled::Damaged {
-                    problems: vec![format!("its manifest does not parse: {e}")],
-                    bad_blobs: Vec::new(),
-                })
-            }
+            Err(e) => return Ok(Some(Err(vec![format!("its manifest does not parse: {e}")]))),
         };
         let mut problems = Vec::new();
         if manifest.key != key.0 {
@@ -252,14 +255,28 @@ impl Remote {
                 problems.push(format!("`{}` has no valid blake3", out.path));
             }
         }
-        if !problems.is_empty() {
-            return Ok(Pulled::Damaged {
-                problems,
-                bad_blobs: Vec::new(),
-            });
-        }
+        Ok(Some(if problems.is_empty() {
+            Ok((manifest, manifest_json))
+        } else {
+            Err(problems)
+        }))
+    }
+
+    /// Pulls the object `key` into the local cache, checking every byte against the manifest before the
+    /// object appears there. The caller holds the key's local lock.
+    pub fn pull(&self, cache: &Cache, key: &Key, progress: &Progress) -> anyhow::Result<Pulled> {
+        let (manifest, manifest_json) = match self.checked_manifest(key)? {
+            None => return Ok(Pulled::Missing),
+            Some(Err(problems)) => {
+                return Ok(Pulled::Damaged {
+                    problems,
+                    bad_blobs: Vec::new(),
+                })
+            }
+            Some(Ok(m)) => m,
+        };
         let tmp = cache.new_tmp_dir(key)?;
-        let result = self.get_files(&tmp, &manifest.outputs, progress);
+        let result = self.get_files(Some(&tmp), &manifest.outputs, progress);
         let (transfer, bad) = match result {
             Ok(done) => done,
             Err(e) => {
@@ -278,10 +295,35 @@ impl Remote {
         Ok(Pulled::Done(transfer))
     }
 
-    /// Downloads `files` under `dir`; returns what came and the blobs that were wrong.
+    /// Reads the remote object `key` and checks every blob against its manifest, keeping nothing: what
+    /// `pull` would find, without a local cache. `Missing` if the remote lacks it.
+    pub fn verify(&self, key: &Key, progress: &Progress) -> anyhow::Result<Pulled> {
+        let manifest = match self.checked_manifest(key)? {
+            None => return Ok(Pulled::Missing),
+            Some(Err(problems)) => {
+                return Ok(Pulled::Damaged {
+                    problems,
+                    bad_blobs: Vec::new(),
+                })
+            }
+            Some(Ok((manifest, _))) => manifest,
+        };
+        let (transfer, bad) = self.get_files(None, &manifest.outputs, progress)?;
+        Ok(if bad.is_empty() {
+            Pulled::Done(transfer)
+        } else {
+            Pulled::Damaged {
+                problems: bad.iter().map(|(_, p)| p.clone()).collect(),
+                bad_blobs: bad.into_iter().map(|(b, _)| b).collect(),
+            }
+        })
+    }
+
+    /// Downloads `files` under `dir` (or, with `None`, only reads and checks them); returns what came and
+    /// the blobs that were wrong.
     fn get_files(
         &self,
-        dir: &Path,
+        dir: Option<&Path>,
         files: &[OutputFile],
         progress: &Progress,
     ) -> anyhow::Result<(Transfer, Vec<(String, String)>)> {
@@ -289,7 +331,8 @@ impl Remote {
         let results: Vec<(String, Result<u64, BadBlob>)> = self.block_on(
             futures::stream::iter(files)
                 .map(|out| async move {
-                    let got = self.get_blob(out, &dir.join(&out.path), progress).await?;
+                    let dest = dir.map(|d| d.join(&out.path));
+                    let got = self.get_blob(out, dest.as_deref(), progress).await?;
                     anyhow::Ok((out.blake3.clone(), got))
                 })
                 .buffer_unordered(CONCURRENCY)
@@ -367,13 +410,14 @@ impl Remote {
         let staging: PathBuf = dir.with_extension("restoring");
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging)?;
-        let (transfer, bad) = match self.get_files(&staging, &index.files, &Progress::hidden()) {
-            Ok(done) => done,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&staging);
-                return Err(e);
-            }
-        };
+        let (transfer, bad) =
+            match self.get_files(Some(&staging), &index.files, &Progress::hidden()) {
+                Ok(done) => done,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&staging);
+                    return Err(e);
+                }
+            };
         if let Some((_, problem)) = bad.first() {
             let _ = std::fs::remove_dir_all(&staging);
             return Ok(Err(problem.clone()));
