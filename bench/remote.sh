@@ -38,13 +38,15 @@ export AWS_ENDPOINT_URL="$endpoint" AWS_ALLOW_HTTP=true
 mib=64
 stage_cmd() { echo "head -c $((mib << 20)) /dev/urandom > $1"; }
 
-# ---- saeflow: 4 command stages, computed once into a local cache
+# ---- saeflow: 4 command stages, computed once into a local cache (each names its own file: a key is the
+# action, so four identical commands would be one object)
 mkdir sf && cat > sf/p.toml <<EOF
 [pipeline]
 name = "bench_remote"
-$(for s in 0 1 2 3; do printf '\n[stages.s%s]\nkind = "command"\nshell = "%s"\n' "$s" "$(stage_cmd "{out}/o.bin")"; done)
+$(for s in 0 1 2 3; do printf '\n[stages.s%s]\nkind = "command"\nshell = "%s"\n' "$s" "$(stage_cmd "{out}/s$s.bin")"; done)
 EOF
 (cd sf && "$saeflow" run -q --cache computed p.toml)
+[ "$(du -sm sf/computed/objects | cut -f1)" -ge $((4 * mib)) ] || { echo "expected 4 objects of $mib MiB"; exit 1; }
 
 # ---- DVC: the same 4 stages in a git repo, reproduced once
 mkdir dvc && cd dvc

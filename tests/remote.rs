@@ -1,8 +1,9 @@
 //! The remote cache tier against a real S3-compatible server on loopback (moto, `tests/common/s3.rs`): the
-//! Colab notebook's commands on a fresh runtime reuse everything, killed stages resume from the remote's partial work with the bytes of an
-//! uninterrupted run, machines sharing a remote compute each key once, damage on the remote is caught and
-//! recomputed, and faults (5xx, slow answers, a server gone mid-upload, expired or missing credentials, a
-//! denied write, a missing bucket) end in a retry or a clear error, never in a published partial object.
+//! Colab notebook's commands on a fresh runtime reuse everything; killed stages resume from the remote's
+//! partial work with the bytes of an uninterrupted run; machines sharing a remote compute each key once;
+//! damage on the remote is caught and recomputed; `cache push|pull|verify` and `gc` work against the
+//! remote; and faults (5xx, slow answers, a server gone mid-upload, expired or missing credentials, a denied
+//! write, a missing bucket) end in a retry or a clear error, never in a published partial object.
 mod common;
 
 use std::path::Path;

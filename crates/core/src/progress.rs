@@ -90,6 +90,7 @@ impl Reporter {
                         total: None,
                         pos: 0,
                         msg: String::new(),
+                        bytes: false,
                     })
                 }),
             }),
@@ -103,6 +104,8 @@ struct Plain {
     total: Option<u64>,
     pos: u64,
     msg: String,
+    /// Units are bytes: shown in MiB.
+    bytes: bool,
 }
 
 struct Inner {
@@ -142,6 +145,25 @@ impl Progress {
             );
         }
         self.with_plain(|p| p.total = Some(total));
+    }
+
+    /// Sets the amount of work in bytes (a transfer), switching to a bar with bytes, byte rate and ETA.
+    pub fn set_total_bytes(&self, total: u64) {
+        if let Some(bar) = &self.inner.bar {
+            bar.set_length(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:.bold} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} \
+                     ETA {eta} {wide_msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+        }
+        self.with_plain(|p| {
+            p.total = Some(total);
+            p.bytes = true;
+        });
     }
 
     /// Advances by `n` units.
@@ -210,16 +232,23 @@ impl Progress {
                 } else {
                     f64::NAN
                 };
-                format!(
-                    "[{}] {:.0}% {}/{} ({:.1}/s, ETA {:.0}s) {}",
-                    self.inner.name,
-                    100.0 * p.pos as f64 / total as f64,
-                    p.pos,
-                    total,
-                    rate,
-                    eta,
-                    p.msg
-                )
+                let percent = 100.0 * p.pos as f64 / total as f64;
+                if p.bytes {
+                    const MIB: f64 = (1 << 20) as f64;
+                    format!(
+                        "[{}] {percent:.0}% {:.1}/{:.1} MiB ({:.1} MiB/s, ETA {eta:.0}s) {}",
+                        self.inner.name,
+                        p.pos as f64 / MIB,
+                        total as f64 / MIB,
+                        rate / MIB,
+                        p.msg
+                    )
+                } else {
+                    format!(
+                        "[{}] {percent:.0}% {}/{} ({rate:.1}/s, ETA {eta:.0}s) {}",
+                        self.inner.name, p.pos, total, p.msg
+                    )
+                }
             }
             _ => format!("[{}] running for {:.0}s {}", self.inner.name, secs, p.msg),
         };

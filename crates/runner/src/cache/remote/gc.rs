@@ -134,3 +134,92 @@ impl Remote {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use saeflow_core::progress::Progress;
+
+    use crate::cache::tests::manifest;
+    use crate::cache::{Cache, GcOptions, Key, RefRecord, Remote};
+
+    /// Publishes `files` as object `key` in `cache` and pushes it.
+    fn object(cache: &Cache, key: &str, files: &[(&str, &[u8])]) {
+        let tmp = cache.new_tmp_dir(&Key(key.into())).unwrap();
+        for (name, bytes) in files {
+            std::fs::write(tmp.join(name), bytes).unwrap();
+        }
+        cache.publish(&tmp, manifest(key)).unwrap();
+        let remote = cache.remote().unwrap();
+        remote
+            .push(cache, &Key(key.into()), &Progress::hidden())
+            .unwrap();
+    }
+
+    fn blob(bytes: &[u8]) -> String {
+        format!("cas/{}", blake3::hash(bytes).to_hex())
+    }
+
+    #[test]
+    fn remote_gc_keeps_what_refs_locks_and_partial_work_name_and_sweeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let bucket = dir.path().join("bucket");
+        std::fs::create_dir(&bucket).unwrap();
+        let mut cache = Cache::open(&dir.path().join("local")).unwrap();
+        let url = format!("file://{}", bucket.display());
+        cache.set_remote(Remote::open(&url).unwrap());
+        let remote = cache.remote().unwrap().clone();
+
+        object(&cache, "kept", &[("a", b"shared"), ("b", b"only kept")]);
+        object(&cache, "old", &[("a", b"shared"), ("b", b"only old")]);
+        object(&cache, "locked", &[("c", b"only locked")]);
+        let record = RefRecord {
+            instance: "s".into(),
+            key: "kept".into(),
+            preimage: serde_json::Value::Null,
+        };
+        cache.write_ref("p", &record).unwrap();
+        std::fs::create_dir_all(bucket.join("locks")).unwrap();
+        std::fs::write(bucket.join("locks/locked.lock"), "someone").unwrap();
+        // An unfinished run's partial work, and a blob nothing names.
+        let partial = cache.partial_dir(&Key("unfinished".into())).unwrap();
+        std::fs::write(partial.join("shard-0"), b"a shard").unwrap();
+        remote
+            .sync_partial(&Key("unfinished".into()), &partial, &mut BTreeMap::new())
+            .unwrap();
+        std::fs::write(bucket.join(blob(b"stray")), b"stray").unwrap();
+
+        let grace = |secs| GcOptions {
+            dry_run: false,
+            grace: Duration::from_secs(secs),
+            partial: false,
+        };
+        let report = remote.gc(&grace(3600)).unwrap();
+        assert!(report.removed.is_empty(), "all young: {:?}", report.removed);
+
+        let report = remote.gc(&grace(0)).unwrap();
+        let mut removed: Vec<String> = report.removed.iter().map(|(p, _)| p.clone()).collect();
+        assert_eq!(removed[0], "objects/old", "the manifest goes first");
+        removed.sort();
+        let mut expected = vec!["objects/old".to_string(), blob(b"only old"), blob(b"stray")];
+        expected.sort();
+        assert_eq!(removed, expected, "the unreferenced object and the blobs nothing names");
+        assert_eq!((report.kept, report.in_use), (1, 1));
+        assert_eq!(report.partial_kept, [("partial/unfinished".into(), 7)]);
+        for kept in [b"shared" as &[u8], b"only kept", b"only locked", b"a shard"] {
+            assert!(bucket.join(blob(kept)).is_file());
+        }
+        assert!(!bucket.join("objects/old").exists() && bucket.join("objects/kept").is_file());
+
+        let report = remote
+            .gc(&GcOptions {
+                partial: true,
+                ..grace(0)
+            })
+            .unwrap();
+        let removed: Vec<String> = report.removed.iter().map(|(p, _)| p.clone()).collect();
+        assert_eq!(removed, ["partial/unfinished".to_string(), blob(b"a shard")]);
+    }
+}

@@ -44,6 +44,9 @@ pub enum Pulled {
     },
 }
 
+/// A remote manifest after its checks: the manifest and its bytes, or what is wrong with the object.
+type CheckedManifest = Result<(Manifest, Vec<u8>), Vec<String>>;
+
 /// A download that did not give the bytes asked for.
 struct BadBlob(String);
 
@@ -208,7 +211,7 @@ impl Remote {
         files: &[OutputFile],
         progress: &Progress,
     ) -> anyhow::Result<Transfer> {
-        progress.set_total(files.iter().map(|f| f.size).sum());
+        progress.set_total_bytes(files.iter().map(|f| f.size).sum());
         let sent: Vec<u64> = self.block_on(
             futures::stream::iter(files)
                 .map(|out| self.put_blob(dir.join(&out.path), out, progress))
@@ -227,7 +230,7 @@ impl Remote {
     pub(super) fn checked_manifest(
         &self,
         key: &Key,
-    ) -> anyhow::Result<Option<Result<(Manifest, Vec<u8>), Vec<String>>>> {
+    ) -> anyhow::Result<Option<CheckedManifest>> {
         let manifest_json = match self.manifest_bytes(key)? {
             None => return Ok(None),
             Some(Err(problem)) => return Ok(Some(Err(vec![problem]))),
@@ -327,7 +330,7 @@ impl Remote {
         files: &[OutputFile],
         progress: &Progress,
     ) -> anyhow::Result<(Transfer, Vec<(String, String)>)> {
-        progress.set_total(files.iter().map(|f| f.size).sum());
+        progress.set_total_bytes(files.iter().map(|f| f.size).sum());
         let results: Vec<(String, Result<u64, BadBlob>)> = self.block_on(
             futures::stream::iter(files)
                 .map(|out| async move {
