@@ -205,7 +205,10 @@ mod tests {
         removed.sort();
         let mut expected = vec!["objects/old".to_string(), blob(b"only old"), blob(b"stray")];
         expected.sort();
-        assert_eq!(removed, expected, "the unreferenced object and the blobs nothing names");
+        assert_eq!(
+            removed, expected,
+            "the unreferenced object and the blobs nothing names"
+        );
         assert_eq!((report.kept, report.in_use), (1, 1));
         assert_eq!(report.partial_kept, [("partial/unfinished".into(), 7)]);
         for kept in [b"shared" as &[u8], b"only kept", b"only locked", b"a shard"] {
@@ -220,6 +223,9 @@ mod tests {
             })
             .unwrap();
         let removed: Vec<String> = report.removed.iter().map(|(p, _)| p.clone()).collect();
-        assert_eq!(removed, ["partial/unfinished".to_string(), blob(b"a shard")]);
+        assert_eq!(
+            removed,
+            ["partial/unfinished".to_string(), blob(b"a shard")]
+        );
     }
 }

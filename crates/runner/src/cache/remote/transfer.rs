@@ -227,10 +227,7 @@ impl Remote {
 
     /// The manifest of `key` on the remote, checked before any of it is trusted: its hash, its key, and
     /// every file name a plain relative path. `Err` is the object's problems.
-    pub(super) fn checked_manifest(
-        &self,
-        key: &Key,
-    ) -> anyhow::Result<Option<CheckedManifest>> {
+    pub(super) fn checked_manifest(&self, key: &Key) -> anyhow::Result<Option<CheckedManifest>> {
         let manifest_json = match self.manifest_bytes(key)? {
             None => return Ok(None),
             Some(Err(problem)) => return Ok(Some(Err(vec![problem]))),
