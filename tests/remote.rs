@@ -608,3 +608,52 @@ fn cache_push_pull_verify_and_gc_work_on_the_remote() {
     assert!(t.contains("1 computed, 3 cached (3 pulled"), "{t}");
     assert_eq!(runs_of(d, "c"), 2);
 }
+
+#[test]
+#[cfg_attr(missing = "moto", ignore = "needs moto_server")]
+fn a_hostile_remote_manifest_cannot_write_outside_the_cache() {
+    let s3 = S3::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    counted(d);
+    run_ok(&s3, d, "m1", "p", &["run", "p.toml"]);
+    // A well-framed manifest (its hash is right) naming a path outside the object, and a blob for it.
+    let (name, mut manifest) = remote_manifest(&s3, "p", "a");
+    let evil = b"written by the bucket";
+    let hash = blake3::hash(evil).to_hex().to_string();
+    manifest["outputs"] = serde_json::json!([
+        { "path": "../../../escaped", "blake3": hash, "size": evil.len() }
+    ]);
+    s3.put(&format!("p/cas/{hash}"), evil);
+    let json = serde_json::to_vec(&manifest).unwrap();
+    let mut framed = format!("{}\n", blake3::hash(&json).to_hex()).into_bytes();
+    framed.extend_from_slice(&json);
+    s3.put(&name, &framed);
+
+    let out = run_ok(&s3, d, "m2", "p", &["run", "p.toml"]);
+    assert!(out.contains("a: the remote's copy is damaged"), "{out}");
+    assert!(
+        out.contains("`../../../escaped`, which may not be written"),
+        "{out}"
+    );
+    assert_eq!(runs_of(d, "a"), 2, "recomputed instead");
+    let escaped: Vec<_> = walk(d)
+        .into_iter()
+        .filter(|p| p.ends_with("escaped"))
+        .collect();
+    assert!(escaped.is_empty(), "{escaped:?}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
