@@ -51,21 +51,26 @@ pub enum CacheCommand {
 /// and why.
 pub fn gc(cache_args: &CacheArgs, args: GcArgs) -> Result<(), Error> {
     let cache = open_cache(cache_args)?;
-    if args.remote {
-        return gc_remote(&cache, &args);
-    }
-    let report = cache.gc(&GcOptions {
+    let options = GcOptions {
         dry_run: args.dry_run,
         grace: args.grace,
         partial: args.partial,
-    })?;
+    };
+    // Remote paths are shown under the remote's URL.
+    let (report, prefix) = if args.remote {
+        let remote = cache.require_remote().map_err(Error::Other)?;
+        let report = remote.gc(&options).map_err(Error::Other)?;
+        (report, format!("{}/", remote.url()))
+    } else {
+        (cache.gc(&options)?, String::new())
+    };
     let verb = if args.dry_run {
         "would remove"
     } else {
         "removed"
     };
     for (path, size) in &report.removed {
-        println!("{verb} {} ({})", path.display(), human_bytes(*size));
+        println!("{verb} {prefix}{} ({})", path.display(), human_bytes(*size));
     }
     let total: u64 = report.removed.iter().map(|(_, s)| s).sum();
     println!(
@@ -91,57 +96,6 @@ pub fn gc(cache_args: &CacheArgs, args: GcArgs) -> Result<(), Error> {
         let size: u64 = report.partial_kept.iter().map(|(_, s)| s).sum();
         println!(
             "kept the partial work of {} unfinished runs ({}), which their next run resumes from; \
-             `--partial` removes it",
-            report.partial_kept.len(),
-            human_bytes(size)
-        );
-    }
-    Ok(())
-}
-
-/// `saeflow gc --remote`.
-fn gc_remote(cache: &saeflow_runner::cache::Cache, args: &GcArgs) -> Result<(), Error> {
-    let remote = cache.require_remote().map_err(Error::Other)?;
-    let report = remote
-        .gc(&GcOptions {
-            dry_run: args.dry_run,
-            grace: args.grace,
-            partial: args.partial,
-        })
-        .map_err(Error::Other)?;
-    let verb = if args.dry_run {
-        "would remove"
-    } else {
-        "removed"
-    };
-    for (path, size) in &report.removed {
-        println!("{verb} {}/{path} ({})", remote.url(), human_bytes(*size));
-    }
-    let total: u64 = report.removed.iter().map(|(_, s)| s).sum();
-    println!(
-        "{verb} {} entries, {} from {}; kept {} referenced objects",
-        report.removed.len(),
-        human_bytes(total),
-        remote.url(),
-        report.kept
-    );
-    if report.in_use > 0 {
-        println!(
-            "kept {} unreferenced keys whose lock a run holds",
-            report.in_use
-        );
-    }
-    if report.recent > 0 {
-        println!(
-            "kept {} unreferenced entries younger than the grace period ({}); `--grace 0` removes them",
-            report.recent,
-            humantime::format_duration(args.grace)
-        );
-    }
-    if !report.partial_kept.is_empty() {
-        let size: u64 = report.partial_kept.iter().map(|(_, s)| s).sum();
-        println!(
-            "kept the partial work of {} unfinished runs ({}), which a run on any machine resumes from; \
              `--partial` removes it",
             report.partial_kept.len(),
             human_bytes(size)

@@ -13,29 +13,16 @@
 
 use std::collections::BTreeSet;
 
-use super::{Key, Remote};
-use crate::cache::{GcOptions, RefRecord};
+use std::path::PathBuf;
 
-/// What a remote `gc` removed (or would remove) and what it kept, by reason.
-#[derive(Debug, Default)]
-pub struct RemoteGcReport {
-    /// Paths under the remote's URL removed, with their sizes.
-    pub removed: Vec<(String, u64)>,
-    /// Objects kept because a ref reaches them.
-    pub kept: usize,
-    /// Unreferenced keys kept because their lock is held.
-    pub in_use: usize,
-    /// Unreferenced entries kept because they are younger than the grace period.
-    pub recent: usize,
-    /// Partial work of unfinished runs, kept for resuming (without [`GcOptions::partial`]), with sizes of
-    /// the blobs it names.
-    pub partial_kept: Vec<(String, u64)>,
-}
+use super::{Key, Remote};
+use crate::cache::{GcOptions, GcReport, RefRecord};
 
 impl Remote {
     /// Removes what no remote ref reaches, no run holds the lock of, and no one wrote within the grace
     /// period; then every blob nothing left names.
-    pub fn gc(&self, options: &GcOptions) -> anyhow::Result<RemoteGcReport> {
+    /// Paths in the report are relative to the remote's URL; `in_use` counts keys whose lock is there.
+    pub fn gc(&self, options: &GcOptions) -> anyhow::Result<GcReport> {
         let mut reachable = BTreeSet::new();
         for (name, bytes) in self.refs()? {
             let record: RefRecord = serde_json::from_slice(&bytes).map_err(|e| {
@@ -54,7 +41,7 @@ impl Remote {
         let young = |modified: std::time::SystemTime| {
             modified.elapsed().map_or(true, |age| age < options.grace)
         };
-        let mut report = RemoteGcReport::default();
+        let mut report = GcReport::default();
         let mut doomed = Vec::new();
         let mut named = BTreeSet::new();
         let mark = |key: &Key, named: &mut BTreeSet<String>| -> anyhow::Result<()> {
@@ -101,7 +88,9 @@ impl Remote {
             };
             if !options.partial {
                 let bytes = files.iter().map(|f| f.size).sum();
-                report.partial_kept.push((format!("partial/{name}"), bytes));
+                report
+                    .partial_kept
+                    .push((PathBuf::from(format!("partial/{name}")), bytes));
             } else if locked.contains(&name) {
                 report.in_use += 1;
             } else {
@@ -129,7 +118,7 @@ impl Remote {
             if !options.dry_run {
                 self.delete(&path)?;
             }
-            report.removed.push((path, size));
+            report.removed.push((PathBuf::from(path), size));
         }
         Ok(report)
     }
@@ -156,6 +145,10 @@ mod tests {
         remote
             .push(cache, &Key(key.into()), &Progress::hidden())
             .unwrap();
+    }
+
+    fn shown(path: &std::path::Path) -> String {
+        path.to_string_lossy().into_owned()
     }
 
     fn blob(bytes: &[u8]) -> String {
@@ -200,7 +193,7 @@ mod tests {
         assert!(report.removed.is_empty(), "all young: {:?}", report.removed);
 
         let report = remote.gc(&grace(0)).unwrap();
-        let mut removed: Vec<String> = report.removed.iter().map(|(p, _)| p.clone()).collect();
+        let mut removed: Vec<String> = report.removed.iter().map(|(p, _)| shown(p)).collect();
         assert_eq!(removed[0], "objects/old", "the manifest goes first");
         removed.sort();
         let mut expected = vec!["objects/old".to_string(), blob(b"only old"), blob(b"stray")];
@@ -222,7 +215,7 @@ mod tests {
                 ..grace(0)
             })
             .unwrap();
-        let removed: Vec<String> = report.removed.iter().map(|(p, _)| p.clone()).collect();
+        let removed: Vec<String> = report.removed.iter().map(|(p, _)| shown(p)).collect();
         assert_eq!(
             removed,
             ["partial/unfinished".to_string(), blob(b"a shard")]

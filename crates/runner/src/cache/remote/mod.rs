@@ -35,7 +35,6 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-pub use gc::RemoteGcReport;
 pub use lock::RemoteLock;
 pub use sync::SyncReport;
 pub use transfer::{PartialMirror, Pulled, Transfer};
