@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
-use super::transformer::{BlockWeights, Config, Matrix, Mlp, Rope, Weights};
+use super::transformer::{BlockWeights, Config, Matrix, Mlp, Rope, RopeScaling, Weights};
 
 /// Metadata of a GGUF file that loading needs besides tensors.
 pub struct GgufInfo {
@@ -119,9 +119,10 @@ fn llama_config(
     vocab_size: usize,
     dims: (usize, usize, usize, usize, usize, usize),
     norm_rope: (f64, f64),
-    rope: Rope,
+    rope: (Rope, RopeScaling),
     max_seq_len: usize,
 ) -> Config {
+    let (rope, rope_scaling) = rope;
     let (d_model, n_layer, n_head, n_kv_head, head_dim, d_mlp) = dims;
     Config {
         family: "llama".into(),
@@ -135,6 +136,7 @@ fn llama_config(
         norm_eps: norm_rope.0,
         rope_theta: norm_rope.1,
         rope,
+        rope_scaling,
         rope_tables_bf16: false,
         rope_negative: false,
         qk_norm: false,
@@ -196,6 +198,7 @@ pub fn load_gguf(
     {
         bail!("{}: inconsistent attention heads ({n_head} heads, {n_kv_head} kv heads, width {d_model})", path.display());
     }
+    let scaling = gguf_rope_scaling(&content, &mut file, path, d_model / n_head)?;
     let get = |name: &str| -> anyhow::Result<Matrix> {
         let q = content
             .tensor(&mut file, name, device)
@@ -211,7 +214,8 @@ pub fn load_gguf(
         weights.embed.dim(0)?,
         (d_model, n_layer, n_head, n_kv_head, d_model / n_head, d_mlp),
         (eps, theta),
-        Rope::Interleaved, // llama.cpp stores Q/K permuted for interleaved pairs
+        // llama.cpp stores Q/K permuted for interleaved pairs
+        (Rope::Interleaved, scaling),
         context,
     );
     let u = |k: &str| content.metadata.get(k).and_then(|v| v.to_u32().ok());
@@ -232,6 +236,70 @@ pub fn load_gguf(
     Ok((config, weights, info))
 }
 
+/// The rotary scaling a GGUF file asks for: `llama.rope.scaling.type` (`none`, `linear` with
+/// `llama.rope.scaling.factor`) or per-frequency divisors in the tensor `rope_freqs.weight` (how llama.cpp
+/// converts Llama 3's scaling). Anything else, or a rotary width other than the head's, is an error naming
+/// the field: computing plain rotary for a scaled model would give wrong outputs without a word.
+fn gguf_rope_scaling(
+    content: &gguf_file::Content,
+    file: &mut std::fs::File,
+    path: &Path,
+    head_dim: usize,
+) -> anyhow::Result<RopeScaling> {
+    let what = path.display();
+    if let Ok(dims) = meta_u32(content, "llama.rope.dimension_count", path) {
+        if dims as usize != head_dim {
+            bail!(
+                "{what}: GGUF `llama.rope.dimension_count` is {dims}, but heads are {head_dim} wide; \
+                 partial rotary is not supported"
+            );
+        }
+    }
+    let kind = content
+        .metadata
+        .get("llama.rope.scaling.type")
+        .map(|v| v.to_string().cloned())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{what}: GGUF `llama.rope.scaling.type`: {e}"))?;
+    let mut scaling = match kind.as_deref() {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => {
+            let factor = meta_f32(content, "llama.rope.scaling.factor")
+                .filter(|f| f.is_finite() && *f > 0.0)
+                .with_context(|| {
+                    format!("{what}: GGUF `llama.rope.scaling.factor` is missing or not positive")
+                })?;
+            RopeScaling::Linear {
+                factor: factor as f64,
+            }
+        }
+        Some(other) => bail!(
+            "{what}: GGUF `llama.rope.scaling.type` is `{other}`, which saeflow does not compute \
+             (none, linear)"
+        ),
+    };
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        if scaling != RopeScaling::None {
+            bail!("{what}: GGUF has both `llama.rope.scaling.type` and `rope_freqs.weight`");
+        }
+        let divisors: Vec<f32> = content
+            .tensor(file, "rope_freqs.weight", &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .map_err(|e| anyhow::anyhow!("{what}: tensor `rope_freqs.weight`: {e}"))?;
+        if divisors.len() != head_dim / 2 || divisors.iter().any(|d| !d.is_finite() || *d <= 0.0) {
+            bail!(
+                "{what}: tensor `rope_freqs.weight` must hold {} positive numbers (one per rotary pair); \
+                 it has {}",
+                head_dim / 2,
+                divisors.len()
+            );
+        }
+        scaling = RopeScaling::Divisors(divisors.into_iter().map(f64::from).collect());
+    }
+    Ok(scaling)
+}
+
 /// `config.json` of a Hugging Face Llama model (the fields used).
 #[derive(Debug, serde::Deserialize)]
 struct HfConfig {
@@ -246,8 +314,12 @@ struct HfConfig {
     rms_norm_eps: f64,
     #[serde(default = "default_theta")]
     rope_theta: f64,
+    /// transformers 4's rotary scaling (with `rope_theta` beside it).
     #[serde(default)]
     rope_scaling: Option<serde_json::Value>,
+    /// transformers 5's rotary settings, `rope_theta` included.
+    #[serde(default)]
+    rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     max_position_embeddings: Option<usize>,
     #[serde(default)]
@@ -300,6 +372,72 @@ impl HfConfig {
     }
 }
 
+/// The rotary base and scaling of a Hugging Face config: `rope_parameters` (transformers 5) or `rope_theta`
+/// with `rope_scaling` (transformers 4). A scaling it does not compute is an error naming the field.
+fn hf_rope(hf: &HfConfig, path: &Path) -> anyhow::Result<(f64, RopeScaling)> {
+    let what = path.display();
+    let (table, field) = match (&hf.rope_parameters, &hf.rope_scaling) {
+        (Some(p), _) if !p.is_null() => (p, "rope_parameters"),
+        (_, Some(s)) if !s.is_null() => (s, "rope_scaling"),
+        _ => return Ok((hf.rope_theta, RopeScaling::None)),
+    };
+    let table = table
+        .as_object()
+        .with_context(|| format!("{what}: `{field}` is not a table"))?;
+    let number = |key: &str| -> anyhow::Result<f64> {
+        table
+            .get(key)
+            .and_then(serde_json::Value::as_f64)
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .with_context(|| format!("{what}: `{field}.{key}` is missing or not a positive number"))
+    };
+    let theta = if table.contains_key("rope_theta") {
+        number("rope_theta")?
+    } else {
+        hf.rope_theta
+    };
+    if let Some(partial) = table.get("partial_rotary_factor") {
+        if partial.as_f64() != Some(1.0) {
+            bail!("{what}: `{field}.partial_rotary_factor` = {partial}: partial rotary is not supported");
+        }
+    }
+    // transformers 4.40 and earlier wrote `type`.
+    let kind = table
+        .get("rope_type")
+        .or_else(|| table.get("type"))
+        .map(|v| {
+            v.as_str()
+                .with_context(|| format!("{what}: `{field}.rope_type` is not a string"))
+        })
+        .transpose()?
+        .unwrap_or("default");
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: number("factor")?,
+        },
+        "llama3" => {
+            let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+            if high <= low {
+                bail!(
+                    "{what}: `{field}.high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})"
+                );
+            }
+            RopeScaling::Llama3 {
+                factor: number("factor")?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_context: number("original_max_position_embeddings")?,
+            }
+        }
+        other => bail!(
+            "{what}: `{field}.rope_type` is \"{other}\", which saeflow does not compute (default, linear, \
+             llama3); refusing rather than computing the wrong rotary frequencies"
+        ),
+    };
+    Ok((theta, scaling))
+}
+
 fn default_eps() -> f64 {
     1e-5
 }
@@ -315,14 +453,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weigh
     let hf: HfConfig = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a Llama config", cfg_path.display()))?;
     hf.check(&cfg_path)?;
-    if let Some(s) = &hf.rope_scaling {
-        if !s.is_null() {
-            bail!(
-                "{}: rope_scaling {s} is not supported yet",
-                cfg_path.display()
-            );
-        }
-    }
+    let (theta, scaling) = hf_rope(&hf, &cfg_path)?;
     let mut shards: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
@@ -359,8 +490,8 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weigh
                 .unwrap_or(hf.hidden_size / hf.num_attention_heads),
             hf.intermediate_size,
         ),
-        (hf.rms_norm_eps, hf.rope_theta),
-        Rope::HalfSplit,
+        (hf.rms_norm_eps, theta),
+        (Rope::HalfSplit, scaling),
         hf.max_position_embeddings.unwrap_or(4096),
     );
     Ok((config, weights))

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 
 use super::torch_pt::read_state_dict;
-use super::transformer::{BlockWeights, Config, Mlp, Rope, Weights};
+use super::transformer::{BlockWeights, Config, Mlp, Rope, RopeScaling, Weights};
 
 /// Parameter-name fragments of the newer (2026) nanochat architecture.
 const NEWER_ARCH_MARKERS: &[(&str, &str)] = &[
@@ -225,6 +225,7 @@ pub fn load(files: &CheckpointFiles, device: &Device) -> anyhow::Result<(Config,
         norm_eps: f32::EPSILON as f64, // F.rms_norm without eps uses torch.finfo(float32).eps
         rope_theta: 10000.0,
         rope: Rope::HalfSplit,
+        rope_scaling: RopeScaling::None,
         rope_tables_bf16: true,
         rope_negative: true,
         qk_norm: true,

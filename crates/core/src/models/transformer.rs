@@ -23,6 +23,66 @@ pub enum Rope {
     Interleaved,
 }
 
+/// How rotary frequencies are rescaled so a model reaches past the context it was first trained on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain rotary: frequency `i` is `theta^(-2i/head_dim)`.
+    None,
+    /// Every frequency divided by `factor` (Hugging Face `rope_type = "linear"`, GGUF `linear`): positions
+    /// interpolated.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.1 and later (Hugging Face `rope_type = "llama3"`): frequencies whose wavelength exceeds
+    /// `original_context / low_freq_factor` are divided by `factor`, those shorter than
+    /// `original_context / high_freq_factor` kept, and those between blended smoothly.
+    Llama3 {
+        /// The divisor of the low frequencies.
+        factor: f64,
+        /// Where low frequencies start, as a fraction of the original context per wavelength.
+        low_freq_factor: f64,
+        /// Where high frequencies start.
+        high_freq_factor: f64,
+        /// The context length the model was trained on before scaling.
+        original_context: f64,
+    },
+    /// One divisor per frequency: how llama.cpp's GGUF files carry Llama 3 scaling (`rope_freqs.weight`).
+    Divisors(Vec<f64>),
+}
+
+impl RopeScaling {
+    /// The inverse frequencies of the `head_dim / 2` rotary pairs, with base `theta`, as Hugging Face
+    /// `transformers` (`modeling_rope_utils`) and llama.cpp compute them.
+    pub fn inverse_frequencies(&self, theta: f64, head_dim: usize) -> Vec<f64> {
+        let plain = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64));
+        match self {
+            RopeScaling::None => plain.collect(),
+            RopeScaling::Linear { factor } => plain.map(|f| f / factor).collect(),
+            RopeScaling::Divisors(d) => plain.zip(d).map(|(f, d)| f / d).collect(),
+            &RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context,
+            } => plain
+                .map(|f| {
+                    let wavelength = 2.0 * std::f64::consts::PI / f;
+                    if wavelength < original_context / high_freq_factor {
+                        f
+                    } else if wavelength > original_context / low_freq_factor {
+                        f / factor
+                    } else {
+                        let smooth = (original_context / wavelength - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The MLP's form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mlp {
@@ -57,6 +117,8 @@ pub struct Config {
     pub rope_theta: f64,
     /// Rotary channel pairing.
     pub rope: Rope,
+    /// Rotary frequency scaling.
+    pub rope_scaling: RopeScaling,
     /// Round the rotary cos/sin tables to bf16 (nanochat does).
     pub rope_tables_bf16: bool,
     /// Rotate by −θ instead of θ: nanochat computes `y1 = x1·cos + x2·sin, y2 = −x1·sin + x2·cos`.
@@ -366,8 +428,9 @@ fn rotary_tables(c: &Config, device: &Device) -> candle_core::Result<(Tensor, Te
         Vec::with_capacity(c.max_seq_len * half),
         Vec::with_capacity(c.max_seq_len * half),
     );
+    let inverse = c.rope_scaling.inverse_frequencies(c.rope_theta, c.head_dim);
     for t in 0..c.max_seq_len {
-        for i in 0..half {
+        for (i, inv) in inverse.iter().enumerate() {
             if c.rope_tables_bf16 {
                 // nanochat computes the table in float32 (as torch does), then rounds it to bf16.
                 let inv = 1.0f32 / (c.rope_theta as f32).powf((2 * i) as f32 / c.head_dim as f32);
@@ -375,7 +438,6 @@ fn rotary_tables(c: &Config, device: &Device) -> candle_core::Result<(Tensor, Te
                 cos.push(half::bf16::from_f32(f.cos()).to_f32());
                 sin.push(half::bf16::from_f32(f.sin()).to_f32());
             } else {
-                let inv = 1.0f64 / c.rope_theta.powf((2 * i) as f64 / c.head_dim as f64);
                 let f = t as f64 * inv;
                 cos.push(f.cos() as f32);
                 sin.push(f.sin() as f32);

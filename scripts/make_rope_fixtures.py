@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""tests/fixtures/rope/: tiny randomly initialised Llama models with scaled rotary embeddings, made and run by
+Hugging Face `transformers`, for `tests/rope_scaling.rs`.
+
+- `llama3/`: `rope_type = "llama3"` (Llama 3.1+), written as transformers 4 configs are (`rope_theta` +
+  `rope_scaling`, the form published checkpoints use), and `llama3.gguf`, the same weights as llama.cpp's
+  converter writes them (Q/K permuted for interleaved pairs, the scaling as per-frequency divisors in
+  `rope_freqs.weight`, computed the way `convert_hf_to_gguf.py` does).
+- `linear/`: `rope_type = "linear"`, written as transformers 5 writes it (`rope_parameters`).
+
+`reference.json` holds, for one prompt of 80 token ids (past the 64-position original context): each model's
+top-5 logits at every position, 8 greedy tokens, and the
+top-5 logits of the same weights with plain rotary — which must differ, or the test could not fail.
+
+  python3 scripts/make_rope_fixtures.py   # needs torch, transformers, safetensors, gguf (pip); writes the fixtures
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "rope"
+DIMS = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    # Weights large enough that attention depends on position: at the default 0.02 the scores are nearly
+    # uniform and the rotary scaling moves the logits by < 1e-3, too little for a test to tell.
+    initializer_range=0.3,
+)
+THETA = 10000.0
+# With 16-wide heads and an original context of 64, the 8 rotary pairs fall in all three of Llama 3's
+# regimes: kept (wavelength < 16), blended (16..64) and divided by the factor (> 64).
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=64)
+LINEAR = dict(rope_type="linear", factor=4.0)
+PROMPT = [int(i) for i in np.random.default_rng(7).integers(1, DIMS["vocab_size"], size=80)]
+
+
+def build(rope, seed):
+    torch.manual_seed(seed)
+    config = LlamaConfig(**DIMS, rope_parameters={"rope_theta": THETA, **rope} if rope else {"rope_theta": THETA, "rope_type": "default"})
+    model = LlamaForCausalLM(config).eval()
+    # Default init leaves norms at one; random norms test that they are read.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def top5(model):
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT])).logits[0].float()
+    values, ids = logits.topk(5, dim=-1)
+    return {"ids": ids.tolist(), "values": values.tolist()}
+
+
+def greedy(model, n=8):
+    ids = list(PROMPT)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(PROMPT):]
+
+
+def plain_twin(model):
+    twin = build(None, 0)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def write_hf(model, directory, transformers4):
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    if transformers4:
+        # Published Llama 3 checkpoints carry transformers 4's form; write the same fields.
+        cfg = json.loads((directory / "config.json").read_text())
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params.pop("rope_theta")
+        cfg["rope_scaling"] = params
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def write_gguf(model, path):
+    import gguf
+
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(THETA)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    # convert_hf_to_gguf.py (LlamaModel.generate_extra_tensors): one divisor per rotary pair.
+    base_freqs = 1.0 / (THETA ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    old = LLAMA3["original_max_position_embeddings"]
+    low_wavelen = old / LLAMA3["low_freq_factor"]
+    high_wavelen = old / LLAMA3["high_freq_factor"]
+    factors = []
+    for freq in base_freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(LLAMA3["factor"])
+        else:
+            smooth = (old / wavelen - LLAMA3["low_freq_factor"]) / (LLAMA3["high_freq_factor"] - LLAMA3["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / LLAMA3["factor"] + smooth))
+    w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
+
+    def permute(t, heads):  # convert_hf_to_gguf.py's LlamaModel.permute
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        b = f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(b + "attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(b + "attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        w.add_tensor(b + "attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(b + "attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        w.add_tensor(b + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        w.add_tensor(b + "ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        w.add_tensor(b + "ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        w.add_tensor(b + "ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def main():
+    reference = {"prompt": PROMPT, "transformers": transformers.__version__, "torch": torch.__version__}
+    for name, rope, seed, transformers4 in [("llama3", LLAMA3, 1, True), ("linear", LINEAR, 2, False)]:
+        model = build(rope, seed)
+        write_hf(model, OUT / name, transformers4)
+        reference[name] = {"top5": top5(model), "greedy": greedy(model), "plain_top5": top5(plain_twin(model))}
+    write_gguf(build(LLAMA3, 1), OUT / "llama3.gguf")
+    (OUT / "reference.json").write_text(json.dumps(reference) + "\n")
+
+
+if __name__ == "__main__":
+    main()

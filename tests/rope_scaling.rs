@@ -1,0 +1,235 @@
+//! Scaled rotary embeddings against Hugging Face `transformers`: tiny random Llama models with Llama 3 and
+//! linear rope scaling (`tests/fixtures/rope/`, written and run by `scripts/make_rope_fixtures.py`), loaded
+//! from their Hugging Face directories (transformers 4 and 5 config forms) and from a GGUF file as llama.cpp
+//! writes it (`rope_freqs.weight`). Top-5 logits at every position of an 80-token prompt (past the 64-token
+//! original context) within 1e-4, the same greedy tokens, and the same weights with plain rotary differing
+//! from the reference (so the comparison can fail). Scalings saeflow does not compute are errors naming the
+//! field.
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use saeflow_core::models::generate::{generate, Sampling};
+use saeflow_core::models::llama::{load_gguf, load_hf_dir};
+use saeflow_core::models::transformer::{Config, Hooks, RopeScaling, Transformer, Weights};
+use serde_json::Value as Json;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/rope")
+        .join(name)
+}
+
+fn reference() -> Json {
+    serde_json::from_slice(&std::fs::read(fixture("reference.json")).unwrap()).unwrap()
+}
+
+fn ids(v: &Json) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Logits `[position][vocab]` of the prompt.
+fn logits(model: &Transformer, prompt: &[u32]) -> Vec<Vec<f32>> {
+    let input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &Device::Cpu).unwrap();
+    let out = model.forward(&input, &Hooks::logits(), None).unwrap();
+    out.logits.unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+}
+
+/// The largest difference between our logits at the reference's top-5 ids and the reference's values;
+/// also checks that the top-5 ids agree wherever the reference's 5th and 6th logits are not tied.
+fn max_top5_error(ours: &[Vec<f32>], top5: &Json) -> f64 {
+    let mut worst = 0f64;
+    let (all_ids, all_values) = (
+        top5["ids"].as_array().unwrap(),
+        top5["values"].as_array().unwrap(),
+    );
+    for (t, (want_ids, want_values)) in all_ids.iter().zip(all_values).enumerate() {
+        for (id, value) in ids(want_ids)
+            .into_iter()
+            .zip(want_values.as_array().unwrap())
+        {
+            let got = ours[t][id as usize] as f64;
+            worst = worst.max((got - value.as_f64().unwrap()).abs());
+        }
+        let mut order: Vec<u32> = (0..ours[t].len() as u32).collect();
+        order.sort_by(|&a, &b| ours[t][b as usize].total_cmp(&ours[t][a as usize]));
+        assert_eq!(order[..5], ids(want_ids)[..], "position {t}: top-5 ids");
+    }
+    worst
+}
+
+fn model(config: Config, weights: Weights) -> Transformer {
+    Transformer::new(config, weights, &Device::Cpu).unwrap()
+}
+
+fn check(name: &str, config: Config, weights: Weights) {
+    let reference = reference();
+    let prompt = ids(&reference["prompt"]);
+    let r = &reference[name];
+    let plain = {
+        let mut c = config.clone();
+        c.rope_scaling = RopeScaling::None;
+        model(c, weights.clone())
+    };
+    let scaled = model(config, weights);
+
+    let ours = logits(&scaled, &prompt);
+    let error = max_top5_error(&ours, &r["top5"]);
+    assert!(error < 1e-4, "{name}: top-5 logits differ by {error}");
+    // The same weights with plain rotary: our plain model matches transformers' plain twin, and neither
+    // matches the scaled reference, so a loader that ignored the scaling would fail above.
+    let plain_logits = logits(&plain, &prompt);
+    let plain_error = max_top5_error(&plain_logits, &r["plain_top5"]);
+    assert!(
+        plain_error < 1e-4,
+        "{name}: plain rotary differs by {plain_error}"
+    );
+    let mut apart = 0f64;
+    for (t, want) in r["top5"]["values"].as_array().unwrap().iter().enumerate() {
+        let top = ids(&r["top5"]["ids"][t]);
+        for (id, v) in top.iter().zip(want.as_array().unwrap()) {
+            apart = apart.max((plain_logits[t][*id as usize] as f64 - v.as_f64().unwrap()).abs());
+        }
+    }
+    assert!(
+        apart > 1e-2,
+        "{name}: scaling changes the logits by only {apart}"
+    );
+
+    let greedy = generate(
+        &scaled,
+        &prompt,
+        8,
+        &[],
+        &Sampling::default(),
+        &Hooks::default(),
+    )
+    .unwrap();
+    assert_eq!(greedy, ids(&r["greedy"]), "{name}: greedy tokens");
+}
+
+#[test]
+fn llama3_rope_scaling_from_a_transformers_4_config_matches_transformers() {
+    let (config, weights) = load_hf_dir(&fixture("llama3"), &Device::Cpu).unwrap();
+    assert!(
+        matches!(config.rope_scaling, RopeScaling::Llama3 { .. }),
+        "{:?}",
+        config.rope_scaling
+    );
+    check("llama3", config, weights);
+}
+
+#[test]
+fn linear_rope_scaling_from_a_transformers_5_config_matches_transformers() {
+    let (config, weights) = load_hf_dir(&fixture("linear"), &Device::Cpu).unwrap();
+    assert_eq!(config.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+    check("linear", config, weights);
+}
+
+#[test]
+fn llama3_rope_scaling_from_a_gguf_rope_freqs_tensor_matches_transformers() {
+    let (config, weights, _) = load_gguf(&fixture("llama3.gguf"), &Device::Cpu, false).unwrap();
+    assert!(matches!(config.rope_scaling, RopeScaling::Divisors(ref d) if d.len() == 8));
+    check("llama3", config, weights);
+}
+
+/// Copies the `llama3` fixture with `config.json` edited by `edit`; returns the error of loading it.
+fn load_error(edit: impl Fn(&mut Json)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("llama3").join(f), dir.path().join(f)).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut config: Json = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+    match load_hf_dir(dir.path(), &Device::Cpu) {
+        Ok(_) => panic!("loaded a config it should refuse: {config}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn rope_scalings_it_cannot_compute_are_refused_by_field() {
+    let e = load_error(|c| c["rope_scaling"]["rope_type"] = "yarn".into());
+    assert!(
+        e.contains("config.json: `rope_scaling.rope_type` is \"yarn\""),
+        "{e}"
+    );
+    let e = load_error(|c| {
+        c["rope_scaling"] = serde_json::json!({ "type": "dynamic", "factor": 2.0 });
+    });
+    assert!(e.contains("`rope_scaling.rope_type` is \"dynamic\""), "{e}");
+    let e = load_error(|c| {
+        c["rope_scaling"]
+            .as_object_mut()
+            .unwrap()
+            .remove("low_freq_factor");
+    });
+    assert!(
+        e.contains("`rope_scaling.low_freq_factor` is missing"),
+        "{e}"
+    );
+    let e = load_error(|c| c["rope_scaling"]["factor"] = (-1.0).into());
+    assert!(
+        e.contains("`rope_scaling.factor` is missing or not a positive number"),
+        "{e}"
+    );
+    let e = load_error(|c| {
+        c["rope_parameters"] = serde_json::json!({
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5
+        });
+    });
+    assert!(
+        e.contains("`rope_parameters.partial_rotary_factor` = 0.5"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_gguf_rope_scaling_it_cannot_compute_is_refused_by_key() {
+    // Rewrite one metadata string of the fixture in place: `llama3.gguf` has no scaling type, so build a
+    // GGUF with one from the fixture's tensors via candle's writer.
+    use candle_core::quantized::gguf_file;
+    let path = fixture("llama3.gguf");
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut tensors = Vec::new();
+    for name in content.tensor_infos.keys() {
+        if name != "rope_freqs.weight" {
+            tensors.push((
+                name.clone(),
+                content.tensor(&mut file, name, &Device::Cpu).unwrap(),
+            ));
+        }
+    }
+    let mut metadata: Vec<(String, gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.push((
+        "llama.rope.scaling.type".into(),
+        gguf_file::Value::String("yarn".into()),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("yarn.gguf");
+    let mut w = std::fs::File::create(&out).unwrap();
+    let meta: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tens: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut w, &meta, &tens).unwrap();
+    drop(w);
+    let e = match load_gguf(&out, &Device::Cpu, false) {
+        Ok(_) => panic!("loaded a GGUF with yarn scaling"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("yarn.gguf: GGUF `llama.rope.scaling.type` is `yarn`"),
+        "{e}"
+    );
+}
