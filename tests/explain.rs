@@ -2,14 +2,14 @@
 //! handling, detection scoring, unusable replies and HTTP errors.
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type};
 use common::http::Server;
-use common::{nanochat_chain, object_of, read_parquet, saeflow, text, write};
+use common::{files, nanochat_chain, object_of, read_parquet, saeflow, text, write};
 use serde_json::{json, Value};
 
 const KEY: &str = "sekrit-123";
@@ -73,20 +73,6 @@ fn server(mode: Arc<AtomicU8>, bodies: Arc<Mutex<Vec<(String, Value)>>>) -> Serv
                 .to_string(),
         )
     })
-}
-
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(files(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 #[test]

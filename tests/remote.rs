@@ -637,23 +637,9 @@ fn a_hostile_remote_manifest_cannot_write_outside_the_cache() {
         "{out}"
     );
     assert_eq!(runs_of(d, "a"), 2, "recomputed instead");
-    let escaped: Vec<_> = walk(d)
+    let escaped: Vec<_> = common::files(d)
         .into_iter()
         .filter(|p| p.ends_with("escaped"))
         .collect();
     assert!(escaped.is_empty(), "{escaped:?}");
-}
-
-/// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }

@@ -359,6 +359,20 @@ impl Rng {
     }
 }
 
+/// Every file under `dir`, recursively.
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 /// Every path under `root` except the tree at `skip` (the cache), each with what it is: a file's blake3, a
 /// link's target, or "dir". Compared before and after an attack, it shows nothing outside the cache changed.
 pub fn snapshot(root: &Path, skip: &Path) -> std::collections::BTreeMap<String, String> {
