@@ -1,5 +1,5 @@
 //! Llama-family models: GGUF files (weights dequantized at load) and Hugging Face directories
-//! (`config.json` + `*.safetensors` shards in f32/f16/bf16).
+//! (`config.json` + `*.safetensors` shards in f32/f16/bf16) of Llama and Qwen2 (a Llama with q/k/v biases).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -93,6 +93,7 @@ fn assemble(
             q: t(1)?,
             k: t(2)?,
             v: t(3)?,
+            qkv_bias: None,
             o: t(4)?,
             mlp_norm: Some(t(5)?.dense()?),
             gate: Some(t(6)?),
@@ -324,9 +325,33 @@ struct HfConfig {
     max_position_embeddings: Option<usize>,
     #[serde(default)]
     tie_word_embeddings: bool,
+    /// `llama` (or absent, in old configs) or `qwen2`.
+    #[serde(default)]
+    model_type: Option<String>,
+    /// Qwen2's sliding-window attention switch.
+    #[serde(default)]
+    use_sliding_window: bool,
 }
 
 impl HfConfig {
+    /// The family, from `model_type`: Llama, or Qwen2 (Llama with q/k/v biases). Anything else is refused
+    /// by name rather than loaded as a Llama it is not.
+    fn family(&self, path: &Path) -> anyhow::Result<&'static str> {
+        match self.model_type.as_deref() {
+            None | Some("llama") => Ok("llama"),
+            Some("qwen2") if self.use_sliding_window => bail!(
+                "{}: `use_sliding_window` is true; sliding-window attention is not supported",
+                path.display()
+            ),
+            Some("qwen2") => Ok("qwen2"),
+            Some(other) => bail!(
+                "{}: `model_type` is \"{other}\"; saeflow loads \"llama\" and \"qwen2\" Hugging Face \
+                 directories (and nanochat checkpoints)",
+                path.display()
+            ),
+        }
+    }
+
     /// Refuses dimensions no model has before anything is sized by them: zeros (a division by zero when the
     /// head width is derived), heads that do not divide the width or each other, and sizes far beyond any
     /// published model (which would only ever be a corrupt or hostile file).
@@ -453,6 +478,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weigh
     let hf: HfConfig = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a Llama config", cfg_path.display()))?;
     hf.check(&cfg_path)?;
+    let family = hf.family(&cfg_path)?;
     let (theta, scaling) = hf_rope(&hf, &cfg_path)?;
     let mut shards: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -476,8 +502,35 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weigh
             .with_context(|| format!("{}: missing tensor `{name}`", dir.display()))?;
         Ok(Matrix::Dense(t.to_dtype(DType::F32)?))
     };
-    let weights = assemble(&HF_LAYOUT, hf.num_hidden_layers, has_head, take)?;
+    let mut weights = assemble(&HF_LAYOUT, hf.num_hidden_layers, has_head, take)?;
     let _ = hf.tie_word_embeddings; // without an lm_head the output is tied to the embedding
+    for (i, block) in weights.blocks.iter_mut().enumerate() {
+        let mut bias = |m: &str| sd.remove(&format!("model.layers.{i}.self_attn.{m}_proj.bias"));
+        block.qkv_bias = match (bias("q"), bias("k"), bias("v")) {
+            (None, None, None) => None,
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?.to_dtype(DType::F32)?),
+            _ => bail!(
+                "{}: layer {i} has biases on some of its q, k and v projections but not all",
+                dir.display()
+            ),
+        };
+    }
+    // A weight nothing reads means an architecture this loader does not know (an o_proj or MLP bias, a
+    // sliding-window variant's extra norms): refuse rather than compute without it. Old checkpoints saved
+    // the rotary buffer, which is recomputed.
+    sd.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
+    if !sd.is_empty() {
+        let mut names: Vec<&String> = sd.keys().collect();
+        names.sort();
+        let shown: Vec<String> = names.iter().take(5).map(|n| format!("`{n}`")).collect();
+        bail!(
+            "{}: {} tensors that a {family} model does not have, e.g. {}; refusing rather than computing \
+             without them",
+            dir.display(),
+            names.len(),
+            shown.join(", ")
+        );
+    }
     let n_kv_head = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
     let config = llama_config(
         hf.vocab_size,
@@ -494,7 +547,13 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weigh
         (Rope::HalfSplit, scaling),
         hf.max_position_embeddings.unwrap_or(4096),
     );
-    Ok((config, weights))
+    Ok((
+        Config {
+            family: family.into(),
+            ..config
+        },
+        weights,
+    ))
 }
 
 /// Rebuilds a byte-level BPE tokenizer from a GGUF file's metadata (`tokenizer.ggml.*`), for GGUF files

@@ -304,6 +304,8 @@ pub struct BlockWeights {
     pub k: Matrix,
     /// Value projection.
     pub v: Matrix,
+    /// Biases of q, k and v side by side (`[q_out + 2·kv_out]`; Qwen2 has them, Llama does not).
+    pub qkv_bias: Option<Tensor>,
     /// Output projection.
     pub o: Matrix,
     /// Pre-MLP RMSNorm weight.
@@ -400,6 +402,7 @@ struct Block {
     attn_norm: Tensor,
     /// q, k and v side by side.
     qkv: Linear,
+    qkv_bias: Option<Tensor>,
     o: Linear,
     mlp_norm: Tensor,
     /// SwiGLU: gate and up side by side; ReLU²: up.
@@ -486,6 +489,10 @@ impl Transformer {
             if let Some(g) = &b.gate {
                 expect(&g.dims(), &[c.d_mlp, c.d_model], &n("gate"))?;
             }
+            if let Some(bias) = &b.qkv_bias {
+                let width = (c.n_head + 2 * c.n_kv_head) * c.head_dim;
+                expect(bias.dims(), &[width], &n("qkv bias"))?;
+            }
             for (norm, name) in [(&b.attn_norm, "attn_norm"), (&b.mlp_norm, "mlp_norm")] {
                 if let Some(t) = norm {
                     expect(t.dims(), &[c.d_model], &n(name))?;
@@ -497,6 +504,7 @@ impl Transformer {
             blocks.push(Block {
                 attn_norm: b.attn_norm.clone().unwrap_or_else(|| ones.clone()),
                 qkv: Linear::stacked(&[&b.q, &b.k, &b.v])?,
+                qkv_bias: b.qkv_bias.clone(),
                 o: Linear::new(&b.o)?,
                 mlp_norm: b.mlp_norm.clone().unwrap_or_else(|| ones.clone()),
                 mlp_in: match (c.mlp, &b.gate) {
@@ -573,10 +581,11 @@ impl Transformer {
         let (bsz, t, _) = x.dims3()?;
         // One product for q, k and v; each head group becomes [batch, heads, t, head_dim] in one copy.
         let (nq, nkv) = (c.n_head, c.n_kv_head);
-        let qkv = b
-            .qkv
-            .forward(x)?
-            .reshape((bsz, t, nq + 2 * nkv, c.head_dim))?;
+        let mut qkv = b.qkv.forward(x)?;
+        if let Some(bias) = &b.qkv_bias {
+            qkv = qkv.broadcast_add(bias)?;
+        }
+        let qkv = qkv.reshape((bsz, t, nq + 2 * nkv, c.head_dim))?;
         let heads = |from: usize, n: usize| qkv.narrow(2, from, n)?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (heads(0, nq)?, heads(nq, nkv)?, heads(nq + nkv, nkv)?);
         let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);

@@ -1,10 +1,11 @@
-//! Scaled rotary embeddings against Hugging Face `transformers`: tiny random Llama models with Llama 3 and
-//! linear rope scaling (`tests/fixtures/rope/`, written and run by `scripts/make_rope_fixtures.py`), loaded
-//! from their Hugging Face directories (transformers 4 and 5 config forms) and from a GGUF file as llama.cpp
-//! writes it (`rope_freqs.weight`). Top-5 logits at every position of an 80-token prompt (past the 64-token
-//! original context) within 1e-4, the same greedy tokens, and the same weights with plain rotary differing
-//! from the reference (so the comparison can fail). Scalings saeflow does not compute are errors naming the
-//! field.
+//! Hugging Face models against `transformers` itself: tiny random models (`tests/fixtures/tiny_hf/`, written
+//! and run by `scripts/make_tiny_hf_models.py`) — Llamas with Llama 3 and linear rope scaling (transformers 4
+//! and 5 config forms, and a GGUF file as llama.cpp writes it, `rope_freqs.weight`), and a Qwen2 with q/k/v
+//! biases and tied embeddings. Top-5 logits at every position of an 80-token prompt (past the Llama 3
+//! fixture's 64-token original context) within 1e-4 and the same greedy tokens; for the scaled models, the
+//! same weights with plain rotary differ from the reference, so the comparison can fail. What the loaders
+//! cannot compute (other rope scalings, other architectures, weights nothing reads) is an error naming the
+//! field or tensor.
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -15,7 +16,7 @@ use serde_json::Value as Json;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/rope")
+        .join("tests/fixtures/tiny_hf")
         .join(name)
 }
 
@@ -65,6 +66,27 @@ fn model(config: Config, weights: Weights) -> Transformer {
     Transformer::new(config, weights, &Device::Cpu).unwrap()
 }
 
+/// Top-5 logits at every position within 1e-4 of `transformers`, and the same greedy tokens.
+fn check_parity(name: &str, model: &Transformer) {
+    let reference = reference();
+    let prompt = ids(&reference["prompt"]);
+    let r = &reference[name];
+    let error = max_top5_error(&logits(model, &prompt), &r["top5"]);
+    assert!(error < 1e-4, "{name}: top-5 logits differ by {error}");
+    let greedy = generate(
+        model,
+        &prompt,
+        8,
+        &[],
+        &Sampling::default(),
+        &Hooks::default(),
+    )
+    .unwrap();
+    assert_eq!(greedy, ids(&r["greedy"]), "{name}: greedy tokens");
+}
+
+/// Parity of a scaled model, and its plain-rotary twin: ours matches transformers' twin, and neither matches
+/// the scaled reference, so a loader that ignored the scaling would fail.
 fn check(name: &str, config: Config, weights: Weights) {
     let reference = reference();
     let prompt = ids(&reference["prompt"]);
@@ -74,13 +96,7 @@ fn check(name: &str, config: Config, weights: Weights) {
         c.rope_scaling = RopeScaling::None;
         model(c, weights.clone())
     };
-    let scaled = model(config, weights);
-
-    let ours = logits(&scaled, &prompt);
-    let error = max_top5_error(&ours, &r["top5"]);
-    assert!(error < 1e-4, "{name}: top-5 logits differ by {error}");
-    // The same weights with plain rotary: our plain model matches transformers' plain twin, and neither
-    // matches the scaled reference, so a loader that ignored the scaling would fail above.
+    check_parity(name, &model(config, weights));
     let plain_logits = logits(&plain, &prompt);
     let plain_error = max_top5_error(&plain_logits, &r["plain_top5"]);
     assert!(
@@ -98,17 +114,6 @@ fn check(name: &str, config: Config, weights: Weights) {
         apart > 1e-2,
         "{name}: scaling changes the logits by only {apart}"
     );
-
-    let greedy = generate(
-        &scaled,
-        &prompt,
-        8,
-        &[],
-        &Sampling::default(),
-        &Hooks::default(),
-    )
-    .unwrap();
-    assert_eq!(greedy, ids(&r["greedy"]), "{name}: greedy tokens");
 }
 
 #[test]
@@ -136,12 +141,36 @@ fn llama3_rope_scaling_from_a_gguf_rope_freqs_tensor_matches_transformers() {
     check("llama3", config, weights);
 }
 
+#[test]
+fn qwen2_with_qkv_biases_and_tied_embeddings_matches_transformers() {
+    let (config, weights) = load_hf_dir(&fixture("qwen2"), &Device::Cpu).unwrap();
+    assert_eq!(config.family, "qwen2");
+    assert!(weights.blocks.iter().all(|b| b.qkv_bias.is_some()));
+    check_parity("qwen2", &model(config, weights));
+}
+
 /// Copies the `llama3` fixture with `config.json` edited by `edit`; returns the error of loading it.
 fn load_error(edit: impl Fn(&mut Json)) -> String {
+    load_error_of("llama3", edit, |_| {})
+}
+
+/// Copies fixture `name`, edits its config and its tensors, and returns the error of loading it.
+fn load_error_of(
+    name: &str,
+    edit: impl Fn(&mut Json),
+    edit_tensors: impl Fn(&mut std::collections::HashMap<String, Tensor>),
+) -> String {
     let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture("llama3").join(f), dir.path().join(f)).unwrap();
-    }
+    std::fs::copy(
+        fixture(name).join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(fixture(name).join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    edit_tensors(&mut tensors);
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
     let path = dir.path().join("config.json");
     let mut config: Json = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     edit(&mut config);
@@ -185,6 +214,38 @@ fn rope_scalings_it_cannot_compute_are_refused_by_field() {
     });
     assert!(
         e.contains("`rope_parameters.partial_rotary_factor` = 0.5"),
+        "{e}"
+    );
+}
+
+#[test]
+fn architectures_and_weights_the_loader_does_not_know_are_refused_by_name() {
+    let e = load_error(|c| c["model_type"] = "gemma2".into());
+    assert!(e.contains("config.json: `model_type` is \"gemma2\""), "{e}");
+    let e = load_error_of("qwen2", |c| c["use_sliding_window"] = true.into(), |_| {});
+    assert!(e.contains("`use_sliding_window` is true"), "{e}");
+    // A Llama with attention_bias = true has an o_proj bias too: nothing reads it, so it is refused.
+    let e = load_error_of(
+        "llama3",
+        |_| {},
+        |t| {
+            let zeros = Tensor::zeros(32, candle_core::DType::F32, &Device::Cpu).unwrap();
+            t.insert("model.layers.1.self_attn.o_proj.bias".into(), zeros);
+        },
+    );
+    assert!(
+        e.contains("1 tensors that a llama model does not have, e.g. `model.layers.1.self_attn.o_proj.bias`"),
+        "{e}"
+    );
+    let e = load_error_of(
+        "qwen2",
+        |_| {},
+        |t| {
+            t.remove("model.layers.0.self_attn.k_proj.bias");
+        },
+    );
+    assert!(
+        e.contains("layer 0 has biases on some of its q, k and v projections but not all"),
         "{e}"
     );
 }

@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
-"""tests/fixtures/rope/: tiny randomly initialised Llama models with scaled rotary embeddings, made and run by
-Hugging Face `transformers`, for `tests/rope_scaling.rs`.
+"""tests/fixtures/tiny_hf/: tiny randomly initialised models made and run by Hugging Face `transformers`, for
+`tests/hf_models.rs`.
 
 - `llama3/`: `rope_type = "llama3"` (Llama 3.1+), written as transformers 4 configs are (`rope_theta` +
   `rope_scaling`, the form published checkpoints use), and `llama3.gguf`, the same weights as llama.cpp's
   converter writes them (Q/K permuted for interleaved pairs, the scaling as per-frequency divisors in
   `rope_freqs.weight`, computed the way `convert_hf_to_gguf.py` does).
 - `linear/`: `rope_type = "linear"`, written as transformers 5 writes it (`rope_parameters`).
+- `qwen2/`: Qwen2 (q/k/v biases, random so that they matter; tied embeddings; rope_theta 1e6).
 
 `reference.json` holds, for one prompt of 80 token ids (past the 64-position original context): each model's
 top-5 logits at every position, 8 greedy tokens, and the
 top-5 logits of the same weights with plain rotary — which must differ, or the test could not fail.
 
-  python3 scripts/make_rope_fixtures.py   # needs torch, transformers, safetensors, gguf (pip); writes the fixtures
+  python3 scripts/make_tiny_hf_models.py   # needs torch, transformers, safetensors, gguf (pip); writes the fixtures
 """
 import json
 import math
@@ -21,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "rope"
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny_hf"
 DIMS = dict(
     vocab_size=96,
     hidden_size=32,
@@ -149,6 +150,20 @@ def write_gguf(model, path):
     w.close()
 
 
+def build_qwen2(seed):
+    torch.manual_seed(seed)
+    dims = {**DIMS, "tie_word_embeddings": True}
+    config = Qwen2Config(**dims, rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, use_sliding_window=False)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):  # zero at init: random, so a loader that drops them fails
+                p.copy_(0.5 * torch.randn_like(p))
+    return model
+
+
 def main():
     reference = {"prompt": PROMPT, "transformers": transformers.__version__, "torch": torch.__version__}
     for name, rope, seed, transformers4 in [("llama3", LLAMA3, 1, True), ("linear", LINEAR, 2, False)]:
@@ -156,6 +171,9 @@ def main():
         write_hf(model, OUT / name, transformers4)
         reference[name] = {"top5": top5(model), "greedy": greedy(model), "plain_top5": top5(plain_twin(model))}
     write_gguf(build(LLAMA3, 1), OUT / "llama3.gguf")
+    qwen2 = build_qwen2(3)
+    qwen2.save_pretrained(OUT / "qwen2", safe_serialization=True)
+    reference["qwen2"] = {"top5": top5(qwen2), "greedy": greedy(qwen2)}
     (OUT / "reference.json").write_text(json.dumps(reference) + "\n")
 
 
