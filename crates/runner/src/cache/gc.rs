@@ -62,24 +62,15 @@ impl Cache {
     /// Every key any ref points at.
     fn referenced_keys(&self) -> anyhow::Result<BTreeSet<String>> {
         let mut keys = BTreeSet::new();
-        for pipeline in std::fs::read_dir(self.root.join("refs"))? {
-            let pipeline = pipeline?;
-            if !pipeline.file_type()?.is_dir() {
-                continue;
-            }
-            for entry in std::fs::read_dir(pipeline.path())? {
-                let path = entry?.path();
-                if path.extension().is_some_and(|e| e == "json") {
-                    let record: RefRecord = serde_json::from_slice(&std::fs::read(&path)?)
-                        .with_context(|| {
-                            format!(
-                                "corrupt ref {}; refusing to collect garbage",
-                                path.display()
-                            )
-                        })?;
-                    keys.insert(record.key);
-                }
-            }
+        for (_, path) in self.ref_files()? {
+            let record: RefRecord =
+                serde_json::from_slice(&std::fs::read(&path)?).with_context(|| {
+                    format!(
+                        "corrupt ref {}; refusing to collect garbage",
+                        path.display()
+                    )
+                })?;
+            keys.insert(record.key);
         }
         Ok(keys)
     }

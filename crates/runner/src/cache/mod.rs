@@ -536,6 +536,31 @@ impl Cache {
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// Every ref file: (`<pipeline>/<instance>.json`, its path), sorted.
+    pub(crate) fn ref_files(&self) -> anyhow::Result<Vec<(String, PathBuf)>> {
+        let mut refs = Vec::new();
+        for pipeline in std::fs::read_dir(self.root.join("refs"))? {
+            let pipeline = pipeline?;
+            if !pipeline.file_type()?.is_dir() {
+                continue;
+            }
+            let dir = pipeline.file_name().to_string_lossy().into_owned();
+            for entry in std::fs::read_dir(pipeline.path())? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "json") {
+                    let name = path
+                        .file_name()
+                        .expect("listed")
+                        .to_string_lossy()
+                        .into_owned();
+                    refs.push((format!("{dir}/{name}"), path));
+                }
+            }
+        }
+        refs.sort();
+        Ok(refs)
+    }
+
     /// Records a successful run (atomic replace; the last writer wins, which is the newest result), on the
     /// remote too if there is one (its `gc` keeps what refs name).
     pub fn write_ref(&self, pipeline: &str, record: &RefRecord) -> anyhow::Result<()> {

@@ -34,27 +34,6 @@ impl Cache {
         })
     }
 
-    /// Every local ref: (`<pipeline>/<instance file>`, bytes).
-    fn local_refs(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-        let mut refs = Vec::new();
-        for pipeline in std::fs::read_dir(self.root.join("refs"))? {
-            let pipeline = pipeline?;
-            if !pipeline.file_type()?.is_dir() {
-                continue;
-            }
-            for entry in std::fs::read_dir(pipeline.path())? {
-                let entry = entry?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".json") {
-                    let dir = pipeline.file_name().to_string_lossy().into_owned();
-                    refs.push((format!("{dir}/{name}"), std::fs::read(entry.path())?));
-                }
-            }
-        }
-        refs.sort();
-        Ok(refs)
-    }
-
     /// Pushes every sound local object the remote lacks, then every local ref. `progress` makes the bar of
     /// one object.
     pub fn push_all(&self, progress: impl Fn(&Key) -> Progress) -> anyhow::Result<SyncReport> {
@@ -80,9 +59,9 @@ impl Cache {
             bar.finish();
             report.copied.push((key, transfer));
         }
-        for (name, bytes) in self.local_refs()? {
+        for (name, path) in self.ref_files()? {
             let (pipeline, file) = name.split_once('/').expect("built as pipeline/file");
-            remote.write_ref(pipeline, file, bytes)?;
+            remote.write_ref(pipeline, file, std::fs::read(&path)?)?;
             report.refs += 1;
         }
         Ok(report)
