@@ -27,6 +27,16 @@ LLAMA3 = (
     "== 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt "
     "%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
+# Gemma 2's (google/gemma-2-2b-it and -9b-it tokenizer_config.json): BOS written by the template, the assistant
+# called `model`, contents trimmed, and a system turn refused with an exception.
+GEMMA2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
 # A multi-line template in the style of many others: block tags on their own indented lines (trim_blocks and
 # lstrip_blocks decide the whitespace), a Python string method, a filter, a loop control and tojson.
 MULTILINE = """{% for message in messages %}
@@ -46,6 +56,7 @@ CASES = [
     ("smollm2", SMOLLM2, "", "<|im_end|>"),
     ("llama3", LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
     ("multiline", MULTILINE, "<s>", "</s>"),
+    ("gemma2", GEMMA2, "<bos>", "<eos>"),
 ]
 CHATS = [
     ([("user", "What is the capital of France?")], True),
@@ -68,6 +79,11 @@ def main() -> None:
         template = env.from_string(source)
         for messages, generation in CHATS:
             msgs = [{"role": r, "content": c} for r, c in messages]
+            try:
+                expected = {"expected": template.render(messages=msgs, add_generation_prompt=generation,
+                                                        bos_token=bos, eos_token=eos)}
+            except jinja2.exceptions.TemplateError as e:
+                expected = {"error": str(e)}
             out.append({
                 "template_name": name,
                 "template": source,
@@ -75,7 +91,7 @@ def main() -> None:
                 "eos_token": eos,
                 "messages": messages,
                 "add_generation_prompt": generation,
-                "expected": template.render(messages=msgs, add_generation_prompt=generation, bos_token=bos, eos_token=eos),
+                **expected,
             })
     path = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "chat_templates.json"
     path.write_text(json.dumps({"jinja2": jinja2.__version__, "cases": out}, indent=1, ensure_ascii=False) + "\n")

@@ -8,6 +8,11 @@
   `rope_freqs.weight`, computed the way `convert_hf_to_gguf.py` does).
 - `linear/`: `rope_type = "linear"`, written as transformers 5 writes it (`rope_parameters`).
 - `qwen2/`: Qwen2 (q/k/v biases, random so that they matter; tied embeddings; rope_theta 1e6).
+- `gemma2/`: Gemma 2 (pre- and post-norms of `1 + w`, GeGLU, √d scaled embedding, `query_pre_attn_scalar`
+  ≠ head width, attention and final softcaps small enough to bite, local layers with a 16-key window that
+  the 80-token prompt overruns); its `no_window_top5` / `no_softcap_top5` twins must differ.
+- `gpt2/`: GPT-2 (learned positions, LayerNorms with biases, Conv1D weights, `gelu_new`, biases everywhere,
+  random so that they matter), saved as `GPT2LMHeadModel` saves it.
 
 `reference.json` holds, for one prompt of 80 token ids (past the 64-position original context): each model's
 top-5 logits at every position, 8 greedy tokens, and the
@@ -22,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny_hf"
 DIMS = dict(
@@ -164,6 +170,43 @@ def build_qwen2(seed):
     return model
 
 
+def randomise(model):
+    """Norms around one and biases away from zero (their init values), so a loader that misreads either fails."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(p + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    return model
+
+
+GEMMA2 = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24, max_position_embeddings=256,
+    rms_norm_eps=1e-6, initializer_range=0.3, sliding_window=16, attn_logit_softcapping=2.0,
+    final_logit_softcapping=5.0, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    attn_implementation="eager",
+)
+
+
+def build_gemma2(seed, **change):
+    torch.manual_seed(seed)
+    return randomise(Gemma2ForCausalLM(Gemma2Config(**{**GEMMA2, **change})).eval())
+
+
+def twin(model, build, **change):
+    other = build(0, **change)
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def build_gpt2(seed):
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=128, initializer_range=0.3)
+    return randomise(GPT2LMHeadModel(config).eval())
+
+
 def main():
     reference = {"prompt": PROMPT, "transformers": transformers.__version__, "torch": torch.__version__}
     for name, rope, seed, transformers4 in [("llama3", LLAMA3, 1, True), ("linear", LINEAR, 2, False)]:
@@ -174,6 +217,17 @@ def main():
     qwen2 = build_qwen2(3)
     qwen2.save_pretrained(OUT / "qwen2", safe_serialization=True)
     reference["qwen2"] = {"top5": top5(qwen2), "greedy": greedy(qwen2)}
+    gemma2 = build_gemma2(4)
+    gemma2.save_pretrained(OUT / "gemma2", safe_serialization=True)
+    reference["gemma2"] = {
+        "top5": top5(gemma2),
+        "greedy": greedy(gemma2),
+        "no_window_top5": top5(twin(gemma2, build_gemma2, sliding_window=4096)),
+        "no_softcap_top5": top5(twin(gemma2, build_gemma2, attn_logit_softcapping=None)),
+    }
+    gpt2 = build_gpt2(5)
+    gpt2.save_pretrained(OUT / "gpt2", safe_serialization=True)
+    reference["gpt2"] = {"top5": top5(gpt2), "greedy": greedy(gpt2)}
     (OUT / "reference.json").write_text(json.dumps(reference) + "\n")
 
 

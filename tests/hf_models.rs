@@ -1,16 +1,19 @@
 //! Hugging Face models against `transformers` itself: tiny random models (`tests/fixtures/tiny_hf/`, written
 //! and run by `scripts/make_tiny_hf_models.py`) — Llamas with Llama 3 and linear rope scaling (transformers 4
 //! and 5 config forms, and a GGUF file as llama.cpp writes it, `rope_freqs.weight`), and a Qwen2 with q/k/v
-//! biases and tied embeddings. Top-5 logits at every position of an 80-token prompt (past the Llama 3
+//! biases and tied embeddings, a Gemma 2 (post-norms, GeGLU, softcaps, sliding-window layers) and a GPT-2
+//! (learned positions, LayerNorm, Conv1D, biases). Top-5 logits at every position of an 80-token prompt (past the Llama 3
 //! fixture's 64-token original context) within 1e-4 and the same greedy tokens; for the scaled models, the
-//! same weights with plain rotary differ from the reference, so the comparison can fail. What the loaders
+//! same weights with plain rotary differ from the reference, so the comparison can fail (for Gemma 2, the same
+//! weights without the window and without the score softcap). What the loaders
 //! cannot compute (other rope scalings, other architectures, weights nothing reads) is an error naming the
 //! field or tensor.
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use saeflow_core::models::generate::{generate, Sampling};
-use saeflow_core::models::llama::{load_gguf, load_hf_dir};
+use saeflow_core::models::hf::load_dir as load_hf_dir;
+use saeflow_core::models::llama::load_gguf;
 use saeflow_core::models::transformer::{Config, Hooks, RopeScaling, Transformer, Weights};
 use serde_json::Value as Json;
 
@@ -149,6 +152,51 @@ fn qwen2_with_qkv_biases_and_tied_embeddings_matches_transformers() {
     check_parity("qwen2", &model(config, weights));
 }
 
+/// How far our logits at the reference's top-5 ids are from another reference's values (which must be far).
+fn distance(ours: &[Vec<f32>], top5: &Json) -> f64 {
+    let mut apart = 0f64;
+    for (t, want) in top5["values"].as_array().unwrap().iter().enumerate() {
+        let top = ids(&top5["ids"][t]);
+        for (id, v) in top.iter().zip(want.as_array().unwrap()) {
+            apart = apart.max((ours[t][*id as usize] as f64 - v.as_f64().unwrap()).abs());
+        }
+    }
+    apart
+}
+
+#[test]
+fn gemma2_with_post_norms_geglu_softcaps_and_sliding_windows_matches_transformers() {
+    let (config, weights) = load_hf_dir(&fixture("gemma2"), &Device::Cpu).unwrap();
+    assert_eq!(config.family, "gemma2");
+    // Layers alternate, local first (transformers' default `layer_types`).
+    assert_eq!(config.attn_windows, [Some(16), None, Some(16), None]);
+    let ours = model(config.clone(), weights.clone());
+    check_parity("gemma2", &ours);
+    // The window and the score softcap each change the output: computing without either would fail above.
+    let reference = reference();
+    let prompt = ids(&reference["prompt"]);
+    let ours = logits(&ours, &prompt);
+    for twin in ["no_window_top5", "no_softcap_top5"] {
+        let apart = distance(&ours, &reference["gemma2"][twin]);
+        assert!(apart > 1e-2, "gemma2: {twin} is only {apart} away");
+    }
+    let unwindowed = {
+        let mut c = config;
+        c.attn_windows = vec![None; 4];
+        logits(&model(c, weights), &prompt)
+    };
+    let error = max_top5_error(&unwindowed, &reference["gemma2"]["no_window_top5"]);
+    assert!(error < 1e-4, "gemma2 without windows differs by {error}");
+}
+
+#[test]
+fn gpt2_with_learned_positions_layernorm_and_conv1d_weights_matches_transformers() {
+    let (config, weights) = load_hf_dir(&fixture("gpt2"), &Device::Cpu).unwrap();
+    assert_eq!(config.family, "gpt2");
+    assert!(config.rope.is_none() && weights.positions.is_some());
+    check_parity("gpt2", &model(config, weights));
+}
+
 /// Copies the `llama3` fixture with `config.json` edited by `edit`; returns the error of loading it.
 fn load_error(edit: impl Fn(&mut Json)) -> String {
     load_error_of("llama3", edit, |_| {})
@@ -220,8 +268,44 @@ fn rope_scalings_it_cannot_compute_are_refused_by_field() {
 
 #[test]
 fn architectures_and_weights_the_loader_does_not_know_are_refused_by_name() {
-    let e = load_error(|c| c["model_type"] = "gemma2".into());
-    assert!(e.contains("config.json: `model_type` is \"gemma2\""), "{e}");
+    let e = load_error(|c| c["model_type"] = "mistral".into());
+    assert!(
+        e.contains("config.json: `model_type` is \"mistral\""),
+        "{e}"
+    );
+    let e = load_error_of("gemma2", |c| c["hidden_activation"] = "relu".into(), |_| {});
+    assert!(e.contains("`hidden_activation` is \"relu\""), "{e}");
+    let e = load_error_of(
+        "gemma2",
+        |c| c["layer_types"][2] = "chunked_attention".into(),
+        |_| {},
+    );
+    assert!(
+        e.contains("`layer_types[2]` is \"chunked_attention\""),
+        "{e}"
+    );
+    let e = load_error_of(
+        "gpt2",
+        |c| c["scale_attn_by_inverse_layer_idx"] = true.into(),
+        |_| {},
+    );
+    assert!(
+        e.contains("`scale_attn_by_inverse_layer_idx` = true is not supported"),
+        "{e}"
+    );
+    let e = load_error_of("gpt2", |c| c["activation_function"] = "relu".into(), |_| {});
+    assert!(e.contains("`activation_function` is \"relu\""), "{e}");
+    let e = load_error_of(
+        "gpt2",
+        |_| {},
+        |t| {
+            t.remove("transformer.h.1.ln_2.bias");
+        },
+    );
+    assert!(
+        e.contains("missing tensor `transformer.h.1.ln_2.bias`"),
+        "{e}"
+    );
     let e = load_error_of("qwen2", |c| c["use_sliding_window"] = true.into(), |_| {});
     assert!(e.contains("`use_sliding_window` is true"), "{e}");
     // A Llama with attention_bias = true has an o_proj bias too: nothing reads it, so it is refused.

@@ -35,9 +35,52 @@ pub struct Extents {
     pub head_dim: usize,
 }
 
+/// Which keys a query row sees besides causality, and how its scores are bounded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Visibility<'a> {
+    /// The first key each pair's rows see (keys before it are left padding of a batch); empty = 0.
+    pub first_key: &'a [usize],
+    /// A sliding window: the row at position p sees keys after p − window only (Gemma 2's local layers).
+    pub window: Option<usize>,
+    /// Scaled scores become `softcap · tanh(score / softcap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+}
+
+impl Visibility<'_> {
+    /// The first key row `r` of `pair` sees, given it sees keys up to `seen` (exclusive). A row of left
+    /// padding, which sees no real key, sees its own key so that its (unused) output stays finite.
+    fn first(&self, pair: usize, seen: usize) -> usize {
+        let padding = self.first_key.get(pair).copied().unwrap_or(0);
+        let window = self.window.map_or(0, |w| seen.saturating_sub(w));
+        padding.max(window).min(seen.saturating_sub(1))
+    }
+
+    /// Turns a row's raw scores over keys `..seen` into probabilities: keys before `first` get 0.
+    fn probabilities(&self, scores: &mut [f32], first: usize, scale: f32) {
+        let (hidden, seen) = scores.split_at_mut(first);
+        hidden.fill(0.0);
+        match self.softcap {
+            Some(cap) => {
+                seen.iter_mut()
+                    .for_each(|s| *s = cap * (*s * scale / cap).tanh());
+                softmax_row(seen, 1.0);
+            }
+            None => softmax_row(seen, scale),
+        }
+    }
+}
+
 /// `out = softmax(scale · q·kᵀ, causal) · v` for `q, out [pairs, rows, head_dim]` and `k, v [pairs, keys,
-/// head_dim]`, all row-major. Row `r` sees keys `0..=start + r % t`.
-pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], e: Extents, scale: f32, out: &mut [f32]) {
+/// head_dim]`, all row-major. Row `r` sees keys `0..=start + r % t`, narrowed further by `vis`.
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    e: Extents,
+    scale: f32,
+    vis: Visibility,
+    out: &mut [f32],
+) {
     let Extents {
         pairs,
         rows,
@@ -89,12 +132,22 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], e: Extents, scale: f32,
                             // SAFETY: `grouped` means AVX-512F and hd a multiple of 64; extents as in `row`.
                             #[cfg(target_arch = "x86_64")]
                             unsafe {
-                                avx512::group(q, kt, padded, v, seen, scale, &mut scores, out)
+                                avx512::group(
+                                    q,
+                                    kt,
+                                    padded,
+                                    v,
+                                    seen,
+                                    (scale, vis, pair),
+                                    &mut scores,
+                                    out,
+                                )
                             };
                             i += GROUP;
                         } else {
                             let (q, out) = (&q[i * hd..][..hd], &mut out[i * hd..][..hd]);
-                            row(q, kt, padded, v, seen(i), scale, &mut scores[..padded], out);
+                            let scores = &mut scores[..padded];
+                            row(q, kt, padded, v, seen(i), (scale, vis, pair), scores, out);
                             i += 1;
                         }
                     }
@@ -102,7 +155,7 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], e: Extents, scale: f32,
         });
 }
 
-/// One query row over its first `seen` keys.
+/// One query row over its first `seen` keys; `how` = (scale, visibility, pair).
 #[allow(clippy::too_many_arguments)]
 fn row(
     q: &[f32],
@@ -110,17 +163,19 @@ fn row(
     padded: usize,
     v: &[f32],
     seen: usize,
-    scale: f32,
+    how: (f32, Visibility, usize),
     scores: &mut [f32],
     out: &mut [f32],
 ) {
     let hd = q.len();
+    let (scale, vis, pair) = how;
+    let first = vis.first(pair, seen);
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F was just detected; `kt` holds hd rows of `padded` ≥ seen (rounded up to 16)
         // floats, `v` seen rows of hd, `scores` padded floats, `out` hd.
         unsafe { avx512::weighted_rows(q, kt.as_ptr(), padded, seen, scores.as_mut_ptr()) };
-        softmax_row(&mut scores[..seen], scale);
+        vis.probabilities(&mut scores[..seen], first, scale);
         unsafe { avx512::weighted_rows(&scores[..seen], v.as_ptr(), hd, hd, out.as_mut_ptr()) };
         return;
     }
@@ -131,7 +186,7 @@ fn row(
             .map(|(d, &x)| x * kt[d * padded + j])
             .sum();
     }
-    softmax_row(&mut scores[..seen], scale);
+    vis.probabilities(&mut scores[..seen], first, scale);
     out.fill(0.0);
     for (&p, value) in scores[..seen].iter().zip(v.chunks_exact(hd)) {
         for (o, &x) in out.iter_mut().zip(value) {
@@ -221,7 +276,8 @@ mod avx512 {
 
     /// Four consecutive query rows (`q`, `out`: 4 × hd, hd a multiple of 64) over their own `seen` keys;
     /// `scores` holds 4 × `padded` floats. The scores of all four are computed up to the largest `seen`
-    /// (each row's softmax ignores the rest); each row's weighted sum stops at its own `seen`.
+    /// (each row's softmax ignores the rest); each row's weighted sum stops at its own `seen`. `how` =
+    /// (scale, visibility, pair).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn group(
@@ -230,10 +286,11 @@ mod avx512 {
         padded: usize,
         v: &[f32],
         seen: [usize; 4],
-        scale: f32,
+        how: (f32, super::Visibility, usize),
         scores: &mut [f32],
         out: &mut [f32],
     ) {
+        let (scale, vis, pair) = how;
         let hd = q.len() / 4;
         let most = seen.iter().copied().max().unwrap_or(0);
         let least = seen.iter().copied().min().unwrap_or(0);
@@ -250,7 +307,8 @@ mod avx512 {
             }
         }
         for (i, &seen) in seen.iter().enumerate() {
-            super::softmax_row(&mut scores[i * padded..][..seen], scale);
+            let first = vis.first(pair, seen);
+            vis.probabilities(&mut scores[i * padded..][..seen], first, scale);
         }
         for part in (0..hd).step_by(64) {
             // Keys every row sees together; then each row's own few.
@@ -318,26 +376,47 @@ mod tests {
 
     /// The definition in f64: masked scores, softmax, weighted sum.
     #[allow(clippy::too_many_arguments)]
-    fn reference(q: &[f32], k: &[f32], v: &[f32], e: Extents, scale: f32) -> Vec<f64> {
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        e: Extents,
+        scale: f32,
+        vis: Visibility,
+    ) -> Vec<f64> {
         let hd = e.head_dim;
         let mut out = vec![0f64; q.len()];
         for pair in 0..e.pairs {
             for r in 0..e.rows {
-                let seen = (e.start + r % e.t + 1).min(e.keys);
+                let position = e.start + r % e.t;
+                let seen = (position + 1).min(e.keys);
+                // Written out from the definition: padding before first_key, a window of w keys ending at
+                // the row's own position.
+                let mut first = vis.first_key.get(pair).copied().unwrap_or(0);
+                if let Some(w) = vis.window {
+                    first = first.max((position + 1).saturating_sub(w));
+                }
+                let first = first.min(seen - 1);
                 let qr = &q[(pair * e.rows + r) * hd..][..hd];
-                let s: Vec<f64> = (0..seen)
+                let s: Vec<f64> = (first..seen)
                     .map(|j| {
                         let kj = &k[(pair * e.keys + j) * hd..][..hd];
-                        qr.iter()
+                        let s = qr
+                            .iter()
                             .zip(kj)
                             .map(|(&a, &b)| a as f64 * b as f64)
                             .sum::<f64>()
-                            * scale as f64
+                            * scale as f64;
+                        match vis.softcap {
+                            Some(c) => c as f64 * (s / c as f64).tanh(),
+                            None => s,
+                        }
                     })
                     .collect();
                 let max = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|x| (x - max).exp()).sum();
                 for (j, x) in s.iter().enumerate() {
+                    let j = j + first;
                     let p = (x - max).exp() / z;
                     let vj = &v[(pair * e.keys + j) * hd..][..hd];
                     for d in 0..hd {
@@ -377,11 +456,29 @@ mod tests {
             let k = random(pairs * e.keys * hd, 2);
             let v = random(pairs * e.keys * hd, 3);
             let scale = 1.0 / (hd as f32).sqrt();
-            let mut out = vec![f32::NAN; q.len()];
-            causal_attention(&q, &k, &v, e, scale, &mut out);
-            let want = reference(&q, &k, &v, e, scale);
-            for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
-                assert!((g as f64 - w).abs() < 1e-5, "{e:?} element {i}: {g} vs {w}");
+            let first_key: Vec<usize> = (0..pairs).map(|p| (p * 7) % (cached + 3)).collect();
+            let narrowed = [
+                Visibility::default(),
+                Visibility {
+                    first_key: &first_key,
+                    window: Some(11),
+                    softcap: Some(0.7),
+                },
+                Visibility {
+                    window: Some(1),
+                    ..Visibility::default()
+                },
+            ];
+            for vis in narrowed {
+                let mut out = vec![f32::NAN; q.len()];
+                causal_attention(&q, &k, &v, e, scale, vis, &mut out);
+                let want = reference(&q, &k, &v, e, scale, vis);
+                for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g as f64 - w).abs() < 1e-5,
+                        "{e:?} {vis:?} element {i}: {g} vs {w}"
+                    );
+                }
             }
         }
     }
@@ -409,8 +506,9 @@ mod tests {
             }
         }
         let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
-        causal_attention(&q, &k, &v, e, 0.125, &mut a);
-        causal_attention(&q, &k2, &v2, e, 0.125, &mut b);
+        let vis = Visibility::default();
+        causal_attention(&q, &k, &v, e, 0.125, vis, &mut a);
+        causal_attention(&q, &k2, &v2, e, 0.125, vis, &mut b);
         for pair in 0..e.pairs {
             for r in 0..e.rows {
                 let row = (pair * e.rows + r) * 64;

@@ -1,10 +1,12 @@
 //! The transformer's ops that candle runs slowly on CPU, on [`crate::kernels`] as candle custom ops:
-//! RMSNorm, SwiGLU (`silu(gate)·up`) and causal attention. Each function takes tensors on any device and
+//! RMSNorm, SwiGLU (`silu(gate)·up`) and causal attention (with left padding, sliding windows and score
+//! softcaps). Each function takes tensors on any device and
 //! uses candle's own ops off the CPU, so the model code does not branch on the device (and a CUDA build
 //! runs unchanged).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
+pub use crate::kernels::attention::Visibility;
 use crate::kernels::attention::{self, Extents};
 use crate::kernels::vector;
 
@@ -97,7 +99,8 @@ impl CustomOp1 for Swiglu {
 /// Causal attention with GQA: `q [batch, kv_heads, groups·t, head_dim]` (the `groups` query heads sharing
 /// a kv head stacked along the query axis), `k, v [batch, kv_heads, s, head_dim]` → `softmax(scale ·
 /// q·kᵀ) · v` in `q`'s layout, where query row `r` (position `start + r % t`) sees keys
-/// `0..=start + r % t` only.
+/// `0..=start + r % t` only, narrowed further by `vis` (left padding per `batch × kv_heads` pair, sliding
+/// window, score softcap).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -105,6 +108,7 @@ pub fn causal_attention(
     scale: f64,
     t: usize,
     start: usize,
+    vis: Visibility,
 ) -> candle_core::Result<Tensor> {
     let (bsz, kv_heads, rows, head_dim) = q.dims4()?;
     let keys = k.dim(2)?;
@@ -117,34 +121,53 @@ pub fn causal_attention(
             start,
             head_dim,
         };
-        let op = CausalAttention { extents, scale };
+        let op = CausalAttention {
+            extents,
+            scale,
+            first_key: vis.first_key.to_vec(),
+            window: vis.window,
+            softcap: vis.softcap,
+        };
         return q
             .contiguous()?
             .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
     }
+    // Elsewhere (CUDA, f64 tests): candle's ops over the whole score matrix with an additive mask.
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if t > 1 {
-        let mask: Vec<f32> = (0..rows)
-            .flat_map(|r| {
-                (0..keys).map(move |j| {
-                    if j > start + r % t {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        let mask =
-            Tensor::from_vec(mask, (rows, keys), scores.device())?.to_dtype(scores.dtype())?;
-        scores = scores.broadcast_add(&mask)?;
+    if let Some(cap) = vis.softcap {
+        scores = ((scores / cap as f64)?.tanh()? * cap as f64)?;
     }
+    let pairs = bsz * kv_heads;
+    let mask: Vec<f32> = (0..pairs * rows)
+        .flat_map(|pr| {
+            let (pair, r) = (pr / rows, pr % rows);
+            let position = start + r % t;
+            let mut first = vis.first_key.get(pair).copied().unwrap_or(0);
+            if let Some(w) = vis.window {
+                first = first.max((position + 1).saturating_sub(w));
+            }
+            let first = first.min(position);
+            (0..keys).map(move |j| {
+                if j > position || j < first {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (bsz, kv_heads, rows, keys), scores.device())?
+        .to_dtype(scores.dtype())?;
+    scores = (scores + mask)?;
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
 }
 
 struct CausalAttention {
     extents: Extents,
     scale: f64,
+    first_key: Vec<usize>,
+    window: Option<usize>,
+    softcap: Option<f32>,
 }
 
 impl CustomOp3 for CausalAttention {
@@ -179,7 +202,12 @@ impl CustomOp3 for CausalAttention {
             );
         }
         let mut out = vec![0f32; q.len()];
-        attention::causal_attention(q, k, v, self.extents, self.scale as f32, &mut out);
+        let vis = Visibility {
+            first_key: &self.first_key,
+            window: self.window,
+            softcap: self.softcap,
+        };
+        attention::causal_attention(q, k, v, self.extents, self.scale as f32, vis, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -235,8 +263,18 @@ mod tests {
         let (k, k64) = both(&[bsz, kv, cached + t, hd], 5);
         let (v, v64) = both(&[bsz, kv, cached + t, hd], 6);
         let scale = 1.0 / (hd as f64).sqrt();
-        let fast = causal_attention(&q, &k, &v, scale, t, cached).unwrap();
-        let reference = causal_attention(&q64, &k64, &v64, scale, t, cached).unwrap();
-        assert!(max_diff(&fast, &reference) < 1e-5);
+        let first_key = [0, 2, 5, 1];
+        for vis in [
+            Visibility::default(),
+            Visibility {
+                first_key: &first_key,
+                window: Some(3),
+                softcap: Some(0.5),
+            },
+        ] {
+            let fast = causal_attention(&q, &k, &v, scale, t, cached, vis).unwrap();
+            let reference = causal_attention(&q64, &k64, &v64, scale, t, cached, vis).unwrap();
+            assert!(max_diff(&fast, &reference) < 1e-5, "{vis:?}");
+        }
     }
 }

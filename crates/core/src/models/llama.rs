@@ -1,14 +1,14 @@
 //! Llama-family models: GGUF files (weights dequantized at load) and Hugging Face directories
-//! (`config.json` + `*.safetensors` shards in f32/f16/bf16) of Llama and Qwen2 (a Llama with q/k/v biases).
+//! (`config.json` + `*.safetensors` shards in f32/f16/bf16, see [`super::hf`]) of Llama and Qwen2 (a Llama
+//! with q/k/v biases).
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
-use super::transformer::{BlockWeights, Config, Matrix, Mlp, Rope, RopeScaling, Weights};
+use super::transformer::{BlockWeights, Config, Matrix, Mlp, Norm, Rope, RopeScaling, Weights};
 
 /// Metadata of a GGUF file that loading needs besides tensors.
 pub struct GgufInfo {
@@ -88,18 +88,14 @@ fn assemble(
     let mut blocks = Vec::new();
     for i in 0..n_layer {
         let mut t = |k: usize| get(&layout.block[k].replace("{i}", &i.to_string()));
-        blocks.push(BlockWeights {
-            attn_norm: Some(t(0)?.dense()?),
-            q: t(1)?,
-            k: t(2)?,
-            v: t(3)?,
-            qkv_bias: None,
-            o: t(4)?,
-            mlp_norm: Some(t(5)?.dense()?),
-            gate: Some(t(6)?),
-            up: t(7)?,
-            down: t(8)?,
-        });
+        blocks.push(BlockWeights::new(
+            Some(t(0)?.dense()?),
+            (t(1)?, t(2)?, t(3)?, t(4)?),
+            Some(t(5)?.dense()?),
+            Some(t(6)?),
+            t(7)?,
+            t(8)?,
+        ));
     }
     let final_norm = Some(get(layout.final_norm)?.dense()?);
     let lm_head = if has_head {
@@ -111,7 +107,9 @@ fn assemble(
         embed,
         blocks,
         final_norm,
+        final_norm_bias: None,
         lm_head,
+        positions: None,
     })
 }
 
@@ -134,15 +132,20 @@ fn llama_config(
         n_kv_head,
         head_dim,
         d_mlp,
+        norm: Norm::Rms,
         norm_eps: norm_rope.0,
         rope_theta: norm_rope.1,
-        rope,
+        rope: Some(rope),
         rope_scaling,
         rope_tables_bf16: false,
         rope_negative: false,
         qk_norm: false,
         embed_norm: false,
         mlp: Mlp::SwiGlu,
+        embed_scale: None,
+        attn_scale: None,
+        attn_softcap: None,
+        attn_windows: Vec::new(),
         softcap: None,
         max_seq_len,
     }
@@ -301,7 +304,7 @@ fn gguf_rope_scaling(
     Ok(scaling)
 }
 
-/// `config.json` of a Hugging Face Llama model (the fields used).
+/// `config.json` of a Hugging Face Llama or Qwen2 model (the fields used).
 #[derive(Debug, serde::Deserialize)]
 struct HfConfig {
     vocab_size: usize,
@@ -313,18 +316,10 @@ struct HfConfig {
     head_dim: Option<usize>,
     #[serde(default = "default_eps")]
     rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    rope_theta: f64,
-    /// transformers 4's rotary scaling (with `rope_theta` beside it).
-    #[serde(default)]
-    rope_scaling: Option<serde_json::Value>,
-    /// transformers 5's rotary settings, `rope_theta` included.
-    #[serde(default)]
-    rope_parameters: Option<serde_json::Value>,
+    #[serde(flatten)]
+    rope: super::hf::RopeFields,
     #[serde(default)]
     max_position_embeddings: Option<usize>,
-    #[serde(default)]
-    tie_word_embeddings: bool,
     /// `llama` (or absent, in old configs) or `qwen2`.
     #[serde(default)]
     model_type: Option<String>,
@@ -334,48 +329,34 @@ struct HfConfig {
 }
 
 impl HfConfig {
-    /// The family, from `model_type`: Llama, or Qwen2 (Llama with q/k/v biases). Anything else is refused
-    /// by name rather than loaded as a Llama it is not.
+    /// The family, from `model_type`: Llama, or Qwen2 (Llama with q/k/v biases).
     fn family(&self, path: &Path) -> anyhow::Result<&'static str> {
         match self.model_type.as_deref() {
-            None | Some("llama") => Ok("llama"),
             Some("qwen2") if self.use_sliding_window => bail!(
-                "{}: `use_sliding_window` is true; sliding-window attention is not supported",
+                "{}: `use_sliding_window` is true; Qwen2's sliding-window attention is not supported",
                 path.display()
             ),
             Some("qwen2") => Ok("qwen2"),
-            Some(other) => bail!(
-                "{}: `model_type` is \"{other}\"; saeflow loads \"llama\" and \"qwen2\" Hugging Face \
-                 directories (and nanochat checkpoints)",
-                path.display()
-            ),
+            _ => Ok("llama"),
         }
     }
 
-    /// Refuses dimensions no model has before anything is sized by them: zeros (a division by zero when the
-    /// head width is derived), heads that do not divide the width or each other, and sizes far beyond any
-    /// published model (which would only ever be a corrupt or hostile file).
+    /// Refuses dimensions no model has (see [`super::hf::check_dims`]) and heads that do not divide the
+    /// width or each other.
     fn check(&self, path: &Path) -> anyhow::Result<()> {
         const LIMIT: usize = 1 << 20;
-        let dims = [
-            ("vocab_size", Some(self.vocab_size), 1 << 24),
-            ("hidden_size", Some(self.hidden_size), LIMIT),
-            ("intermediate_size", Some(self.intermediate_size), LIMIT),
-            ("num_hidden_layers", Some(self.num_hidden_layers), 4096),
-            ("num_attention_heads", Some(self.num_attention_heads), 4096),
-            ("num_key_value_heads", self.num_key_value_heads, 4096),
-            ("head_dim", self.head_dim, LIMIT),
-        ];
-        for (field, value, limit) in dims {
-            match value {
-                Some(0) => bail!("{}: `{field}` is 0; it must be at least 1", path.display()),
-                Some(v) if v > limit => bail!(
-                    "{}: `{field}` is {v}, implausibly large (at most {limit})",
-                    path.display()
-                ),
-                _ => {}
-            }
-        }
+        super::hf::check_dims(
+            path,
+            &[
+                ("vocab_size", Some(self.vocab_size), 1 << 24),
+                ("hidden_size", Some(self.hidden_size), LIMIT),
+                ("intermediate_size", Some(self.intermediate_size), LIMIT),
+                ("num_hidden_layers", Some(self.num_hidden_layers), 4096),
+                ("num_attention_heads", Some(self.num_attention_heads), 4096),
+                ("num_key_value_heads", self.num_key_value_heads, 4096),
+                ("head_dim", self.head_dim, LIMIT),
+            ],
+        )?;
         let heads = self.num_attention_heads;
         if let Some(kv) = self.num_key_value_heads {
             if !heads.is_multiple_of(kv) {
@@ -397,140 +378,38 @@ impl HfConfig {
     }
 }
 
-/// The rotary base and scaling of a Hugging Face config: `rope_parameters` (transformers 5) or `rope_theta`
-/// with `rope_scaling` (transformers 4). A scaling it does not compute is an error naming the field.
-fn hf_rope(hf: &HfConfig, path: &Path) -> anyhow::Result<(f64, RopeScaling)> {
-    let what = path.display();
-    let (table, field) = match (&hf.rope_parameters, &hf.rope_scaling) {
-        (Some(p), _) if !p.is_null() => (p, "rope_parameters"),
-        (_, Some(s)) if !s.is_null() => (s, "rope_scaling"),
-        _ => return Ok((hf.rope_theta, RopeScaling::None)),
-    };
-    let table = table
-        .as_object()
-        .with_context(|| format!("{what}: `{field}` is not a table"))?;
-    let number = |key: &str| -> anyhow::Result<f64> {
-        table
-            .get(key)
-            .and_then(serde_json::Value::as_f64)
-            .filter(|v| v.is_finite() && *v > 0.0)
-            .with_context(|| format!("{what}: `{field}.{key}` is missing or not a positive number"))
-    };
-    let theta = if table.contains_key("rope_theta") {
-        number("rope_theta")?
-    } else {
-        hf.rope_theta
-    };
-    if let Some(partial) = table.get("partial_rotary_factor") {
-        if partial.as_f64() != Some(1.0) {
-            bail!("{what}: `{field}.partial_rotary_factor` = {partial}: partial rotary is not supported");
-        }
-    }
-    // transformers 4.40 and earlier wrote `type`.
-    let kind = table
-        .get("rope_type")
-        .or_else(|| table.get("type"))
-        .map(|v| {
-            v.as_str()
-                .with_context(|| format!("{what}: `{field}.rope_type` is not a string"))
-        })
-        .transpose()?
-        .unwrap_or("default");
-    let scaling = match kind {
-        "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear {
-            factor: number("factor")?,
-        },
-        "llama3" => {
-            let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
-            if high <= low {
-                bail!(
-                    "{what}: `{field}.high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})"
-                );
-            }
-            RopeScaling::Llama3 {
-                factor: number("factor")?,
-                low_freq_factor: low,
-                high_freq_factor: high,
-                original_context: number("original_max_position_embeddings")?,
-            }
-        }
-        other => bail!(
-            "{what}: `{field}.rope_type` is \"{other}\", which saeflow does not compute (default, linear, \
-             llama3); refusing rather than computing the wrong rotary frequencies"
-        ),
-    };
-    Ok((theta, scaling))
-}
-
 fn default_eps() -> f64 {
     1e-5
 }
-fn default_theta() -> f64 {
-    10000.0
-}
 
-/// Loads a Hugging Face Llama directory (weights converted to f32).
-pub fn load_hf_dir(dir: &Path, device: &Device) -> anyhow::Result<(Config, Weights)> {
+/// Loads a Hugging Face Llama or Qwen2 directory (weights converted to f32) whose `config.json` reads
+/// `text`; see [`super::hf::load_dir`].
+pub fn load_hf_dir(dir: &Path, text: &str, device: &Device) -> anyhow::Result<(Config, Weights)> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("cannot read {}", cfg_path.display()))?;
-    let hf: HfConfig = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a Llama config", cfg_path.display()))?;
+    let hf: HfConfig = super::hf::parse_config(dir, text, "Llama")?;
     hf.check(&cfg_path)?;
     let family = hf.family(&cfg_path)?;
-    let (theta, scaling) = hf_rope(&hf, &cfg_path)?;
-    let mut shards: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    shards.sort();
-    if shards.is_empty() {
-        bail!("{}: no *.safetensors files", dir.display());
-    }
-    let mut sd: HashMap<String, Tensor> = HashMap::new();
-    for shard in &shards {
-        let tensors = candle_core::safetensors::load(shard, device).map_err(|e| {
-            anyhow::anyhow!("{}: not a readable safetensors file: {e}", shard.display())
-        })?;
-        sd.extend(tensors);
-    }
-    let has_head = sd.contains_key("lm_head.weight");
-    let take = |name: &str| -> anyhow::Result<Matrix> {
-        let t = sd
-            .remove(name)
-            .with_context(|| format!("{}: missing tensor `{name}`", dir.display()))?;
-        Ok(Matrix::Dense(t.to_dtype(DType::F32)?))
-    };
-    let mut weights = assemble(&HF_LAYOUT, hf.num_hidden_layers, has_head, take)?;
-    let _ = hf.tie_word_embeddings; // without an lm_head the output is tied to the embedding
+    let (theta, scaling) = super::hf::rope(&hf.rope, &cfg_path)?;
+    let mut shards = super::hf::Shards::load(dir, device)?;
+    // Without an lm_head the output is tied to the embedding.
+    let has_head = shards.has("lm_head.weight");
+    let mut weights = assemble(&HF_LAYOUT, hf.num_hidden_layers, has_head, |name| {
+        Ok(Matrix::Dense(shards.take(name)?))
+    })?;
     for (i, block) in weights.blocks.iter_mut().enumerate() {
-        let mut bias = |m: &str| sd.remove(&format!("model.layers.{i}.self_attn.{m}_proj.bias"));
-        block.qkv_bias = match (bias("q"), bias("k"), bias("v")) {
+        let mut bias =
+            |m: &str| shards.take_opt(&format!("model.layers.{i}.self_attn.{m}_proj.bias"));
+        block.qkv_bias = match (bias("q")?, bias("k")?, bias("v")?) {
             (None, None, None) => None,
-            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?.to_dtype(DType::F32)?),
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
             _ => bail!(
                 "{}: layer {i} has biases on some of its q, k and v projections but not all",
                 dir.display()
             ),
         };
     }
-    // A weight nothing reads means an architecture this loader does not know (an o_proj or MLP bias, a
-    // sliding-window variant's extra norms): refuse rather than compute without it. Old checkpoints saved
-    // the rotary buffer, which is recomputed.
-    sd.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
-    if !sd.is_empty() {
-        let mut names: Vec<&String> = sd.keys().collect();
-        names.sort();
-        let shown: Vec<String> = names.iter().take(5).map(|n| format!("`{n}`")).collect();
-        bail!(
-            "{}: {} tensors that a {family} model does not have, e.g. {}; refusing rather than computing \
-             without them",
-            dir.display(),
-            names.len(),
-            shown.join(", ")
-        );
-    }
+    shards.drop_buffers(|name| name.ends_with("rotary_emb.inv_freq"));
+    shards.finish(family)?;
     let n_kv_head = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
     let config = llama_config(
         hf.vocab_size,

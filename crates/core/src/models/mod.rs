@@ -1,10 +1,13 @@
-//! Language models: loading (nanochat, Llama GGUF / Hugging Face), tokenizers, one hookable transformer,
-//! and generation. Independent of the runner; stages use it through [`load`].
+//! Language models: loading (nanochat checkpoints, Llama GGUF files, Hugging Face directories of Llama,
+//! Qwen2, Gemma 2 and GPT-2), tokenizers, one hookable transformer, and generation. Independent of the runner; stages use it through [`load`].
 
 pub mod chat;
 mod cpu_ops;
+pub mod gemma2;
 pub mod generate;
 pub mod gguf_check;
+pub mod gpt2;
+pub mod hf;
 pub mod llama;
 pub mod nanochat;
 pub mod pickle;
@@ -160,8 +163,12 @@ fn check_model(
             config.max_seq_len
         );
     }
+    let norm = match config.norm {
+        transformer::Norm::Rms => "RMSNorm epsilon",
+        transformer::Norm::Layer => "LayerNorm epsilon",
+    };
     for (what, v) in [
-        ("RMSNorm epsilon", config.norm_eps),
+        (norm, config.norm_eps),
         ("rotary base (rope theta)", config.rope_theta),
     ] {
         if !v.is_finite() || v <= 0.0 {
@@ -172,14 +179,32 @@ fn check_model(
         }
     }
     let mut named: Vec<(String, &candle_core::Tensor)> = vec![("embedding".into(), &weights.embed)];
-    if let Some(t) = &weights.final_norm {
-        named.push(("final norm".into(), t));
+    for (what, t) in [
+        ("final norm", &weights.final_norm),
+        ("final norm bias", &weights.final_norm_bias),
+        ("position embedding", &weights.positions),
+    ] {
+        if let Some(t) = t {
+            named.push((what.into(), t));
+        }
     }
     if let transformer::Matrix::Dense(t) = &weights.lm_head {
         named.push(("lm_head".into(), t));
     }
     for (i, b) in weights.blocks.iter().enumerate() {
-        for (what, t) in [("attn_norm", &b.attn_norm), ("mlp_norm", &b.mlp_norm)] {
+        let (nb, pn, ob) = (&b.norm_biases, &b.post_norms, &b.out_biases);
+        for (what, t) in [
+            ("attn_norm", b.attn_norm.as_ref()),
+            ("mlp_norm", b.mlp_norm.as_ref()),
+            ("q/k/v bias", b.qkv_bias.as_ref()),
+            ("attn_norm bias", nb.as_ref().map(|p| &p.0)),
+            ("mlp_norm bias", nb.as_ref().map(|p| &p.1)),
+            ("post-attention norm", pn.as_ref().map(|p| &p.0)),
+            ("post-MLP norm", pn.as_ref().map(|p| &p.1)),
+            ("o bias", ob.as_ref().map(|p| &p.0)),
+            ("MLP-in bias", ob.as_ref().map(|p| &p.1)),
+            ("down bias", ob.as_ref().map(|p| &p.2)),
+        ] {
             if let Some(t) = t {
                 named.push((format!("block {i} {what}"), t));
             }
@@ -297,7 +322,7 @@ pub fn load_with(
                         info.chat_template,
                     )
                 } else {
-                    let (c, w) = llama::load_hf_dir(path, device)?;
+                    let (c, w) = hf::load_dir(path, device)?;
                     let tc: serde_json::Value =
                         std::fs::read_to_string(dir.join("tokenizer_config.json"))
                             .ok()
@@ -309,12 +334,29 @@ pub fn load_with(
                     } else {
                         None
                     };
+                    // generation_config.json may name more ends than the tokenizer's EOS (Gemma's
+                    // `<end_of_turn>`, Llama 3's `<|eot_id|>`): generation stops at any of them.
+                    let gc: serde_json::Value =
+                        std::fs::read_to_string(dir.join("generation_config.json"))
+                            .ok()
+                            .and_then(|t| serde_json::from_str(&t).ok())
+                            .unwrap_or_default();
+                    let mut stop: Vec<u32> = id("eos_token").into_iter().collect();
+                    let ends = match &gc["eos_token_id"] {
+                        serde_json::Value::Array(a) => a.clone(),
+                        one => vec![one.clone()],
+                    };
+                    for end in ends.iter().filter_map(serde_json::Value::as_u64) {
+                        if end < c.vocab_size as u64 && !stop.contains(&(end as u32)) {
+                            stop.push(end as u32);
+                        }
+                    }
                     (
                         c,
                         w,
                         bos,
                         id("bos_token"),
-                        id("eos_token").into_iter().collect(),
+                        stop,
                         tc["chat_template"].as_str().map(str::to_string),
                     )
                 };

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 
 use super::torch_pt::read_state_dict;
-use super::transformer::{BlockWeights, Config, Mlp, Rope, RopeScaling, Weights};
+use super::transformer::{BlockWeights, Config, Mlp, Norm, Rope, RopeScaling, Weights};
 
 /// Parameter-name fragments of the newer (2026) nanochat architecture.
 const NEWER_ARCH_MARKERS: &[(&str, &str)] = &[
@@ -222,15 +222,20 @@ pub fn load(files: &CheckpointFiles, device: &Device) -> anyhow::Result<(Config,
         n_kv_head: nc.n_kv_head,
         head_dim,
         d_mlp: 4 * nc.n_embd,
+        norm: Norm::Rms,
         norm_eps: f32::EPSILON as f64, // F.rms_norm without eps uses torch.finfo(float32).eps
         rope_theta: 10000.0,
-        rope: Rope::HalfSplit,
+        rope: Some(Rope::HalfSplit),
         rope_scaling: RopeScaling::None,
         rope_tables_bf16: true,
         rope_negative: true,
         qk_norm: true,
         embed_norm: true,
         mlp: Mlp::ReluSquared,
+        embed_scale: None,
+        attn_scale: None,
+        attn_softcap: None,
+        attn_windows: Vec::new(),
         softcap: Some(15.0),
         // Positions the rotary tables cover: ten times the training context, within what the tables can hold.
         max_seq_len: nc
@@ -262,18 +267,20 @@ pub fn load(files: &CheckpointFiles, device: &Device) -> anyhow::Result<(Config,
     let mut blocks = Vec::new();
     for i in 0..nc.n_layer {
         let p = |s: &str| format!("transformer.h.{i}.{s}");
-        blocks.push(BlockWeights {
-            attn_norm: None,
-            q: take(p("attn.c_q.weight"), [q_out, d])?.into(),
-            k: take(p("attn.c_k.weight"), [kv_out, d])?.into(),
-            v: take(p("attn.c_v.weight"), [kv_out, d])?.into(),
-            qkv_bias: None,
-            o: take(p("attn.c_proj.weight"), [d, q_out])?.into(),
-            mlp_norm: None,
-            gate: None,
-            up: take(p("mlp.c_fc.weight"), [4 * d, d])?.into(),
-            down: take(p("mlp.c_proj.weight"), [d, 4 * d])?.into(),
-        });
+        let attention = (
+            take(p("attn.c_q.weight"), [q_out, d])?.into(),
+            take(p("attn.c_k.weight"), [kv_out, d])?.into(),
+            take(p("attn.c_v.weight"), [kv_out, d])?.into(),
+            take(p("attn.c_proj.weight"), [d, q_out])?.into(),
+        );
+        blocks.push(BlockWeights::new(
+            None,
+            attention,
+            None,
+            None,
+            take(p("mlp.c_fc.weight"), [4 * d, d])?.into(),
+            take(p("mlp.c_proj.weight"), [d, 4 * d])?.into(),
+        ));
     }
     let lm_head = take("lm_head.weight".into(), [v, d])?;
     if let Some(extra) = sd.keys().next() {
@@ -288,7 +295,9 @@ pub fn load(files: &CheckpointFiles, device: &Device) -> anyhow::Result<(Config,
             embed,
             blocks,
             final_norm: None,
+            final_norm_bias: None,
             lm_head: lm_head.into(),
+            positions: None,
         },
     ))
 }

@@ -1,7 +1,11 @@
-//! One hookable decoder-only transformer covering nanochat and the Llama family.
+//! One hookable decoder-only transformer covering nanochat, the Llama family (Llama, Qwen2), Gemma 2 and
+//! GPT-2.
 //!
-//! The architectures differ only in details that [`Config`] names: norms with or without weights, an extra
-//! norm after the embedding, QK-norm, rotary layout and table precision, ReLU² vs SwiGLU MLP, logit softcap.
+//! The architectures differ only in details that [`Config`] and the optional parts of [`BlockWeights`]
+//! name: RMSNorm or LayerNorm, with or without weights and biases, norms after the sublayers too (Gemma 2),
+//! an extra norm after the embedding, a scaled embedding, QK-norm, rotary layout, scaling and table
+//! precision or learned positions, ReLU² / SwiGLU / GeGLU / GELU MLPs, biases, sliding-window layers and
+//! softcapped attention scores and logits.
 //! Every block exposes TransformerLens hook points; each accepts an intervention (a function of the
 //! activation) and can be captured. The forward pass stops after the last block a caller needs.
 
@@ -90,6 +94,19 @@ pub enum Mlp {
     ReluSquared,
     /// `down(silu(gate(x)) * up(x))` (Llama).
     SwiGlu,
+    /// `down(gelu_tanh(gate(x)) * up(x))` (Gemma 2).
+    GeGlu,
+    /// `down(gelu_tanh(up(x)))` (GPT-2's `gelu_new`).
+    Gelu,
+}
+
+/// The normalisation every norm of the model uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Norm {
+    /// `x / √(mean(x²) + eps) · w` (Gemma's `1 + w` is folded into `w` at load).
+    Rms,
+    /// `(x − mean) / √(var + eps) · w + b` (GPT-2).
+    Layer,
 }
 
 /// Architecture hyperparameters.
@@ -111,12 +128,15 @@ pub struct Config {
     pub head_dim: usize,
     /// MLP hidden width.
     pub d_mlp: usize,
-    /// RMSNorm epsilon.
+    /// Norm kind.
+    pub norm: Norm,
+    /// Norm epsilon.
     pub norm_eps: f64,
     /// Rotary base.
     pub rope_theta: f64,
-    /// Rotary channel pairing.
-    pub rope: Rope,
+    /// Rotary channel pairing; `None` = no rotary: positions come from a learned table
+    /// ([`Weights::positions`], GPT-2).
+    pub rope: Option<Rope>,
     /// Rotary frequency scaling.
     pub rope_scaling: RopeScaling,
     /// Round the rotary cos/sin tables to bf16 (nanochat does).
@@ -129,6 +149,14 @@ pub struct Config {
     pub embed_norm: bool,
     /// MLP form.
     pub mlp: Mlp,
+    /// The token embedding is multiplied by this (Gemma: √d_model).
+    pub embed_scale: Option<f64>,
+    /// Attention scores are `q·k · attn_scale` (default `1/√head_dim`; Gemma 2: `query_pre_attn_scalar^-½`).
+    pub attn_scale: Option<f64>,
+    /// Attention scores become `c·tanh(score/c)` before the softmax when set (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// Per layer, the sliding window of local attention (`None` = full); empty = full everywhere.
+    pub attn_windows: Vec<Option<usize>>,
     /// `logits = c·tanh(logits/c)` when set.
     pub softcap: Option<f64>,
     /// Longest sequence the rotary tables cover.
@@ -293,10 +321,11 @@ impl From<Tensor> for Matrix {
     }
 }
 
-/// Weights of one block (linear weights are `[out, in]`).
+/// Weights of one block (linear weights are `[out, in]`). Fields after `down` are parts only some
+/// families have ([`BlockWeights::new`] leaves them out).
 #[derive(Debug, Clone)]
 pub struct BlockWeights {
-    /// Pre-attention RMSNorm weight (None = parameter-free).
+    /// Pre-attention norm weight (None = parameter-free).
     pub attn_norm: Option<Tensor>,
     /// Query projection.
     pub q: Matrix,
@@ -316,6 +345,41 @@ pub struct BlockWeights {
     pub up: Matrix,
     /// Down projection (nanochat's `mlp.c_proj`).
     pub down: Matrix,
+    /// LayerNorm biases of the pre-attention and pre-MLP norms (GPT-2).
+    pub norm_biases: Option<(Tensor, Tensor)>,
+    /// Norms of the attention and MLP outputs before they join the residual (Gemma 2).
+    pub post_norms: Option<(Tensor, Tensor)>,
+    /// Biases of the output, MLP-in (up; gate and up for gated MLPs) and down projections (GPT-2).
+    pub out_biases: Option<(Tensor, Tensor, Tensor)>,
+}
+
+impl BlockWeights {
+    /// A block with the parts every family has; norms `None` are parameter-free.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        attn_norm: Option<Tensor>,
+        (q, k, v, o): (Matrix, Matrix, Matrix, Matrix),
+        mlp_norm: Option<Tensor>,
+        gate: Option<Matrix>,
+        up: Matrix,
+        down: Matrix,
+    ) -> Self {
+        BlockWeights {
+            attn_norm,
+            q,
+            k,
+            v,
+            qkv_bias: None,
+            o,
+            mlp_norm,
+            gate,
+            up,
+            down,
+            norm_biases: None,
+            post_norms: None,
+            out_biases: None,
+        }
+    }
 }
 
 /// All weights.
@@ -327,8 +391,13 @@ pub struct Weights {
     pub blocks: Vec<BlockWeights>,
     /// Final norm weight (None = parameter-free).
     pub final_norm: Option<Tensor>,
+    /// Final LayerNorm bias (GPT-2).
+    pub final_norm_bias: Option<Tensor>,
     /// `[vocab, d_model]` (the embedding itself when tied).
     pub lm_head: Matrix,
+    /// Learned position embeddings `[max_seq_len, d_model]`, added to the token embedding (GPT-2; with
+    /// `Config::rope = None`).
+    pub positions: Option<Tensor>,
 }
 
 /// `y = x·Wᵀ` as one GEMM over all tokens: `[batch, seq, in]` is flattened to `[batch·seq, in]` and
@@ -398,16 +467,25 @@ impl Linear {
     }
 }
 
+/// A norm's weight and, for LayerNorm, bias.
+struct NormWeights {
+    weight: Tensor,
+    bias: Tensor,
+}
+
 struct Block {
-    attn_norm: Tensor,
+    attn_norm: NormWeights,
     /// q, k and v side by side.
     qkv: Linear,
     qkv_bias: Option<Tensor>,
     o: Linear,
-    mlp_norm: Tensor,
-    /// SwiGLU: gate and up side by side; ReLU²: up.
+    mlp_norm: NormWeights,
+    /// Gated MLPs: gate and up side by side; otherwise up.
     mlp_in: Linear,
     down: Linear,
+    post_norms: Option<(NormWeights, NormWeights)>,
+    /// Output, MLP-in and down biases.
+    out_biases: Option<(Tensor, Tensor, Tensor)>,
 }
 
 /// A loaded, hookable transformer.
@@ -416,16 +494,22 @@ pub struct Transformer {
     pub config: Config,
     device: Device,
     embed: Tensor,
+    positions: Option<Tensor>,
     blocks: Vec<Block>,
-    final_norm: Tensor,
+    final_norm: NormWeights,
     lm_head: Linear,
     ones: Tensor,
     ones_head: Tensor,
+    /// Rotary tables `[max_seq_len, head_dim/2]` (empty without rotary).
     cos: Tensor,
     sin: Tensor,
 }
 
 fn rotary_tables(c: &Config, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    if c.rope.is_none() {
+        let empty = Tensor::zeros((0, c.head_dim / 2), DType::F32, device)?;
+        return Ok((empty.clone(), empty));
+    }
     let half = c.head_dim / 2;
     let (mut cos, mut sin) = (
         Vec::with_capacity(c.max_seq_len * half),
@@ -476,6 +560,28 @@ impl Transformer {
             );
         }
         let ones = Tensor::ones(c.d_model, DType::F32, device)?;
+        let zeros = Tensor::zeros(c.d_model, DType::F32, device)?;
+        let norm = |w: &Option<Tensor>, b: Option<&Tensor>| NormWeights {
+            weight: w.clone().unwrap_or_else(|| ones.clone()),
+            bias: b.cloned().unwrap_or_else(|| zeros.clone()),
+        };
+        match (&w.positions, c.rope) {
+            (Some(p), None) => expect(p.dims(), &[c.max_seq_len, c.d_model], "position embedding")?,
+            (None, Some(_)) => {}
+            (Some(_), Some(_)) => {
+                anyhow::bail!("a model has rotary or learned positions, not both")
+            }
+            (None, None) => {
+                anyhow::bail!("a model without rotary needs learned position embeddings")
+            }
+        }
+        if !c.attn_windows.is_empty() && c.attn_windows.len() != c.n_layer {
+            anyhow::bail!(
+                "{} attention windows for {} layers",
+                c.attn_windows.len(),
+                c.n_layer
+            );
+        }
         let mut blocks = Vec::new();
         // Blocks by value: each one's separate q/k/v and gate/up are freed once stacked (peak memory).
         for (i, b) in w.blocks.into_iter().enumerate() {
@@ -493,32 +599,52 @@ impl Transformer {
                 let width = (c.n_head + 2 * c.n_kv_head) * c.head_dim;
                 expect(bias.dims(), &[width], &n("qkv bias"))?;
             }
-            for (norm, name) in [(&b.attn_norm, "attn_norm"), (&b.mlp_norm, "mlp_norm")] {
-                if let Some(t) = norm {
+            let (nb, pn) = (b.norm_biases.as_ref(), b.post_norms.as_ref());
+            let vectors = [
+                (b.attn_norm.as_ref(), "attn_norm"),
+                (b.mlp_norm.as_ref(), "mlp_norm"),
+                (nb.map(|p| &p.0), "attn_norm bias"),
+                (nb.map(|p| &p.1), "mlp_norm bias"),
+                (pn.map(|p| &p.0), "post-attention norm"),
+                (pn.map(|p| &p.1), "post-MLP norm"),
+                (b.out_biases.as_ref().map(|p| &p.0), "o bias"),
+                (b.out_biases.as_ref().map(|p| &p.2), "down bias"),
+            ];
+            for (t, name) in vectors {
+                if let Some(t) = t {
                     expect(t.dims(), &[c.d_model], &n(name))?;
                 }
             }
-            if c.mlp == Mlp::SwiGlu && b.gate.is_none() {
-                anyhow::bail!("block {i}: a SwiGLU MLP needs gate weights");
+            let gated = matches!(c.mlp, Mlp::SwiGlu | Mlp::GeGlu);
+            if gated != b.gate.is_some() {
+                anyhow::bail!("block {i}: gate weights belong to gated MLPs (SwiGLU, GeGLU) only");
+            }
+            if let Some((_, up_bias, _)) = &b.out_biases {
+                let width = if gated { 2 * c.d_mlp } else { c.d_mlp };
+                expect(up_bias.dims(), &[width], &n("MLP-in bias"))?;
             }
             blocks.push(Block {
-                attn_norm: b.attn_norm.clone().unwrap_or_else(|| ones.clone()),
+                attn_norm: norm(&b.attn_norm, nb.map(|p| &p.0)),
                 qkv: Linear::stacked(&[&b.q, &b.k, &b.v])?,
                 qkv_bias: b.qkv_bias.clone(),
                 o: Linear::new(&b.o)?,
-                mlp_norm: b.mlp_norm.clone().unwrap_or_else(|| ones.clone()),
-                mlp_in: match (c.mlp, &b.gate) {
-                    (Mlp::SwiGlu, Some(gate)) => Linear::stacked(&[gate, &b.up])?,
-                    _ => Linear::new(&b.up)?,
+                mlp_norm: norm(&b.mlp_norm, nb.map(|p| &p.1)),
+                mlp_in: match &b.gate {
+                    Some(gate) => Linear::stacked(&[gate, &b.up])?,
+                    None => Linear::new(&b.up)?,
                 },
                 down: Linear::new(&b.down)?,
+                post_norms: pn
+                    .map(|(a, m)| (norm(&Some(a.clone()), None), norm(&Some(m.clone()), None))),
+                out_biases: b.out_biases.clone(),
             });
         }
         let (cos, sin) = rotary_tables(c, device)?;
         Ok(Transformer {
             device: device.clone(),
             embed: w.embed.clone(),
-            final_norm: w.final_norm.clone().unwrap_or_else(|| ones.clone()),
+            positions: w.positions.clone(),
+            final_norm: norm(&w.final_norm, w.final_norm_bias.as_ref()),
             lm_head: Linear::new(&w.lm_head)?,
             ones_head: Tensor::ones(c.head_dim, DType::F32, device)?,
             ones,
@@ -546,8 +672,12 @@ impl Transformer {
         Ok(())
     }
 
-    fn norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        cpu_ops::rms_norm(x, w, self.config.norm_eps as f32)
+    fn norm(&self, x: &Tensor, w: &NormWeights) -> candle_core::Result<Tensor> {
+        let eps = self.config.norm_eps as f32;
+        match self.config.norm {
+            Norm::Rms => cpu_ops::rms_norm(x, &w.weight, eps),
+            Norm::Layer => candle_nn::ops::layer_norm(&x.contiguous()?, &w.weight, &w.bias, eps),
+        }
     }
 
     fn at(
@@ -588,20 +718,21 @@ impl Transformer {
         let qkv = qkv.reshape((bsz, t, nq + 2 * nkv, c.head_dim))?;
         let heads = |from: usize, n: usize| qkv.narrow(2, from, n)?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (heads(0, nq)?, heads(nq, nkv)?, heads(nq + nkv, nkv)?);
-        let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
         let (mut q, mut k) = match c.rope {
-            Rope::HalfSplit => (
-                candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
-            ),
-            Rope::Interleaved => (
-                candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
-            ),
+            Some(rope) => {
+                let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
+                let rotate = match rope {
+                    Rope::HalfSplit => candle_nn::rotary_emb::rope,
+                    Rope::Interleaved => candle_nn::rotary_emb::rope_i,
+                };
+                (rotate(&q, &cos, &sin)?, rotate(&k, &cos, &sin)?)
+            }
+            None => (q, k),
         };
         if c.qk_norm {
-            q = self.norm(&q, &self.ones_head)?;
-            k = self.norm(&k, &self.ones_head)?;
+            let eps = c.norm_eps as f32;
+            q = cpu_ops::rms_norm(&q, &self.ones_head, eps)?;
+            k = cpu_ops::rms_norm(&k, &self.ones_head, eps)?;
         }
         let (k, v) = match cache {
             Some(cache) => {
@@ -621,21 +752,45 @@ impl Transformer {
         // query axis ([b, kv_heads, groups·t, d]), so each kv head's keys and values serve them all.
         let groups = c.n_head / c.n_kv_head;
         let q = q.reshape((bsz, c.n_kv_head, groups * t, c.head_dim))?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let y = cpu_ops::causal_attention(&q, &k, &v, scale, t, start)?
+        let scale = c
+            .attn_scale
+            .unwrap_or_else(|| 1.0 / (c.head_dim as f64).sqrt());
+        let vis = cpu_ops::Visibility {
+            first_key: &[],
+            window: c.attn_windows.get(layer).copied().flatten(),
+            softcap: c.attn_softcap.map(|s| s as f32),
+        };
+        let y = cpu_ops::causal_attention(&q, &k, &v, scale, t, start, vis)?
             .reshape((bsz, c.n_head, t, c.head_dim))?;
         let y = y
             .transpose(1, 2)?
             .reshape((bsz, t, c.n_head * c.head_dim))?;
-        b.o.forward(&y)
+        let y = b.o.forward(&y)?;
+        match &b.out_biases {
+            Some((o, _, _)) => y.broadcast_add(o),
+            None => Ok(y),
+        }
     }
 
     fn mlp(&self, b: &Block, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut h = b.mlp_in.forward(x)?;
+        if let Some((_, bias, _)) = &b.out_biases {
+            h = h.broadcast_add(bias)?;
+        }
         let h = match self.config.mlp {
-            Mlp::ReluSquared => b.mlp_in.forward(x)?.relu()?.sqr()?,
-            Mlp::SwiGlu => cpu_ops::swiglu(&b.mlp_in.forward(x)?)?,
+            Mlp::ReluSquared => h.relu()?.sqr()?,
+            Mlp::SwiGlu => cpu_ops::swiglu(&h)?,
+            Mlp::GeGlu => {
+                let d = self.config.d_mlp;
+                (h.narrow(D::Minus1, 0, d)?.gelu()? * h.narrow(D::Minus1, d, d)?)?
+            }
+            Mlp::Gelu => h.gelu()?,
         };
-        b.down.forward(&h)
+        let y = b.down.forward(&h)?;
+        match &b.out_biases {
+            Some((_, _, down)) => y.broadcast_add(down),
+            None => Ok(y),
+        }
     }
 
     /// Runs token ids `[batch, seq]` (right-padded batches are fine: attention is causal). With a cache,
@@ -675,21 +830,33 @@ impl Transformer {
             .embed
             .embedding(&tokens.flatten_all()?)?
             .reshape((bsz, t, c.d_model))?;
+        if let Some(scale) = c.embed_scale {
+            x = (x * scale)?;
+        }
+        if let Some(table) = &self.positions {
+            x = x.broadcast_add(&table.narrow(0, start, t)?)?;
+        }
         if c.embed_norm {
-            x = self.norm(&x, &self.ones)?;
+            x = cpu_ops::rms_norm(&x, &self.ones, c.norm_eps as f32)?;
         }
         for (i, b) in self.blocks.iter().enumerate().take(last) {
             x = self.at(hooks, &mut out, i, HookPoint::ResidPre, x)?;
-            let a = self.attention(
+            let mut a = self.attention(
                 b,
                 &self.norm(&x, &b.attn_norm)?,
                 i,
                 cache.as_deref_mut(),
                 start,
             )?;
+            if let Some((post, _)) = &b.post_norms {
+                a = self.norm(&a, post)?;
+            }
             let a = self.at(hooks, &mut out, i, HookPoint::AttnOut, a)?;
             x = self.at(hooks, &mut out, i, HookPoint::ResidMid, (x + a)?)?;
-            let m = self.mlp(b, &self.norm(&x, &b.mlp_norm)?)?;
+            let mut m = self.mlp(b, &self.norm(&x, &b.mlp_norm)?)?;
+            if let Some((_, post)) = &b.post_norms {
+                m = self.norm(&m, post)?;
+            }
             let m = self.at(hooks, &mut out, i, HookPoint::MlpOut, m)?;
             x = self.at(hooks, &mut out, i, HookPoint::ResidPost, (x + m)?)?;
         }
