@@ -10,7 +10,9 @@
 - `qwen2/`: Qwen2 (q/k/v biases, random so that they matter; tied embeddings; rope_theta 1e6).
 - `gemma2/`: Gemma 2 (pre- and post-norms of `1 + w`, GeGLU, √d scaled embedding, `query_pre_attn_scalar`
   ≠ head width, attention and final softcaps small enough to bite, local layers with a 16-key window that
-  the 80-token prompt overruns); its `no_window_top5` / `no_softcap_top5` twins must differ.
+  the 80-token prompt overruns); its `no_window_top5` / `no_softcap_top5` twins must differ. It also has a
+  word-level `tokenizer.json` over its 96 ids and Gemma 2's `tokenizer_config.json` (chat template verbatim,
+  BOS added) and `<end_of_turn>` in `generation_config.json`'s ends, so pipelines can run it.
 - `gpt2/`: GPT-2 (learned positions, LayerNorms with biases, Conv1D weights, `gelu_new`, biases everywhere,
   random so that they matter), saved as `GPT2LMHeadModel` saves it.
 
@@ -201,6 +203,42 @@ def twin(model, build, **change):
     return other
 
 
+# Gemma 2's chat template, verbatim from google/gemma-2-2b-it's tokenizer_config.json.
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+WORDS = (
+    "the of and to in is was it for on with as by at from that this be are or an not but have his her they "
+    "you we he she which their one all were there been has more when will would who what so if out up about "
+    "into than them can only other new some could time these two may then do first any my now such like our "
+    "over man me even most made after also did many before must through back years where much your way well "
+    "down should because each just those people how too little state good very make world still own see"
+).split()
+
+
+def write_word_tokenizer(directory):
+    """A word-level tokenizer over the model's 96 ids: Gemma's special tokens first, then words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<unk>", "\n"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS[: 96 - len(specials)])}
+    assert len(vocab) == 96
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    from tokenizers import AddedToken
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials[:6]])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "chat_template": GEMMA2_TEMPLATE,
+    }, indent=2) + "\n")
+
+
 def build_gpt2(seed):
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=128, initializer_range=0.3)
@@ -218,7 +256,9 @@ def main():
     qwen2.save_pretrained(OUT / "qwen2", safe_serialization=True)
     reference["qwen2"] = {"top5": top5(qwen2), "greedy": greedy(qwen2)}
     gemma2 = build_gemma2(4)
+    gemma2.generation_config.eos_token_id = [1, 4]  # <eos>, <end_of_turn>, as Gemma 2's instruct models
     gemma2.save_pretrained(OUT / "gemma2", safe_serialization=True)
+    write_word_tokenizer(OUT / "gemma2")
     reference["gemma2"] = {
         "top5": top5(gemma2),
         "greedy": greedy(gemma2),

@@ -41,7 +41,7 @@ fn relu_sae(
         b_dec: Tensor::from_vec(b_dec, d, &cpu).unwrap(),
         threshold: None,
         apply_b_dec_to_input: true,
-        layer_norm: false,
+        input_norm: saeflow_core::sae::format::InputNorm::None,
         cfg: Sae::standard_cfg(
             d,
             m,

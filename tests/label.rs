@@ -119,7 +119,7 @@ fn synthetic_labelled(
         b_dec: Tensor::zeros(D, DType::F32, &cpu).unwrap(),
         threshold: None,
         apply_b_dec_to_input: true,
-        layer_norm: false,
+        input_norm: saeflow_core::sae::format::InputNorm::None,
         cfg: Sae::standard_cfg(
             D,
             D_SAE,

@@ -33,7 +33,7 @@ fn random_sae() -> Sae {
         b_dec: Tensor::zeros(128, DType::F32, &cpu).unwrap(),
         threshold: None,
         apply_b_dec_to_input: true,
-        layer_norm: false,
+        input_norm: saeflow_core::sae::format::InputNorm::None,
         cfg: serde_json::Value::Null,
     }
 }

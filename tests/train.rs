@@ -646,7 +646,7 @@ fn openai_topk_checkpoints_load_with_their_layer_norm() {
         saeflow_core::sae::format::Activation::TopK(k)
     );
 
-    // OpenAI's Autoencoder by hand: LN, (x − pre_bias)·encoderᵀ + latent_bias, top-k, ReLU, decode, un-LN.
+    // OpenAI's Autoencoder by hand (sparse_autoencoder/model.py): LN, (x − pre_bias)·encoderᵀ + latent_bias, top-k, ReLU, decode, un-LN.
     let x = rand(2 * d, 9)
         .iter()
         .map(|v| v * 4.0 + 1.0)
@@ -654,7 +654,8 @@ fn openai_topk_checkpoints_load_with_their_layer_norm() {
     for row in 0..2 {
         let xr = &x[row * d..][..d];
         let mu = xr.iter().sum::<f32>() / d as f32;
-        let std = (xr.iter().map(|v| (v - mu).powi(2)).sum::<f32>() / d as f32).sqrt() + 1e-5;
+        // OpenAI's LN: torch's `std`, unbiased (n − 1), with ε added to it.
+        let std = (xr.iter().map(|v| (v - mu).powi(2)).sum::<f32>() / (d - 1) as f32).sqrt() + 1e-5;
         let ln: Vec<f32> = xr.iter().map(|v| (v - mu) / std).collect();
         let latents: Vec<f32> = (0..m)
             .map(|j| {

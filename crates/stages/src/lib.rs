@@ -14,6 +14,7 @@ pub mod dataset;
 pub mod eval;
 pub mod explain;
 pub mod label;
+pub mod sae;
 pub mod shared;
 pub mod steer;
 pub mod train;
@@ -29,6 +30,7 @@ pub fn builtin() -> Registry {
     registry.register::<eval::Eval>();
     registry.register::<explain::Explain>();
     registry.register::<label::Label>();
+    registry.register::<sae::SaeSource>();
     registry.register::<steer::Steer>();
     registry.register::<train::Train>();
     registry

@@ -107,8 +107,11 @@ pub fn resolve(
 
 /// Guesses the family of a model path.
 pub fn detect(path: &Path) -> anyhow::Result<ModelKind> {
-    if path.extension().is_some_and(|e| e == "gguf") || path.join("config.json").is_file() {
+    if path.extension().is_some_and(|e| e == "gguf") {
         return Ok(ModelKind::Llama);
+    }
+    if path.join("config.json").is_file() {
+        return Ok(ModelKind::HuggingFace);
     }
     if path.extension().is_some_and(|e| e == "pt") || nanochat::locate(path).is_ok() {
         return Ok(ModelKind::Nanochat);
@@ -299,7 +302,7 @@ pub fn load_with(
                 source: files.model,
             })
         }
-        ModelKind::Llama => {
+        ModelKind::Llama | ModelKind::HuggingFace => {
             let dir = if path.is_dir() {
                 path.to_path_buf()
             } else {
@@ -403,7 +406,7 @@ pub fn load_tokenizer(path: &Path, kind: ModelKind) -> anyhow::Result<Tokenizer>
             })?;
             Tokenizer::from_tiktoken_pickle(&tok_path)
         }
-        ModelKind::Llama => {
+        ModelKind::Llama | ModelKind::HuggingFace => {
             let dir = if path.is_dir() {
                 path.to_path_buf()
             } else {

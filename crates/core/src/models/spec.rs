@@ -77,8 +77,12 @@ impl JsonSchema for DeviceSpec {
 pub enum ModelKind {
     /// nanochat checkpoints (`model_*.pt`, `meta_*.json`, `tokenizer.pkl`).
     Nanochat,
-    /// Llama-family models: Hugging Face safetensors directories or `.gguf` files.
+    /// Llama-family models: `.gguf` files, or Hugging Face directories (as `huggingface`).
     Llama,
+    /// Hugging Face directories (`config.json` + safetensors + `tokenizer.json`); the config's `model_type`
+    /// picks the architecture: `llama`, `qwen2`, `gemma2` or `gpt2`.
+    #[serde(rename = "huggingface")]
+    HuggingFace,
 }
 
 /// `[models.NAME]`: a model that stages refer to by name.

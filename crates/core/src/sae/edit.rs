@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use super::format::Sae;
 use crate::models::Intervention;
@@ -50,16 +50,9 @@ impl Edit {
                 let flat = x.reshape(((), d))?.to_dtype(DType::F32)?;
                 let current = sae.encode(&flat)?.narrow(1, *feature, 1)?;
                 let mut amount = (current.neg()? + *target)?;
-                if sae.layer_norm {
-                    // The decoder works in the normalised space: a unit of the latent is std(x) in x.
-                    let mu = flat.mean_keepdim(D::Minus1)?;
-                    let std = (flat
-                        .broadcast_sub(&mu)?
-                        .sqr()?
-                        .mean_keepdim(D::Minus1)?
-                        .sqrt()?
-                        + 1e-5)?;
-                    amount = (amount * std)?;
+                if let Some((_, scale)) = sae.norm_stats(&flat)? {
+                    // The decoder works in the normalised space: a unit of the latent is `scale` in x.
+                    amount = (amount * scale)?;
                 }
                 let row = sae.w_dec.narrow(0, *feature, 1)?;
                 let edited = (flat + amount.broadcast_mul(&row)?)?;
@@ -104,7 +97,7 @@ mod tests {
             b_dec: Tensor::new(&[0.0f32, 0.1, 0.0, -0.1], &cpu).unwrap(),
             threshold: None,
             apply_b_dec_to_input: true,
-            layer_norm: false,
+            input_norm: crate::sae::format::InputNorm::None,
             cfg: serde_json::Value::Null,
         }
     }

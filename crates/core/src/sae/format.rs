@@ -29,6 +29,17 @@ pub enum Activation {
     JumpRelu,
 }
 
+/// How an SAE normalises each input before encoding (undone on the reconstruction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputNorm {
+    /// Inputs as they are.
+    None,
+    /// `(x − mean) / (std + 1e-5)` with the unbiased std, as OpenAI's `LN` and SAELens `layer_norm`.
+    LayerNorm,
+    /// `x · √d_in / ‖x‖` (SAELens `constant_norm_rescale`).
+    ConstantNorm,
+}
+
 /// An SAE ready to encode and decode on a device.
 #[derive(Debug, Clone)]
 pub struct Sae {
@@ -46,9 +57,9 @@ pub struct Sae {
     pub threshold: Option<Tensor>,
     /// Subtract b_dec from the input before encoding.
     pub apply_b_dec_to_input: bool,
-    /// Normalise each input to zero mean and unit standard deviation before encoding, and undo it on the
-    /// reconstruction in [`Sae::reconstruct`] (OpenAI's TopK SAEs; SAELens `layer_norm`).
-    pub layer_norm: bool,
+    /// Normalisation of each input before encoding, undone on the reconstruction in [`Sae::reconstruct`]
+    /// (OpenAI's TopK SAEs and SAELens `layer_norm`; SAELens `constant_norm_rescale`).
+    pub input_norm: InputNorm,
     /// The `cfg.json` it came from (or was exported with).
     pub cfg: Json,
 }
@@ -84,23 +95,34 @@ impl Sae {
         self.cfg["hook_name"]
             .as_str()
             .or_else(|| self.cfg["metadata"]["hook_name"].as_str())
+            .filter(|h| !h.is_empty())
     }
 
-    /// Per-token (mean, std) for layer-norm SAEs, as OpenAI's `LN`: std with ε 1e-5 added.
-    fn norm_stats(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let mu = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mu)?;
-        let std = (centered.sqr()?.mean_keepdim(D::Minus1)?.sqrt()? + 1e-5)?;
-        Ok((mu, std))
+    /// Per-input (shift, scale) of the input normalisation: the encoder sees `(x − shift) / scale` and the
+    /// reconstruction is `y · scale + shift`. `None` when the SAE does not normalise.
+    pub fn norm_stats(&self, x: &Tensor) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let d = x.dim(D::Minus1)?;
+        match self.input_norm {
+            InputNorm::None => Ok(None),
+            InputNorm::LayerNorm => {
+                // torch's `std` (OpenAI's LN, SAELens): unbiased, with ε added to it.
+                let mu = x.mean_keepdim(D::Minus1)?;
+                let centered = x.broadcast_sub(&mu)?;
+                let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / (d.max(2) - 1) as f64)?;
+                Ok(Some((mu, (var.sqrt()? + 1e-5)?)))
+            }
+            InputNorm::ConstantNorm => {
+                let norm = (x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? / (d as f64).sqrt())?;
+                Ok(Some((norm.zeros_like()?, norm)))
+            }
+        }
     }
 
     /// Pre-activations `[n, d_sae]` of inputs `[n, d_in]`.
     pub fn pre_activations(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = if self.layer_norm {
-            let (mu, std) = Self::norm_stats(x)?;
-            x.broadcast_sub(&mu)?.broadcast_div(&std)?
-        } else {
-            x.clone()
+        let x = match self.norm_stats(x)? {
+            Some((shift, scale)) => x.broadcast_sub(&shift)?.broadcast_div(&scale)?,
+            None => x.clone(),
         };
         let x = if self.apply_b_dec_to_input {
             x.broadcast_sub(&self.b_dec)?
@@ -139,11 +161,9 @@ impl Sae {
     pub fn encode_and_reconstruct(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let codes = self.encode(x)?;
         let y = self.decode(&codes)?;
-        let y = if self.layer_norm {
-            let (mu, std) = Self::norm_stats(x)?;
-            y.broadcast_mul(&std)?.broadcast_add(&mu)?
-        } else {
-            y
+        let y = match self.norm_stats(x)? {
+            Some((shift, scale)) => y.broadcast_mul(&scale)?.broadcast_add(&shift)?,
+            None => y,
         };
         Ok((codes, y))
     }
@@ -308,21 +328,41 @@ impl Sae {
                     bail!("{}: k = {k} exceeds d_sae = {d_sae}", cfg_path.display());
                 }
             }
-            let layer_norm = match str_or("normalize_activations", "none")?.as_str() {
-                "none" => false,
-                "layer_norm" => true,
+            let input_norm = match str_or("normalize_activations", "none")?.as_str() {
+                "none" => InputNorm::None,
+                "layer_norm" => InputNorm::LayerNorm,
+                "constant_norm_rescale" => InputNorm::ConstantNorm,
+                "expected_average_only_in" => bail!(
+                    "{}: `normalize_activations` = \"expected_average_only_in\" needs a scaling factor the \
+                     folder does not carry; fold it into the weights (SAELens \
+                     `fold_activation_norm_scaling_factor`) and set it to \"none\"",
+                    cfg_path.display()
+                ),
                 other => bail!(
-                    "{}: normalize_activations = \"{other}\" is not supported (none, layer_norm)",
+                    "{}: `normalize_activations` = \"{other}\" is not supported (none, layer_norm, \
+                     constant_norm_rescale)",
                     cfg_path.display()
                 ),
             };
-            if bool_or("rescale_acts_by_decoder_norm", false)? {
+            let reshape = str_or("reshape_activations", "none")?;
+            if reshape != "none" {
                 bail!(
-                    "{}: rescale_acts_by_decoder_norm is not supported yet",
+                    "{}: `reshape_activations` = \"{reshape}\" is not supported (attention-head SAEs read \
+                     hook_z, which saeflow's models do not expose)",
                     cfg_path.display()
                 );
             }
-            Ok(Sae {
+            for at in [&cfg["hook_head_index"], &cfg["metadata"]["hook_head_index"]] {
+                if !at.is_null() {
+                    bail!(
+                        "{}: `hook_head_index` = {at}: SAEs of one attention head are not supported",
+                        cfg_path.display()
+                    );
+                }
+            }
+            let rescaled = bool_or("rescale_acts_by_decoder_norm", false)?;
+            let apply_b_dec_to_input = bool_or("apply_b_dec_to_input", true)?;
+            let mut sae = Sae {
                 activation,
                 w_enc: get(&ts, "W_enc", &[d_in, d_sae], file)?,
                 b_enc: get(&ts, "b_enc", &[d_sae], file)?,
@@ -332,10 +372,15 @@ impl Sae {
                     Activation::JumpRelu => Some(get(&ts, "threshold", &[d_sae], file)?),
                     _ => None,
                 },
-                apply_b_dec_to_input: bool_or("apply_b_dec_to_input", true)?,
-                layer_norm,
+                apply_b_dec_to_input,
+                input_norm,
                 cfg,
-            })
+            };
+            if rescaled {
+                sae.fold_decoder_norms()
+                    .with_context(|| cfg_path.display().to_string())?;
+            }
+            Ok(sae)
         } else if dir.join("sae.safetensors").exists() {
             let d_in = usize_of("d_in")?;
             let d_sae = match cfg["num_latents"].as_u64() {
@@ -358,7 +403,7 @@ impl Sae {
                 b_dec: get(&ts, "b_dec", &[d_in], file)?,
                 threshold: None,
                 apply_b_dec_to_input: true,
-                layer_norm: false,
+                input_norm: InputNorm::None,
                 cfg,
             })
         } else {
@@ -367,6 +412,83 @@ impl Sae {
                 dir.display()
             )
         }
+    }
+}
+
+impl Sae {
+    /// SAELens' `rescale_acts_by_decoder_norm` (TopK SAEs trained as if their decoder rows had unit norm:
+    /// pre-activations × ‖W_dec row‖, latents ÷ ‖W_dec row‖ before decoding), folded into the weights: the
+    /// encoder's columns and bias times the norms, the decoder's rows divided by them. Same latents, same
+    /// reconstructions; the saved `cfg.json` then says `false`.
+    fn fold_decoder_norms(&mut self) -> anyhow::Result<()> {
+        let norms = self.w_dec.sqr()?.sum(D::Minus1)?.sqrt()?;
+        if norms.min(0)?.to_scalar::<f32>()? <= 0.0 {
+            bail!("`rescale_acts_by_decoder_norm` with a zero decoder row: cannot rescale by its norm");
+        }
+        self.w_enc = self.w_enc.broadcast_mul(&norms.unsqueeze(0)?)?;
+        self.b_enc = (&self.b_enc * &norms)?;
+        self.w_dec = self.w_dec.broadcast_div(&norms.unsqueeze(1)?)?;
+        if let Some(cfg) = self.cfg.as_object_mut() {
+            cfg.insert("rescale_acts_by_decoder_norm".into(), json!(false));
+            cfg.insert("decoder_norms_folded_by".into(), json!("saeflow"));
+        }
+        Ok(())
+    }
+
+    /// Loads the raw arrays Gemma Scope publishes (`params.npz`: `W_enc [d_in, d_sae]`, `W_dec`, `b_enc`,
+    /// `b_dec`, `threshold`) as the JumpReLU SAE SAELens' Gemma Scope loader makes of them (no b_dec
+    /// subtracted from the input). The file names no hook: the caller records it in `cfg`. Read by
+    /// [`super::npz`], which refuses pickled (object) arrays: an untrusted file never runs code.
+    pub fn load_npz(path: &Path, device: &Device) -> anyhow::Result<Self> {
+        let arrays: HashMap<String, Tensor> = super::npz::read(path, device)?.into_iter().collect();
+        const NAMES: [&str; 5] = ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"];
+        if let Some(extra) = arrays.keys().find(|k| !NAMES.contains(&k.as_str())) {
+            bail!(
+                "{}: array `{extra}` is not one of Gemma Scope's ({}); refusing rather than ignoring it",
+                path.display(),
+                NAMES.join(", ")
+            );
+        }
+        let w_enc = arrays.get("W_enc").with_context(|| {
+            format!(
+                "{}: no array `W_enc` (Gemma Scope's encoder)",
+                path.display()
+            )
+        })?;
+        let (d_in, d_sae) = w_enc.dims2().map_err(|_| {
+            anyhow::anyhow!(
+                "{}: `W_enc` has shape {:?}, expected [d_in, d_sae]",
+                path.display(),
+                w_enc.dims()
+            )
+        })?;
+        let get = |name: &str, shape: &[usize]| -> anyhow::Result<Tensor> {
+            let t = arrays
+                .get(name)
+                .with_context(|| format!("{}: no array `{name}`", path.display()))?;
+            checked_weight(t, name, shape, path)
+        };
+        Ok(Sae {
+            activation: Activation::JumpRelu,
+            w_enc: get("W_enc", &[d_in, d_sae])?,
+            b_enc: get("b_enc", &[d_sae])?,
+            w_dec: get("W_dec", &[d_sae, d_in])?,
+            b_dec: get("b_dec", &[d_in])?,
+            threshold: Some(get("threshold", &[d_sae])?),
+            apply_b_dec_to_input: false,
+            input_norm: InputNorm::None,
+            cfg: Self::jumprelu_cfg(d_in, d_sae, "gemma_scope", &Provenance::default()),
+        }
+        .with_b_dec_on_input(false))
+    }
+
+    /// The same SAE with `apply_b_dec_to_input` set, in the struct and in `cfg`.
+    fn with_b_dec_on_input(mut self, on: bool) -> Self {
+        self.apply_b_dec_to_input = on;
+        if let Some(cfg) = self.cfg.as_object_mut() {
+            cfg.insert("apply_b_dec_to_input".into(), json!(on));
+        }
+        self
     }
 }
 
@@ -481,7 +603,11 @@ impl Sae {
             b_dec,
             threshold: None,
             apply_b_dec_to_input: true,
-            layer_norm: kind == "TopK",
+            input_norm: if kind == "TopK" {
+                InputNorm::LayerNorm
+            } else {
+                InputNorm::None
+            },
             cfg: json!({"architecture": kind, "d_in": d_in, "d_sae": d_sae, "source": "openai"}),
         })
     }
@@ -514,7 +640,7 @@ mod tests {
             b_dec: t(&[1.0, 1.0], &[2]),
             threshold: Some(t(&[1.2, 1.0, -1.0], &[3])),
             apply_b_dec_to_input: true,
-            layer_norm: false,
+            input_norm: InputNorm::None,
             cfg: Json::Null,
         }
     }

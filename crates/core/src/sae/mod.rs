@@ -5,6 +5,7 @@ pub mod dense;
 pub mod edit;
 pub mod format;
 pub mod metrics;
+pub mod npz;
 pub mod select;
 pub mod step;
 pub mod trainer;

@@ -317,7 +317,7 @@ mod tests {
             b_dec: Tensor::zeros(4, DType::F32, &cpu).unwrap(),
             threshold: None,
             apply_b_dec_to_input: true,
-            layer_norm: false,
+            input_norm: saeflow_core::sae::format::InputNorm::None,
             cfg: serde_json::Value::Null,
         };
         let targets = [

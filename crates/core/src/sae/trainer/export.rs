@@ -43,7 +43,7 @@ impl State {
             b_dec: (Tensor::from_slice(&weights.b_dec, d, &cpu)? / s as f64)?,
             threshold,
             apply_b_dec_to_input: true,
-            layer_norm: false,
+            input_norm: crate::sae::format::InputNorm::None,
             cfg: sae_cfg,
         })
     }
