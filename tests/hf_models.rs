@@ -378,3 +378,80 @@ fn a_gguf_rope_scaling_it_cannot_compute_is_refused_by_key() {
         "{e}"
     );
 }
+
+/// Batched generation (left padding, one KV cache, rows stopping on their own) against one prompt at a
+/// time, token for token, on every family: with and without a steering edit at a hook, with prompts of
+/// different lengths, stop tokens that end some rows early, and (GPT-2, 128 positions) a row that runs
+/// into the context limit.
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    use saeflow_core::models::generate::generate_batch;
+    use saeflow_core::models::transformer::{Hook, HookPoint};
+    let prompt = ids(&reference()["prompt"]);
+    let nanochat = saeflow_core::models::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/quickstart/nanochat-d4"),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .transformer;
+    let mut models: Vec<(&str, Transformer)> = ["gemma2", "gpt2", "qwen2", "linear"]
+        .iter()
+        .map(|name| {
+            let (c, w) = load_hf_dir(&fixture(name), &Device::Cpu).unwrap();
+            (*name, model(c, w))
+        })
+        .collect();
+    let (c, w, _) = load_gguf(&fixture("llama3.gguf"), &Device::Cpu, false).unwrap();
+    models.push(("llama3.gguf", model(c, w)));
+    models.push(("nanochat-d4", nanochat));
+    for (name, m) in &models {
+        let vocab = m.config.vocab_size as u32;
+        let prompts: Vec<Vec<u32>> = [(0, 5), (10, 33), (40, 41), (3, 20), (0, 80)]
+            .iter()
+            .map(|&(a, b)| prompt[a..b].iter().map(|t| t % vocab).collect())
+            .collect();
+        // Stop tokens: what two of the rows produce early on alone, so those rows end first.
+        let alone = |hooks: &Hooks, stop: &[u32], max_new: usize| -> Vec<Vec<u32>> {
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let s = Sampling {
+                        seed: i as u64,
+                        ..Sampling::default()
+                    };
+                    generate(m, p, max_new, stop, &s, hooks).unwrap()
+                })
+                .collect()
+        };
+        let max_new = 60; // past GPT-2's 128 positions for the 80-token prompt
+        let free = alone(&Hooks::default(), &[], 6);
+        let stop = [free[1][3], free[3][1]];
+        let direction: Vec<f32> = (0..m.config.d_model)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.2)
+            .collect();
+        let direction = Tensor::from_vec(direction, m.config.d_model, &Device::Cpu).unwrap();
+        let mut steered = Hooks::default();
+        steered.interventions.insert(
+            Hook {
+                layer: 1,
+                point: HookPoint::ResidPost,
+            },
+            std::sync::Arc::new(move |x: &Tensor| x.broadcast_add(&direction)),
+        );
+        for (what, hooks) in [("plain", Hooks::default()), ("steered", steered)] {
+            let want = alone(&hooks, &stop, max_new);
+            let got =
+                generate_batch(m, &prompts, max_new, &stop, &Sampling::default(), &hooks).unwrap();
+            assert_eq!(got, want, "{name} {what}");
+            if what == "steered" {
+                assert_ne!(
+                    want,
+                    alone(&Hooks::default(), &stop, max_new),
+                    "{name}: the edit matters"
+                );
+            }
+        }
+    }
+}

@@ -6,7 +6,8 @@
 //! not test) moved `labels` and `steer`; dataset VERSION 2 (stratified splits) moved every key, and dataset
 //! VERSION 3 (preset fixes) with label VERSION 5 (one unit for every method) every key again, and capture
 //! VERSION 4 (chat templates rendered by Jinja) `acts` and everything after it, and steer VERSION 4
-//! (strengths in residual-norm units, random controls, intervals) `steer`. A deliberate
+//! (strengths in residual-norm units, random controls, intervals) `steer`, and steer VERSION 5 (prompts
+//! generated in one batch) `steer`. A deliberate
 //! change to a stage kind bumps its `VERSION` and
 //! updates the values here, saying why in the commit.
 
@@ -62,15 +63,15 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "steer[sae.k=16]",
-        "778f08e371d0b6beda5ee2c6a53b7f33b22b48e2a4a1b7fc33e11116bbb78c78",
+        "3e3701b7edc4cb509a7841cd3acb7d427b99309241c89dc2138d2a2718e7b6b1",
     ),
     (
         "steer[sae.k=4]",
-        "e541cc05138b00f600fac869dfe097c34356bf87bfa13c4c8ed265de810ec115",
+        "315d6bc098f30ac508619a18dd8e7cc350f762e97d615861efd0509c36f0448f",
     ),
     (
         "steer[sae.k=8]",
-        "2d056c0d49d3c7d02b9efe540a3739776d934840af72d3f1fadef887b805fadb",
+        "a1e6235f4aa98125e42b20fd1ae3a432ffa32fe284a79d0fe207737390055cb9",
     ),
 ];
 

@@ -253,7 +253,7 @@ def sae():
     out(c + "jumprelu-no-threshold.json", sae_cfg(architecture="jumprelu"))
     out(c + "normalize-unknown.json", sae_cfg(normalize_activations="expected_average_only_in"))
     out(c + "apply-b-dec-not-bool.json", sae_cfg(apply_b_dec_to_input="yes"))
-    out(c + "rescale-by-decoder-norm.json", sae_cfg(architecture="topk", k=4, rescale_acts_by_decoder_norm=True))
+    out(c + "rescale-not-bool.json", sae_cfg(architecture="topk", k=4, rescale_acts_by_decoder_norm="yes"))
 
 
 # --------------------------------------------------------------------------------------- pickles / torch .pt

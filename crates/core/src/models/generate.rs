@@ -144,8 +144,11 @@ pub fn top_k(logits: &Tensor, k: usize) -> anyhow::Result<Vec<(u32, f32)>> {
     Ok(idx.into_iter().take(k).map(|i| (i as u32, v[i])).collect())
 }
 
-/// Continues each prompt (each with its own KV cache; prompts of different lengths need no padding).
-/// Sampling seeds are offset by the prompt's index so a batch is reproducible and its members differ.
+/// Continues each prompt as [`generate`] would, all in one batch: prompts are left-padded to one length
+/// (the padding masked and each row's positions counted from its first real token, see
+/// [`Transformer::forward_padded`]), share one KV cache, and each row stops on its own (a stop token, its
+/// `max_new`, or the model's context), leaving the batch and the cache. Sampling seeds are
+/// offset by the prompt's index so a batch is reproducible and its members differ.
 pub fn generate_batch(
     model: &Transformer,
     prompts: &[Vec<u32>],
@@ -154,15 +157,98 @@ pub fn generate_batch(
     sampling: &Sampling,
     hooks: &Hooks,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
-    prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let s = Sampling {
-                seed: sampling.seed.wrapping_add(i as u64),
-                ..sampling.clone()
-            };
-            generate(model, p, max_new, stop, &s, hooks)
+    let samplings: Vec<Sampling> = (0..prompts.len())
+        .map(|i| Sampling {
+            seed: sampling.seed.wrapping_add(i as u64),
+            ..sampling.clone()
         })
-        .collect()
+        .collect();
+    generate_rows(model, prompts, max_new, stop, &samplings, hooks)
+}
+
+/// [`generate_batch`] with each row's own sampling settings (`samplings[i]` for `prompts[i]`).
+pub fn generate_rows(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stop: &[u32],
+    samplings: &[Sampling],
+    hooks: &Hooks,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    if samplings.len() != prompts.len() {
+        anyhow::bail!(
+            "{} samplings for {} prompts",
+            samplings.len(),
+            prompts.len()
+        );
+    }
+    if prompts.iter().any(Vec::is_empty) {
+        anyhow::bail!("cannot generate from an empty prompt");
+    }
+    let Some(longest) = prompts.iter().map(Vec::len).max() else {
+        return Ok(Vec::new());
+    };
+    let limit = model.config.max_seq_len;
+    let mut hooks = hooks.clone();
+    hooks.logits = true;
+    let padding: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let mut rngs: Vec<Rng> = samplings.iter().map(|s| Rng(s.seed)).collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    // A row is live while it may still grow: as `generate`, it stops when its next input would pass the
+    // context, after a stop token, or at `max_new`.
+    let mut live: Vec<bool> = prompts
+        .iter()
+        .map(|p| p.len() <= limit && max_new > 0)
+        .collect();
+    // Padding uses token 0: masked, it only has to be a valid id.
+    let first: Vec<u32> = prompts
+        .iter()
+        .zip(&padding)
+        .flat_map(|(p, &pad)| std::iter::repeat_n(0, pad).chain(p.iter().copied()))
+        .collect();
+    let device = model.device();
+    let mut input = Tensor::from_vec(first, (prompts.len(), longest), device)?;
+    let mut cache = KvCache::default();
+    // Batch row → prompt index; rows leave the batch (and the cache) as they finish.
+    let mut rows: Vec<usize> = (0..prompts.len()).collect();
+    let mut padding = padding;
+    loop {
+        let keep: Vec<usize> = (0..rows.len()).filter(|&r| live[rows[r]]).collect();
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() < rows.len() {
+            let index = Tensor::from_vec(
+                keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                keep.len(),
+                device,
+            )?;
+            cache.keep_rows(&index)?;
+            input = input.index_select(&index, 0)?;
+            rows = keep.iter().map(|&r| rows[r]).collect();
+            padding = keep.iter().map(|&r| padding[r]).collect();
+        }
+        let logits = model
+            .forward_padded(&input, &hooks, Some(&mut cache), &padding)?
+            .logits
+            .expect("logits requested");
+        let last = logits
+            .narrow(1, logits.dim(1)? - 1, 1)?
+            .squeeze(1)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(rows.len());
+        for (&i, row) in rows.iter().zip(&last) {
+            let token = pick(row, &samplings[i], &mut rngs[i]);
+            out[i].push(token);
+            next.push(token);
+            // Another step would feed prompt + generated positions: as in `generate`, not past the context.
+            let length = prompts[i].len() + out[i].len();
+            if stop.contains(&token) || out[i].len() >= max_new || length > limit {
+                live[i] = false;
+            }
+        }
+        input = Tensor::from_vec(next, (rows.len(), 1), device)?;
+    }
+    Ok(out)
 }

@@ -286,6 +286,15 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Keeps the batch rows `index` (u32 ids, in that order) of every layer's keys and values: rows of a
+    /// batched generation that finished leave it.
+    pub fn keep_rows(&mut self, index: &Tensor) -> candle_core::Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(index, 0)?;
+            *v = v.index_select(index, 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// A weight matrix `[out, in]`: dense f32, or GGUF-quantized blocks multiplied by candle's `QMatMul`
@@ -486,6 +495,56 @@ struct Block {
     post_norms: Option<(NormWeights, NormWeights)>,
     /// Output, MLP-in and down biases.
     out_biases: Option<(Tensor, Tensor, Tensor)>,
+}
+
+/// Where the tokens of one forward call sit: after `start` cached positions, each row `padding[b]`
+/// positions late (left padding of a batch).
+struct Placement {
+    start: usize,
+    /// Per (row, kv head) pair, the first key the row sees: its padding.
+    first_key: Vec<usize>,
+    /// `[batch · t]` positions of each row's tokens (0 for padding) when any row is padded.
+    position_ids: Option<Tensor>,
+}
+
+impl Placement {
+    fn new(
+        start: usize,
+        t: usize,
+        bsz: usize,
+        padding: &[usize],
+        kv_heads: usize,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        if padding.iter().all(|&p| p == 0) {
+            return Ok(Placement {
+                start,
+                first_key: Vec::new(),
+                position_ids: None,
+            });
+        }
+        if padding.len() != bsz {
+            anyhow::bail!("padding of {} rows for a batch of {bsz}", padding.len());
+        }
+        if let Some(p) = padding.iter().find(|&&p| p >= start + t) {
+            anyhow::bail!(
+                "a row padded by {p} of {} positions has no token",
+                start + t
+            );
+        }
+        let ids: Vec<u32> = padding
+            .iter()
+            .flat_map(|&p| (start..start + t).map(move |j| j.saturating_sub(p) as u32))
+            .collect();
+        Ok(Placement {
+            start,
+            first_key: padding
+                .iter()
+                .flat_map(|&p| std::iter::repeat_n(p, kv_heads))
+                .collect(),
+            position_ids: Some(Tensor::from_vec(ids, bsz * t, device)?),
+        })
+    }
 }
 
 /// A loaded, hookable transformer.
@@ -705,10 +764,11 @@ impl Transformer {
         x: &Tensor,
         layer: usize,
         cache: Option<&mut KvCache>,
-        start: usize,
+        at: &Placement,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (bsz, t, _) = x.dims3()?;
+        let start = at.start;
         // One product for q, k and v; each head group becomes [batch, heads, t, head_dim] in one copy.
         let (nq, nkv) = (c.n_head, c.n_kv_head);
         let mut qkv = b.qkv.forward(x)?;
@@ -720,7 +780,15 @@ impl Transformer {
         let (q, k, v) = (heads(0, nq)?, heads(nq, nkv)?, heads(nq + nkv, nkv)?);
         let (mut q, mut k) = match c.rope {
             Some(rope) => {
-                let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
+                let (cos, sin) = match &at.position_ids {
+                    Some(ids) => {
+                        let half = c.head_dim / 2;
+                        let rows =
+                            |table: &Tensor| table.index_select(ids, 0)?.reshape((bsz, t, half));
+                        (rows(&self.cos)?, rows(&self.sin)?)
+                    }
+                    None => (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?),
+                };
                 let rotate = match rope {
                     Rope::HalfSplit => candle_nn::rotary_emb::rope,
                     Rope::Interleaved => candle_nn::rotary_emb::rope_i,
@@ -756,7 +824,7 @@ impl Transformer {
             .attn_scale
             .unwrap_or_else(|| 1.0 / (c.head_dim as f64).sqrt());
         let vis = cpu_ops::Visibility {
-            first_key: &[],
+            first_key: &at.first_key,
             window: c.attn_windows.get(layer).copied().flatten(),
             softcap: c.attn_softcap.map(|s| s as f32),
         };
@@ -799,15 +867,31 @@ impl Transformer {
         &self,
         tokens: &Tensor,
         hooks: &Hooks,
+        cache: Option<&mut KvCache>,
+    ) -> anyhow::Result<Output> {
+        self.forward_padded(tokens, hooks, cache, &[])
+    }
+
+    /// [`Transformer::forward`] of a left-padded batch: row `b` starts with `padding[b]` filler tokens
+    /// that no other position attends to, and its real tokens take positions 0, 1, … as if alone (so each
+    /// row computes what it would unbatched). The padding holds for the whole cache: pass the same
+    /// `padding` with every continuation. Empty = no padding.
+    pub fn forward_padded(
+        &self,
+        tokens: &Tensor,
+        hooks: &Hooks,
         mut cache: Option<&mut KvCache>,
+        padding: &[usize],
     ) -> anyhow::Result<Output> {
         let c = &self.config;
         let (bsz, t) = tokens.dims2()?;
         let start = cache.as_ref().map_or(0, |k| k.len);
-        if start + t > c.max_seq_len {
+        let at = Placement::new(start, t, bsz, padding, c.n_kv_head, &self.device)?;
+        let shortest = padding.iter().copied().min().unwrap_or(0);
+        if start + t - shortest > c.max_seq_len {
             anyhow::bail!(
                 "sequence of {} tokens exceeds the model's {} positions",
-                start + t,
+                start + t - shortest,
                 c.max_seq_len
             );
         }
@@ -834,7 +918,11 @@ impl Transformer {
             x = (x * scale)?;
         }
         if let Some(table) = &self.positions {
-            x = x.broadcast_add(&table.narrow(0, start, t)?)?;
+            let rows = match &at.position_ids {
+                Some(ids) => table.index_select(ids, 0)?.reshape((bsz, t, c.d_model))?,
+                None => table.narrow(0, start, t)?,
+            };
+            x = x.broadcast_add(&rows)?;
         }
         if c.embed_norm {
             x = cpu_ops::rms_norm(&x, &self.ones, c.norm_eps as f32)?;
@@ -846,7 +934,7 @@ impl Transformer {
                 &self.norm(&x, &b.attn_norm)?,
                 i,
                 cache.as_deref_mut(),
-                start,
+                &at,
             )?;
             if let Some((post, _)) = &b.post_norms {
                 a = self.norm(&a, post)?;

@@ -20,7 +20,7 @@ use crate::shared::Template;
 use outputs::{write_outputs, Effect, Generation};
 use readings::{side_effects, Probe, Reader, Reading};
 use saeflow_core::cancel::Cancelled;
-use saeflow_core::models::generate::{generate, Sampling};
+use saeflow_core::models::generate::{generate_rows, Sampling};
 use saeflow_core::models::{Hook, Hooks, LoadedModel};
 use saeflow_core::sae::format::Sae;
 use saeflow_core::stats::bootstrap::mean_interval;
@@ -164,8 +164,9 @@ impl Stage for Steer {
     // 2: the CPU forward runs on hand-written kernels (same values to float rounding, other bits).
     // 3: `top:<class>` ranks labelled features by validation AUROC (was: test).
     // 4: strengths in residual-norm units by default, random-direction controls, prompts stratified by
-    // source, intervals over prompts and neutral texts.
-    const VERSION: u32 = 4;
+    // source, intervals over prompts and neutral texts. 5: prompts generated in one left-padded batch (same
+    // tokens greedily; sampled ones may differ where logits differ in the last bit).
+    const VERSION: u32 = 5;
     const ABOUT: &'static str = "Steer SAE features (add / clamp / ablate) or a DiffMean direction while generating, and measure the effects";
 
     fn references(p: &SteerParams) -> References {
@@ -400,21 +401,24 @@ fn run(p: &SteerParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             Target::Feature { id, .. } => Some(*id as usize),
             _ => None,
         };
-        let mut rows = Vec::new();
-        for (i, ids) in prompt_ids.iter().enumerate() {
-            let sampling = Sampling {
+        // Every prompt in one batch (left-padded, one KV cache), each with the seed it would have alone.
+        let samplings: Vec<Sampling> = (0..prompt_ids.len())
+            .map(|i| Sampling {
                 temperature: p.temperature,
                 seed: ctx.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
                 ..Sampling::default()
-            };
-            let new = generate(
-                &model.transformer,
-                ids,
-                p.max_new_tokens,
-                &stop,
-                &sampling,
-                &hooks,
-            )?;
+            })
+            .collect();
+        let generated = generate_rows(
+            &model.transformer,
+            &prompt_ids,
+            p.max_new_tokens,
+            &stop,
+            &samplings,
+            &hooks,
+        )?;
+        let mut rows = Vec::new();
+        for (i, (ids, new)) in prompt_ids.iter().zip(generated).enumerate() {
             let reading = reader.read(ids, &new, feature)?;
             rows.push(Generation {
                 target: target.name(),
