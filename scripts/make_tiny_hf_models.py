@@ -13,6 +13,11 @@
   the 80-token prompt overruns); its `no_window_top5` / `no_softcap_top5` twins must differ. It also has a
   word-level `tokenizer.json` over its 96 ids and Gemma 2's `tokenizer_config.json` (chat template verbatim,
   BOS added) and `<end_of_turn>` in `generation_config.json`'s ends, so pipelines can run it.
+- `qwen2.gguf`, `gemma2.gguf`, `gpt2.gguf`: the same families as llama.cpp's `convert_hf_to_gguf.py` writes
+  them (Qwen2's and Gemma 2's Q/K unpermuted, Gemma 2's norms stored as `1 + w`, GPT-2's Conv1D weights
+  transposed and its embedding copied to `output.weight`). A GGUF cannot say `query_pre_attn_scalar`, so
+  `gemma2.gguf` holds a twin whose scalar is its head width (as Gemma 2 2B and 9B have), with its own
+  reference `gemma2_gguf`.
 - `gpt2/`: GPT-2 (learned positions, LayerNorms with biases, Conv1D weights, `gelu_new`, biases everywhere,
   random so that they matter), saved as `GPT2LMHeadModel` saves it.
 
@@ -245,6 +250,84 @@ def build_gpt2(seed):
     return randomise(GPT2LMHeadModel(config).eval())
 
 
+def gguf_writer(path, arch, c, n_ctx):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers if arch != "gpt2" else c.n_layer)
+    w.add_context_length(n_ctx)
+    return w
+
+
+def write_gguf_qwen2_gemma2(model, path, arch):
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w = gguf_writer(path, arch, c, c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if arch == "gemma2":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+        w.add_sliding_window(c.sliding_window)
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    # convert_hf_to_gguf.py's Gemma2Model stores norm weights as 1 + w.
+    norm = (lambda t: t + 1) if arch == "gemma2" else (lambda t: t)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", norm(sd["model.norm.weight"]))
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    if arch == "gemma2":
+        names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"}
+    else:
+        names |= {"post_attention_layernorm": "ffn_norm"}
+    for i in range(c.num_hidden_layers):
+        for hf, ours in names.items():
+            for kind in ["weight", "bias"]:
+                t = sd.get(f"model.layers.{i}.{hf}.{kind}")
+                if t is not None:
+                    w.add_tensor(f"blk.{i}.{ours}.{kind}", norm(t) if "norm" in ours else t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_gguf_gpt2(model, path):
+    c = model.config
+    w = gguf_writer(path, "gpt2", c, c.n_positions)
+    w.add_embedding_length(c.n_embd)
+    w.add_feed_forward_length(4 * c.n_embd)
+    w.add_head_count(c.n_head)
+    w.add_layer_norm_eps(c.layer_norm_epsilon)
+    sd = {k.removeprefix("transformer."): v.float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["wte.weight"])
+    w.add_tensor("output.weight", sd["wte.weight"])  # the converter duplicates the tied embedding
+    w.add_tensor("position_embd.weight", sd["wpe.weight"])
+    w.add_tensor("output_norm.weight", sd["ln_f.weight"])
+    w.add_tensor("output_norm.bias", sd["ln_f.bias"])
+    names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for i in range(c.n_layer):
+        for hf, ours in names.items():
+            for kind in ["weight", "bias"]:
+                t = sd[f"h.{i}.{hf}.{kind}"]
+                if kind == "weight" and "norm" not in ours:
+                    t = t.T.copy()  # Conv1D [in, out] → [out, in]
+                w.add_tensor(f"blk.{i}.{ours}.{kind}", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def main():
     reference = {"prompt": PROMPT, "transformers": transformers.__version__, "torch": torch.__version__}
     for name, rope, seed, transformers4 in [("llama3", LLAMA3, 1, True), ("linear", LINEAR, 2, False)]:
@@ -268,6 +351,11 @@ def main():
     gpt2 = build_gpt2(5)
     gpt2.save_pretrained(OUT / "gpt2", safe_serialization=True)
     reference["gpt2"] = {"top5": top5(gpt2), "greedy": greedy(gpt2)}
+    write_gguf_qwen2_gemma2(qwen2, OUT / "qwen2.gguf", "qwen2")
+    write_gguf_gpt2(gpt2, OUT / "gpt2.gguf")
+    gemma2_gguf = twin(gemma2, build_gemma2, query_pre_attn_scalar=GEMMA2["head_dim"])
+    reference["gemma2_gguf"] = {"top5": top5(gemma2_gguf), "greedy": greedy(gemma2_gguf)}
+    write_gguf_qwen2_gemma2(gemma2_gguf, OUT / "gemma2.gguf", "gemma2")
     (OUT / "reference.json").write_text(json.dumps(reference) + "\n")
 
 

@@ -8,6 +8,8 @@
 //! weights without the window and without the score softcap). What the loaders
 //! cannot compute (other rope scalings, other architectures, weights nothing reads) is an error naming the
 //! field or tensor.
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -195,6 +197,21 @@ fn gpt2_with_learned_positions_layernorm_and_conv1d_weights_matches_transformers
     assert_eq!(config.family, "gpt2");
     assert!(config.rope.is_none() && weights.positions.is_some());
     check_parity("gpt2", &model(config, weights));
+}
+
+/// Qwen2, Gemma 2 and GPT-2 as llama.cpp's converter writes them into GGUF files match transformers as
+/// their Hugging Face directories do.
+#[test]
+fn qwen2_gemma2_and_gpt2_gguf_files_match_transformers() {
+    for (file, reference, family) in [
+        ("qwen2.gguf", "qwen2", "qwen2"),
+        ("gemma2.gguf", "gemma2_gguf", "gemma2"),
+        ("gpt2.gguf", "gpt2", "gpt2"),
+    ] {
+        let (config, weights, _) = load_gguf(&fixture(file), &Device::Cpu, false).unwrap();
+        assert_eq!(config.family, family);
+        check_parity(reference, &model(config, weights));
+    }
 }
 
 /// Copies the `llama3` fixture with `config.json` edited by `edit`; returns the error of loading it.
@@ -454,4 +471,62 @@ fn batched_generation_equals_one_prompt_at_a_time() {
             }
         }
     }
+}
+
+/// `saeflow model` with several `--prompt`s continues them in one batch, each as it would be alone, and a
+/// Hugging Face Gemma 2 directory renders its own chat template (BOS written by the template, the
+/// `<end_of_turn>` of generation_config.json among the stop tokens).
+#[test]
+fn the_model_command_batches_prompts_and_renders_gemmas_chat_template() {
+    let gemma = fixture("gemma2");
+    let dir = tempfile::tempdir().unwrap();
+    let report = |prompts: &[&str], chat: bool| -> Json {
+        let mut args = vec![
+            "model",
+            gemma.to_str().unwrap(),
+            "--json",
+            "--generate",
+            "10",
+        ];
+        for p in prompts {
+            args.extend(["--prompt", p]);
+        }
+        if chat {
+            args.push("--chat");
+        }
+        let out = common::run(dir.path(), &args);
+        assert!(out.status.success(), "{}", common::text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (a, b) = (
+        "the man was with his",
+        "all of them have been there for one",
+    );
+    let both = report(&[a, b], false);
+    assert_eq!(both["family"], "gemma2");
+    for (i, p) in [a, b].iter().enumerate() {
+        let alone = report(&[p], false);
+        assert_eq!(
+            both["continuations"][i]["greedy_ids"], alone["greedy_ids"],
+            "{p}"
+        );
+    }
+    let chat = report(&[a], true);
+    // <bos> <start_of_turn> user (unknown) … : the template's own text, tokenized with its specials.
+    let input: Vec<u64> = chat["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        &input[..2],
+        &[2, 3],
+        "<bos><start_of_turn> first: {input:?}"
+    );
+    assert_eq!(input.iter().filter(|&&t| t == 2).count(), 1, "one BOS");
+    assert!(
+        input.ends_with(&[4, 3, 5]),
+        "…<end_of_turn><start_of_turn>model: {input:?}"
+    );
 }

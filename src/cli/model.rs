@@ -12,9 +12,10 @@ use saeflow_runner::Error;
 pub struct ModelArgs {
     /// A nanochat checkpoint (file or directory), a .gguf file or a Hugging Face directory.
     path: PathBuf,
-    /// Text to run.
+    /// Text to run; repeat for several prompts, continued together in one batch (the report's details are
+    /// of the first).
     #[arg(long, default_value = "The capital of France is")]
-    prompt: String,
+    prompt: Vec<String>,
     /// Greedy tokens to generate.
     #[arg(long, default_value_t = 16)]
     generate: usize,
@@ -50,13 +51,24 @@ fn model_report(args: &ModelArgs) -> anyhow::Result<serde_json::Value> {
     let started = std::time::Instant::now();
     let model = saeflow_core::models::load_with(&args.path, None, args.dtype, &device)?;
     let load_s = started.elapsed().as_secs_f64();
-    let ids = if args.chat {
-        model
-            .tokenizer
-            .encode_with_specials(&model.render_chat(&args.prompt, None)?)?
-    } else {
-        model.encode_document(&args.prompt)?
+    let encode = |prompt: &str| -> anyhow::Result<Vec<u32>> {
+        if args.chat {
+            model
+                .tokenizer
+                .encode_with_specials(&model.render_chat(prompt, None)?)
+        } else {
+            model.encode_document(prompt)
+        }
     };
+    let all_ids = args
+        .prompt
+        .iter()
+        .map(|p| encode(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ids = all_ids.first().cloned().unwrap_or_default();
+    if ids.is_empty() {
+        anyhow::bail!("the prompt encodes to no tokens");
+    }
     let input = candle_core::Tensor::from_vec(ids.clone(), (1, ids.len()), &device)?;
     let logits = model
         .transformer
@@ -70,14 +82,23 @@ fn model_report(args: &ModelArgs) -> anyhow::Result<serde_json::Value> {
         None
     };
     let top5 = gen::top_k(&logits.get(ids.len() - 1)?, 5)?;
-    let out = gen::generate(
+    let outs = gen::generate_batch(
         &model.transformer,
-        &ids,
+        &all_ids,
         args.generate,
         &model.stop,
         &gen::Sampling::default(),
         &transformer::Hooks::default(),
     )?;
+    let out = outs[0].clone();
+    let continuations = args
+        .prompt
+        .iter()
+        .zip(&outs)
+        .map(|(p, o)| -> anyhow::Result<serde_json::Value> {
+            Ok(serde_json::json!({"prompt": p, "greedy_ids": o, "greedy_text": model.tokenizer.decode(o)?}))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let c = &model.transformer.config;
     Ok(serde_json::json!({
         "source": model.source.display().to_string(),
@@ -97,6 +118,7 @@ fn model_report(args: &ModelArgs) -> anyhow::Result<serde_json::Value> {
         "top5": top5.iter().map(|(i, l)| serde_json::json!({"id": i, "logit": l, "token": model.tokenizer.decode(&[*i]).unwrap_or_default()})).collect::<Vec<_>>(),
         "greedy_ids": out,
         "greedy_text": model.tokenizer.decode(&out)?,
+        "continuations": continuations,
     }))
 }
 
@@ -126,4 +148,15 @@ fn print_model_report(r: &serde_json::Value) {
         );
     }
     println!("greedy: {:?}", r["greedy_text"].as_str().unwrap_or(""));
+    let all = r["continuations"].as_array().map_or(&[][..], |v| &v[..]);
+    if all.len() > 1 {
+        println!("batch of {} prompts, greedily:", all.len());
+        for c in all {
+            println!(
+                "  {:?} → {:?}",
+                c["prompt"].as_str().unwrap_or(""),
+                c["greedy_text"].as_str().unwrap_or("")
+            );
+        }
+    }
 }

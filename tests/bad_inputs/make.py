@@ -710,7 +710,7 @@ def gguf_cases():
     out(g + "unknown-ggml-type.gguf", gguf(tensors=[
         (n, dims, 99 if n == "output_norm.weight" else ty, raw) for n, dims, ty, raw in llama_tensors()]))
     out(g + "alignment-zero.gguf", gguf(meta=llama_meta(general__alignment=(GG_U32, 0))))
-    out(g + "architecture-gpt2.gguf", gguf(meta=llama_meta(general__architecture=(GG_STR, "gpt2"))))
+    out(g + "architecture-falcon.gguf", gguf(meta=llama_meta(general__architecture=(GG_STR, "falcon"))))
     out(g + "block-count-missing.gguf", gguf(meta=llama_meta(llama__block_count=None)))
     out(g + "block-count-string.gguf", gguf(meta=llama_meta(llama__block_count=(GG_STR, "1"))))
     out(g + "block-count-huge.gguf", gguf(meta=llama_meta(llama__block_count=(GG_U32, 0xFFFFFFFF))))

@@ -164,8 +164,11 @@ pub fn read_gguf<R: std::io::Read + std::io::Seek>(
         .map_err(|e| anyhow::anyhow!("{what}: not a readable GGUF file: {e}"))
 }
 
-/// Loads a GGUF Llama model. By default every tensor is dequantized to f32 on `device`; with `quantized`,
-/// 2-D weight matrices other than the embedding stay quantized and multiply through `QMatMul`.
+/// Loads a GGUF model of an architecture llama.cpp and saeflow share: `llama`, `qwen2` (q/k/v biases),
+/// `gemma2` (post-norms, GeGLU, softcaps, sliding-window layers; llama.cpp's converter stores norms as
+/// `1 + w`) or `gpt2` (learned positions, LayerNorms and biases). By default every tensor is dequantized to
+/// f32 on `device`; with `quantized`, 2-D weight matrices other than the embeddings stay quantized and
+/// multiply through `QMatMul`.
 pub fn load_gguf(
     path: &Path,
     device: &Device,
@@ -180,48 +183,143 @@ pub fn load_gguf(
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_default();
-    if arch != "llama" {
+    if !["llama", "qwen2", "gemma2", "gpt2"].contains(&arch.as_str()) {
         bail!(
-            "{}: GGUF architecture `{arch}` is not supported (llama only)",
+            "{}: GGUF architecture `{arch}` is not supported (llama, qwen2, gemma2, gpt2)",
             path.display()
         );
     }
-    let n_layer = meta_u32(&content, "llama.block_count", path)? as usize;
-    let d_model = meta_u32(&content, "llama.embedding_length", path)? as usize;
-    let n_head = meta_u32(&content, "llama.attention.head_count", path)? as usize;
+    let key = |k: &str| format!("{arch}.{k}");
+    let n_layer = meta_u32(&content, &key("block_count"), path)? as usize;
+    let d_model = meta_u32(&content, &key("embedding_length"), path)? as usize;
+    let n_head = meta_u32(&content, &key("attention.head_count"), path)? as usize;
     let n_kv_head =
-        meta_u32(&content, "llama.attention.head_count_kv", path).unwrap_or(n_head as u32) as usize;
-    let d_mlp = meta_u32(&content, "llama.feed_forward_length", path)? as usize;
-    let context = meta_u32(&content, "llama.context_length", path).unwrap_or(4096) as usize;
-    let eps = meta_f32(&content, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64;
-    let theta = meta_f32(&content, "llama.rope.freq_base").unwrap_or(10000.0) as f64;
-    if n_head == 0
-        || n_kv_head == 0
-        || !d_model.is_multiple_of(n_head)
-        || !n_head.is_multiple_of(n_kv_head)
-    {
-        bail!("{}: inconsistent attention heads ({n_head} heads, {n_kv_head} kv heads, width {d_model})", path.display());
+        meta_u32(&content, &key("attention.head_count_kv"), path).unwrap_or(n_head as u32) as usize;
+    let d_mlp = meta_u32(&content, &key("feed_forward_length"), path)? as usize;
+    let context = meta_u32(&content, &key("context_length"), path).unwrap_or(4096) as usize;
+    let eps_key = if arch == "gpt2" {
+        "attention.layer_norm_epsilon"
+    } else {
+        "attention.layer_norm_rms_epsilon"
+    };
+    let eps = meta_f32(&content, &key(eps_key)).unwrap_or(1e-5) as f64;
+    let theta = meta_f32(&content, &key("rope.freq_base")).unwrap_or(10000.0) as f64;
+    if n_head == 0 || n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
+        bail!(
+            "{}: inconsistent attention heads ({n_head} heads, {n_kv_head} kv heads)",
+            path.display()
+        );
     }
-    let scaling = gguf_rope_scaling(&content, &mut file, path, d_model / n_head)?;
-    let get = |name: &str| -> anyhow::Result<Matrix> {
+    // Gemma 2 heads are wider than d_model / n_head; llama.cpp records their width.
+    let head_dim = match meta_u32(&content, &key("attention.key_length"), path) {
+        Ok(w) => w as usize,
+        Err(_) if d_model.is_multiple_of(n_head) => d_model / n_head,
+        Err(_) => bail!(
+            "{}: width {d_model} is not a multiple of {n_head} heads and no `{}` is given",
+            path.display(),
+            key("attention.key_length")
+        ),
+    };
+    let scaling = if arch == "gpt2" {
+        RopeScaling::None
+    } else {
+        gguf_rope_scaling(&content, &mut file, path, &arch, head_dim)?
+    };
+    let mut get = |name: &str| -> anyhow::Result<Matrix> {
         let q = content
             .tensor(&mut file, name, device)
             .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
-        if quantized && q.rank() == 2 && name != GGUF_LAYOUT.embed {
+        let embedding = name == GGUF_LAYOUT.embed || name == "position_embd.weight";
+        if quantized && q.rank() == 2 && !embedding {
             return Ok(Matrix::Quantized(std::sync::Arc::new(q)));
         }
         Ok(Matrix::Dense(q.dequantize(device)?))
     };
-    let has_head = content.tensor_infos.contains_key("output.weight");
-    let weights = assemble(&GGUF_LAYOUT, n_layer, has_head, get)?;
-    let config = llama_config(
+    let has = |name: &str| content.tensor_infos.contains_key(name);
+    let has_head = has("output.weight");
+    let mut weights = if arch == "gpt2" {
+        gpt2_gguf_weights(n_layer, d_model, has_head, &mut get)?
+    } else {
+        assemble(&GGUF_LAYOUT, n_layer, has_head, &mut get)?
+    };
+    let vector = |get: &mut dyn FnMut(&str) -> anyhow::Result<Matrix>,
+                  name: String|
+     -> anyhow::Result<Tensor> { Ok(get(&name)?.dense()?) };
+    for (i, block) in weights.blocks.iter_mut().enumerate() {
+        let b = |s: &str| format!("blk.{i}.{s}");
+        if arch == "qwen2" {
+            let q = vector(&mut get, b("attn_q.bias"))?;
+            let k = vector(&mut get, b("attn_k.bias"))?;
+            let v = vector(&mut get, b("attn_v.bias"))?;
+            block.qkv_bias = Some(Tensor::cat(&[q, k, v], 0)?);
+        }
+        if arch == "gemma2" {
+            block.post_norms = Some((
+                vector(&mut get, b("post_attention_norm.weight"))?,
+                vector(&mut get, b("post_ffw_norm.weight"))?,
+            ));
+        }
+    }
+    let mut config = llama_config(
         weights.embed.dim(0)?,
-        (d_model, n_layer, n_head, n_kv_head, d_model / n_head, d_mlp),
+        (d_model, n_layer, n_head, n_kv_head, head_dim, d_mlp),
         (eps, theta),
-        // llama.cpp stores Q/K permuted for interleaved pairs
-        (Rope::Interleaved, scaling),
+        // llama.cpp stores a Llama's Q/K permuted for interleaved pairs; Qwen2 and Gemma 2 keep
+        // Hugging Face's halves (its NEOX rotary).
+        (
+            if arch == "llama" {
+                Rope::Interleaved
+            } else {
+                Rope::HalfSplit
+            },
+            scaling,
+        ),
         context,
     );
+    config.family = arch.clone();
+    match arch.as_str() {
+        "gemma2" => {
+            let f = |k: &str| meta_f32(&content, &key(k)).map(f64::from);
+            let window = meta_u32(&content, &key("attention.sliding_window"), path)? as usize;
+            config.mlp = Mlp::GeGlu;
+            config.embed_scale = Some((d_model as f64).sqrt());
+            // llama.cpp: scores scaled by 1/√head_dim, except the 27B (46 layers), by 1/√(d_model / heads).
+            let scalar = if n_layer == 46 {
+                d_model / n_head
+            } else {
+                head_dim
+            };
+            config.attn_scale = Some(1.0 / (scalar as f64).sqrt());
+            config.attn_softcap = f("attn_logit_softcapping");
+            config.softcap = f("final_logit_softcapping");
+            // Local layers first, alternating (llama.cpp's swa pattern 2, as transformers' default).
+            config.attn_windows = (0..n_layer)
+                .map(|i| (i % 2 == 0).then_some(window))
+                .collect();
+        }
+        "gpt2" => {
+            config.norm = Norm::Layer;
+            config.mlp = Mlp::Gelu;
+            config.rope = None;
+        }
+        _ => {}
+    }
+    if !content
+        .tensor_infos
+        .keys()
+        .all(|name| expected_gguf_tensor(&arch, name))
+    {
+        let odd: Vec<&String> = content
+            .tensor_infos
+            .keys()
+            .filter(|name| !expected_gguf_tensor(&arch, name))
+            .take(5)
+            .collect();
+        bail!(
+            "{}: tensors a {arch} model does not have, e.g. {odd:?}; refusing rather than computing without them",
+            path.display()
+        );
+    }
     let u = |k: &str| content.metadata.get(k).and_then(|v| v.to_u32().ok());
     let info = GgufInfo {
         add_bos: content
@@ -240,6 +338,111 @@ pub fn load_gguf(
     Ok((config, weights, info))
 }
 
+/// Whether a GGUF tensor name is one the loader of `arch` reads.
+fn expected_gguf_tensor(arch: &str, name: &str) -> bool {
+    let top = [
+        "token_embd.weight",
+        "output_norm.weight",
+        "output.weight",
+        "rope_freqs.weight",
+    ];
+    if top.contains(&name)
+        || (arch == "gpt2" && ["output_norm.bias", "position_embd.weight"].contains(&name))
+    {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("blk.") else {
+        return false;
+    };
+    let Some((_, part)) = rest.split_once('.') else {
+        return false;
+    };
+    let mut known = vec![
+        "attn_norm.weight",
+        "attn_output.weight",
+        "ffn_norm.weight",
+        "ffn_up.weight",
+        "ffn_down.weight",
+    ];
+    match arch {
+        "gpt2" => known.extend([
+            "attn_qkv.weight",
+            "attn_qkv.bias",
+            "attn_norm.bias",
+            "attn_output.bias",
+            "ffn_norm.bias",
+            "ffn_up.bias",
+            "ffn_down.bias",
+        ]),
+        _ => known.extend([
+            "attn_q.weight",
+            "attn_k.weight",
+            "attn_v.weight",
+            "ffn_gate.weight",
+        ]),
+    }
+    match arch {
+        "qwen2" => known.extend(["attn_q.bias", "attn_k.bias", "attn_v.bias"]),
+        "gemma2" => known.extend(["post_attention_norm.weight", "post_ffw_norm.weight"]),
+        _ => {}
+    }
+    known.contains(&part)
+}
+
+/// GPT-2's weights as llama.cpp's converter writes them: `attn_qkv` fused (`[3·d, d]`), biases beside every
+/// projection and norm, learned positions in `position_embd.weight`.
+fn gpt2_gguf_weights(
+    n_layer: usize,
+    d: usize,
+    has_head: bool,
+    get: &mut dyn FnMut(&str) -> anyhow::Result<Matrix>,
+) -> anyhow::Result<Weights> {
+    let mut dense = |name: &str| -> anyhow::Result<Tensor> { Ok(get(name)?.dense()?) };
+    let embed = dense("token_embd.weight")?;
+    let positions = dense("position_embd.weight")?;
+    let mut blocks = Vec::new();
+    for i in 0..n_layer {
+        let mut t = |s: &str| dense(&format!("blk.{i}.{s}"));
+        let qkv = t("attn_qkv.weight")?;
+        let part = |k: usize| -> anyhow::Result<Matrix> { Ok(qkv.narrow(0, k * d, d)?.into()) };
+        let mut block = BlockWeights::new(
+            Some(t("attn_norm.weight")?),
+            (
+                part(0)?,
+                part(1)?,
+                part(2)?,
+                t("attn_output.weight")?.into(),
+            ),
+            Some(t("ffn_norm.weight")?),
+            None,
+            t("ffn_up.weight")?.into(),
+            t("ffn_down.weight")?.into(),
+        );
+        block.qkv_bias = Some(t("attn_qkv.bias")?);
+        block.norm_biases = Some((t("attn_norm.bias")?, t("ffn_norm.bias")?));
+        block.out_biases = Some((
+            t("attn_output.bias")?,
+            t("ffn_up.bias")?,
+            t("ffn_down.bias")?,
+        ));
+        blocks.push(block);
+    }
+    let lm_head = if has_head {
+        get("output.weight")?
+    } else {
+        Matrix::Dense(embed.clone())
+    };
+    let mut dense = |name: &str| -> anyhow::Result<Tensor> { Ok(get(name)?.dense()?) };
+    Ok(Weights {
+        final_norm: Some(dense("output_norm.weight")?),
+        final_norm_bias: Some(dense("output_norm.bias")?),
+        embed,
+        blocks,
+        lm_head,
+        positions: Some(positions),
+    })
+}
+
 /// The rotary scaling a GGUF file asks for: `llama.rope.scaling.type` (`none`, `linear` with
 /// `llama.rope.scaling.factor`) or per-frequency divisors in the tensor `rope_freqs.weight` (how llama.cpp
 /// converts Llama 3's scaling). Anything else, or a rotary width other than the head's, is an error naming
@@ -248,43 +451,46 @@ fn gguf_rope_scaling(
     content: &gguf_file::Content,
     file: &mut std::fs::File,
     path: &Path,
+    arch: &str,
     head_dim: usize,
 ) -> anyhow::Result<RopeScaling> {
     let what = path.display();
-    if let Ok(dims) = meta_u32(content, "llama.rope.dimension_count", path) {
+    let dims_key = format!("{arch}.rope.dimension_count");
+    let type_key = format!("{arch}.rope.scaling.type");
+    let factor_key = format!("{arch}.rope.scaling.factor");
+    if let Ok(dims) = meta_u32(content, &dims_key, path) {
         if dims as usize != head_dim {
             bail!(
-                "{what}: GGUF `llama.rope.dimension_count` is {dims}, but heads are {head_dim} wide; \
-                 partial rotary is not supported"
+                "{what}: GGUF `{dims_key}` is {dims}, but heads are {head_dim} wide; partial rotary is not \
+                 supported"
             );
         }
     }
     let kind = content
         .metadata
-        .get("llama.rope.scaling.type")
+        .get(&type_key)
         .map(|v| v.to_string().cloned())
         .transpose()
-        .map_err(|e| anyhow::anyhow!("{what}: GGUF `llama.rope.scaling.type`: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{what}: GGUF `{type_key}`: {e}"))?;
     let mut scaling = match kind.as_deref() {
         None | Some("none") => RopeScaling::None,
         Some("linear") => {
-            let factor = meta_f32(content, "llama.rope.scaling.factor")
+            let factor = meta_f32(content, &factor_key)
                 .filter(|f| f.is_finite() && *f > 0.0)
                 .with_context(|| {
-                    format!("{what}: GGUF `llama.rope.scaling.factor` is missing or not positive")
+                    format!("{what}: GGUF `{factor_key}` is missing or not positive")
                 })?;
             RopeScaling::Linear {
                 factor: factor as f64,
             }
         }
         Some(other) => bail!(
-            "{what}: GGUF `llama.rope.scaling.type` is `{other}`, which saeflow does not compute \
-             (none, linear)"
+            "{what}: GGUF `{type_key}` is `{other}`, which saeflow does not compute (none, linear)"
         ),
     };
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         if scaling != RopeScaling::None {
-            bail!("{what}: GGUF has both `llama.rope.scaling.type` and `rope_freqs.weight`");
+            bail!("{what}: GGUF has both `{type_key}` and `rope_freqs.weight`");
         }
         let divisors: Vec<f32> = content
             .tensor(file, "rope_freqs.weight", &Device::Cpu)
