@@ -7,6 +7,9 @@
   converter writes them (Q/K permuted for interleaved pairs, the scaling as per-frequency divisors in
   `rope_freqs.weight`, computed the way `convert_hf_to_gguf.py` does).
 - `linear/`: `rope_type = "linear"`, written as transformers 5 writes it (`rope_parameters`).
+- `dynamic/`: `rope_type = "dynamic"` (NTK, factor 2) with `max_position_embeddings = 64`, so the prompt
+  reaches past where scaling starts; its greedy reference comes from `generate` with a KV cache (each step's
+  frequencies follow the positions reached, cached keys keep theirs).
 - `qwen2/`: Qwen2 (q/k/v biases, random so that they matter; tied embeddings; rope_theta 1e6).
 - `gemma2/`: Gemma 2 (pre- and post-norms of `1 + w`, GeGLU, √d scaled embedding, `query_pre_attn_scalar`
   ≠ head width, attention and final softcaps small enough to bite, local layers with a 16-key window that
@@ -61,9 +64,9 @@ LINEAR = dict(rope_type="linear", factor=4.0)
 PROMPT = [int(i) for i in np.random.default_rng(7).integers(1, DIMS["vocab_size"], size=80)]
 
 
-def build(rope, seed):
+def build(rope, seed, **change):
     torch.manual_seed(seed)
-    config = LlamaConfig(**DIMS, rope_parameters={"rope_theta": THETA, **rope} if rope else {"rope_theta": THETA, "rope_type": "default"})
+    config = LlamaConfig(**{**DIMS, **change}, rope_parameters={"rope_theta": THETA, **rope} if rope else {"rope_theta": THETA, "rope_type": "default"})
     model = LlamaForCausalLM(config).eval()
     # Default init leaves norms at one; random norms test that they are read.
     with torch.no_grad():
@@ -86,6 +89,14 @@ def greedy(model, n=8):
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(PROMPT):]
+
+
+def greedy_cached(model, n=8):
+    """Greedy tokens from transformers' own generate (KV cache), for rotary kinds that depend on it."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(PROMPT):].tolist()
 
 
 def plain_twin(model):
@@ -335,6 +346,10 @@ def main():
         write_hf(model, OUT / name, transformers4)
         reference[name] = {"top5": top5(model), "greedy": greedy(model), "plain_top5": top5(plain_twin(model))}
     write_gguf(build(LLAMA3, 1), OUT / "llama3.gguf")
+    dynamic = build(dict(rope_type="dynamic", factor=2.0), 6, max_position_embeddings=64)
+    write_hf(dynamic, OUT / "dynamic", False)
+    reference["dynamic"] = {"top5": top5(dynamic), "greedy": greedy_cached(dynamic),
+                            "plain_top5": top5(plain_twin(dynamic))}
     qwen2 = build_qwen2(3)
     qwen2.save_pretrained(OUT / "qwen2", safe_serialization=True)
     reference["qwen2"] = {"top5": top5(qwen2), "greedy": greedy(qwen2)}

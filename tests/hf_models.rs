@@ -140,6 +140,19 @@ fn linear_rope_scaling_from_a_transformers_5_config_matches_transformers() {
 }
 
 #[test]
+fn dynamic_ntk_rope_scaling_matches_transformers_with_its_kv_cache() {
+    let (config, weights) = load_hf_dir(&fixture("dynamic"), &Device::Cpu).unwrap();
+    assert_eq!(
+        config.rope_scaling,
+        RopeScaling::Dynamic {
+            factor: 2.0,
+            original_context: 64
+        }
+    );
+    check("dynamic", config, weights);
+}
+
+#[test]
 fn llama3_rope_scaling_from_a_gguf_rope_freqs_tensor_matches_transformers() {
     let (config, weights, _) = load_gguf(&fixture("llama3.gguf"), &Device::Cpu, false).unwrap();
     assert!(matches!(config.rope_scaling, RopeScaling::Divisors(ref d) if d.len() == 8));
@@ -254,9 +267,12 @@ fn rope_scalings_it_cannot_compute_are_refused_by_field() {
         "{e}"
     );
     let e = load_error(|c| {
-        c["rope_scaling"] = serde_json::json!({ "type": "dynamic", "factor": 2.0 });
+        c["rope_scaling"] = serde_json::json!({ "type": "longrope", "factor": 2.0 });
     });
-    assert!(e.contains("`rope_scaling.rope_type` is \"dynamic\""), "{e}");
+    assert!(
+        e.contains("`rope_scaling.rope_type` is \"longrope\""),
+        "{e}"
+    );
     let e = load_error(|c| {
         c["rope_scaling"]
             .as_object_mut()
@@ -412,7 +428,7 @@ fn batched_generation_equals_one_prompt_at_a_time() {
     )
     .unwrap()
     .transformer;
-    let mut models: Vec<(&str, Transformer)> = ["gemma2", "gpt2", "qwen2", "linear"]
+    let mut models: Vec<(&str, Transformer)> = ["gemma2", "gpt2", "qwen2", "linear", "dynamic"]
         .iter()
         .map(|name| {
             let (c, w) = load_hf_dir(&fixture(name), &Device::Cpu).unwrap();

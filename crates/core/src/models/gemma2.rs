@@ -182,7 +182,7 @@ pub fn load_hf_dir(dir: &Path, text: &str, device: &Device) -> anyhow::Result<(C
     let g: GemmaConfig = parse_config(dir, text, "Gemma 2")?;
     g.check(&cfg_path)?;
     let windows = g.windows(&cfg_path)?;
-    let (theta, scaling) = super::hf::rope(&g.rope, &cfg_path)?;
+    let (theta, scaling) = super::hf::rope(&g.rope, g.max_position_embeddings, &cfg_path)?;
     let mut shards = Shards::load(dir, device)?;
     let (d, m) = (g.hidden_size, g.intermediate_size);
     let (q_out, kv_out) = (

@@ -174,7 +174,12 @@ fn default_theta() -> f64 {
 
 /// The rotary base and scaling of a Hugging Face config: `rope_parameters` (transformers 5) or `rope_theta`
 /// with `rope_scaling` (transformers 4). A scaling it does not compute is an error naming the field.
-pub(super) fn rope(hf: &RopeFields, path: &Path) -> anyhow::Result<(f64, RopeScaling)> {
+/// `max_positions` is the config's `max_position_embeddings`, where dynamic NTK scaling starts.
+pub(super) fn rope(
+    hf: &RopeFields,
+    max_positions: usize,
+    path: &Path,
+) -> anyhow::Result<(f64, RopeScaling)> {
     let what = path.display();
     let (table, field) = match (&hf.rope_parameters, &hf.rope_scaling) {
         (Some(p), _) if !p.is_null() => (p, "rope_parameters"),
@@ -230,9 +235,13 @@ pub(super) fn rope(hf: &RopeFields, path: &Path) -> anyhow::Result<(f64, RopeSca
                 original_context: number("original_max_position_embeddings")?,
             }
         }
+        "dynamic" => RopeScaling::Dynamic {
+            factor: number("factor")?,
+            original_context: max_positions,
+        },
         other => bail!(
             "{what}: `{field}.rope_type` is \"{other}\", which saeflow does not compute (default, linear, \
-             llama3); refusing rather than computing the wrong rotary frequencies"
+             llama3, dynamic); refusing rather than computing the wrong rotary frequencies"
         ),
     };
     Ok((theta, scaling))

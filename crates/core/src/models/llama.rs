@@ -595,7 +595,15 @@ pub fn load_hf_dir(dir: &Path, text: &str, device: &Device) -> anyhow::Result<(C
     let hf: HfConfig = super::hf::parse_config(dir, text, "Llama")?;
     hf.check(&cfg_path)?;
     let family = hf.family(&cfg_path)?;
-    let (theta, scaling) = super::hf::rope(&hf.rope, &cfg_path)?;
+    let max_positions = hf.max_position_embeddings.unwrap_or(4096);
+    let (theta, scaling) = super::hf::rope(&hf.rope, max_positions, &cfg_path)?;
+    // Dynamic NTK reaches past the trained context; its tables cover `factor` times it.
+    let context = match scaling {
+        RopeScaling::Dynamic { factor, .. } => {
+            ((max_positions as f64 * factor) as usize).min(super::MAX_POSITIONS)
+        }
+        _ => max_positions,
+    };
     let mut shards = super::hf::Shards::load(dir, device)?;
     // Without an lm_head the output is tied to the embedding.
     let has_head = shards.has("lm_head.weight");
@@ -630,7 +638,7 @@ pub fn load_hf_dir(dir: &Path, text: &str, device: &Device) -> anyhow::Result<(C
         ),
         (hf.rms_norm_eps, theta),
         (Rope::HalfSplit, scaling),
-        hf.max_position_embeddings.unwrap_or(4096),
+        context,
     );
     Ok((
         Config {

@@ -53,6 +53,16 @@ pub enum RopeScaling {
     },
     /// One divisor per frequency: how llama.cpp's GGUF files carry Llama 3 scaling (`rope_freqs.weight`).
     Divisors(Vec<f64>),
+    /// Dynamic NTK (Hugging Face `rope_type = "dynamic"`): plain up to `original_context` positions; a
+    /// forward reaching `n` > `original_context` positions uses the base
+    /// `theta · (factor·n/original_context − (factor − 1))^(d/(d−2))` for its queries and new keys, while
+    /// cached keys keep the frequencies they were rotated with (as `transformers` computes it with a cache).
+    Dynamic {
+        /// The scaling factor.
+        factor: f64,
+        /// `max_position_embeddings`: where scaling starts.
+        original_context: usize,
+    },
 }
 
 impl RopeScaling {
@@ -61,7 +71,7 @@ impl RopeScaling {
     pub fn inverse_frequencies(&self, theta: f64, head_dim: usize) -> Vec<f64> {
         let plain = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64));
         match self {
-            RopeScaling::None => plain.collect(),
+            RopeScaling::None | RopeScaling::Dynamic { .. } => plain.collect(),
             RopeScaling::Linear { factor } => plain.map(|f| f / factor).collect(),
             RopeScaling::Divisors(d) => plain.zip(d).map(|(f, d)| f / d).collect(),
             &RopeScaling::Llama3 {
@@ -84,6 +94,33 @@ impl RopeScaling {
                 })
                 .collect(),
         }
+    }
+}
+
+impl RopeScaling {
+    /// Dynamic NTK's inverse frequencies for a forward reaching `positions` positions (`None` when the
+    /// scaling is not dynamic or `positions` is within the original context: the plain tables apply).
+    pub fn dynamic_frequencies(
+        &self,
+        theta: f64,
+        head_dim: usize,
+        positions: usize,
+    ) -> Option<Vec<f64>> {
+        let &RopeScaling::Dynamic {
+            factor,
+            original_context,
+        } = self
+        else {
+            return None;
+        };
+        if positions <= original_context {
+            return None;
+        }
+        let d = head_dim as f64;
+        let base = theta
+            * (factor * positions as f64 / original_context as f64 - (factor - 1.0))
+                .powf(d / (d - 2.0));
+        Some(RopeScaling::None.inverse_frequencies(base, head_dim))
     }
 }
 
@@ -505,6 +542,9 @@ struct Placement {
     first_key: Vec<usize>,
     /// `[batch · t]` positions of each row's tokens (0 for padding) when any row is padded.
     position_ids: Option<Tensor>,
+    /// Rotary (cos, sin) `[batch, t, head_dim/2]` computed for this call alone (dynamic NTK past the
+    /// original context); `None` = rows of the model's tables.
+    tables: Option<(Tensor, Tensor)>,
 }
 
 impl Placement {
@@ -521,6 +561,7 @@ impl Placement {
                 start,
                 first_key: Vec::new(),
                 position_ids: None,
+                tables: None,
             });
         }
         if padding.len() != bsz {
@@ -543,7 +584,61 @@ impl Placement {
                 .flat_map(|&p| std::iter::repeat_n(p, kv_heads))
                 .collect(),
             position_ids: Some(Tensor::from_vec(ids, bsz * t, device)?),
+            tables: None,
         })
+    }
+
+    /// Sets [`Placement::tables`] when `config`'s dynamic NTK scaling applies to a row: each row's
+    /// frequencies follow the positions it reaches (so a batched row computes what it would alone).
+    fn with_dynamic_rotary(
+        mut self,
+        config: &Config,
+        t: usize,
+        padding: &[usize],
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let reach = |b: usize| self.start + t - padding.get(b).copied().unwrap_or(0);
+        let rows = padding.len().max(1);
+        let scaled = (0..rows).any(|b| {
+            config
+                .rope_scaling
+                .dynamic_frequencies(config.rope_theta, config.head_dim, reach(b))
+                .is_some()
+        });
+        if config.rope.is_none() || !scaled {
+            return Ok(self);
+        }
+        let half = config.head_dim / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for b in 0..rows {
+            let inverse = config
+                .rope_scaling
+                .dynamic_frequencies(config.rope_theta, config.head_dim, reach(b))
+                .unwrap_or_else(|| {
+                    config
+                        .rope_scaling
+                        .inverse_frequencies(config.rope_theta, config.head_dim)
+                });
+            let pad = padding.get(b).copied().unwrap_or(0);
+            for j in self.start..self.start + t {
+                let position = j.saturating_sub(pad) as f64;
+                for inv in &inverse {
+                    cos.push((position * inv).cos() as f32);
+                    sin.push((position * inv).sin() as f32);
+                }
+            }
+        }
+        let shape = (rows, t, half);
+        let (cos, sin) = (
+            Tensor::from_vec(cos, shape, device)?,
+            Tensor::from_vec(sin, shape, device)?,
+        );
+        self.tables = Some(if padding.is_empty() {
+            (cos.squeeze(0)?, sin.squeeze(0)?)
+        } else {
+            (cos, sin)
+        });
+        Ok(self)
     }
 }
 
@@ -780,14 +875,15 @@ impl Transformer {
         let (q, k, v) = (heads(0, nq)?, heads(nq, nkv)?, heads(nq + nkv, nkv)?);
         let (mut q, mut k) = match c.rope {
             Some(rope) => {
-                let (cos, sin) = match &at.position_ids {
-                    Some(ids) => {
+                let (cos, sin) = match (&at.tables, &at.position_ids) {
+                    (Some((cos, sin)), _) => (cos.clone(), sin.clone()),
+                    (None, Some(ids)) => {
                         let half = c.head_dim / 2;
                         let rows =
                             |table: &Tensor| table.index_select(ids, 0)?.reshape((bsz, t, half));
                         (rows(&self.cos)?, rows(&self.sin)?)
                     }
-                    None => (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?),
+                    (None, None) => (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?),
                 };
                 let rotate = match rope {
                     Rope::HalfSplit => candle_nn::rotary_emb::rope,
@@ -886,7 +982,8 @@ impl Transformer {
         let c = &self.config;
         let (bsz, t) = tokens.dims2()?;
         let start = cache.as_ref().map_or(0, |k| k.len);
-        let at = Placement::new(start, t, bsz, padding, c.n_kv_head, &self.device)?;
+        let at = Placement::new(start, t, bsz, padding, c.n_kv_head, &self.device)?
+            .with_dynamic_rotary(c, t, padding, &self.device)?;
         let shortest = padding.iter().copied().min().unwrap_or(0);
         if start + t - shortest > c.max_seq_len {
             anyhow::bail!(
