@@ -50,7 +50,8 @@ const MODULE_LAYERS: &[(&str, &[&[&str]])] = &[
         &[
             &["shared", "artifacts"],
             &[
-                "capture", "command", "dataset", "eval", "explain", "label", "steer", "train",
+                "capture", "command", "dataset", "eval", "explain", "label", "sae", "steer",
+                "train",
             ],
         ],
     ),
