@@ -162,6 +162,13 @@ fn an_imported_sae_is_checked_against_its_model_and_evaluated() {
         ce["ce_loss_with_sae"].as_f64().unwrap().is_finite(),
         "{eval}"
     );
+    // The report lists it with its origin.
+    ok(dir.path(), &["report", "p.toml", "-o", "report"]);
+    let page = std::fs::read_to_string(dir.path().join("report/index.html")).unwrap();
+    let imported = &page[page
+        .find("Imported SAEs")
+        .expect("an Imported SAEs section")..];
+    assert!(imported.contains("saelens/topk") && imported.contains("blocks.1.hook_resid_post"));
 
     // The layer-norm SAE reads blocks.2.hook_mlp_out, which the capture does not have; rescaled decoder
     // norms are folded and recorded as such.

@@ -172,6 +172,14 @@ pub fn render(
         ("steering", "Steering", "steer"),
         ("explanations", "Explanations", "explain"),
     ];
+    let imported = of("sae");
+    if !imported.is_empty() {
+        let _ = write!(
+            body,
+            "<section id=\"imported\"><h2>Imported SAEs</h2>{}</section>",
+            imported_saes(&imported)?
+        );
+    }
     for (id, title, kind) in sections {
         let found = of(kind);
         let _ = write!(body, "<section id=\"{id}\"><h2>{title}</h2>");
@@ -258,6 +266,31 @@ fn dataset(e: &Entry) -> anyhow::Result<String> {
         escape(&e.name),
         labels.len(),
         table(&headers, &rows)
+    ))
+}
+
+/// SAEs brought in by `sae` stages: where each came from and what it reads (`source.json`).
+fn imported_saes(entries: &[&Entry]) -> anyhow::Result<String> {
+    let mut rows = Vec::new();
+    for e in entries {
+        let s = json(&e.dir.join("source.json"))?;
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+        let origin = match s["hub"].as_str() {
+            Some(hub) => format!("{hub}@{} {}", text(&s["revision"]), text(&s["subfolder"])),
+            None => text(&s["path"]),
+        };
+        rows.push(vec![
+            escape(&e.name),
+            escape(origin.trim()),
+            escape(&text(&s["architecture"])),
+            count(&s["d_in"]),
+            count(&s["d_sae"]),
+            escape(&text(&s["hook"])),
+        ]);
+    }
+    Ok(table(
+        &["stage", "source", "architecture", "d_in", "d_sae", "hook"],
+        &rows,
     ))
 }
 
