@@ -133,11 +133,14 @@ batch_size = 8
 }
 
 #[test]
-fn an_imported_sae_is_checked_against_its_model_and_evaluated() {
+fn an_imported_sae_is_checked_against_its_model_evaluated_labelled_and_steered() {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = format!(
         "[pipeline]\nname = \"imported\"\n\n{}\n[stages.scope]\nkind = \"sae\"\npath = \"{}\"\nmodel = \"gemma\"\n\n\
-         [stages.eval]\nkind = \"eval\"\nsae = \"scope\"\ninput = \"acts\"\nmodel = \"gemma\"\n",
+         [stages.eval]\nkind = \"eval\"\nsae = \"scope\"\ninput = \"acts\"\nmodel = \"gemma\"\n\n\
+         [stages.labels]\nkind = \"label\"\nsae = \"scope\"\ninput = \"acts\"\n\n\
+         [stages.steer]\nkind = \"steer\"\nsae = \"scope\"\nmodel = \"gemma\"\nlabels = \"labels\"\n\
+         input = \"data\"\nfeatures = [3, 17]\nprompt_count = 3\nmax_new_tokens = 6\n",
         data_and_capture(dir.path(), "blocks.1.hook_resid_post"),
         fixture("topk").display()
     );
@@ -162,6 +165,16 @@ fn an_imported_sae_is_checked_against_its_model_and_evaluated() {
         ce["ce_loss_with_sae"].as_f64().unwrap().is_finite(),
         "{eval}"
     );
+    // label and steer take it as they take a trained SAE.
+    for (stage, file) in [
+        ("labels", "features.parquet"),
+        ("steer", "generations.parquet"),
+    ] {
+        assert!(
+            object_of(&cache, "imported", stage).join(file).is_file(),
+            "{stage}"
+        );
+    }
     // The report lists it with its origin.
     ok(dir.path(), &["report", "p.toml", "-o", "report"]);
     let page = std::fs::read_to_string(dir.path().join("report/index.html")).unwrap();
@@ -172,16 +185,10 @@ fn an_imported_sae_is_checked_against_its_model_and_evaluated() {
 
     // The layer-norm SAE reads blocks.2.hook_mlp_out, which the capture does not have; rescaled decoder
     // norms are folded and recorded as such.
-    let pipeline = pipeline.replace(
-        &fixture("topk").display().to_string(),
-        &fixture("topk_ln_rescaled").display().to_string(),
+    let pipeline = format!(
+        "[pipeline]\nname = \"imported\"\n\n[stages.scope]\nkind = \"sae\"\npath = \"{}\"\n",
+        fixture("topk_ln_rescaled").display()
     );
-    let pipeline = pipeline
-        .replace("[stages.eval]", "[stages.unused]")
-        .replace(
-            "kind = \"eval\"\nsae = \"scope\"\ninput = \"acts\"\nmodel = \"gemma\"\n",
-            "kind = \"command\"\nshell = \"true\"\n",
-        );
     write(&dir.path().join("p2.toml"), &pipeline);
     ok(dir.path(), &["run", "p2.toml"]);
     let folded = object_of(&cache, "imported", "scope");
