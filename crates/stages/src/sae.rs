@@ -26,7 +26,8 @@ use saeflow_runner::stage::{key_path, ParamError, Reference, References, Stage, 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SaeParams {
-    /// A local SAE folder (or OpenAI `.pt` file); its content enters the cache key.
+    /// A local SAE folder (or OpenAI `.pt` file); its content (under `subfolder`, when given) enters the
+    /// cache key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// A Hugging Face model repository (`org/name`) holding the SAE, e.g. `google/gemma-scope-2b-pt-res`.
@@ -69,12 +70,17 @@ impl Stage for SaeSource {
                     at: key_path(&["model"]),
                 })
                 .collect(),
+            // Only the SAE's own folder enters the key: a local clone of a release with many SAEs is not
+            // hashed whole.
             files: p
                 .path
                 .iter()
                 .map(|path| Reference {
                     role: String::new(),
-                    target: path.clone(),
+                    target: match &p.subfolder {
+                        Some(sub) => format!("{}/{sub}", path.trim_end_matches('/')),
+                        None => path.clone(),
+                    },
                     at: key_path(&["path"]),
                 })
                 .collect(),

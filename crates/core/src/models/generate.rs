@@ -89,7 +89,8 @@ fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     order[probs.len() - 1] as u32
 }
 
-/// Continues `prompt` by up to `max_new` tokens, stopping after any of `stop`. Returns the new tokens.
+/// Continues `prompt` by up to `max_new` tokens, stopping after any of `stop` (or where the next input
+/// would pass the model's context). Returns the new tokens.
 pub fn generate(
     model: &Transformer,
     prompt: &[u32],
@@ -98,39 +99,15 @@ pub fn generate(
     sampling: &Sampling,
     hooks: &Hooks,
 ) -> anyhow::Result<Vec<u32>> {
-    if prompt.is_empty() {
-        anyhow::bail!("cannot generate from an empty prompt");
-    }
-    let mut hooks = hooks.clone();
-    hooks.logits = true;
-    let mut cache = KvCache::default();
-    let mut rng = Rng(sampling.seed);
-    let mut out = Vec::new();
-    let mut input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), model.device())?;
-    for _ in 0..max_new {
-        if cache.len() + input.dim(1)? > model.config.max_seq_len {
-            break;
-        }
-        let logits = model
-            .forward(&input, &hooks, Some(&mut cache))?
-            .logits
-            .expect("logits requested");
-        let last = logits
-            .narrow(1, logits.dim(1)? - 1, 1)?
-            .squeeze(0)?
-            .squeeze(0)?;
-        let next = pick(
-            &last.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
-            sampling,
-            &mut rng,
-        );
-        out.push(next);
-        if stop.contains(&next) {
-            break;
-        }
-        input = Tensor::from_vec(vec![next], (1, 1), model.device())?;
-    }
-    Ok(out)
+    let rows = generate_rows(
+        model,
+        &[prompt.to_vec()],
+        max_new,
+        stop,
+        std::slice::from_ref(sampling),
+        hooks,
+    )?;
+    Ok(rows.into_iter().next().unwrap_or_default())
 }
 
 /// Top-k (id, logit) pairs of a `[vocab]` logits tensor, highest first (ties by lower id).
@@ -191,11 +168,11 @@ pub fn generate_rows(
     let limit = model.config.max_seq_len;
     let mut hooks = hooks.clone();
     hooks.logits = true;
-    let padding: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let mut padding: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
     let mut rngs: Vec<Rng> = samplings.iter().map(|s| Rng(s.seed)).collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
-    // A row is live while it may still grow: as `generate`, it stops when its next input would pass the
-    // context, after a stop token, or at `max_new`.
+    // A row is live while it may still grow: it stops when its next input would pass the context, after a
+    // stop token, or at `max_new`.
     let mut live: Vec<bool> = prompts
         .iter()
         .map(|p| p.len() <= limit && max_new > 0)
@@ -211,7 +188,6 @@ pub fn generate_rows(
     let mut cache = KvCache::default();
     // Batch row → prompt index; rows leave the batch (and the cache) as they finish.
     let mut rows: Vec<usize> = (0..prompts.len()).collect();
-    let mut padding = padding;
     loop {
         let keep: Vec<usize> = (0..rows.len()).filter(|&r| live[rows[r]]).collect();
         if keep.is_empty() {
@@ -242,7 +218,7 @@ pub fn generate_rows(
             let token = pick(row, &samplings[i], &mut rngs[i]);
             out[i].push(token);
             next.push(token);
-            // Another step would feed prompt + generated positions: as in `generate`, not past the context.
+            // Another step would feed prompt + generated positions: not past the context.
             let length = prompts[i].len() + out[i].len();
             if stop.contains(&token) || out[i].len() >= max_new || length > limit {
                 live[i] = false;

@@ -151,3 +151,113 @@ fn header(r: &mut impl Read) -> anyhow::Result<(DType, Vec<usize>, u64)> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok((dtype, shape, (prefix + len) as u64))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// An `.npy` v1 array: header dict `dict`, then `data`.
+    fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
+        let mut header = dict.to_string();
+        // numpy pads the header with spaces to a multiple of 64 bytes, ending in a newline.
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend((header.len() as u16).to_le_bytes());
+        out.extend(header.as_bytes());
+        out.extend(data);
+        out
+    }
+
+    /// A stored zip of (name, bytes) entries, as `np.savez` writes it.
+    fn npz(entries: &[(&str, Vec<u8>)]) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut w = zip::ZipWriter::new(file.reopen().unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for (name, data) in entries {
+            w.start_file(*name, opts).unwrap();
+            w.write_all(data).unwrap();
+        }
+        w.finish().unwrap();
+        file
+    }
+
+    fn floats(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn reads_float_arrays_by_name() {
+        let f = npz(&[
+            (
+                "a.npy",
+                npy(
+                    "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }",
+                    &floats(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+                ),
+            ),
+            (
+                "b.npy",
+                npy(
+                    "{'descr': '<f8', 'fortran_order': False, 'shape': (1,), }",
+                    &2.5f64.to_le_bytes(),
+                ),
+            ),
+        ]);
+        let arrays = read(f.path(), &Device::Cpu).unwrap();
+        assert_eq!(arrays[0].0, "a");
+        assert_eq!(
+            arrays[0].1.to_vec2::<f32>().unwrap(),
+            [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+        );
+        assert_eq!(
+            (arrays[1].0.as_str(), arrays[1].1.to_vec1::<f64>().unwrap()),
+            ("b", vec![2.5])
+        );
+    }
+
+    #[test]
+    fn hostile_headers_fail_before_anything_is_allocated() {
+        let cases = [
+            // 2^40 floats declared, 8 bytes present: refused before allocating 4 TiB.
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776,), }",
+                "declares shape [1099511627776]",
+            ),
+            // A product of dimensions that overflows u64.
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 16), }",
+                "which its 8 bytes do not hold",
+            ),
+            (
+                "{'descr': '|O', 'fortran_order': False, 'shape': (2,), }",
+                "object arrays are refused",
+            ),
+            (
+                "{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }",
+                "not a little-endian float array",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': True, 'shape': (2,), }",
+                "Fortran-order",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (2, x), }",
+                "non-integer",
+            ),
+        ];
+        for (dict, want) in cases {
+            let f = npz(&[("W_enc.npy", npy(dict, &floats(&[1.0, 2.0])))]);
+            let e = format!("{:#}", read(f.path(), &Device::Cpu).unwrap_err());
+            assert!(
+                e.contains("array `W_enc`") && e.contains(want),
+                "{dict}: {e}"
+            );
+        }
+    }
+}
