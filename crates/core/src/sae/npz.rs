@@ -162,7 +162,7 @@ mod tests {
     fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
         let mut header = dict.to_string();
         // numpy pads the header with spaces to a multiple of 64 bytes, ending in a newline.
-        while (10 + header.len() + 1) % 64 != 0 {
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(' ');
         }
         header.push('\n');
