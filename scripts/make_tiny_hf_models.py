@@ -11,6 +11,8 @@
   reaches past where scaling starts; its greedy reference comes from `generate` with a KV cache (each step's
   frequencies follow the positions reached, cached keys keep theirs).
 - `qwen2/`: Qwen2 (q/k/v biases, random so that they matter; tied embeddings; rope_theta 1e6).
+- `qwen2_sliding/`: the same Qwen2 family with `use_sliding_window` (window 16, from layer
+  `max_window_layers = 1` on); its `no_window_top5` twin must differ.
 - `gemma2/`: Gemma 2 (pre- and post-norms of `1 + w`, GeGLU, √d scaled embedding, `query_pre_attn_scalar`
   ≠ head width, attention and final softcaps small enough to bite, local layers with a 16-key window that
   the 80-token prompt overruns); its `no_window_top5` / `no_softcap_top5` twins must differ. It also has a
@@ -174,10 +176,10 @@ def write_gguf(model, path):
     w.close()
 
 
-def build_qwen2(seed):
+def build_qwen2(seed, **change):
     torch.manual_seed(seed)
-    dims = {**DIMS, "tie_word_embeddings": True}
-    config = Qwen2Config(**dims, rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, use_sliding_window=False)
+    dims = {**DIMS, "tie_word_embeddings": True, "use_sliding_window": False, **change}
+    config = Qwen2Config(**dims, rope_parameters={"rope_theta": 1e6, "rope_type": "default"})
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -353,6 +355,10 @@ def main():
     qwen2 = build_qwen2(3)
     qwen2.save_pretrained(OUT / "qwen2", safe_serialization=True)
     reference["qwen2"] = {"top5": top5(qwen2), "greedy": greedy(qwen2)}
+    sliding = build_qwen2(7, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    sliding.save_pretrained(OUT / "qwen2_sliding", safe_serialization=True)
+    reference["qwen2_sliding"] = {"top5": top5(sliding), "greedy": greedy(sliding),
+                                  "no_window_top5": top5(twin(sliding, build_qwen2))}
     gemma2 = build_gemma2(4)
     gemma2.generation_config.eos_token_id = [1, 4]  # <eos>, <end_of_turn>, as Gemma 2's instruct models
     gemma2.save_pretrained(OUT / "gemma2", safe_serialization=True)

@@ -205,6 +205,34 @@ fn gemma2_with_post_norms_geglu_softcaps_and_sliding_windows_matches_transformer
 }
 
 #[test]
+fn qwen2_with_sliding_window_layers_matches_transformers() {
+    let (config, weights) = load_hf_dir(&fixture("qwen2_sliding"), &Device::Cpu).unwrap();
+    assert_eq!(config.attn_windows, [None, Some(16)]);
+    let ours = model(config, weights);
+    check_parity("qwen2_sliding", &ours);
+    let reference = reference();
+    let apart = distance(
+        &logits(&ours, &ids(&reference["prompt"])),
+        &reference["qwen2_sliding"]["no_window_top5"],
+    );
+    assert!(
+        apart > 1e-2,
+        "the window changes the logits by only {apart}"
+    );
+    // A config without `layer_types` (before transformers 4.53) derives them from `max_window_layers`.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("qwen2_sliding").join(f), dir.path().join(f)).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut cfg: Json = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("layer_types");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let (config, _) = load_hf_dir(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(config.attn_windows, [None, Some(16)]);
+}
+
+#[test]
 fn gpt2_with_learned_positions_layernorm_and_conv1d_weights_matches_transformers() {
     let (config, weights) = load_hf_dir(&fixture("gpt2"), &Device::Cpu).unwrap();
     assert_eq!(config.family, "gpt2");
@@ -339,8 +367,15 @@ fn architectures_and_weights_the_loader_does_not_know_are_refused_by_name() {
         e.contains("missing tensor `transformer.h.1.ln_2.bias`"),
         "{e}"
     );
-    let e = load_error_of("qwen2", |c| c["use_sliding_window"] = true.into(), |_| {});
-    assert!(e.contains("`use_sliding_window` is true"), "{e}");
+    let e = load_error_of(
+        "qwen2",
+        |c| c["layer_types"][1] = "sliding_attention".into(),
+        |_| {},
+    );
+    assert!(
+        e.contains("layer 1 uses sliding-window attention but `sliding_window` is not set"),
+        "{e}"
+    );
     // A Llama with attention_bias = true has an o_proj bias too: nothing reads it, so it is refused.
     let e = load_error_of(
         "llama3",
@@ -428,13 +463,20 @@ fn batched_generation_equals_one_prompt_at_a_time() {
     )
     .unwrap()
     .transformer;
-    let mut models: Vec<(&str, Transformer)> = ["gemma2", "gpt2", "qwen2", "linear", "dynamic"]
-        .iter()
-        .map(|name| {
-            let (c, w) = load_hf_dir(&fixture(name), &Device::Cpu).unwrap();
-            (*name, model(c, w))
-        })
-        .collect();
+    let mut models: Vec<(&str, Transformer)> = [
+        "gemma2",
+        "gpt2",
+        "qwen2",
+        "qwen2_sliding",
+        "linear",
+        "dynamic",
+    ]
+    .iter()
+    .map(|name| {
+        let (c, w) = load_hf_dir(&fixture(name), &Device::Cpu).unwrap();
+        (*name, model(c, w))
+    })
+    .collect();
     let (c, w, _) = load_gguf(&fixture("llama3.gguf"), &Device::Cpu, false).unwrap();
     models.push(("llama3.gguf", model(c, w)));
     models.push(("nanochat-d4", nanochat));

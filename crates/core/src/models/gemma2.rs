@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use candle_core::{Device, Tensor};
 
 use super::hf::{check_dims, parse_config, RopeFields, Shards};
@@ -132,46 +132,16 @@ impl GemmaConfig {
         Ok(())
     }
 
-    /// The sliding window of each layer (`None` = global attention).
+    /// The sliding window of each layer (`None` = global attention): local layers first, alternating,
+    /// where `layer_types` is absent.
     fn windows(&self, path: &Path) -> anyhow::Result<Vec<Option<usize>>> {
-        let n = self.num_hidden_layers;
-        let types: Vec<String> = match &self.layer_types {
-            Some(t) => t.clone(),
-            None => (0..n)
-                .map(|i| {
-                    if i % 2 == 0 {
-                        "sliding_attention".to_string()
-                    } else {
-                        "full_attention".to_string()
-                    }
-                })
-                .collect(),
-        };
-        if types.len() != n {
-            bail!(
-                "{}: `layer_types` lists {} layers, `num_hidden_layers` is {n}",
-                path.display(),
-                types.len()
-            );
-        }
-        types
-            .iter()
-            .enumerate()
-            .map(|(i, t)| match t.as_str() {
-                "full_attention" => Ok(None),
-                "sliding_attention" => self.sliding_window.map(Some).with_context(|| {
-                    format!(
-                        "{}: `layer_types[{i}]` is \"sliding_attention\" but `sliding_window` is not set",
-                        path.display()
-                    )
-                }),
-                other => bail!(
-                    "{}: `layer_types[{i}]` is \"{other}\" (expected \"sliding_attention\" or \
-                     \"full_attention\")",
-                    path.display()
-                ),
-            })
-            .collect()
+        super::hf::layer_windows(
+            path,
+            self.num_hidden_layers,
+            self.layer_types.as_deref(),
+            |i| i % 2 == 0,
+            self.sliding_window,
+        )
     }
 }
 

@@ -155,6 +155,53 @@ pub(super) fn check_dims(path: &Path, dims: &[(&str, Option<usize>, usize)]) -> 
     Ok(())
 }
 
+/// Per layer, the sliding window of local attention (`None` = global), from transformers' `layer_types`
+/// (`sliding_attention` / `full_attention`), or where a config predates it, `default_sliding(layer)`.
+/// A sliding layer needs `window`.
+pub(super) fn layer_windows(
+    path: &Path,
+    n_layer: usize,
+    layer_types: Option<&[String]>,
+    default_sliding: impl Fn(usize) -> bool,
+    window: Option<usize>,
+) -> anyhow::Result<Vec<Option<usize>>> {
+    let what = path.display();
+    let sliding: Vec<bool> = match layer_types {
+        Some(types) => {
+            if types.len() != n_layer {
+                bail!(
+                    "{what}: `layer_types` lists {} layers, `num_hidden_layers` is {n_layer}",
+                    types.len()
+                );
+            }
+            types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    "full_attention" => Ok(false),
+                    "sliding_attention" => Ok(true),
+                    other => bail!(
+                        "{what}: `layer_types[{i}]` is \"{other}\" (expected \"sliding_attention\" or \
+                         \"full_attention\")"
+                    ),
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
+        None => (0..n_layer).map(default_sliding).collect(),
+    };
+    sliding
+        .iter()
+        .enumerate()
+        .map(|(i, &local)| match (local, window) {
+            (false, _) => Ok(None),
+            (true, Some(w)) => Ok(Some(w)),
+            (true, None) => bail!(
+                "{what}: layer {i} uses sliding-window attention but `sliding_window` is not set"
+            ),
+        })
+        .collect()
+}
+
 /// The rotary fields of a Hugging Face config.
 #[derive(Debug, serde::Deserialize)]
 pub(super) struct RopeFields {

@@ -529,22 +529,42 @@ struct HfConfig {
     /// `llama` (or absent, in old configs) or `qwen2`.
     #[serde(default)]
     model_type: Option<String>,
-    /// Qwen2's sliding-window attention switch.
+    /// Qwen2's sliding-window attention: the switch, the window, and the first layer that uses it (where
+    /// `layer_types` is absent).
     #[serde(default)]
     use_sliding_window: bool,
+    #[serde(default)]
+    sliding_window: Option<usize>,
+    #[serde(default = "default_max_window_layers")]
+    max_window_layers: usize,
+    #[serde(default)]
+    layer_types: Option<Vec<String>>,
+}
+
+fn default_max_window_layers() -> usize {
+    28
 }
 
 impl HfConfig {
     /// The family, from `model_type`: Llama, or Qwen2 (Llama with q/k/v biases).
-    fn family(&self, path: &Path) -> anyhow::Result<&'static str> {
+    fn family(&self) -> &'static str {
         match self.model_type.as_deref() {
-            Some("qwen2") if self.use_sliding_window => bail!(
-                "{}: `use_sliding_window` is true; Qwen2's sliding-window attention is not supported",
-                path.display()
-            ),
-            Some("qwen2") => Ok("qwen2"),
-            _ => Ok("llama"),
+            Some("qwen2") => "qwen2",
+            _ => "llama",
         }
+    }
+
+    /// Per layer, the sliding window (Qwen2 with `use_sliding_window`: layers from `max_window_layers` on,
+    /// as transformers' `Qwen2Config` derives `layer_types`; a Llama has none).
+    fn windows(&self, path: &Path) -> anyhow::Result<Vec<Option<usize>>> {
+        let window = self.sliding_window.filter(|_| self.use_sliding_window);
+        super::hf::layer_windows(
+            path,
+            self.num_hidden_layers,
+            self.layer_types.as_deref(),
+            |i| window.is_some() && i >= self.max_window_layers,
+            window,
+        )
     }
 
     /// Refuses dimensions no model has (see [`super::hf::check_dims`]) and heads that do not divide the
@@ -594,7 +614,8 @@ pub fn load_hf_dir(dir: &Path, text: &str, device: &Device) -> anyhow::Result<(C
     let cfg_path = dir.join("config.json");
     let hf: HfConfig = super::hf::parse_config(dir, text, "Llama")?;
     hf.check(&cfg_path)?;
-    let family = hf.family(&cfg_path)?;
+    let family = hf.family();
+    let windows = hf.windows(&cfg_path)?;
     let max_positions = hf.max_position_embeddings.unwrap_or(4096);
     let (theta, scaling) = super::hf::rope(&hf.rope, max_positions, &cfg_path)?;
     // Dynamic NTK reaches past the trained context; its tables cover `factor` times it.
@@ -643,6 +664,7 @@ pub fn load_hf_dir(dir: &Path, text: &str, device: &Device) -> anyhow::Result<(C
     Ok((
         Config {
             family: family.into(),
+            attn_windows: windows,
             ..config
         },
         weights,
