@@ -70,6 +70,45 @@ pub fn forward(
     Ok(())
 }
 
+/// The linear layers of SmolLM2-135M's forward over `tokens` rows, as (name, in, out): q/k/v stacked,
+/// attention output, gate/up stacked, down, and the 49,152-way output head.
+pub const SMOLLM2_LINEARS: [(&str, usize, usize); 5] = [
+    ("qkv", 576, 960),
+    ("o", 576, 576),
+    ("gate_up", 576, 3072),
+    ("down", 1536, 576),
+    ("lm_head", 576, 49152),
+];
+
+/// `y = x·Wᵀ` as the model computes it (one GEMM over all rows against a transposed view of the `[out, in]`
+/// weight, candle's `gemm` crate) on SmolLM2's linear shapes: GFLOP/s per shape, best of `iters` after a
+/// warm-up. `bench/gemm_torch.py` times PyTorch on the same shapes.
+pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
+    use candle_core::{Device, Tensor};
+    let device = Device::Cpu;
+    for (name, inner, out) in SMOLLM2_LINEARS {
+        let x = Tensor::randn(0f32, 1.0, (tokens, inner), &device)?;
+        let w = Tensor::randn(0f32, 0.05, (out, inner), &device)?;
+        let wt = w.t()?;
+        x.matmul(&wt)?; // warm-up
+        let mut best = f64::INFINITY;
+        for _ in 0..iters {
+            let started = std::time::Instant::now();
+            let y = x.matmul(&wt)?;
+            y.get(0)?.get(0)?.to_scalar::<f32>()?;
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        let flops = 2.0 * (tokens * inner * out) as f64;
+        println!(
+            "saeflow gemm {name:>8} [{tokens}x{inner}]·[{inner}x{out}]: {:.1} GFLOP/s ({:.2} ms), {} threads",
+            flops / best / 1e9,
+            best * 1e3,
+            rayon::current_num_threads()
+        );
+    }
+    Ok(())
+}
+
 /// Reads an activation store in store order and shuffled, `passes` times each, and prints rows/s and GB/s.
 pub fn reader(
     store: Option<&Path>,

@@ -52,6 +52,15 @@ pub enum BenchCommand {
         #[arg(long, default_value = "f32")]
         dtype: WeightFormat,
     },
+    /// The model's linear layers alone (SmolLM2-135M's shapes): GFLOP/s of candle's matmul per shape.
+    Gemm {
+        /// Rows (tokens) per product.
+        #[arg(long, default_value_t = 1024)]
+        tokens: usize,
+        /// Timed products per shape (the best is reported).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
     /// TopK SAE training steps on random inputs: tokens/s, ms/step, GFLOP/s.
     Train {
         /// Input width.
@@ -112,6 +121,7 @@ pub fn bench(command: BenchCommand) -> Result<(), Error> {
             device,
             dtype,
         } => crate::bench::forward(&path, batch, seq, layer, iters, device, dtype),
+        BenchCommand::Gemm { tokens, iters } => crate::bench::gemm(tokens, iters),
         BenchCommand::Train {
             d_in,
             expansion,

@@ -401,7 +401,6 @@ pub struct BlockWeights {
 
 impl BlockWeights {
     /// A block with the parts every family has; norms `None` are parameter-free.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         attn_norm: Option<Tensor>,
         (q, k, v, o): (Matrix, Matrix, Matrix, Matrix),
