@@ -82,7 +82,8 @@ pub const SMOLLM2_LINEARS: [(&str, usize, usize); 5] = [
 
 /// `y = x·Wᵀ` as the model computes it (one GEMM over all rows against a transposed view of the `[out, in]`
 /// weight, candle's `gemm` crate) on SmolLM2's linear shapes: GFLOP/s per shape, best of `iters` after a
-/// warm-up. `bench/gemm_torch.py` times PyTorch on the same shapes.
+/// warm-up; then the same product on the trainer's own GEMM (`kernels::gemm`). `bench/gemm_torch.py` times
+/// PyTorch on the same shapes.
 pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
     use candle_core::{Device, Tensor};
     let device = Device::Cpu;
@@ -101,6 +102,25 @@ pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
         let flops = 2.0 * (tokens * inner * out) as f64;
         println!(
             "saeflow gemm {name:>8} [{tokens}x{inner}]·[{inner}x{out}]: {:.1} GFLOP/s ({:.2} ms), {} threads",
+            flops / best / 1e9,
+            best * 1e3,
+            rayon::current_num_threads()
+        );
+        // The trainer's own AVX-512 GEMM (kernels/gemm.rs) on the same product, for comparison.
+        let (a, b) = (
+            x.flatten_all()?.to_vec1::<f32>()?,
+            w.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let mut y = vec![0f32; tokens * out];
+        saeflow_core::kernels::gemm::matmul_nt(&a, &b, &mut y, tokens, out, inner);
+        let mut best = f64::INFINITY;
+        for _ in 0..iters {
+            let started = std::time::Instant::now();
+            saeflow_core::kernels::gemm::matmul_nt(&a, &b, &mut y, tokens, out, inner);
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        println!(
+            "kernels gemm {name:>8} [{tokens}x{inner}]·[{inner}x{out}]: {:.1} GFLOP/s ({:.2} ms), {} threads",
             flops / best / 1e9,
             best * 1e3,
             rayon::current_num_threads()
