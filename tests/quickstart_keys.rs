@@ -7,7 +7,8 @@
 //! VERSION 3 (preset fixes) with label VERSION 5 (one unit for every method) every key again, and capture
 //! VERSION 4 (chat templates rendered by Jinja) `acts` and everything after it, and steer VERSION 4
 //! (strengths in residual-norm units, random controls, intervals) `steer`, and steer VERSION 5 (prompts
-//! generated in one batch) `steer`. A deliberate
+//! generated in one batch) with capture VERSION 5 and eval VERSION 3 (the model's linear layers on
+//! kernels::gemm) `acts` and everything after it. A deliberate
 //! change to a stage kind bumps its `VERSION` and
 //! updates the values here, saying why in the commit.
 
@@ -19,7 +20,7 @@ use saeflow_runner::plan::FileHasher;
 const PINNED: &[(&str, &str)] = &[
     (
         "acts",
-        "f1ce7605cf0c1e2d6fe4d91dbf581cee1e86ebf10d1a1ffe944775b7c13de02e",
+        "abd02f25397afa0d2991bb3f0ac3596f13e80c54767da4573606e9528434a8da",
     ),
     (
         "data",
@@ -27,51 +28,51 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "eval[sae.k=16]",
-        "4da64d11a8591194575d350bb654015fdb27f89d2ebe087aab7d3104e3c1ca47",
+        "84fc766fa76943561439fe939409790ac71c18bb92a70bd993a1733ef385415c",
     ),
     (
         "eval[sae.k=4]",
-        "daf96b3f4b01e8846f739092fcc9271b4ee67de2829f0fb87491529b080fcf34",
+        "9827003daed4e2af5b4a43ec6568c0740b6be5c9b07b0adad6df3ddfa3af50d7",
     ),
     (
         "eval[sae.k=8]",
-        "72e161fbe94c2aa289cd5c6edfd14a71d951332217d4415bb628bc8941a4e955",
+        "92ee44e35c064bcc329f2013aaf09bef37860500cf627e728ac7ecd0c2ca9f0c",
     ),
     (
         "labels[sae.k=16]",
-        "d98b0fbcd3de6ba99d79e5ae6f7b842ec0837876b96ccfbd75edac4bd8aa3c5d",
+        "a5b50d6505750e222428ee8b41db68b2fb9e07838245aaea08b47245da4fd867",
     ),
     (
         "labels[sae.k=4]",
-        "18d1788a9c0d74dbb93de83e3f729afce9762eb4b3345fe0e64fda24cb97582c",
+        "da44ae7593e4840559991021a2b88e65220a1ffaadb6bf2a0b98eacad9738414",
     ),
     (
         "labels[sae.k=8]",
-        "24eb45fced29a3a761fdd7646414dc1b95d7404ba5ff9274a70d20a9c774cd95",
+        "d3eecd8dce29b2aabb27646508273e55598586879fcfb59e98a4a535cbfd94e5",
     ),
     (
         "sae[k=16]",
-        "35a9145a887be5e61235e5dbbf8fadc5f9f5356e21eadbd3cf104d17329cf8ab",
+        "13147831a155c1ff15c0439b93798179c758d33a9ef3e6ac2fdb9defeb91fba2",
     ),
     (
         "sae[k=4]",
-        "887ea05b94460192703912c335bc9c4c26aa6127bb522593d1d87cdb844003e9",
+        "53d067df67b9487cb262ad7451703f5fec89b906b77a938c1a85990fd25f4cc4",
     ),
     (
         "sae[k=8]",
-        "3041a05dbea74d1ed3dd6893a09fd9bb6b7d2897ba7421b83b6b4a33b8b4f87a",
+        "43cdd2edd4fad878b65086bf47f34aa6b9dcd36e3656138c3e5bc1dd93f69c1a",
     ),
     (
         "steer[sae.k=16]",
-        "3e3701b7edc4cb509a7841cd3acb7d427b99309241c89dc2138d2a2718e7b6b1",
+        "4391b7563bb5c0df979b017e30ed235ac3121a0cb6fbaf665b2bd8f2cb4d0e95",
     ),
     (
         "steer[sae.k=4]",
-        "315d6bc098f30ac508619a18dd8e7cc350f762e97d615861efd0509c36f0448f",
+        "48e713a0def0560d8245748090b50e2e7b446e9e8383e1005ae6365d1a02c955",
     ),
     (
         "steer[sae.k=8]",
-        "a1e6235f4aa98125e42b20fd1ae3a432ffa32fe284a79d0fe207737390055cb9",
+        "cde88ea6bfa738cd6f7521989d0a0414f5ef6c2f40e9eaad8233507ba67b4022",
     ),
 ];
 

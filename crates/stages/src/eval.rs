@@ -80,7 +80,8 @@ impl Stage for Eval {
     type Params = EvalParams;
     const KIND: &'static str = "eval";
     // 2: the CPU forward runs on hand-written kernels (same values to float rounding, other bits).
-    const VERSION: u32 = 2;
+    // 3: the model's linear layers on kernels::gemm (likewise).
+    const VERSION: u32 = 3;
     const ABOUT: &'static str = "Evaluate an SAE on held-out activations (FVU, L0, density, …) and, with the model, CE loss recovered and KL";
 
     fn references(p: &EvalParams) -> References {

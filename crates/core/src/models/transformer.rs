@@ -446,12 +446,12 @@ pub struct Weights {
 }
 
 /// `y = x·Wᵀ` as one GEMM over all tokens: `[batch, seq, in]` is flattened to `[batch·seq, in]` and
-/// multiplied by a transposed *view* of the `[out, in]` weight (no copy: gemm packs either layout). Much
-/// faster on CPU than candle's batched broadcast matmul, which runs one small GEMM per sequence. (Our own
-/// GEMM with weights packed at load measured the same here, so the model stays on candle's.)
+/// multiplied by the `[out, in]` weight (`cpu_ops::linear`: the AVX-512 GEMM of `kernels::gemm` on CPU,
+/// candle's matmul elsewhere). Much faster on CPU than candle's batched broadcast matmul, which runs one
+/// small GEMM per sequence.
 enum Linear {
     Dense {
-        wt: Tensor,
+        w: Tensor,
     },
     Quantized(candle_core::quantized::QMatMul),
     /// Quantized maps of one input, outputs side by side (quantized blocks are not concatenated).
@@ -461,9 +461,7 @@ enum Linear {
 impl Linear {
     fn new(w: &Matrix) -> candle_core::Result<Self> {
         Ok(match w {
-            Matrix::Dense(w) => Linear::Dense {
-                wt: w.contiguous()?.t()?,
-            },
+            Matrix::Dense(w) => Linear::Dense { w: w.contiguous()? },
             Matrix::Quantized(q) => {
                 Linear::Quantized(candle_core::quantized::QMatMul::from_arc(q.clone())?)
             }
@@ -492,8 +490,8 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let wt = match self {
-            Linear::Dense { wt } => wt,
+        let w = match self {
+            Linear::Dense { w } => w,
             Linear::Quantized(q) => return candle_core::Module::forward(q, x),
             Linear::Stacked(maps) => {
                 let outs: Vec<Tensor> = maps
@@ -505,9 +503,9 @@ impl Linear {
         };
         let dims = x.dims().to_vec();
         let (inner, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
-        let y = x.reshape((rows, inner))?.matmul(wt)?;
+        let y = cpu_ops::linear(&x.reshape((rows, inner))?, w)?;
         let mut out = dims;
-        *out.last_mut().expect("non-scalar") = wt.dim(1)?;
+        *out.last_mut().expect("non-scalar") = w.dim(0)?;
         y.reshape(out)
     }
 }

@@ -136,7 +136,8 @@ impl Stage for Capture {
     // 2: the CPU forward runs on hand-written kernels (same values to float rounding, other bits).
     // 3: store format 2 (sources, pairs, sequence positions), attention sinks left out by default.
     // 4: `template = "chat"` renders the model's own Jinja template (SmolLM2's adds its system turn).
-    const VERSION: u32 = 4;
+    // 5: the model's linear layers on kernels::gemm (same values to float rounding, other bits).
+    const VERSION: u32 = 5;
     const ABOUT: &'static str =
         "Run a model over a dataset and store hook activations as sharded Parquet, resumably";
 

@@ -165,7 +165,8 @@ impl Stage for Steer {
     // 3: `top:<class>` ranks labelled features by validation AUROC (was: test).
     // 4: strengths in residual-norm units by default, random-direction controls, prompts stratified by
     // source, intervals over prompts and neutral texts. 5: prompts generated in one left-padded batch (same
-    // tokens greedily; sampled ones may differ where logits differ in the last bit).
+    // tokens greedily; sampled ones may differ where logits differ in the last bit), and the model's linear
+    // layers on kernels::gemm.
     const VERSION: u32 = 5;
     const ABOUT: &'static str = "Steer SAE features (add / clamp / ablate) or a DiffMean direction while generating, and measure the effects";
 
