@@ -1,9 +1,11 @@
-//! `out = a · bᵀ` for row-major f32 matrices: the encoder product of every training step.
+//! `out = a · bᵀ` for row-major f32 matrices: the encoder product of every training step and the language
+//! models' linear layers.
 //!
 //! Written by hand because it is the step's only dense product (~95% of its FLOPs) and on its shape
 //! (4096 × 576 · (4608 × 576)ᵀ) the `gemm` crate reaches ~140 GFLOP/s of this CPU's ~230, this ~200 (its
-//! AVX-512 kernels are slower still). On the language models' smaller products the two measured the
-//! same, so the model stays on candle's matmul. This is the BLIS
+//! AVX-512 kernels are slower still). On the language models' smaller products the two measured the same
+//! on AMD EPYC, but on Intel Xeon this one runs them 1.3–1.9× faster (`saeflow bench gemm`), so the model
+//! uses it too. This is the BLIS
 //! scheme with an AVX-512 12×32 micro-kernel: `b` is packed once into 32-column panels per depth block,
 //! each thread packs 12-row panels of its own block of `a` rows, and the micro-kernel keeps a 12×32 tile
 //! of `out` in 24 registers while it walks the depth. Every output element is summed in the same order
