@@ -99,13 +99,19 @@ impl CustomOp1 for Swiglu {
 /// `x · wᵀ` for `x [rows, in]` and a weight `w [out, in]` (contiguous): on CPU f32 the AVX-512 GEMM of
 /// `kernels::gemm`, which on Intel Xeon runs these products 1.3–1.9× faster than candle's `gemm` crate
 /// (BENCHMARKS, "The forward's linear layers alone") and sums each output in a fixed order whatever the
-/// thread count; elsewhere candle's matmul against a transposed view.
+/// thread count; elsewhere, and for fewer than [`GEMM_MIN_ROWS`] rows, candle's matmul against a
+/// transposed view.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if on_cpu_f32(x) && on_cpu_f32(w) {
+    if on_cpu_f32(x) && on_cpu_f32(w) && x.dim(0)? >= GEMM_MIN_ROWS {
         return x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Linear);
     }
     x.matmul(&w.t()?)
 }
+
+/// Rows below which [`linear`] stays on candle's matmul: `kernels::gemm` packs the whole weight on every
+/// call, which for the few rows of a decode step (one per sequence) costs more than the product itself
+/// (3.5× slower generation on SmolLM2 when it did).
+pub const GEMM_MIN_ROWS: usize = 64;
 
 struct Linear;
 
@@ -294,7 +300,7 @@ mod tests {
         assert!(max_diff(&rms_norm(&x, &w, 1e-5).unwrap(), &want) < 1e-5);
 
         // Rows and widths that fill no register or micro-tile exactly.
-        for (rows, inner, out) in [(7, 48, 13), (37, 576, 97), (1, 5, 1)] {
+        for (rows, inner, out) in [(7, 48, 13), (67, 576, 97), (1, 5, 1), (64, 33, 5)] {
             let (x, x64) = both(&[rows, inner], 7);
             let (w, w64) = both(&[out, inner], 8);
             let got = linear(&x, &w).unwrap();
