@@ -3,6 +3,7 @@
 transformers' GGUF loader, the same batch shape, the same thread count.
 
   python bench/model_forward_torch.py MODEL_DIR GGUF_FILE [--batch 8] [--seq 128] [--layer 15] [--iters 5] [--threads 2]
+                                      [--device cuda] [--dtype float32|bfloat16|float16]
 Needs: torch, transformers, gguf (a venv: pip install torch transformers gguf).
 """
 import argparse
@@ -20,12 +21,16 @@ p.add_argument("--seq", type=int, default=128)
 p.add_argument("--layer", type=int, default=None)
 p.add_argument("--iters", type=int, default=5)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--device", default="cpu")
+p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 a = p.parse_args()
 
 torch.set_num_threads(a.threads)
-model = AutoModelForCausalLM.from_pretrained(a.model_dir, gguf_file=a.gguf_file, torch_dtype=torch.float32).eval()
+dtype = getattr(torch, a.dtype)
+model = AutoModelForCausalLM.from_pretrained(a.model_dir, gguf_file=a.gguf_file, torch_dtype=dtype).eval().to(a.device)
 g = torch.Generator().manual_seed(0)
-ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g)
+ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g).to(a.device)
+sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
 if a.layer is not None:
     model.model.layers = model.model.layers[: a.layer + 1]  # stop after blocks.{layer}, like saeflow's early stop
     run = lambda: model.model(input_ids=ids, use_cache=False).last_hidden_state
@@ -33,14 +38,16 @@ else:
     run = lambda: model(input_ids=ids, use_cache=False).logits
 with torch.inference_mode():
     run()
+    sync()
     t = time.perf_counter()
     for _ in range(a.iters):
         run()
+    sync()
     secs = time.perf_counter() - t
 depth = f"up to blocks.{a.layer}" if a.layer is not None else "full depth + logits"
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(
-    f"pytorch {torch.__version__} eager: batch {a.batch} x {a.seq}, {depth}: "
+    f"pytorch {torch.__version__} eager ({a.device}, {a.dtype}): batch {a.batch} x {a.seq}, {depth}: "
     f"{a.batch * a.seq * a.iters / secs:.0f} tokens/s ({secs / a.iters:.3f} s per pass), peak RSS {rss:.0f} MiB, "
     f"{torch.get_num_threads()} threads"
 )

@@ -376,3 +376,91 @@ pub fn train(
     }
     Ok(())
 }
+
+/// [`train`] on the device-resident engine (`Engine::Dense`) on `device`: the whole state on the device, a
+/// pool of 8 standard-normal batches uploaded once (as `bench/sparsify_gpu.py` does), so the time is the
+/// engine's. Prints tokens/s, ms per step, the final batch FVU, the bytes each step moved, and GFLOP/s on the
+/// needed work (as [`train`] counts it) and on the work the dense engine does (every product dense).
+pub fn train_on_device(
+    d_in: usize,
+    expansion: usize,
+    k: usize,
+    batch: usize,
+    steps: usize,
+    device: saeflow_core::models::spec::DeviceSpec,
+) -> anyhow::Result<()> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
+    use saeflow_core::sae::trainer::{upload_batch, Engine, Resident, State, TrainConfig};
+    let device = saeflow_core::models::device(device)?;
+    let d_sae = d_in * expansion;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let host: Vec<Vec<f32>> = (0..8)
+        .map(|_| {
+            (0..batch * d_in)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect()
+        })
+        .collect();
+    let cfg = TrainConfig {
+        d_sae,
+        sparsity: saeflow_core::sae::step::Sparsity::TopK(k),
+        penalty_warmup_steps: 0,
+        engine: Engine::Dense(device.clone()),
+        lr: (2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
+        warmup_steps: 0,
+        decay_fraction: 0.0,
+        batch_size: batch,
+        steps: steps as u64 + 3,
+        aux_coef: 1.0 / 32.0,
+        dead_tokens: 10_000_000,
+        grad_clip: 1.0,
+        seed: 0,
+        adam: Default::default(),
+        log_every: 1,
+        checkpoint_every: u64::MAX,
+        train_splits: None,
+        validation: None,
+        scale: 1.0,
+        buffer_rows: batch,
+    };
+    let state = State::init(&cfg, d_in, &host[0]);
+    let mut resident = Resident::new(&state, &cfg, &device, None)?;
+    let pool = host
+        .iter()
+        .map(|x| {
+            let variance = saeflow_core::sae::step::total_variance(x, d_in);
+            Ok((upload_batch(x, d_in, &device)?.0, variance))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for t in 1..=3 {
+        let (x, variance) = &pool[t as usize % 8];
+        resident.step(&cfg, t, x, *variance)?; // warm-up (kernels compiled and loaded)
+    }
+    let before = resident.step_traffic;
+    let started = std::time::Instant::now();
+    let mut last = Default::default();
+    for i in 0..steps {
+        let (x, variance) = &pool[(i + 3) % 8];
+        // Each step ends by reading its scalars back, so the device has finished it.
+        last = resident.step(&cfg, i as u64 + 4, x, *variance)?.0;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let out_per_step = (resident.step_traffic.to_host - before.to_host) / steps as u64;
+    let needed =
+        batch as f64 * (2.0 * (d_in * d_sae) as f64 + 8.0 * (k * d_in) as f64) * steps as f64;
+    // The dense engine: encoder, decoder, AuxK decoder, their two backward products each, encoder backward.
+    let dense = batch as f64 * 2.0 * (d_in * d_sae) as f64 * 8.0 * steps as f64;
+    println!(
+        "saeflow topk (device-resident, {device:?}): d_in {d_in}, d_sae {d_sae}, k {k}, batch {batch}: {:.0} tokens/s, \
+         {:.2} ms/step, FVU {:.4}, {:.1} GFLOP/s on the needed work ({:.1} on the dense work done), \
+         {out_per_step} B out per step + the batch in ({} B)",
+        (batch * steps) as f64 / secs,
+        1000.0 * secs / steps as f64,
+        last.fvu,
+        needed / secs / 1e9,
+        dense / secs / 1e9,
+        batch * d_in * 4,
+    );
+    Ok(())
+}

@@ -28,51 +28,51 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "eval[sae.k=16]",
-        "84fc766fa76943561439fe939409790ac71c18bb92a70bd993a1733ef385415c",
+        "2570e0b2aa5579e0c10c637e996d895f6060544c730142f6df57eabcfc8ed558",
     ),
     (
         "eval[sae.k=4]",
-        "9827003daed4e2af5b4a43ec6568c0740b6be5c9b07b0adad6df3ddfa3af50d7",
+        "7c1f5a0964fcf485c13b34c9399f378351345ede102528baf9701f3072f59f31",
     ),
     (
         "eval[sae.k=8]",
-        "92ee44e35c064bcc329f2013aaf09bef37860500cf627e728ac7ecd0c2ca9f0c",
+        "1a8044611e66ec00c06123f7c45fd209d76ddca8cb9ea0e03af26606806be098",
     ),
     (
         "labels[sae.k=16]",
-        "a5b50d6505750e222428ee8b41db68b2fb9e07838245aaea08b47245da4fd867",
+        "9593cab5c714eda26961fcb8b85ce252f0c8513abe6119be79abf3ad4d7a35d6",
     ),
     (
         "labels[sae.k=4]",
-        "da44ae7593e4840559991021a2b88e65220a1ffaadb6bf2a0b98eacad9738414",
+        "1ee78bf7d4ce1dfa0cb046547422248d5633459d9912fc45fdffbff83a416457",
     ),
     (
         "labels[sae.k=8]",
-        "d3eecd8dce29b2aabb27646508273e55598586879fcfb59e98a4a535cbfd94e5",
+        "96a6996e2faa4a8bcf01188a16627214e92f5aeb1749343ff5595488bf88f78c",
     ),
     (
         "sae[k=16]",
-        "13147831a155c1ff15c0439b93798179c758d33a9ef3e6ac2fdb9defeb91fba2",
+        "dca1a1200105ec3b4ac83a56746f598a8f776684d4155a3b7f06e59ba87240d5",
     ),
     (
         "sae[k=4]",
-        "53d067df67b9487cb262ad7451703f5fec89b906b77a938c1a85990fd25f4cc4",
+        "a2eea31a987dccca6aa6fe3232df87a9949d6c6a2ce71dfed015444496f77b1d",
     ),
     (
         "sae[k=8]",
-        "43cdd2edd4fad878b65086bf47f34aa6b9dcd36e3656138c3e5bc1dd93f69c1a",
+        "d30a192115b29831669d8f5a72b19498ba453ad28d597df9d7868dcf24deaa80",
     ),
     (
         "steer[sae.k=16]",
-        "4391b7563bb5c0df979b017e30ed235ac3121a0cb6fbaf665b2bd8f2cb4d0e95",
+        "756edcd2120543c99a33b0a89feb525c92c62aecbe823448359b350de5a69c91",
     ),
     (
         "steer[sae.k=4]",
-        "48e713a0def0560d8245748090b50e2e7b446e9e8383e1005ae6365d1a02c955",
+        "078c9b6e4f33fb13ecf210bba8783c641ea50f40a69b4b009666041a33e9b2c2",
     ),
     (
         "steer[sae.k=8]",
-        "cde88ea6bfa738cd6f7521989d0a0414f5ef6c2f40e9eaad8233507ba67b4022",
+        "fdcd53fb552a15cd105dd3290bbe143ba553eef9f1c6c681df90d996b061fdfa",
     ),
 ];
 

@@ -79,6 +79,24 @@ impl Preconditions {
         self
     }
 
+    /// `missing = "gpu"`: built with the `cuda` feature, but this machine has no NVIDIA GPU (no
+    /// `/dev/nvidiactl`). `SAEFLOW_REQUIRE_CUDA=1` (set by `bench/gpu.sh`) makes that a build failure.
+    /// Without the feature the GPU tests are not compiled, and nothing is checked.
+    fn gpu(mut self) -> Self {
+        println!("cargo::rerun-if-env-changed=SAEFLOW_REQUIRE_CUDA");
+        let fix = (std::env::var_os("CARGO_FEATURE_CUDA").is_some()
+            && !Path::new("/dev/nvidiactl").exists())
+        .then(|| "no NVIDIA GPU here (/dev/nvidiactl is absent)".to_string());
+        if let Some(fix) = &fix {
+            if std::env::var("SAEFLOW_REQUIRE_CUDA").as_deref() == Ok("1") {
+                eprintln!("SAEFLOW_REQUIRE_CUDA=1, but the GPU tests would be skipped: {fix}");
+                std::process::exit(1);
+            }
+        }
+        self.checked.push(("gpu", fix));
+        self
+    }
+
     /// Declares every value of `missing`, sets those that do not hold, or fails under `SAEFLOW_NO_SKIP=1`.
     fn finish(self) {
         let names: Vec<String> = self

@@ -78,9 +78,13 @@ pub enum BenchCommand {
         /// Timed steps (after 3 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// Encoder product that ranks the latents: f32 or bf16.
+        /// Encoder product that ranks the latents: f32 or bf16 (the sparse CPU engine).
         #[arg(long, default_value = "f32")]
         encoder: EncoderPrecision,
+        /// Where to train: `cpu` (the sparse CPU engine), or `cuda`, `cuda:N` or `cpu-dense` for the
+        /// device-resident engine (on a GPU, or on the CPU device).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Activation reader: tokens/s and GB/s in store order and shuffled, from a capture directory or a
     /// synthetic store of the given shape.
@@ -129,7 +133,28 @@ pub fn bench(command: BenchCommand) -> Result<(), Error> {
             batch,
             steps,
             encoder,
-        } => crate::bench::train(d_in, expansion, k, batch, steps, encoder.into()),
+            device,
+        } => match device.as_str() {
+            "cpu" => crate::bench::train(d_in, expansion, k, batch, steps, encoder.into()),
+            "cpu-dense" => crate::bench::train_on_device(
+                d_in,
+                expansion,
+                k,
+                batch,
+                steps,
+                saeflow_core::models::spec::DeviceSpec::Cpu,
+            ),
+            other => crate::bench::train_on_device(
+                d_in,
+                expansion,
+                k,
+                batch,
+                steps,
+                other
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("--device: {e}"))?,
+            ),
+        },
         BenchCommand::Reader {
             store,
             hook,

@@ -2,12 +2,13 @@
 //! SAE it saves (SAELens layout) loads back and reconstructs held-out rows it never saw. Uses saeflow-core
 //! only, as the example does.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
+
+use common::{sparse_rows, uniform, write_capture};
 
 use candle_core::{Device, Tensor};
-use saeflow_core::data::activations::{
-    act_file_name, write_act_shard, ActDtype, CaptureInfo, ShardInfo, FORMAT_VERSION,
-};
 use saeflow_core::sae::format::Sae;
 
 const D: usize = 32;
@@ -32,74 +33,6 @@ fn example() -> PathBuf {
     path
 }
 
-/// xorshift in [-0.5, 0.5): a fixed, dependency-free stream.
-fn uniform(state: &mut u64) -> f32 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    (*state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-}
-
-/// `rows` rows, each a sum of ACTIVE dictionary atoms with positive coefficients.
-fn sparse_rows(atoms: &[f32], rows: usize, state: &mut u64) -> Vec<f32> {
-    let mut out = vec![0f32; rows * D];
-    for row in out.chunks_exact_mut(D) {
-        for _ in 0..ACTIVE {
-            let atom = ((uniform(state) + 0.5) * ATOMS as f32) as usize % ATOMS;
-            let coef = 1.0 + 2.0 * (uniform(state) + 0.5);
-            for (x, a) in row.iter_mut().zip(&atoms[atom * D..(atom + 1) * D]) {
-                *x += coef * a;
-            }
-        }
-    }
-    out
-}
-
-fn write_capture(dir: &Path, rows: &[f32]) {
-    let n = rows.len() / D;
-    write_act_shard(
-        &dir.join(act_file_name(HOOK, 0)),
-        bytemuck::cast_slice(rows).to_vec(),
-        D,
-        ActDtype::F32,
-    )
-    .unwrap();
-    let mean_norm = rows
-        .chunks_exact(D)
-        .map(|r| r.iter().map(|v| (v * v) as f64).sum::<f64>().sqrt())
-        .sum::<f64>()
-        / n as f64;
-    let info = CaptureInfo {
-        format: FORMAT_VERSION,
-        model: "synthetic".into(),
-        model_key: String::new(),
-        model_source: String::new(),
-        hooks: vec![HOOK.into()],
-        d_model: D,
-        dtype: ActDtype::F32,
-        tokenizer: serde_json::Value::Null,
-        context: 0,
-        settings: serde_json::Value::Null,
-        tokens: n as u64,
-        documents: 0,
-        truncated_documents: 0,
-        sequences: 0,
-        splits: Default::default(),
-        labels: Default::default(),
-        mean_norm: [(HOOK.to_string(), mean_norm)].into(),
-        shards: vec![ShardInfo {
-            first_row: 0,
-            rows: n as u64,
-        }],
-        sinks: Default::default(),
-    };
-    std::fs::write(
-        dir.join("capture.json"),
-        serde_json::to_string(&info).unwrap(),
-    )
-    .unwrap();
-}
-
 #[test]
 fn the_example_trains_an_sae_that_reconstructs_held_out_rows() {
     let dir = tempfile::tempdir().unwrap();
@@ -107,7 +40,12 @@ fn the_example_trains_an_sae_that_reconstructs_held_out_rows() {
     std::fs::create_dir_all(&capture).unwrap();
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let atoms: Vec<f32> = (0..ATOMS * D).map(|_| uniform(&mut state)).collect();
-    write_capture(&capture, &sparse_rows(&atoms, 16_384, &mut state));
+    write_capture(
+        &capture,
+        HOOK,
+        D,
+        &sparse_rows(&atoms, D, ACTIVE, 16_384, &mut state),
+    );
 
     let run = std::process::Command::new(example())
         .args([
@@ -129,7 +67,7 @@ fn the_example_trains_an_sae_that_reconstructs_held_out_rows() {
 
     let sae = Sae::load(&out, &Device::Cpu).unwrap();
     assert_eq!((sae.d_in(), sae.d_sae()), (D, 4 * D));
-    let held_out = sparse_rows(&atoms, 2048, &mut state);
+    let held_out = sparse_rows(&atoms, D, ACTIVE, 2048, &mut state);
     let x = Tensor::from_vec(held_out.clone(), (2048, D), &Device::Cpu).unwrap();
     let recon: Vec<f32> = sae
         .reconstruct(&x)

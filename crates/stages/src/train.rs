@@ -51,12 +51,12 @@ pub enum L0ModeChoice {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineChoice {
-    /// Sparse on the CPU, dense elsewhere (BatchTopK: always sparse).
+    /// Sparse on the CPU, dense (device-resident) elsewhere.
     #[default]
     Auto,
     /// The sparse CPU path.
     Sparse,
-    /// Dense tensor operations on the pipeline's device.
+    /// The device-resident engine: the whole state on the pipeline's device, dense tensor operations.
     Dense,
 }
 
@@ -121,7 +121,8 @@ pub struct TrainParams {
     #[serde(default)]
     pub penalty_warmup_steps: u64,
     /// Training step implementation: `auto` (sparse on the CPU, dense on a GPU), `sparse` (CPU), `dense`
-    /// (tensor operations on the pipeline's device). Results agree to float rounding, not bit for bit.
+    /// (the whole training state on the pipeline's device, tensor operations; per step only the batch goes
+    /// in and a few scalars come out). Results agree to float rounding, not bit for bit.
     #[serde(default)]
     pub engine: EngineChoice,
     /// Encoder product that ranks TopK latents on the sparse engine: `f32`, or `bf16` (faster; the kept
@@ -231,7 +232,7 @@ impl Stage for Train {
     type Params = TrainParams;
     const KIND: &'static str = "train";
     // 2: the batch error and variance are summed in parallel blocks (train_log's MSE/FVU: other last bits).
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const ABOUT: &'static str =
         "Train a sparse autoencoder on captured activations and export it in SAELens layout";
 
@@ -442,6 +443,17 @@ impl trainer::Callbacks for Report {
     fn checkpointed(&self) -> anyhow::Result<()> {
         self.partial_sync.saved()
     }
+    fn traffic(&self, steps: trainer::Traffic, state_copies: trainer::Traffic) {
+        let mb = |b: u64| b as f64 / 1e6;
+        self.log(&format!(
+            "host↔device: steps moved {:.1} MB in (batches) and {:.1} kB out (scalars); whole-state copies \
+             {:.1} MB in, {:.1} MB out (setup, checkpoints, end)",
+            mb(steps.to_device),
+            steps.to_host as f64 / 1e3,
+            mb(state_copies.to_device),
+            mb(state_copies.to_host),
+        ));
+    }
 }
 
 /// Reads the capture's metadata and turns the parameters into a training configuration.
@@ -511,14 +523,9 @@ fn prepare(p: &TrainParams, ctx: &StageContext) -> anyhow::Result<Prepared> {
     };
     let device = saeflow_core::models::device(ctx.device)?;
     let precision = Precision::from(p.encoder_precision);
-    let engine = match (p.engine, p.arch) {
-        (EngineChoice::Dense, Arch::Batchtopk) => {
-            bail!("BatchTopK trains on the sparse engine only (engine = \"sparse\" or \"auto\")")
-        }
-        (EngineChoice::Sparse, _) | (EngineChoice::Auto, Arch::Batchtopk) => {
-            Engine::Sparse(precision)
-        }
-        (EngineChoice::Auto, _) if device.is_cpu() => Engine::Sparse(precision),
+    let engine = match p.engine {
+        EngineChoice::Sparse => Engine::Sparse(precision),
+        EngineChoice::Auto if device.is_cpu() => Engine::Sparse(precision),
         _ => Engine::Dense(device),
     };
     if let (Precision::Bf16, Engine::Dense(device)) = (precision, &engine) {

@@ -1,20 +1,183 @@
-//! The same training step as [`super::step`], written with dense candle tensor operations on any device:
-//! the reference the sparse CPU path is tested against, and the path for GPUs (selected by the trainer's
-//! engine). Same conventions, same losses, same gradients (BatchTopK excepted: its batch-wide selection
-//! stays on the sparse path).
+//! The training step of [`super::step`] as dense candle tensor operations on any device: the engine of the
+//! device-resident trainer ([`super::trainer`]'s `Engine::Dense`), and the sparse CPU path's reference in
+//! tests. Same conventions, same losses, same gradients, for every architecture (TopK + AuxK, BatchTopK,
+//! JumpReLU, ReLU).
+//!
+//! Everything here stays on the tensors' device: weights in, gradients and the step's sums ([`Sums`]) out, as
+//! tensors. Nothing is copied to or from the host, so the trainer can keep its whole state on a GPU and
+//! fetch a few scalars a step.
+//!
+//! Latent selection (the part candle's ops do poorly on a GPU: its CUDA `arg_sort` holds a whole row in
+//! shared memory, so it fails past ~12k latents) goes through [`top_k_mask`], which uses the fused CUDA
+//! kernel of [`crate::kernels::cuda`] on CUDA tensors, and candle's `arg_sort` elsewhere (the reference).
 
-use anyhow::bail;
 use candle_core::{DType, Device, Tensor, D};
 
-use super::step::{total_variance, Grads, L0Mode, Sparsity, StepStats, Weights};
+use super::step::{L0Mode, Sparsity, Weights};
 
-fn host(t: &Tensor) -> anyhow::Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+/// An SAE's parameters as f32 tensors on one device; `w_enc` and `w_dec` are `[d_sae, d_in]`.
+#[derive(Debug, Clone)]
+pub struct DenseWeights {
+    /// Encoder rows `[d_sae, d_in]`.
+    pub w_enc: Tensor,
+    /// Encoder bias `[d_sae]`.
+    pub b_enc: Tensor,
+    /// Decoder rows `[d_sae, d_in]`.
+    pub w_dec: Tensor,
+    /// Decoder bias `[d_in]`.
+    pub b_dec: Tensor,
+    /// JumpReLU thresholds `[d_sae]`; `None` for the other architectures.
+    pub threshold: Option<Tensor>,
 }
 
-/// A `[n, m]` 0/1 mask with ones at the `k` largest entries of each row of `x` among `allowed` columns
-/// (ties: lower column first, as the sparse path).
-fn top_k_mask(x: &Tensor, k: usize, allowed: Option<&Tensor>) -> anyhow::Result<Tensor> {
+/// Gradients of [`DenseWeights`], same shapes, plus how many tokens each latent was active on.
+#[derive(Debug, Clone)]
+pub struct DenseGrads {
+    /// d loss / d w_enc.
+    pub w_enc: Tensor,
+    /// d loss / d b_enc.
+    pub b_enc: Tensor,
+    /// d loss / d w_dec.
+    pub w_dec: Tensor,
+    /// d loss / d b_dec.
+    pub b_dec: Tensor,
+    /// d loss / d threshold (JumpReLU).
+    pub threshold: Option<Tensor>,
+    /// Tokens on which each latent was active, `[d_sae]` f32.
+    pub fired: Tensor,
+}
+
+/// What a step measured, as one `[SUMS]` f64 tensor on the device (index with the constants below).
+pub type Sums = Tensor;
+/// Number of entries in [`Sums`].
+pub const SUMS: usize = 5;
+/// Σ ‖x̂ − x‖² over the batch.
+pub const SQ: usize = 0;
+/// The AuxK loss (weighted, per token).
+pub const AUX: usize = 1;
+/// The sparsity penalty (weighted, per token).
+pub const PENALTY: usize = 2;
+/// Active (token, latent) pairs.
+pub const ACTIVE: usize = 3;
+/// The smallest positive kept activation (+∞ when none).
+pub const MIN_ACTIVE: usize = 4;
+
+/// A 0/1 mask (same dtype) of `t > c`, as `sign(relu(t − c))`: candle's scalar comparisons copy the scalar
+/// to the device first, and this engine moves nothing it does not count.
+pub fn above(t: &Tensor, c: f64) -> candle_core::Result<Tensor> {
+    t.affine(1.0, -c)?.relu()?.sign()
+}
+
+/// Σ of every element in f64: rows summed in f32 first (no `[n, m]` f64 copy), then in f64.
+fn total(t: &Tensor) -> candle_core::Result<Tensor> {
+    let rows = if t.rank() > 1 {
+        t.sum(D::Minus1)?
+    } else {
+        t.clone()
+    };
+    rows.to_dtype(DType::F64)?.sum_all()
+}
+
+impl DenseWeights {
+    /// Copies host weights to `device`.
+    pub fn upload(w: &Weights, device: &Device) -> candle_core::Result<Self> {
+        let (m, d) = (w.d_sae, w.d_in);
+        Ok(Self {
+            w_enc: Tensor::from_slice(&w.w_enc, (m, d), device)?,
+            b_enc: Tensor::from_slice(&w.b_enc, m, device)?,
+            w_dec: Tensor::from_slice(&w.w_dec, (m, d), device)?,
+            b_dec: Tensor::from_slice(&w.b_dec, d, device)?,
+            threshold: if w.threshold.is_empty() {
+                None
+            } else {
+                Some(Tensor::from_slice(&w.threshold, m, device)?)
+            },
+        })
+    }
+
+    /// Copies the weights back into host `w` (same shapes).
+    pub fn download(&self, w: &mut Weights) -> candle_core::Result<()> {
+        let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        w.w_enc = host(&self.w_enc)?;
+        w.b_enc = host(&self.b_enc)?;
+        w.w_dec = host(&self.w_dec)?;
+        w.b_dec = host(&self.b_dec)?;
+        w.threshold = match &self.threshold {
+            Some(t) => host(t)?,
+            None => Vec::new(),
+        };
+        Ok(())
+    }
+
+    /// Bytes of the weights (what an upload or download moves).
+    pub fn bytes(&self) -> u64 {
+        let count = |t: &Tensor| t.elem_count() as u64 * 4;
+        count(&self.w_enc)
+            + count(&self.b_enc)
+            + count(&self.w_dec)
+            + count(&self.b_dec)
+            + self.threshold.as_ref().map_or(0, count)
+    }
+
+    /// `(x − b_dec, (x − b_dec)·W_encᵀ + b_enc)` for a batch `x` `[n, d_in]`.
+    pub fn pre_activations(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let centered = x.broadcast_sub(&self.b_dec)?;
+        let pre = centered
+            .matmul(&self.w_enc.t()?)?
+            .broadcast_add(&self.b_enc)?;
+        Ok((centered, pre))
+    }
+
+    /// Which latents each token keeps under `sparsity`, as a `[n, d_sae]` 0/1 f32 mask (before the ReLU).
+    pub fn select(&self, pre: &Tensor, sparsity: Sparsity) -> candle_core::Result<Tensor> {
+        match sparsity {
+            Sparsity::TopK(k) => top_k_mask(pre, k, None),
+            Sparsity::BatchTopK(k) => batch_top_k_mask(pre, k * pre.dim(0)?),
+            Sparsity::Threshold(t) => above(pre, t as f64),
+            Sparsity::Relu { .. } => above(pre, 0.0),
+            Sparsity::JumpRelu { .. } => {
+                let theta = self.threshold.as_ref().ok_or_else(|| {
+                    candle_core::Error::Msg("JumpReLU weights without thresholds".into())
+                })?;
+                pre.broadcast_gt(theta)?.to_dtype(DType::F32)
+            }
+        }
+    }
+
+    /// The kept activations `relu(pre)·selected` of a batch, `[n, d_sae]`.
+    pub fn encode(&self, x: &Tensor, sparsity: Sparsity) -> candle_core::Result<Tensor> {
+        let (_, pre) = self.pre_activations(x)?;
+        let selected = self.select(&pre, sparsity)?;
+        pre.relu()? * selected
+    }
+
+    /// `(Σ ‖x̂ − x‖², active pairs)` of a batch without gradients (validation), as a `[2]` f64 tensor.
+    pub fn evaluate(&self, x: &Tensor, sparsity: Sparsity) -> candle_core::Result<Tensor> {
+        let acts = self.encode(x, sparsity)?;
+        let recon = acts.matmul(&self.w_dec)?.broadcast_add(&self.b_dec)?;
+        let sq = total(&(recon - x)?.sqr()?)?;
+        let active = total(&above(&acts, 0.0)?)?;
+        Tensor::stack(&[sq, active], 0)
+    }
+}
+
+/// A `[n, m]` 0/1 f32 mask with ones at the `k` largest entries of each row of `x` among the columns where
+/// `allowed` (`[1, m]` u8) is 1; ties go to the lower column (as the sparse path). On CUDA the fused kernel
+/// ([`crate::kernels::cuda::top_k_mask`]) computes it; elsewhere candle's `arg_sort`.
+pub fn top_k_mask(x: &Tensor, k: usize, allowed: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::kernels::cuda::enabled() {
+        return crate::kernels::cuda::top_k_mask(x, k, allowed);
+    }
+    top_k_mask_reference(x, k, allowed)
+}
+
+/// [`top_k_mask`] with candle's ops on any device (the reference the CUDA kernel is tested against).
+pub fn top_k_mask_reference(
+    x: &Tensor,
+    k: usize,
+    allowed: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     let x = match allowed {
         Some(mask) => {
             let neg = Tensor::full(f32::NEG_INFINITY, x.dims(), x.device())?;
@@ -27,104 +190,93 @@ fn top_k_mask(x: &Tensor, k: usize, allowed: Option<&Tensor>) -> anyhow::Result<
         .narrow(D::Minus1, 0, k)?
         .contiguous()?;
     let ones = Tensor::ones(top.dims(), DType::F32, x.device())?;
-    Ok(x.zeros_like()?.scatter_add(&top, &ones, D::Minus1)?)
+    x.zeros_like()?.scatter_add(&top, &ones, D::Minus1)
 }
 
-/// Loss and gradients of one batch on `device`, written into `grads` (host buffers).
-pub fn step(
-    p: &Weights,
-    x: &[f32],
-    sparsity: Sparsity,
-    dead: &[bool],
-    aux_coef: f32,
-    device: &Device,
-    grads: &mut Grads,
-) -> anyhow::Result<StepStats> {
-    let (d, m) = (p.d_in, p.d_sae);
-    let n = x.len() / d;
-    let xs = Tensor::from_slice(x, (n, d), device)?;
-    let w_enc = Tensor::from_slice(&p.w_enc, (m, d), device)?;
-    let b_enc = Tensor::from_slice(&p.b_enc, m, device)?;
-    let w_dec = Tensor::from_slice(&p.w_dec, (m, d), device)?;
-    let b_dec = Tensor::from_slice(&p.b_dec, d, device)?;
+/// The `total` largest ReLU'd entries of the whole `[n, m]` batch (BatchTopK), as a 0/1 f32 mask. Entries
+/// equal to the cut are all kept: the sparse path keeps only as many as `total` allows, so the two differ
+/// only on exact float ties at the cut.
+pub fn batch_top_k_mask(pre: &Tensor, total: usize) -> candle_core::Result<Tensor> {
+    let values = pre.relu()?;
+    let total = total.min(values.elem_count());
+    if total == 0 {
+        return values.zeros_like();
+    }
+    let cut = kth_largest(&values.flatten_all()?, total)?;
+    values.broadcast_ge(&cut)?.to_dtype(DType::F32)
+}
 
-    let centered = xs.broadcast_sub(&b_dec)?;
-    let pre = centered.matmul(&w_enc.t()?)?.broadcast_add(&b_enc)?;
-    let positive = pre.gt(0f32)?.to_dtype(DType::F32)?;
-    let selected = match sparsity {
-        Sparsity::TopK(k) => top_k_mask(&pre, k, None)?,
-        Sparsity::Relu { .. } => positive.clone(),
-        Sparsity::JumpRelu { .. } => {
-            let theta = Tensor::from_slice(&p.threshold, m, device)?;
-            pre.broadcast_gt(&theta)?.to_dtype(DType::F32)?
-        }
-        Sparsity::BatchTopK(_) | Sparsity::Threshold(_) => {
-            bail!("the dense engine does not train BatchTopK; use the sparse engine (CPU)")
-        }
-    };
+/// The `k`-th largest entry (1-based) of a vector, as a `[1]` tensor on its device.
+fn kth_largest(v: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if v.device().is_cuda() && crate::kernels::cuda::enabled() {
+        return crate::kernels::cuda::kth_largest(v, k);
+    }
+    let (sorted, _) = v.sort_last_dim(false)?;
+    sorted.narrow(0, k - 1, 1)
+}
+
+/// Loss and gradients of one batch `x` `[n, d_in]` (already normalised), on the weights' device. `dead` is a
+/// `[1, d_sae]` u8 mask of latents that have not fired recently, `num_dead` its count (AuxK draws on them;
+/// `aux_coef` = 0 switches AuxK off).
+pub fn step(
+    w: &DenseWeights,
+    x: &Tensor,
+    sparsity: Sparsity,
+    dead: &Tensor,
+    num_dead: usize,
+    aux_coef: f32,
+) -> candle_core::Result<(DenseGrads, Sums)> {
+    let (m, d) = w.w_enc.dims2()?;
+    let n = x.dim(0)?;
+    let device = x.device();
+    let (centered, pre) = w.pre_activations(x)?;
+    let positive = above(&pre, 0.0)?;
+    let selected = w.select(&pre, sparsity)?;
     // Active = selected and positive (ReLU); these pass gradients to their pre-activations.
     let active = (&selected * &positive)?;
     let acts = (&pre * &active)?;
-    let recon = acts.matmul(&w_dec)?.broadcast_add(&b_dec)?;
-    let err = (&recon - &xs)?;
-    let sq = err
-        .sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
+    let recon = acts.matmul(&w.w_dec)?.broadcast_add(&w.b_dec)?;
+    let err = (&recon - x)?;
+    let sq = total(&err.sqr()?)?;
     let g_main = (&err * (2.0 / n as f64))?;
+    let zero = Tensor::zeros((), DType::F64, device)?;
 
-    // AuxK (TopK only): the k_aux largest dead pre-activations reconstruct the detached residual.
-    let num_dead = dead.iter().filter(|&&b| b).count();
+    // AuxK (TopK, BatchTopK): the k_aux largest dead pre-activations reconstruct the detached residual.
     let k_aux = (d / 2).min(num_dead);
-    let mut aux_loss = 0.0;
+    let mut aux_loss = zero.clone();
     let mut aux_parts = None;
-    if aux_coef > 0.0 && k_aux > 0 && matches!(sparsity, Sparsity::TopK(_)) {
+    let with_aux = matches!(sparsity, Sparsity::TopK(_) | Sparsity::BatchTopK(_));
+    if aux_coef > 0.0 && k_aux > 0 && with_aux {
         let scale = (num_dead as f32 / (d / 2) as f32).min(1.0);
-        let dead_mask = Tensor::from_vec(
-            dead.iter().map(|&b| u8::from(b)).collect::<Vec<_>>(),
-            (1, m),
-            device,
-        )?;
-        let aux_active = (top_k_mask(&pre, k_aux, Some(&dead_mask))? * &positive)?;
+        let aux_active = (top_k_mask(&pre, k_aux, Some(dead))? * &positive)?;
         let aux_acts = (&pre * &aux_active)?;
-        let aux_err = (aux_acts.matmul(&w_dec)? + &err)?;
+        let aux_err = (aux_acts.matmul(&w.w_dec)? + &err)?;
         let weight = (aux_coef * scale) as f64;
-        aux_loss = weight
-            * aux_err
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
-            / n as f64;
+        aux_loss = (total(&aux_err.sqr()?)? * (weight / n as f64))?;
         let g_aux = (aux_err * (2.0 * weight / n as f64))?;
         aux_parts = Some((aux_active, aux_acts, g_aux));
     }
 
     // d loss / d a = g · W_decᵀ, into the pre-activations of active latents.
-    let mut grad_pre = (g_main.matmul(&w_dec.t()?)? * &active)?;
+    let mut grad_pre = (g_main.matmul(&w.w_dec.t()?)? * &active)?;
     let mut g_w_dec = acts.t()?.matmul(&g_main)?;
     if let Some((aux_active, aux_acts, g_aux)) = &aux_parts {
-        grad_pre = (grad_pre + (g_aux.matmul(&w_dec.t()?)? * aux_active)?)?;
+        grad_pre = (grad_pre + (g_aux.matmul(&w.w_dec.t()?)? * aux_active)?)?;
         g_w_dec = (g_w_dec + aux_acts.t()?.matmul(g_aux)?)?;
     }
-    let mut penalty = 0.0;
+    let mut penalty = zero.clone();
+    let norms = || -> candle_core::Result<Tensor> { w.w_dec.sqr()?.sum(1)?.sqrt() };
     if let Sparsity::Relu { l1 } = sparsity {
         let l1n = (l1 / n as f32) as f64;
-        let norms = w_dec.sqr()?.sum(1)?.sqrt()?; // [m]
-        penalty = l1n
-            * acts
-                .broadcast_mul(&norms.unsqueeze(0)?)?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+        let norms = norms()?; // [m]
+        penalty = (total(&acts.broadcast_mul(&norms.unsqueeze(0)?)?)? * l1n)?;
         grad_pre = (grad_pre + active.broadcast_mul(&(norms.unsqueeze(0)? * l1n)?)?)?;
         // d/dW_dec[j] of ‖W_dec[j]‖·Σ_t a_tj = (Σ_t a_tj)·W_dec[j]/‖W_dec[j]‖.
-        let sums = acts.sum(0)?; // [m]
-        let coef = ((sums / norms)? * l1n)?;
-        g_w_dec = (g_w_dec + w_dec.broadcast_mul(&coef.unsqueeze(1)?)?)?;
+        let coef = ((acts.sum(0)? / norms)? * l1n)?;
+        g_w_dec = (g_w_dec + w.w_dec.broadcast_mul(&coef.unsqueeze(1)?)?)?;
     }
-    grads.threshold.clear();
+    let mut g_threshold = None;
     if let Sparsity::JumpRelu {
         l0,
         bandwidth,
@@ -132,28 +284,29 @@ pub fn step(
         pre_act,
     } = sparsity
     {
+        let theta = w
+            .threshold
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("JumpReLU weights without thresholds".into()))?
+            .unsqueeze(0)?; // [1, m]
         let l0n = (l0 / n as f32) as f64;
-        let norms = w_dec.sqr()?.sum(1)?.sqrt()?.unsqueeze(0)?; // [1, m]
-        let theta = Tensor::from_slice(&p.threshold, (1, m), device)?;
+        let norms = norms()?.unsqueeze(0)?; // [1, m]
         let z = (pre.broadcast_sub(&theta)? / bandwidth as f64)?;
-        let window = (z.gt(-0.5)?.to_dtype(DType::F32)? * z.lt(0.5)?.to_dtype(DType::F32)?)?;
+        let window = (above(&z, -0.5)? * above(&z.neg()?, -0.5)?)?;
         // d loss / d a at every pair (the straight-through threshold gradient uses it in the window).
-        let mut da = g_main.matmul(&w_dec.t()?)?;
+        let mut da = g_main.matmul(&w.w_dec.t()?)?;
         let mut theta_grad = Tensor::zeros((n, m), DType::F32, device)?;
         let mut norm_coef = Tensor::zeros((1, m), DType::F32, device)?;
-        let sum = |t: &Tensor| -> anyhow::Result<f64> {
-            Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-        };
         match mode {
             L0Mode::Step => {
-                penalty = l0n * sum(&active)?;
+                penalty = (total(&active)? * l0n)?;
                 theta_grad = (theta_grad - (&window * (l0n / bandwidth as f64))?)?;
             }
             L0Mode::Tanh(c) => {
                 let scale = (&norms * c as f64)?;
                 let th = acts.broadcast_mul(&scale)?.tanh()?;
                 let sech2 = (th.sqr()?.neg()? + 1.0)?;
-                penalty = l0n * sum(&th)?;
+                penalty = (total(&th)? * l0n)?;
                 let d_pen = (sech2.broadcast_mul(&scale)? * l0n)?;
                 grad_pre = (grad_pre + (&d_pen * &active)?)?;
                 da = (da + d_pen)?;
@@ -164,52 +317,40 @@ pub fn step(
             (theta_grad + (da.broadcast_mul(&(&theta * (-1.0 / bandwidth as f64))?)? * &window)?)?;
         if pre_act > 0.0 {
             let pn = (pre_act / n as f32) as f64;
-            let dead_mask = Tensor::from_vec(
-                dead.iter()
-                    .map(|&b| f32::from(u8::from(b)))
-                    .collect::<Vec<_>>(),
-                (1, m),
-                device,
-            )?;
-            let below = pre
-                .broadcast_lt(&theta)?
+            let below = theta
+                .broadcast_gt(&pre)?
                 .to_dtype(DType::F32)?
-                .broadcast_mul(&dead_mask)?;
+                .broadcast_mul(&dead.to_dtype(DType::F32)?)?;
             let gap = (theta.broadcast_sub(&pre)? * &below)?;
-            penalty += pn * sum(&gap.broadcast_mul(&norms)?)?;
+            penalty = (penalty + (total(&gap.broadcast_mul(&norms)?)? * pn)?)?;
             let pull = (below.broadcast_mul(&norms)? * pn)?;
             grad_pre = (grad_pre - &pull)?;
             theta_grad = (theta_grad + pull)?;
             norm_coef = (norm_coef + (gap.sum_keepdim(0)? * pn)?)?;
         }
-        grads.threshold = host(&theta_grad.sum(0)?)?;
+        g_threshold = Some(theta_grad.sum(0)?);
         // d‖w‖/dw = w/‖w‖ for the penalties that depend on the decoder norms.
-        g_w_dec = (g_w_dec + w_dec.broadcast_mul(&(norm_coef / norms)?.t()?)?)?;
+        g_w_dec = (g_w_dec + w.w_dec.broadcast_mul(&(norm_coef / norms)?.t()?)?)?;
     }
     let g_b_enc = grad_pre.sum(0)?;
     let g_w_enc = grad_pre.t()?.matmul(&centered)?;
-    let g_b_dec = (g_main.sum(0)? - g_b_enc.unsqueeze(0)?.matmul(&w_enc)?.squeeze(0)?)?;
-    grads.w_enc = host(&g_w_enc)?;
-    grads.b_enc = host(&g_b_enc)?;
-    grads.w_dec = host(&g_w_dec)?;
-    grads.b_dec = host(&g_b_dec)?;
-    grads.fired = host(&active.sum(0)?)?.iter().map(|&c| c as u32).collect();
-    let kept = host(&acts)?;
-    let active_count = kept.iter().filter(|&&a| a > 0.0).count();
-    Ok(StepStats {
-        mse: sq / n as f64,
-        aux: aux_loss,
-        fvu: sq / total_variance(x, d).max(f64::MIN_POSITIVE),
-        l0: active_count as f64 / n as f64,
-        min_active: kept
-            .iter()
-            .copied()
-            .filter(|&a| a > 0.0)
-            .reduce(f32::min)
-            .unwrap_or(0.0) as f64,
-        penalty,
-        exact_per_token: 0.0,
-    })
+    let g_b_dec = (g_main.sum(0)? - g_b_enc.unsqueeze(0)?.matmul(&w.w_enc)?.squeeze(0)?)?;
+    let inf = Tensor::full(f32::INFINITY, (n, m), device)?;
+    let min_active = active
+        .to_dtype(DType::U8)?
+        .where_cond(&acts, &inf)?
+        .min_all()?
+        .to_dtype(DType::F64)?;
+    let sums = Tensor::stack(&[sq, aux_loss, penalty, total(&active)?, min_active], 0)?;
+    let grads = DenseGrads {
+        w_enc: g_w_enc,
+        b_enc: g_b_enc,
+        w_dec: g_w_dec,
+        b_dec: g_b_dec,
+        threshold: g_threshold,
+        fired: active.sum(0)?,
+    };
+    Ok((grads, sums))
 }
 
 #[cfg(test)]
@@ -218,53 +359,63 @@ mod tests {
     use crate::kernels::gemm::Precision;
     use crate::kernels::test_data::random;
     use crate::sae::step::tests::random_weights;
+    use crate::sae::step::Grads;
 
-    /// The dense path agrees with the sparse one on every gradient, for every architecture it trains.
+    fn host(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// The dense path agrees with the sparse one on every gradient, for every architecture.
     #[test]
     fn dense_and_sparse_steps_agree() {
         let (d, m, n) = (8, 24, 12);
-        let p = random_weights(d, m);
+        let mut p = random_weights(d, m);
         let x = random(n * d, 9, 1.0);
         let dead: Vec<bool> = (0..m).map(|j| j % 3 == 0).collect();
+        let num_dead = dead.iter().filter(|&&b| b).count();
+        let dev = Device::Cpu;
+        let dead_mask =
+            Tensor::from_vec(dead.iter().map(|&b| u8::from(b)).collect(), (1, m), &dev).unwrap();
+        let xs = Tensor::from_slice(&x, (n, d), &dev).unwrap();
+        let jump = |mode, pre_act| Sparsity::JumpRelu {
+            l0: 0.5,
+            bandwidth: 0.2,
+            mode,
+            pre_act,
+        };
         for (sparsity, aux) in [
             (Sparsity::TopK(4), 0.0),
             (Sparsity::TopK(4), 0.5),
+            (Sparsity::BatchTopK(4), 0.5),
             (Sparsity::Relu { l1: 0.3 }, 0.0),
-            (
-                Sparsity::JumpRelu {
-                    l0: 0.5,
-                    bandwidth: 0.2,
-                    mode: L0Mode::Tanh(4.0),
-                    pre_act: 0.3,
-                },
-                0.0,
-            ),
-            (
-                Sparsity::JumpRelu {
-                    l0: 0.5,
-                    bandwidth: 0.2,
-                    mode: L0Mode::Step,
-                    pre_act: 0.0,
-                },
-                0.0,
-            ),
+            (jump(L0Mode::Tanh(4.0), 0.3), 0.0),
+            (jump(L0Mode::Step, 0.0), 0.0),
         ] {
+            p.threshold = match sparsity {
+                Sparsity::JumpRelu { .. } => (0..m).map(|j| 0.05 * (j % 4) as f32).collect(),
+                _ => Vec::new(),
+            };
             let mut sparse = Grads::default();
             let a = p.step(&x, sparsity, Precision::F32, &dead, aux, &mut sparse);
-            let mut dense = Grads::default();
-            let b = step(&p, &x, sparsity, &dead, aux, &Device::Cpu, &mut dense).unwrap();
+            let w = DenseWeights::upload(&p, &dev).unwrap();
+            let (g, sums) = step(&w, &xs, sparsity, &dead_mask, num_dead, aux).unwrap();
+            let sums: Vec<f64> = sums.to_vec1().unwrap();
             let close = |u: f64, v: f64| (u - v).abs() <= 1e-4 * (1.0 + u.abs());
             assert!(
-                close(a.mse, b.mse) && close(a.aux, b.aux) && close(a.penalty, b.penalty),
-                "{sparsity:?}: {a:?} vs {b:?}"
+                close(a.mse, sums[SQ] / n as f64)
+                    && close(a.aux, sums[AUX])
+                    && close(a.penalty, sums[PENALTY])
+                    && close(a.min_active, sums[MIN_ACTIVE]),
+                "{sparsity:?}: {a:?} vs {sums:?}"
             );
-            assert_eq!(a.l0, b.l0);
+            assert_eq!(a.l0, sums[ACTIVE] / n as f64, "{sparsity:?}");
+            let threshold = g.threshold.as_ref().map(host).unwrap_or_default();
             for (name, u, v) in [
-                ("w_enc", &sparse.w_enc, &dense.w_enc),
-                ("b_enc", &sparse.b_enc, &dense.b_enc),
-                ("w_dec", &sparse.w_dec, &dense.w_dec),
-                ("b_dec", &sparse.b_dec, &dense.b_dec),
-                ("threshold", &sparse.threshold, &dense.threshold),
+                ("w_enc", &sparse.w_enc, &host(&g.w_enc)),
+                ("b_enc", &sparse.b_enc, &host(&g.b_enc)),
+                ("w_dec", &sparse.w_dec, &host(&g.w_dec)),
+                ("b_dec", &sparse.b_dec, &host(&g.b_dec)),
+                ("threshold", &sparse.threshold, &threshold),
             ] {
                 assert_eq!(u.len(), v.len(), "{sparsity:?} {name}");
                 for (i, (u, v)) in u.iter().zip(v.iter()).enumerate() {
@@ -274,7 +425,51 @@ mod tests {
                     );
                 }
             }
-            assert_eq!(sparse.fired, dense.fired, "{sparsity:?}");
+            let fired: Vec<u32> = host(&g.fired).iter().map(|&c| c as u32).collect();
+            assert_eq!(sparse.fired, fired, "{sparsity:?}");
+        }
+    }
+
+    /// Selection on a fixed batch is the sparse path's, latent for latent, for every rule.
+    #[test]
+    fn dense_selection_is_the_sparse_selection() {
+        let (d, m, n) = (16, 64, 20);
+        let mut p = random_weights(d, m);
+        p.threshold = (0..m).map(|j| 0.02 * (j % 7) as f32).collect();
+        let x = random(n * d, 3, 1.0);
+        let dev = Device::Cpu;
+        let w = DenseWeights::upload(&p, &dev).unwrap();
+        let xs = Tensor::from_slice(&x, (n, d), &dev).unwrap();
+        let (_, pre_host) = p.pre_activations(&x, n);
+        let (_, pre) = w.pre_activations(&xs).unwrap();
+        for sparsity in [
+            Sparsity::TopK(5),
+            Sparsity::BatchTopK(5),
+            Sparsity::Threshold(0.1),
+            Sparsity::Relu { l1: 0.1 },
+            Sparsity::JumpRelu {
+                l0: 0.1,
+                bandwidth: 0.1,
+                mode: L0Mode::Step,
+                pre_act: 0.0,
+            },
+        ] {
+            let sel = p.select(&pre_host, sparsity);
+            let selected = w.select(&pre, sparsity).unwrap();
+            let mask = host(&(selected * above(&pre, 0.0).unwrap()).unwrap());
+            let mut from_sparse = vec![0f32; n * m];
+            for t in 0..n {
+                for e in sel.offsets[t]..sel.offsets[t + 1] {
+                    if sel.value[e] > 0.0 {
+                        from_sparse[t * m + sel.index[e] as usize] = 1.0;
+                    }
+                }
+            }
+            assert!(
+                mask.iter().sum::<f32>() > 0.0,
+                "{sparsity:?} selects nothing"
+            );
+            assert_eq!(mask, from_sparse, "{sparsity:?}");
         }
     }
 }

@@ -18,6 +18,7 @@ mod batches;
 mod checkpoint;
 mod config;
 mod export;
+mod resident;
 mod state;
 
 use std::path::{Path, PathBuf};
@@ -25,10 +26,13 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 
 pub use config::{Engine, TrainConfig};
+pub use resident::{upload_batch, Resident, Traffic, STEP_SCALARS};
 pub use state::{LogRow, State};
 
+use candle_core::{Device, Tensor};
+
 use crate::data::activations::ActivationStore;
-use crate::sae::step::Grads;
+use crate::sae::step::{total_variance, Grads};
 use batches::{validation_rows, TrainingData};
 
 /// Where a run reports to.
@@ -46,6 +50,10 @@ pub trait Callbacks {
     fn checkpointed(&self) -> anyhow::Result<()> {
         Ok(())
     }
+    /// A device-resident run (`Engine::Dense`) ended: the bytes its steps moved between host and device
+    /// (batches in, scalars out; a batch shared by a group counts once, for its first member on the
+    /// device), and those of whole-state copies (setup, checkpoints, the end).
+    fn traffic(&self, _steps: Traffic, _state_copies: Traffic) {}
 }
 
 /// Why a run stopped early.
@@ -88,6 +96,8 @@ enum Member {
     Training {
         state: Box<State>,
         grads: Box<Grads>,
+        /// The state on the device (`Engine::Dense`); `state` is then current only after a download.
+        resident: Option<Box<Resident>>,
         last_good: u64,
     },
     Finished(anyhow::Result<Box<State>>),
@@ -163,6 +173,7 @@ fn shared_pass(
                     last_good: state.step,
                     state: Box::new(state),
                     grads: Box::default(),
+                    resident: None,
                 }
             }
             Ok(None) => {
@@ -173,12 +184,27 @@ fn shared_pass(
                 Member::Training {
                     state: Box::new(State::init(r.cfg, d_in, first)),
                     grads: Box::default(),
+                    resident: None,
                     last_good: 0,
                 }
             }
             Err(e) => Member::Finished(Err(e)),
         };
         members.push(member);
+    }
+    for (m, r) in members.iter_mut().zip(runs) {
+        if let (
+            Member::Training {
+                state, resident, ..
+            },
+            Engine::Dense(device),
+        ) = (&mut *m, &r.cfg.engine)
+        {
+            match Resident::new(state, r.cfg, device, val.as_deref()) {
+                Ok(on_device) => *resident = Some(Box::new(on_device)),
+                Err(e) => *m = Member::Finished(Err(e.into())),
+            }
+        }
     }
     let steps_done = |m: &Member| match m {
         Member::Training { state, .. } => Some(state.step),
@@ -205,20 +231,36 @@ fn shared_pass(
     loop {
         let cancelled = runs.iter().any(|r| r.callbacks.cancelled());
         for (m, r) in members.iter_mut().zip(runs) {
-            let Member::Training { state, .. } = m else {
+            let Member::Training {
+                state, resident, ..
+            } = m
+            else {
                 continue;
             };
-            let finished = if state.step >= r.cfg.steps {
+            if state.step < r.cfg.steps && !cancelled {
+                continue;
+            }
+            let downloaded = match resident {
+                Some(on_device) => on_device
+                    .download(state)
+                    .map(|()| {
+                        r.callbacks
+                            .traffic(on_device.step_traffic, on_device.sync_traffic)
+                    })
+                    .map_err(anyhow::Error::from),
+                None => Ok(()),
+            };
+            let finished = if let Err(e) = downloaded {
+                Some(Err(e))
+            } else if state.step >= r.cfg.steps {
                 None
-            } else if cancelled {
+            } else {
                 Some(
                     state
                         .save_checkpoint(&r.checkpoints)
                         .and_then(|()| r.callbacks.checkpointed())
                         .map(|()| state.step),
                 )
-            } else {
-                continue;
             };
             let taken = std::mem::replace(m, Member::Finished(Ok(Box::default())));
             let Member::Training { state, .. } = taken else {
@@ -241,17 +283,41 @@ fn shared_pass(
                 i % d_in
             );
         }
+        // Device-resident members get the batch on their device, copied once per device for the group.
+        let mut on_devices: Vec<(Device, Tensor)> = Vec::new();
+        let mut variance = None;
         for (m, r) in members.iter_mut().zip(runs) {
             if let Member::Training {
                 state,
                 grads,
+                resident,
                 last_good,
             } = m
             {
                 if state.step != position {
                     continue; // resumed ahead of this batch
                 }
-                if let Err(e) = member_step(state, r, &x, grads, val.as_deref(), last_good) {
+                let result = match resident {
+                    None => member_step(state, r, &x, grads, val.as_deref(), last_good),
+                    Some(on_device) => {
+                        let Engine::Dense(device) = &r.cfg.engine else {
+                            unreachable!("only dense members are resident")
+                        };
+                        let batch = match on_devices.iter().find(|(d, _)| d.same_device(device)) {
+                            Some((_, batch)) => Ok(batch.clone()),
+                            None => upload_batch(&x, d_in, device).map(|(batch, traffic)| {
+                                on_device.step_traffic += traffic;
+                                on_devices.push((device.clone(), batch.clone()));
+                                batch
+                            }),
+                        };
+                        let variance = *variance.get_or_insert_with(|| total_variance(&x, d_in));
+                        batch.map_err(anyhow::Error::from).and_then(|batch| {
+                            resident_step(state, on_device, r, &batch, variance, last_good)
+                        })
+                    }
+                };
+                if let Err(e) = result {
                     *m = Member::Finished(Err(e));
                 }
             }
@@ -269,11 +335,80 @@ fn member_step(
     val: Option<&[f32]>,
     last_good: &mut u64,
 ) -> anyhow::Result<()> {
+    let stats = state.step(run.cfg, x, grads)?;
+    let finite = state.weights.w_dec.iter().all(|v| v.is_finite());
+    after_step(state, &mut OnHost(val), run, &stats, finite, last_good)
+}
+
+/// One step of a device-resident member on `batch` (already on its device).
+fn resident_step(
+    state: &mut State,
+    resident: &mut Resident,
+    run: &Run,
+    batch: &Tensor,
+    variance: f64,
+    last_good: &mut u64,
+) -> anyhow::Result<()> {
+    let (stats, finite) = resident.step(run.cfg, state.step + 1, batch, variance)?;
+    state.step += 1;
+    state.track_threshold(run.cfg, &stats);
+    after_step(state, resident, run, &stats, finite, last_good)
+}
+
+/// Where a member's weights are between steps, for what follows a step.
+trait Holder {
+    /// `(FVU, L0)` on the validation rows, if any.
+    fn validate(&mut self, state: &State, cfg: &TrainConfig) -> anyhow::Result<Option<(f64, f64)>>;
+    /// Dead latents now.
+    fn dead(&self, state: &State, cfg: &TrainConfig) -> usize;
+    /// Brings `state` up to date (before a checkpoint).
+    fn sync(&mut self, state: &mut State) -> anyhow::Result<()>;
+}
+
+/// The weights are `state`'s own (the sparse engine); `.0` are the validation rows.
+struct OnHost<'a>(Option<&'a [f32]>);
+
+impl Holder for OnHost<'_> {
+    fn validate(&mut self, state: &State, cfg: &TrainConfig) -> anyhow::Result<Option<(f64, f64)>> {
+        Ok(self.0.map(|v| {
+            let s = state.weights.evaluate(v, state.inference_sparsity(cfg));
+            (s.fvu, s.l0)
+        }))
+    }
+    fn dead(&self, state: &State, cfg: &TrainConfig) -> usize {
+        state.dead(cfg).iter().filter(|&&b| b).count()
+    }
+    fn sync(&mut self, _: &mut State) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+impl Holder for Resident {
+    fn validate(&mut self, state: &State, cfg: &TrainConfig) -> anyhow::Result<Option<(f64, f64)>> {
+        Ok(Resident::validate(self, state.inference_sparsity(cfg))?)
+    }
+    fn dead(&self, _: &State, _: &TrainConfig) -> usize {
+        self.dead_count()
+    }
+    fn sync(&mut self, state: &mut State) -> anyhow::Result<()> {
+        Ok(self.download(state)?)
+    }
+}
+
+/// What follows every step: the divergence check, the log row (validation and dead count computed only
+/// when a row is due), the checkpoint (after the state is brought to the host) and progress.
+fn after_step(
+    state: &mut State,
+    holder: &mut dyn Holder,
+    run: &Run,
+    stats: &crate::sae::step::StepStats,
+    finite: bool,
+    last_good: &mut u64,
+) -> anyhow::Result<()> {
     let cfg = run.cfg;
-    let lr = cfg.lr_at(state.step + 1) as f64;
-    let stats = state.step(cfg, x, grads)?;
+    let lr = cfg.lr_at(state.step) as f64;
     let loss = stats.mse + stats.aux + stats.penalty;
-    if !loss.is_finite() || state.weights.w_dec.iter().any(|v| !v.is_finite()) {
+    if !loss.is_finite() || !finite {
         bail!(
             "training diverged at step {} (loss {loss}); the last good checkpoint (step {last_good}) is \
              kept: lower lr and rerun to resume from it",
@@ -282,8 +417,8 @@ fn member_step(
     }
     let step = state.step;
     if step.is_multiple_of(cfg.log_every) || step == cfg.steps {
-        let v = val.map(|v| state.weights.evaluate(v, state.inference_sparsity(cfg)));
-        let dead = state.dead(cfg).iter().filter(|&&b| b).count();
+        let v = holder.validate(state, cfg)?;
+        let dead = holder.dead(state, cfg);
         state.log.push(LogRow {
             step,
             tokens: step * cfg.batch_size as u64,
@@ -295,11 +430,12 @@ fn member_step(
             l0: stats.l0,
             dead_fraction: dead as f64 / cfg.d_sae as f64,
             lr,
-            val_fvu: v.map(|s| s.fvu),
-            val_l0: v.map(|s| s.l0),
+            val_fvu: v.map(|s| s.0),
+            val_l0: v.map(|s| s.1),
         });
     }
     if step.is_multiple_of(cfg.checkpoint_every) && step < cfg.steps {
+        holder.sync(state)?;
         state.save_checkpoint(&run.checkpoints)?;
         run.callbacks.checkpointed()?;
         *last_good = step;

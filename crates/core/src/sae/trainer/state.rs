@@ -8,9 +8,10 @@ use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::resident::{upload_batch, Resident};
 use super::{Engine, TrainConfig};
 use crate::sae::adam::Moments;
-use crate::sae::step::{Grads, Sparsity, StepStats, Weights};
+use crate::sae::step::{total_variance, Grads, Sparsity, StepStats, Weights};
 
 /// One row of `train_log.parquet`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,30 +153,45 @@ impl State {
             .collect()
     }
 
-    /// One optimiser step on a normalised batch; returns its statistics.
+    /// BatchTopK's threshold follows the smallest kept activation of each step (EMA, rate 0.01).
+    pub(super) fn track_threshold(&mut self, cfg: &TrainConfig, stats: &StepStats) {
+        if matches!(cfg.sparsity, Sparsity::BatchTopK(_)) && stats.min_active > 0.0 {
+            self.threshold = 0.99 * self.threshold + 0.01 * stats.min_active;
+        }
+    }
+
+    /// One optimiser step on a normalised batch; returns its statistics. On `Engine::Dense` the state goes
+    /// to the device and back for this one step (the trainer keeps it there instead; see `resident`).
     pub fn step(
         &mut self,
         cfg: &TrainConfig,
         x: &[f32],
         grads: &mut Grads,
     ) -> anyhow::Result<StepStats> {
+        let precision = match &cfg.engine {
+            Engine::Sparse(precision) => *precision,
+            Engine::Dense(device) => {
+                let d = self.weights.d_in;
+                let mut resident = Resident::new(self, cfg, device, None)?;
+                let (batch, _) = upload_batch(x, d, device)?;
+                let variance = total_variance(x, d);
+                let (stats, _) = resident.step(cfg, self.step + 1, &batch, variance)?;
+                resident.download(self)?;
+                self.step += 1;
+                self.track_threshold(cfg, &stats);
+                return Ok(stats);
+            }
+        };
         let dead = self.dead(cfg);
         let aux_coef = match cfg.sparsity {
             Sparsity::TopK(_) | Sparsity::BatchTopK(_) => cfg.aux_coef,
             _ => 0.0,
         };
         let sparsity = cfg.training_sparsity(self.step + 1);
-        let stats = match &cfg.engine {
-            Engine::Sparse(precision) => self
-                .weights
-                .step(x, sparsity, *precision, &dead, aux_coef, grads),
-            Engine::Dense(device) => {
-                crate::sae::dense::step(&self.weights, x, sparsity, &dead, aux_coef, device, grads)?
-            }
-        };
-        if matches!(cfg.sparsity, Sparsity::BatchTopK(_)) && stats.min_active > 0.0 {
-            self.threshold = 0.99 * self.threshold + 0.01 * stats.min_active;
-        }
+        let stats = self
+            .weights
+            .step(x, sparsity, precision, &dead, aux_coef, grads);
+        self.track_threshold(cfg, &stats);
         let d = self.weights.d_in;
         // Remove the part of each decoder row's gradient along the (unit) row: only directions can change.
         let unit = cfg.unit_decoder();

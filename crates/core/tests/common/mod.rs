@@ -1,0 +1,89 @@
+//! What the core crate's integration tests share: a fixed pseudo-random stream, activations that are
+//! sparse sums of a hidden dictionary, and a capture directory the activation store opens.
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::Path;
+
+use saeflow_core::data::activations::{
+    act_file_name, write_act_shard, ActDtype, CaptureInfo, ShardInfo, FORMAT_VERSION,
+};
+
+/// xorshift in [-0.5, 0.5): a fixed, dependency-free stream.
+pub fn uniform(state: &mut u64) -> f32 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    (*state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+}
+
+/// `rows` rows of width `d`, each a sum of `active` of the `atoms` (`[count, d]`) with positive
+/// coefficients.
+pub fn sparse_rows(
+    atoms: &[f32],
+    d: usize,
+    active: usize,
+    rows: usize,
+    state: &mut u64,
+) -> Vec<f32> {
+    let count = atoms.len() / d;
+    let mut out = vec![0f32; rows * d];
+    for row in out.chunks_exact_mut(d) {
+        for _ in 0..active {
+            let atom = ((uniform(state) + 0.5) * count as f32) as usize % count;
+            let coef = 1.0 + 2.0 * (uniform(state) + 0.5);
+            for (x, a) in row.iter_mut().zip(&atoms[atom * d..(atom + 1) * d]) {
+                *x += coef * a;
+            }
+        }
+    }
+    out
+}
+
+/// Writes a capture of `hook` holding `rows` (row-major, width `d`) into `dir`, as the `capture` stage
+/// would (one f32 shard and `capture.json`).
+pub fn write_capture(dir: &Path, hook: &str, d: usize, rows: &[f32]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let n = rows.len() / d;
+    write_act_shard(
+        &dir.join(act_file_name(hook, 0)),
+        bytemuck::cast_slice(rows).to_vec(),
+        d,
+        ActDtype::F32,
+    )
+    .unwrap();
+    let mean_norm = rows
+        .chunks_exact(d)
+        .map(|r| r.iter().map(|v| (v * v) as f64).sum::<f64>().sqrt())
+        .sum::<f64>()
+        / n as f64;
+    let info = CaptureInfo {
+        format: FORMAT_VERSION,
+        model: "synthetic".into(),
+        model_key: String::new(),
+        model_source: String::new(),
+        hooks: vec![hook.into()],
+        d_model: d,
+        dtype: ActDtype::F32,
+        tokenizer: serde_json::Value::Null,
+        context: 0,
+        settings: serde_json::Value::Null,
+        tokens: n as u64,
+        documents: 0,
+        truncated_documents: 0,
+        sequences: 0,
+        splits: Default::default(),
+        labels: Default::default(),
+        mean_norm: [(hook.to_string(), mean_norm)].into(),
+        shards: vec![ShardInfo {
+            first_row: 0,
+            rows: n as u64,
+        }],
+        sinks: Default::default(),
+    };
+    std::fs::write(
+        dir.join("capture.json"),
+        serde_json::to_string(&info).unwrap(),
+    )
+    .unwrap();
+}

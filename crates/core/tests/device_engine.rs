@@ -1,0 +1,271 @@
+//! The device-resident engine (`Engine::Dense`), on the CPU device: it trains every architecture to the
+//! sparse CPU engine's weights, moves only the batch and a few scalars per step, and trains a group on one
+//! pass with each member's bits as alone. The same code runs on CUDA, where `bench/gpu.sh` checks it.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use candle_core::Device;
+use saeflow_core::data::activations::ActivationStore;
+use saeflow_core::kernels::gemm::Precision;
+use saeflow_core::sae::adam::AdamConfig;
+use saeflow_core::sae::step::{L0Mode, Sparsity, Weights};
+use saeflow_core::sae::trainer::{
+    train, train_group, Callbacks, Engine, Run, State, Traffic, TrainConfig,
+};
+
+use common::{sparse_rows, uniform, write_capture};
+
+const D: usize = 16;
+const HOOK: &str = "blocks.0.hook_resid_post";
+const BATCH: usize = 64;
+
+/// A capture of 4096 rows, each a sum of 3 of 48 hidden atoms.
+fn capture(dir: &std::path::Path) -> ActivationStore {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let atoms: Vec<f32> = (0..48 * D).map(|_| uniform(&mut state)).collect();
+    write_capture(dir, HOOK, D, &sparse_rows(&atoms, D, 3, 4096, &mut state));
+    ActivationStore::open(dir, HOOK).unwrap()
+}
+
+fn config(sparsity: Sparsity, engine: Engine, steps: u64) -> TrainConfig {
+    TrainConfig {
+        d_sae: 64,
+        sparsity,
+        penalty_warmup_steps: 10,
+        engine,
+        lr: 2e-3,
+        warmup_steps: 5,
+        decay_fraction: 0.2,
+        batch_size: BATCH,
+        steps,
+        aux_coef: 1.0 / 32.0,
+        dead_tokens: 256,
+        grad_clip: 1.0,
+        seed: 7,
+        adam: AdamConfig::default(),
+        log_every: 10,
+        checkpoint_every: 1_000_000,
+        train_splits: None,
+        validation: None,
+        scale: 1.0,
+        buffer_rows: 512,
+    }
+}
+
+/// Records what a run reports.
+#[derive(Default)]
+struct Record {
+    traffic: Mutex<Vec<(Traffic, Traffic)>>,
+}
+
+impl Callbacks for Record {
+    fn traffic(&self, steps: Traffic, state_copies: Traffic) {
+        self.traffic.lock().unwrap().push((steps, state_copies));
+    }
+}
+
+fn architectures() -> Vec<(&'static str, Sparsity)> {
+    let jump = |mode, pre_act| Sparsity::JumpRelu {
+        l0: 0.05,
+        bandwidth: 0.1,
+        mode,
+        pre_act,
+    };
+    vec![
+        ("topk", Sparsity::TopK(4)),
+        ("batchtopk", Sparsity::BatchTopK(4)),
+        ("jumprelu (tanh)", jump(L0Mode::Tanh(4.0), 0.01)),
+        ("jumprelu (step)", jump(L0Mode::Step, 0.0)),
+        ("relu", Sparsity::Relu { l1: 0.05 }),
+    ]
+}
+
+/// ‖a − b‖∞ / ‖a‖∞.
+fn relative(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    a.iter().zip(b).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+}
+
+/// Which latents each row of `x` keeps, as sorted index lists.
+fn selected(w: &Weights, x: &[f32], sparsity: Sparsity) -> Vec<Vec<u32>> {
+    let n = x.len() / w.d_in;
+    let (_, pre) = w.pre_activations(x, n);
+    let sel = w.select(&pre, sparsity);
+    (0..n)
+        .map(|t| {
+            let mut kept: Vec<u32> = (sel.offsets[t]..sel.offsets[t + 1])
+                .filter(|&e| sel.value[e] > 0.0)
+                .map(|e| sel.index[e])
+                .collect();
+            kept.sort_unstable();
+            kept
+        })
+        .collect()
+}
+
+#[test]
+fn the_device_engine_trains_every_architecture_to_the_sparse_engines_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = capture(&dir.path().join("capture"));
+    let fixed: Vec<f32> = {
+        let mut state = 99u64;
+        let atoms: Vec<f32> = (0..48 * D).map(|_| uniform(&mut state)).collect();
+        sparse_rows(&atoms, D, 3, 256, &mut state)
+    };
+    for (name, sparsity) in architectures() {
+        let run = |engine: Engine, sub: &str| -> State {
+            let cfg = config(sparsity, engine, 50);
+            train(&store, &cfg, &dir.path().join(sub), &Record::default()).unwrap()
+        };
+        let sparse = run(Engine::Sparse(Precision::F32), &format!("{name}-sparse"));
+        let dense = run(Engine::Dense(Device::Cpu), &format!("{name}-dense"));
+        assert_eq!(dense.step, 50, "{name}");
+        let (a, b) = (&sparse.weights, &dense.weights);
+        for (part, u, v) in [
+            ("w_enc", &a.w_enc, &b.w_enc),
+            ("b_enc", &a.b_enc, &b.b_enc),
+            ("w_dec", &a.w_dec, &b.w_dec),
+            ("b_dec", &a.b_dec, &b.b_dec),
+            ("threshold", &a.threshold, &b.threshold),
+        ] {
+            let r = relative(u, v);
+            assert!(r <= 1e-4, "{name}: {part} differs by {r:e} (relative)");
+        }
+        // The run changed the weights (so agreeing is not agreeing on the initialisation).
+        let init = State::init(
+            &config(sparsity, Engine::Dense(Device::Cpu), 50),
+            D,
+            &[0.0; D],
+        );
+        assert!(relative(&init.weights.w_enc, &b.w_enc) > 1e-2, "{name}");
+        assert_eq!(sparse.since_fired, dense.since_fired, "{name}");
+        assert_eq!(sparse.fired_total, dense.fired_total, "{name}");
+        let tolerance = 1e-4 * sparse.threshold.abs().max(1e-9);
+        assert!(
+            (sparse.threshold - dense.threshold).abs() <= tolerance,
+            "{name}: BatchTopK threshold {} vs {}",
+            sparse.threshold,
+            dense.threshold
+        );
+        let inference =
+            sparse.inference_sparsity(&config(sparsity, Engine::Dense(Device::Cpu), 50));
+        let kept = selected(a, &fixed, inference);
+        assert!(kept.iter().any(|k| !k.is_empty()), "{name} keeps nothing");
+        assert_eq!(
+            kept,
+            selected(b, &fixed, inference),
+            "{name}: selected latents"
+        );
+        let losses = |s: &State| s.log.iter().map(|r| r.loss).collect::<Vec<_>>();
+        for (u, v) in losses(&sparse).iter().zip(losses(&dense)) {
+            assert!((u - v).abs() <= 1e-4 * u.abs(), "{name}: loss {u} vs {v}");
+        }
+    }
+}
+
+#[test]
+fn a_device_step_moves_the_batch_in_and_a_few_scalars_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = capture(&dir.path().join("capture"));
+    let steps = 30;
+    let (record_a, record_b) = (Record::default(), Record::default());
+    let cfg_a = TrainConfig {
+        checkpoint_every: 10,
+        ..config(Sparsity::TopK(4), Engine::Dense(Device::Cpu), steps)
+    };
+    let cfg_b = TrainConfig {
+        d_sae: 128,
+        ..config(Sparsity::BatchTopK(2), Engine::Dense(Device::Cpu), steps)
+    };
+    let runs = [
+        Run {
+            cfg: &cfg_a,
+            checkpoints: dir.path().join("a"),
+            callbacks: &record_a,
+        },
+        Run {
+            cfg: &cfg_b,
+            checkpoints: dir.path().join("b"),
+            callbacks: &record_b,
+        },
+    ];
+    for result in train_group(&store, &runs) {
+        result.unwrap();
+    }
+    let (a, b) = (
+        record_a.traffic.lock().unwrap()[0],
+        record_b.traffic.lock().unwrap()[0],
+    );
+    let batch = (BATCH * D * 4) as u64;
+    // The group shares one copy of each batch (counted for its first member); each member fetches 7
+    // f64 scalars a step.
+    assert_eq!(a.0.to_device, steps * batch, "{a:?}");
+    assert_eq!(b.0.to_device, 0, "{b:?}");
+    assert_eq!(a.0.to_host, steps * 7 * 8, "{a:?}");
+    assert_eq!(b.0.to_host, steps * 7 * 8, "{b:?}");
+    // Whole-state copies: one upload; downloads at the checkpoints of steps 10 and 20, and at the end.
+    let state_bytes = |m: u64| {
+        let weights = 2 * m * D as u64 + m + D as u64;
+        4 * weights + 8 * weights + 16 * m
+    };
+    assert_eq!(a.1.to_device, state_bytes(64), "{a:?}");
+    assert_eq!(a.1.to_host, 3 * state_bytes(64), "{a:?}");
+    assert_eq!(b.1.to_host, state_bytes(128), "{b:?}");
+}
+
+#[test]
+fn a_device_group_trains_each_member_to_its_bits_alone_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = capture(&dir.path().join("capture"));
+    let configs: Vec<TrainConfig> = architectures()
+        .into_iter()
+        .map(|(_, s)| config(s, Engine::Dense(Device::Cpu), 20))
+        .collect();
+    let record = Record::default();
+    let runs: Vec<Run> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, cfg)| Run {
+            cfg,
+            checkpoints: dir.path().join(format!("group-{i}")),
+            callbacks: &record,
+        })
+        .collect();
+    let grouped: Vec<State> = train_group(&store, &runs)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    for (i, cfg) in configs.iter().enumerate() {
+        let alone = train(&store, cfg, &dir.path().join(format!("alone-{i}")), &record).unwrap();
+        assert_eq!(alone.weights, grouped[i].weights, "member {i}");
+        assert_eq!(alone.log, grouped[i].log, "member {i}");
+    }
+    // Cancelled after step 10 (the state comes off the device into a checkpoint) and resumed: the same
+    // bits as straight through.
+    let resumed_dir = dir.path().join("resumed");
+    let stop = CancelAfter(10, AtomicU64::new(0));
+    let err = train(&store, &configs[0], &resumed_dir, &stop).unwrap_err();
+    assert!(err.to_string().contains("stopped at step 10"), "{err:#}");
+    let resumed = train(&store, &configs[0], &resumed_dir, &record).unwrap();
+    assert_eq!(resumed.weights, grouped[0].weights);
+    assert_eq!(resumed.log, grouped[0].log);
+}
+
+/// Asks to stop once `.0` steps are done.
+struct CancelAfter(u64, AtomicU64);
+
+impl Callbacks for CancelAfter {
+    fn progress(&self, step: u64) {
+        self.1.store(step, Ordering::SeqCst);
+    }
+    fn cancelled(&self) -> bool {
+        self.1.load(Ordering::SeqCst) >= self.0
+    }
+}
