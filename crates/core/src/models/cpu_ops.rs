@@ -182,26 +182,36 @@ pub fn causal_attention(
     if let Some(cap) = vis.softcap {
         scores = ((scores / cap as f64)?.tanh()? * cap as f64)?;
     }
-    let pairs = bsz * kv_heads;
-    let mask: Vec<f32> = (0..pairs * rows)
-        .flat_map(|pr| {
-            let (pair, r) = (pr / rows, pr % rows);
-            let position = start + r % t;
-            let mut first = vis.first_key.get(pair).copied().unwrap_or(0);
-            if let Some(w) = vis.window {
-                first = first.max((position + 1).saturating_sub(w));
-            }
-            let first = first.min(position);
-            (0..keys).map(move |j| {
-                if j > position || j < first {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
+    // The additive mask, built on the scores' device from a few small vectors (a `[pairs, rows, keys]`
+    // mask built on the host cost one large upload per layer on a GPU): key j is hidden from row r of
+    // pair p when j > position(r) or j < first(p, r) = min(max(first_key(p), position(r) + 1 − window),
+    // position(r)).
+    let device = scores.device();
+    let positions: Vec<f32> = (0..rows).map(|r| (start + r % t) as f32).collect();
+    let position = Tensor::from_vec(positions, (1, 1, rows, 1), device)?;
+    let firsts: Vec<f32> = (0..bsz * kv_heads)
+        .map(|pair| vis.first_key.get(pair).copied().unwrap_or(0) as f32)
         .collect();
-    let mask = Tensor::from_vec(mask, (bsz, kv_heads, rows, keys), scores.device())?
+    let mut first = Tensor::from_vec(firsts, (bsz, kv_heads, 1, 1), device)?;
+    if let Some(w) = vis.window {
+        first = first.broadcast_maximum(&(&position + (1.0 - w as f64))?)?;
+    }
+    let first = first.broadcast_minimum(&position)?;
+    let key = Tensor::arange(0u32, keys as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((1, 1, 1, keys))?;
+    let hidden = key
+        .broadcast_gt(&position)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(&key.broadcast_lt(&first)?.to_dtype(DType::F32)?)?;
+    let shape = (bsz, kv_heads, rows, keys);
+    let mask = hidden
+        .broadcast_as(shape)?
+        .gt(0f64)?
+        .where_cond(
+            &Tensor::full(f32::NEG_INFINITY, shape, device)?,
+            &Tensor::zeros(shape, DType::F32, device)?,
+        )?
         .to_dtype(scores.dtype())?;
     scores = (scores + mask)?;
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)

@@ -39,7 +39,7 @@ use saeflow_runner::stage::{
     key_path, KeySeg, ParamError, Reference, References, Stage, StageContext,
 };
 use sequences::Sequences;
-use shards::{assemble, finished_shards, write_shard, ShardBuffer};
+use shards::{assemble, finished_shards, ShardBuffer, ShardWriter};
 
 /// Which token positions of each document are stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -339,7 +339,6 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     ctx.progress.set_total(total);
     ctx.progress.set_position(resumed_rows);
 
-    let mut shard_count = done.len();
     let mut shard = ShardBuffer::new(hooks.len());
     let mut seqs = Sequences::new(p, &model, &rows, &order);
     let mut split_counts: BTreeMap<String, u64> = BTreeMap::new();
@@ -358,74 +357,74 @@ fn run(p: &CaptureParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut computed = 0u64;
     let mut batch_index = 0u64;
-    loop {
-        let batch = seqs.next_batch()?;
-        if batch.is_empty() {
-            break;
-        }
-        sequences += batch.len() as u64;
-        for e in batch.iter().flatten().filter(|e| e.store) {
-            *split_counts
-                .entry(splits[e.row as usize].to_string())
-                .or_default() += 1;
-            let label = labels[e.row as usize].as_deref().unwrap_or("null");
-            *label_counts.entry(label.to_string()).or_default() += 1;
-        }
-        batch_index += 1;
-        if batch_index <= resume_batch {
-            continue;
-        }
-        if ctx.cancel.is_cancelled() {
-            return Err(Cancelled.into());
-        }
-        let batch_started = Instant::now();
-        let stored = forward.run(&batch, &rows, &mut shard)?;
-        forward_time += batch_started.elapsed();
-        shard.tokens.extend(stored.iter().map(|e| {
-            let r = e.row as usize;
-            TokenRow {
-                doc_id: rows[r].doc_id,
-                pos: e.pos,
-                seq_pos: e.seq_pos,
-                token_id: e.token,
-                label: labels[r].clone(),
-                split: splits[r].clone(),
-                is_completion: e.completion,
-                source: sources[r].clone(),
-                subset: subsets[r].clone(),
-                pair_id: rows[r].pair_id,
+    let shard_count = std::thread::scope(|scope| -> anyhow::Result<usize> {
+        let writer = ShardWriter::spawn(scope, partial, &hooks, d, p.dtype);
+        let mut shard_count = done.len();
+        loop {
+            let batch = seqs.next_batch()?;
+            if batch.is_empty() {
+                break;
             }
-        }));
-        computed += stored.len() as u64;
-        ctx.progress.inc(stored.len() as u64);
-        if shard.tokens.len() as u64 >= p.shard_tokens {
-            shard_count = write_shard(
-                partial,
-                shard_count,
-                &hooks,
-                d,
-                p.dtype,
-                &mut shard,
-                batch_index,
-            )?;
-            ctx.partial_sync.saved()?;
-            let rate = computed as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            ctx.progress
-                .set_message(&format!("{shard_count} shards, {rate:.0} tok/s"));
+            sequences += batch.len() as u64;
+            for e in batch.iter().flatten().filter(|e| e.store) {
+                *split_counts
+                    .entry(splits[e.row as usize].to_string())
+                    .or_default() += 1;
+                let label = labels[e.row as usize].as_deref().unwrap_or("null");
+                *label_counts.entry(label.to_string()).or_default() += 1;
+            }
+            batch_index += 1;
+            if batch_index <= resume_batch {
+                continue;
+            }
+            if ctx.cancel.is_cancelled() {
+                return Err(Cancelled.into());
+            }
+            let batch_started = Instant::now();
+            let stored = forward.run(&batch, &rows, &mut shard)?;
+            forward_time += batch_started.elapsed();
+            shard.tokens.extend(stored.iter().map(|e| {
+                let r = e.row as usize;
+                TokenRow {
+                    doc_id: rows[r].doc_id,
+                    pos: e.pos,
+                    seq_pos: e.seq_pos,
+                    token_id: e.token,
+                    label: labels[r].clone(),
+                    split: splits[r].clone(),
+                    is_completion: e.completion,
+                    source: sources[r].clone(),
+                    subset: subsets[r].clone(),
+                    pair_id: rows[r].pair_id,
+                }
+            }));
+            computed += stored.len() as u64;
+            ctx.progress.inc(stored.len() as u64);
+            if shard.tokens.len() as u64 >= p.shard_tokens {
+                let full = std::mem::replace(&mut shard, ShardBuffer::new(hooks.len()));
+                writer.send(shard_count, full, batch_index)?;
+                shard_count += 1;
+                for _ in writer.written()? {
+                    ctx.partial_sync.saved()?;
+                }
+                let rate = computed as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                ctx.progress
+                    .set_message(&format!("{shard_count} shards, {rate:.0} tok/s"));
+            }
         }
-    }
-    // The last shard holds what is left (a rerun reaching this point writes it again, identically).
-    if !shard.tokens.is_empty() {
-        shard_count = write_shard(
-            partial,
-            shard_count,
-            &hooks,
-            d,
-            p.dtype,
-            &mut shard,
-            batch_index,
-        )?;
-    }
+        // The last shard holds what is left (a rerun reaching this point writes it again, identically).
+        let last = (!shard.tokens.is_empty()).then_some(shard_count);
+        if last.is_some() {
+            writer.send(shard_count, shard, batch_index)?;
+            shard_count += 1;
+        }
+        for index in writer.finish()? {
+            if Some(index) != last {
+                ctx.partial_sync.saved()?;
+            }
+        }
+        Ok(shard_count)
+    })?;
     if shard_count == 0 {
         bail!(
             "no tokens to store: no row in the chosen splits has a token at positions = {:?}",

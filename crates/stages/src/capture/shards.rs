@@ -156,7 +156,8 @@ pub(super) fn write_shard(
 ) -> anyhow::Result<usize> {
     let tmp = partial.join(format!("tmp-shard-{index:05}"));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp)
+        .with_context(|| format!("creating capture shard {}", tmp.display()))?;
     let mut norm_sums = BTreeMap::new();
     for (i, hook) in hooks.iter().enumerate() {
         let name = hook.to_string();
@@ -199,4 +200,139 @@ pub(super) fn write_shard(
     }
     *shard = ShardBuffer::new(hooks.len());
     Ok(index + 1)
+}
+
+/// Writes finished shards on a background thread, one at a time and in order, so the forward goes on while
+/// Parquet encodes and compresses the last one (on a GPU the forward would otherwise wait for it). At most
+/// one shard waits to be written, so at most two shard buffers are in memory.
+pub(super) struct ShardWriter<'scope> {
+    queue: std::sync::mpsc::SyncSender<(usize, ShardBuffer, u64)>,
+    written: std::sync::mpsc::Receiver<anyhow::Result<usize>>,
+    thread: std::thread::ScopedJoinHandle<'scope, ()>,
+}
+
+impl<'scope> ShardWriter<'scope> {
+    /// Starts the writer thread for shards of `hooks` (`d` wide, stored as `dtype`) in `partial`.
+    pub(super) fn spawn<'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        partial: &'env Path,
+        hooks: &'env [Hook],
+        d: usize,
+        dtype: ActDtype,
+    ) -> Self {
+        let (queue, jobs) = std::sync::mpsc::sync_channel::<(usize, ShardBuffer, u64)>(0);
+        let (report, written) = std::sync::mpsc::channel();
+        let thread = scope.spawn(move || {
+            for (index, mut shard, next_batch) in jobs {
+                let result = write_shard(partial, index, hooks, d, dtype, &mut shard, next_batch)
+                    .map(|_| index);
+                let failed = result.is_err();
+                if report.send(result).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Self {
+            queue,
+            written,
+            thread,
+        }
+    }
+
+    /// Hands shard `index` (to resume at batch `next_batch`) to the writer; waits while it still writes the
+    /// one before. Fails with the writer's error if it has stopped.
+    pub(super) fn send(
+        &self,
+        index: usize,
+        shard: ShardBuffer,
+        next_batch: u64,
+    ) -> anyhow::Result<()> {
+        if self.queue.send((index, shard, next_batch)).is_err() {
+            // The writer stopped on an error, which it reported.
+            self.written()?;
+            anyhow::bail!("the shard writer stopped");
+        }
+        Ok(())
+    }
+
+    /// Indices of the shards published since the last call, or the first write error.
+    pub(super) fn written(&self) -> anyhow::Result<Vec<usize>> {
+        self.written.try_iter().collect()
+    }
+
+    /// Waits for every shard handed over; returns the indices published since the last [`Self::written`].
+    pub(super) fn finish(self) -> anyhow::Result<Vec<usize>> {
+        let Self {
+            queue,
+            written,
+            thread,
+        } = self;
+        drop(queue);
+        if thread.join().is_err() {
+            anyhow::bail!("the shard writer panicked");
+        }
+        written.try_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saeflow_core::models::HookPoint;
+
+    fn one_token_shard(value: f32) -> ShardBuffer {
+        let mut shard = ShardBuffer::new(1);
+        shard.acts[0] = bytemuck::cast_slice(&[value, value]).to_vec();
+        shard.kept_sq_norms[0].push(2.0 * value * value);
+        shard.tokens.push(TokenRow {
+            doc_id: 1,
+            pos: 0,
+            seq_pos: 0,
+            token_id: 5,
+            label: None,
+            split: "train".into(),
+            is_completion: false,
+            source: "test".into(),
+            subset: None,
+            pair_id: None,
+        });
+        shard
+    }
+
+    #[test]
+    fn the_writer_publishes_shards_in_order_and_reports_a_failed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let hooks = [Hook {
+            layer: 0,
+            point: HookPoint::ResidPost,
+        }];
+        let finished = std::thread::scope(|scope| {
+            let writer = ShardWriter::spawn(scope, dir.path(), &hooks, 2, ActDtype::F32);
+            for (i, v) in [1.0, 2.0, 3.0].into_iter().enumerate() {
+                writer.send(i, one_token_shard(v), i as u64 + 1).unwrap();
+            }
+            writer.finish().unwrap()
+        });
+        // Every shard was reported (some maybe already through `written`, which this test did not call).
+        assert_eq!(finished, [0, 1, 2]);
+        let states = finished_shards(dir.path()).unwrap();
+        assert_eq!(
+            states.iter().map(|s| s.next_batch).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+
+        // A partial "directory" that is a file: the write fails, and the error reaches the caller.
+        let file = dir.path().join("not-a-directory");
+        std::fs::write(&file, b"").unwrap();
+        // The writer stops at the failed shard, so the next hand-over fails with its error.
+        let next = std::thread::scope(|scope| {
+            let writer = ShardWriter::spawn(scope, &file, &hooks, 2, ActDtype::F32);
+            writer.send(0, one_token_shard(1.0), 1).unwrap();
+            let next = writer.send(1, one_token_shard(2.0), 2);
+            assert!(writer.finish().unwrap().is_empty());
+            next
+        });
+        let err = next.unwrap_err();
+        assert!(format!("{err:#}").contains("not-a-directory"), "{err:#}");
+    }
 }
