@@ -3,7 +3,7 @@
 # the GPU tests (kernels against candle's ops, the device engine against the sparse CPU engine, SmolLM2's
 # forward on CUDA against the CPU), saeflow vs sparsify training tokens/s (d_in 2048 and 4096, expansion 16
 # and 32, k 32 and 64, batch 4096 and 16384, alternating), and the forward (capture) tokens/s of SmolLM2 vs
-# PyTorch on the same GPU.
+# PyTorch on the same GPU, in f32 and bf16.
 #
 # Usage: bench/gpu.sh [PYTHON_WITH_TORCH_SPARSIFY_TRANSFORMERS_GGUF]
 # Needs on the GPU machine: nvcc (a CUDA toolkit; or `source DIR/env.sh` after scripts/cuda_toolchain.py),
@@ -58,10 +58,14 @@ for d_in in 2048 4096; do
   done
 done
 
-echo "== capture: SmolLM2-135M forward up to blocks.15, batch 32 x 256, f32"
+echo "== capture: SmolLM2-135M forward up to blocks.15, batch 32 x 256, f32 and bf16"
 m=../shared/models/smollm2-135m-instruct-q4_1
 g=SmolLM2-135M-Instruct.Q4_1.gguf
-for round in 1 2 3; do
-  ./target/release/saeflow bench forward "$m/$g" --device cuda --layer 15 --batch 32 --seq 256 --iters 10
-  "$py" bench/model_forward_torch.py "$m" "$g" --device cuda --layer 15 --batch 32 --seq 256 --iters 10 2>&1 | tail -1
+for round in 1 2; do
+  for dtype in f32:float32 bf16:bfloat16; do
+    ./target/release/saeflow bench forward "$m/$g" --device cuda --dtype "${dtype%%:*}" --layer 15 --batch 32 \
+      --seq 256 --iters 10
+    "$py" bench/model_forward_torch.py "$m" "$g" --device cuda --dtype "${dtype##*:}" --layer 15 --batch 32 \
+      --seq 256 --iters 10 2>&1 | tail -1
+  done
 done

@@ -836,3 +836,51 @@ fn sequence_start_sinks_are_left_out_measured_and_reported() {
     assert!(table.pair_id.iter().all(Option::is_none));
     assert_eq!(table.is_completion.len(), table.pos.len());
 }
+
+/// `dtype = "bf16"` on the model: the capture computes in bf16 (as on a GPU) and stores f32 activations
+/// within bf16's error of nanochat's own f32 residuals — different from them (the dtype is used), and
+/// within 3% of the largest activation.
+#[test]
+#[cfg_attr(missing = "shared", ignore = "needs ../shared")]
+fn a_bf16_model_captures_within_bf16_error_of_the_f32_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(shared("fixtures/nanochat-d4/reference_outputs.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &reference["cases"][0];
+    let records = [serde_json::json!({"text": case["prompt"], "label": "x"})];
+    pipeline(
+        dir.path(),
+        &records,
+        "hooks = [\"blocks.3.hook_resid_post\"]\nexclude_bos = false",
+    );
+    let toml = std::fs::read_to_string(dir.path().join("p.toml")).unwrap();
+    write(
+        &dir.path().join("p.toml"),
+        &toml.replace(
+            "kind = \"nanochat\"\n",
+            "kind = \"nanochat\"\ndtype = \"bf16\"\n",
+        ),
+    );
+    ok(dir.path(), &["run", "p.toml"]);
+    let object = object_of(&dir.path().join("cache"), "cap", "acts");
+    let got = all_acts(&object, "blocks.3.hook_resid_post");
+    let tensors = candle_core::safetensors::load(
+        shared("fixtures/nanochat-d4/reference_tensors.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want = &tensors["resid_post_0_3"];
+    let scalar = |t: Tensor| -> f32 { t.max_all().unwrap().to_scalar().unwrap() };
+    let diff = scalar((&got - want).unwrap().abs().unwrap());
+    let scale = scalar(want.abs().unwrap());
+    assert!(
+        diff > 1e-4,
+        "bf16 capture equals f32 to {diff}: was the dtype used?"
+    );
+    assert!(
+        diff <= 0.03 * scale,
+        "max |bf16 − f32| {diff} of max |act| {scale}"
+    );
+}

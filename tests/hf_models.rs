@@ -588,3 +588,71 @@ fn the_model_command_batches_prompts_and_renders_gemmas_chat_template() {
         "…<end_of_turn><start_of_turn>model: {input:?}"
     );
 }
+
+/// The bf16 and f16 forward (`dtype = "bf16" | "f16"`, for GPUs; here on the CPU device, which takes the
+/// same candle ops a GPU does) against `transformers` running the same models in bfloat16 / float16
+/// (`scripts/make_tiny_hf_low_precision_reference.py`). The two round in different places (transformers
+/// multiplies norm weights after casting back to bf16, rotates in bf16; we do both in f32), so their
+/// low-precision logits are not each other's: measured, ours are as far from transformers' bf16 logits as
+/// from f32. What must hold is that our error against the f32 logits is of the size transformers' own is
+/// (`max_diff_from_f32`: 0.02–0.5 on these models; ours 0.6–1.5 times that), and not zero (the dtype is used).
+#[test]
+fn bf16_and_f16_forwards_match_transformers_in_the_same_dtype() {
+    let reference: Json =
+        serde_json::from_slice(&std::fs::read(fixture("reference_low_precision.json")).unwrap())
+            .unwrap();
+    let prompt = ids(&reference["prompt"]);
+    for name in ["llama3", "qwen2", "gemma2", "gpt2"] {
+        let (config, weights) = load_hf_dir(&fixture(name), &Device::Cpu).unwrap();
+        let f32_model = model(config, weights);
+        let f32_logits = logits(&f32_model, &prompt);
+        let mut lowered = Some(f32_model);
+        for (dtype, key) in [
+            (candle_core::DType::BF16, "bfloat16"),
+            (candle_core::DType::F16, "float16"),
+        ] {
+            let (config, weights) = load_hf_dir(&fixture(name), &Device::Cpu).unwrap();
+            let m = lowered
+                .take()
+                .unwrap_or_else(|| model(config, weights))
+                .to_dtype(dtype)
+                .unwrap();
+            assert_eq!(m.dtype(), dtype);
+            let ours = logits(&m, &prompt);
+            let r = &reference[name][key];
+            let theirs: Vec<Vec<f64>> = r["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    row.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap())
+                        .collect()
+                })
+                .collect();
+            let gap = r["max_diff_from_f32"].as_f64().unwrap();
+            let (mut to_theirs, mut from_f32) = (0f64, 0f64);
+            for (t, row) in ours.iter().enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    to_theirs = to_theirs.max((v as f64 - theirs[t][j]).abs());
+                    from_f32 = from_f32.max((v - f32_logits[t][j]).abs() as f64);
+                }
+            }
+            eprintln!("{name} {key}: ours vs transformers {to_theirs:.4}, ours vs f32 {from_f32:.4}, transformers vs f32 {gap:.4}");
+            assert!(
+                from_f32 > 0.1 * gap,
+                "{name} {key}: no different from f32 ({from_f32})"
+            );
+            assert!(
+                from_f32 < 2.0 * gap,
+                "{name} {key}: {from_f32} from the f32 logits, where transformers' {key} is {gap} away"
+            );
+            assert!(
+                to_theirs < 2.0 * gap,
+                "{name} {key}: {to_theirs} from transformers' {key} logits"
+            );
+        }
+    }
+}

@@ -177,8 +177,13 @@ pub fn causal_attention(
             .contiguous()?
             .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
     }
-    // Elsewhere (CUDA, f64 tests): candle's ops over the whole score matrix with an additive mask.
+    // Elsewhere (CUDA, bf16/f16, f64 tests): candle's ops over the whole score matrix with an additive
+    // mask; bf16/f16 scores are masked, capped and softmaxed in f32 (as `transformers` does).
+    let low = matches!(q.dtype(), DType::BF16 | DType::F16);
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if low {
+        scores = scores.to_dtype(DType::F32)?;
+    }
     if let Some(cap) = vis.softcap {
         scores = ((scores / cap as f64)?.tanh()? * cap as f64)?;
     }
@@ -214,7 +219,9 @@ pub fn causal_attention(
         )?
         .to_dtype(scores.dtype())?;
     scores = (scores + mask)?;
-    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+    candle_nn::ops::softmax_last_dim(&scores)?
+        .to_dtype(v.dtype())?
+        .matmul(v)
 }
 
 struct CausalAttention {

@@ -19,7 +19,7 @@ pub mod transformer;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::models::spec::{DeviceSpec, ModelKind};
 pub use tokenizer::Tokenizer;
@@ -130,6 +130,10 @@ pub enum WeightFormat {
     F32,
     /// GGUF blocks kept quantized, multiplied by candle's `QMatMul` (8-bit activations): less memory, less exact.
     Quantized,
+    /// Weights and the forward's matrix products in bf16 (norms, softmax and outputs f32): for GPUs.
+    Bf16,
+    /// As `Bf16`, in f16.
+    F16,
 }
 
 impl std::str::FromStr for WeightFormat {
@@ -138,8 +142,10 @@ impl std::str::FromStr for WeightFormat {
         match s {
             "f32" => Ok(Self::F32),
             "quantized" => Ok(Self::Quantized),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
             other => Err(format!(
-                "unsupported model dtype `{other}` (f32 or quantized)"
+                "unsupported model dtype `{other}` (f32, bf16, f16 or quantized)"
             )),
         }
     }
@@ -260,6 +266,24 @@ pub fn load(path: &Path, kind: Option<ModelKind>, device: &Device) -> anyhow::Re
 
 /// Loads a model from a local path.
 pub fn load_with(
+    path: &Path,
+    kind: Option<ModelKind>,
+    format: WeightFormat,
+    device: &Device,
+) -> anyhow::Result<LoadedModel> {
+    let compute = match format {
+        WeightFormat::Bf16 => DType::BF16,
+        WeightFormat::F16 => DType::F16,
+        WeightFormat::F32 | WeightFormat::Quantized => return load_f32(path, kind, format, device),
+    };
+    // Built in f32, then converted (peak memory: the f32 weights plus their copy).
+    let mut model = load_f32(path, kind, WeightFormat::F32, device)?;
+    model.transformer = model.transformer.to_dtype(compute)?;
+    Ok(model)
+}
+
+/// [`load_with`] for f32 and quantized weights.
+fn load_f32(
     path: &Path,
     kind: Option<ModelKind>,
     format: WeightFormat,

@@ -101,7 +101,8 @@ pub struct ModelSpec {
     /// Hub revision (commit or tag); pin it for reproducible keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
-    /// Weights in memory: `f32` (default; GGUF dequantized at load) or `quantized` (GGUF only, see README).
+    /// Weights in memory: `f32` (default; GGUF dequantized at load), `bf16` or `f16` (the forward's matrix
+    /// products in that dtype, norms and softmax in f32: for GPUs), or `quantized` (GGUF only, see README).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
 }

@@ -489,6 +489,23 @@ impl Linear {
         }
     }
 
+    /// The same map with dense weights held as `dtype`; quantized blocks cannot be.
+    fn to_dtype(&self, dtype: DType) -> anyhow::Result<Self> {
+        Ok(match self {
+            Linear::Dense { w } => Linear::Dense {
+                w: w.to_dtype(dtype)?,
+            },
+            Linear::Quantized(_) => {
+                anyhow::bail!("quantized weights run in f32 only (use dtype = \"f32\")")
+            }
+            Linear::Stacked(maps) => Linear::Stacked(
+                maps.iter()
+                    .map(|m| m.to_dtype(dtype))
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = match self {
             Linear::Dense { w } => w,
@@ -514,6 +531,20 @@ impl Linear {
 struct NormWeights {
     weight: Tensor,
     bias: Tensor,
+}
+
+impl NormWeights {
+    fn to_dtype(&self, dtype: DType) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: self.weight.to_dtype(dtype)?,
+            bias: self.bias.to_dtype(dtype)?,
+        })
+    }
+}
+
+/// `t` as `dtype`, when there is one.
+fn opt_dtype(t: &Option<Tensor>, dtype: DType) -> candle_core::Result<Option<Tensor>> {
+    t.as_ref().map(|t| t.to_dtype(dtype)).transpose()
 }
 
 struct Block {
@@ -637,6 +668,12 @@ impl Placement {
         });
         Ok(self)
     }
+}
+
+/// RMSNorm of `x` computed in f32 (`transformers` upcasts norms too), returned in `x`'s dtype.
+fn rms_in_f32(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let f32 = DType::F32;
+    cpu_ops::rms_norm(&x.to_dtype(f32)?, &weight.to_dtype(f32)?, eps)?.to_dtype(x.dtype())
 }
 
 /// A loaded, hookable transformer.
@@ -811,6 +848,60 @@ impl Transformer {
         &self.device
     }
 
+    /// The dtype the forward computes in (its weights' dtype).
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// The same model computing in `dtype` (bf16 or f16 on GPUs): weights and tables converted, while
+    /// norms, attention softmax and outputs stay f32 — norms and the softmax run on f32 copies (as
+    /// `transformers` does), interventions see and return f32, and captured activations and logits come
+    /// out as f32 whatever the compute dtype.
+    pub fn to_dtype(self, dtype: DType) -> anyhow::Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            anyhow::bail!("a model computes in f32, bf16 or f16, not {dtype:?}");
+        }
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| -> anyhow::Result<Block> {
+                Ok(Block {
+                    attn_norm: b.attn_norm.to_dtype(dtype)?,
+                    qkv: b.qkv.to_dtype(dtype)?,
+                    qkv_bias: opt_dtype(&b.qkv_bias, dtype)?,
+                    o: b.o.to_dtype(dtype)?,
+                    mlp_norm: b.mlp_norm.to_dtype(dtype)?,
+                    mlp_in: b.mlp_in.to_dtype(dtype)?,
+                    down: b.down.to_dtype(dtype)?,
+                    post_norms: match &b.post_norms {
+                        Some((a, m)) => Some((a.to_dtype(dtype)?, m.to_dtype(dtype)?)),
+                        None => None,
+                    },
+                    out_biases: match &b.out_biases {
+                        Some((o, up, down)) => Some((
+                            o.to_dtype(dtype)?,
+                            up.to_dtype(dtype)?,
+                            down.to_dtype(dtype)?,
+                        )),
+                        None => None,
+                    },
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Transformer {
+            embed: self.embed.to_dtype(dtype)?,
+            positions: opt_dtype(&self.positions, dtype)?,
+            blocks,
+            final_norm: self.final_norm.to_dtype(dtype)?,
+            lm_head: self.lm_head.to_dtype(dtype)?,
+            ones: self.ones.to_dtype(dtype)?,
+            ones_head: self.ones_head.to_dtype(dtype)?,
+            cos: self.cos.to_dtype(dtype)?,
+            sin: self.sin.to_dtype(dtype)?,
+            ..self
+        })
+    }
+
     /// Checks that a hook exists in this model; the error lists what does.
     pub fn check_hook(&self, hook: &Hook) -> anyhow::Result<()> {
         if hook.layer >= self.config.n_layer {
@@ -825,10 +916,15 @@ impl Transformer {
 
     fn norm(&self, x: &Tensor, w: &NormWeights) -> candle_core::Result<Tensor> {
         let eps = self.config.norm_eps as f32;
-        match self.config.norm {
-            Norm::Rms => cpu_ops::rms_norm(x, &w.weight, eps),
-            Norm::Layer => candle_nn::ops::layer_norm(&x.contiguous()?, &w.weight, &w.bias, eps),
-        }
+        let (dtype, f32) = (x.dtype(), DType::F32);
+        let (x, weight) = (x.to_dtype(f32)?, w.weight.to_dtype(f32)?);
+        let y = match self.config.norm {
+            Norm::Rms => cpu_ops::rms_norm(&x, &weight, eps)?,
+            Norm::Layer => {
+                candle_nn::ops::layer_norm(&x.contiguous()?, &weight, &w.bias.to_dtype(f32)?, eps)?
+            }
+        };
+        y.to_dtype(dtype)
     }
 
     fn at(
@@ -841,11 +937,11 @@ impl Transformer {
     ) -> candle_core::Result<Tensor> {
         let hook = Hook { layer, point };
         let x = match hooks.interventions.get(&hook) {
-            Some(f) => f(&x)?,
+            Some(f) => f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
             None => x,
         };
         if hooks.capture.contains(&hook) {
-            out.insert(hook, x.clone());
+            out.insert(hook, x.to_dtype(DType::F32)?);
         }
         Ok(x)
     }
@@ -882,6 +978,8 @@ impl Transformer {
                     }
                     (None, None) => (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?),
                 };
+                // Per-call tables (dynamic NTK) are built in f32.
+                let (cos, sin) = (cos.to_dtype(q.dtype())?, sin.to_dtype(q.dtype())?);
                 let rotate = match rope {
                     Rope::HalfSplit => candle_nn::rotary_emb::rope,
                     Rope::Interleaved => candle_nn::rotary_emb::rope_i,
@@ -892,8 +990,8 @@ impl Transformer {
         };
         if c.qk_norm {
             let eps = c.norm_eps as f32;
-            q = cpu_ops::rms_norm(&q, &self.ones_head, eps)?;
-            k = cpu_ops::rms_norm(&k, &self.ones_head, eps)?;
+            q = rms_in_f32(&q, &self.ones_head, eps)?;
+            k = rms_in_f32(&k, &self.ones_head, eps)?;
         }
         let (k, v) = match cache {
             Some(cache) => {
@@ -1019,7 +1117,7 @@ impl Transformer {
             x = x.broadcast_add(&rows)?;
         }
         if c.embed_norm {
-            x = cpu_ops::rms_norm(&x, &self.ones, c.norm_eps as f32)?;
+            x = rms_in_f32(&x, &self.ones, c.norm_eps as f32)?;
         }
         for (i, b) in self.blocks.iter().enumerate().take(last) {
             x = self.at(hooks, &mut out, i, HookPoint::ResidPre, x)?;
@@ -1048,6 +1146,7 @@ impl Transformer {
         let logits = if hooks.logits {
             let x = self.norm(&x, &self.final_norm)?;
             let mut logits = self.lm_head.forward(&x)?;
+            logits = logits.to_dtype(DType::F32)?;
             if let Some(cap) = c.softcap {
                 logits = ((logits / cap)?.tanh()? * cap)?;
             }

@@ -346,12 +346,12 @@ impl Loader<'_> {
             if let Some(d) = spec
                 .dtype
                 .as_deref()
-                .filter(|d| !["f32", "quantized"].contains(d))
+                .filter(|d| !["f32", "bf16", "f16", "quantized"].contains(d))
             {
                 let span = span_at(v, &crate::stage::key_path(&["dtype"]));
                 return Err(self.err(
                     span,
-                    format!("model dtype `{d}` is not supported (f32 or quantized)"),
+                    format!("model dtype `{d}` is not supported (f32, bf16, f16 or quantized)"),
                 ));
             }
             if spec.path.is_none() && spec.hub.is_none() {
