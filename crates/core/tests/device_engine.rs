@@ -269,3 +269,48 @@ impl Callbacks for CancelAfter {
         self.1.load(Ordering::SeqCst) >= self.0
     }
 }
+
+#[test]
+fn a_batch_split_into_chunks_trains_as_the_whole_batch() {
+    use saeflow_core::sae::trainer::{upload_batch, Resident};
+    let mut rng = 0x5eed_u64;
+    let atoms: Vec<f32> = (0..48 * D).map(|_| uniform(&mut rng)).collect();
+    let batches: Vec<Vec<f32>> = (0..10)
+        .map(|_| sparse_rows(&atoms, D, 3, BATCH, &mut rng))
+        .collect();
+    let dev = Device::Cpu;
+    for (name, sparsity) in architectures() {
+        let cfg = config(sparsity, Engine::Dense(dev.clone()), 10);
+        let state = State::init(&cfg, D, &batches[0]);
+        let train = |chunk: usize| -> State {
+            let mut resident = Resident::new(&state, &cfg, &dev, None)
+                .unwrap()
+                .with_chunk_tokens(chunk);
+            let mut out = state.clone();
+            for (t, x) in batches.iter().enumerate() {
+                let variance = saeflow_core::sae::step::total_variance(x, D);
+                let (batch, _) = upload_batch(x, D, &dev).unwrap();
+                resident.step(&cfg, t as u64 + 1, &batch, variance).unwrap();
+            }
+            resident.download(&mut out).unwrap();
+            out
+        };
+        // 64 tokens in chunks of 7: nine full chunks and one of 1.
+        let (whole, chunked) = (train(BATCH), train(7));
+        for (part, u, v) in [
+            ("w_enc", &whole.weights.w_enc, &chunked.weights.w_enc),
+            ("w_dec", &whole.weights.w_dec, &chunked.weights.w_dec),
+            ("b_dec", &whole.weights.b_dec, &chunked.weights.b_dec),
+            (
+                "threshold",
+                &whole.weights.threshold,
+                &chunked.weights.threshold,
+            ),
+        ] {
+            let r = relative(u, v);
+            assert!(r <= 1e-5, "{name}: {part} differs by {r:e} when chunked");
+        }
+        assert_eq!(whole.fired_total, chunked.fired_total, "{name}");
+        assert_eq!(whole.since_fired, chunked.since_fired, "{name}");
+    }
+}

@@ -216,19 +216,23 @@ fn kth_largest(v: &Tensor, k: usize) -> candle_core::Result<Tensor> {
     sorted.narrow(0, k - 1, 1)
 }
 
-/// Loss and gradients of one batch `x` `[n, d_in]` (already normalised), on the weights' device. `dead` is a
-/// `[1, d_sae]` u8 mask of latents that have not fired recently, `num_dead` its count (AuxK draws on them;
-/// `aux_coef` = 0 switches AuxK off).
+/// Loss and gradients of the rows `x` `[rows, d_in]` (already normalised) of a batch of `batch_tokens`
+/// tokens (the loss is a mean over the batch: a batch split into chunks gives, summed, the whole batch's
+/// gradients and sums), on the weights' device. `dead` is a `[1, d_sae]` u8 mask of latents that have not
+/// fired recently, `num_dead` its count (AuxK draws on them; `aux_coef` = 0 switches AuxK off). BatchTopK
+/// selects over the rows given, so its batch cannot be split.
+#[allow(clippy::too_many_arguments)]
 pub fn step(
     w: &DenseWeights,
     x: &Tensor,
+    batch_tokens: usize,
     sparsity: Sparsity,
     dead: &Tensor,
     num_dead: usize,
     aux_coef: f32,
 ) -> candle_core::Result<(DenseGrads, Sums)> {
     let (m, d) = w.w_enc.dims2()?;
-    let n = x.dim(0)?;
+    let (rows, n) = (x.dim(0)?, batch_tokens);
     let device = x.device();
     let (centered, pre) = w.pre_activations(x)?;
     let positive = above(&pre, 0.0)?;
@@ -295,7 +299,7 @@ pub fn step(
         let window = (above(&z, -0.5)? * above(&z.neg()?, -0.5)?)?;
         // d loss / d a at every pair (the straight-through threshold gradient uses it in the window).
         let mut da = g_main.matmul(&w.w_dec.t()?)?;
-        let mut theta_grad = Tensor::zeros((n, m), DType::F32, device)?;
+        let mut theta_grad = Tensor::zeros((rows, m), DType::F32, device)?;
         let mut norm_coef = Tensor::zeros((1, m), DType::F32, device)?;
         match mode {
             L0Mode::Step => {
@@ -335,7 +339,7 @@ pub fn step(
     let g_b_enc = grad_pre.sum(0)?;
     let g_w_enc = grad_pre.t()?.matmul(&centered)?;
     let g_b_dec = (g_main.sum(0)? - g_b_enc.unsqueeze(0)?.matmul(&w.w_enc)?.squeeze(0)?)?;
-    let inf = Tensor::full(f32::INFINITY, (n, m), device)?;
+    let inf = Tensor::full(f32::INFINITY, (rows, m), device)?;
     let min_active = active
         .to_dtype(DType::U8)?
         .where_cond(&acts, &inf)?
@@ -351,6 +355,32 @@ pub fn step(
         fired: active.sum(0)?,
     };
     Ok((grads, sums))
+}
+
+impl DenseGrads {
+    /// The sum of two chunks' gradients (and firing counts).
+    pub fn add(&self, o: &Self) -> candle_core::Result<Self> {
+        Ok(Self {
+            w_enc: (&self.w_enc + &o.w_enc)?,
+            b_enc: (&self.b_enc + &o.b_enc)?,
+            w_dec: (&self.w_dec + &o.w_dec)?,
+            b_dec: (&self.b_dec + &o.b_dec)?,
+            threshold: match (&self.threshold, &o.threshold) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                _ => None,
+            },
+            fired: (&self.fired + &o.fired)?,
+        })
+    }
+}
+
+/// [`Sums`] of two chunks of one batch: sums added, the smallest kept activation the smaller.
+pub fn add_sums(a: &Sums, b: &Sums) -> candle_core::Result<Sums> {
+    let added = (a.narrow(0, 0, MIN_ACTIVE)? + b.narrow(0, 0, MIN_ACTIVE)?)?;
+    let least = a
+        .narrow(0, MIN_ACTIVE, 1)?
+        .minimum(&b.narrow(0, MIN_ACTIVE, 1)?)?;
+    Tensor::cat(&[added, least], 0)
 }
 
 #[cfg(test)]
@@ -398,7 +428,7 @@ mod tests {
             let mut sparse = Grads::default();
             let a = p.step(&x, sparsity, Precision::F32, &dead, aux, &mut sparse);
             let w = DenseWeights::upload(&p, &dev).unwrap();
-            let (g, sums) = step(&w, &xs, sparsity, &dead_mask, num_dead, aux).unwrap();
+            let (g, sums) = step(&w, &xs, n, sparsity, &dead_mask, num_dead, aux).unwrap();
             let sums: Vec<f64> = sums.to_vec1().unwrap();
             let close = |u: f64, v: f64| (u - v).abs() <= 1e-4 * (1.0 + u.abs());
             assert!(

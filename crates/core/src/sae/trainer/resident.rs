@@ -49,6 +49,9 @@ const W_DEC_SUM: usize = SUMS + 1;
 /// f64 scalars a step copies out.
 pub const STEP_SCALARS: usize = SUMS + 2;
 
+/// Elements of one `[tokens, d_sae]` f32 intermediate a step may hold (2²⁷: 512 MiB; a step holds about ten).
+const CHUNK_ELEMENTS: usize = 1 << 27;
+
 /// Adam's moments of one parameter tensor.
 struct DeviceMoments {
     m: Tensor,
@@ -69,6 +72,9 @@ pub struct Resident {
     num_dead: usize,
     /// The validation rows and their total variance.
     val: Option<(Tensor, f64)>,
+    /// Most tokens a step computes at once (a larger batch is split and its gradients summed: the dense
+    /// `[tokens, d_sae]` intermediates are what fills a GPU's memory). BatchTopK is never split.
+    chunk_tokens: usize,
     /// Per-step traffic so far (batches and scalars).
     pub step_traffic: Traffic,
     /// Whole-state copies so far (setup, checkpoints, the end).
@@ -174,6 +180,7 @@ impl Resident {
             fired_total: counts_of(&state.fired_total, device)?,
             num_dead: state.dead(cfg).iter().filter(|&&b| b).count(),
             val,
+            chunk_tokens: (CHUNK_ELEMENTS / cfg.d_sae.max(1)).max(1),
             step_traffic: Traffic::default(),
             sync_traffic: Traffic {
                 to_device,
@@ -223,14 +230,21 @@ impl Resident {
             .to_dtype(DType::U8)?
             .unsqueeze(0)?;
         let w = &self.weights;
-        let (mut g, sums) = dense::step(
-            w,
-            x,
-            cfg.training_sparsity(t),
-            &dead,
-            self.num_dead,
-            aux_coef,
-        )?;
+        let sparsity = cfg.training_sparsity(t);
+        let chunk = match sparsity {
+            Sparsity::BatchTopK(_) => n,
+            _ => self.chunk_tokens.min(n),
+        };
+        let mut summed: Option<(dense::DenseGrads, dense::Sums)> = None;
+        for start in (0..n).step_by(chunk) {
+            let rows = x.narrow(0, start, chunk.min(n - start))?;
+            let (g, s) = dense::step(w, &rows, n, sparsity, &dead, self.num_dead, aux_coef)?;
+            summed = Some(match summed {
+                None => (g, s),
+                Some((g0, s0)) => (g0.add(&g)?, dense::add_sums(&s0, &s)?),
+            });
+        }
+        let (mut g, sums) = summed.expect("a batch has rows");
         let unit = cfg.unit_decoder();
         if unit {
             // Only directions of decoder rows may change: remove each row's gradient along the row.
@@ -308,6 +322,13 @@ impl Resident {
         };
         // Σ W_dec is non-finite iff some decoder weight is (or the sum overflowed: also divergence).
         Ok((stats, s[W_DEC_SUM].is_finite()))
+    }
+
+    /// Splits batches into chunks of at most `tokens` tokens (default: what keeps one `[tokens, d_sae]`
+    /// intermediate under 512 MiB).
+    pub fn with_chunk_tokens(mut self, tokens: usize) -> Self {
+        self.chunk_tokens = tokens.max(1);
+        self
     }
 
     /// Dead latents now.
