@@ -274,37 +274,20 @@ impl Drop for SyntheticStore {
     }
 }
 
-/// TopK SAE training steps on standard-normal inputs (the shapes of `../shared/bench/sae_train_reference.py`):
-/// prints tokens/s, ms per step, the final batch FVU and GFLOP/s on the work a TopK step needs (dense
-/// encoder product + k-sparse decoder, backward and AuxK-free update).
-pub fn train(
-    d_in: usize,
-    expansion: usize,
+/// The training benches' configuration: TopK with AuxK, sparsify's learning rate, no schedule, no
+/// checkpoints, `steps` + 3 warm-up steps.
+fn bench_config(
+    d_sae: usize,
     k: usize,
     batch: usize,
     steps: usize,
-    precision: saeflow_core::kernels::gemm::Precision,
-) -> anyhow::Result<()> {
-    use rand::SeedableRng;
-    use rand_distr::{Distribution, StandardNormal};
-    use saeflow_core::kernels::gemm::matmul_nt_bias_in;
-    use saeflow_core::kernels::gemm::Precision;
-    use saeflow_core::sae::step::Grads;
-    use saeflow_core::sae::trainer::{State, TrainConfig};
-    let d_sae = d_in * expansion;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let pool: Vec<Vec<f32>> = (0..8)
-        .map(|_| {
-            (0..batch * d_in)
-                .map(|_| StandardNormal.sample(&mut rng))
-                .collect()
-        })
-        .collect();
-    let cfg = TrainConfig {
+    engine: saeflow_core::sae::trainer::Engine,
+) -> saeflow_core::sae::trainer::TrainConfig {
+    saeflow_core::sae::trainer::TrainConfig {
         d_sae,
         sparsity: saeflow_core::sae::step::Sparsity::TopK(k),
         penalty_warmup_steps: 0,
-        engine: saeflow_core::sae::trainer::Engine::Sparse(precision),
+        engine,
         lr: (2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
         warmup_steps: 0,
         decay_fraction: 0.0,
@@ -321,7 +304,42 @@ pub fn train(
         validation: None,
         scale: 1.0,
         buffer_rows: batch,
-    };
+    }
+}
+
+/// TopK SAE training steps on standard-normal inputs (the shapes of `../shared/bench/sae_train_reference.py`):
+/// prints tokens/s, ms per step, the final batch FVU and GFLOP/s on the work a TopK step needs (dense
+/// encoder product + k-sparse decoder, backward and AuxK-free update).
+pub fn train(
+    d_in: usize,
+    expansion: usize,
+    k: usize,
+    batch: usize,
+    steps: usize,
+    precision: saeflow_core::kernels::gemm::Precision,
+) -> anyhow::Result<()> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
+    use saeflow_core::kernels::gemm::matmul_nt_bias_in;
+    use saeflow_core::kernels::gemm::Precision;
+    use saeflow_core::sae::step::Grads;
+    use saeflow_core::sae::trainer::State;
+    let d_sae = d_in * expansion;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let pool: Vec<Vec<f32>> = (0..8)
+        .map(|_| {
+            (0..batch * d_in)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect()
+        })
+        .collect();
+    let cfg = bench_config(
+        d_sae,
+        k,
+        batch,
+        steps,
+        saeflow_core::sae::trainer::Engine::Sparse(precision),
+    );
     // The encoder product alone (the step's only dense work), for the GFLOP/s it reaches on its own.
     let mut pre = vec![0f32; batch * d_sae];
     let w: Vec<f32> = (0..d_sae * d_in)
@@ -391,7 +409,7 @@ pub fn train_on_device(
 ) -> anyhow::Result<()> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
-    use saeflow_core::sae::trainer::{upload_batch, Engine, Resident, State, TrainConfig};
+    use saeflow_core::sae::trainer::{upload_batch, Engine, Resident, State};
     let device = saeflow_core::models::device(device)?;
     let d_sae = d_in * expansion;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -402,28 +420,7 @@ pub fn train_on_device(
                 .collect()
         })
         .collect();
-    let cfg = TrainConfig {
-        d_sae,
-        sparsity: saeflow_core::sae::step::Sparsity::TopK(k),
-        penalty_warmup_steps: 0,
-        engine: Engine::Dense(device.clone()),
-        lr: (2e-4 / (d_sae as f64 / 16384.0).sqrt()) as f32,
-        warmup_steps: 0,
-        decay_fraction: 0.0,
-        batch_size: batch,
-        steps: steps as u64 + 3,
-        aux_coef: 1.0 / 32.0,
-        dead_tokens: 10_000_000,
-        grad_clip: 1.0,
-        seed: 0,
-        adam: Default::default(),
-        log_every: 1,
-        checkpoint_every: u64::MAX,
-        train_splits: None,
-        validation: None,
-        scale: 1.0,
-        buffer_rows: batch,
-    };
+    let cfg = bench_config(d_sae, k, batch, steps, Engine::Dense(device.clone()));
     let state = State::init(&cfg, d_in, &host[0]);
     let mut resident = Resident::new(&state, &cfg, &device, None)?;
     let pool = host
