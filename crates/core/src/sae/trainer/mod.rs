@@ -202,7 +202,11 @@ fn shared_pass(
         {
             match Resident::new(state, r.cfg, device, val.as_deref()) {
                 Ok(on_device) => *resident = Some(Box::new(on_device)),
-                Err(e) => *m = Member::Finished(Err(e.into())),
+                Err(e) => {
+                    let e = anyhow::Error::from(e)
+                        .context(format!("putting the training state on {device:?}"));
+                    *m = Member::Finished(Err(e));
+                }
             }
         }
     }
