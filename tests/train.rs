@@ -541,30 +541,47 @@ fn jumprelu_and_relu_export_as_saelens_jumprelu_and_standard() {
 
 #[test]
 fn the_dense_engine_trains_the_same_sae_up_to_rounding() {
-    let val_fvu = |engine: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        pipeline(dir.path(), &format!("tokens = 5120\nengine = \"{engine}\""));
-        let out = ok(dir.path(), &["run", "p.toml"]);
-        assert!(
-            out.contains(if engine == "dense" {
-                "dense Cpu engine"
-            } else {
-                "sparse CPU engine"
-            }),
-            "{out}"
-        );
-        let summary: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(object_of(&dir.path().join("cache"), "tr", "sae").join("train.json"))
+    // TopK and BatchTopK (which the device-resident engine trains too), through the stage.
+    for arch in ["topk", "batchtopk"] {
+        let val_fvu = |engine: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            pipeline(
+                dir.path(),
+                &format!("tokens = 5120\narch = \"{arch}\"\nengine = \"{engine}\""),
+            );
+            let out = ok(dir.path(), &["run", "p.toml"]);
+            assert!(
+                out.contains(if engine == "dense" {
+                    "dense Cpu engine"
+                } else {
+                    "sparse CPU engine"
+                }),
+                "{out}"
+            );
+            if engine == "dense" {
+                // The stage's log reports what the engine moved: 20 batches of 256 × 128 f32 in.
+                let log = std::fs::read_dir(dir.path().join("cache/logs"))
+                    .unwrap()
+                    .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+                    .find(|l| l.contains("host↔device"))
+                    .expect("a traffic line in the train log");
+                assert!(log.contains("steps moved 2.6 MB in (batches)"), "{log}");
+            }
+            let summary: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(
+                    object_of(&dir.path().join("cache"), "tr", "sae").join("train.json"),
+                )
                 .unwrap(),
-        )
-        .unwrap();
-        summary["final"]["val_fvu"].as_f64().unwrap()
-    };
-    let (sparse, dense) = (val_fvu("sparse"), val_fvu("dense"));
-    assert!(
-        (sparse - dense).abs() < 1e-3,
-        "sparse {sparse} vs dense {dense}"
-    );
+            )
+            .unwrap();
+            summary["final"]["val_fvu"].as_f64().unwrap()
+        };
+        let (sparse, dense) = (val_fvu("sparse"), val_fvu("dense"));
+        assert!(
+            (sparse - dense).abs() < 1e-3,
+            "{arch}: sparse {sparse} vs dense {dense}"
+        );
+    }
 }
 
 #[test]
