@@ -19,6 +19,12 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tens
 pub const TOPK_SOURCE: &str = include_str!("topk.cu");
 const MODULE: &str = "saeflow_topk";
 const BLOCK: u32 = 512;
+/// For the kernels that one thread runs (`for_num_elems(1)` would start a block of 1024).
+const ONE_THREAD: LaunchConfig = LaunchConfig {
+    grid_dim: (1, 1, 1),
+    block_dim: (1, 1, 1),
+    shared_mem_bytes: 0,
+};
 
 /// Whether the kernels are used on CUDA tensors (default yes; `SAEFLOW_CUDA_KERNELS=0` selects candle's
 /// ops instead).
@@ -152,7 +158,7 @@ impl CustomOp1 for KthLargest {
         let mut launch = set_k.builder();
         launch.arg(&state).arg(&k32);
         // SAFETY: one thread writes the three state words.
-        unsafe { launch.launch(LaunchConfig::for_num_elems(1)) }.w()?;
+        unsafe { launch.launch(ONE_THREAD) }.w()?;
         let len64 = len as u64;
         let blocks = len.div_ceil(BLOCK as usize).clamp(1, 1024) as u32;
         for shift in [24u32, 16, 8, 0] {
@@ -173,7 +179,7 @@ impl CustomOp1 for KthLargest {
             let mut launch = pick.builder();
             launch.arg(&state).arg(&hist).arg(&shift).arg(&out);
             // SAFETY: one thread updates the state and clears the histogram.
-            unsafe { launch.launch(LaunchConfig::for_num_elems(1)) }.w()?;
+            unsafe { launch.launch(ONE_THREAD) }.w()?;
         }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),

@@ -119,6 +119,7 @@ extern "C" __global__ void radix_histogram(const float* x, u64 len, const u32* s
 // After a radix_histogram pass: fixes the digit at `shift` (state = {prefix, remaining, fixed-bit mask})
 // and clears `hist` for the next pass. One thread. On the last pass (shift 0) writes the cut to `out`.
 extern "C" __global__ void radix_pick(u32* state, u32* hist, u32 shift, float* out) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
     u32 remaining = state[1];
     u32 b = pick_bin(hist, &remaining);
     state[0] |= b << shift;
@@ -130,6 +131,7 @@ extern "C" __global__ void radix_pick(u32* state, u32* hist, u32 shift, float* o
 
 // kth_largest's starting state: no bits fixed, the k-th largest wanted. One thread.
 extern "C" __global__ void radix_init(u32* state, u32 k) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
     state[0] = 0;
     state[1] = k;
     state[2] = 0;
