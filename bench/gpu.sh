@@ -14,13 +14,14 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${1:-python3}
 cd "$here"
+bin="${CARGO_TARGET_DIR:-target}/release/saeflow"
 date -u +"%Y-%m-%d %H:%M UTC"
 lscpu | grep -E 'Model name|^CPU\(s\)' | sed 's/  */ /g'
 
 echo "== CPU-checkable parts: the device-resident engine on the CPU device"
 cargo test -q --release -p saeflow-core --test device_engine
 cargo build -q --release
-./target/release/saeflow bench train --device cpu-dense --d-in 64 --expansion 8 --k 8 --batch 512 --steps 3
+"$bin" bench train --device cpu-dense --d-in 64 --expansion 8 --k 8 --batch 512 --steps 3
 
 if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
   echo "bench/gpu.sh: no NVIDIA GPU here (nvidia-smi is missing or lists none). The CPU-checkable parts" >&2
@@ -49,7 +50,7 @@ for d_in in 2048 4096; do
   for expansion in 16 32; do
     for k in 32 64; do
       for batch in 4096 16384; do
-        ./target/release/saeflow bench train --device cuda --d-in "$d_in" --expansion "$expansion" --k "$k" \
+        "$bin" bench train --device cuda --d-in "$d_in" --expansion "$expansion" --k "$k" \
           --batch "$batch" --steps 20 2>&1 | tail -1 || true
         "$py" bench/sparsify_gpu.py --d-in "$d_in" --expansion "$expansion" --k "$k" --batch "$batch" \
           --steps 20 2>&1 | tail -1 || true
@@ -63,7 +64,7 @@ m=../shared/models/smollm2-135m-instruct-q4_1
 g=SmolLM2-135M-Instruct.Q4_1.gguf
 for round in 1 2; do
   for dtype in f32:float32 bf16:bfloat16; do
-    ./target/release/saeflow bench forward "$m/$g" --device cuda --dtype "${dtype%%:*}" --layer 15 --batch 32 \
+    "$bin" bench forward "$m/$g" --device cuda --dtype "${dtype%%:*}" --layer 15 --batch 32 \
       --seq 256 --iters 10
     "$py" bench/model_forward_torch.py "$m" "$g" --device cuda --dtype "${dtype##*:}" --layer 15 --batch 32 \
       --seq 256 --iters 10 2>&1 | tail -1
