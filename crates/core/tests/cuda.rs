@@ -10,12 +10,10 @@ use candle_core::{DType, Device, Tensor};
 use saeflow_core::data::activations::ActivationStore;
 use saeflow_core::kernels::cuda;
 use saeflow_core::kernels::gemm::Precision;
-use saeflow_core::sae::adam::AdamConfig;
 use saeflow_core::sae::dense::top_k_mask_reference;
-use saeflow_core::sae::step::{L0Mode, Sparsity};
 use saeflow_core::sae::trainer::{train, Callbacks, Engine, State, TrainConfig};
 
-use common::{sparse_rows, uniform};
+use common::{relative, sparse_rows, uniform};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device (the build script found /dev/nvidiactl)")
@@ -104,40 +102,16 @@ fn the_device_engine_on_cuda_trains_to_the_sparse_engines_weights() {
     );
     let store =
         ActivationStore::open(&dir.path().join("capture"), "blocks.0.hook_resid_post").unwrap();
-    let jump = |mode, pre_act| Sparsity::JumpRelu {
-        l0: 0.05,
-        bandwidth: 0.1,
-        mode,
-        pre_act,
-    };
-    for sparsity in [
-        Sparsity::TopK(8),
-        Sparsity::BatchTopK(8),
-        jump(L0Mode::Tanh(4.0), 0.01),
-        jump(L0Mode::Step, 0.0),
-        Sparsity::Relu { l1: 0.05 },
-    ] {
+    for (_, sparsity) in common::architectures(8) {
         let cfg = |engine| TrainConfig {
             d_sae: 16_384, // past candle's CUDA arg_sort (a row in shared memory)
-            sparsity,
-            penalty_warmup_steps: 10,
-            engine,
             lr: 1e-3,
-            warmup_steps: 5,
-            decay_fraction: 0.2,
             batch_size: 512,
             steps: 50,
-            aux_coef: 1.0 / 32.0,
             dead_tokens: 2048,
-            grad_clip: 1.0,
             seed: 3,
-            adam: AdamConfig::default(),
-            log_every: 10,
-            checkpoint_every: 1_000_000,
-            train_splits: None,
-            validation: None,
-            scale: 1.0,
             buffer_rows: 4096,
+            ..common::train_config(sparsity, engine, 50)
         };
         let run = |engine, sub: &str| -> State {
             train(&store, &cfg(engine), &dir.path().join(sub), &Quiet).unwrap()
@@ -145,10 +119,6 @@ fn the_device_engine_on_cuda_trains_to_the_sparse_engines_weights() {
         let name = format!("{sparsity:?}");
         let sparse = run(Engine::Sparse(Precision::F32), &format!("{name}-cpu"));
         let dense = run(Engine::Dense(gpu()), &format!("{name}-gpu"));
-        let relative = |a: &[f32], b: &[f32]| {
-            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-            a.iter().zip(b).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
-        };
         // cuBLAS sums in other orders than the CPU's GEMM: 1e-3 (1e-4 on the CPU device, tests/device_engine.rs).
         for (part, u, v) in [
             ("w_enc", &sparse.weights.w_enc, &dense.weights.w_enc),

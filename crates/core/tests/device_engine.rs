@@ -10,17 +10,18 @@ use std::sync::Mutex;
 use candle_core::Device;
 use saeflow_core::data::activations::ActivationStore;
 use saeflow_core::kernels::gemm::Precision;
-use saeflow_core::sae::adam::AdamConfig;
-use saeflow_core::sae::step::{L0Mode, Sparsity, Weights};
+use saeflow_core::sae::step::{Sparsity, Weights};
 use saeflow_core::sae::trainer::{
     train, train_group, Callbacks, Engine, Run, State, Traffic, TrainConfig,
 };
 
-use common::{sparse_rows, uniform, write_capture};
+use common::{
+    architectures, relative, sparse_rows, train_config as config, uniform, write_capture,
+};
 
 const D: usize = 16;
 const HOOK: &str = "blocks.0.hook_resid_post";
-const BATCH: usize = 64;
+const BATCH: usize = common::TRAIN_BATCH;
 
 /// A capture of 4096 rows, each a sum of 3 of 48 hidden atoms.
 fn capture(dir: &std::path::Path) -> ActivationStore {
@@ -28,31 +29,6 @@ fn capture(dir: &std::path::Path) -> ActivationStore {
     let atoms: Vec<f32> = (0..48 * D).map(|_| uniform(&mut state)).collect();
     write_capture(dir, HOOK, D, &sparse_rows(&atoms, D, 3, 4096, &mut state));
     ActivationStore::open(dir, HOOK).unwrap()
-}
-
-fn config(sparsity: Sparsity, engine: Engine, steps: u64) -> TrainConfig {
-    TrainConfig {
-        d_sae: 64,
-        sparsity,
-        penalty_warmup_steps: 10,
-        engine,
-        lr: 2e-3,
-        warmup_steps: 5,
-        decay_fraction: 0.2,
-        batch_size: BATCH,
-        steps,
-        aux_coef: 1.0 / 32.0,
-        dead_tokens: 256,
-        grad_clip: 1.0,
-        seed: 7,
-        adam: AdamConfig::default(),
-        log_every: 10,
-        checkpoint_every: 1_000_000,
-        train_splits: None,
-        validation: None,
-        scale: 1.0,
-        buffer_rows: 512,
-    }
 }
 
 /// Records what a run reports.
@@ -65,32 +41,6 @@ impl Callbacks for Record {
     fn traffic(&self, steps: Traffic, state_copies: Traffic) {
         self.traffic.lock().unwrap().push((steps, state_copies));
     }
-}
-
-fn architectures() -> Vec<(&'static str, Sparsity)> {
-    let jump = |mode, pre_act| Sparsity::JumpRelu {
-        l0: 0.05,
-        bandwidth: 0.1,
-        mode,
-        pre_act,
-    };
-    vec![
-        ("topk", Sparsity::TopK(4)),
-        ("batchtopk", Sparsity::BatchTopK(4)),
-        ("jumprelu (tanh)", jump(L0Mode::Tanh(4.0), 0.01)),
-        ("jumprelu (step)", jump(L0Mode::Step, 0.0)),
-        ("relu", Sparsity::Relu { l1: 0.05 }),
-    ]
-}
-
-/// ‖a − b‖∞ / ‖a‖∞.
-fn relative(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = a
-        .iter()
-        .fold(0f32, |m, v| m.max(v.abs()))
-        .max(f32::MIN_POSITIVE);
-    a.iter().zip(b).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
 }
 
 /// Which latents each row of `x` keeps, as sorted index lists.
@@ -119,7 +69,7 @@ fn the_device_engine_trains_every_architecture_to_the_sparse_engines_weights() {
         let atoms: Vec<f32> = (0..48 * D).map(|_| uniform(&mut state)).collect();
         sparse_rows(&atoms, D, 3, 256, &mut state)
     };
-    for (name, sparsity) in architectures() {
+    for (name, sparsity) in architectures(4) {
         let run = |engine: Engine, sub: &str| -> State {
             let cfg = config(sparsity, engine, 50);
             train(&store, &cfg, &dir.path().join(sub), &Record::default()).unwrap()
@@ -224,7 +174,7 @@ fn a_device_step_moves_the_batch_in_and_a_few_scalars_out() {
 fn a_device_group_trains_each_member_to_its_bits_alone_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let store = capture(&dir.path().join("capture"));
-    let configs: Vec<TrainConfig> = architectures()
+    let configs: Vec<TrainConfig> = architectures(4)
         .into_iter()
         .map(|(_, s)| config(s, Engine::Dense(Device::Cpu), 20))
         .collect();
@@ -279,7 +229,7 @@ fn a_batch_split_into_chunks_trains_as_the_whole_batch() {
         .map(|_| sparse_rows(&atoms, D, 3, BATCH, &mut rng))
         .collect();
     let dev = Device::Cpu;
-    for (name, sparsity) in architectures() {
+    for (name, sparsity) in architectures(4) {
         let cfg = config(sparsity, Engine::Dense(dev.clone()), 10);
         let state = State::init(&cfg, D, &batches[0]);
         let train = |chunk: usize| -> State {

@@ -8,6 +8,9 @@ use std::path::Path;
 use saeflow_core::data::activations::{
     act_file_name, write_act_shard, ActDtype, CaptureInfo, ShardInfo, FORMAT_VERSION,
 };
+use saeflow_core::sae::adam::AdamConfig;
+use saeflow_core::sae::step::{L0Mode, Sparsity};
+use saeflow_core::sae::trainer::{Engine, TrainConfig};
 
 /// xorshift in [-0.5, 0.5): a fixed, dependency-free stream.
 pub fn uniform(state: &mut u64) -> f32 {
@@ -86,4 +89,62 @@ pub fn write_capture(dir: &Path, hook: &str, d: usize, rows: &[f32]) {
         serde_json::to_string(&info).unwrap(),
     )
     .unwrap();
+}
+
+/// Tokens per step of [`train_config`].
+pub const TRAIN_BATCH: usize = 64;
+
+/// A small training configuration for the engine tests: 64 latents, batches of 64, penalties ramped over 10
+/// steps, a warm-up of 5 and a final decay, AuxK, clipping, no checkpoints.
+pub fn train_config(sparsity: Sparsity, engine: Engine, steps: u64) -> TrainConfig {
+    TrainConfig {
+        d_sae: 64,
+        sparsity,
+        penalty_warmup_steps: 10,
+        engine,
+        lr: 2e-3,
+        warmup_steps: 5,
+        decay_fraction: 0.2,
+        batch_size: TRAIN_BATCH,
+        steps,
+        aux_coef: 1.0 / 32.0,
+        dead_tokens: 256,
+        grad_clip: 1.0,
+        seed: 7,
+        adam: AdamConfig::default(),
+        log_every: 10,
+        checkpoint_every: 1_000_000,
+        train_splits: None,
+        validation: None,
+        scale: 1.0,
+        buffer_rows: 512,
+    }
+}
+
+/// Every architecture the trainer trains, named: TopK and BatchTopK with `k`, JumpReLU with either L0
+/// penalty, ReLU.
+pub fn architectures(k: usize) -> Vec<(&'static str, Sparsity)> {
+    let jump = |mode, pre_act| Sparsity::JumpRelu {
+        l0: 0.05,
+        bandwidth: 0.1,
+        mode,
+        pre_act,
+    };
+    vec![
+        ("topk", Sparsity::TopK(k)),
+        ("batchtopk", Sparsity::BatchTopK(k)),
+        ("jumprelu (tanh)", jump(L0Mode::Tanh(4.0), 0.01)),
+        ("jumprelu (step)", jump(L0Mode::Step, 0.0)),
+        ("relu", Sparsity::Relu { l1: 0.05 }),
+    ]
+}
+
+/// ‖a − b‖∞ / ‖a‖∞.
+pub fn relative(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    a.iter().zip(b).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
 }
