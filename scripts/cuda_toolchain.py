@@ -7,7 +7,9 @@ Installs NVIDIA's own wheels (nvcc, cicc, crt/cccl headers, cudart, NVRTC) into 
 for the libraries cudarc links with but a build machine does not need to run: the driver (libcuda), cuBLAS,
 cuBLASLt and cuRAND. A stub exports the library's function names (taken from cudarc's own bindings) with
 empty bodies, as the CUDA toolkit's `lib64/stubs/libcuda.so` does: the binary links, and on a GPU machine the
-real libraries are found first at run time. Nothing built against the stubs can run CUDA code here.
+real libraries are found first at run time. Nothing built against the stubs can run CUDA code here, but a
+binary can start and use NVRTC (which needs no GPU): env.sh's CUDA_STUB_RUNTIME is the LD_LIBRARY_PATH for
+that (the stubs under their sonames, and the real NVRTC).
 
 candle-kernels' build compiles its kernels with nvcc for one architecture: CUDA_COMPUTE_CAP (default 90,
 Hopper) is set in env.sh.
@@ -91,6 +93,13 @@ def main() -> None:
         if len(functions) < 10:
             sys.exit(f"found only {len(functions)} functions in cudarc's {module} bindings")
         write_stub(stubs, name, soname, functions)
+    # The stubs under the names a linked binary asks the loader for (to start one here; never for a GPU).
+    run = os.path.join(home, "lib", "stub-runtime")
+    os.makedirs(run, exist_ok=True)
+    for name, (_, soname) in STUBS.items():
+        path = os.path.join(run, soname)
+        if not os.path.lexists(path):
+            os.symlink(os.path.join(stubs, f"lib{name}.so"), path)
     with open(os.path.join(root, "env.sh"), "w") as f:
         f.write(
             f'export CUDA_HOME="{home}" CUDA_PATH="{home}"\n'
@@ -98,6 +107,7 @@ def main() -> None:
             f'export LIBRARY_PATH="{lib}:{stubs}${{LIBRARY_PATH:+:$LIBRARY_PATH}}"\n'
             f'export CUDA_COMPUTE_CAP="${{CUDA_COMPUTE_CAP:-90}}"\n'
             f'export CUDARC_CUDA_VERSION="{VERSION.replace(".", "0")}0"\n'
+            f'export CUDA_STUB_RUNTIME="{run}:{lib}"\n'
         )
     print(f"CUDA {VERSION} toolchain in {home}; link stubs in {stubs}; source {root}/env.sh")
 

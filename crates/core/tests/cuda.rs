@@ -84,6 +84,86 @@ fn the_cut_kernel_finds_the_kth_largest_entry() {
     }
 }
 
+/// A `[rows, cols]` matrix with `per_row` nonzeros in most rows, none in row 1, every column in row 0
+/// (past the kernels' shared list), NaN-free.
+fn sparse_matrix(rows: usize, cols: usize, per_row: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed | 1;
+    let mut s = vec![0f32; rows * cols];
+    for (r, row) in s.chunks_mut(cols).enumerate() {
+        for v in row.iter_mut() {
+            let keep = match r {
+                0 => true,
+                1 => false,
+                _ => ((uniform(&mut state) + 0.5) * cols as f32) < per_row as f32,
+            };
+            if keep {
+                *v = uniform(&mut state) + 0.75; // never 0
+            }
+        }
+    }
+    s
+}
+
+#[test]
+#[cfg_attr(missing = "gpu", ignore = "needs an NVIDIA GPU")]
+fn the_sparse_product_kernels_compute_the_dense_products() {
+    let dev = gpu();
+    let cpu =
+        |v: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    for (rows, cols, d, per_row) in [
+        (5, 7, 3, 2),
+        (64, 4096, 576, 32),
+        (40, 3000, 1000, 300), // lists spent more than once
+        (300, 65_536, 256, 64),
+    ] {
+        let s = cpu(
+            sparse_matrix(rows, cols, per_row, cols as u64),
+            (rows, cols),
+        );
+        let b = cpu(values(cols * d, d as u64, false), (cols, d));
+        let a = cpu(values(rows * d, rows as u64, false), (rows, d));
+        let expected = host(&s.matmul(&b).unwrap());
+        let got = host(
+            &cuda::sparse_rows_matmul(&s.to_device(&dev).unwrap(), &b.to_device(&dev).unwrap())
+                .unwrap(),
+        );
+        let r = relative(&expected, &got);
+        assert!(r <= 1e-5, "s·b [{rows}, {cols}]·[{cols}, {d}]: {r:e}");
+        // The transposed operand (the decoder's gradient): any layout goes in.
+        let expected = host(&s.t().unwrap().matmul(&a).unwrap());
+        let got = host(
+            &cuda::sparse_rows_matmul(
+                &s.to_device(&dev).unwrap().t().unwrap(),
+                &a.to_device(&dev).unwrap(),
+            )
+            .unwrap(),
+        );
+        let r = relative(&expected, &got);
+        assert!(r <= 1e-5, "sᵀ·a: {r:e}");
+        let expected = host(&(a.matmul(&b.t().unwrap()).unwrap() * &s).unwrap());
+        let got = host(
+            &cuda::masked_row_dots(
+                &a.to_device(&dev).unwrap(),
+                &b.to_device(&dev).unwrap(),
+                &s.to_device(&dev).unwrap(),
+            )
+            .unwrap(),
+        );
+        let r = relative(&expected, &got);
+        assert!(r <= 1e-5, "(a·bᵀ)⊙s: {r:e}");
+        // Deterministic: the same bits twice.
+        let again = host(
+            &cuda::masked_row_dots(
+                &a.to_device(&dev).unwrap(),
+                &b.to_device(&dev).unwrap(),
+                &s.to_device(&dev).unwrap(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(got, again);
+    }
+}
+
 struct Quiet;
 impl Callbacks for Quiet {}
 
@@ -169,4 +249,23 @@ fn smollm2_on_cuda_captures_what_the_cpu_captures() {
         worst <= 1e-3 * scale,
         "max |cpu − gpu| {worst} of max |act| {scale}"
     );
+}
+
+/// NVRTC (what compiles the kernels at run time; it needs no GPU, so CI runs this) accepts every kernel
+/// source, and names the source it rejects.
+#[test]
+fn nvrtc_compiles_every_kernel_source() {
+    let broken = cuda::compile(
+        "extern \"C\" __global__ void f() { undeclared(); }",
+        "broken.cu",
+    );
+    assert!(broken.is_err_and(|e| e.contains("broken.cu")));
+    for (source, name) in [
+        (cuda::TOPK_SOURCE, "topk.cu"),
+        (cuda::SPARSE_SOURCE, "sparse.cu"),
+    ] {
+        if let Err(e) = cuda::compile(source, name) {
+            panic!("{e}");
+        }
+    }
 }

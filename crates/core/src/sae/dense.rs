@@ -8,8 +8,10 @@
 //! fetch a few scalars a step.
 //!
 //! Latent selection (the part candle's ops do poorly on a GPU: its CUDA `arg_sort` holds a whole row in
-//! shared memory, so it fails past ~12k latents) goes through [`top_k_mask`], which uses the fused CUDA
-//! kernel of [`crate::kernels::cuda`] on CUDA tensors, and candle's `arg_sort` elsewhere (the reference).
+//! shared memory, so it fails past ~12k latents) goes through [`top_k_mask`], and the products with
+//! TopK-sparse activations (decoder, decoder gradient, encoder gradient) through [`sparse_matmul`] and
+//! [`masked_dots`]: on CUDA tensors they use the kernels of [`crate::kernels::cuda`], elsewhere candle's
+//! ops (the reference, and what the CPU device runs).
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -154,11 +156,46 @@ impl DenseWeights {
     /// `(Σ ‖x̂ − x‖², active pairs)` of a batch without gradients (validation), as a `[2]` f64 tensor.
     pub fn evaluate(&self, x: &Tensor, sparsity: Sparsity) -> candle_core::Result<Tensor> {
         let acts = self.encode(x, sparsity)?;
-        let recon = acts.matmul(&self.w_dec)?.broadcast_add(&self.b_dec)?;
+        let recon =
+            sparse_matmul(&acts, &self.w_dec, bounded(sparsity))?.broadcast_add(&self.b_dec)?;
         let sq = total(&(recon - x)?.sqr()?)?;
         let active = total(&above(&acts, 0.0)?)?;
         Tensor::stack(&[sq, active], 0)
     }
+}
+
+/// Whether `sparsity` bounds the active latents of a token (TopK, BatchTopK: k of d_sae), so products
+/// with the activations are worth computing as sparse ones. ReLU and JumpReLU may be dense early on.
+fn bounded(sparsity: Sparsity) -> bool {
+    matches!(sparsity, Sparsity::TopK(_) | Sparsity::BatchTopK(_))
+}
+
+/// `s · b`, where `s` `[rows, cols]` has few nonzeros per row when `sparse`: then on CUDA the kernel of
+/// [`crate::kernels::cuda::sparse_rows_matmul`] sums only those; otherwise (and on other devices) a matmul.
+pub fn sparse_matmul(s: &Tensor, b: &Tensor, sparse: bool) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if sparse && s.device().is_cuda() && crate::kernels::cuda::enabled() {
+        return crate::kernels::cuda::sparse_rows_matmul(s, b);
+    }
+    let _ = sparse;
+    s.matmul(b)
+}
+
+/// `(a · bᵀ) ⊙ mask` for `a` `[rows, d]`, `b` `[cols, d]` and a mask `[rows, cols]` with few nonzeros per
+/// row when `sparse`: then on CUDA [`crate::kernels::cuda::masked_row_dots`] computes only the kept dot
+/// products; otherwise (and on other devices) a matmul and a product.
+pub fn masked_dots(
+    a: &Tensor,
+    b: &Tensor,
+    mask: &Tensor,
+    sparse: bool,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if sparse && a.device().is_cuda() && crate::kernels::cuda::enabled() {
+        return crate::kernels::cuda::masked_row_dots(a, b, mask);
+    }
+    let _ = sparse;
+    a.matmul(&b.t()?)? * mask
 }
 
 /// A `[n, m]` 0/1 f32 mask with ones at the `k` largest entries of each row of `x` among the columns where
@@ -234,13 +271,14 @@ pub fn step(
     let (m, d) = w.w_enc.dims2()?;
     let (rows, n) = (x.dim(0)?, batch_tokens);
     let device = x.device();
+    let sparse = bounded(sparsity);
     let (centered, pre) = w.pre_activations(x)?;
     let positive = above(&pre, 0.0)?;
     let selected = w.select(&pre, sparsity)?;
     // Active = selected and positive (ReLU); these pass gradients to their pre-activations.
     let active = (&selected * &positive)?;
     let acts = (&pre * &active)?;
-    let recon = acts.matmul(&w.w_dec)?.broadcast_add(&w.b_dec)?;
+    let recon = sparse_matmul(&acts, &w.w_dec, sparse)?.broadcast_add(&w.b_dec)?;
     let err = (&recon - x)?;
     let sq = total(&err.sqr()?)?;
     let g_main = (&err * (2.0 / n as f64))?;
@@ -255,7 +293,7 @@ pub fn step(
         let scale = (num_dead as f32 / (d / 2) as f32).min(1.0);
         let aux_active = (top_k_mask(&pre, k_aux, Some(dead))? * &positive)?;
         let aux_acts = (&pre * &aux_active)?;
-        let aux_err = (aux_acts.matmul(&w.w_dec)? + &err)?;
+        let aux_err = (sparse_matmul(&aux_acts, &w.w_dec, sparse)? + &err)?;
         let weight = (aux_coef * scale) as f64;
         aux_loss = (total(&aux_err.sqr()?)? * (weight / n as f64))?;
         let g_aux = (aux_err * (2.0 * weight / n as f64))?;
@@ -263,11 +301,11 @@ pub fn step(
     }
 
     // d loss / d a = g · W_decᵀ, into the pre-activations of active latents.
-    let mut grad_pre = (g_main.matmul(&w.w_dec.t()?)? * &active)?;
-    let mut g_w_dec = acts.t()?.matmul(&g_main)?;
+    let mut grad_pre = masked_dots(&g_main, &w.w_dec, &active, sparse)?;
+    let mut g_w_dec = sparse_matmul(&acts.t()?, &g_main, sparse)?;
     if let Some((aux_active, aux_acts, g_aux)) = &aux_parts {
-        grad_pre = (grad_pre + (g_aux.matmul(&w.w_dec.t()?)? * aux_active)?)?;
-        g_w_dec = (g_w_dec + aux_acts.t()?.matmul(g_aux)?)?;
+        grad_pre = (grad_pre + masked_dots(g_aux, &w.w_dec, aux_active, sparse)?)?;
+        g_w_dec = (g_w_dec + sparse_matmul(&aux_acts.t()?, g_aux, sparse)?)?;
     }
     let mut penalty = zero.clone();
     let norms = || -> candle_core::Result<Tensor> { w.w_dec.sqr()?.sum(1)?.sqrt() };
@@ -337,7 +375,7 @@ pub fn step(
         g_w_dec = (g_w_dec + w.w_dec.broadcast_mul(&(norm_coef / norms)?.t()?)?)?;
     }
     let g_b_enc = grad_pre.sum(0)?;
-    let g_w_enc = grad_pre.t()?.matmul(&centered)?;
+    let g_w_enc = sparse_matmul(&grad_pre.t()?, &centered, sparse)?;
     let g_b_dec = (g_main.sum(0)? - g_b_enc.unsqueeze(0)?.matmul(&w.w_enc)?.squeeze(0)?)?;
     let inf = Tensor::full(f32::INFINITY, (rows, m), device)?;
     let min_active = active
