@@ -12,7 +12,8 @@
 //! (state + data position from the last checkpoint) ends with the same bits.
 //!
 //! This file holds the group pass; its submodules hold the configuration (`config`), the state and its
-//! optimiser step (`state`), checkpoints (`checkpoint`), export (`export`) and the data order (`batches`).
+//! optimiser step (`state`), checkpoints (`checkpoint`), export (`export`), the data order (`batches`), the
+//! device-resident engine (`resident`) and the batches' way onto its device (`upload`).
 
 mod batches;
 mod checkpoint;
@@ -20,16 +21,18 @@ mod config;
 mod export;
 mod resident;
 mod state;
+mod upload;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
 pub use config::{Engine, TrainConfig};
-pub use resident::{upload_batch, Resident, Traffic, STEP_SCALARS};
+pub use resident::{Launched, Resident, STEP_SCALARS};
 pub use state::{LogRow, State};
+pub use upload::{upload_batch, Traffic, Uploader};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::data::activations::ActivationStore;
 use crate::sae::step::{total_variance, Grads};
@@ -232,6 +235,23 @@ fn shared_pass(
     for _ in 0..position % per_epoch {
         data.next()?;
     }
+    // One uploader per device of the resident members (a group on one GPU shares its batch copy).
+    let mut uploaders: Vec<Uploader> = Vec::new();
+    for (m, r) in members.iter().zip(runs) {
+        if let (
+            Member::Training {
+                resident: Some(_), ..
+            },
+            Engine::Dense(device),
+        ) = (m, &r.cfg.engine)
+        {
+            if !uploaders.iter().any(|u| u.device().same_device(device)) {
+                uploaders.push(Uploader::new(device));
+            }
+        }
+    }
+    // The next batch, read while the devices compute the current one.
+    let mut ahead: Option<anyhow::Result<Batch>> = None;
     loop {
         let cancelled = runs.iter().any(|r| r.callbacks.cancelled());
         for (m, r) in members.iter_mut().zip(runs) {
@@ -279,6 +299,77 @@ fn shared_pass(
         if members.iter().all(|m| matches!(m, Member::Finished(_))) {
             return Ok(());
         }
+        let mut batch = match ahead.take() {
+            Some(read) => read?,
+            None => Batch::read(&mut data, d_in, &mut uploaders)?,
+        };
+        // Resident members' steps are queued on their devices, host members step here.
+        let mut launched = Vec::new();
+        for (i, (m, r)) in members.iter_mut().zip(runs).enumerate() {
+            let Member::Training {
+                state,
+                grads,
+                resident,
+                last_good,
+            } = m
+            else {
+                continue;
+            };
+            if state.step != position {
+                continue; // resumed ahead of this batch
+            }
+            let result = match resident {
+                None => member_step(state, r, &batch.x, grads, val.as_deref(), last_good),
+                Some(on_device) => batch
+                    .on_device_of(r, on_device)
+                    .and_then(|x| {
+                        Ok(on_device.launch(r.cfg, state.step + 1, &x, batch.variance)?)
+                    })
+                    .map(|step| launched.push((i, step))),
+            };
+            if let Err(e) = result {
+                *m = Member::Finished(Err(e));
+            }
+        }
+        // While the devices compute, the next batch is read, checked and queued behind this one.
+        if !launched.is_empty() {
+            ahead = Some(Batch::read(&mut data, d_in, &mut uploaders));
+        }
+        for (i, step) in launched {
+            let Member::Training {
+                state,
+                resident: Some(on_device),
+                last_good,
+                ..
+            } = &mut members[i]
+            else {
+                unreachable!("launched members are resident")
+            };
+            if let Err(e) = resident_finish(state, on_device, &runs[i], step, last_good) {
+                members[i] = Member::Finished(Err(e));
+            }
+        }
+        position += 1;
+    }
+}
+
+/// A training batch as the loop uses it: on the host, and on each training device.
+struct Batch {
+    x: Vec<f32>,
+    /// Its total variance (FVU's denominator for resident members; 0 without any).
+    variance: f64,
+    /// The batch on each device, with the bytes that took (counted for the first member to use it).
+    on_devices: Vec<(Tensor, Option<Traffic>)>,
+}
+
+impl Batch {
+    /// Reads the next batch, refuses non-finite values (naming the capture row), and sends it to every
+    /// uploader's device.
+    fn read(
+        data: &mut TrainingData,
+        d_in: usize,
+        uploaders: &mut [Uploader],
+    ) -> anyhow::Result<Self> {
         let (x, rows) = data.next()?;
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
             bail!(
@@ -287,46 +378,38 @@ fn shared_pass(
                 i % d_in
             );
         }
-        // Device-resident members get the batch on their device, copied once per device for the group.
-        let mut on_devices: Vec<(Device, Tensor)> = Vec::new();
-        let mut variance = None;
-        for (m, r) in members.iter_mut().zip(runs) {
-            if let Member::Training {
-                state,
-                grads,
-                resident,
-                last_good,
-            } = m
-            {
-                if state.step != position {
-                    continue; // resumed ahead of this batch
-                }
-                let result = match resident {
-                    None => member_step(state, r, &x, grads, val.as_deref(), last_good),
-                    Some(on_device) => {
-                        let Engine::Dense(device) = &r.cfg.engine else {
-                            unreachable!("only dense members are resident")
-                        };
-                        let batch = match on_devices.iter().find(|(d, _)| d.same_device(device)) {
-                            Some((_, batch)) => Ok(batch.clone()),
-                            None => upload_batch(&x, d_in, device).map(|(batch, traffic)| {
-                                on_device.step_traffic += traffic;
-                                on_devices.push((device.clone(), batch.clone()));
-                                batch
-                            }),
-                        };
-                        let variance = *variance.get_or_insert_with(|| total_variance(&x, d_in));
-                        batch.map_err(anyhow::Error::from).and_then(|batch| {
-                            resident_step(state, on_device, r, &batch, variance, last_good)
-                        })
-                    }
-                };
-                if let Err(e) = result {
-                    *m = Member::Finished(Err(e));
-                }
-            }
+        let mut on_devices = Vec::with_capacity(uploaders.len());
+        for u in uploaders.iter_mut() {
+            let (t, traffic) = u.upload(&x, d_in)?;
+            on_devices.push((t, Some(traffic)));
         }
-        position += 1;
+        let variance = if uploaders.is_empty() {
+            0.0
+        } else {
+            total_variance(&x, d_in)
+        };
+        Ok(Self {
+            x,
+            variance,
+            on_devices,
+        })
+    }
+
+    /// The batch on `run`'s device (a dense engine's), charging the copy to `resident` if it is the first
+    /// to use it.
+    fn on_device_of(&mut self, run: &Run, resident: &mut Resident) -> anyhow::Result<Tensor> {
+        let Engine::Dense(device) = &run.cfg.engine else {
+            unreachable!("only dense members are resident")
+        };
+        let (t, traffic) = self
+            .on_devices
+            .iter_mut()
+            .find(|(t, _)| t.device().same_device(device))
+            .ok_or_else(|| anyhow::anyhow!("no copy of the batch on {device:?}"))?;
+        if let Some(traffic) = traffic.take() {
+            resident.step_traffic += traffic;
+        }
+        Ok(t.clone())
     }
 }
 
@@ -344,16 +427,16 @@ fn member_step(
     after_step(state, &mut OnHost(val), run, &stats, finite, last_good)
 }
 
-/// One step of a device-resident member on `batch` (already on its device).
-fn resident_step(
+/// The end of a device-resident member's launched step: its statistics read back, its log row, checkpoint
+/// and progress report.
+fn resident_finish(
     state: &mut State,
     resident: &mut Resident,
     run: &Run,
-    batch: &Tensor,
-    variance: f64,
+    launched: Launched,
     last_good: &mut u64,
 ) -> anyhow::Result<()> {
-    let (stats, finite) = resident.step(run.cfg, state.step + 1, batch, variance)?;
+    let (stats, finite) = resident.finish(launched)?;
     state.step += 1;
     state.track_threshold(run.cfg, &stats);
     after_step(state, resident, run, &stats, finite, last_good)

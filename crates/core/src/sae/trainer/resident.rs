@@ -7,40 +7,11 @@
 
 use candle_core::{DType, Device, Tensor};
 
+pub use super::upload::Traffic;
 use super::{State, TrainConfig};
 use crate::sae::adam::{AdamConfig, Moments};
 use crate::sae::dense::{self, above, DenseWeights, SUMS};
 use crate::sae::step::{Sparsity, StepStats};
-
-/// Bytes moved between host and device.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Traffic {
-    /// Host → device.
-    pub to_device: u64,
-    /// Device → host.
-    pub to_host: u64,
-}
-
-impl std::ops::AddAssign for Traffic {
-    fn add_assign(&mut self, o: Self) {
-        self.to_device += o.to_device;
-        self.to_host += o.to_host;
-    }
-}
-
-/// A batch `[n, d]` copied to `device`, with the bytes it moved.
-pub fn upload_batch(
-    x: &[f32],
-    d: usize,
-    device: &Device,
-) -> candle_core::Result<(Tensor, Traffic)> {
-    let t = Tensor::from_slice(x, (x.len() / d, d), device)?;
-    let traffic = Traffic {
-        to_device: std::mem::size_of_val(x) as u64,
-        to_host: 0,
-    };
-    Ok((t, traffic))
-}
 
 /// Scalars a step returns beyond [`Sums`]: dead latents after the update, Σ W_dec (non-finite iff some
 /// weight is).
@@ -130,6 +101,15 @@ fn unit_rows(w: &Tensor) -> candle_core::Result<Tensor> {
     w.broadcast_div(&norms)
 }
 
+/// A step queued on the device by [`Resident::launch`], not yet read back.
+#[must_use = "a launched step must be finished before the next launch"]
+pub struct Launched {
+    /// [`STEP_SCALARS`] f64 values, still on the device.
+    scalars: Tensor,
+    tokens: usize,
+    variance: f64,
+}
+
 impl Resident {
     /// Copies `state` to `device`, with the validation rows `val` (`[rows, d_in]`, normalised).
     pub fn new(
@@ -212,7 +192,7 @@ impl Resident {
 
     /// One optimiser step (the `t`-th, 1-based) on the batch `x` already on the device, whose total
     /// variance is `variance` (FVU's denominator, computed where the batch was read). Returns its
-    /// statistics and whether every decoder weight is still finite.
+    /// statistics and whether every decoder weight is still finite: [`Self::launch`] then [`Self::finish`].
     pub fn step(
         &mut self,
         cfg: &TrainConfig,
@@ -220,6 +200,20 @@ impl Resident {
         x: &Tensor,
         variance: f64,
     ) -> candle_core::Result<(StepStats, bool)> {
+        let launched = self.launch(cfg, t, x, variance)?;
+        self.finish(launched)
+    }
+
+    /// Queues step `t` on the device and returns without waiting for it (on a GPU; the CPU device computes
+    /// as it goes): the host can read the next batch meanwhile. [`Self::finish`] must follow before the
+    /// next launch (AuxK's size depends on this step's dead count).
+    pub fn launch(
+        &mut self,
+        cfg: &TrainConfig,
+        t: u64,
+        x: &Tensor,
+        variance: f64,
+    ) -> candle_core::Result<Launched> {
         let n = x.dim(0)?;
         let aux_coef = match cfg.sparsity {
             Sparsity::TopK(_) | Sparsity::BatchTopK(_) => cfg.aux_coef,
@@ -303,6 +297,21 @@ impl Resident {
         let dead_after = above(&self.since_fired, dead_tokens)?.sum_all()?;
         let w_dec_sum = self.weights.w_dec.sum_all()?.to_dtype(DType::F64)?;
         let scalars = Tensor::cat(&[sums, Tensor::stack(&[dead_after, w_dec_sum], 0)?], 0)?;
+        Ok(Launched {
+            scalars,
+            tokens: n,
+            variance,
+        })
+    }
+
+    /// Waits for a launched step and copies its [`STEP_SCALARS`] out: its statistics and whether every
+    /// decoder weight is still finite.
+    pub fn finish(&mut self, launched: Launched) -> candle_core::Result<(StepStats, bool)> {
+        let Launched {
+            scalars,
+            tokens: n,
+            variance,
+        } = launched;
         let s: Vec<f64> = scalars.to_vec1()?;
         self.step_traffic.to_host += 8 * STEP_SCALARS as u64;
         self.num_dead = s[DEAD] as usize;

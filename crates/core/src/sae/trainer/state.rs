@@ -8,7 +8,8 @@ use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::resident::{upload_batch, Resident};
+use super::resident::Resident;
+use super::upload::upload_batch;
 use super::{Engine, TrainConfig};
 use crate::sae::adam::Moments;
 use crate::sae::step::{total_variance, Grads, Sparsity, StepStats, Weights};
