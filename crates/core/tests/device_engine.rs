@@ -208,6 +208,71 @@ fn a_device_group_trains_each_member_to_its_bits_alone_and_resumes_exactly() {
     assert_eq!(resumed.log, grouped[0].log);
 }
 
+/// A group mixing the engines (a host member steps while the device member's step is queued, and the next
+/// batch is read before its scalars come back) gives each member its bits alone; a non-finite activation
+/// read ahead stops both with the capture row named, after the steps before it.
+#[test]
+fn a_mixed_group_is_each_member_alone_and_a_bad_batch_stops_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = capture(&dir.path().join("capture"));
+    let configs = [
+        config(Sparsity::TopK(4), Engine::Sparse(Precision::F32), 20),
+        config(Sparsity::TopK(4), Engine::Dense(Device::Cpu), 20),
+    ];
+    let record = Record::default();
+    let runs: Vec<Run> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, cfg)| Run {
+            cfg,
+            checkpoints: dir.path().join(format!("mixed-{i}")),
+            callbacks: &record,
+        })
+        .collect();
+    let grouped: Vec<State> = train_group(&store, &runs)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    for (i, cfg) in configs.iter().enumerate() {
+        let alone = train(&store, cfg, &dir.path().join(format!("alone-{i}")), &record).unwrap();
+        assert_eq!(alone.weights, grouped[i].weights, "member {i}");
+    }
+
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let atoms: Vec<f32> = (0..48 * D).map(|_| uniform(&mut state)).collect();
+    let mut rows = sparse_rows(&atoms, D, 3, 4096, &mut state);
+    rows[1000 * D + 3] = f32::NAN;
+    write_capture(&dir.path().join("bad"), HOOK, D, &rows);
+    let bad = ActivationStore::open(&dir.path().join("bad"), HOOK).unwrap();
+    let long: Vec<TrainConfig> = configs
+        .iter()
+        .map(|cfg| TrainConfig {
+            steps: 200, // past the bad row's batch: 64 batches an epoch
+            checkpoint_every: 1,
+            ..cfg.clone()
+        })
+        .collect();
+    let runs: Vec<Run> = long
+        .iter()
+        .enumerate()
+        .map(|(i, cfg)| Run {
+            cfg,
+            checkpoints: dir.path().join(format!("bad-{i}")),
+            callbacks: &record,
+        })
+        .collect();
+    for (i, result) in train_group(&bad, &runs).into_iter().enumerate() {
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(
+            err.contains("non-finite activation in tokens.parquet row 1000 (column 3)"),
+            "member {i}: {err}"
+        );
+        // Every step before the bad batch was taken and checkpointed.
+        let saved = State::load_checkpoint(&dir.path().join(format!("bad-{i}")), D, 64).unwrap();
+        assert!(saved.is_some_and(|s| s.step > 0), "member {i}");
+    }
+}
+
 /// Asks to stop once `.0` steps are done.
 struct CancelAfter(u64, AtomicU64);
 
