@@ -4,7 +4,9 @@
 // A test that needs something a fresh clone may lack (`../shared` beside the checkout, a tool, a mount)
 // says so with `#[cfg_attr(missing = "shared", ignore = "needs ../shared")]`: where it is missing the test
 // is *ignored* — `cargo test` lists it with its reason and counts it — instead of passing without checking
-// anything. With `SAEFLOW_NO_SKIP=1` (set by `.ci/run`) a missing precondition fails the build instead.
+// anything. With `SAEFLOW_NO_SKIP=1` (set by `.ci/run`) a missing precondition fails the build instead —
+// except a CPU feature (`Preconditions::cpu`), which no install provides: CI machines differ in CPU, so
+// those tests are ignored with their reason there too.
 //
 // Cargo cannot watch for a path that does not exist yet without rerunning this script (and rebuilding
 // every test) on each build, so after adding what was missing, `touch build.rs` to look again.
@@ -14,6 +16,8 @@ use std::path::{Path, PathBuf};
 /// The preconditions checked so far, each with whether it holds and how to provide it.
 struct Preconditions {
     checked: Vec<(&'static str, Option<String>)>,
+    /// CPU features: never fail the build.
+    hardware: Vec<(&'static str, Option<String>)>,
 }
 
 #[allow(dead_code)] // each build script uses the checks it needs
@@ -23,6 +27,7 @@ impl Preconditions {
         println!("cargo::rerun-if-env-changed=SAEFLOW_NO_SKIP");
         Preconditions {
             checked: Vec::new(),
+            hardware: Vec::new(),
         }
     }
 
@@ -97,11 +102,20 @@ impl Preconditions {
         self
     }
 
+    /// `missing = "<name>"`: this CPU lacks a feature (`has` is false; `what` names it). Never a build
+    /// failure. The tests check at run time too (a target directory may outlive its machine's CPU).
+    fn cpu(mut self, name: &'static str, has: bool, what: &str) -> Self {
+        self.hardware
+            .push((name, (!has).then(|| format!("this CPU has no {what}"))));
+        self
+    }
+
     /// Declares every value of `missing`, sets those that do not hold, or fails under `SAEFLOW_NO_SKIP=1`.
     fn finish(self) {
         let names: Vec<String> = self
             .checked
             .iter()
+            .chain(&self.hardware)
             .map(|(n, _)| format!("\"{n}\""))
             .collect();
         println!("cargo::rustc-check-cfg=cfg(missing, values({}))", names.join(", "));
@@ -117,7 +131,9 @@ impl Preconditions {
             }
             std::process::exit(1);
         }
-        for (name, _) in missing {
+        let absent_hardware = self.hardware.iter().filter(|(_, fix)| fix.is_some());
+        let names = missing.into_iter().map(|(name, _)| *name);
+        for name in names.chain(absent_hardware.map(|(name, _)| *name)) {
             println!("cargo::rustc-cfg=missing=\"{name}\"");
         }
     }

@@ -31,19 +31,70 @@ pub enum Precision {
     /// f32 products, f32 sums.
     #[default]
     F32,
-    /// Inputs rounded to bfloat16 (to nearest even), products summed in f32: twice the f32 rate on CPUs
-    /// with AVX512-BF16 (`vdpbf16ps`), ~3 significant digits per product. Elsewhere the f32 product.
+    /// Inputs rounded to bfloat16 (to nearest even), products summed in f32: on AMX tiles where the CPU
+    /// has them ([`super::amx`], ~4× the f32 rate), else twice the f32 rate on CPUs with AVX512-BF16
+    /// (`vdpbf16ps`); ~3 significant digits per product. Elsewhere the f32 product.
     Bf16,
 }
 
 impl Precision {
     /// Whether this CPU multiplies bfloat16 natively (otherwise [`Precision::Bf16`] computes in f32).
     pub fn bf16_native() -> bool {
+        Kernel::Amx.available() || Kernel::Avx512Bf16.available()
+    }
+}
+
+/// Which implementation multiplies. [`Kernel::best`] chooses per call from what the CPU has; tests and
+/// benchmarks force each in turn with [`matmul_nt_bias_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// bf16 inputs on AMX tiles ([`super::amx`]).
+    Amx,
+    /// bf16 input pairs with AVX512-BF16 `vdpbf16ps` (this file's micro-kernel).
+    Avx512Bf16,
+    /// f32 with AVX-512F FMAs (this file's micro-kernel).
+    Avx512,
+    /// The `gemm` crate (f32; any CPU).
+    Portable,
+}
+
+impl Kernel {
+    /// Every kernel, fastest first.
+    pub const ALL: [Kernel; 4] = [
+        Kernel::Amx,
+        Kernel::Avx512Bf16,
+        Kernel::Avx512,
+        Kernel::Portable,
+    ];
+
+    /// Whether this CPU (and, for AMX, Linux) can run it.
+    pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        return std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16");
-        #[allow(unreachable_code)]
-        false
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx512 = false;
+        match self {
+            Kernel::Amx => super::amx::available(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Bf16 => avx512 && std::arch::is_x86_feature_detected!("avx512bf16"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx512Bf16 => false,
+            Kernel::Avx512 => avx512,
+            Kernel::Portable => true,
+        }
+    }
+
+    /// Whether it rounds its inputs to bf16.
+    pub fn is_bf16(self) -> bool {
+        matches!(self, Kernel::Amx | Kernel::Avx512Bf16)
+    }
+
+    /// The fastest available kernel of `precision` (bf16 falls back to f32 where the CPU has no bf16).
+    pub fn best(precision: Precision) -> Kernel {
+        Kernel::ALL
+            .into_iter()
+            .find(|k| k.available() && (precision == Precision::Bf16 || !k.is_bf16()))
+            .unwrap_or(Kernel::Portable)
     }
 }
 
@@ -77,17 +128,40 @@ pub fn matmul_nt_bias_in(
     m: usize,
     d: usize,
 ) {
+    matmul_nt_bias_with(Kernel::best(precision), a, b, bias, out, n, m, d)
+}
+
+/// [`matmul_nt_bias`] on a chosen kernel.
+///
+/// # Panics
+/// If the kernel is not [`Kernel::available`] here, or the extents disagree.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nt_bias_with(
+    kernel: Kernel,
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    n: usize,
+    m: usize,
+    d: usize,
+) {
     assert!(a.len() == n * d && b.len() == m * d && out.len() == n * m);
     assert!(bias.is_none_or(|bias| bias.len() == m));
+    assert!(
+        kernel.available(),
+        "the {kernel:?} GEMM kernel needs a CPU feature this one lacks"
+    );
     if n == 0 || m == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if d > 0 && std::arch::is_x86_feature_detected!("avx512f") {
-        if precision == Precision::Bf16 && Precision::bf16_native() {
-            return blocked::<Bf16Pairs>(a, b, bias, out, m, d);
+    if d > 0 {
+        match kernel {
+            Kernel::Amx => return super::amx::matmul_nt_bias(a, b, bias, out, n, m, d),
+            Kernel::Avx512Bf16 => return blocked::<Bf16Pairs>(a, b, bias, out, m, d),
+            Kernel::Avx512 => return blocked::<F32s>(a, b, bias, out, m, d),
+            Kernel::Portable => {}
         }
-        return blocked::<F32s>(a, b, bias, out, m, d);
     }
     if d == 0 {
         out.fill(0.0);
@@ -513,6 +587,7 @@ mod tests {
             let b = random(m * d, 2, 1.0);
             let bias = random(m, 5, 1.0);
             let mut out = vec![f32::NAN; n * m];
+            // The best f32 kernel here (AVX-512 where present), checked against f64 and the gemm crate.
             matmul_nt_bias(&a, &b, Some(&bias), &mut out, n, m, d);
             let mut want = naive(&a, &b, n, m, d);
             for (i, w) in want.iter_mut().enumerate() {
@@ -568,11 +643,39 @@ mod tests {
     }
 
     #[test]
-    fn the_bf16_product_sums_the_rounded_inputs_exactly_in_f32() {
-        if !Precision::bf16_native() {
-            eprintln!("no AVX512-BF16 here: the bf16 product is the f32 one (tested above)");
-            return;
-        }
+    #[cfg_attr(missing = "avx512bf16", ignore = "needs a CPU with AVX512-BF16")]
+    fn the_avx512_bf16_product_sums_the_rounded_inputs_within_f32_rounding() {
+        bf16_kernel_sums_the_rounded_inputs(Kernel::Avx512Bf16);
+    }
+
+    #[test]
+    #[cfg_attr(missing = "amx", ignore = "needs a CPU with AMX")]
+    fn the_amx_product_sums_the_rounded_inputs_within_f32_rounding() {
+        bf16_kernel_sums_the_rounded_inputs(Kernel::Amx);
+    }
+
+    #[test]
+    fn the_bf16_precision_picks_the_fastest_kernel_the_cpu_has() {
+        let best = Kernel::best(Precision::Bf16);
+        let expected = if Kernel::Amx.available() {
+            Kernel::Amx
+        } else if Kernel::Avx512Bf16.available() {
+            Kernel::Avx512Bf16
+        } else if Kernel::Avx512.available() {
+            Kernel::Avx512
+        } else {
+            Kernel::Portable
+        };
+        assert_eq!(best, expected);
+        assert!(!Kernel::best(Precision::F32).is_bf16());
+        assert_eq!(Precision::bf16_native(), best.is_bf16());
+    }
+
+    fn bf16_kernel_sums_the_rounded_inputs(kernel: Kernel) {
+        assert!(
+            kernel.available(),
+            "{kernel:?}: built on a CPU that has it, but not usable now (another CPU? touch crates/core/build.rs)"
+        );
         // Odd depths leave half a pair; ragged edges as in the f32 test.
         for &(n, m, d) in &[
             (1, 1, 1),
@@ -585,7 +688,7 @@ mod tests {
             let b = random(m * d, 2, 1.0);
             let bias = random(m, 5, 1.0);
             let mut out = vec![f32::NAN; n * m];
-            matmul_nt_bias_in(Precision::Bf16, &a, &b, Some(&bias), &mut out, n, m, d);
+            matmul_nt_bias_with(kernel, &a, &b, Some(&bias), &mut out, n, m, d);
             let round = |v: &[f32]| -> Vec<f32> {
                 v.iter()
                     .map(|&x| f32::from_bits(bf16_bits(x) << 16))
@@ -609,7 +712,7 @@ mod tests {
                     (d + 1) as f64 * 2f64.powi(-24) * (abs[i] + bias[i % m].abs() as f64);
                 assert!(
                     (out[i] as f64 - want).abs() <= tolerance * 1.01 + 1e-30,
-                    "({n}, {m}, {d}) element {i}: {} vs {want}",
+                    "{kernel:?} ({n}, {m}, {d}) element {i}: {} vs {want}",
                     out[i]
                 );
                 differs |= out[i] != f32_out[i];
@@ -626,25 +729,28 @@ mod tests {
         let (n, m, d) = (300, 100, 250);
         let a = random(n * d, 3, 1.0);
         let b = random(m * d, 4, 1.0);
-        let run = |threads, precision| {
+        let run = |threads, kernel| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
             let mut out = vec![0f32; n * m];
-            pool.install(|| matmul_nt_bias_in(precision, &a, &b, None, &mut out, n, m, d));
+            pool.install(|| matmul_nt_bias_with(kernel, &a, &b, None, &mut out, n, m, d));
             out
         };
-        let one = run(1, Precision::F32);
-        assert!(one
-            .iter()
-            .zip(run(3, Precision::F32))
-            .all(|(x, y)| x.to_bits() == y.to_bits()));
-        let one = run(1, Precision::Bf16);
-        assert!(one
-            .iter()
-            .zip(run(3, Precision::Bf16))
-            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        // Every kernel this CPU has (the portable one always; it is the gemm crate's, bits not promised).
+        for kernel in Kernel::ALL.into_iter().filter(|k| k.available()) {
+            if kernel == Kernel::Portable {
+                continue;
+            }
+            let one = run(1, kernel);
+            assert!(
+                one.iter()
+                    .zip(run(3, kernel))
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{kernel:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,377 @@
+//! `out = a · bᵀ + bias` with bfloat16 inputs and f32 sums on Intel AMX tiles (Sapphire Rapids and later):
+//! the bf16 products of [`super::gemm`] where the CPU has them. One `tdpbf16ps` multiplies a 16 × 32 tile
+//! of `a` by a 32 × 16 tile of `b` into 16 × 16 f32 sums — 8,192 multiply-adds, 16× an AVX-512 FMA.
+//!
+//! Written with `asm!` because Rust's AMX intrinsics are unstable; run-time detected (CPUID leaf 7) and
+//! enabled with Linux's permission request for the tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked
+//! once per process). Layout: `b` is packed into 32-column panels of depth pairs (the "VNNI" order a B
+//! tile wants: row `p` holds, per column, the bf16 values at depths `2p` and `2p + 1`), `a` into bf16 rows;
+//! the depth is zero-padded to a multiple of 32, rows to a multiple of 32. The micro-kernel keeps a 32 × 32
+//! block of sums in four tiles while it walks the whole depth. Every sum is taken in the same order
+//! whatever the thread count, so results are bit-identical across runs and thread counts.
+
+use rayon::prelude::*;
+
+/// Rows and columns of the micro-kernel's output block (2 × 2 tiles of 16 × 16).
+const BLOCK: usize = 32;
+/// Depth values per tile step (a tile row holds 32 bf16).
+const DEPTH_STEP: usize = 32;
+/// Rows of `a` per thread task, at most (a multiple of BLOCK): its packed rows stay in L2.
+const ROWS_PER_TASK: usize = 256;
+
+/// Whether this CPU has AMX-BF16 and this process may use the tile registers (asked of Linux once).
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    use std::arch::x86_64::{__cpuid_count, __get_cpuid_max};
+    // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is read only where the CPU reports it.
+    #[allow(unused_unsafe)]
+    let (max_leaf, leaf7) = unsafe {
+        let max = __get_cpuid_max(0).0;
+        (
+            max,
+            if max >= 7 {
+                __cpuid_count(7, 0)
+            } else {
+                __cpuid_count(0, 0)
+            },
+        )
+    };
+    let amx_bf16 = max_leaf >= 7 && leaf7.edx >> 22 & 1 == 1;
+    let amx_tile = max_leaf >= 7 && leaf7.edx >> 24 & 1 == 1;
+    if !(amx_bf16 && amx_tile) {
+        return false;
+    }
+    // Linux keeps the 8 KiB tile state off until a process asks (kernel 5.16+); a refusal means no AMX.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes this process's permitted state components.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// The bfloat16 bits of `x`, rounded to nearest even (as [`super::gemm`]'s bf16 path).
+#[inline(always)]
+fn bf16(x: f32) -> u16 {
+    super::gemm::bf16_bits(x) as u16
+}
+
+/// `b [m × d]` packed into B tiles: per 32-column panel, `pairs` rows of 32 u32 (each the bf16 values at
+/// depths 2p and 2p + 1 of one column, low half first); zeros past `m` and `d`.
+pub struct PackedB {
+    data: Vec<u32>,
+    m: usize,
+    d: usize,
+    /// Depth pairs per panel: ⌈d / 32⌉ · 16.
+    pairs: usize,
+}
+
+impl PackedB {
+    /// Packs `b` (row-major `[m × d]`, f32 rounded to bf16).
+    pub fn new(b: &[f32], m: usize, d: usize) -> Self {
+        assert_eq!(b.len(), m * d);
+        let pairs = d.div_ceil(DEPTH_STEP) * DEPTH_STEP / 2;
+        let panels = m.div_ceil(BLOCK);
+        let mut data = vec![0u32; panels * pairs * BLOCK];
+        data.par_chunks_mut(pairs * BLOCK)
+            .enumerate()
+            .for_each(|(panel, dst)| {
+                for col in 0..BLOCK.min(m - panel * BLOCK) {
+                    let row = &b[(panel * BLOCK + col) * d..][..d];
+                    for (p, pair) in row.chunks(2).enumerate() {
+                        let high = pair.get(1).map_or(0, |&v| bf16(v) as u32);
+                        dst[p * BLOCK + col] = bf16(pair[0]) as u32 | high << 16;
+                    }
+                }
+            });
+        Self { data, m, d, pairs }
+    }
+
+    /// Rows of the unpacked `b` (columns of the product).
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Depth of the unpacked `b`.
+    pub fn depth(&self) -> usize {
+        self.d
+    }
+}
+
+/// `out[n × m] = a[n × d] · b[m × d]ᵀ + bias[m]` on AMX, inputs rounded to bf16, f32 sums.
+///
+/// # Panics
+/// If [`available`] is false, or the extents disagree.
+pub fn matmul_nt_bias(
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    n: usize,
+    m: usize,
+    d: usize,
+) {
+    assert!(b.len() == m * d);
+    if n == 0 || m == 0 {
+        return;
+    }
+    multiply(a, &PackedB::new(b, m, d), bias, out);
+}
+
+/// `out = a · bᵀ + bias` with `b` packed once ([`PackedB`]), for weights used many times.
+///
+/// # Panics
+/// If [`available`] is false, or the extents disagree.
+pub fn multiply(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
+    assert!(
+        available(),
+        "AMX is not available on this CPU or to this process"
+    );
+    let (m, d) = (b.m, b.d);
+    assert!(m > 0 && out.len().is_multiple_of(m) && a.len() == out.len() / m * d);
+    assert!(bias.is_none_or(|bias| bias.len() == m));
+    let n = out.len() / m;
+    if n == 0 {
+        return;
+    }
+    // Whole 32-row blocks per task, several tasks per thread, sizes within one block of each other.
+    let blocks = n.div_ceil(BLOCK);
+    let tasks = blocks
+        .min(4 * rayon::current_num_threads())
+        .max(blocks.div_ceil(ROWS_PER_TASK / BLOCK));
+    let mut parts = Vec::with_capacity(tasks);
+    let mut rest = out;
+    for t in 0..tasks {
+        let row0 = t * blocks / tasks * BLOCK;
+        let rows = (((t + 1) * blocks / tasks) * BLOCK).min(n) - row0;
+        let (here, after) = rest.split_at_mut(rows * m);
+        parts.push((row0, here));
+        rest = after;
+    }
+    parts.into_par_iter().for_each(|(row0, out)| {
+        let rows = out.len() / m;
+        task(&a[row0 * d..][..rows * d], b, bias, out);
+    });
+}
+
+/// The rows of `a` times `b`, into the same rows of `out`.
+fn task(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (m, d) = (b.m, b.d);
+    let rows = out.len() / m;
+    let depth = b.pairs * 2; // padded
+    let padded_rows = rows.div_ceil(BLOCK) * BLOCK;
+    let mut packed_a = vec![0u16; padded_rows * depth];
+    for (dst, src) in packed_a.chunks_mut(depth).zip(a.chunks(d)) {
+        for (o, &v) in dst.iter_mut().zip(src) {
+            *o = bf16(v);
+        }
+    }
+    let mut sums = [0f32; BLOCK * BLOCK];
+    let tiles = Tiles::configure();
+    for panel in 0..m.div_ceil(BLOCK) {
+        let bp = &b.data[panel * b.pairs * BLOCK..][..b.pairs * BLOCK];
+        let col0 = panel * BLOCK;
+        let cols = BLOCK.min(m - col0);
+        for block in 0..padded_rows / BLOCK {
+            let ap = &packed_a[block * BLOCK * depth..][..BLOCK * depth];
+            tiles.block(ap, bp, depth, &mut sums);
+            for r in 0..BLOCK.min(rows - block * BLOCK) {
+                let dst = &mut out[(block * BLOCK + r) * m + col0..][..cols];
+                let src = &sums[r * BLOCK..][..cols];
+                match bias {
+                    Some(bias) => {
+                        for ((o, s), b) in dst.iter_mut().zip(src).zip(&bias[col0..]) {
+                            *o = s + b;
+                        }
+                    }
+                    None => dst.copy_from_slice(src),
+                }
+            }
+        }
+    }
+}
+
+/// This thread's tile registers, configured for the micro-kernel (16 rows × 64 bytes each) and released
+/// when dropped. Nothing else on the thread uses tiles between (the task runs no other rayon work).
+struct Tiles(());
+
+/// The tile configuration `ldtilecfg` loads: palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl Tiles {
+    fn configure() -> Self {
+        let mut cfg = TileConfig([0; 64]);
+        cfg.0[0] = 1; // palette
+        for t in 0..8 {
+            cfg.0[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+            cfg.0[48 + t] = 16; // rows
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `multiply` checked `available()` (the CPU has AMX and Linux granted the tile state);
+        // the configuration is a valid palette-1 layout.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        }
+        Self(())
+    }
+
+    /// `sums [32 × 32] = a [32 × depth] · b`, where `a` is 32 packed bf16 rows of `depth` (a multiple of
+    /// 32) values and `b` a panel of `depth / 2` rows of 32 depth pairs.
+    fn block(&self, a: &[u16], b: &[u32], depth: usize, sums: &mut [f32; BLOCK * BLOCK]) {
+        assert!(depth > 0 && depth.is_multiple_of(DEPTH_STEP));
+        assert!(a.len() >= BLOCK * depth && b.len() >= depth / 2 * BLOCK);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: tiles configured by `configure` on this thread. Every load stays inside `a` and `b`
+        // (asserted above: 32 rows of `depth` u16; `depth / 2` rows of 32 u32) and the stores inside
+        // `sums` (32 rows of 128 bytes).
+        unsafe {
+            let a_stride = depth * 2; // bytes per packed row of a
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "tileloadd tmm4, [{a0} + {a_stride}*1]",
+                "tileloadd tmm5, [{a1} + {a_stride}*1]",
+                "tileloadd tmm6, [{b0} + {b_stride}*1]",
+                "tileloadd tmm7, [{b1} + {b_stride}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b0}, 2048",
+                "add {b1}, 2048",
+                "dec {steps}",
+                "jnz 2b",
+                "tilestored [{c} + {c_stride}*1], tmm0",
+                "tilestored [{c} + {c_stride}*1 + 64], tmm1",
+                "tilestored [{c} + {c_stride}*1 + 2048], tmm2",
+                "tilestored [{c} + {c_stride}*1 + 2112], tmm3",
+                a0 = inout(reg) a.as_ptr() => _,
+                a1 = inout(reg) a.as_ptr().add(16 * depth) => _,
+                b0 = inout(reg) b.as_ptr() => _,
+                b1 = inout(reg) b.as_ptr().add(16) => _,
+                steps = inout(reg) depth / DEPTH_STEP => _,
+                a_stride = in(reg) a_stride,
+                b_stride = in(reg) BLOCK * 4,
+                c = in(reg) sums.as_mut_ptr(),
+                c_stride = in(reg) BLOCK * 4,
+                options(nostack),
+            );
+        }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: releases this thread's tile state (configured by `configure`).
+        unsafe {
+            std::arch::asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_data::random;
+
+    fn rounded(v: &[f32]) -> Vec<f64> {
+        v.iter()
+            .map(|&x| f32::from_bits((bf16(x) as u32) << 16) as f64)
+            .collect()
+    }
+
+    /// The build script saw AMX (else these tests are ignored); a target directory may outlive its CPU.
+    fn assert_amx() {
+        assert!(
+            available(),
+            "built on a CPU with AMX, but AMX is not usable now (another CPU? `touch crates/core/build.rs`; or Linux refused the tile state)"
+        );
+    }
+
+    #[test]
+    #[cfg_attr(missing = "amx", ignore = "needs a CPU with AMX")]
+    fn amx_sums_the_bf16_inputs_within_f32_rounding() {
+        assert_amx();
+        // Ragged in every direction: rows past a 32-row block and a task, columns past a panel, depths
+        // below, at and past a tile step, odd (half a pair).
+        for &(n, m, d) in &[
+            (1, 1, 1),
+            (13, 33, 7),
+            (33, 70, 32),
+            (300, 64, 577),
+            (40, 100, 1536),
+        ] {
+            let a = random(n * d, 11, 1.0);
+            let b = random(m * d, 12, 1.0);
+            let bias = random(m, 13, 1.0);
+            let mut out = vec![f32::NAN; n * m];
+            matmul_nt_bias(&a, &b, Some(&bias), &mut out, n, m, d);
+            let (ra, rb) = (rounded(&a), rounded(&b));
+            for i in 0..n {
+                for j in 0..m {
+                    let terms = (0..d).map(|p| ra[i * d + p] * rb[j * d + p]);
+                    let want: f64 = terms.clone().sum::<f64>() + bias[j] as f64;
+                    let scale: f64 = terms.map(f64::abs).sum::<f64>() + bias[j].abs() as f64;
+                    // f32 sums of d products (exact in f32: bf16 × bf16 fits 16 bits) and the bias.
+                    let tolerance = (d + 1) as f64 * 2f64.powi(-24) * scale;
+                    let got = out[i * m + j] as f64;
+                    assert!(
+                        (got - want).abs() <= tolerance + 1e-30,
+                        "({n}, {m}, {d}) [{i}, {j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[cfg_attr(missing = "amx", ignore = "needs a CPU with AMX")]
+    fn amx_results_do_not_depend_on_the_thread_count_or_packing() {
+        assert_amx();
+        let (n, m, d) = (500, 90, 200);
+        let a = random(n * d, 3, 1.0);
+        let b = random(m * d, 4, 1.0);
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![0f32; n * m];
+            pool.install(|| matmul_nt_bias(&a, &b, None, &mut out, n, m, d));
+            out
+        };
+        let one = run(1);
+        assert!(one
+            .iter()
+            .zip(run(3))
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        let packed = PackedB::new(&b, m, d);
+        let mut again = vec![0f32; n * m];
+        multiply(&a, &packed, None, &mut again);
+        assert!(one
+            .iter()
+            .zip(&again)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}
