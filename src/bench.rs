@@ -80,17 +80,27 @@ pub const SMOLLM2_LINEARS: [(&str, usize, usize); 5] = [
     ("lm_head", 576, 49152),
 ];
 
-/// `y = x·Wᵀ` as the model computes it (one GEMM over all rows against a transposed view of the `[out, in]`
-/// weight, candle's `gemm` crate) on SmolLM2's linear shapes: GFLOP/s per shape, best of `iters` after a
-/// warm-up; then the same product on the trainer's own GEMM (`kernels::gemm`). `bench/gemm_torch.py` times
-/// PyTorch on the same shapes.
+/// `y = x·Wᵀ` on SmolLM2's linear shapes: GFLOP/s per shape, best of `iters` after a warm-up, on candle's
+/// matmul (the `gemm` crate) and on every `kernels::gemm` kernel this CPU has — `Avx512` is the f32 forward's,
+/// `Amx` / `Avx512Bf16` the bf16 products (the CPU lscpu reports decides which run). `bench/gemm_torch.py`
+/// times PyTorch on the same shapes.
 pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
     use candle_core::{Device, Tensor};
+    use saeflow_core::kernels::gemm::{matmul_nt_bias_with, Kernel};
     let device = Device::Cpu;
+    let threads = rayon::current_num_threads();
     for (name, inner, out) in SMOLLM2_LINEARS {
         let x = Tensor::randn(0f32, 1.0, (tokens, inner), &device)?;
         let w = Tensor::randn(0f32, 0.05, (out, inner), &device)?;
         let wt = w.t()?;
+        let flops = 2.0 * (tokens * inner * out) as f64;
+        let report = |what: &str, best: f64| {
+            println!(
+                "{what:>18} gemm {name:>8} [{tokens}x{inner}]·[{inner}x{out}]: {:.1} GFLOP/s ({:.2} ms), {threads} threads",
+                flops / best / 1e9,
+                best * 1e3,
+            )
+        };
         x.matmul(&wt)?; // warm-up
         let mut best = f64::INFINITY;
         for _ in 0..iters {
@@ -99,32 +109,26 @@ pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
             y.get(0)?.get(0)?.to_scalar::<f32>()?;
             best = best.min(started.elapsed().as_secs_f64());
         }
-        let flops = 2.0 * (tokens * inner * out) as f64;
-        println!(
-            "saeflow gemm {name:>8} [{tokens}x{inner}]·[{inner}x{out}]: {:.1} GFLOP/s ({:.2} ms), {} threads",
-            flops / best / 1e9,
-            best * 1e3,
-            rayon::current_num_threads()
-        );
-        // The trainer's own AVX-512 GEMM (kernels/gemm.rs) on the same product, for comparison.
+        report("candle", best);
         let (a, b) = (
             x.flatten_all()?.to_vec1::<f32>()?,
             w.flatten_all()?.to_vec1::<f32>()?,
         );
         let mut y = vec![0f32; tokens * out];
-        saeflow_core::kernels::gemm::matmul_nt(&a, &b, &mut y, tokens, out, inner);
-        let mut best = f64::INFINITY;
-        for _ in 0..iters {
-            let started = std::time::Instant::now();
-            saeflow_core::kernels::gemm::matmul_nt(&a, &b, &mut y, tokens, out, inner);
-            best = best.min(started.elapsed().as_secs_f64());
+        for kernel in Kernel::ALL
+            .into_iter()
+            .filter(|k| k.available() && *k != Kernel::Portable)
+        {
+            let mut run = || matmul_nt_bias_with(kernel, &a, &b, None, &mut y, tokens, out, inner);
+            run(); // warm-up
+            let mut best = f64::INFINITY;
+            for _ in 0..iters {
+                let started = std::time::Instant::now();
+                run();
+                best = best.min(started.elapsed().as_secs_f64());
+            }
+            report(&format!("kernels {kernel:?}"), best);
         }
-        println!(
-            "kernels gemm {name:>8} [{tokens}x{inner}]·[{inner}x{out}]: {:.1} GFLOP/s ({:.2} ms), {} threads",
-            flops / best / 1e9,
-            best * 1e3,
-            rayon::current_num_threads()
-        );
     }
     Ok(())
 }

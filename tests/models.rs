@@ -789,3 +789,82 @@ fn a_gguf_without_tokenizer_json_rebuilds_its_tokenizer_from_metadata() {
         "digits are split as tokenizer.json does"
     );
 }
+
+/// The CPU's bf16 compute mode (`dtype = "bf16"`: linear layers take bf16-rounded inputs and weights on
+/// AMX tiles or AVX512-BF16, with f32 sums; everything else f32) against f32 on SmolLM2's reference prompts:
+/// the deviation of the last layer's residual and of the logits, stated relative to their scales, and the
+/// 16-token greedy continuations, which stay the f32 ones.
+#[test]
+#[cfg_attr(missing = "shared", ignore = "needs ../shared")]
+fn smollm2_in_bf16_keeps_f32s_greedy_output_within_a_stated_deviation() {
+    let path = shared("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let f32_model = smollm();
+    let bf16_model =
+        models::load_with(&path, None, models::WeightFormat::Bf16, &Device::Cpu).unwrap();
+    assert_eq!(bf16_model.transformer.dtype(), DType::BF16);
+    let reference = json(&shared(
+        "models/smollm2-135m-instruct-q4_1/reference_outputs.json",
+    ));
+    let hook = Hook {
+        layer: 29,
+        point: HookPoint::ResidPost,
+    };
+    let hooks = Hooks {
+        logits: true,
+        ..Hooks::capture([hook])
+    };
+    let relative = |a: &Tensor, b: &Tensor| -> f32 {
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        max_abs_diff(a, b) / scale
+    };
+    let (mut worst_resid, mut worst_logits) = (0f32, 0f32);
+    for (case, c) in reference["cases"].as_array().unwrap().iter().enumerate() {
+        let ids = ids_of(&c["input_ids"]);
+        let (a, b) = (
+            run(&f32_model, &ids, &hooks),
+            run(&bf16_model, &ids, &hooks),
+        );
+        worst_resid = worst_resid.max(relative(&a.activations[&hook], &b.activations[&hook]));
+        worst_logits = worst_logits.max(relative(
+            a.logits.as_ref().unwrap(),
+            b.logits.as_ref().unwrap(),
+        ));
+        let greedy = |m: &LoadedModel| {
+            generate(
+                &m.transformer,
+                &ids,
+                16,
+                &m.stop,
+                &Sampling::default(),
+                &Hooks::default(),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            greedy(&bf16_model),
+            ids_of(&c["greedy_16_ids"]),
+            "case {case}: greedy"
+        );
+    }
+    eprintln!(
+        "bf16 vs f32: residual {worst_resid:.4}, logits {worst_logits:.4} of their max |value|"
+    );
+    assert!(
+        worst_resid > 0.0 && worst_logits > 0.0,
+        "bf16 changed nothing"
+    );
+    assert!(
+        worst_resid < 0.05,
+        "residual off by {worst_resid} of its scale"
+    );
+    assert!(
+        worst_logits < 0.05,
+        "logits off by {worst_logits} of their scale"
+    );
+}

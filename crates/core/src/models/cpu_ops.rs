@@ -141,6 +141,106 @@ impl CustomOp2 for Linear {
     }
 }
 
+/// A linear layer's `[out, in]` weight for bf16 products on the CPU: its values rounded to bf16 (held as
+/// f32), and where the CPU has AMX, packed once into AMX tiles' layout (packing per call cost ~10% of a
+/// product, and all of it for a decode step's few rows).
+pub struct Bf16Weight {
+    /// The rounded weight `[out, in]`, f32.
+    rounded: Tensor,
+    packed: Option<std::sync::Arc<crate::kernels::amx::PackedB>>,
+}
+
+impl Bf16Weight {
+    /// Rounds (and packs) the f32 CPU weight `w` `[out, in]`.
+    pub fn new(w: &Tensor) -> candle_core::Result<Self> {
+        let rounded = w
+            .to_dtype(DType::BF16)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let packed = if crate::kernels::amx::available() {
+            let (out, inner) = rounded.dims2()?;
+            let values = rounded.flatten_all()?.to_vec1::<f32>()?;
+            Some(std::sync::Arc::new(crate::kernels::amx::PackedB::new(
+                &values, out, inner,
+            )))
+        } else {
+            None
+        };
+        Ok(Self { rounded, packed })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rounded.dims()[0]
+    }
+}
+
+/// `x · wᵀ` with `x [rows, in]` rounded to bf16 and f32 sums (the numbers of `kernels::gemm`'s
+/// `Precision::Bf16`): AMX on the packed weight where available, else the best bf16 kernel
+/// (`gemm::Kernel::best`). Fewer than [`GEMM_MIN_ROWS`] rows (decode steps) on AMX too; without AMX they go
+/// through candle's f32 matmul of the rounded values (same products, other summation order).
+pub fn linear_bf16(x: &Tensor, w: &Bf16Weight) -> candle_core::Result<Tensor> {
+    if !on_cpu_f32(x) {
+        candle_core::bail!("bf16 linear layers on the CPU take f32 CPU inputs");
+    }
+    if w.packed.is_none() && x.dim(0)? < GEMM_MIN_ROWS {
+        let rounded = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        return rounded.matmul(&w.rounded.t()?);
+    }
+    x.contiguous()?.apply_op2_no_bwd(
+        &w.rounded,
+        &LinearBf16 {
+            packed: w.packed.clone(),
+        },
+    )
+}
+
+struct LinearBf16 {
+    packed: Option<std::sync::Arc<crate::kernels::amx::PackedB>>,
+}
+
+impl CustomOp2 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "linear-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+        );
+        let ((rows, inner), (out, inner_w)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if inner != inner_w {
+            candle_core::bail!("linear-bf16: x {:?} against w {:?}", l1.dims(), l2.dims());
+        }
+        let mut y = vec![0f32; rows * out];
+        match &self.packed {
+            Some(packed) => crate::kernels::amx::multiply(x, packed, None, &mut y),
+            None => {
+                use crate::kernels::gemm::{bf16_bits, matmul_nt_bias_with, Kernel, Precision};
+                let kernel = Kernel::best(Precision::Bf16);
+                if kernel.is_bf16() {
+                    matmul_nt_bias_with(kernel, x, w, None, &mut y, rows, out, inner);
+                } else {
+                    // No bf16 kernel on this CPU: the same products from rounded inputs, in f32.
+                    let x: Vec<f32> = x
+                        .iter()
+                        .map(|&v| f32::from_bits(bf16_bits(v) << 16))
+                        .collect();
+                    matmul_nt_bias_with(kernel, &x, w, None, &mut y, rows, out, inner);
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+}
+
 /// Causal attention with GQA: `q [batch, kv_heads, groups·t, head_dim]` (the `groups` query heads sharing
 /// a kv head stacked along the query axis), `k, v [batch, kv_heads, s, head_dim]` → `softmax(scale ·
 /// q·kᵀ) · v` in `q`'s layout, where query row `r` (position `start + r % t`) sees keys

@@ -453,6 +453,12 @@ enum Linear {
     Dense {
         w: Tensor,
     },
+    /// bf16 compute on the CPU: the weight rounded to bf16 (held as f32), inputs rounded to bf16 as they
+    /// are multiplied, f32 sums (`cpu_ops::linear_bf16`: AMX tiles with the weight packed once, where the
+    /// CPU has them).
+    Bf16 {
+        w: cpu_ops::Bf16Weight,
+    },
     Quantized(candle_core::quantized::QMatMul),
     /// Quantized maps of one input, outputs side by side (quantized blocks are not concatenated).
     Stacked(Vec<Linear>),
@@ -489,12 +495,17 @@ impl Linear {
         }
     }
 
-    /// The same map with dense weights held as `dtype`; quantized blocks cannot be.
+    /// The same map with dense weights held as `dtype`; quantized blocks cannot be. On the CPU, bf16 keeps
+    /// f32 storage with bf16 products ([`Linear::Bf16`]).
     fn to_dtype(&self, dtype: DType) -> anyhow::Result<Self> {
         Ok(match self {
+            Linear::Dense { w } if dtype == DType::BF16 && w.device().is_cpu() => Linear::Bf16 {
+                w: cpu_ops::Bf16Weight::new(w)?,
+            },
             Linear::Dense { w } => Linear::Dense {
                 w: w.to_dtype(dtype)?,
             },
+            Linear::Bf16 { .. } => anyhow::bail!("bf16 weights cannot be converted again"),
             Linear::Quantized(_) => {
                 anyhow::bail!("quantized weights run in f32 only (use dtype = \"f32\")")
             }
@@ -509,6 +520,14 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = match self {
             Linear::Dense { w } => w,
+            Linear::Bf16 { w } => {
+                let dims = x.dims().to_vec();
+                let (inner, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
+                let y = cpu_ops::linear_bf16(&x.reshape((rows, inner))?, w)?;
+                let mut out = dims;
+                *out.last_mut().expect("non-scalar") = w.rows();
+                return y.reshape(out);
+            }
             Linear::Quantized(q) => return candle_core::Module::forward(q, x),
             Linear::Stacked(maps) => {
                 let outs: Vec<Tensor> = maps
@@ -691,6 +710,8 @@ pub struct Transformer {
     /// Rotary tables `[max_seq_len, head_dim/2]` (empty without rotary).
     cos: Tensor,
     sin: Tensor,
+    /// What [`Self::dtype`] reports.
+    compute: DType,
 }
 
 fn rotary_tables(c: &Config, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
@@ -834,6 +855,7 @@ impl Transformer {
             positions: w.positions.clone(),
             final_norm: norm(&w.final_norm, w.final_norm_bias.as_ref()),
             lm_head: Linear::new(&w.lm_head)?,
+            compute: w.embed.dtype(),
             ones_head: Tensor::ones(c.head_dim, DType::F32, device)?,
             ones,
             blocks,
@@ -848,9 +870,10 @@ impl Transformer {
         &self.device
     }
 
-    /// The dtype the forward computes in (its weights' dtype).
+    /// The dtype the forward computes in (on GPUs its weights' dtype; on the CPU bf16 is the linear layers'
+    /// products, see [`Self::to_dtype`]).
     pub fn dtype(&self) -> DType {
-        self.embed.dtype()
+        self.compute
     }
 
     /// The same model computing in `dtype` (bf16 or f16 on GPUs): weights and tables converted, while
@@ -861,27 +884,34 @@ impl Transformer {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             anyhow::bail!("a model computes in f32, bf16 or f16, not {dtype:?}");
         }
+        // On the CPU, bf16 means bf16 products in the linear layers (~95% of the work: AMX tiles or
+        // AVX512-BF16) with everything else in f32 — candle's CPU bf16 ops are slow, our f32 kernels are not.
+        let tables = if dtype == DType::BF16 && self.device.is_cpu() {
+            DType::F32
+        } else {
+            dtype
+        };
         let blocks = self
             .blocks
             .iter()
             .map(|b| -> anyhow::Result<Block> {
                 Ok(Block {
-                    attn_norm: b.attn_norm.to_dtype(dtype)?,
+                    attn_norm: b.attn_norm.to_dtype(tables)?,
                     qkv: b.qkv.to_dtype(dtype)?,
-                    qkv_bias: opt_dtype(&b.qkv_bias, dtype)?,
+                    qkv_bias: opt_dtype(&b.qkv_bias, tables)?,
                     o: b.o.to_dtype(dtype)?,
-                    mlp_norm: b.mlp_norm.to_dtype(dtype)?,
+                    mlp_norm: b.mlp_norm.to_dtype(tables)?,
                     mlp_in: b.mlp_in.to_dtype(dtype)?,
                     down: b.down.to_dtype(dtype)?,
                     post_norms: match &b.post_norms {
-                        Some((a, m)) => Some((a.to_dtype(dtype)?, m.to_dtype(dtype)?)),
+                        Some((a, m)) => Some((a.to_dtype(tables)?, m.to_dtype(tables)?)),
                         None => None,
                     },
                     out_biases: match &b.out_biases {
                         Some((o, up, down)) => Some((
-                            o.to_dtype(dtype)?,
-                            up.to_dtype(dtype)?,
-                            down.to_dtype(dtype)?,
+                            o.to_dtype(tables)?,
+                            up.to_dtype(tables)?,
+                            down.to_dtype(tables)?,
                         )),
                         None => None,
                     },
@@ -889,15 +919,16 @@ impl Transformer {
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Transformer {
-            embed: self.embed.to_dtype(dtype)?,
-            positions: opt_dtype(&self.positions, dtype)?,
+            embed: self.embed.to_dtype(tables)?,
+            positions: opt_dtype(&self.positions, tables)?,
             blocks,
-            final_norm: self.final_norm.to_dtype(dtype)?,
+            final_norm: self.final_norm.to_dtype(tables)?,
             lm_head: self.lm_head.to_dtype(dtype)?,
-            ones: self.ones.to_dtype(dtype)?,
-            ones_head: self.ones_head.to_dtype(dtype)?,
-            cos: self.cos.to_dtype(dtype)?,
-            sin: self.sin.to_dtype(dtype)?,
+            ones: self.ones.to_dtype(tables)?,
+            ones_head: self.ones_head.to_dtype(tables)?,
+            cos: self.cos.to_dtype(tables)?,
+            sin: self.sin.to_dtype(tables)?,
+            compute: dtype,
             ..self
         })
     }

@@ -11,7 +11,7 @@ use saeflow_core::progress::Progress;
 use tokio::io::AsyncReadExt;
 
 use super::{explain, safe_relative, PartialIndex, Remote};
-use crate::cache::{list_files, Cache, Key, Manifest, OutputFile};
+use crate::cache::{Cache, Key, Manifest, OutputFile};
 
 /// Files above this size go up in parts of this size (S3's minimum part is 5 MiB).
 const PART: usize = 16 << 20;
@@ -362,9 +362,14 @@ impl Remote {
         known: &mut std::collections::BTreeMap<(String, u64, i128), String>,
     ) -> anyhow::Result<Transfer> {
         let mut files = Vec::new();
-        for rel in list_files(dir)? {
+        for rel in finished_partial_files(dir)? {
             let path = dir.join(&rel);
-            let meta = path.metadata()?;
+            let meta = match path.metadata() {
+                Ok(meta) => meta,
+                // Replaced while listed (a stage renaming its work into place): the next sync sends it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            };
             let mtime = meta
                 .modified()
                 .ok()
@@ -429,6 +434,55 @@ impl Remote {
     }
 }
 
+/// Whether a name in a partial directory is work still being written: a stage writes a shard or a
+/// checkpoint into `tmp-*` and renames it into place, and `saeflow_core::fs::write_atomic` writes
+/// `.<name>.<pid>.<n>.tmp` first. A stage may be writing one while the mirror runs (capture writes shards
+/// on a background thread), so the mirror sends only finished work.
+fn in_progress(name: &str) -> bool {
+    name.starts_with("tmp-") || (name.starts_with('.') && name.ends_with(".tmp"))
+}
+
+/// The files of a partial directory that are finished work (relative, `/`-separated, sorted), skipping
+/// what is [`in_progress`] and what vanishes while it is listed.
+fn finished_partial_files(dir: &Path) -> anyhow::Result<Vec<String>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<()> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != root => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name.to_str().is_some_and(in_progress) {
+                continue;
+            }
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => walk(root, &path, out)?,
+                Ok(kind) if kind.is_file() => {
+                    let rel = path.strip_prefix(root).expect("under root");
+                    let rel = rel.to_str().with_context(|| {
+                        format!(
+                            "partial work `{}` has a name that is not UTF-8",
+                            rel.display()
+                        )
+                    })?;
+                    out.push(rel.replace(std::path::MAIN_SEPARATOR, "/"));
+                }
+                Ok(_) => {} // stages write no links or devices into their partial directory
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
 /// Copies one key's partial directory to the remote whenever its stage reports finished work.
 pub struct PartialMirror {
     remote: Arc<Remote>,
@@ -456,5 +510,38 @@ impl PartialMirror {
             .sync_partial(&self.key, &self.dir, &mut known)
             .with_context(|| format!("saving partial work to {}", self.remote.url()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mirror sends finished shards and checkpoints, never one still being written.
+    #[test]
+    fn only_finished_partial_work_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        for file in [
+            "shard-00000/acts.parquet",
+            "shard-00000/state.json",
+            "tmp-shard-00001/acts.parquet",
+            "checkpoints/step-10/state.json",
+            "checkpoints/tmp-20/state.json",
+            "checkpoints/.state.json.123.4.tmp",
+            "notes.tmp",
+        ] {
+            std::fs::create_dir_all(p.join(file).parent().unwrap()).unwrap();
+            std::fs::write(p.join(file), b"x").unwrap();
+        }
+        assert_eq!(
+            finished_partial_files(p).unwrap(),
+            [
+                "checkpoints/step-10/state.json",
+                "notes.tmp",
+                "shard-00000/acts.parquet",
+                "shard-00000/state.json",
+            ]
+        );
     }
 }
