@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# Model forward throughput, SmolLM2-135M f32 (GGUF dequantized), batch 8 × 128, 2 threads: saeflow
-# (`saeflow bench forward`) and PyTorch eager (bench/model_forward_torch.py), alternating in one session:
-# five rounds up to blocks.15, three at full depth. Usage: bench/forward.sh PYTHON_WITH_TORCH_TRANSFORMERS_GGUF
+# Model forward throughput, SmolLM2-135M (GGUF dequantized), batch 8 × 128, 2 threads: saeflow
+# (`saeflow bench forward`, f32 and the CPU's bf16 mode) and PyTorch eager f32 (bench/model_forward_torch.py),
+# alternating in one session: five rounds up to blocks.15, three at full depth.
+# Usage: bench/forward.sh PYTHON_WITH_TORCH_TRANSFORMERS_GGUF
 # With BEFORE=path/to/an/older/saeflow, that binary runs in every round too (a before/after in one session).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${1:-python3}
 cd "$here"
 lscpu | grep -E 'Model name|^CPU\(s\)|^CPU family|^Model:' | sed 's/  */ /g'
+grep -o -w -E 'avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
 
 m=../shared/models/smollm2-135m-instruct-q4_1
 g=SmolLM2-135M-Instruct.Q4_1.gguf
 for round in 1 2 3 4 5; do
   echo "== round $round, up to blocks.15"
   ./target/release/saeflow bench forward "$m/$g" --layer 15
+  echo -n "bf16: "; ./target/release/saeflow bench forward "$m/$g" --layer 15 --dtype bf16
   if [ -n "${BEFORE:-}" ]; then echo -n "before: "; "$BEFORE" bench forward "$m/$g" --layer 15; fi
   "$py" bench/model_forward_torch.py "$m" "$g" --layer 15 2>&1 | tail -1
 done
 for round in 1 2 3; do
   echo "== round $round, full depth"
   ./target/release/saeflow bench forward "$m/$g"
+  echo -n "bf16: "; ./target/release/saeflow bench forward "$m/$g" --dtype bf16
   if [ -n "${BEFORE:-}" ]; then echo -n "before: "; "$BEFORE" bench forward "$m/$g"; fi
   "$py" bench/model_forward_torch.py "$m" "$g" 2>&1 | tail -1
 done

@@ -141,63 +141,85 @@ impl CustomOp2 for Linear {
     }
 }
 
-/// A linear layer's `[out, in]` weight for bf16 products on the CPU: its values rounded to bf16 (held as
-/// f32), and where the CPU has AMX, packed once into AMX tiles' layout (packing per call cost ~10% of a
-/// product, and all of it for a decode step's few rows).
+/// A linear layer's `[out, in]` weight for bf16 products on the CPU: where the CPU has AMX, packed once
+/// into AMX tiles' layout (packing per call cost ~10% of a product, and all of it for a decode step's few
+/// rows; only the packed bf16 copy is kept), else its values rounded to bf16, held as f32.
 pub struct Bf16Weight {
-    /// The rounded weight `[out, in]`, f32.
-    rounded: Tensor,
-    packed: Option<std::sync::Arc<crate::kernels::amx::PackedB>>,
+    form: Bf16Form,
+    rows: usize,
+}
+
+enum Bf16Form {
+    Packed(std::sync::Arc<crate::kernels::amx::PackedB>),
+    Rounded(Tensor),
 }
 
 impl Bf16Weight {
-    /// Rounds (and packs) the f32 CPU weight `w` `[out, in]`.
+    /// Rounds (or packs) the f32 CPU weight `w` `[out, in]`.
     pub fn new(w: &Tensor) -> candle_core::Result<Self> {
-        let rounded = w
-            .to_dtype(DType::BF16)?
-            .to_dtype(DType::F32)?
-            .contiguous()?;
-        let packed = if crate::kernels::amx::available() {
-            let (out, inner) = rounded.dims2()?;
-            let values = rounded.flatten_all()?.to_vec1::<f32>()?;
-            Some(std::sync::Arc::new(crate::kernels::amx::PackedB::new(
-                &values, out, inner,
-            )))
+        let (rows, inner) = w.dims2()?;
+        let form = if crate::kernels::amx::available() {
+            let values = w.flatten_all()?.to_vec1::<f32>()?;
+            let packed = crate::kernels::amx::PackedB::new(&values, rows, inner);
+            Bf16Form::Packed(std::sync::Arc::new(packed))
         } else {
-            None
+            let rounded = w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            Bf16Form::Rounded(rounded.contiguous()?)
         };
-        Ok(Self { rounded, packed })
+        Ok(Self { form, rows })
     }
 
     /// Output features.
     pub fn rows(&self) -> usize {
-        self.rounded.dims()[0]
+        self.rows
     }
 }
 
 /// `x · wᵀ` with `x [rows, in]` rounded to bf16 and f32 sums (the numbers of `kernels::gemm`'s
-/// `Precision::Bf16`): AMX on the packed weight where available, else the best bf16 kernel
-/// (`gemm::Kernel::best`). Fewer than [`GEMM_MIN_ROWS`] rows (decode steps) on AMX too; without AMX they go
-/// through candle's f32 matmul of the rounded values (same products, other summation order).
+/// `Precision::Bf16`): AMX on the packed weight where available (any row count), else the best bf16 kernel
+/// (`gemm::Kernel::best`), or for fewer than [`GEMM_MIN_ROWS`] rows candle's f32 matmul of the rounded
+/// values (same products, another summation order).
 pub fn linear_bf16(x: &Tensor, w: &Bf16Weight) -> candle_core::Result<Tensor> {
     if !on_cpu_f32(x) {
         candle_core::bail!("bf16 linear layers on the CPU take f32 CPU inputs");
     }
-    if w.packed.is_none() && x.dim(0)? < GEMM_MIN_ROWS {
-        let rounded = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
-        return rounded.matmul(&w.rounded.t()?);
+    let x = x.contiguous()?;
+    match &w.form {
+        Bf16Form::Packed(packed) => x.apply_op1_no_bwd(&AmxLinear(packed.clone())),
+        Bf16Form::Rounded(rounded) if x.dim(0)? < GEMM_MIN_ROWS => {
+            let x = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            x.matmul(&rounded.t()?)
+        }
+        Bf16Form::Rounded(rounded) => x.apply_op2_no_bwd(rounded, &LinearBf16),
     }
-    x.contiguous()?.apply_op2_no_bwd(
-        &w.rounded,
-        &LinearBf16 {
-            packed: w.packed.clone(),
-        },
-    )
 }
 
-struct LinearBf16 {
-    packed: Option<std::sync::Arc<crate::kernels::amx::PackedB>>,
+/// `x · wᵀ` on AMX against a packed weight.
+struct AmxLinear(std::sync::Arc<crate::kernels::amx::PackedB>);
+
+impl CustomOp1 for AmxLinear {
+    fn name(&self) -> &'static str {
+        "linear-amx"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let (rows, inner) = l.shape().dims2()?;
+        let (out, depth) = (self.0.rows(), self.0.depth());
+        if inner != depth {
+            candle_core::bail!(
+                "linear-amx: x {:?} against a weight of depth {depth}",
+                l.dims()
+            );
+        }
+        let mut y = vec![0f32; rows * out];
+        crate::kernels::amx::multiply(x, &self.0, None, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
 }
+
+/// `x · wᵀ` with bf16-rounded inputs on the best bf16 kernel of a CPU without AMX (`w` already rounded).
+struct LinearBf16;
 
 impl CustomOp2 for LinearBf16 {
     fn name(&self) -> &'static str {
@@ -211,6 +233,7 @@ impl CustomOp2 for LinearBf16 {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::kernels::gemm::{bf16_bits, matmul_nt_bias_with, Kernel, Precision};
         let (x, w) = (
             f32_slice(s1, l1, self.name())?,
             f32_slice(s2, l2, self.name())?,
@@ -220,22 +243,16 @@ impl CustomOp2 for LinearBf16 {
             candle_core::bail!("linear-bf16: x {:?} against w {:?}", l1.dims(), l2.dims());
         }
         let mut y = vec![0f32; rows * out];
-        match &self.packed {
-            Some(packed) => crate::kernels::amx::multiply(x, packed, None, &mut y),
-            None => {
-                use crate::kernels::gemm::{bf16_bits, matmul_nt_bias_with, Kernel, Precision};
-                let kernel = Kernel::best(Precision::Bf16);
-                if kernel.is_bf16() {
-                    matmul_nt_bias_with(kernel, x, w, None, &mut y, rows, out, inner);
-                } else {
-                    // No bf16 kernel on this CPU: the same products from rounded inputs, in f32.
-                    let x: Vec<f32> = x
-                        .iter()
-                        .map(|&v| f32::from_bits(bf16_bits(v) << 16))
-                        .collect();
-                    matmul_nt_bias_with(kernel, &x, w, None, &mut y, rows, out, inner);
-                }
-            }
+        let kernel = Kernel::best(Precision::Bf16);
+        if kernel.is_bf16() {
+            matmul_nt_bias_with(kernel, x, w, None, &mut y, rows, out, inner);
+        } else {
+            // No bf16 kernel on this CPU: the same products from rounded inputs, in f32.
+            let x: Vec<f32> = x
+                .iter()
+                .map(|&v| f32::from_bits(bf16_bits(v) << 16))
+                .collect();
+            matmul_nt_bias_with(kernel, &x, w, None, &mut y, rows, out, inner);
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
