@@ -18,6 +18,9 @@ const BLOCK: usize = 32;
 const DEPTH_STEP: usize = 32;
 /// Rows of `a` per thread task, at most (a multiple of BLOCK): its packed rows stay in L2.
 const ROWS_PER_TASK: usize = 256;
+/// Depth per pass over a task's blocks (a multiple of DEPTH_STEP): a block's slice of `a` and a panel's
+/// slice of `b` (16 KiB each in bf16) stay in L1 while the panel meets every block of the task.
+const DEPTH_CHUNK: usize = 256;
 
 /// Whether this CPU has AMX-BF16 and this process may use the tile registers (asked of Linux once).
 pub fn available() -> bool {
@@ -168,39 +171,45 @@ pub fn multiply(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
     });
 }
 
-/// The rows of `a` times `b`, into the same rows of `out`.
+/// The rows of `a` times `b`, into the same rows of `out`: sums over the depth in chunks of DEPTH_CHUNK,
+/// each chunk adding to the sums so far (held in `acc`, the task's padded output), so every sum is taken
+/// in the same order whatever the split into tasks.
 fn task(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
     let (m, d) = (b.m, b.d);
     let rows = out.len() / m;
     let depth = b.pairs * 2; // padded
     let padded_rows = rows.div_ceil(BLOCK) * BLOCK;
+    let panels = m.div_ceil(BLOCK);
+    let width = panels * BLOCK; // padded columns of acc
     let mut packed_a = vec![0u16; padded_rows * depth];
     for (dst, src) in packed_a.chunks_mut(depth).zip(a.chunks(d)) {
         for (o, &v) in dst.iter_mut().zip(src) {
             *o = bf16(v);
         }
     }
-    let mut sums = [0f32; BLOCK * BLOCK];
+    let mut acc = vec![0f32; padded_rows * width];
     let tiles = Tiles::configure();
-    for panel in 0..m.div_ceil(BLOCK) {
-        let bp = &b.data[panel * b.pairs * BLOCK..][..b.pairs * BLOCK];
-        let col0 = panel * BLOCK;
-        let cols = BLOCK.min(m - col0);
-        for block in 0..padded_rows / BLOCK {
-            let ap = &packed_a[block * BLOCK * depth..][..BLOCK * depth];
-            tiles.block(ap, bp, depth, &mut sums);
-            for r in 0..BLOCK.min(rows - block * BLOCK) {
-                let dst = &mut out[(block * BLOCK + r) * m + col0..][..cols];
-                let src = &sums[r * BLOCK..][..cols];
-                match bias {
-                    Some(bias) => {
-                        for ((o, s), b) in dst.iter_mut().zip(src).zip(&bias[col0..]) {
-                            *o = s + b;
-                        }
-                    }
-                    None => dst.copy_from_slice(src),
+    for start in (0..depth).step_by(DEPTH_CHUNK) {
+        let len = DEPTH_CHUNK.min(depth - start);
+        for panel in 0..panels {
+            let bp = &b.data[(panel * b.pairs + start / 2) * BLOCK..][..len / 2 * BLOCK];
+            for block in 0..padded_rows / BLOCK {
+                let ap = &packed_a[block * BLOCK * depth + start..];
+                let c = &mut acc[block * BLOCK * width + panel * BLOCK..];
+                tiles.block(ap, depth, bp, len, c, width, start > 0);
+            }
+        }
+    }
+    drop(tiles);
+    for (r, dst) in out.chunks_mut(m).enumerate() {
+        let src = &acc[r * width..][..m];
+        match bias {
+            Some(bias) => {
+                for ((o, s), b) in dst.iter_mut().zip(src).zip(bias) {
+                    *o = s + b;
                 }
             }
+            None => dst.copy_from_slice(src),
         }
     }
 }
@@ -230,22 +239,50 @@ impl Tiles {
         Self(())
     }
 
-    /// `sums [32 × 32] = a [32 × depth] · b`, where `a` is 32 packed bf16 rows of `depth` (a multiple of
-    /// 32) values and `b` a panel of `depth / 2` rows of 32 depth pairs.
-    fn block(&self, a: &[u16], b: &[u32], depth: usize, sums: &mut [f32; BLOCK * BLOCK]) {
-        assert!(depth > 0 && depth.is_multiple_of(DEPTH_STEP));
-        assert!(a.len() >= BLOCK * depth && b.len() >= depth / 2 * BLOCK);
+    /// `c [32 × 32] (+)= a [32 × len] · b`: `a` is 32 packed bf16 rows `a_stride` values apart, of which
+    /// the first `len` (a multiple of 32) are used; `b` is `len / 2` rows of 32 depth pairs; `c` is 32 rows
+    /// of 32 f32 `ldc` floats apart, added to when `accumulate` (else overwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        a: &[u16],
+        a_stride: usize,
+        b: &[u32],
+        len: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        assert!(len > 0 && len.is_multiple_of(DEPTH_STEP) && len <= a_stride);
+        assert!(a.len() >= (BLOCK - 1) * a_stride + len && b.len() >= len / 2 * BLOCK);
+        assert!(ldc >= BLOCK && c.len() >= (BLOCK - 1) * ldc + BLOCK);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: tiles configured by `configure` on this thread. Every load stays inside `a` and `b`
-        // (asserted above: 32 rows of `depth` u16; `depth / 2` rows of 32 u32) and the stores inside
-        // `sums` (32 rows of 128 bytes).
+        // and every load and store of `c` inside `c` (asserted above: 32 rows at the given strides).
         unsafe {
-            let a_stride = depth * 2; // bytes per packed row of a
+            let (a_bytes, c_bytes) = (a_stride * 2, ldc * 4);
+            let c = c.as_mut_ptr();
+            let (c01, c10, c11) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
+            if accumulate {
+                std::arch::asm!(
+                    "tileloadd tmm0, [{c00} + {ldc}*1]",
+                    "tileloadd tmm1, [{c01} + {ldc}*1]",
+                    "tileloadd tmm2, [{c10} + {ldc}*1]",
+                    "tileloadd tmm3, [{c11} + {ldc}*1]",
+                    c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+                    ldc = in(reg) c_bytes,
+                    options(nostack, readonly),
+                );
+            } else {
+                std::arch::asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem),
+                );
+            }
             std::arch::asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
                 "2:",
                 "tileloadd tmm4, [{a0} + {a_stride}*1]",
                 "tileloadd tmm5, [{a1} + {a_stride}*1]",
@@ -261,19 +298,19 @@ impl Tiles {
                 "add {b1}, 2048",
                 "dec {steps}",
                 "jnz 2b",
-                "tilestored [{c} + {c_stride}*1], tmm0",
-                "tilestored [{c} + {c_stride}*1 + 64], tmm1",
-                "tilestored [{c} + {c_stride}*1 + 2048], tmm2",
-                "tilestored [{c} + {c_stride}*1 + 2112], tmm3",
+                "tilestored [{c00} + {ldc}*1], tmm0",
+                "tilestored [{c01} + {ldc}*1], tmm1",
+                "tilestored [{c10} + {ldc}*1], tmm2",
+                "tilestored [{c11} + {ldc}*1], tmm3",
                 a0 = inout(reg) a.as_ptr() => _,
-                a1 = inout(reg) a.as_ptr().add(16 * depth) => _,
+                a1 = inout(reg) a.as_ptr().add(16 * a_stride) => _,
                 b0 = inout(reg) b.as_ptr() => _,
                 b1 = inout(reg) b.as_ptr().add(16) => _,
-                steps = inout(reg) depth / DEPTH_STEP => _,
-                a_stride = in(reg) a_stride,
+                steps = inout(reg) len / DEPTH_STEP => _,
+                a_stride = in(reg) a_bytes,
                 b_stride = in(reg) BLOCK * 4,
-                c = in(reg) sums.as_mut_ptr(),
-                c_stride = in(reg) BLOCK * 4,
+                c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+                ldc = in(reg) c_bytes,
                 options(nostack),
             );
         }
