@@ -48,7 +48,7 @@ pub enum BenchCommand {
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
-        /// Weights: f32 (default), bf16 or f16 (for GPUs: matrix products in that dtype, norms and softmax f32), or quantized (GGUF only).
+        /// Weights: f32 (default), bf16 or f16 (matrix products in that dtype, norms and softmax f32; on the CPU bf16 uses AMX / AVX512-BF16), or quantized (GGUF only).
         #[arg(long, default_value = "f32")]
         dtype: WeightFormat,
     },

@@ -171,45 +171,47 @@ pub fn multiply(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
     });
 }
 
-/// The rows of `a` times `b`, into the same rows of `out`: sums over the depth in chunks of DEPTH_CHUNK,
-/// each chunk adding to the sums so far (held in `acc`, the task's padded output), so every sum is taken
-/// in the same order whatever the split into tasks.
+/// The rows of `a` times `b`, into the same rows of `out`. Per 32-column panel of `b`, the depth is summed
+/// in chunks of DEPTH_CHUNK: a chunk of the panel stays in L1 while it meets every 32-row block of the task,
+/// and the panel's sums so far (the task's rows × 32, in L2) are added to. Every sum is taken in the same
+/// order whatever the split into tasks.
 fn task(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
     let (m, d) = (b.m, b.d);
     let rows = out.len() / m;
     let depth = b.pairs * 2; // padded
     let padded_rows = rows.div_ceil(BLOCK) * BLOCK;
-    let panels = m.div_ceil(BLOCK);
-    let width = panels * BLOCK; // padded columns of acc
     let mut packed_a = vec![0u16; padded_rows * depth];
     for (dst, src) in packed_a.chunks_mut(depth).zip(a.chunks(d)) {
         for (o, &v) in dst.iter_mut().zip(src) {
             *o = bf16(v);
         }
     }
-    let mut acc = vec![0f32; padded_rows * width];
+    // One panel's sums: padded_rows × 32, 32-row blocks one after another.
+    let mut sums = vec![0f32; padded_rows * BLOCK];
     let tiles = Tiles::configure();
-    for start in (0..depth).step_by(DEPTH_CHUNK) {
-        let len = DEPTH_CHUNK.min(depth - start);
-        for panel in 0..panels {
-            let bp = &b.data[(panel * b.pairs + start / 2) * BLOCK..][..len / 2 * BLOCK];
+    for panel in 0..m.div_ceil(BLOCK) {
+        let panel_b = &b.data[panel * b.pairs * BLOCK..][..b.pairs * BLOCK];
+        for start in (0..depth).step_by(DEPTH_CHUNK) {
+            let len = DEPTH_CHUNK.min(depth - start);
+            let bp = &panel_b[start / 2 * BLOCK..][..len / 2 * BLOCK];
             for block in 0..padded_rows / BLOCK {
                 let ap = &packed_a[block * BLOCK * depth + start..];
-                let c = &mut acc[block * BLOCK * width + panel * BLOCK..];
-                tiles.block(ap, depth, bp, len, c, width, start > 0);
+                let c = &mut sums[block * BLOCK * BLOCK..][..BLOCK * BLOCK];
+                tiles.block(ap, depth, bp, len, c, BLOCK, start > 0);
             }
         }
-    }
-    drop(tiles);
-    for (r, dst) in out.chunks_mut(m).enumerate() {
-        let src = &acc[r * width..][..m];
-        match bias {
-            Some(bias) => {
-                for ((o, s), b) in dst.iter_mut().zip(src).zip(bias) {
-                    *o = s + b;
+        let col0 = panel * BLOCK;
+        let cols = BLOCK.min(m - col0);
+        for (r, src) in sums.chunks(BLOCK).take(rows).enumerate() {
+            let dst = &mut out[r * m + col0..][..cols];
+            match bias {
+                Some(bias) => {
+                    for ((o, s), b) in dst.iter_mut().zip(src).zip(&bias[col0..]) {
+                        *o = s + b;
+                    }
                 }
+                None => dst.copy_from_slice(&src[..cols]),
             }
-            None => dst.copy_from_slice(src),
         }
     }
 }

@@ -130,7 +130,9 @@ pub enum WeightFormat {
     F32,
     /// GGUF blocks kept quantized, multiplied by candle's `QMatMul` (8-bit activations): less memory, less exact.
     Quantized,
-    /// Weights and the forward's matrix products in bf16 (norms, softmax and outputs f32): for GPUs.
+    /// The forward's matrix products in bf16 (norms, softmax and outputs f32). On GPUs the weights and
+    /// activations are bf16 tensors; on the CPU only the linear layers' inputs and weights are rounded to
+    /// bf16 (AMX / AVX512-BF16 products with f32 sums), everything else stays f32.
     Bf16,
     /// As `Bf16`, in f16.
     F16,

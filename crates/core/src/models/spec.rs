@@ -102,7 +102,8 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     /// Weights in memory: `f32` (default; GGUF dequantized at load), `bf16` or `f16` (the forward's matrix
-    /// products in that dtype, norms and softmax in f32: for GPUs), or `quantized` (GGUF only, see README).
+    /// products in that dtype, norms and softmax in f32; on the CPU `bf16` is fast where it has AMX or
+    /// AVX512-BF16, see README), or `quantized` (GGUF only, see README).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
 }
