@@ -187,20 +187,7 @@ pub fn multiply(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
     if n == 0 {
         return;
     }
-    // Whole 32-row blocks per task, several tasks per thread, sizes within one block of each other.
-    let blocks = n.div_ceil(BLOCK);
-    let tasks = blocks
-        .min(4 * rayon::current_num_threads())
-        .max(blocks.div_ceil(ROWS_PER_TASK / BLOCK));
-    let mut parts = Vec::with_capacity(tasks);
-    let mut rest = out;
-    for t in 0..tasks {
-        let row0 = t * blocks / tasks * BLOCK;
-        let rows = (((t + 1) * blocks / tasks) * BLOCK).min(n) - row0;
-        let (here, after) = rest.split_at_mut(rows * m);
-        parts.push((row0, here));
-        rest = after;
-    }
+    let parts = super::gemm::row_tasks(out, m, BLOCK, ROWS_PER_TASK);
     parts.into_par_iter().for_each(|(row0, out)| {
         let rows = out.len() / m;
         task(&a[row0 * d..][..rows * d], b, bias, out);

@@ -325,33 +325,44 @@ fn blocked<K: Packing>(
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn multiply<K: Packing>(a: &[f32], b: &Packed<K>, bias: Option<&[f32]>, out: &mut [f32]) {
     let (m, d) = (b.m, b.d);
-    let n = out.len() / m;
     let panels = m.div_ceil(NR);
     // The bias, zero-padded to whole panels; added by the first depth block's tiles.
     let mut padded_bias = vec![0f32; panels * NR];
     if let Some(bias) = bias {
         padded_bias[..m].copy_from_slice(bias);
     }
-    // Row blocks of whole micro-panels, several per thread (the last task of an uneven split would idle
-    // the others), sizes differing by at most one panel with the larger ones spread out, so rayon's
-    // halving gives each thread the same work.
-    let row_panels = n.div_ceil(MR);
-    let tasks = row_panels
-        .min(4 * rayon::current_num_threads())
-        .max(row_panels.div_ceil(MC / MR));
-    let mut parts = Vec::with_capacity(tasks);
-    let mut rest = out;
-    for t in 0..tasks {
-        let row0 = t * row_panels / tasks * MR;
-        let rows = (((t + 1) * row_panels / tasks) * MR).min(n) - row0;
-        let (here, after) = rest.split_at_mut(rows * m);
-        parts.push((row0, here));
-        rest = after;
-    }
+    let parts = row_tasks(out, m, MR, MC);
     parts.into_par_iter().for_each(|(row0, out)| {
         let a = &a[row0 * d..][..out.len() / m * d];
         block(a, b, &padded_bias, out);
     });
+}
+
+/// `out` (rows of `m` values) split into tasks of whole groups of `unit` rows, at most `max_rows` rows each
+/// unless that leaves a thread idle: several per thread (the last task of an uneven split would idle the
+/// others), sizes differing by at most one group with the larger ones spread out, so rayon's halving gives
+/// each thread the same work. Each task is its first row and its rows of `out`.
+pub(crate) fn row_tasks(
+    out: &mut [f32],
+    m: usize,
+    unit: usize,
+    max_rows: usize,
+) -> Vec<(usize, &mut [f32])> {
+    let n = out.len() / m;
+    let groups = n.div_ceil(unit);
+    let tasks = groups
+        .min(4 * rayon::current_num_threads())
+        .max(groups.div_ceil((max_rows / unit).max(1)));
+    let mut parts = Vec::with_capacity(tasks);
+    let mut rest = out;
+    for t in 0..tasks {
+        let row0 = t * groups / tasks * unit;
+        let rows = (((t + 1) * groups / tasks) * unit).min(n) - row0;
+        let (here, after) = rest.split_at_mut(rows * m);
+        parts.push((row0, here));
+        rest = after;
+    }
+    parts
 }
 
 /// The rows of `a` times `b`, into the same rows of `out`.

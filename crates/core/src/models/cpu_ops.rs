@@ -108,6 +108,25 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.matmul(&w.t()?)
 }
 
+/// A linear layer's input and weight elements, and `(rows, in, out)`.
+type LinearOperands<'a> = (&'a [f32], &'a [f32], (usize, usize, usize));
+
+/// The operands of `op`'s `x [rows, in] · w [out, in]ᵀ`: their f32 elements and `(rows, in, out)`.
+fn linear_operands<'a>(
+    op: &str,
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<LinearOperands<'a>> {
+    let (x, w) = (f32_slice(s1, l1, op)?, f32_slice(s2, l2, op)?);
+    let ((rows, inner), (out, inner_w)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+    if inner != inner_w {
+        candle_core::bail!("{op}: x {:?} against w {:?}", l1.dims(), l2.dims());
+    }
+    Ok((x, w, (rows, inner, out)))
+}
+
 /// Rows below which [`linear`] stays on candle's matmul: `kernels::gemm` packs the whole weight on every
 /// call, which for the few rows of a decode step (one per sequence) costs more than the product itself
 /// (3.5× slower generation on SmolLM2 when it did).
@@ -127,14 +146,7 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (
-            f32_slice(s1, l1, self.name())?,
-            f32_slice(s2, l2, self.name())?,
-        );
-        let ((rows, inner), (out, inner_w)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        if inner != inner_w {
-            candle_core::bail!("linear: x {:?} against w {:?}", l1.dims(), l2.dims());
-        }
+        let (x, w, (rows, inner, out)) = linear_operands(self.name(), s1, l1, s2, l2)?;
         let mut y = vec![0f32; rows * out];
         crate::kernels::gemm::matmul_nt(x, w, &mut y, rows, out, inner);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
@@ -234,14 +246,7 @@ impl CustomOp2 for LinearBf16 {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use crate::kernels::gemm::{bf16_bits, matmul_nt_bias_with, Kernel, Precision};
-        let (x, w) = (
-            f32_slice(s1, l1, self.name())?,
-            f32_slice(s2, l2, self.name())?,
-        );
-        let ((rows, inner), (out, inner_w)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        if inner != inner_w {
-            candle_core::bail!("linear-bf16: x {:?} against w {:?}", l1.dims(), l2.dims());
-        }
+        let (x, w, (rows, inner, out)) = linear_operands(self.name(), s1, l1, s2, l2)?;
         let mut y = vec![0f32; rows * out];
         let kernel = Kernel::best(Precision::Bf16);
         if kernel.is_bf16() {
