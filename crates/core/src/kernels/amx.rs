@@ -23,9 +23,10 @@ const ROWS_PER_TASK: usize = 256;
 const DEPTH_CHUNK: usize = 256;
 
 /// Whether this CPU has AMX-BF16 and this process may use the tile registers (asked of Linux once).
+/// `SAEFLOW_AMX=0` says no (to run or measure the AVX512-BF16 paths on an AMX machine).
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(detect)
+    *AVAILABLE.get_or_init(|| std::env::var("SAEFLOW_AMX").as_deref() != Ok("0") && detect())
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -365,7 +366,7 @@ mod tests {
     fn assert_amx() {
         assert!(
             available(),
-            "built on a CPU with AMX, but AMX is not usable now (another CPU? `touch crates/core/build.rs`; or Linux refused the tile state)"
+            "built on a CPU with AMX, but AMX is not usable now (SAEFLOW_AMX=0? another CPU? `touch crates/core/build.rs`; or Linux refused the tile state)"
         );
     }
 
