@@ -859,12 +859,14 @@ fn smollm2_in_bf16_keeps_f32s_greedy_output_within_a_stated_deviation() {
         worst_resid > 0.0 && worst_logits > 0.0,
         "bf16 changed nothing"
     );
+    // Measured on SmolLM2 (Intel Xeon): 0.0072 and 0.0096 on AMX, 0.0098 and 0.0136 on AVX512-BF16
+    // (`SAEFLOW_AMX=0`: the path of CPUs without AMX).
     assert!(
-        worst_resid < 0.05,
+        worst_resid < 0.02,
         "residual off by {worst_resid} of its scale"
     );
     assert!(
-        worst_logits < 0.05,
+        worst_logits < 0.02,
         "logits off by {worst_logits} of their scale"
     );
 }
