@@ -687,10 +687,12 @@ mod tests {
             kernel.available(),
             "{kernel:?}: built on a CPU that has it, but not usable now (another CPU? touch crates/core/build.rs)"
         );
-        // Odd depths leave half a pair; ragged edges as in the f32 test.
+        // Odd depths leave half a pair; ragged edges as in the f32 test; one AMX tile step (32), and
+        // several of its 256-deep chunks (2101).
         for &(n, m, d) in &[
             (1, 1, 1),
             (13, 33, 7),
+            (33, 70, 32),
             (121, 70, 193),
             (250, 64, 577),
             (30, 40, 2101),
