@@ -50,8 +50,8 @@ const MODULE_LAYERS: &[(&str, &[&[&str]])] = &[
         &[
             &["shared", "artifacts"],
             &[
-                "capture", "command", "dataset", "eval", "explain", "label", "sae", "steer",
-                "train",
+                "capture", "command", "dataset", "eval", "explain", "generate", "label", "sae",
+                "steer", "train",
             ],
         ],
     ),

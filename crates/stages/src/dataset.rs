@@ -66,6 +66,10 @@ pub struct SourceSpec {
     /// Expected sha256 of the downloaded file (required with `url`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// An upstream stage whose `rows.parquet` is read as it is (ids, labels, pairs, splits and extra
+    /// columns kept): a `generate` stage's graded answers, or another `dataset`'s rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
     /// Hugging Face dataset repository id (`org/name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub: Option<String>,
@@ -128,6 +132,7 @@ impl SourceSpec {
         }
         self.preset
             .clone()
+            .or_else(|| self.stage.clone())
             .or_else(|| self.url.clone())
             .or_else(|| self.hub.clone())
             .or_else(|| self.path.clone())
@@ -169,6 +174,18 @@ impl Stage for Dataset {
 
     fn references(p: &DatasetParams) -> References {
         References {
+            inputs: p
+                .sources
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| {
+                    s.stage.as_ref().map(|stage| Reference {
+                        role: stage_role(i),
+                        target: stage.clone(),
+                        at: at(i, "stage"),
+                    })
+                })
+                .collect(),
             files: p
                 .sources
                 .iter()
@@ -197,14 +214,33 @@ impl Stage for Dataset {
                 s.preset.is_some(),
                 s.url.is_some(),
                 s.hub.is_some(),
+                s.stage.is_some(),
                 s.preset.is_none() && s.path.is_some(),
             ];
             if origins.iter().filter(|&&o| o).count() != 1 {
                 return Err(source_error(
                     i,
                     "path",
-                    "give exactly one of `preset`, `path` (files), `url` or `hub`".into(),
+                    "give exactly one of `preset`, `path` (files), `url`, `hub` or `stage`".into(),
                 ));
+            }
+            if s.stage.is_some() {
+                let stage_only = SourceSpec {
+                    stage: s.stage.clone(),
+                    max_rows: s.max_rows,
+                    balance: s.balance,
+                    ..Default::default()
+                };
+                if serde_json::to_value(s).ok() != serde_json::to_value(&stage_only).ok() {
+                    return Err(source_error(
+                        i,
+                        "stage",
+                        "`stage` sources take only `max_rows` and `balance` (the rows keep their own \
+                         names, labels, pairs and splits)"
+                            .into(),
+                    ));
+                }
+                continue;
             }
             if let Some(name) = &s.preset {
                 if presets::get(name).is_none() {
@@ -342,7 +378,7 @@ impl Stage for Dataset {
         for (i, s) in p.sources.iter().enumerate() {
             ctx.progress
                 .set_message(&format!("source {}: {}", i + 1, s.describe()));
-            let rows = load_source(s, ctx)
+            let rows = load_source(i, s, ctx)
                 .with_context(|| format!("source {} ({})", i + 1, s.describe()))?;
             if rows.is_empty() {
                 bail!("source {} ({}) has no rows", i + 1, s.describe());
@@ -400,7 +436,19 @@ impl Stage for Dataset {
     }
 }
 
-fn load_source(s: &SourceSpec, ctx: &StageContext) -> anyhow::Result<Vec<Row>> {
+/// The input role of source `i`'s upstream stage.
+fn stage_role(i: usize) -> String {
+    format!("source{i}")
+}
+
+fn load_source(i: usize, s: &SourceSpec, ctx: &StageContext) -> anyhow::Result<Vec<Row>> {
+    if let Some(stage) = &s.stage {
+        let path = ctx.inputs[&stage_role(i)].join("rows.parquet");
+        if !path.exists() {
+            bail!("stage `{stage}` wrote no rows.parquet (a `dataset` or `generate` stage does)");
+        }
+        return saeflow_core::data::rows::read(&path);
+    }
     if let Some(name) = &s.preset {
         let preset = presets::get(name).expect("validated");
         let dir = match &s.path {

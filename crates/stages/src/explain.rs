@@ -153,17 +153,18 @@ fn run(p: &ExplainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     let contexts = read_contexts(&dir)?;
     let (model, _) = crate::shared::load_model(ctx, &p.model)?;
     let tokenizer = &model.tokenizer;
-    let url = format!("{}/chat/completions", p.base_url.trim_end_matches('/'));
-    let mut headers = Vec::new();
-    match std::env::var(&p.api_key_env) {
-        Ok(key) if !key.is_empty() => {
-            headers.push(("Authorization".to_string(), format!("Bearer {key}")))
-        }
-        _ => ctx.log(&format!(
-            "${} is not set: calling {url} without an API key",
-            p.api_key_env
-        )),
+    let endpoint = crate::shared::ChatEndpoint::new(
+        &p.base_url,
+        &p.llm,
+        &p.api_key_env,
+        p.temperature,
+        p.max_tokens,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if let Some(note) = endpoint.key_note() {
+        ctx.log(&note);
     }
+    let url = &endpoint.url;
     ctx.log(&format!(
         "explaining {} labelled features of `{}` with `{}` at {url}",
         pairs.len(),
@@ -199,7 +200,7 @@ fn run(p: &ExplainParams, ctx: &mut StageContext) -> anyhow::Result<()> {
             );
         }
         let mut chat = |system: &str, user: String| -> anyhow::Result<String> {
-            let reply = complete(p, &url, &headers, system, &user)?;
+            let reply = endpoint.complete(system, &user)?;
             transcript += &(json!({
                 "feature": pair.feature, "class": pair.class, "system": system, "user": user, "reply": reply
             })
@@ -358,42 +359,6 @@ fn render(tokenizer: &Tokenizer, c: &Excerpt, mark: bool) -> anyhow::Result<Stri
         tokenizer.decode(&c.tokens)?
     };
     Ok(text.replace(['\n', '\r'], " "))
-}
-
-/// One chat completion: the reply's text.
-fn complete(
-    p: &ExplainParams,
-    url: &str,
-    headers: &[(String, String)],
-    system: &str,
-    user: &str,
-) -> anyhow::Result<String> {
-    let body = json!({
-        "model": p.llm,
-        "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": user},
-        ],
-        "temperature": p.temperature,
-        "max_tokens": p.max_tokens,
-    });
-    let response = saeflow_core::data::download::post_json(url, headers, &body).map_err(|e| {
-        let hint = if e.to_string().contains("HTTP 401") {
-            format!(" (is ${} set to a valid key?)", p.api_key_env)
-        } else {
-            String::new()
-        };
-        anyhow::anyhow!("{e}{hint}")
-    })?;
-    response["choices"][0]["message"]["content"]
-        .as_str()
-        .map(str::to_string)
-        .with_context(|| {
-            format!(
-                "{url}: the response has no choices[0].message.content: {}",
-                response.to_string().chars().take(300).collect::<String>()
-            )
-        })
 }
 
 /// The first JSON array in a reply, as `n` yes/no judgements (1/0, true/false).

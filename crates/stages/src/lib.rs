@@ -13,6 +13,7 @@ pub mod command;
 pub mod dataset;
 pub mod eval;
 pub mod explain;
+pub mod generate;
 pub mod label;
 pub mod sae;
 pub mod shared;
@@ -29,6 +30,7 @@ pub fn builtin() -> Registry {
     registry.register::<dataset::Dataset>();
     registry.register::<eval::Eval>();
     registry.register::<explain::Explain>();
+    registry.register::<generate::Generate>();
     registry.register::<label::Label>();
     registry.register::<sae::SaeSource>();
     registry.register::<steer::Steer>();

@@ -146,3 +146,91 @@ pub fn load_model(
         .with_context(|| format!("loading model `{name}`"))?;
     Ok((model, device))
 }
+
+/// An OpenAI-compatible chat endpoint (`explain`'s explainer, `generate`'s judge): one system + user turn
+/// in, the reply's text out.
+#[derive(Debug, Clone)]
+pub struct ChatEndpoint {
+    /// `…/chat/completions`.
+    pub url: String,
+    llm: String,
+    api_key_env: String,
+    headers: Vec<(String, String)>,
+    temperature: f64,
+    max_tokens: u32,
+}
+
+impl ChatEndpoint {
+    /// An endpoint at `base_url` (`…/v1`), with the key from `$api_key_env` sent as a bearer token when it
+    /// is set (local servers need none). `Err` says what is wrong with the URL.
+    pub fn new(
+        base_url: &str,
+        llm: &str,
+        api_key_env: &str,
+        temperature: f64,
+        max_tokens: u32,
+    ) -> Result<Self, String> {
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(format!(
+                "`base_url` must be an http(s) URL, not `{base_url}`"
+            ));
+        }
+        let headers = match std::env::var(api_key_env) {
+            Ok(key) if !key.is_empty() => {
+                vec![("Authorization".to_string(), format!("Bearer {key}"))]
+            }
+            _ => Vec::new(),
+        };
+        Ok(Self {
+            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            llm: llm.to_string(),
+            api_key_env: api_key_env.to_string(),
+            headers,
+            temperature,
+            max_tokens,
+        })
+    }
+
+    /// A line for the stage log when no API key is sent.
+    pub fn key_note(&self) -> Option<String> {
+        self.headers.is_empty().then(|| {
+            format!(
+                "${} is not set: calling {} without an API key",
+                self.api_key_env, self.url
+            )
+        })
+    }
+
+    /// One chat completion: the reply's text.
+    pub fn complete(&self, system: &str, user: &str) -> anyhow::Result<String> {
+        use anyhow::Context;
+        let body = serde_json::json!({
+            "model": self.llm,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": user},
+            ],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        });
+        let url = &self.url;
+        let response =
+            saeflow_core::data::download::post_json(url, &self.headers, &body).map_err(|e| {
+                let hint = if e.to_string().contains("HTTP 401") {
+                    format!(" (is ${} set to a valid key?)", self.api_key_env)
+                } else {
+                    String::new()
+                };
+                anyhow::anyhow!("{e}{hint}")
+            })?;
+        response["choices"][0]["message"]["content"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| {
+                format!(
+                    "{url}: the response has no choices[0].message.content: {}",
+                    response.to_string().chars().take(300).collect::<String>()
+                )
+            })
+    }
+}

@@ -241,7 +241,22 @@ pub fn write(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
     super::parquet::write_batches(path, &batches)
 }
 
-/// Reads the core columns of a `rows.parquet` (extra columns are left out), in file order.
+/// The Parquet bytes [`write`] would write (for a caller that publishes them atomically).
+pub fn encode(rows: &[Row]) -> anyhow::Result<Vec<u8>> {
+    let batch = to_batch(rows)?;
+    let mut bytes = Vec::new();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        &mut bytes,
+        batch.schema(),
+        Some(super::parquet::writer_properties()),
+    )?;
+    writer.write(&batch).context("encoding rows")?;
+    writer.close().context("encoding rows")?;
+    Ok(bytes)
+}
+
+/// Reads a `rows.parquet` in file order: the core columns, and every other text column into `extra` (under
+/// its column name, `extra_`-prefixed ones included as written).
 pub fn read(path: &Path) -> anyhow::Result<Vec<Row>> {
     use arrow_array::cast::AsArray;
     use arrow_array::types::UInt64Type;
@@ -281,6 +296,15 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Row>> {
             (strings("prompt")?, strings("completion")?, strings("text")?);
         let (label, label_raw) = (strings("label")?, strings("label_raw")?);
         let (source, subset, split) = (strings("source")?, strings("subset")?, strings("split")?);
+        let schema = batch.schema();
+        let extras: Vec<(&str, Vec<Option<String>>)> = schema
+            .fields()
+            .iter()
+            .filter(|f| {
+                !CORE_COLUMNS.contains(&f.name().as_str()) && f.data_type() == &DataType::Utf8
+            })
+            .map(|f| Ok((f.name().as_str(), strings(f.name())?)))
+            .collect::<anyhow::Result<_>>()?;
         for i in 0..batch.num_rows() {
             rows.push(Row {
                 doc_id: doc_id[i].unwrap_or_default(),
@@ -293,7 +317,10 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Row>> {
                 subset: subset[i].clone(),
                 pair_id: pair_id[i],
                 split: split[i].clone(),
-                extra: BTreeMap::new(),
+                extra: extras
+                    .iter()
+                    .filter_map(|(name, values)| Some((name.to_string(), values[i].clone()?)))
+                    .collect(),
             });
         }
     }

@@ -152,6 +152,28 @@ pub fn generate_rows(
     samplings: &[Sampling],
     hooks: &Hooks,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
+    generate_rows_until(
+        model,
+        prompts,
+        max_new,
+        stop,
+        samplings,
+        hooks,
+        &mut |_, _| false,
+    )
+}
+
+/// [`generate_rows`] that also stops row `i` as soon as `done(i, tokens so far)` says so (stop strings:
+/// the caller decodes and looks). `done` sees each row's new tokens after every step, in row order.
+pub fn generate_rows_until(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stop: &[u32],
+    samplings: &[Sampling],
+    hooks: &Hooks,
+    done: &mut dyn FnMut(usize, &[u32]) -> bool,
+) -> anyhow::Result<Vec<Vec<u32>>> {
     if samplings.len() != prompts.len() {
         anyhow::bail!(
             "{} samplings for {} prompts",
@@ -220,7 +242,11 @@ pub fn generate_rows(
             next.push(token);
             // Another step would feed prompt + generated positions: not past the context.
             let length = prompts[i].len() + out[i].len();
-            if stop.contains(&token) || out[i].len() >= max_new || length > limit {
+            if stop.contains(&token)
+                || out[i].len() >= max_new
+                || length > limit
+                || done(i, &out[i])
+            {
                 live[i] = false;
             }
         }

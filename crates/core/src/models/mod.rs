@@ -479,6 +479,19 @@ impl LoadedModel {
         user: &str,
         assistant: Option<&str>,
     ) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+        self.chat_tokens_with_system(None, user, assistant)
+    }
+
+    /// [`chat_tokens`](Self::chat_tokens) with a system message first. A template without a system role
+    /// decides itself what to do with it (most render it as their first turn; SmolLM2's replaces its default
+    /// system prompt with it); nanochat has no system turn and, as its own `render_conversation` does, the
+    /// system text is put before the user's, separated by a blank line.
+    pub fn chat_tokens_with_system(
+        &self,
+        system: Option<&str>,
+        user: &str,
+        assistant: Option<&str>,
+    ) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
         let special = |name: &str| {
             self.tokenizer.special(name).with_context(|| {
                 format!("{}: tokenizer has no {name} token", self.source.display())
@@ -490,7 +503,10 @@ impl LoadedModel {
         match &self.chat {
             ChatFormat::Nanochat => {
                 prompt.push(special("<|user_start|>")?);
-                prompt.extend(tok.encode(user)?);
+                match system {
+                    Some(system) => prompt.extend(tok.encode(&format!("{system}\n\n{user}"))?),
+                    None => prompt.extend(tok.encode(user)?),
+                }
                 prompt.extend([special("<|user_end|>")?, special("<|assistant_start|>")?]);
                 if let Some(a) = assistant {
                     answer.extend(tok.encode(a)?);
@@ -508,10 +524,13 @@ impl LoadedModel {
                     }
                     Ok(())
                 };
-                let head = template.pieces(&[("user", user)], true)?;
+                let mut turns: Vec<(&str, &str)> = system.map(|s| ("system", s)).into_iter().collect();
+                turns.push(("user", user));
+                let head = template.pieces(&turns, true)?;
                 encode(&head, &mut prompt)?;
                 if let Some(a) = assistant {
-                    let whole = template.pieces(&[("user", user), ("assistant", a)], false)?;
+                    turns.push(("assistant", a));
+                    let whole = template.pieces(&turns, false)?;
                     // The answer is what the whole chat adds to the prompt: the template must render the
                     // prompt as a prefix of the chat (every Hugging Face template does).
                     let (last, _) = head.last().expect("a header after the user turn");

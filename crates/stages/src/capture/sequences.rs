@@ -79,12 +79,20 @@ impl<'a> Sequences<'a> {
                 ),
                 None => (tok.encode(&row.text)?, Vec::new()),
             },
-            Template::Chat => match &row.completion {
-                Some(c) => self
-                    .model
-                    .chat_tokens(row.prompt.as_deref().unwrap_or(""), Some(c))?,
-                None => self.model.chat_tokens(&row.text, None)?,
-            },
+            // A row's `system` column (a `generate` stage's system message) is rendered as it was given.
+            Template::Chat => {
+                let system = row.extra.get("system").map(String::as_str);
+                match &row.completion {
+                    Some(c) => self.model.chat_tokens_with_system(
+                        system,
+                        row.prompt.as_deref().unwrap_or(""),
+                        Some(c),
+                    )?,
+                    None => self
+                        .model
+                        .chat_tokens_with_system(system, &row.text, None)?,
+                }
+            }
         };
         // A chat template that writes BOS itself (Llama 3's) already put it first.
         let bos = self
