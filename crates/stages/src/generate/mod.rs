@@ -132,7 +132,8 @@ pub struct GenerateParams {
     /// answer, so an incorrect answer under a lie instruction is a lie, not ignorance.
     #[serde(default)]
     pub knowledge_filter: bool,
-    /// The `source` column of the answers (default: `generated`); the question's source becomes `subset`.
+    /// The `source` column of the answers (default: the stage's name); the question's source becomes
+    /// `subset`. Answers' doc ids and pairs derive from it, so two stages' answers never share an id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
 }
@@ -563,7 +564,7 @@ fn run(p: &GenerateParams, ctx: &mut StageContext) -> anyhow::Result<()> {
     if p.template == Template::None {
         stop_tokens.extend(model.bos);
     }
-    let source = p.source.clone().unwrap_or_else(|| "generated".into());
+    let source = p.source.clone().unwrap_or_else(|| ctx.instance.clone());
     ctx.log(&format!(
         "generating {} answers ({} questions x {} instructions), {} new tokens at most, temperature {}",
         tasks.len(),
@@ -722,10 +723,11 @@ fn answer_row(
     };
     let input = &question.row;
     let mut row = Row::pair(source, &task.user, &completion);
-    row.doc_id = stable_id(&["generate", &input.doc_id.to_string(), &ins.name]);
+    row.doc_id = stable_id(&["generate", source, &input.doc_id.to_string(), &ins.name]);
     // Every variant of a question shares its pair (the input's pair when it has one) and its split.
     row.pair_id = Some(stable_id(&[
         "generate",
+        source,
         &input.pair_id.unwrap_or(input.doc_id).to_string(),
     ]));
     row.split = input.split.clone();
