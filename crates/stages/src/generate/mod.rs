@@ -67,6 +67,12 @@ pub struct Instruction {
     /// Without a grader: the label every answer of this variant gets (instructed pairs taken as written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// The `source` column of this variant's answers (default: the stage's). With one source per
+    /// variant, `label` reports each variant alone — under a lie instruction, the answers that lie against
+    /// those that do not, where the instruction cannot tell them apart — and its source-only baseline is
+    /// what knowing the instruction alone would score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// Parameters of a `generate` stage.
@@ -145,6 +151,7 @@ fn default_instructions() -> Vec<Instruction> {
         system: None,
         wants: Wants::Truth,
         label: None,
+        source: None,
     }]
 }
 fn default_max_new_tokens() -> usize {
@@ -722,7 +729,11 @@ fn answer_row(
         }
     };
     let input = &question.row;
-    let mut row = Row::pair(source, &task.user, &completion);
+    let mut row = Row::pair(
+        ins.source.as_deref().unwrap_or(source),
+        &task.user,
+        &completion,
+    );
     row.doc_id = stable_id(&["generate", source, &input.doc_id.to_string(), &ins.name]);
     // Every variant of a question shares its pair (the input's pair when it has one) and its split.
     row.pair_id = Some(stable_id(&[
