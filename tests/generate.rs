@@ -461,3 +461,58 @@ fn a_system_message_is_put_before_the_user_turn_as_nanochat_does() {
         model.chat_tokens("What is 2 plus 2?", None).unwrap().0
     );
 }
+
+#[test]
+fn bad_settings_fail_at_their_key_and_a_misspelt_column_names_the_rows_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bad = [
+        (
+            "knowledge_filter = true",
+            "p.toml:",
+            "the knowledge filter keeps questions graded correct",
+        ),
+        ("grade = { kind = \"match\" }", "p.toml:", "set `reference`"),
+        (
+            "reference = \"x\"\ngrade = { kind = \"regex\", pattern = \"(oops\" }",
+            "pattern",
+            "not a valid regex",
+        ),
+        (
+            "system = \"Be brief.\"",
+            "system",
+            "needs `template = \"chat\"`",
+        ),
+        (
+            "reference = \"{{ answer }\"",
+            "reference",
+            "not a valid template",
+        ),
+        ("top_p = 0.0", "top_p", "`top_p` must be in (0, 1]"),
+    ];
+    for (settings, at, message) in bad {
+        pipeline(
+            d,
+            3,
+            &format!(
+                "[stages.a]\nkind = \"generate\"\ninput = \"q\"\nmodel = \"nc\"\n{settings}\n"
+            ),
+        );
+        let out = common::run(d, &["run", "--dry-run", "p.toml"]);
+        common::assert_clean_failure(&out, d, 2, &[at, message]);
+    }
+    pipeline(
+        d,
+        3,
+        "[stages.a]\nkind = \"generate\"\ninput = \"q\"\nmodel = \"nc\"\nreference = \"{{ answr }}\"\ngrade = { kind = \"match\" }\n",
+    );
+    ok(d, &["run", "-q", "p.toml", "q"]);
+    let out = common::run(d, &["run", "p.toml"]);
+    let t = common::text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("`answr` is undefined") && t.contains("its columns: answer, completion"),
+        "{t}"
+    );
+    assert!(!t.contains("panicked"), "{t}");
+}

@@ -404,7 +404,15 @@ fn read_questions(p: &GenerateParams, input_dir: &Path) -> anyhow::Result<Vec<Qu
             break;
         }
         let vars = templates::columns(&row);
-        let at = |key: &str| format!("row {} of `{}`, `{key}`", row.doc_id, p.input);
+        let at = |key: &str| {
+            let columns: Vec<&str> = vars.keys().map(String::as_str).collect();
+            format!(
+                "`{key}` over row {} of `{}` (its columns: {})",
+                row.doc_id,
+                p.input,
+                columns.join(", ")
+            )
+        };
         let text = match &p.question {
             Some(t) => templates::render(t, &vars).with_context(|| at("question"))?,
             None => row.prompt.clone().unwrap_or_else(|| row.text.clone()),
