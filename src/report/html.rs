@@ -164,8 +164,9 @@ pub fn render(
         },
         env!("CARGO_PKG_VERSION")
     );
-    let sections: [(&str, &str, &str); 6] = [
+    let sections: [(&str, &str, &str); 7] = [
         ("data", "Datasets", "dataset"),
+        ("answers", "The model's own answers", "generate"),
         ("training", "SAE training", "train"),
         ("evaluation", "Evaluation", "eval"),
         ("labels", "Labelled features", "label"),
@@ -190,6 +191,10 @@ pub fn render(
             "dataset" => found
                 .iter()
                 .map(|e| dataset(e))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            "generate" => found
+                .iter()
+                .map(|e| answers(e))
                 .collect::<anyhow::Result<Vec<_>>>()?,
             "train" => vec![training(&found)?],
             "eval" => vec![evaluation(&found)?],
@@ -270,6 +275,96 @@ fn dataset(e: &Entry) -> anyhow::Result<String> {
 }
 
 /// SAEs brought in by `sae` stages: where each came from and what it reads (`source.json`).
+/// A `generate` stage: the knowledge filter, each instruction's grades and compliance (with intervals), and
+/// the first answers of each instruction.
+fn answers(e: &Entry) -> anyhow::Result<String> {
+    let s = json(&e.dir.join("summary.json"))?;
+    let rate =
+        |v: &serde_json::Value| match (v["rate"].as_f64(), v["low"].as_f64(), v["high"].as_f64()) {
+            (Some(r), Some(l), Some(h)) => format!("{} [{}, {}]", num(r), num(l), num(h)),
+            _ => "–".into(),
+        };
+    let mut html = format!(
+        "<h3>{}</h3><p>{} questions, {} answers, {} kept, {} with a grading problem (unparsable, empty, failed \
+         or not generated: counted, never labelled).",
+        escape(&e.name),
+        count(&s["questions"]),
+        count(&s["answers"]),
+        count(&s["kept"]),
+        count(&s["problems"])
+    );
+    let known = &s["knowledge_filter"];
+    if known.is_object() {
+        let _ = write!(
+            html,
+            " Knowledge filter: {} of {} questions answered correctly under every truth-wanting instruction \
+             (rate {}, 95% interval over questions).",
+            count(&known["passed"]),
+            count(&known["of"]),
+            rate(&known["known"])
+        );
+    }
+    html += "</p>";
+    let mut rows = Vec::new();
+    if let Some(instructions) = s["instructions"].as_object() {
+        for (name, i) in instructions {
+            let listed = |v: &serde_json::Value| {
+                v.as_object().map_or(String::new(), |m| {
+                    m.iter()
+                        .map(|(k, n)| format!("{} {}", escape(k), count(n)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+            };
+            rows.push(vec![
+                escape(name),
+                escape(i["wants"].as_str().unwrap_or("")),
+                listed(&i["grades"]),
+                format!("{} of {}", rate(&i["complied"]), count(&i["complied_of"])),
+                listed(&i["kept_labels"]),
+            ]);
+        }
+    }
+    html += &table(
+        &[
+            "instruction",
+            "wants",
+            "grades",
+            "complied [95% interval] (known questions, with the filter)",
+            "labels kept",
+        ],
+        &rows,
+    );
+    let t = Table::open(&e.dir.join("generations.parquet"))?;
+    let (instruction, question, completion, grade, label) = (
+        t.strings("instruction")?,
+        t.strings("question")?,
+        t.strings("completion")?,
+        t.strings("grade")?,
+        t.strings("label")?,
+    );
+    let mut shown: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut samples = Vec::new();
+    for i in 0..instruction.len() {
+        let n = shown.entry(instruction[i].as_str()).or_default();
+        if *n < 3 {
+            *n += 1;
+            samples.push(vec![
+                escape(&instruction[i]),
+                escape(&question[i]),
+                format!("<span class=\"ctx\">{}</span>", escape(&completion[i])),
+                escape(&grade[i]),
+                escape(&label[i]),
+            ]);
+        }
+    }
+    html += &table(
+        &["instruction", "question", "answer", "grade", "label"],
+        &samples,
+    );
+    Ok(html)
+}
+
 fn imported_saes(entries: &[&Entry]) -> anyhow::Result<String> {
     let mut rows = Vec::new();
     for e in entries {

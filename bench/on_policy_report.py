@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""The "On-policy deception" tables of BENCHMARKS.md from a cache that ran pipelines/on-policy.toml: how many
+questions pass the knowledge filter, how often the model complies with each instruction (95% intervals over
+questions), then every method's held-out AUROC with its 95% interval on the model's own graded answers —
+fitted and chosen on RepE's instructed pairs — pooled and per instruction, beside the source-only (knowing
+the instruction alone), lexical and shuffled-label baselines and the shuffled-label stage (a null).
+
+  python3 bench/on_policy_report.py CACHE_DIR [PIPELINE_NAME]      # needs pyarrow
+"""
+import json
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+METHODS = [
+    "best_feature", "sparse_probe_k1", "sparse_probe_k5", "sparse_probe_k20", "diffmean", "logistic",
+    "source_only", "lexical", "shuffled_diffmean", "shuffled_logistic",
+]
+
+
+def cell(r: dict | None) -> str:
+    if r is None or r["auroc"] is None:
+        return "–"
+    return f"{r['auroc']:.2f} [{r['auroc_low']:.2f}, {r['auroc_high']:.2f}]"
+
+
+def rate(r: dict | None) -> str:
+    if r is None:
+        return "–"
+    return f"{100 * r['rate']:.0f}% [{100 * r['low']:.0f}, {100 * r['high']:.0f}]"
+
+
+def table(obj: Path, title: str) -> None:
+    rows = pq.read_table(obj / "evaluation.parquet").to_pylist()
+    summary = json.loads((obj / "label.json").read_text())
+    by = {(r["scope"], r["method"]): r for r in rows}
+    scopes = ["pooled"] + sorted({r["scope"] for r in rows if r["scope"].startswith("source:")})
+    print(f"{title}: `deceptive` against `honest`, {summary['units']} documents (pool = {summary['pool']}, "
+          f"positions = {summary['positions']}); fitted on `{summary['fit_split']}`, chosen on "
+          f"`{summary['val_split']}` (instructed pairs), reported on `{summary['test_split']}` (the answers).\n")
+    print("| scope | test docs (dec. / hon.) | " + " | ".join(METHODS) + " | logistic within pairs |")
+    print("| --- | --- | " + " | ".join("---" for _ in METHODS) + " | --- |")
+    for scope in scopes:
+        d = by[(scope, "diffmean")]
+        pair = by[(scope, "logistic")]["within_pair_auroc"]
+        print(f"| {scope.removeprefix('source:')} | {d['n_pos']} / {d['n_neg']} | "
+              + " | ".join(cell(by.get((scope, m))) for m in METHODS)
+              + f" | {'–' if pair is None else f'{pair:.2f}'} |")
+    print()
+
+
+def main() -> None:
+    cache = Path(sys.argv[1])
+    pipeline = sys.argv[2] if len(sys.argv) > 2 else "on-policy"
+    refs = {p.stem: json.loads(p.read_text())["key"] for p in (cache / "refs" / pipeline).glob("*.json")}
+    obj = lambda name: cache / "objects" / refs[name]
+
+    answers = json.loads((obj("answers") / "summary.json").read_text())
+    known = answers["knowledge_filter"]
+    print(f"{answers['questions']} questions, {answers['answers']} answers; knowledge filter: {known['passed']} of "
+          f"{known['of']} questions answered correctly when told the truth ({rate(known['known'])}); "
+          f"{answers['problems']} answers with a grading problem.\n")
+    print("| instruction | wants | grades | complied on known questions [95% CI] | labels kept |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, i in answers["instructions"].items():
+        grades = ", ".join(f"{k} {v}" for k, v in i["grades"].items())
+        labels = ", ".join(f"{k} {v}" for k, v in i["kept_labels"].items())
+        print(f"| {name} | {i['wants']} | {grades} | {rate(i['complied'])} of {i['complied_of']} | {labels} |")
+    print()
+    table(obj("on_policy"), "Trained on instructed pairs, tested on the model's own answers")
+    table(obj("shuffled"), "The same with labels shuffled within source and split (a null)")
+
+
+if __name__ == "__main__":
+    main()
