@@ -436,10 +436,18 @@ sources = [{ stage = "a" }, { stage = "train_only" }]
     // The report shows each generate stage: grades, compliance and the first answers, escaped.
     ok(d, &["report", "p.toml", "-o", "report"]);
     let page = std::fs::read_to_string(d.join("report/index.html")).unwrap();
-    assert!(page.contains("The model&#39;s own answers") || page.contains("The model's own answers"));
-    assert!(page.contains("<h3>train_only</h3>") && page.contains("<h3>a</h3>"), "{page}");
+    assert!(
+        page.contains("The model&#39;s own answers") || page.contains("The model's own answers")
+    );
+    assert!(
+        page.contains("<h3>train_only</h3>") && page.contains("<h3>a</h3>"),
+        "{page}"
+    );
     assert!(page.contains("What is 0 plus 0?"), "{page}");
-    assert!(!page.contains("<|"), "a completion's special tokens reached the page unescaped");
+    assert!(
+        !page.contains("<|"),
+        "a completion's special tokens reached the page unescaped"
+    );
     // The rows of the graded stage keep their own splits, ids and extras through the dataset.
     let graded_ids: std::collections::BTreeSet<u64> = rows(d, "a", "rows.parquet")
         .iter()

@@ -190,6 +190,7 @@ pub fn generate_rows_until(
     let limit = model.config.max_seq_len;
     let mut hooks = hooks.clone();
     hooks.logits = true;
+    hooks.last_logits = true;
     let mut padding: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
     let mut rngs: Vec<Rng> = samplings.iter().map(|s| Rng(s.seed)).collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];

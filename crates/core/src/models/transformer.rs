@@ -279,6 +279,9 @@ pub struct Hooks {
     pub interventions: BTreeMap<Hook, Intervention>,
     /// Whether logits are needed (otherwise the pass stops after the last hooked block).
     pub logits: bool,
+    /// Logits at each row's last position only (`[batch, 1, vocab]`): what generation needs from a
+    /// prefill, without the vocabulary-wide product over every prompt position.
+    pub last_logits: bool,
 }
 
 impl Hooks {
@@ -1175,6 +1178,11 @@ impl Transformer {
             cache.len += t;
         }
         let logits = if hooks.logits {
+            let x = if hooks.last_logits && t > 1 {
+                x.narrow(1, t - 1, 1)?
+            } else {
+                x
+            };
             let x = self.norm(&x, &self.final_norm)?;
             let mut logits = self.lm_head.forward(&x)?;
             logits = logits.to_dtype(DType::F32)?;
