@@ -14,16 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-METHODS = [
-    "best_feature", "sparse_probe_k1", "sparse_probe_k5", "sparse_probe_k20", "diffmean", "logistic",
-    "source_only", "lexical", "shuffled_diffmean", "shuffled_logistic",
-]
-
-
-def cell(r: dict | None) -> str:
-    if r is None or r["auroc"] is None:
-        return "–"
-    return f"{r['auroc']:.2f} [{r['auroc_low']:.2f}, {r['auroc_high']:.2f}]"
+# The method columns and their cells, as the deception tables print them.
+from deception_report import METHODS, cell
 
 
 def rate(r: dict | None) -> str:

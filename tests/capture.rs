@@ -279,17 +279,6 @@ hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
     );
 }
 
-/// Complete shards in the partial directories of a cache.
-fn partial_shards(cache: &Path) -> usize {
-    let Ok(keys) = std::fs::read_dir(cache.join("partial")) else {
-        return 0;
-    };
-    keys.flatten()
-        .flat_map(|k| std::fs::read_dir(k.path()).into_iter().flatten().flatten())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("shard-"))
-        .count()
-}
-
 #[test]
 fn sigkill_during_capture_resumes_from_the_last_shard_with_identical_files() {
     use rand::{Rng, SeedableRng};
@@ -315,14 +304,14 @@ fn sigkill_during_capture_resumes_from_the_last_shard_with_identical_files() {
     let cache = d.join("cache");
     let mut kept = Vec::new();
     for kill in 0..10 {
-        let before = partial_shards(&cache);
+        let before = common::partial_shards(&cache);
         let mut child = common::saeflow(d)
             .args(["run", "-q", "p.toml"])
             .spawn()
             .unwrap();
         // Kill once this run has added 1 or 2 shards, plus a random part of the next one.
         let wanted = before + rng.random_range(1..=2);
-        while partial_shards(&cache) < wanted {
+        while common::partial_shards(&cache) < wanted {
             assert!(
                 child.try_wait().unwrap().is_none(),
                 "the capture finished before kill {kill}"
@@ -332,7 +321,7 @@ fn sigkill_during_capture_resumes_from_the_last_shard_with_identical_files() {
         std::thread::sleep(std::time::Duration::from_millis(rng.random_range(0..40)));
         child.kill().unwrap();
         child.wait().unwrap();
-        kept.push(partial_shards(&cache));
+        kept.push(common::partial_shards(&cache));
         println!("kill {kill}: {} shards kept", kept[kill]);
         ok(d, &["cache", "verify"]);
     }

@@ -147,17 +147,6 @@ fn batched_generation_equals_one_at_a_time_and_the_seed_decides_the_bytes() {
     );
 }
 
-/// Complete shards in the partial directories of a cache.
-fn partial_shards(cache: &Path) -> usize {
-    let Ok(keys) = std::fs::read_dir(cache.join("partial")) else {
-        return 0;
-    };
-    keys.flatten()
-        .flat_map(|k| std::fs::read_dir(k.path()).into_iter().flatten().flatten())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("shard-"))
-        .count()
-}
-
 #[test]
 fn a_killed_generation_resumes_from_its_last_shard_with_identical_bytes() {
     let settings = "temperature = 0.7\nmax_new_tokens = 48\nbatch_size = 2\nshard_size = 2";
@@ -174,9 +163,9 @@ fn a_killed_generation_resumes_from_its_last_shard_with_identical_bytes() {
     let cache = d.join("cache");
     let mut kept = Vec::new();
     for kill in 0..3 {
-        let before = partial_shards(&cache);
+        let before = common::partial_shards(&cache);
         let mut child = saeflow(d).args(["run", "-q", "p.toml"]).spawn().unwrap();
-        while partial_shards(&cache) < before + 2 {
+        while common::partial_shards(&cache) < before + 2 {
             assert!(
                 child.try_wait().unwrap().is_none(),
                 "generation finished before kill {kill}"
@@ -185,7 +174,7 @@ fn a_killed_generation_resumes_from_its_last_shard_with_identical_bytes() {
         }
         child.kill().unwrap();
         child.wait().unwrap();
-        kept.push(partial_shards(&cache));
+        kept.push(common::partial_shards(&cache));
         ok(d, &["cache", "verify"]);
     }
     let last = ok(d, &["run", "p.toml"]);

@@ -403,3 +403,15 @@ pub fn snapshot(root: &Path, skip: &Path) -> std::collections::BTreeMap<String, 
     }
     out
 }
+
+/// Complete shards (`shard-*`, written whole by a stage that resumes) in the partial directories of a
+/// cache.
+pub fn partial_shards(cache: &Path) -> usize {
+    let Ok(keys) = std::fs::read_dir(cache.join("partial")) else {
+        return 0;
+    };
+    keys.flatten()
+        .flat_map(|k| std::fs::read_dir(k.path()).into_iter().flatten().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("shard-"))
+        .count()
+}

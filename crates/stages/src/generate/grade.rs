@@ -61,7 +61,7 @@ fn default_key_env() -> String {
 }
 
 /// What a grader concluded about one completion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// The completion gives the reference answer.
     Correct,
@@ -93,19 +93,20 @@ impl Verdict {
         }
     }
 
+    /// Every verdict.
+    pub const ALL: [Verdict; 7] = [
+        Verdict::Correct,
+        Verdict::Incorrect,
+        Verdict::Unparsable,
+        Verdict::Empty,
+        Verdict::Failed,
+        Verdict::NotGenerated,
+        Verdict::Ungraded,
+    ];
+
     /// The verdict a `grade` column names.
     pub fn parse(name: &str) -> Option<Self> {
-        [
-            Verdict::Correct,
-            Verdict::Incorrect,
-            Verdict::Unparsable,
-            Verdict::Empty,
-            Verdict::Failed,
-            Verdict::NotGenerated,
-            Verdict::Ungraded,
-        ]
-        .into_iter()
-        .find(|v| v.name() == name)
+        Self::ALL.into_iter().find(|v| v.name() == name)
     }
 }
 
@@ -513,17 +514,12 @@ mod tests {
 
     #[test]
     fn verdict_names_round_trip() {
-        for v in [
-            Verdict::Correct,
-            Verdict::Incorrect,
-            Verdict::Unparsable,
-            Verdict::Empty,
-            Verdict::Failed,
-            Verdict::NotGenerated,
-            Verdict::Ungraded,
-        ] {
+        for v in Verdict::ALL {
             assert_eq!(Verdict::parse(v.name()), Some(v));
         }
+        let names: std::collections::BTreeSet<&str> =
+            Verdict::ALL.iter().map(|v| v.name()).collect();
+        assert_eq!(names.len(), Verdict::ALL.len(), "two verdicts share a name");
         assert_eq!(
             verdict_word("  Incorrect: Lyon is not"),
             Some(Verdict::Incorrect)
