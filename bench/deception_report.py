@@ -26,6 +26,18 @@ def cell(r: dict | None) -> str:
     return f"{r['auroc']:.2f} [{r['auroc_low']:.2f}, {r['auroc_high']:.2f}]"
 
 
+def scope_table(by: dict, scopes: list[str]) -> None:
+    """One row per scope: test documents, every method's AUROC [95% interval], the probe within pairs."""
+    print("| scope | test docs (dec. / hon.) | " + " | ".join(METHODS) + " | logistic within pairs |")
+    print("| --- | --- | " + " | ".join("---" for _ in METHODS) + " | --- |")
+    for scope in scopes:
+        d = by[(scope, "diffmean")]
+        pair = by[(scope, "logistic")]["within_pair_auroc"]
+        print(f"| {scope.removeprefix('source:')} | {d['n_pos']} / {d['n_neg']} | "
+              + " | ".join(cell(by.get((scope, m))) for m in METHODS)
+              + f" | {'–' if pair is None else f'{pair:.2f}'} |")
+
+
 def main() -> None:
     cache = Path(sys.argv[1])
     pipeline = sys.argv[2] if len(sys.argv) > 2 else "deception"
@@ -39,14 +51,7 @@ def main() -> None:
     print(f"`deceptive` against `honest`; {summary['units']} documents (pool = {summary['pool']}, positions = "
           f"{summary['positions']}); {summary['labelled']} of {summary['tests']} features labelled (BH, alpha = "
           f"{summary['alpha']}); best feature chosen on `{summary['val_split']}`.\n")
-    print("| scope | test docs (dec. / hon.) | " + " | ".join(METHODS) + " | logistic within pairs |")
-    print("| --- | --- | " + " | ".join("---" for _ in METHODS) + " | --- |")
-    for scope in scopes:
-        d = by[(scope, "diffmean")]
-        pair = by[(scope, "logistic")]["within_pair_auroc"]
-        print(f"| {scope.removeprefix('source:')} | {d['n_pos']} / {d['n_neg']} | "
-              + " | ".join(cell(by.get((scope, m))) for m in METHODS)
-              + f" | {'–' if pair is None else f'{pair:.2f}'} |")
+    scope_table(by, scopes)
 
     matrix = [r for r in rows if r["scope"].startswith("train:") and r["method"] == "logistic"]
     sources = sorted({r["scope"].split("/source:")[1] for r in matrix})

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-# The method columns and their cells, as the deception tables print them.
-from deception_report import METHODS, cell
+# The per-scope AUROC table, printed as the deception tables print it.
+from deception_report import scope_table
 
 
 def rate(r: dict | None) -> str:
@@ -64,14 +64,7 @@ def table(obj: Path, title: str) -> None:
     print(f"{title}: `deceptive` against `honest`, {summary['units']} documents (pool = {summary['pool']}, "
           f"positions = {summary['positions']}); fitted on `{summary['fit_split']}`, chosen on "
           f"`{summary['val_split']}` (instructed pairs), reported on `{summary['test_split']}` (the answers).\n")
-    print("| scope | test docs (dec. / hon.) | " + " | ".join(METHODS) + " | logistic within pairs |")
-    print("| --- | --- | " + " | ".join("---" for _ in METHODS) + " | --- |")
-    for scope in scopes:
-        d = by[(scope, "diffmean")]
-        pair = by[(scope, "logistic")]["within_pair_auroc"]
-        print(f"| {scope.removeprefix('source:')} | {d['n_pos']} / {d['n_neg']} | "
-              + " | ".join(cell(by.get((scope, m))) for m in METHODS)
-              + f" | {'–' if pair is None else f'{pair:.2f}'} |")
+    scope_table(by, scopes)
     print()
 
 
