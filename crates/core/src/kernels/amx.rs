@@ -77,7 +77,7 @@ fn bf16(x: f32) -> u16 {
 /// `dst[i] = bf16(src[i])`, rounded to nearest even, for `min(len)` values: 16 at a time with AVX512-BF16
 /// (which every AMX CPU has; packing one value at a time took longer than the tiles' products). Its
 /// conversion flushes denormals to zero; the tiles treat bf16 denormal inputs as zero anyway.
-fn round_row(src: &[f32], dst: &mut [u16]) {
+pub(crate) fn round_row(src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bf16")

@@ -96,15 +96,53 @@ impl CustomOp1 for Swiglu {
     }
 }
 
-/// `x · wᵀ` for `x [rows, in]` and a weight `w [out, in]` (contiguous): on CPU f32 the AVX-512 GEMM of
-/// `kernels::gemm`, which on Intel Xeon runs these products 1.3–1.9× faster than candle's `gemm` crate
+/// A linear layer's `[out, in]` f32 weight on a CPU with AVX-512, packed once for `kernels::gemm`'s
+/// AVX-512 kernel, which on Intel Xeon runs the forward's products 1.4–2× faster than candle's `gemm` crate
 /// (BENCHMARKS, "The forward's linear layers alone") and sums each output in a fixed order whatever the
-/// thread count; elsewhere, and for fewer than [`GEMM_MIN_ROWS`] rows, candle's matmul against a
-/// transposed view.
-pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if on_cpu_f32(x) && on_cpu_f32(w) && x.dim(0)? >= GEMM_MIN_ROWS {
-        return x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Linear);
+/// thread count. Packing per call cost a quarter of a forward's products and more than a decode step's
+/// product, so only the packed copy is kept.
+#[derive(Clone)]
+pub struct PackedWeight(std::sync::Arc<crate::kernels::gemm::PackedB>);
+
+impl PackedWeight {
+    /// Packs `w` `[out, in]` where it is an f32 CPU tensor and the CPU has AVX-512; `None` elsewhere (the
+    /// layer stays a tensor, multiplied by candle's matmul).
+    pub fn new(w: &Tensor) -> candle_core::Result<Option<Self>> {
+        if !on_cpu_f32(w) || !crate::kernels::gemm::Kernel::Avx512.available() {
+            return Ok(None);
+        }
+        let (rows, inner) = w.dims2()?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        let packed = crate::kernels::gemm::PackedB::new(&values, rows, inner);
+        Ok(Some(Self(std::sync::Arc::new(packed))))
     }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.0.rows()
+    }
+
+    /// The weight as an `[out, in]` CPU tensor again (exactly).
+    pub fn to_tensor(&self) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(
+            self.0.unpack(),
+            (self.0.rows(), self.0.depth()),
+            &candle_core::Device::Cpu,
+        )
+    }
+}
+
+/// `x · wᵀ` for `x [rows, in]` (f32 on the CPU) against a packed weight.
+pub fn linear_packed(x: &Tensor, w: &PackedWeight) -> candle_core::Result<Tensor> {
+    if !on_cpu_f32(x) {
+        candle_core::bail!("packed linear layers take f32 CPU inputs");
+    }
+    x.contiguous()?.apply_op1_no_bwd(&PackedLinear(w.0.clone()))
+}
+
+/// `x · wᵀ` for a weight kept as a tensor `[out, in]` (GPUs, CPUs without AVX-512): candle's matmul
+/// against a transposed view.
+pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.matmul(&w.t()?)
 }
 
@@ -127,28 +165,28 @@ fn linear_operands<'a>(
     Ok((x, w, (rows, inner, out)))
 }
 
-/// Rows below which [`linear`] stays on candle's matmul: `kernels::gemm` packs the whole weight on every
-/// call, which for the few rows of a decode step (one per sequence) costs more than the product itself
-/// (3.5× slower generation on SmolLM2 when it did).
+/// Rows below which the bf16 products of a CPU without AMX stay on candle's matmul of rounded values:
+/// `kernels::gemm` packs that weight on every call, which for the few rows of a decode step (one per
+/// sequence) costs more than the product itself (3.5× slower generation on SmolLM2 when the f32 path did).
 pub const GEMM_MIN_ROWS: usize = 64;
 
-struct Linear;
+/// `x · wᵀ` on AVX-512 against a packed f32 weight.
+struct PackedLinear(std::sync::Arc<crate::kernels::gemm::PackedB>);
 
-impl CustomOp2 for Linear {
+impl CustomOp1 for PackedLinear {
     fn name(&self) -> &'static str {
         "linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, (rows, inner, out)) = linear_operands(self.name(), s1, l1, s2, l2)?;
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let (rows, inner) = l.shape().dims2()?;
+        let (out, depth) = (self.0.rows(), self.0.depth());
+        if inner != depth {
+            candle_core::bail!("linear: x {:?} against a weight of depth {depth}", l.dims());
+        }
         let mut y = vec![0f32; rows * out];
-        crate::kernels::gemm::matmul_nt(x, w, &mut y, rows, out, inner);
+        crate::kernels::gemm::multiply(x, &self.0, None, &mut y);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 }

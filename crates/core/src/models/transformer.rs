@@ -449,12 +449,16 @@ pub struct Weights {
 }
 
 /// `y = x·Wᵀ` as one GEMM over all tokens: `[batch, seq, in]` is flattened to `[batch·seq, in]` and
-/// multiplied by the `[out, in]` weight (`cpu_ops::linear`: the AVX-512 GEMM of `kernels::gemm` on CPU,
-/// candle's matmul elsewhere). Much faster on CPU than candle's batched broadcast matmul, which runs one
-/// small GEMM per sequence.
+/// multiplied by the `[out, in]` weight. Much faster on CPU than candle's batched broadcast matmul, which runs
+/// one small GEMM per sequence.
 enum Linear {
+    /// Candle's matmul (GPUs, CPUs without AVX-512).
     Dense {
         w: Tensor,
+    },
+    /// f32 on a CPU with AVX-512: the weight packed once for `kernels::gemm` (`cpu_ops::linear_packed`).
+    Packed {
+        w: cpu_ops::PackedWeight,
     },
     /// bf16 compute on the CPU: the weight rounded to bf16 (held as f32), inputs rounded to bf16 as they
     /// are multiplied, f32 sums (`cpu_ops::linear_bf16`: AMX tiles with the weight packed once, where the
@@ -470,7 +474,10 @@ enum Linear {
 impl Linear {
     fn new(w: &Matrix) -> candle_core::Result<Self> {
         Ok(match w {
-            Matrix::Dense(w) => Linear::Dense { w: w.contiguous()? },
+            Matrix::Dense(w) => match cpu_ops::PackedWeight::new(w)? {
+                Some(w) => Linear::Packed { w },
+                None => Linear::Dense { w: w.contiguous()? },
+            },
             Matrix::Quantized(q) => {
                 Linear::Quantized(candle_core::quantized::QMatMul::from_arc(q.clone())?)
             }
@@ -508,6 +515,10 @@ impl Linear {
             Linear::Dense { w } => Linear::Dense {
                 w: w.to_dtype(dtype)?,
             },
+            Linear::Packed { w } if dtype == DType::F32 => Linear::Packed {
+                w: cpu_ops::PackedWeight::clone(w),
+            },
+            Linear::Packed { w } => Linear::Dense { w: w.to_tensor()? }.to_dtype(dtype)?,
             Linear::Bf16 { .. } => anyhow::bail!("bf16 weights cannot be converted again"),
             Linear::Quantized(_) => {
                 anyhow::bail!("quantized weights run in f32 only (use dtype = \"f32\")")
@@ -527,6 +538,14 @@ impl Linear {
                 let dims = x.dims().to_vec();
                 let (inner, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
                 let y = cpu_ops::linear_bf16(&x.reshape((rows, inner))?, w)?;
+                let mut out = dims;
+                *out.last_mut().expect("non-scalar") = w.rows();
+                return y.reshape(out);
+            }
+            Linear::Packed { w } => {
+                let dims = x.dims().to_vec();
+                let (inner, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
+                let y = cpu_ops::linear_packed(&x.reshape((rows, inner))?, w)?;
                 let mut out = dims;
                 *out.last_mut().expect("non-scalar") = w.rows();
                 return y.reshape(out);

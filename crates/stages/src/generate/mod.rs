@@ -322,6 +322,8 @@ mod templates {
         let mut env = Environment::new();
         // A misspelt column is an error naming it, not an empty string.
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // Name the undefined variable in release builds too (minijinja's default follows debug_assertions).
+        env.set_debug(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env
     }
