@@ -81,14 +81,26 @@ pub const SMOLLM2_LINEARS: [(&str, usize, usize); 5] = [
 ];
 
 /// `y = x·Wᵀ` on SmolLM2's linear shapes: GFLOP/s per shape, best of `iters` after a warm-up, on candle's
-/// matmul (the `gemm` crate) and on every `kernels::gemm` kernel this CPU has — `Avx512` is the f32 forward's,
-/// `Amx` / `Avx512Bf16` the bf16 products (the CPU lscpu reports decides which run). `bench/gemm_torch.py`
+/// matmul (the `gemm` crate), on every `kernels::gemm` kernel this CPU has with the weight packed per call
+/// (the trainer's case), and with the weight packed once as the model's layers hold it (`packed`: AVX-512
+/// f32 — the f32 forward's — and AMX bf16, the bf16 forward's, where the CPU has them). `bench/gemm_torch.py`
 /// times PyTorch on the same shapes.
 pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
     use candle_core::{Device, Tensor};
     use saeflow_core::kernels::gemm::{matmul_nt_bias_with, Kernel};
+    use saeflow_core::kernels::{amx, gemm};
     let device = Device::Cpu;
     let threads = rayon::current_num_threads();
+    let best_of = |run: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        run()?; // warm-up
+        let mut best = f64::INFINITY;
+        for _ in 0..iters {
+            let started = std::time::Instant::now();
+            run()?;
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
     for (name, inner, out) in SMOLLM2_LINEARS {
         let x = Tensor::randn(0f32, 1.0, (tokens, inner), &device)?;
         let w = Tensor::randn(0f32, 0.05, (out, inner), &device)?;
@@ -96,20 +108,19 @@ pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
         let flops = 2.0 * (tokens * inner * out) as f64;
         let report = |what: &str, best: f64| {
             println!(
-                "{what:>18} gemm {name:>8} [{tokens}x{inner}]·[{inner}x{out}]: {:.1} GFLOP/s ({:.2} ms), {threads} threads",
+                "{what:>25} gemm {name:>8} [{tokens}x{inner}]·[{inner}x{out}]: {:.1} GFLOP/s ({:.2} ms), {threads} threads",
                 flops / best / 1e9,
                 best * 1e3,
             )
         };
-        x.matmul(&wt)?; // warm-up
-        let mut best = f64::INFINITY;
-        for _ in 0..iters {
-            let started = std::time::Instant::now();
-            let y = x.matmul(&wt)?;
-            y.get(0)?.get(0)?.to_scalar::<f32>()?;
-            best = best.min(started.elapsed().as_secs_f64());
-        }
-        report("candle", best);
+        report(
+            "candle",
+            best_of(&mut || {
+                let y = x.matmul(&wt)?;
+                y.get(0)?.get(0)?.to_scalar::<f32>()?;
+                Ok(())
+            })?,
+        );
         let (a, b) = (
             x.flatten_all()?.to_vec1::<f32>()?,
             w.flatten_all()?.to_vec1::<f32>()?,
@@ -119,15 +130,27 @@ pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
             .into_iter()
             .filter(|k| k.available() && *k != Kernel::Portable)
         {
-            let mut run = || matmul_nt_bias_with(kernel, &a, &b, None, &mut y, tokens, out, inner);
-            run(); // warm-up
-            let mut best = f64::INFINITY;
-            for _ in 0..iters {
-                let started = std::time::Instant::now();
-                run();
-                best = best.min(started.elapsed().as_secs_f64());
-            }
+            let best = best_of(&mut || {
+                matmul_nt_bias_with(kernel, &a, &b, None, &mut y, tokens, out, inner);
+                Ok(())
+            })?;
             report(&format!("kernels {kernel:?}"), best);
+        }
+        if Kernel::Avx512.available() {
+            let packed = gemm::PackedB::new(&b, out, inner);
+            let best = best_of(&mut || {
+                gemm::multiply(&a, &packed, None, &mut y);
+                Ok(())
+            })?;
+            report("kernels Avx512 packed", best);
+        }
+        if amx::available() {
+            let packed = amx::PackedB::new(&b, out, inner);
+            let best = best_of(&mut || {
+                amx::multiply(&a, &packed, None, &mut y);
+                Ok(())
+            })?;
+            report("kernels Amx packed", best);
         }
     }
     Ok(())

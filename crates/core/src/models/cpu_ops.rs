@@ -5,6 +5,7 @@
 //! runs unchanged).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 pub use crate::kernels::attention::Visibility;
 use crate::kernels::attention::{self, Extents};
@@ -93,6 +94,195 @@ impl CustomOp1 for Swiglu {
         let mut out = vec![0f32; x.len() / 2];
         vector::swiglu(x, width, &mut out);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// Rotary position tables for [`split_heads`]: `cos`, `sin` `[t, head_dim / 2]` (every sequence at the
+/// same positions) or `[batch, t, head_dim / 2]`.
+pub struct Rotary<'a> {
+    /// Cosines of each position's angles.
+    pub cos: &'a Tensor,
+    /// Sines of the same.
+    pub sin: &'a Tensor,
+    /// Pairs `(2i, 2i + 1)` rotate together (GPT-J style) rather than `(i, i + head_dim / 2)`.
+    pub interleaved: bool,
+}
+
+/// `qkv [batch, t, (nq + 2·nkv)·head_dim]` (a fused q/k/v projection) split into `q [batch, nq, t,
+/// head_dim]` and `k, v [batch, nkv, t, head_dim]`, q and k rotated by `rotary`. On CPU f32 one parallel
+/// pass writes all three (three strided copies and two rotations, each single-threaded or a pass of its
+/// own, took ~4% of a SmolLM2 forward); elsewhere candle's ops. Both compute each rotated value with the
+/// same operations as candle's `rope` / `rope_i`, so the results are bit-identical.
+pub fn split_heads(
+    qkv: &Tensor,
+    nq: usize,
+    nkv: usize,
+    head_dim: usize,
+    rotary: Option<Rotary>,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (bsz, t, _) = qkv.dims3()?;
+    let cpu = on_cpu_f32(qkv)
+        && rotary
+            .as_ref()
+            .is_none_or(|r| on_cpu_f32(r.cos) && on_cpu_f32(r.sin));
+    if !cpu {
+        let qkv = qkv.reshape((bsz, t, nq + 2 * nkv, head_dim))?;
+        let heads = |from: usize, n: usize| qkv.narrow(2, from, n)?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (heads(0, nq)?, heads(nq, nkv)?, heads(nq + nkv, nkv)?);
+        return Ok(match rotary {
+            Some(r) => {
+                let (cos, sin) = (r.cos.to_dtype(q.dtype())?, r.sin.to_dtype(q.dtype())?);
+                let rotate = if r.interleaved {
+                    candle_nn::rotary_emb::rope_i
+                } else {
+                    candle_nn::rotary_emb::rope
+                };
+                (rotate(&q, &cos, &sin)?, rotate(&k, &cos, &sin)?, v)
+            }
+            None => (q, k, v),
+        });
+    }
+    let op = SplitHeads {
+        nq,
+        nkv,
+        head_dim,
+        interleaved: rotary.as_ref().is_some_and(|r| r.interleaved),
+    };
+    let qkv = qkv.contiguous()?;
+    let flat = match &rotary {
+        Some(r) => qkv.apply_op3_no_bwd(&r.cos.contiguous()?, &r.sin.contiguous()?, &op)?,
+        None => qkv.apply_op1_no_bwd(&op)?,
+    };
+    // The output is q, k and v one after another, each contiguous.
+    let (q_len, kv_len) = (bsz * nq * t * head_dim, bsz * nkv * t * head_dim);
+    Ok((
+        flat.narrow(0, 0, q_len)?.reshape((bsz, nq, t, head_dim))?,
+        flat.narrow(0, q_len, kv_len)?
+            .reshape((bsz, nkv, t, head_dim))?,
+        flat.narrow(0, q_len + kv_len, kv_len)?
+            .reshape((bsz, nkv, t, head_dim))?,
+    ))
+}
+
+struct SplitHeads {
+    nq: usize,
+    nkv: usize,
+    head_dim: usize,
+    interleaved: bool,
+}
+
+impl SplitHeads {
+    /// q, k and v heads, flat one after another; `tables` = (cos, sin, their extents).
+    fn run(
+        &self,
+        qkv: &[f32],
+        l: &Layout,
+        tables: Option<(&[f32], &[f32], &[usize])>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (bsz, t, width) = l.shape().dims3()?;
+        let (nq, nkv, hd) = (self.nq, self.nkv, self.head_dim);
+        let heads = nq + 2 * nkv;
+        if width != heads * hd || hd % 2 != 0 {
+            candle_core::bail!(
+                "split-heads: qkv {:?} against {heads} heads of {hd}",
+                l.dims()
+            );
+        }
+        let half = hd / 2;
+        // Per sequence, the table rows of its positions (the same rows for every sequence when 2-D).
+        let per_sequence = match tables {
+            Some((cos, sin, dims)) => {
+                let per_batch = match dims {
+                    [rows, h] if *rows == t && *h == half => false,
+                    [b, rows, h] if *b == bsz && *rows == t && *h == half => true,
+                    _ => candle_core::bail!(
+                        "split-heads: rotary tables {dims:?} for {bsz} × {t} positions of {hd}"
+                    ),
+                };
+                if cos.len() != sin.len() {
+                    candle_core::bail!("split-heads: cos and sin differ in size");
+                }
+                Some((cos, sin, per_batch))
+            }
+            None => None,
+        };
+        let mut out = vec![0f32; bsz * heads * t * hd];
+        out.par_chunks_mut(t * hd)
+            .enumerate()
+            .for_each(|(chunk, dst)| {
+                // Chunks: q of every sequence (nq heads each), then k, then v.
+                let (b, head, rotated) = if chunk < bsz * nq {
+                    (chunk / nq, chunk % nq, true)
+                } else if chunk < bsz * (nq + nkv) {
+                    let c = chunk - bsz * nq;
+                    (c / nkv, nq + c % nkv, true)
+                } else {
+                    let c = chunk - bsz * (nq + nkv);
+                    (c / nkv, nq + nkv + c % nkv, false)
+                };
+                for (i, dst) in dst.chunks_exact_mut(hd).enumerate() {
+                    let src = &qkv[((b * t + i) * heads + head) * hd..][..hd];
+                    match per_sequence {
+                        Some((cos, sin, per_batch)) if rotated => {
+                            let row = if per_batch { b * t + i } else { i };
+                            let (cos, sin) =
+                                (&cos[row * half..][..half], &sin[row * half..][..half]);
+                            if self.interleaved {
+                                for j in 0..half {
+                                    let (x, y) = (src[2 * j], src[2 * j + 1]);
+                                    dst[2 * j] = x * cos[j] - y * sin[j];
+                                    dst[2 * j + 1] = x * sin[j] + y * cos[j];
+                                }
+                            } else {
+                                for j in 0..half {
+                                    let (x, y) = (src[j], src[j + half]);
+                                    dst[j] = x * cos[j] - y * sin[j];
+                                    dst[j + half] = x * sin[j] + y * cos[j];
+                                }
+                            }
+                        }
+                        _ => dst.copy_from_slice(src),
+                    }
+                }
+            });
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+impl CustomOp1 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "split-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run(f32_slice(s, l, "split-heads")?, l, None)
+    }
+}
+
+impl CustomOp3 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "split-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s1, l1, "split-heads")?;
+        let (cos, sin) = (
+            f32_slice(s2, l2, "split-heads")?,
+            f32_slice(s3, l3, "split-heads")?,
+        );
+        if l2.dims() != l3.dims() {
+            candle_core::bail!("split-heads: cos {:?} and sin {:?}", l2.dims(), l3.dims());
+        }
+        self.run(qkv, l1, Some((cos, sin, l2.dims())))
     }
 }
 
@@ -185,8 +375,7 @@ impl CustomOp1 for PackedLinear {
         if inner != depth {
             candle_core::bail!("linear: x {:?} against a weight of depth {depth}", l.dims());
         }
-        let mut y = vec![0f32; rows * out];
-        crate::kernels::gemm::multiply(x, &self.0, None, &mut y);
+        let y = crate::kernels::gemm::product(x, rows, &self.0, None);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 }
@@ -509,5 +698,66 @@ mod tests {
             let reference = causal_attention(&q64, &k64, &v64, scale, t, cached, vis).unwrap();
             assert!(max_diff(&fast, &reference) < 1e-5, "{vis:?}");
         }
+    }
+
+    #[test]
+    fn split_heads_gives_candles_copies_and_rotations_bit_for_bit() {
+        let (bsz, t, nq, nkv, hd) = (2, 5, 6, 2, 8);
+        let qkv = both(&[bsz, t, (nq + 2 * nkv) * hd], 3).0;
+        let per_position = (both(&[t, hd / 2], 4).0, both(&[t, hd / 2], 5).0);
+        let per_sequence = (both(&[bsz, t, hd / 2], 6).0, both(&[bsz, t, hd / 2], 7).0);
+        let split = qkv.reshape((bsz, t, nq + 2 * nkv, hd)).unwrap();
+        let heads = |from: usize, n: usize| {
+            split
+                .narrow(2, from, n)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (heads(0, nq), heads(nq, nkv), heads(nq + nkv, nkv));
+        let same = |got: &Tensor, want: &Tensor| {
+            assert_eq!(got.dims(), want.dims());
+            let (got, want) = (
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(got
+                .iter()
+                .zip(&want)
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
+        };
+        let (gq, gk, gv) = split_heads(&qkv, nq, nkv, hd, None).unwrap();
+        same(&gq, &q);
+        same(&gk, &k);
+        same(&gv, &v);
+        for (cos, sin) in [&per_position, &per_sequence] {
+            for interleaved in [false, true] {
+                let rotate = if interleaved {
+                    candle_nn::rotary_emb::rope_i
+                } else {
+                    candle_nn::rotary_emb::rope
+                };
+                let rotary = Rotary {
+                    cos,
+                    sin,
+                    interleaved,
+                };
+                let (gq, gk, gv) = split_heads(&qkv, nq, nkv, hd, Some(rotary)).unwrap();
+                same(&gq, &rotate(&q, cos, sin).unwrap());
+                same(&gk, &rotate(&k, cos, sin).unwrap());
+                same(&gv, &v);
+            }
+        }
+        // Tables that fit neither form are an error, not a panic.
+        let wrong = both(&[t + 1, hd / 2], 8).0;
+        let rotary = Rotary {
+            cos: &wrong,
+            sin: &wrong,
+            interleaved: false,
+        };
+        let err = split_heads(&qkv, nq, nkv, hd, Some(rotary)).unwrap_err();
+        assert!(err.to_string().contains("rotary tables"), "{err}");
     }
 }

@@ -1010,16 +1010,13 @@ impl Transformer {
         let c = &self.config;
         let (bsz, t, _) = x.dims3()?;
         let start = at.start;
-        // One product for q, k and v; each head group becomes [batch, heads, t, head_dim] in one copy.
+        // One product for q, k and v, split into [batch, heads, t, head_dim] groups (and rotated) in one pass.
         let (nq, nkv) = (c.n_head, c.n_kv_head);
         let mut qkv = b.qkv.forward(x)?;
         if let Some(bias) = &b.qkv_bias {
             qkv = qkv.broadcast_add(bias)?;
         }
-        let qkv = qkv.reshape((bsz, t, nq + 2 * nkv, c.head_dim))?;
-        let heads = |from: usize, n: usize| qkv.narrow(2, from, n)?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (heads(0, nq)?, heads(nq, nkv)?, heads(nq + nkv, nkv)?);
-        let (mut q, mut k) = match c.rope {
+        let (mut q, mut k, v) = match c.rope {
             Some(rope) => {
                 let (cos, sin) = match (&at.tables, &at.position_ids) {
                     (Some((cos, sin)), _) => (cos.clone(), sin.clone()),
@@ -1031,15 +1028,14 @@ impl Transformer {
                     }
                     (None, None) => (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?),
                 };
-                // Per-call tables (dynamic NTK) are built in f32.
-                let (cos, sin) = (cos.to_dtype(q.dtype())?, sin.to_dtype(q.dtype())?);
-                let rotate = match rope {
-                    Rope::HalfSplit => candle_nn::rotary_emb::rope,
-                    Rope::Interleaved => candle_nn::rotary_emb::rope_i,
+                let rotary = cpu_ops::Rotary {
+                    cos: &cos,
+                    sin: &sin,
+                    interleaved: rope == Rope::Interleaved,
                 };
-                (rotate(&q, &cos, &sin)?, rotate(&k, &cos, &sin)?)
+                cpu_ops::split_heads(&qkv, nq, nkv, c.head_dim, Some(rotary))?
             }
-            None => (q, k),
+            None => cpu_ops::split_heads(&qkv, nq, nkv, c.head_dim, None)?,
         };
         if c.qk_norm {
             let eps = c.norm_eps as f32;
