@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::select::{keep, select_above, select_batch, select_rows, top_k_unrestricted, Selection};
 use crate::kernels::gemm::{matmul_nt_bias, matmul_nt_bias_in};
-use crate::kernels::simd::{axpy, bf16_rounding_norms, dot, dot4};
+use crate::kernels::simd::{axpy, bf16_rounding_norms, dot, dot4, prefetch};
 
 use crate::kernels::gemm::Precision;
 
@@ -308,11 +308,15 @@ impl Weights {
             if bias {
                 row.copy_from_slice(&self.b_dec);
             }
-            for s in sel.offsets[t]..sel.offsets[t + 1] {
+            let (first, end) = (sel.offsets[t], sel.offsets[t + 1]);
+            let row_of = |s: usize| &self.w_dec[sel.index[s] as usize * d..][..d];
+            for s in first..end {
+                if s + 1 < end {
+                    prefetch(row_of(s + 1));
+                }
                 let a = sel.value[s];
                 if a != 0.0 {
-                    let w = &self.w_dec[sel.index[s] as usize * d..][..d];
-                    axpy(a, w, row);
+                    axpy(a, row_of(s), row);
                 }
             }
         });
@@ -496,7 +500,13 @@ impl Weights {
                 gdec.fill(0.0);
                 let w = &self.w_dec[j * d..][..d];
                 let l1_pre = if l1 > 0.0 { l1 * dec_norms[j] } else { 0.0 };
-                for e in &entries[starts[j]..starts[j + 1]] {
+                let mine = &entries[starts[j]..starts[j + 1]];
+                for (i, e) in mine.iter().enumerate() {
+                    if let Some(next) = mine.get(i + 1) {
+                        let t = next.token as usize;
+                        prefetch(&(if next.aux { &g_aux } else { &g_main })[t * d..][..d]);
+                        prefetch(&centered[t * d..][..d]);
+                    }
                     if e.act == 0.0 {
                         // ReLU'd to zero: no reconstruction term and no gradient to the pre-activation.
                         continue;
