@@ -302,8 +302,15 @@ impl PackedWeight {
             return Ok(None);
         }
         let (rows, inner) = w.dims2()?;
-        let values = w.flatten_all()?.to_vec1::<f32>()?;
-        let packed = crate::kernels::gemm::PackedB::new(&values, rows, inner);
+        let w = w.contiguous()?;
+        // Packed straight from the tensor's storage (a copy of the values first would add the largest
+        // matrix, the 113 MB embedding of SmolLM2, to the peak memory).
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(storage) = &*storage else {
+            return Ok(None);
+        };
+        let values = f32_slice(storage, layout, "packing a linear layer")?;
+        let packed = crate::kernels::gemm::PackedB::new(values, rows, inner);
         Ok(Some(Self(std::sync::Arc::new(packed))))
     }
 

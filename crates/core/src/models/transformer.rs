@@ -902,7 +902,7 @@ impl Transformer {
     /// norms, attention softmax and outputs stay f32 — norms and the softmax run on f32 copies (as
     /// `transformers` does), interventions see and return f32, and captured activations and logits come
     /// out as f32 whatever the compute dtype.
-    pub fn to_dtype(self, dtype: DType) -> anyhow::Result<Self> {
+    pub fn to_dtype(mut self, dtype: DType) -> anyhow::Result<Self> {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             anyhow::bail!("a model computes in f32, bf16 or f16, not {dtype:?}");
         }
@@ -913,9 +913,10 @@ impl Transformer {
         } else {
             dtype
         };
-        let blocks = self
-            .blocks
-            .iter()
+        // Block by block, each block's old weights dropped once converted (peak memory: one copy more
+        // than the model, not two).
+        let blocks = std::mem::take(&mut self.blocks)
+            .into_iter()
             .map(|b| -> anyhow::Result<Block> {
                 Ok(Block {
                     attn_norm: b.attn_norm.to_dtype(tables)?,
