@@ -2,15 +2,15 @@
 //! models' linear layers.
 //!
 //! Written by hand because it is the step's only dense product (~95% of its FLOPs) and on its shape
-//! (4096 × 576 · (4608 × 576)ᵀ) the `gemm` crate reaches ~140 GFLOP/s of this CPU's ~230, this ~200 (its
-//! AVX-512 kernels are slower still). On the language models' smaller products the two measured the same
-//! on AMD EPYC, but on Intel Xeon this one runs them 1.3–1.9× faster (`saeflow bench gemm`), so the model
-//! uses it too. This is the BLIS
-//! scheme with an AVX-512 12×32 micro-kernel: `b` is packed once into 32-column panels per depth block,
-//! each thread packs 12-row panels of its own block of `a` rows, and the micro-kernel keeps a 12×32 tile
-//! of `out` in 24 registers while it walks the depth. Every output element is summed in the same order
-//! whatever the thread count, so results are bit-identical across runs and thread counts. Without AVX-512
-//! the `gemm` crate does the work.
+//! (4096 × 576 · (4608 × 576)ᵀ) the `gemm` crate reaches ~140 GFLOP/s of an AMD EPYC's ~230, this ~200 (its
+//! AVX-512 kernels are slower still); on an Intel Xeon, with the weight packed once ([`PackedB`]), it runs
+//! the language models' products at 1.8–2.1× the `gemm` crate, level with MKL (`saeflow bench gemm`).
+//! The BLIS scheme with an AVX-512 12×32 micro-kernel: `b` is packed into 32-column panels per depth block
+//! (per call, or once for a model's weights), `a`'s rows are read in place, and the micro-kernel keeps a
+//! 12×32 tile of `out` in 24 registers while it walks the depth, prefetching `b` ahead. Tasks are
+//! rectangles of `out`: blocks of rows, and of columns too when there are few rows (a decode step). Every
+//! output element is summed in the same order whatever the split, so results are bit-identical across runs
+//! and thread counts. Without AVX-512 the `gemm` crate does the work.
 
 use rayon::prelude::*;
 use std::borrow::Cow;

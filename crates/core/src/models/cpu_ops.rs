@@ -1,6 +1,7 @@
 //! The transformer's ops that candle runs slowly on CPU, on [`crate::kernels`] as candle custom ops:
-//! dense linear layers, RMSNorm, SwiGLU (`silu(gate)·up`) and causal attention (with left padding, sliding
-//! windows and score softcaps). Each function takes tensors on any device and
+//! dense linear layers (weights packed once), the q/k/v head split with rotary embeddings, RMSNorm, SwiGLU
+//! (`silu(gate)·up`) and causal attention (with left padding, sliding windows and score softcaps). Each
+//! function takes tensors on any device and
 //! uses candle's own ops off the CPU, so the model code does not branch on the device (and a CUDA build
 //! runs unchanged).
 
