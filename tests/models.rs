@@ -870,3 +870,66 @@ fn smollm2_in_bf16_keeps_f32s_greedy_output_within_a_stated_deviation() {
         "logits off by {worst_logits} of their scale"
     );
 }
+
+/// `saeflow model`'s top-5 logits and greedy text for SmolLM2, with `env` set.
+fn smollm2_cli(dtype: &str, env: &[(&str, &str)]) -> (Vec<f64>, String) {
+    let d = tempfile::tempdir().unwrap();
+    let model = shared("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut cmd = common::saeflow(d.path());
+    cmd.args([
+        "model",
+        model.to_str().unwrap(),
+        "--generate",
+        "12",
+        "--dtype",
+        dtype,
+    ]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let t = common::text(&out);
+    assert!(out.status.success(), "{env:?}: {t}");
+    let logits = t
+        .lines()
+        .skip_while(|l| !l.starts_with("top-5"))
+        .skip(1)
+        .take(5)
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect();
+    let greedy = t.lines().find(|l| l.starts_with("greedy:")).unwrap();
+    (logits, greedy.to_string())
+}
+
+#[test]
+#[cfg_attr(missing = "shared", ignore = "needs ../shared")]
+fn cpus_without_avx512_or_amx_run_the_same_model() {
+    // The paths of CPUs without AVX-512 (candle's matmul on the weights as tensors, AVX2 loops) or
+    // without AMX (AVX512-BF16, or bf16-rounded values in f32), forced on this CPU by the switches every
+    // kernel obeys. Where this CPU lacks a feature the switch changes nothing and the test still holds.
+    let (f32_logits, f32_greedy) = smollm2_cli("f32", &[]);
+    let (plain_logits, plain_greedy) = smollm2_cli("f32", &[("SAEFLOW_AVX512", "0")]);
+    assert_eq!(plain_greedy, f32_greedy);
+    for (a, b) in f32_logits.iter().zip(&plain_logits) {
+        // The printed logits (4 decimals) of two f32 summation orders.
+        assert!((a - b).abs() < 2e-3, "{f32_logits:?} vs {plain_logits:?}");
+    }
+    // Every bf16 path (AMX, AVX512-BF16, rounded values in f32) keeps the bf16 contract of
+    // `smollm2_in_bf16_keeps_f32s_greedy_output_within_a_stated_deviation`: f32's greedy text, logits
+    // within 2% of their scale.
+    let scale = f32_logits.iter().fold(0f64, |m, x| m.max(x.abs()));
+    for env in [
+        &[][..],
+        &[("SAEFLOW_AMX", "0")][..],
+        &[("SAEFLOW_AMX", "0"), ("SAEFLOW_AVX512", "0")][..],
+    ] {
+        let (logits, greedy) = smollm2_cli("bf16", env);
+        assert_eq!(greedy, f32_greedy, "{env:?}");
+        for (a, b) in f32_logits.iter().zip(&logits) {
+            assert!(
+                (a - b).abs() < 0.02 * scale,
+                "{env:?}: {f32_logits:?} vs {logits:?}"
+            );
+        }
+    }
+}

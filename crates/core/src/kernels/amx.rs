@@ -79,9 +79,7 @@ fn bf16(x: f32) -> u16 {
 /// conversion flushes denormals to zero; the tiles treat bf16 denormal inputs as zero anyway.
 pub(crate) fn round_row(src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
-    {
+    if super::avx512() && std::arch::is_x86_feature_detected!("avx512bf16") {
         // SAFETY: the features were just detected.
         unsafe { round_row_avx512(src, dst) };
         return;

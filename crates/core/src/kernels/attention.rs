@@ -107,7 +107,7 @@ pub fn causal_attention(
         });
     // Four rows at a time share every key and value load (a lone row waits on the cache, not the FMAs).
     #[cfg(target_arch = "x86_64")]
-    let grouped = hd.is_multiple_of(64) && std::arch::is_x86_feature_detected!("avx512f");
+    let grouped = hd.is_multiple_of(64) && super::avx512();
     #[cfg(not(target_arch = "x86_64"))]
     let grouped = false;
     out.par_chunks_mut(rows * hd)
@@ -171,7 +171,7 @@ fn row(
     let (scale, vis, pair) = how;
     let first = vis.first(pair, seen);
     #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
+    if hd.is_multiple_of(16) && super::avx512() {
         // SAFETY: AVX-512F was just detected; `kt` holds hd rows of `padded` ≥ seen (rounded up to 16)
         // floats, `v` seen rows of hd, `scores` padded floats, `out` hd.
         unsafe { avx512::weighted_rows(q, kt.as_ptr(), padded, seen, scores.as_mut_ptr()) };

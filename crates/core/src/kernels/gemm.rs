@@ -70,10 +70,7 @@ impl Kernel {
 
     /// Whether this CPU (and, for AMX, Linux) can run it.
     pub fn available(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx512 = false;
+        let avx512 = super::avx512();
         match self {
             Kernel::Amx => super::amx::available(),
             #[cfg(target_arch = "x86_64")]

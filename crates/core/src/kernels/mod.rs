@@ -12,3 +12,17 @@ pub mod simd;
 #[cfg(test)]
 pub(crate) mod test_data;
 pub mod vector;
+
+/// Whether the AVX-512 kernels may run: the CPU has AVX-512F and `SAEFLOW_AVX512=0` does not say no. The
+/// switch runs a CPU without AVX-512's paths (candle's matmul for the model's layers, the `gemm` crate,
+/// AVX2 loops) on one that has it, for tests and measurements; every kernel asks this, not the CPU.
+pub fn avx512() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let has = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let has = false;
+        has && std::env::var("SAEFLOW_AVX512").as_deref() != Ok("0")
+    })
+}

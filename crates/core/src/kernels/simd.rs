@@ -53,7 +53,7 @@ pub fn prefetch(v: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    super::avx512()
 }
 
 /// Whether the hot loops can run their AVX2 builds. The crate is compiled for the x86-64 baseline (SSE2):

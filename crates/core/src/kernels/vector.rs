@@ -29,7 +29,7 @@ pub fn swiglu(x: &[f32], width: usize, out: &mut [f32]) {
 /// `out[i] = silu(gate[i]) · up[i]` on one thread.
 fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if super::avx512() {
         // SAFETY: AVX-512F was just detected; the slices have equal lengths (split by the caller).
         unsafe { avx512::silu_mul(gate, up, out) };
         return;
@@ -49,7 +49,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         .for_each(|(out, x)| {
             for (out, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                if super::avx512() {
                     // SAFETY: AVX-512F was just detected; the three rows have the same width.
                     unsafe { avx512::rms_norm_row(x, weight, eps, out) };
                     continue;
@@ -69,7 +69,7 @@ pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if super::avx512() {
         // SAFETY: AVX-512F was just detected.
         unsafe { avx512::softmax_row(row, scale) };
         return;
@@ -89,7 +89,7 @@ pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
 #[cfg(test)]
 fn exp_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if super::avx512() {
         // SAFETY: AVX-512F was just detected.
         unsafe { avx512::exp_in_place(x) };
         return;

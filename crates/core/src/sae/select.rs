@@ -70,7 +70,7 @@ fn top_k_into(row: &[f32], k: usize, allowed: impl Fn(usize) -> bool, best: &mut
 /// them, not necessarily in order): the candidates of [`Weights::top_k`](super::step::Weights::top_k)'s exact re-ranking.
 pub(super) fn top_k_unrestricted(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::kernels::avx512() {
         // SAFETY: the CPU has AVX-512F (checked).
         return unsafe { top_k_unrestricted_avx512(row, k, slack, best) };
     }
