@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The f32 forward's linear layers alone: candle's matmul (`saeflow bench gemm`) against PyTorch's
-# (bench/gemm_torch.py) on SmolLM2-135M's shapes over 1,024 tokens, alternating in one session, three rounds,
-# plus PyTorch's bf16 once. Usage: bench/gemm.sh PYTHON_WITH_TORCH   (needs a release build)
+# The forward's linear layers alone: candle's matmul and our kernels, the weight packed per call and once
+# (`saeflow bench gemm`), against PyTorch's (bench/gemm_torch.py) on SmolLM2-135M's shapes over 1,024 tokens,
+# alternating in one session, three rounds, plus PyTorch's bf16 once. Usage: bench/gemm.sh PYTHON_WITH_TORCH   (needs a release build)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${1:-python3}
 cd "$here"
-lscpu | grep -E 'Model name|^CPU\(s\)' | sed 's/  */ /g'
+lscpu | grep -E 'Model name|^CPU\(s\)|^CPU family|^Model:' | sed 's/  */ /g'
+grep -o -w -E 'avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
 for round in 1 2 3; do
   echo "== round $round"
   ./target/release/saeflow bench gemm
