@@ -315,11 +315,6 @@ impl PackedWeight {
         Ok(Some(Self(std::sync::Arc::new(packed))))
     }
 
-    /// Output features.
-    pub fn rows(&self) -> usize {
-        self.0.rows()
-    }
-
     /// The weight as an `[out, in]` CPU tensor again (exactly).
     pub fn to_tensor(&self) -> candle_core::Result<Tensor> {
         Tensor::from_vec(
@@ -393,7 +388,6 @@ impl CustomOp1 for PackedLinear {
 /// rows; only the packed bf16 copy is kept), else its values rounded to bf16, held as f32.
 pub struct Bf16Weight {
     form: Bf16Form,
-    rows: usize,
 }
 
 enum Bf16Form {
@@ -413,12 +407,7 @@ impl Bf16Weight {
             let rounded = w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
             Bf16Form::Rounded(rounded.contiguous()?)
         };
-        Ok(Self { form, rows })
-    }
-
-    /// Output features.
-    pub fn rows(&self) -> usize {
-        self.rows
+        Ok(Self { form })
     }
 }
 

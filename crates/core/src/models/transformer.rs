@@ -532,39 +532,27 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = match self {
-            Linear::Dense { w } => w,
-            Linear::Bf16 { w } => {
-                let dims = x.dims().to_vec();
-                let (inner, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
-                let y = cpu_ops::linear_bf16(&x.reshape((rows, inner))?, w)?;
-                let mut out = dims;
-                *out.last_mut().expect("non-scalar") = w.rows();
-                return y.reshape(out);
-            }
-            Linear::Packed { w } => {
-                let dims = x.dims().to_vec();
-                let (inner, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
-                let y = cpu_ops::linear_packed(&x.reshape((rows, inner))?, w)?;
-                let mut out = dims;
-                *out.last_mut().expect("non-scalar") = w.rows();
-                return y.reshape(out);
-            }
-            Linear::Quantized(q) => return candle_core::Module::forward(q, x),
+        // Every token's row through one product: [.., in] as [rows, in], back as [.., out].
+        let flat = |product: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
+            let mut dims = x.dims().to_vec();
+            let inner = *dims.last().expect("non-scalar");
+            let y = product(&x.reshape((x.elem_count() / inner.max(1), inner))?)?;
+            *dims.last_mut().expect("non-scalar") = y.dim(1)?;
+            y.reshape(dims)
+        };
+        match self {
+            Linear::Dense { w } => flat(&|x| cpu_ops::linear(x, w)),
+            Linear::Packed { w } => flat(&|x| cpu_ops::linear_packed(x, w)),
+            Linear::Bf16 { w } => flat(&|x| cpu_ops::linear_bf16(x, w)),
+            Linear::Quantized(q) => candle_core::Module::forward(q, x),
             Linear::Stacked(maps) => {
                 let outs: Vec<Tensor> = maps
                     .iter()
                     .map(|m| m.forward(x))
                     .collect::<candle_core::Result<_>>()?;
-                return Tensor::cat(&outs, D::Minus1);
+                Tensor::cat(&outs, D::Minus1)
             }
-        };
-        let dims = x.dims().to_vec();
-        let (inner, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
-        let y = cpu_ops::linear(&x.reshape((rows, inner))?, w)?;
-        let mut out = dims;
-        *out.last_mut().expect("non-scalar") = w.dim(0)?;
-        y.reshape(out)
+        }
     }
 }
 
