@@ -492,12 +492,12 @@ struct Task {
 /// thread idle, and, where there are too few rows to keep every thread busy (a decode step's few rows),
 /// column blocks too. Several tasks per thread, sizes differing by at most one unit.
 fn grid(n: usize, m: usize) -> Vec<Task> {
-    let threads = rayon::current_num_threads();
-    let wanted = 4 * threads;
     let groups = n.div_ceil(MR);
     let panels = m.div_ceil(NR);
-    let row_parts = whole_rounds(groups.min(wanted).max(groups.div_ceil(MC / MR)), groups);
-    let col_parts = wanted.div_ceil(row_parts).clamp(1, panels.max(1));
+    let row_parts = task_count(groups, MC / MR);
+    let col_parts = (4 * rayon::current_num_threads())
+        .div_ceil(row_parts)
+        .clamp(1, panels.max(1));
     let mut tasks = Vec::with_capacity(row_parts * col_parts);
     for r in 0..row_parts {
         let rows = (r * groups / row_parts * MR)..((r + 1) * groups / row_parts * MR).min(n);
@@ -514,11 +514,15 @@ fn grid(n: usize, m: usize) -> Vec<Task> {
     tasks
 }
 
-/// `tasks` rounded up to a multiple of the thread count where there are `groups` to spread: 9 equal tasks
-/// on 2 threads keep one thread idle a ninth of the time.
-fn whole_rounds(tasks: usize, groups: usize) -> usize {
-    tasks
-        .next_multiple_of(rayon::current_num_threads())
+/// How many tasks to split `groups` units of work into: four per thread, or more to keep each at most
+/// `max_groups`, in whole rounds per thread where there are enough groups (9 equal tasks on 2 threads keep
+/// one thread idle a ninth of the time); at least one.
+fn task_count(groups: usize, max_groups: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    groups
+        .min(4 * threads)
+        .max(groups.div_ceil(max_groups.max(1)))
+        .next_multiple_of(threads)
         .min(groups)
         .max(1)
 }
@@ -535,12 +539,7 @@ pub(crate) fn row_tasks(
 ) -> Vec<(usize, &mut [f32])> {
     let n = out.len() / m;
     let groups = n.div_ceil(unit);
-    let tasks = whole_rounds(
-        groups
-            .min(4 * rayon::current_num_threads())
-            .max(groups.div_ceil((max_rows / unit).max(1))),
-        groups,
-    );
+    let tasks = task_count(groups, max_rows / unit);
     let mut parts = Vec::with_capacity(tasks);
     let mut rest = out;
     for t in 0..tasks {
