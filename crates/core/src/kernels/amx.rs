@@ -10,6 +10,8 @@
 //! block of sums in four tiles while it walks the whole depth. Every sum is taken in the same order
 //! whatever the thread count, so results are bit-identical across runs and thread counts.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Rows and columns of the micro-kernel's output block (2 × 2 tiles of 16 × 16).
@@ -175,6 +177,26 @@ pub fn matmul_nt_bias(
 /// # Panics
 /// If [`available`] is false, or the extents disagree.
 pub fn multiply(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
+    // SAFETY: f32 and MaybeUninit<f32> have the same layout, and only initialised values are written.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    multiply_into(a, b, bias, out);
+}
+
+/// [`multiply`] into a new `[n × m]` vector, which is never zeroed first (every element is written; zeroing
+/// it cost more than the rounding of the input).
+///
+/// # Panics
+/// As [`multiply`].
+pub fn product(a: &[f32], n: usize, b: &PackedB, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * b.m);
+    multiply_into(a, b, bias, &mut out.spare_capacity_mut()[..n * b.m]);
+    // SAFETY: `multiply_into` wrote every one of the n × m values.
+    unsafe { out.set_len(n * b.m) };
+    out
+}
+
+/// [`multiply`] into `out`, every element of which it writes.
+fn multiply_into(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
     assert!(
         available(),
         "AMX is not available on this CPU or to this process"
@@ -197,7 +219,7 @@ pub fn multiply(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
 /// in chunks of DEPTH_CHUNK: a chunk of the panel stays in L1 while it meets every 32-row block of the task,
 /// and the panel's sums so far (the task's rows × 32, in L2) are added to. Every sum is taken in the same
 /// order whatever the split into tasks.
-fn task(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
+fn task(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
     let (m, d) = (b.m, b.d);
     let rows = out.len() / m;
     let depth = b.pairs * 2; // padded
@@ -227,10 +249,14 @@ fn task(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
             match bias {
                 Some(bias) => {
                     for ((o, s), b) in dst.iter_mut().zip(src).zip(&bias[col0..]) {
-                        *o = s + b;
+                        o.write(s + b);
                     }
                 }
-                None => dst.copy_from_slice(&src[..cols]),
+                None => {
+                    for (o, &s) in dst.iter_mut().zip(src) {
+                        o.write(s);
+                    }
+                }
             }
         }
     }
@@ -389,6 +415,12 @@ mod tests {
         assert!(one
             .iter()
             .zip(&again)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        // Into a fresh, never-zeroed vector: the same bits.
+        let fresh = product(&a, n, &packed, None);
+        assert!(one
+            .iter()
+            .zip(&fresh)
             .all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 }

@@ -531,12 +531,12 @@ fn task_count(groups: usize, max_groups: usize) -> usize {
 /// unless that leaves a thread idle: several per thread (the last task of an uneven split would idle the
 /// others), sizes differing by at most one group with the larger ones spread out, so rayon's halving gives
 /// each thread the same work. Each task is its first row and its rows of `out`.
-pub(crate) fn row_tasks(
-    out: &mut [f32],
+pub(crate) fn row_tasks<T>(
+    out: &mut [T],
     m: usize,
     unit: usize,
     max_rows: usize,
-) -> Vec<(usize, &mut [f32])> {
+) -> Vec<(usize, &mut [T])> {
     let n = out.len() / m;
     let groups = n.div_ceil(unit);
     let tasks = task_count(groups, max_rows / unit);

@@ -448,8 +448,7 @@ impl CustomOp1 for AmxLinear {
                 l.dims()
             );
         }
-        let mut y = vec![0f32; rows * out];
-        crate::kernels::amx::multiply(x, &self.0, None, &mut y);
+        let y = crate::kernels::amx::product(x, rows, &self.0, None);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 }
