@@ -804,6 +804,25 @@ mod tests {
         out
     }
 
+    /// `out` is `a · bᵀ + bias` (f64) within f32 summation's error over the depth.
+    fn assert_near_naive(
+        out: &[f32],
+        a: &[f32],
+        b: &[f32],
+        bias: &[f32],
+        (n, m, d): (usize, usize, usize),
+    ) {
+        let want = naive(a, b, n, m, d);
+        for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+            let want = want + bias[i % m] as f64;
+            let tolerance = 1e-5 * (d as f64).sqrt() * (1.0 + want.abs());
+            assert!(
+                (got as f64 - want).abs() < tolerance,
+                "({n}, {m}, {d}) element {i}: {got} vs {want}"
+            );
+        }
+    }
+
     #[test]
     fn matches_a_naive_product_on_ragged_shapes() {
         // Edges in every direction: rows not a multiple of 12 or of a thread block, columns not a multiple
@@ -822,17 +841,7 @@ mod tests {
             let mut out = vec![f32::NAN; n * m];
             // The best f32 kernel here (AVX-512 where present), checked against f64 and the gemm crate.
             matmul_nt_bias(&a, &b, Some(&bias), &mut out, n, m, d);
-            let mut want = naive(&a, &b, n, m, d);
-            for (i, w) in want.iter_mut().enumerate() {
-                *w += bias[i % m] as f64;
-            }
-            for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                let tolerance = 1e-5 * (d as f64).sqrt() * (1.0 + want.abs());
-                assert!(
-                    (got as f64 - want).abs() < tolerance,
-                    "({n}, {m}, {d}) element {i}: {got} vs {want}"
-                );
-            }
+            assert_near_naive(&out, &a, &b, &bias, (n, m, d));
             let mut fallback_out = vec![0f32; n * m];
             fallback(&a, &b, &mut fallback_out, n, m, d);
             for (i, o) in fallback_out.iter_mut().enumerate() {
@@ -1035,12 +1044,7 @@ mod tests {
                         .all(|(x, y)| x.to_bits() == y.to_bits()),
                     "({n}, {m}, {d}), {threads} threads"
                 );
-                let want = naive(&a, &b, n, m, d);
-                for (i, (&got, &want)) in once.iter().zip(&want).enumerate() {
-                    let want = want + bias[i % m] as f64;
-                    let tolerance = 1e-5 * (d as f64).sqrt() * (1.0 + want.abs());
-                    assert!((got as f64 - want).abs() < tolerance, "({n}, {m}, {d}) {i}");
-                }
+                assert_near_naive(&once, &a, &b, &bias, (n, m, d));
             }
         }
         // No depth: the bias alone.
