@@ -18,10 +18,12 @@
 use rayon::prelude::*;
 
 use super::select::{keep, select_above, select_batch, select_rows, top_k_unrestricted, Selection};
-use crate::kernels::gemm::{matmul_nt_bias, matmul_nt_bias_in};
+use crate::kernels::gemm::{matmul_nt_bias, matmul_nt_bias_with, Kernel, Precision};
 use crate::kernels::simd::{axpy, bf16_rounding_norms, dot, dot4, prefetch};
 
-use crate::kernels::gemm::Precision;
+/// Rows per block of the exact re-ranking ([`Weights::exact_candidates`]): their centred inputs (2.3 KB
+/// each at d_in 576) stay in L2 while every encoder row is read once.
+const EXACT_ROWS: usize = 512;
 
 /// The weights of an SAE of any architecture, row-major: `w_enc` and `w_dec` are `[d_sae, d_in]`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -223,80 +225,116 @@ impl Weights {
         k: usize,
         pre: &mut Vec<f32>,
     ) -> (Vec<f32>, Selection, f64) {
+        self.top_k_on(Kernel::best(precision), x, k, pre)
+    }
+
+    /// [`Weights::top_k`] with the encoder product on `kernel`.
+    pub(crate) fn top_k_on(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        k: usize,
+        pre: &mut Vec<f32>,
+    ) -> (Vec<f32>, Selection, f64) {
         let (d, m) = (self.d_in, self.d_sae);
         let n = x.len() / d;
         let centered = self.centered(x);
         pre.resize(n * m, 0.0);
-        let bf16 = precision == Precision::Bf16 && Precision::bf16_native();
-        let weights = bf16.then(|| WeightBounds::of(self));
+        let b_enc = Some(&self.b_enc[..]);
+        matmul_nt_bias_with(kernel, &centered, &self.w_enc, b_enc, pre, n, m, d);
+        if !kernel.is_bf16() {
+            let sel = select_rows(pre, m, k, None);
+            return (centered, sel, 0.0);
+        }
+        // Each token's candidates: the values within its slack (twice its bound E, with 1% for the norms'
+        // rounding) of its k-th largest.
+        let weights = WeightBounds::of(self);
         let gamma = {
             let nu = (d + 1) as f64 * f64::powi(2.0, -24);
             nu / (1.0 - nu)
         };
-        let select = |row0: usize, rows: &mut [f32]| {
-            let tokens = rows.len() / m;
-            let mut index = vec![0u32; tokens * k];
-            let mut value = vec![0f32; tokens * k];
-            let mut best = Vec::with_capacity(2 * k + 1);
-            let mut exact = 0;
-            for (t, ((row, idx), val)) in rows
-                .chunks_mut(m)
-                .zip(index.chunks_mut(k.max(1)))
-                .zip(value.chunks_mut(k.max(1)))
-                .enumerate()
-            {
-                let Some(weights) = &weights else {
-                    top_k_unrestricted(row, k, 0.0, &mut best);
-                    keep(&best, k, idx, val);
-                    continue;
-                };
-                let x = &centered[(row0 + t) * d..][..d];
+        let candidates: Vec<Vec<(f32, u32)>> = pre
+            .par_chunks(m)
+            .zip(centered.par_chunks(d))
+            .map(|(row, x)| {
                 let [norm, rounded, residual] = bf16_rounding_norms(x).map(|v| (v as f64).sqrt());
                 let bound = residual * weights.norm
                     + rounded * weights.residual
                     + 2.0 * gamma * (norm * weights.norm + weights.bias);
                 let slack = (2.0 * 1.01 * bound) as f32;
                 let slack = if slack.is_finite() { slack } else { f32::MAX };
-                top_k_unrestricted(row, k, slack, &mut best);
-                let w = |j: u32| &self.w_enc[j as usize * d..][..d];
-                for group in best.chunks_mut(4) {
-                    let mut js = [group[0].1; 4];
-                    for (slot, e) in js.iter_mut().zip(group.iter()) {
-                        *slot = e.1;
-                    }
-                    for (e, dot) in group.iter_mut().zip(dot4(x, js.map(w))) {
-                        e.0 = dot + self.b_enc[e.1 as usize];
-                        row[e.1 as usize] = e.0;
-                    }
-                }
-                exact += best.len();
-                best.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                keep(&best, k, idx, val);
-            }
-            (index, value, exact)
-        };
-        matmul_nt_bias_in(
-            precision,
-            &centered,
-            &self.w_enc,
-            Some(&self.b_enc),
-            pre,
-            n,
-            m,
-            d,
-        );
-        let blocks: Vec<_> = pre
-            .par_chunks_mut(64 * m)
-            .enumerate()
-            .map(|(b, rows)| select(b * 64, rows))
+                let mut list = Vec::new();
+                top_k_unrestricted(row, k, slack, &mut list);
+                list
+            })
             .collect();
-        let exact: usize = blocks.iter().map(|b| b.2).sum();
+        let exact: usize = candidates.iter().map(Vec::len).sum();
+        // Their exact values (written back: AuxK ranks dead latents on `pre`), then per token the k
+        // largest, ties to the lower index.
+        let mut index = vec![0u32; n * k];
+        let mut value = vec![0f32; n * k];
+        index
+            .par_chunks_mut(k.max(1) * EXACT_ROWS)
+            .zip(value.par_chunks_mut(k.max(1) * EXACT_ROWS))
+            .zip(candidates.into_par_iter().chunks(EXACT_ROWS))
+            .zip(pre.par_chunks_mut(m * EXACT_ROWS))
+            .enumerate()
+            .for_each(|(block, (((index, value), mut lists), pre))| {
+                let rows = lists.len();
+                self.exact_candidates(&centered[block * EXACT_ROWS * d..][..rows * d], &mut lists);
+                for (t, best) in lists.iter_mut().enumerate() {
+                    for &(v, j) in best.iter() {
+                        pre[t * m + j as usize] = v;
+                    }
+                    best.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                    keep(best, k, &mut index[t * k..][..k], &mut value[t * k..][..k]);
+                }
+            });
         let selection = Selection {
             offsets: (0..=n).map(|t| t * k).collect(),
-            index: blocks.iter().flat_map(|b| b.0.iter().copied()).collect(),
-            value: blocks.into_iter().flat_map(|b| b.1).collect(),
+            index,
+            value,
         };
         (centered, selection, exact as f64 / n.max(1) as f64)
+    }
+
+    /// Replaces each candidate's value with its exact pre-activation, `dot(x_t, W_enc[j]) + b_enc[j]`, for
+    /// the rows `centered` (one list per row). The dots are taken latent by latent, every row wanting
+    /// latent j in turn: the block's rows stay in L2 and each encoder row is read once per block, where
+    /// token by token each candidate read its own encoder row from L3 (54 random 2.3 KB rows per token).
+    fn exact_candidates(&self, centered: &[f32], lists: &mut [Vec<(f32, u32)>]) {
+        let (d, m) = (self.d_in, self.d_sae);
+        // (row, slot) of every candidate, bucketed by latent (counting sort).
+        let mut starts = vec![0u32; m + 1];
+        for list in lists.iter() {
+            for &(_, j) in list {
+                starts[j as usize + 1] += 1;
+            }
+        }
+        for j in 0..m {
+            starts[j + 1] += starts[j];
+        }
+        let mut pairs = vec![(0u32, 0u32); starts[m] as usize];
+        let mut fill = starts.clone();
+        for (t, list) in lists.iter().enumerate() {
+            for (s, &(_, j)) in list.iter().enumerate() {
+                pairs[fill[j as usize] as usize] = (t as u32, s as u32);
+                fill[j as usize] += 1;
+            }
+        }
+        let row = |t: u32| &centered[t as usize * d..][..d];
+        for j in 0..m {
+            let mine = &pairs[starts[j] as usize..starts[j + 1] as usize];
+            let w = &self.w_enc[j * d..][..d];
+            // `dot4` with the encoder row shared gives `dot(x_t, w)`'s bits for four rows at once.
+            for group in mine.chunks(4) {
+                let ts = std::array::from_fn(|i| group[i.min(group.len() - 1)].0);
+                let dots = dot4(w, ts.map(row));
+                for (&(t, s), dot) in group.iter().zip(dots) {
+                    lists[t as usize][s as usize].0 = dot + self.b_enc[j];
+                }
+            }
+        }
     }
 
     /// `Σ_j a_j W_dec[j]` (+ b_dec when `bias`) for every token of a selection.
@@ -365,6 +403,10 @@ impl Weights {
         let refine = matches!(sparsity, Sparsity::TopK(_))
             && precision == Precision::Bf16
             && Precision::bf16_native();
+        // AuxK on dead latents: reconstruct the residual x − x̂ from the top k_aux dead pre-activations.
+        let num_dead = dead.iter().filter(|&&x| x).count();
+        let k_aux = (d / 2).min(num_dead);
+        let aux_on = aux_coef > 0.0 && k_aux > 0;
         let (centered, sel, exact) = match sparsity {
             Sparsity::TopK(k) => self.top_k(precision, x, k, &mut pre),
             _ => {
@@ -378,10 +420,7 @@ impl Weights {
         let sq = add_scaled(&mut err, x, -1.0, d);
         let g_scale = 2.0 / n as f32;
 
-        // AuxK on dead latents: reconstruct the residual x − x̂ from the top k_aux dead pre-activations.
-        let num_dead = dead.iter().filter(|&&x| x).count();
-        let k_aux = (d / 2).min(num_dead);
-        let (aux_sel, aux_err, aux_loss, aux_scale) = if aux_coef > 0.0 && k_aux > 0 {
+        let (aux_sel, aux_err, aux_loss, aux_scale) = if aux_on {
             let scale = (num_dead as f32 / (d / 2) as f32).min(1.0);
             let mut aux = select_rows(&pre, m, k_aux, Some(&|j| dead[j]));
             if refine {

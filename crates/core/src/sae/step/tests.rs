@@ -331,8 +331,22 @@ fn bf16_ranked_top_k_chooses_what_exact_top_k_chooses_even_among_near_ties() {
     p.b_enc.iter_mut().for_each(|b| *b *= 1e-3);
     let x = random(n * d, 23, 2.0);
     let mut pre = Vec::new();
-    let (centered, sel, exact) = p.top_k(Precision::Bf16, &x, k, &mut pre);
-    assert!(exact >= k as f64, "{exact} candidates per token");
+    // Every bf16 product this CPU has (AMX, AVX512-BF16), each giving the same choice and values.
+    let kernels = [Kernel::Amx, Kernel::Avx512Bf16]
+        .into_iter()
+        .filter(|k| k.available());
+    let runs: Vec<_> = kernels
+        .map(|kernel| (kernel, p.top_k_on(kernel, &x, k, &mut pre)))
+        .collect();
+    let (_, (centered, sel, exact)) = &runs[0];
+    for (kernel, (_, other, _)) in &runs[1..] {
+        assert_eq!(
+            (&other.index, &other.value),
+            (&sel.index, &sel.value),
+            "{kernel:?}"
+        );
+    }
+    assert!(*exact >= k as f64, "{exact} candidates per token");
     let mut near_ties = 0;
     for t in 0..n {
         let c = &centered[t * d..][..d];
@@ -366,7 +380,7 @@ fn bf16_ranked_top_k_chooses_what_exact_top_k_chooses_even_among_near_ties() {
         v.sort();
         v
     };
-    let differing = (0..n).filter(|&t| set(&f32_sel, t) != set(&sel, t)).count();
+    let differing = (0..n).filter(|&t| set(&f32_sel, t) != set(sel, t)).count();
     assert!(
         differing <= n / 100,
         "{differing} tokens whose f32 and bf16-ranked choices differ"
