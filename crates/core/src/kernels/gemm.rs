@@ -527,29 +527,39 @@ fn task_count(groups: usize, max_groups: usize) -> usize {
         .max(1)
 }
 
-/// `out` (rows of `m` values) split into tasks of whole groups of `unit` rows, at most `max_rows` rows each
-/// unless that leaves a thread idle: several per thread (the last task of an uneven split would idle the
-/// others), sizes differing by at most one group with the larger ones spread out, so rayon's halving gives
-/// each thread the same work. Each task is its first row and its rows of `out`.
+/// `n` rows split into tasks of whole groups of `unit` rows, at most `max_rows` rows each unless that
+/// leaves a thread idle: several per thread (the last task of an uneven split would idle the others), sizes
+/// differing by at most one group with the larger ones spread out, so rayon's halving gives each thread the
+/// same work. Each task is its first row and its number of rows.
+pub(crate) fn row_ranges(n: usize, unit: usize, max_rows: usize) -> Vec<(usize, usize)> {
+    let groups = n.div_ceil(unit);
+    let tasks = task_count(groups, max_rows / unit);
+    (0..tasks)
+        .map(|t| {
+            let row0 = t * groups / tasks * unit;
+            let rows = (((t + 1) * groups / tasks) * unit).min(n) - row0;
+            (row0, rows)
+        })
+        .collect()
+}
+
+/// `out` (rows of `m` values) split as [`row_ranges`] splits its rows: each task is its first row and its
+/// rows of `out`.
 pub(crate) fn row_tasks<T>(
     out: &mut [T],
     m: usize,
     unit: usize,
     max_rows: usize,
 ) -> Vec<(usize, &mut [T])> {
-    let n = out.len() / m;
-    let groups = n.div_ceil(unit);
-    let tasks = task_count(groups, max_rows / unit);
-    let mut parts = Vec::with_capacity(tasks);
     let mut rest = out;
-    for t in 0..tasks {
-        let row0 = t * groups / tasks * unit;
-        let rows = (((t + 1) * groups / tasks) * unit).min(n) - row0;
-        let (here, after) = rest.split_at_mut(rows * m);
-        parts.push((row0, here));
-        rest = after;
-    }
-    parts
+    row_ranges(rest.len() / m, unit, max_rows)
+        .into_iter()
+        .map(|(row0, rows)| {
+            let (here, after) = std::mem::take(&mut rest).split_at_mut(rows * m);
+            rest = after;
+            (row0, here)
+        })
+        .collect()
 }
 
 /// The task's rows of `a` (`a_rows`, in the kernel's form) times its panels of `b`, into `out`.

@@ -18,6 +18,7 @@
 use rayon::prelude::*;
 
 use super::select::{keep, select_above, select_batch, select_rows, top_k_unrestricted, Selection};
+use crate::kernels::amx;
 use crate::kernels::gemm::{matmul_nt_bias, matmul_nt_bias_with, Kernel, Precision};
 use crate::kernels::simd::{axpy, bf16_rounding_norms, dot, dot4, prefetch};
 
@@ -204,13 +205,15 @@ impl Weights {
         dot(centered, &self.w_enc[j * d..][..d]) + self.b_enc[j]
     }
 
-    /// Centred inputs x − b_dec, pre-activations at `precision` into `pre`, each token's top k latents,
-    /// and how many latents per token had their pre-activation recomputed exactly (0 for f32).
+    /// Centred inputs x − b_dec, each token's top k latents, and how many latents per token had their
+    /// pre-activation recomputed exactly (0 for f32). `pre` holds the pre-activations afterwards (the
+    /// product's: bf16's for a bf16 product) if `keep_pre`; otherwise it is scratch, left holding anything
+    /// (AMX's product is scanned as it is made, never stored).
     ///
     /// With a bf16 product the selection is made exact: per token, every latent whose bf16
     /// pre-activation is within twice a bound E of the k-th largest is a candidate; candidates get their
-    /// f32 pre-activation (written back into `pre`) and the k largest of those are kept, ties to the
-    /// lower index. E bounds |bf16 product − f32 dot| for any latent: with x̃, w̃ the bf16 roundings,
+    /// f32 pre-activation and the k largest of those are kept, ties to the lower index. E bounds
+    /// |bf16 product − f32 dot| for any latent: with x̃, w̃ the bf16 roundings,
     /// δx = x − x̃, δw = w − w̃, exactly x·w = x̃·w̃ + δx·w + x̃·δw, so rounding the inputs moves a
     /// pre-activation by at most ‖δx‖·max‖w‖ + ‖x̃‖·max‖δw‖ (Cauchy–Schwarz); f32 summation in either
     /// product adds at most γ(d+1)·(‖x‖·max‖w‖ + max|b|), γ(n) = n·2⁻²⁴/(1 − n·2⁻²⁴), with 1% on top
@@ -224,8 +227,9 @@ impl Weights {
         x: &[f32],
         k: usize,
         pre: &mut Vec<f32>,
+        keep_pre: bool,
     ) -> (Vec<f32>, Selection, f64) {
-        self.top_k_on(Kernel::best(precision), x, k, pre)
+        self.top_k_on(Kernel::best(precision), x, k, pre, keep_pre)
     }
 
     /// [`Weights::top_k`] with the encoder product on `kernel`.
@@ -235,14 +239,15 @@ impl Weights {
         x: &[f32],
         k: usize,
         pre: &mut Vec<f32>,
+        keep_pre: bool,
     ) -> (Vec<f32>, Selection, f64) {
         let (d, m) = (self.d_in, self.d_sae);
         let n = x.len() / d;
         let centered = self.centered(x);
-        pre.resize(n * m, 0.0);
         let b_enc = Some(&self.b_enc[..]);
-        matmul_nt_bias_with(kernel, &centered, &self.w_enc, b_enc, pre, n, m, d);
         if !kernel.is_bf16() {
+            pre.resize(n * m, 0.0);
+            matmul_nt_bias_with(kernel, &centered, &self.w_enc, b_enc, pre, n, m, d);
             let sel = select_rows(pre, m, k, None);
             return (centered, sel, 0.0);
         }
@@ -253,39 +258,56 @@ impl Weights {
             let nu = (d + 1) as f64 * f64::powi(2.0, -24);
             nu / (1.0 - nu)
         };
-        let candidates: Vec<Vec<(f32, u32)>> = pre
-            .par_chunks(m)
-            .zip(centered.par_chunks(d))
-            .map(|(row, x)| {
-                let [norm, rounded, residual] = bf16_rounding_norms(x).map(|v| (v as f64).sqrt());
-                let bound = residual * weights.norm
-                    + rounded * weights.residual
-                    + 2.0 * gamma * (norm * weights.norm + weights.bias);
-                let slack = (2.0 * 1.01 * bound) as f32;
-                let slack = if slack.is_finite() { slack } else { f32::MAX };
-                let mut list = Vec::new();
-                top_k_unrestricted(row, k, slack, &mut list);
-                list
-            })
-            .collect();
+        let candidates_of = |t: usize, row: &[f32]| {
+            let x = &centered[t * d..][..d];
+            let [norm, rounded, residual] = bf16_rounding_norms(x).map(|v| (v as f64).sqrt());
+            let bound = residual * weights.norm
+                + rounded * weights.residual
+                + 2.0 * gamma * (norm * weights.norm + weights.bias);
+            let slack = (2.0 * 1.01 * bound) as f32;
+            let slack = if slack.is_finite() { slack } else { f32::MAX };
+            let mut list = Vec::new();
+            top_k_unrestricted(row, k, slack, &mut list);
+            list
+        };
+        let candidates: Vec<Vec<(f32, u32)>> = if kernel == Kernel::Amx {
+            // Each task's rows are scanned as soon as they are made, in cache.
+            let packed = amx::PackedB::new(&self.w_enc, m, d);
+            if keep_pre {
+                pre.resize(n * m, 0.0);
+            }
+            let out = keep_pre.then_some(&mut pre[..]);
+            let scan = |row0: usize, rows: &[f32]| -> Vec<_> {
+                let rows = rows.chunks(m).enumerate();
+                rows.map(|(t, row)| candidates_of(row0 + t, row)).collect()
+            };
+            amx::multiply_visit(&centered, n, &packed, b_enc, out, scan)
+                .into_iter()
+                .flatten()
+                .collect()
+        } else {
+            pre.resize(n * m, 0.0);
+            matmul_nt_bias_with(kernel, &centered, &self.w_enc, b_enc, pre, n, m, d);
+            pre.par_chunks(m)
+                .enumerate()
+                .map(|(t, row)| candidates_of(t, row))
+                .collect()
+        };
         let exact: usize = candidates.iter().map(Vec::len).sum();
-        // Their exact values (written back: AuxK ranks dead latents on `pre`), then per token the k
-        // largest, ties to the lower index.
+        // Their exact values, then per token the k largest, ties to the lower index. (`pre` keeps the bf16
+        // values: AuxK ranks dead latents on them; writing the exact values back, to random places in
+        // 75 MB, cost 2 ms a step.)
         let mut index = vec![0u32; n * k];
         let mut value = vec![0f32; n * k];
         index
             .par_chunks_mut(k.max(1) * EXACT_ROWS)
             .zip(value.par_chunks_mut(k.max(1) * EXACT_ROWS))
             .zip(candidates.into_par_iter().chunks(EXACT_ROWS))
-            .zip(pre.par_chunks_mut(m * EXACT_ROWS))
             .enumerate()
-            .for_each(|(block, (((index, value), mut lists), pre))| {
+            .for_each(|(block, ((index, value), mut lists))| {
                 let rows = lists.len();
                 self.exact_candidates(&centered[block * EXACT_ROWS * d..][..rows * d], &mut lists);
                 for (t, best) in lists.iter_mut().enumerate() {
-                    for &(v, j) in best.iter() {
-                        pre[t * m + j as usize] = v;
-                    }
                     best.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                     keep(best, k, &mut index[t * k..][..k], &mut value[t * k..][..k]);
                 }
@@ -408,7 +430,7 @@ impl Weights {
         let k_aux = (d / 2).min(num_dead);
         let aux_on = aux_coef > 0.0 && k_aux > 0;
         let (centered, sel, exact) = match sparsity {
-            Sparsity::TopK(k) => self.top_k(precision, x, k, &mut pre),
+            Sparsity::TopK(k) => self.top_k(precision, x, k, &mut pre, aux_on),
             _ => {
                 let centered = self.pre_activations_into(x, n, &mut pre);
                 (centered, self.select(&pre, sparsity), 0.0)

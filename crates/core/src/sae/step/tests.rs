@@ -336,7 +336,7 @@ fn bf16_ranked_top_k_chooses_what_exact_top_k_chooses_even_among_near_ties() {
         .into_iter()
         .filter(|k| k.available());
     let runs: Vec<_> = kernels
-        .map(|kernel| (kernel, p.top_k_on(kernel, &x, k, &mut pre)))
+        .map(|kernel| (kernel, p.top_k_on(kernel, &x, k, &mut pre, false)))
         .collect();
     let (_, (centered, sel, exact)) = &runs[0];
     for (kernel, (_, other, _)) in &runs[1..] {
@@ -373,7 +373,7 @@ fn bf16_ranked_top_k_chooses_what_exact_top_k_chooses_even_among_near_ties() {
     );
     // The f32 path chooses the same sets of latents but for rare ties at the cut within f32 rounding
     // (its GEMM sums in another order than `dot`).
-    let (_, f32_sel, none) = p.top_k(Precision::F32, &x, k, &mut pre);
+    let (_, f32_sel, none) = p.top_k(Precision::F32, &x, k, &mut pre, false);
     assert_eq!(none, 0.0);
     let set = |s: &Selection, t: usize| {
         let mut v = s.index[t * k..][..k].to_vec();
