@@ -22,9 +22,45 @@ use crate::kernels::amx;
 use crate::kernels::gemm::{matmul_nt_bias, matmul_nt_bias_with, Kernel, Precision};
 use crate::kernels::simd::{axpy, bf16_rounding_norms, dot, dot4, prefetch};
 
-/// Rows per block of the exact re-ranking ([`Weights::exact_candidates`]): their centred inputs (2.3 KB
-/// each at d_in 576) stay in L2 while every encoder row is read once.
-const EXACT_ROWS: usize = 512;
+/// Tokens per block of the passes taken latent by latent (the exact re-ranking, decoding): a block's rows
+/// (2.3 KB each at d_in 576) stay in L2 while each encoder or decoder row is read once.
+const BLOCK_ROWS: usize = 512;
+
+/// Items bucketed by latent, each latent's in the order given (a counting sort).
+struct ByLatent<T> {
+    starts: Vec<usize>,
+    items: Vec<T>,
+}
+
+impl<T: Copy + Default> ByLatent<T> {
+    /// `items()` yields (latent, item) pairs; it is called twice (to count, then to place).
+    fn new<I: Iterator<Item = (u32, T)>>(latents: usize, items: impl Fn() -> I) -> Self {
+        let mut starts = vec![0usize; latents + 1];
+        for (j, _) in items() {
+            starts[j as usize + 1] += 1;
+        }
+        for j in 0..latents {
+            starts[j + 1] += starts[j];
+        }
+        let mut placed = vec![T::default(); starts[latents]];
+        let mut fill = starts.clone();
+        for (j, item) in items() {
+            placed[fill[j as usize]] = item;
+            fill[j as usize] += 1;
+        }
+        ByLatent {
+            starts,
+            items: placed,
+        }
+    }
+
+    /// Each latent with its items, in latent order.
+    fn iter(&self) -> impl Iterator<Item = (usize, &[T])> {
+        let items = &self.items;
+        let bucket = move |(j, w): (usize, &[usize])| (j, &items[w[0]..w[1]]);
+        self.starts.windows(2).enumerate().map(bucket)
+    }
+}
 
 /// The weights of an SAE of any architecture, row-major: `w_enc` and `w_dec` are `[d_sae, d_in]`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -300,13 +336,13 @@ impl Weights {
         let mut index = vec![0u32; n * k];
         let mut value = vec![0f32; n * k];
         index
-            .par_chunks_mut(k.max(1) * EXACT_ROWS)
-            .zip(value.par_chunks_mut(k.max(1) * EXACT_ROWS))
-            .zip(candidates.into_par_iter().chunks(EXACT_ROWS))
+            .par_chunks_mut(k.max(1) * BLOCK_ROWS)
+            .zip(value.par_chunks_mut(k.max(1) * BLOCK_ROWS))
+            .zip(candidates.into_par_iter().chunks(BLOCK_ROWS))
             .enumerate()
             .for_each(|(block, ((index, value), mut lists))| {
                 let rows = lists.len();
-                self.exact_candidates(&centered[block * EXACT_ROWS * d..][..rows * d], &mut lists);
+                self.exact_candidates(&centered[block * BLOCK_ROWS * d..][..rows * d], &mut lists);
                 for (t, best) in lists.iter_mut().enumerate() {
                     best.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                     keep(best, k, &mut index[t * k..][..k], &mut value[t * k..][..k]);
@@ -325,28 +361,16 @@ impl Weights {
     /// latent j in turn: the block's rows stay in L2 and each encoder row is read once per block, where
     /// token by token each candidate read its own encoder row from L3 (54 random 2.3 KB rows per token).
     fn exact_candidates(&self, centered: &[f32], lists: &mut [Vec<(f32, u32)>]) {
-        let (d, m) = (self.d_in, self.d_sae);
-        // (row, slot) of every candidate, bucketed by latent (counting sort).
-        let mut starts = vec![0u32; m + 1];
-        for list in lists.iter() {
-            for &(_, j) in list {
-                starts[j as usize + 1] += 1;
-            }
-        }
-        for j in 0..m {
-            starts[j + 1] += starts[j];
-        }
-        let mut pairs = vec![(0u32, 0u32); starts[m] as usize];
-        let mut fill = starts.clone();
-        for (t, list) in lists.iter().enumerate() {
-            for (s, &(_, j)) in list.iter().enumerate() {
-                pairs[fill[j as usize] as usize] = (t as u32, s as u32);
-                fill[j as usize] += 1;
-            }
-        }
+        let d = self.d_in;
+        // (row, slot) of every candidate, by latent.
+        let pairs = ByLatent::new(self.d_sae, || {
+            lists.iter().enumerate().flat_map(|(t, list)| {
+                let slots = list.iter().enumerate();
+                slots.map(move |(s, &(_, j))| (j, (t as u32, s as u32)))
+            })
+        });
         let row = |t: u32| &centered[t as usize * d..][..d];
-        for j in 0..m {
-            let mine = &pairs[starts[j] as usize..starts[j + 1] as usize];
+        for (j, mine) in pairs.iter() {
             let w = &self.w_enc[j * d..][..d];
             // `dot4` with the encoder row shared gives `dot(x_t, w)`'s bits for four rows at once.
             for group in mine.chunks(4) {
@@ -359,27 +383,36 @@ impl Weights {
         }
     }
 
-    /// `Σ_j a_j W_dec[j]` (+ b_dec when `bias`) for every token of a selection.
+    /// `Σ_j a_j W_dec[j]` (+ b_dec when `bias`) for every token of a selection, each token's terms added in
+    /// latent order. Computed latent by latent over blocks of tokens: a block's sums stay in L2 while each
+    /// decoder row is read once, where token by token every selected latent read its own row from L3.
     pub fn decode(&self, sel: &Selection, bias: bool) -> Vec<f32> {
         let d = self.d_in;
         let n = sel.offsets.len() - 1;
         let mut out = vec![0f32; n * d];
-        out.par_chunks_mut(d).enumerate().for_each(|(t, row)| {
-            if bias {
-                row.copy_from_slice(&self.b_dec);
-            }
-            let (first, end) = (sel.offsets[t], sel.offsets[t + 1]);
-            let row_of = |s: usize| &self.w_dec[sel.index[s] as usize * d..][..d];
-            for s in first..end {
-                if s + 1 < end {
-                    prefetch(row_of(s + 1));
+        out.par_chunks_mut(BLOCK_ROWS * d)
+            .enumerate()
+            .for_each(|(block, rows)| {
+                let first = block * BLOCK_ROWS;
+                if bias {
+                    rows.chunks_mut(d)
+                        .for_each(|row| row.copy_from_slice(&self.b_dec));
                 }
-                let a = sel.value[s];
-                if a != 0.0 {
-                    axpy(a, row_of(s), row);
+                let terms = ByLatent::new(self.d_sae, || {
+                    (0..rows.len() / d).flat_map(|t| {
+                        let entries = sel.offsets[first + t]..sel.offsets[first + t + 1];
+                        entries.map(move |e| (sel.index[e], (t, sel.value[e])))
+                    })
+                });
+                for (j, mine) in terms.iter() {
+                    let w = &self.w_dec[j * d..][..d];
+                    for &(t, a) in mine {
+                        if a != 0.0 {
+                            axpy(a, w, &mut rows[t * d..][..d]);
+                        }
+                    }
                 }
-            }
-        });
+            });
         out
     }
 

@@ -432,3 +432,44 @@ fn batch_sums_match_their_f64_definitions_for_any_thread_count() {
         assert_eq!(e, e1);
     }
 }
+
+#[test]
+fn decoding_sums_each_tokens_latents_for_any_thread_count() {
+    // Three blocks of tokens (the last one short), ReLU'd zeros among the activations.
+    let (n, d, m, k) = (2 * BLOCK_ROWS + 77, 37, 50, 5);
+    let p = random_weights(d, m);
+    let picks = random(n * k, 31, 1.0);
+    let acts = random(n * k, 32, 1.0);
+    let sel = Selection {
+        offsets: (0..=n).map(|t| t * k).collect(),
+        // Distinct latents per token: k consecutive ones from a random start.
+        index: (0..n * k)
+            .map(|e| ((picks[e - e % k].abs() * 1000.0) as usize + e % k) as u32 % m as u32)
+            .collect(),
+        value: acts.iter().map(|a| a.max(0.0)).collect(),
+    };
+    for bias in [false, true] {
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| p.decode(&sel, bias))
+        };
+        let got = run(1);
+        for t in 0..n {
+            for c in 0..d {
+                let mut want = if bias { p.b_dec[c] as f64 } else { 0.0 };
+                for e in sel.offsets[t]..sel.offsets[t + 1] {
+                    let j = sel.index[e] as usize;
+                    want += sel.value[e] as f64 * p.w_dec[j * d + c] as f64;
+                }
+                assert!((got[t * d + c] as f64 - want).abs() < 1e-5, "token {t}");
+            }
+        }
+        assert!(got
+            .iter()
+            .zip(run(3))
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
