@@ -13,6 +13,11 @@ grep -o -w -E 'avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | 
 
 m=../shared/models/smollm2-135m-instruct-q4_1
 g=SmolLM2-135M-Instruct.Q4_1.gguf
+# One untimed pass of each first: the first process of a session ran ~8% slower than the rest (seen in two
+# sessions, whichever tool came first), which is the machine warming up, not either tool.
+echo "== warm-up (not counted)"
+./target/release/saeflow bench forward "$m/$g" --layer 15 > /dev/null
+"$py" bench/model_forward_torch.py "$m" "$g" --layer 15 > /dev/null 2>&1
 for round in 1 2 3 4 5; do
   echo "== round $round, up to blocks.15"
   ./target/release/saeflow bench forward "$m/$g" --layer 15
