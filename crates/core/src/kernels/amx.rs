@@ -240,20 +240,20 @@ pub fn multiply_visit<R: Send>(
     let (m, d) = (b.m, b.d);
     assert!(m > 0 && a.len() == n * d && out.as_ref().is_none_or(|out| out.len() == n * m));
     assert!(bias.is_none_or(|bias| bias.len() == m));
-    let tasks = super::gemm::row_ranges(n, BLOCK, ROWS_PER_TASK);
-    let mut outs: Vec<Option<&mut [f32]>> = Vec::with_capacity(tasks.len());
-    let mut rest = out;
-    for &(_, rows) in &tasks {
-        outs.push(rest.take().map(|out| {
-            let (here, after) = out.split_at_mut(rows * m);
-            rest = Some(after);
-            here
-        }));
-    }
+    // Each task: its first row, its number of rows, and its rows of `out` if there is one.
+    let tasks: Vec<(usize, usize, Option<&mut [f32]>)> = match out {
+        Some(out) => super::gemm::row_tasks(out, m, BLOCK, ROWS_PER_TASK)
+            .into_iter()
+            .map(|(row0, out)| (row0, out.len() / m, Some(out)))
+            .collect(),
+        None => super::gemm::row_ranges(n, BLOCK, ROWS_PER_TASK)
+            .into_iter()
+            .map(|(row0, rows)| (row0, rows, None))
+            .collect(),
+    };
     tasks
         .into_par_iter()
-        .zip(outs)
-        .map_init(Vec::new, |scratch: &mut Vec<f32>, ((row0, rows), out)| {
+        .map_init(Vec::new, |scratch: &mut Vec<f32>, (row0, rows, out)| {
             let out = match out {
                 Some(out) => out,
                 None => {

@@ -134,7 +134,7 @@ fn top_k_lanes<const AVX512: bool>(row: &[f32], k: usize, slack: f32, best: &mut
         kept[k - 1] - slack
     });
     if cut.is_nan() {
-        // Large k, short rows, or NaN: the plain scan, then the values within the slack.
+        // Large k or short rows: the plain scan, then the values within the slack.
         top_k_into(row, k, |_| true, best);
         if slack > 0.0 && best.len() == k {
             let floor = best[k - 1].0 - slack;
