@@ -425,15 +425,36 @@ mod tests {
         a[18] = f32::NEG_INFINITY;
         for k in [1, 16, 20, 32, 40, 64] {
             for slack in [0.0, 0.05] {
-                let (mut t1, mut t2) = (Vec::new(), Vec::new());
-                top_k_unrestricted(&a, k, slack, &mut t1);
-                top_k_lanes::<false>(&a, k, slack, &mut t2);
-                if slack > 0.0 {
-                    // Candidates come in no particular order.
-                    t1.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
-                    t2.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+                // Candidates come in no particular order.
+                let sorted = |mut t: Vec<(f32, u32)>| {
+                    t.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+                    t
+                };
+                let mut portable = Vec::new();
+                top_k_lanes::<false>(&a, k, slack, &mut portable);
+                let mut builds = Vec::new();
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if crate::kernels::avx512() {
+                        let mut t = Vec::new();
+                        // SAFETY: the CPU has AVX-512F (checked).
+                        unsafe { top_k_unrestricted_avx512(&a, k, slack, &mut t) };
+                        builds.push(("avx512", t));
+                    }
+                    if avx2() {
+                        let mut t = Vec::new();
+                        // SAFETY: the CPU has AVX2 and FMA (checked).
+                        unsafe { top_k_unrestricted_avx2(&a, k, slack, &mut t) };
+                        builds.push(("avx2", t));
+                    }
                 }
-                assert_eq!(t1, t2, "k {k}, slack {slack}");
+                for (build, t) in builds {
+                    assert_eq!(
+                        sorted(t),
+                        sorted(portable.clone()),
+                        "{build}, k {k}, slack {slack}"
+                    );
+                }
             }
         }
     }
