@@ -281,11 +281,14 @@ impl Weights {
         let n = x.len() / d;
         let centered = self.centered(x);
         let b_enc = Some(&self.b_enc[..]);
-        if !kernel.is_bf16() {
+        // AMX's product is scanned as it is made (below); the others are stored first.
+        if kernel != Kernel::Amx {
             pre.resize(n * m, 0.0);
             matmul_nt_bias_with(kernel, &centered, &self.w_enc, b_enc, pre, n, m, d);
-            let sel = select_rows(pre, m, k, None);
-            return (centered, sel, 0.0);
+            if !kernel.is_bf16() {
+                let sel = select_rows(pre, m, k, None);
+                return (centered, sel, 0.0);
+            }
         }
         // Each token's candidates: the values within its slack (twice its bound E, with 1% for the norms'
         // rounding) of its k-th largest.
@@ -307,7 +310,7 @@ impl Weights {
             list
         };
         let candidates: Vec<Vec<(f32, u32)>> = if kernel == Kernel::Amx {
-            // Each task's rows are scanned as soon as they are made, in cache.
+            // Each task's rows are scanned as soon as they are made, in cache; stored only if asked.
             let packed = amx::PackedB::new(&self.w_enc, m, d);
             if keep_pre {
                 pre.resize(n * m, 0.0);
@@ -322,8 +325,6 @@ impl Weights {
                 .flatten()
                 .collect()
         } else {
-            pre.resize(n * m, 0.0);
-            matmul_nt_bias_with(kernel, &centered, &self.w_enc, b_enc, pre, n, m, d);
             pre.par_chunks(m)
                 .enumerate()
                 .map(|(t, row)| candidates_of(t, row))
