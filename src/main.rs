@@ -5,6 +5,10 @@ mod bench;
 mod cli;
 mod report;
 
+// Big buffers on transparent huge pages: the SAE step's row reads miss the TLB less (`huge_pages`).
+#[global_allocator]
+static ALLOC: saeflow_core::huge_pages::HugePages = saeflow_core::huge_pages::HugePages;
+
 fn main() {
     std::process::exit(cli::main());
 }

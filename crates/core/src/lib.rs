@@ -5,7 +5,7 @@
 //! ([`stats`]). Everything below is plain functions over paths, tensors and a candle `Device`; the runner
 //! (`saeflow-runner`) and the stage kinds (`saeflow-stages`) sit on top. See `ARCHITECTURE.md`.
 //!
-//! Modules, lowest first (a module uses only those before it): [`cancel`], [`progress`], [`fs`],
+//! Modules, lowest first (a module uses only those before it): [`huge_pages`], [`cancel`], [`progress`], [`fs`],
 //! [`kernels`], [`stats`], [`data`], [`models`], [`sae`].
 
 #![deny(missing_docs)]
@@ -13,6 +13,7 @@
 pub mod cancel;
 pub mod data;
 pub mod fs;
+pub mod huge_pages;
 pub mod kernels;
 pub mod models;
 pub mod progress;
