@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# SAE training throughput, TopK d_in 576, d_sae 4608, k 32, batch 4096, f32, 2 threads: saeflow
-# (`saeflow bench train`, with the f32 and the bf16-ranked encoder product) and the peers in ../shared/bench/sae_train_reference.py (SAELens, sparsify, plain
-# PyTorch), alternating, in one session. Usage: bench/train.sh PYTHON_WITH_SAELENS_AND_SPARSIFY
+# SAE training throughput, TopK d_in 576, d_sae 4608, k 32, batch 4096, 2 threads: saeflow (`saeflow bench
+# train` at the default `encoder_precision = "auto"`, bf16-ranked where the CPU multiplies bfloat16 natively,
+# and with the f32 encoder product) and the peers in ../shared/bench/sae_train_reference.py (SAELens,
+# sparsify, plain PyTorch), alternating, in one session. Usage: bench/train.sh PYTHON_WITH_SAELENS_AND_SPARSIFY
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${1:-python3}
@@ -10,7 +11,7 @@ lscpu | grep -E 'Model name|^CPU\(s\)|^CPU family|^Model:' | sed 's/  */ /g'
 grep -o -w -E 'avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
 for round in 1 2; do
   echo "== round $round"
-  for encoder in f32 bf16; do
+  for encoder in auto f32; do
     ./target/release/saeflow bench train --d-in 576 --expansion 8 --k 32 --batch 4096 --steps 10 --encoder "$encoder"
   done
   for impl in sparsify saelens torch; do

@@ -348,7 +348,7 @@ pub fn train(
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
     use saeflow_core::kernels::gemm::matmul_nt_bias_in;
-    use saeflow_core::kernels::gemm::Precision;
+    use saeflow_core::kernels::gemm::{Kernel, Precision};
     use saeflow_core::sae::step::Grads;
     use saeflow_core::sae::trainer::State;
     let d_sae = d_in * expansion;
@@ -409,14 +409,19 @@ pub fn train(
     let flop =
         batch as f64 * (2.0 * (d_in * d_sae) as f64 + 8.0 * (k * d_in) as f64) * steps as f64;
     println!(
-        "saeflow topk: d_in {d_in}, d_sae {d_sae}, k {k}, batch {batch}, {} threads: {:.0} tokens/s, {:.1} ms/step, \
-         {:.1} GFLOP/s on the needed work, FVU {fvu:.4}",
+        "saeflow topk, {} encoder: d_in {d_in}, d_sae {d_sae}, k {k}, batch {batch}, {} threads: {:.0} tokens/s, \
+         {:.1} ms/step, {:.1} GFLOP/s on the needed work, FVU {fvu:.4}",
+        match Kernel::best(precision) {
+            Kernel::Amx => "bf16-ranked (AMX)",
+            Kernel::Avx512Bf16 => "bf16-ranked (AVX512-BF16)",
+            _ => "f32",
+        },
         rayon::current_num_threads(),
         (batch * steps) as f64 / secs,
         1000.0 * secs / steps as f64,
         flop / secs / 1e9
     );
-    if precision == Precision::Bf16 {
+    if Kernel::best(precision).is_bf16() {
         println!("bf16-ranked TopK: {exact_per_token:.1} candidates per token recomputed in f32 (k = {k})");
     }
     Ok(())

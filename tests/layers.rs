@@ -31,6 +31,7 @@ const MODULE_LAYERS: &[(&str, &[&[&str]])] = &[
     (
         "crates/core/src",
         &[
+            &["huge_pages"],
             &["cancel"],
             &["progress"],
             &["fs"],

@@ -554,7 +554,7 @@ fn the_dense_engine_trains_the_same_sae_up_to_rounding() {
                 out.contains(if engine == "dense" {
                     "dense Cpu engine"
                 } else {
-                    "sparse CPU engine"
+                    "sparse CPU"
                 }),
                 "{out}"
             );
@@ -587,27 +587,56 @@ fn the_dense_engine_trains_the_same_sae_up_to_rounding() {
 #[test]
 fn the_bf16_ranked_encoder_trains_the_same_sae_up_to_rounding() {
     // bf16 ranking re-ranks its candidates exactly, so it keeps the latents f32 TopK keeps; only the
-    // summation order of the kept pre-activations differs.
-    let train = |precision: &str| {
+    // summation order of the kept pre-activations differs. The default, `auto`, is one of the two.
+    let train = |precision: Option<&str>| {
         let dir = tempfile::tempdir().unwrap();
+        let choice = precision.map_or(String::new(), |p| format!("encoder_precision = \"{p}\""));
         pipeline(
             dir.path(),
-            &format!("tokens = 5120\nengine = \"sparse\"\nencoder_precision = \"{precision}\""),
+            &format!("tokens = 5120\nengine = \"sparse\"\n{choice}"),
         );
         let out = ok(dir.path(), &["run", "p.toml"]);
-        let summary: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(object_of(&dir.path().join("cache"), "tr", "sae").join("train.json"))
-                .unwrap(),
-        )
-        .unwrap();
-        (out, summary["final"]["val_fvu"].as_f64().unwrap())
+        let sae = object_of(&dir.path().join("cache"), "tr", "sae");
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(sae.join("train.json")).unwrap()).unwrap();
+        let weights = std::fs::read(sae.join("sae_weights.safetensors")).unwrap();
+        assert!(
+            out.contains(summary["engine"].as_str().unwrap()),
+            "train.json names the engine the log does: {summary}"
+        );
+        (out, summary["final"]["val_fvu"].as_f64().unwrap(), weights)
     };
-    let ((_, f32_fvu), (out, bf16_fvu)) = (train("f32"), train("bf16"));
+    let (_, f32_fvu, f32_weights) = train(Some("f32"));
+    let (out, bf16_fvu, bf16_weights) = train(Some("bf16"));
     assert!(out.contains("sparse CPU (bf16"), "{out}");
     assert!(
         (f32_fvu - bf16_fvu).abs() < 1e-5 * f32_fvu,
         "f32 {f32_fvu} vs bf16 {bf16_fvu}"
     );
+    // `auto` is bf16 ranking where the CPU multiplies bfloat16 natively, f32 elsewhere: the same bytes.
+    let (out, _, auto_weights) = train(None);
+    if saeflow_core::kernels::gemm::Precision::bf16_native() {
+        assert!(out.contains("sparse CPU (bf16-ranked TopK, "), "{out}");
+        assert!(
+            auto_weights == bf16_weights,
+            "auto's SAE is not bf16 ranking's"
+        );
+    } else {
+        assert!(out.contains("sparse CPU engine"), "{out}");
+        assert!(auto_weights == f32_weights, "auto's SAE is not f32's");
+    }
+}
+
+#[test]
+fn the_automatic_encoder_precision_is_f32_where_bf16_ranking_does_not_apply() {
+    // ReLU has no TopK to rank; the explicit `bf16` is refused there, the default quietly keeps f32.
+    let dir = tempfile::tempdir().unwrap();
+    pipeline(
+        dir.path(),
+        "arch = \"relu\"\ntokens = 2560\nengine = \"sparse\"",
+    );
+    let out = ok(dir.path(), &["run", "p.toml"]);
+    assert!(out.contains("sparse CPU engine"), "{out}");
 }
 
 /// Protocol-2 pickle of a unicode string.

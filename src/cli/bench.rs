@@ -8,9 +8,12 @@ use saeflow_core::models::spec::DeviceSpec;
 use saeflow_core::models::WeightFormat;
 use saeflow_runner::Error;
 
-/// The encoder product's precision, as `bench train --encoder` spells it.
+/// The encoder product's precision, as `bench train --encoder` spells it (the `train` stage's
+/// `encoder_precision`).
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum EncoderPrecision {
+    /// bf16 where the CPU multiplies bfloat16 natively, else f32 (the stage's default).
+    Auto,
     /// f32 throughout.
     F32,
     /// Latents ranked by a bf16 product.
@@ -20,7 +23,8 @@ pub enum EncoderPrecision {
 impl From<EncoderPrecision> for Precision {
     fn from(p: EncoderPrecision) -> Self {
         match p {
-            EncoderPrecision::F32 => Self::F32,
+            EncoderPrecision::Auto if Precision::bf16_native() => Self::Bf16,
+            EncoderPrecision::Auto | EncoderPrecision::F32 => Self::F32,
             EncoderPrecision::Bf16 => Self::Bf16,
         }
     }
@@ -78,8 +82,8 @@ pub enum BenchCommand {
         /// Timed steps (after 3 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// Encoder product that ranks the latents: f32 or bf16 (the sparse CPU engine).
-        #[arg(long, default_value = "f32")]
+        /// Encoder product that ranks the latents: auto, f32 or bf16 (the sparse CPU engine).
+        #[arg(long, default_value = "auto")]
         encoder: EncoderPrecision,
         /// Where to train: `cpu` (the sparse CPU engine), or `cuda`, `cuda:N` or `cpu-dense` for the
         /// device-resident engine (on a GPU, or on the CPU device).

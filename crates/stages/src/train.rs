@@ -15,7 +15,7 @@ use serde_json::json;
 
 use saeflow_core::cancel::Cancelled;
 use saeflow_core::data::activations::{ActivationStore, CaptureInfo};
-use saeflow_core::kernels::gemm::Precision;
+use saeflow_core::kernels::gemm::{Kernel, Precision};
 use saeflow_core::sae::adam::AdamConfig;
 use saeflow_core::sae::format::Provenance;
 use saeflow_core::sae::trainer::{self, Engine, LogRow, Stop, TrainConfig};
@@ -64,19 +64,25 @@ pub enum EngineChoice {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PrecisionChoice {
-    /// f32 throughout.
+    /// `bf16` where it applies (TopK on the sparse engine, on a CPU that multiplies bfloat16 natively),
+    /// `f32` otherwise.
     #[default]
+    Auto,
+    /// f32 throughout.
     F32,
-    /// Latents ranked by a bf16 product (twice the f32 rate on CPUs with AVX512-BF16), the chosen
-    /// activations computed in f32.
+    /// Latents ranked by a bf16 product (AMX tiles, else AVX512-BF16), the chosen activations computed in
+    /// f32; on a CPU with neither, the f32 product.
     Bf16,
 }
 
-impl From<PrecisionChoice> for Precision {
-    fn from(choice: PrecisionChoice) -> Self {
-        match choice {
-            PrecisionChoice::F32 => Precision::F32,
-            PrecisionChoice::Bf16 => Precision::Bf16,
+impl PrecisionChoice {
+    /// The product the sparse engine runs for `arch` on this CPU.
+    fn resolve(self, arch: Arch) -> Precision {
+        match self {
+            Self::F32 => Precision::F32,
+            Self::Bf16 => Precision::Bf16,
+            Self::Auto if arch == Arch::Topk && Precision::bf16_native() => Precision::Bf16,
+            Self::Auto => Precision::F32,
         }
     }
 }
@@ -125,8 +131,10 @@ pub struct TrainParams {
     /// in and a few scalars come out). Results agree to float rounding, not bit for bit.
     #[serde(default)]
     pub engine: EngineChoice,
-    /// Encoder product that ranks TopK latents on the sparse engine: `f32`, or `bf16` (faster; the kept
-    /// activations and every gradient stay f32, and only near-ties beyond a margin can rank differently).
+    /// Encoder product that ranks TopK latents on the sparse engine: `auto` (`bf16` where the CPU
+    /// multiplies bfloat16 natively, else `f32`), `f32`, or `bf16` (faster: candidates within a proven
+    /// error bound of the k-th bf16 value are recomputed in f32, so the chosen latents are f32 TopK's up to
+    /// f32 rounding order, and the kept activations and every gradient stay f32).
     #[serde(default)]
     pub encoder_precision: PrecisionChoice,
     /// Peak learning rate (default 2e-4 / √(d_sae / 2¹⁴), sparsify's rule for Adam).
@@ -522,13 +530,13 @@ fn prepare(p: &TrainParams, ctx: &StageContext) -> anyhow::Result<Prepared> {
         },
     };
     let device = saeflow_core::models::device(ctx.device)?;
-    let precision = Precision::from(p.encoder_precision);
+    let precision = p.encoder_precision.resolve(p.arch);
     let engine = match p.engine {
         EngineChoice::Sparse => Engine::Sparse(precision),
         EngineChoice::Auto if device.is_cpu() => Engine::Sparse(precision),
         _ => Engine::Dense(device),
     };
-    if let (Precision::Bf16, Engine::Dense(device)) = (precision, &engine) {
+    if let (PrecisionChoice::Bf16, Engine::Dense(device)) = (p.encoder_precision, &engine) {
         bail!(
             "encoder_precision = \"bf16\" runs on the sparse CPU engine, but `engine = \"auto\"` \
              chose the dense engine on {device:?}; set `engine = \"sparse\"` or `encoder_precision = \"f32\"`"
@@ -566,14 +574,7 @@ fn prepare(p: &TrainParams, ctx: &StageContext) -> anyhow::Result<Prepared> {
         p.input,
         p.batch_size,
         cfg.lr,
-        match &cfg.engine {
-            Engine::Sparse(Precision::F32) => "sparse CPU".to_string(),
-            Engine::Sparse(Precision::Bf16) if Precision::bf16_native() =>
-                "sparse CPU (bf16-ranked TopK)".to_string(),
-            Engine::Sparse(Precision::Bf16) =>
-                "sparse CPU (bf16 ranking asked, but this CPU lacks AVX512-BF16: f32)".to_string(),
-            Engine::Dense(d) => format!("dense {d:?}"),
-        }
+        engine_name(&cfg.engine)
     ));
     ctx.progress.set_total(steps * p.batch_size as u64);
     Ok(Prepared {
@@ -582,6 +583,22 @@ fn prepare(p: &TrainParams, ctx: &StageContext) -> anyhow::Result<Prepared> {
         hook,
         cfg,
     })
+}
+
+/// How `engine` trains on this machine, for the log and `train.json`.
+fn engine_name(engine: &Engine) -> String {
+    match engine {
+        Engine::Sparse(precision) => match Kernel::best(*precision) {
+            Kernel::Amx => "sparse CPU (bf16-ranked TopK, AMX)".into(),
+            Kernel::Avx512Bf16 => "sparse CPU (bf16-ranked TopK, AVX512-BF16)".into(),
+            _ if *precision == Precision::Bf16 => {
+                "sparse CPU (bf16 ranking asked, but this CPU lacks AMX and AVX512-BF16: f32)"
+                    .into()
+            }
+            _ => "sparse CPU".into(),
+        },
+        Engine::Dense(d) => format!("dense {d:?}"),
+    }
 }
 
 /// Writes a trained member's SAE, sparsity, log and summary into its output directory.
@@ -633,6 +650,7 @@ fn export(
         "tokens": steps * batch,
         "lr": cfg.lr,
         "input_scale": cfg.scale,
+        "engine": engine_name(&cfg.engine),
         "final": last,
         "dead_fraction": dead,
     });
