@@ -613,9 +613,10 @@ fn the_bf16_ranked_encoder_trains_the_same_sae_up_to_rounding() {
         (f32_fvu - bf16_fvu).abs() < 1e-5 * f32_fvu,
         "f32 {f32_fvu} vs bf16 {bf16_fvu}"
     );
-    // `auto` is bf16 ranking where the CPU multiplies bfloat16 natively, f32 elsewhere: the same bytes.
+    // `auto` is bf16 ranking where it outruns f32 (AMX, or AVX512-BF16 on AMD), f32 elsewhere: the same
+    // bytes.
     let (out, _, auto_weights) = train(None);
-    if saeflow_core::kernels::gemm::Precision::bf16_native() {
+    if saeflow_core::kernels::gemm::Precision::bf16_faster() {
         assert!(out.contains("sparse CPU (bf16-ranked TopK, "), "{out}");
         assert!(
             auto_weights == bf16_weights,
@@ -628,7 +629,7 @@ fn the_bf16_ranked_encoder_trains_the_same_sae_up_to_rounding() {
 }
 
 #[test]
-fn the_automatic_encoder_precision_is_f32_where_bf16_ranking_does_not_apply() {
+fn auto_keeps_the_f32_encoder_where_bf16_ranking_does_not_apply_or_pay() {
     // ReLU has no TopK to rank; the explicit `bf16` is refused there, the default quietly keeps f32.
     let dir = tempfile::tempdir().unwrap();
     pipeline(
@@ -637,6 +638,29 @@ fn the_automatic_encoder_precision_is_f32_where_bf16_ranking_does_not_apply() {
     );
     let out = ok(dir.path(), &["run", "p.toml"]);
     assert!(out.contains("sparse CPU engine"), "{out}");
+
+    // With AMX switched off bf16's kernel is AVX512-BF16: twice f32's rate on AMD, half of it on Intel.
+    use saeflow_core::kernels::{amd, gemm::Kernel};
+    let dir = tempfile::tempdir().unwrap();
+    pipeline(dir.path(), "tokens = 2560\nengine = \"sparse\"");
+    let out = common::saeflow(dir.path())
+        .env("SAEFLOW_AMX", "0")
+        .args(["run", "p.toml"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let avx512_bf16 = Kernel::Avx512Bf16.available();
+    let want = if avx512_bf16 && amd() {
+        "sparse CPU (bf16-ranked TopK, AVX512-BF16) engine"
+    } else {
+        "sparse CPU engine"
+    };
+    assert!(
+        log.contains(want),
+        "AVX512-BF16 {avx512_bf16}, AMD {}: {log}",
+        amd()
+    );
 }
 
 /// Protocol-2 pickle of a unicode string.

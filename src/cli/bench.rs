@@ -12,7 +12,7 @@ use saeflow_runner::Error;
 /// `encoder_precision`).
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum EncoderPrecision {
-    /// bf16 where the CPU multiplies bfloat16 natively, else f32 (the stage's default).
+    /// bf16 where it outruns f32 (AMX, or AVX512-BF16 on AMD), else f32 (the stage's default).
     Auto,
     /// f32 throughout.
     F32,
@@ -23,7 +23,7 @@ pub enum EncoderPrecision {
 impl From<EncoderPrecision> for Precision {
     fn from(p: EncoderPrecision) -> Self {
         match p {
-            EncoderPrecision::Auto if Precision::bf16_native() => Self::Bf16,
+            EncoderPrecision::Auto if Precision::bf16_faster() => Self::Bf16,
             EncoderPrecision::Auto | EncoderPrecision::F32 => Self::F32,
             EncoderPrecision::Bf16 => Self::Bf16,
         }

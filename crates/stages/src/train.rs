@@ -64,8 +64,8 @@ pub enum EngineChoice {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PrecisionChoice {
-    /// `bf16` where it applies (TopK on the sparse engine, on a CPU that multiplies bfloat16 natively),
-    /// `f32` otherwise.
+    /// `bf16` where it applies (TopK on the sparse engine) and bf16 products outrun f32 ones (AMX, or
+    /// AVX512-BF16 on AMD), `f32` otherwise.
     #[default]
     Auto,
     /// f32 throughout.
@@ -81,7 +81,7 @@ impl PrecisionChoice {
         match self {
             Self::F32 => Precision::F32,
             Self::Bf16 => Precision::Bf16,
-            Self::Auto if arch == Arch::Topk && Precision::bf16_native() => Precision::Bf16,
+            Self::Auto if arch == Arch::Topk && Precision::bf16_faster() => Precision::Bf16,
             Self::Auto => Precision::F32,
         }
     }
@@ -132,7 +132,7 @@ pub struct TrainParams {
     #[serde(default)]
     pub engine: EngineChoice,
     /// Encoder product that ranks TopK latents on the sparse engine: `auto` (`bf16` where the CPU
-    /// multiplies bfloat16 natively, else `f32`), `f32`, or `bf16` (faster: candidates within a proven
+    /// has AMX, or AVX512-BF16 on AMD; else `f32`), `f32`, or `bf16` (faster: candidates within a proven
     /// error bound of the k-th bf16 value are recomputed in f32, so the chosen latents are f32 TopK's up to
     /// f32 rounding order, and the kept activations and every gradient stay f32).
     #[serde(default)]

@@ -43,6 +43,15 @@ impl Precision {
     pub fn bf16_native() -> bool {
         Kernel::Amx.available() || Kernel::Avx512Bf16.available()
     }
+
+    /// Whether bf16 products outrun f32 ones on this CPU, so a choice left to the program takes them: AMX
+    /// tiles (~4× the f32 rate), or AVX512-BF16 on AMD (Zen 4 and later issue `vdpbf16ps` at the FMA
+    /// rate, twice f32's flops: ~380 against ~200 GFLOP/s on the SAE step's product). Intel issues
+    /// `vdpbf16ps` on one port where f32 FMAs use two: 180 against 375 GFLOP/s on a Xeon (family 6 model
+    /// 207) with AMX switched off, so there bf16 without AMX is slower than f32.
+    pub fn bf16_faster() -> bool {
+        Kernel::Amx.available() || (Kernel::Avx512Bf16.available() && super::amd())
+    }
 }
 
 /// Which implementation multiplies. [`Kernel::best`] chooses per call from what the CPU has; tests and

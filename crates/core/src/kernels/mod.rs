@@ -13,6 +13,21 @@ pub mod simd;
 pub(crate) mod test_data;
 pub mod vector;
 
+/// Whether the CPU is AMD's (CPUID vendor "AuthenticAMD"): its bf16 dot product runs at a different rate
+/// from Intel's ([`gemm::Precision::bf16_faster`]).
+pub fn amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let leaf0 = unsafe { std::arch::x86_64::__cpuid(0) };
+        // The vendor string is EBX, EDX, ECX: "Auth" "enti" "cAMD".
+        [leaf0.ebx, leaf0.edx, leaf0.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Whether the AVX-512 kernels may run: the CPU has AVX-512F and `SAEFLOW_AVX512=0` does not say no. The
 /// switch runs a CPU without AVX-512's paths (candle's matmul for the model's layers, the `gemm` crate,
 /// AVX2 loops) on one that has it, for tests and measurements; every kernel asks this, not the CPU.
@@ -25,4 +40,21 @@ pub fn avx512() -> bool {
         let has = false;
         has && std::env::var("SAEFLOW_AVX512").as_deref() != Ok("0")
     })
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #[test]
+    fn the_vendor_is_the_one_linux_reports() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let vendor = cpuinfo.lines().find_map(|l| l.strip_prefix("vendor_id"));
+        let Some(vendor) = vendor else {
+            eprintln!("SKIPPED: /proc/cpuinfo names no vendor_id (not x86)");
+            return;
+        };
+        assert_eq!(
+            super::amd(),
+            vendor.trim_start_matches([' ', '\t', ':']) == "AuthenticAMD"
+        );
+    }
 }
