@@ -240,33 +240,13 @@ pub fn multiply_visit<R: Send>(
     let (m, d) = (b.m, b.d);
     assert!(m > 0 && a.len() == n * d && out.as_ref().is_none_or(|out| out.len() == n * m));
     assert!(bias.is_none_or(|bias| bias.len() == m));
-    // Each task: its first row, its number of rows, and its rows of `out` if there is one.
-    let tasks: Vec<(usize, usize, Option<&mut [f32]>)> = match out {
-        Some(out) => super::gemm::row_tasks(out, m, BLOCK, ROWS_PER_TASK)
-            .into_iter()
-            .map(|(row0, out)| (row0, out.len() / m, Some(out)))
-            .collect(),
-        None => super::gemm::row_ranges(n, BLOCK, ROWS_PER_TASK)
-            .into_iter()
-            .map(|(row0, rows)| (row0, rows, None))
-            .collect(),
+    let compute = |row0: usize, out: &mut [f32]| {
+        let rows = out.len() / m;
+        // SAFETY: f32 and MaybeUninit<f32> have the same layout, and only initialised values are written.
+        let uninit = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        task(&a[row0 * d..][..rows * d], b, bias, uninit);
     };
-    tasks
-        .into_par_iter()
-        .map_init(Vec::new, |scratch: &mut Vec<f32>, (row0, rows, out)| {
-            let out = match out {
-                Some(out) => out,
-                None => {
-                    scratch.resize(rows * m, 0.0);
-                    &mut scratch[..rows * m]
-                }
-            };
-            // SAFETY: f32 and MaybeUninit<f32> have the same layout, and only initialised values are written.
-            let uninit = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-            task(&a[row0 * d..][..rows * d], b, bias, uninit);
-            visit(row0, out)
-        })
-        .collect()
+    super::gemm::visit_row_tasks(n, m, BLOCK, ROWS_PER_TASK, out, compute, visit)
 }
 
 /// The rows of `a` times `b`, into the same rows of `out`. Per 32-column panel of `b`, the depth is summed

@@ -138,6 +138,129 @@ pub fn matmul_nt_bias_in(
     matmul_nt_bias_with(Kernel::best(precision), a, b, bias, out, n, m, d)
 }
 
+/// [`matmul_nt_bias_with`] handed task by task to `visit(first_row, rows)` right after each task's rows are
+/// computed, while they are in cache; stored in `out` if given, else only in a scratch buffer each thread
+/// reuses (a pass over the product, such as the SAE step's top-k scan, then costs neither the 4 bytes per
+/// value written to memory nor their reading back). The values are [`matmul_nt_bias_with`]'s bits. Returns
+/// what `visit` returned, in row order (one result per task; the `gemm` crate's kernel computes the whole
+/// product first).
+///
+/// # Panics
+/// As [`matmul_nt_bias_with`], or if `m` is 0.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nt_bias_visit<R: Send>(
+    kernel: Kernel,
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    out: Option<&mut [f32]>,
+    n: usize,
+    m: usize,
+    d: usize,
+    visit: impl Fn(usize, &[f32]) -> R + Sync,
+) -> Vec<R> {
+    assert!(m > 0 && a.len() == n * d && b.len() == m * d);
+    assert!(out.as_ref().is_none_or(|out| out.len() == n * m));
+    assert!(bias.is_none_or(|bias| bias.len() == m));
+    assert!(
+        kernel.available(),
+        "the {kernel:?} GEMM kernel needs a CPU feature this one lacks"
+    );
+    if d > 0 {
+        match kernel {
+            Kernel::Amx => {
+                let packed = super::amx::PackedB::new(b, m, d);
+                return super::amx::multiply_visit(a, n, &packed, bias, out, visit);
+            }
+            Kernel::Avx512Bf16 => {
+                return visit_blocked(&Packed::<Bf16Pairs>::new(b, m, d), a, bias, out, visit)
+            }
+            Kernel::Avx512 => {
+                return visit_blocked(&Packed::<F32s>::new(b, m, d), a, bias, out, visit)
+            }
+            Kernel::Portable => {}
+        }
+    }
+    let mut whole = Vec::new();
+    let out = out.unwrap_or_else(|| {
+        whole.resize(n * m, 0.0);
+        &mut whole
+    });
+    matmul_nt_bias_with(kernel, a, b, bias, out, n, m, d);
+    let out = &*out;
+    row_ranges(n, MR, MC)
+        .into_par_iter()
+        .map(|(row0, rows)| visit(row0, &out[row0 * m..][..rows * m]))
+        .collect()
+}
+
+/// [`matmul_nt_bias_visit`] on a packed AVX-512 kernel: tasks of whole rows (all column panels), as
+/// [`multiply_packed`] splits a product of many rows, so every sum is the same.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn visit_blocked<K: Packing, R: Send>(
+    b: &Packed<K>,
+    a: &[f32],
+    bias: Option<&[f32]>,
+    out: Option<&mut [f32]>,
+    visit: impl Fn(usize, &[f32]) -> R + Sync,
+) -> Vec<R> {
+    let (m, d) = (b.m, b.d);
+    let n = a.len() / d;
+    let padded_bias = padded_bias(bias, m);
+    let panels = 0..m.div_ceil(NR);
+    let compute = |row0: usize, out: &mut [f32]| {
+        let rows = out.len() / m;
+        let task = Task {
+            rows: 0..rows,
+            panels: panels.clone(),
+        };
+        let a_rows = K::rows(&a[row0 * d..][..rows * d], d);
+        // SAFETY: `out` holds the task's rows × m floats, which only this task touches.
+        unsafe { block(&a_rows, b, &padded_bias, SharedOut(out.as_mut_ptr()), &task) };
+    };
+    visit_row_tasks(n, m, MR, MC, out, compute, visit)
+}
+
+/// `n` rows of `m` values split as [`row_ranges`] splits them; per task `compute(first_row, its rows)` into
+/// its rows of `out` if given, else into a scratch buffer each thread reuses, then `visit(first_row, its
+/// rows)` while they are in cache. Returns what `visit` returned, in row order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn visit_row_tasks<R: Send>(
+    n: usize,
+    m: usize,
+    unit: usize,
+    max_rows: usize,
+    out: Option<&mut [f32]>,
+    compute: impl Fn(usize, &mut [f32]) + Sync,
+    visit: impl Fn(usize, &[f32]) -> R + Sync,
+) -> Vec<R> {
+    // Each task: its first row, its number of rows, and its rows of `out` if there is one.
+    let tasks: Vec<(usize, usize, Option<&mut [f32]>)> = match out {
+        Some(out) => row_tasks(out, m, unit, max_rows)
+            .into_iter()
+            .map(|(row0, out)| (row0, out.len() / m, Some(out)))
+            .collect(),
+        None => row_ranges(n, unit, max_rows)
+            .into_iter()
+            .map(|(row0, rows)| (row0, rows, None))
+            .collect(),
+    };
+    tasks
+        .into_par_iter()
+        .map_init(Vec::new, |scratch: &mut Vec<f32>, (row0, rows, out)| {
+            let out = match out {
+                Some(out) => out,
+                None => {
+                    scratch.resize(rows * m, 0.0);
+                    &mut scratch[..rows * m]
+                }
+            };
+            compute(row0, out);
+            visit(row0, out)
+        })
+        .collect()
+}
+
 /// [`matmul_nt_bias`] on a chosen kernel.
 ///
 /// # Panics
@@ -478,17 +601,21 @@ unsafe fn multiply_packed<K: Packing>(
 ) {
     let (m, d) = (b.m, b.d);
     assert!(a.len() == n * d);
-    let panels = m.div_ceil(NR);
-    // The bias, zero-padded to whole panels; added by the first depth block's tiles.
-    let mut padded_bias = vec![0f32; panels * NR];
-    if let Some(bias) = bias {
-        padded_bias[..m].copy_from_slice(bias);
-    }
+    let padded_bias = padded_bias(bias, m);
     grid(n, m).into_par_iter().for_each(|task| {
         let a_rows = K::rows(&a[task.rows.start * d..task.rows.end * d], d);
         // SAFETY: the task's rectangle lies inside `out` (n × m), and no other task writes it.
         unsafe { block(&a_rows, b, &padded_bias, shared, &task) };
     });
+}
+
+/// The bias (or zeros), zero-padded to whole panels of `m` columns; the first depth block's tiles add it.
+fn padded_bias(bias: Option<&[f32]>, m: usize) -> Vec<f32> {
+    let mut padded = vec![0f32; m.div_ceil(NR) * NR];
+    if let Some(bias) = bias {
+        padded[..m].copy_from_slice(bias);
+    }
+    padded
 }
 
 /// One task of a product: rows `rows` of `out` times the column panels `panels`.
@@ -1013,6 +1140,60 @@ mod tests {
                     .all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{kernel:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_visited_product_gives_the_products_bits_every_row_once_in_order() {
+        // Several tasks (n > MC), a partial last row group, m not a multiple of a panel; stored or not.
+        for (n, m, d) in [(0, 7, 5), (1, 5, 3), (301, 70, 33), (260, 45, 1100)] {
+            let a = random(n * d, 11, 1.0);
+            let b = random(m * d, 12, 1.0);
+            let bias = random(m, 13, 1.0);
+            for kernel in Kernel::ALL.into_iter().filter(|k| k.available()) {
+                for bias in [None, Some(&bias[..])] {
+                    let mut want = vec![0f32; n * m];
+                    matmul_nt_bias_with(kernel, &a, &b, bias, &mut want, n, m, d);
+                    for store in [false, true] {
+                        let mut stored = vec![f32::NAN; n * m];
+                        let out = store.then_some(&mut stored[..]);
+                        let visits = matmul_nt_bias_visit(
+                            kernel,
+                            &a,
+                            &b,
+                            bias,
+                            out,
+                            n,
+                            m,
+                            d,
+                            |row0, rows| (row0, rows.to_vec()),
+                        );
+                        let mut next = 0;
+                        let mut seen = Vec::new();
+                        for (row0, rows) in &visits {
+                            assert_eq!(
+                                *row0, next,
+                                "{kernel:?} ({n}, {m}, {d}): rows out of order"
+                            );
+                            next += rows.len() / m;
+                            seen.extend_from_slice(rows);
+                        }
+                        assert_eq!(next, n, "{kernel:?} ({n}, {m}, {d}): rows missed");
+                        assert!(n < 2 * MC || visits.len() > 1, "{kernel:?}: one task");
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert!(
+                            bits(&seen) == bits(&want),
+                            "{kernel:?} ({n}, {m}, {d}) visited"
+                        );
+                        if store {
+                            assert!(
+                                bits(&stored) == bits(&want),
+                                "{kernel:?} ({n}, {m}, {d}) stored"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

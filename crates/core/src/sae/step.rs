@@ -18,8 +18,7 @@
 use rayon::prelude::*;
 
 use super::select::{keep, select_above, select_batch, select_rows, top_k_unrestricted, Selection};
-use crate::kernels::amx;
-use crate::kernels::gemm::{matmul_nt_bias, matmul_nt_bias_with, Kernel, Precision};
+use crate::kernels::gemm::{matmul_nt_bias, matmul_nt_bias_visit, Kernel, Precision};
 use crate::kernels::simd::{axpy, bf16_rounding_norms, dot, dot4, prefetch};
 
 /// Tokens per block of the passes taken latent by latent (the exact re-ranking, decoding): a block's rows
@@ -243,8 +242,8 @@ impl Weights {
 
     /// Centred inputs x − b_dec, each token's top k latents, and how many latents per token had their
     /// pre-activation recomputed exactly (0 for f32). `pre` holds the pre-activations afterwards (the
-    /// product's: bf16's for a bf16 product) if `keep_pre`; otherwise it is scratch, left holding anything
-    /// (AMX's product is scanned as it is made, never stored).
+    /// product's: bf16's for a bf16 product) if `keep_pre`; otherwise it is untouched (the product is
+    /// scanned task by task as it is made, in cache, and stored only when asked).
     ///
     /// With a bf16 product the selection is made exact: per token, every latent whose bf16
     /// pre-activation is within twice a bound E of the k-th largest is a candidate; candidates get their
@@ -281,14 +280,21 @@ impl Weights {
         let n = x.len() / d;
         let centered = self.centered(x);
         let b_enc = Some(&self.b_enc[..]);
-        // AMX's product is scanned as it is made (below); the others are stored first.
-        if kernel != Kernel::Amx {
+        // Each task's rows are scanned as soon as the product makes them, in cache; stored only if asked.
+        if keep_pre {
             pre.resize(n * m, 0.0);
-            matmul_nt_bias_with(kernel, &centered, &self.w_enc, b_enc, pre, n, m, d);
-            if !kernel.is_bf16() {
-                let sel = select_rows(pre, m, k, None);
-                return (centered, sel, 0.0);
+        }
+        let out = keep_pre.then_some(&mut pre[..]);
+        let (w_enc, x) = (&self.w_enc[..], &centered[..]);
+        if !kernel.is_bf16() {
+            let (mut index, mut value) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
+            let top_k = |_, rows: &[f32]| select_rows(rows, m, k, None);
+            for part in matmul_nt_bias_visit(kernel, x, w_enc, b_enc, out, n, m, d, top_k) {
+                index.extend(part.index);
+                value.extend(part.value);
             }
+            let offsets = (0..=n).map(|t| t * k).collect();
+            return (centered, Selection { offsets, index, value }, 0.0);
         }
         // Each token's candidates: the values within its slack (twice its bound E, with 1% for the norms'
         // rounding) of its k-th largest.
@@ -309,27 +315,15 @@ impl Weights {
             top_k_unrestricted(row, k, slack, &mut list);
             list
         };
-        let candidates: Vec<Vec<(f32, u32)>> = if kernel == Kernel::Amx {
-            // Each task's rows are scanned as soon as they are made, in cache; stored only if asked.
-            let packed = amx::PackedB::new(&self.w_enc, m, d);
-            if keep_pre {
-                pre.resize(n * m, 0.0);
-            }
-            let out = keep_pre.then_some(&mut pre[..]);
-            let scan = |row0: usize, rows: &[f32]| -> Vec<_> {
-                let rows = rows.chunks(m).enumerate();
-                rows.map(|(t, row)| candidates_of(row0 + t, row)).collect()
-            };
-            amx::multiply_visit(&centered, n, &packed, b_enc, out, scan)
+        let scan = |row0: usize, rows: &[f32]| -> Vec<_> {
+            let rows = rows.chunks(m).enumerate();
+            rows.map(|(t, row)| candidates_of(row0 + t, row)).collect()
+        };
+        let candidates: Vec<Vec<(f32, u32)>> =
+            matmul_nt_bias_visit(kernel, x, w_enc, b_enc, out, n, m, d, scan)
                 .into_iter()
                 .flatten()
-                .collect()
-        } else {
-            pre.par_chunks(m)
-                .enumerate()
-                .map(|(t, row)| candidates_of(t, row))
-                .collect()
-        };
+                .collect();
         let exact: usize = candidates.iter().map(Vec::len).sum();
         // Their exact values, then per token the k largest, ties to the lower index. (`pre` keeps the bf16
         // values: AuxK ranks dead latents on them; writing the exact values back, to random places in
