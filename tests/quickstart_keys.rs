@@ -8,7 +8,8 @@
 //! VERSION 4 (chat templates rendered by Jinja) `acts` and everything after it, and steer VERSION 4
 //! (strengths in residual-norm units, random controls, intervals) `steer`, and steer VERSION 5 (prompts
 //! generated in one batch) with capture VERSION 5 and eval VERSION 3 (the model's linear layers on
-//! kernels::gemm) `acts` and everything after it. A deliberate
+//! kernels::gemm) `acts` and everything after it, and train's `encoder_precision = "auto"` default (bf16
+//! ranking where it outruns f32, the same latents) `sae` and everything after it. A deliberate
 //! change to a stage kind bumps its `VERSION` and
 //! updates the values here, saying why in the commit.
 
@@ -28,51 +29,51 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "eval[sae.k=16]",
-        "2570e0b2aa5579e0c10c637e996d895f6060544c730142f6df57eabcfc8ed558",
+        "70069ff2488dc3a79f65cd34a656a900db71a05f44095c2a9dbc92aa4ad0d535",
     ),
     (
         "eval[sae.k=4]",
-        "7c1f5a0964fcf485c13b34c9399f378351345ede102528baf9701f3072f59f31",
+        "410525584fde3a37c5ce871bf86b71ce853ac0d6976d89137809435083177b9b",
     ),
     (
         "eval[sae.k=8]",
-        "1a8044611e66ec00c06123f7c45fd209d76ddca8cb9ea0e03af26606806be098",
+        "20a5bcf46f1de0aaeb84e36956fa5fff9aa6607c158bdadf343a75f758d61003",
     ),
     (
         "labels[sae.k=16]",
-        "9593cab5c714eda26961fcb8b85ce252f0c8513abe6119be79abf3ad4d7a35d6",
+        "f3fe311f280612bef1ccd1b532cf07bf74a77f291440b2c842b9b46fd3d6e4db",
     ),
     (
         "labels[sae.k=4]",
-        "1ee78bf7d4ce1dfa0cb046547422248d5633459d9912fc45fdffbff83a416457",
+        "763aa9111b90d6004391683ee9cfc5ac974d970e84d353fcd33d51d94b2ac126",
     ),
     (
         "labels[sae.k=8]",
-        "96a6996e2faa4a8bcf01188a16627214e92f5aeb1749343ff5595488bf88f78c",
+        "a10d30f45c220919988568d557b00bc3df90059ae3afa5aa61931a4c6ed67d20",
     ),
     (
         "sae[k=16]",
-        "dca1a1200105ec3b4ac83a56746f598a8f776684d4155a3b7f06e59ba87240d5",
+        "40fba60a48651de19622c27a34755a335b10565e78e401701cc70d0d4b342b09",
     ),
     (
         "sae[k=4]",
-        "a2eea31a987dccca6aa6fe3232df87a9949d6c6a2ce71dfed015444496f77b1d",
+        "8a69e2b5f3edfc04665b8ce03772c5700aeee4a7892afadc6e59b3bb85a3cc8d",
     ),
     (
         "sae[k=8]",
-        "d30a192115b29831669d8f5a72b19498ba453ad28d597df9d7868dcf24deaa80",
+        "0cfaa7a52c10d5f8a89237a446a678d1b6e46c817971f4dbedeaee73b9fe8b01",
     ),
     (
         "steer[sae.k=16]",
-        "756edcd2120543c99a33b0a89feb525c92c62aecbe823448359b350de5a69c91",
+        "b530b96bc2db498e545e974b847a4d82c4d0087168579c7ad59ab0c365f9cfd2",
     ),
     (
         "steer[sae.k=4]",
-        "078c9b6e4f33fb13ecf210bba8783c641ea50f40a69b4b009666041a33e9b2c2",
+        "90bf74bd196e1c45cb9499db0836782e81273836b882f11d82f09be27a821a53",
     ),
     (
         "steer[sae.k=8]",
-        "fdcd53fb552a15cd105dd3290bbe143ba553eef9f1c6c681df90d996b061fdfa",
+        "6b382ab1318a2dfdce21da139fc51bfc0477885f2b76cddc36effa36df3aad90",
     ),
 ];
 
