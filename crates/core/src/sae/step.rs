@@ -294,7 +294,12 @@ impl Weights {
                 value.extend(part.value);
             }
             let offsets = (0..=n).map(|t| t * k).collect();
-            return (centered, Selection { offsets, index, value }, 0.0);
+            let selection = Selection {
+                offsets,
+                index,
+                value,
+            };
+            return (centered, selection, 0.0);
         }
         // Each token's candidates: the values within its slack (twice its bound E, with 1% for the norms'
         // rounding) of its k-th largest.
