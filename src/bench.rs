@@ -412,9 +412,8 @@ pub fn train(
         "saeflow topk, {} encoder: d_in {d_in}, d_sae {d_sae}, k {k}, batch {batch}, {} threads: {:.0} tokens/s, \
          {:.1} ms/step, {:.1} GFLOP/s on the needed work, FVU {fvu:.4}",
         match Kernel::best(precision) {
-            Kernel::Amx => "bf16-ranked (AMX)",
-            Kernel::Avx512Bf16 => "bf16-ranked (AVX512-BF16)",
-            _ => "f32",
+            kernel if kernel.is_bf16() => format!("bf16-ranked ({})", kernel.name()),
+            _ => "f32".into(),
         },
         rayon::current_num_threads(),
         (batch * steps) as f64 / secs,

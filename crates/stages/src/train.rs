@@ -589,8 +589,9 @@ fn prepare(p: &TrainParams, ctx: &StageContext) -> anyhow::Result<Prepared> {
 fn engine_name(engine: &Engine) -> String {
     match engine {
         Engine::Sparse(precision) => match Kernel::best(*precision) {
-            Kernel::Amx => "sparse CPU (bf16-ranked TopK, AMX)".into(),
-            Kernel::Avx512Bf16 => "sparse CPU (bf16-ranked TopK, AVX512-BF16)".into(),
+            kernel if kernel.is_bf16() => {
+                format!("sparse CPU (bf16-ranked TopK, {})", kernel.name())
+            }
             _ if *precision == Precision::Bf16 => {
                 "sparse CPU (bf16 ranking asked, but this CPU lacks AMX and AVX512-BF16: f32)"
                     .into()

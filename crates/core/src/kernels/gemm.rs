@@ -96,6 +96,16 @@ impl Kernel {
         matches!(self, Kernel::Amx | Kernel::Avx512Bf16)
     }
 
+    /// The instruction set it runs on, as logs and benchmarks name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "AMX",
+            Kernel::Avx512Bf16 => "AVX512-BF16",
+            Kernel::Avx512 => "AVX-512",
+            Kernel::Portable => "portable",
+        }
+    }
+
     /// The fastest available kernel of `precision` (bf16 falls back to f32 where the CPU has no bf16).
     pub fn best(precision: Precision) -> Kernel {
         Kernel::ALL
