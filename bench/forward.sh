@@ -9,7 +9,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 py=${1:-python3}
 cd "$here"
 lscpu | grep -E 'Model name|^CPU\(s\)|^CPU family|^Model:' | sed 's/  */ /g'
-grep -o -w -E 'avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+# The vector instruction sets the kernels choose from (none of the AVX-512 ones on, say, an AMD Zen 3).
+{ grep -o -w -E 'avx2|fma|avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo || true; } | sort -u | tr '\n' ' '; echo
 
 m=../shared/models/smollm2-135m-instruct-q4_1
 g=SmolLM2-135M-Instruct.Q4_1.gguf
