@@ -136,13 +136,13 @@ pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
             })?;
             report(&format!("kernels {kernel:?}"), best);
         }
-        if Kernel::Avx512.available() {
+        if let Some(kernel) = gemm::PackedB::kernel() {
             let packed = gemm::PackedB::new(&b, out, inner);
             let best = best_of(&mut || {
                 gemm::multiply(&a, &packed, None, &mut y);
                 Ok(())
             })?;
-            report("kernels Avx512 packed", best);
+            report(&format!("kernels {kernel:?} packed"), best);
         }
         if amx::available() {
             let packed = amx::PackedB::new(&b, out, inner);

@@ -1,6 +1,6 @@
 //! Test preconditions (see `preconditions.rs`): saeflow-core's own tests need `../shared`, a C++20
 //! compiler to run the CUDA kernels under emulation, with the `cuda` feature a GPU, and the CPU kernels'
-//! tests of AVX-512, AVX512-BF16 and AMX a CPU that has them.
+//! tests of AVX2, AVX-512, AVX512-BF16 and AMX a CPU that has them.
 include!("preconditions.rs");
 
 fn main() {
@@ -8,6 +8,7 @@ fn main() {
         .shared()
         .tool("cxx", &["g++"], "apt-get install g++")
         .gpu()
+        .cpu("avx2", cpu_has("avx2"), "AVX2 and FMA")
         .cpu("avx512f", cpu_has("avx512f"), "AVX-512")
         .cpu("avx512bf16", cpu_has("avx512bf16"), "AVX512-BF16")
         .cpu("amx", cpu_has("amx"), "AMX-BF16 tiles")
@@ -20,6 +21,10 @@ fn cpu_has(feature: &str) -> bool {
     {
         use std::arch::x86_64::{__cpuid_count, __get_cpuid_max};
         return match feature {
+            "avx2" => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
             "avx512bf16" => {
                 std::arch::is_x86_feature_detected!("avx512f")

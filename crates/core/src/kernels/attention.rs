@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::vector::softmax_row;
+use super::Isa;
 
 /// Query rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -81,6 +82,21 @@ pub fn causal_attention(
     vis: Visibility,
     out: &mut [f32],
 ) {
+    causal_attention_on(Isa::best(), q, k, v, e, scale, vis, out)
+}
+
+/// [`causal_attention`] on a chosen build.
+#[allow(clippy::too_many_arguments)]
+fn causal_attention_on(
+    isa: Isa,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    e: Extents,
+    scale: f32,
+    vis: Visibility,
+    out: &mut [f32],
+) {
     let Extents {
         pairs,
         rows,
@@ -106,10 +122,7 @@ pub fn causal_attention(
             }
         });
     // Four rows at a time share every key and value load (a lone row waits on the cache, not the FMAs).
-    #[cfg(target_arch = "x86_64")]
-    let grouped = hd.is_multiple_of(64) && super::avx512();
-    #[cfg(not(target_arch = "x86_64"))]
-    let grouped = false;
+    let grouped = hd.is_multiple_of(64) && isa == Isa::Avx512;
     out.par_chunks_mut(rows * hd)
         .enumerate()
         .for_each(|(pair, out)| {
@@ -147,7 +160,17 @@ pub fn causal_attention(
                         } else {
                             let (q, out) = (&q[i * hd..][..hd], &mut out[i * hd..][..hd]);
                             let scores = &mut scores[..padded];
-                            row(q, kt, padded, v, seen(i), (scale, vis, pair), scores, out);
+                            row(
+                                isa,
+                                q,
+                                kt,
+                                padded,
+                                v,
+                                seen(i),
+                                (scale, vis, pair),
+                                scores,
+                                out,
+                            );
                             i += 1;
                         }
                     }
@@ -158,6 +181,7 @@ pub fn causal_attention(
 /// One query row over its first `seen` keys; `how` = (scale, visibility, pair).
 #[allow(clippy::too_many_arguments)]
 fn row(
+    isa: Isa,
     q: &[f32],
     kt: &[f32],
     padded: usize,
@@ -170,14 +194,26 @@ fn row(
     let hd = q.len();
     let (scale, vis, pair) = how;
     let first = vis.first(pair, seen);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(16) && super::avx512() {
-        // SAFETY: AVX-512F was just detected; `kt` holds hd rows of `padded` ≥ seen (rounded up to 16)
-        // floats, `v` seen rows of hd, `scores` padded floats, `out` hd.
-        unsafe { avx512::weighted_rows(q, kt.as_ptr(), padded, seen, scores.as_mut_ptr()) };
-        vis.probabilities(&mut scores[..seen], first, scale);
-        unsafe { avx512::weighted_rows(&scores[..seen], v.as_ptr(), hd, hd, out.as_mut_ptr()) };
-        return;
+    {
+        type WeightedRows = unsafe fn(&[f32], *const f32, usize, usize, *mut f32);
+        let weighted: Option<WeightedRows> = match isa {
+            Isa::Avx512 if hd.is_multiple_of(16) => Some(avx512::weighted_rows),
+            // An AVX-512 CPU has AVX2 too: a width of 8·odd takes the 8-lane build.
+            Isa::Avx512 | Isa::Avx2 if hd.is_multiple_of(8) => Some(avx2::weighted_rows),
+            _ => None,
+        };
+        if let Some(weighted_rows) = weighted {
+            // SAFETY: the CPU has the chosen build's features (`isa` is one it runs); `kt` holds hd rows of
+            // `padded` ≥ seen (rounded up to 16) floats, `v` seen rows of hd (a multiple of the build's
+            // lanes), `scores` padded floats, `out` hd.
+            unsafe { weighted_rows(q, kt.as_ptr(), padded, seen, scores.as_mut_ptr()) };
+            vis.probabilities(&mut scores[..seen], first, scale);
+            unsafe { weighted_rows(&scores[..seen], v.as_ptr(), hd, hd, out.as_mut_ptr()) };
+            return;
+        }
     }
     for (j, s) in scores[..seen].iter_mut().enumerate() {
         *s = q
@@ -370,6 +406,69 @@ mod avx512 {
     }
 }
 
+/// [`avx512::weighted_rows`] on 8 lanes, for CPUs with AVX2 and FMA only (AMD Zen 1–3): a query row at a
+/// time (the four-row groups need more than AVX2's 16 registers).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Columns one pass accumulates: 4 registers of 8, twice (even and odd rows): 8 of the 16 registers.
+    const BLOCK: usize = 32;
+
+    /// `out[c] = Σ_i w_i · rows[i][c]` for the columns `c < width` (up to the next multiple of 8; the
+    /// rest is not written), rows `stride` apart.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_rows(
+        w: &[f32],
+        rows: *const f32,
+        stride: usize,
+        width: usize,
+        out: *mut f32,
+    ) {
+        for from in (0..width).step_by(BLOCK) {
+            let (at, to) = (rows.add(from), out.add(from));
+            match (width - from).min(BLOCK).div_ceil(8) {
+                1 => column_block::<1>(w, at, stride, to),
+                2 => column_block::<2>(w, at, stride, to),
+                3 => column_block::<3>(w, at, stride, to),
+                _ => column_block::<4>(w, at, stride, to),
+            }
+        }
+    }
+
+    /// [`weighted_rows`] for 8·N columns, even and odd rows in separate accumulators.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn column_block<const N: usize>(
+        w: &[f32],
+        rows: *const f32,
+        stride: usize,
+        out: *mut f32,
+    ) {
+        let (mut even, mut odd) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+        let mut at = rows;
+        let pairs = w.chunks_exact(2);
+        let last = pairs.remainder().first().copied();
+        for pair in pairs {
+            let (x0, x1) = (_mm256_set1_ps(pair[0]), _mm256_set1_ps(pair[1]));
+            for c in 0..N {
+                even[c] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(at.add(8 * c)), even[c]);
+                odd[c] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(at.add(stride + 8 * c)), odd[c]);
+            }
+            at = at.add(2 * stride);
+        }
+        if let Some(x) = last {
+            let x = _mm256_set1_ps(x);
+            for (c, even) in even.iter_mut().enumerate() {
+                *even = _mm256_fmadd_ps(x, _mm256_loadu_ps(at.add(8 * c)), *even);
+            }
+        }
+        for c in 0..N {
+            _mm256_storeu_ps(out.add(8 * c), _mm256_add_ps(even[c], odd[c]));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,13 +534,15 @@ mod tests {
     #[test]
     fn matches_the_definition_for_prefill_gqa_decode_and_odd_widths() {
         // (pairs, groups, t, cached keys, head_dim): GQA prefill with more keys than one block; decode
-        // (t = 1) after 200 cached keys; a chunked prefill after a cache; a width without AVX-512 path;
+        // (t = 1) after 200 cached keys; a chunked prefill after a cache; a width without a vector path;
+        // one of 8 lanes but not 16;
         // four-row groups that straddle query heads (positions wrap inside a group).
         for &(pairs, groups, t, cached, hd) in &[
             (3, 3, 130, 0, 64),
             (2, 1, 1, 200, 32),
             (2, 2, 5, 17, 48),
             (1, 2, 9, 0, 20),
+            (2, 2, 7, 33, 40),
             (2, 4, 3, 70, 128),
         ] {
             let e = Extents {
@@ -469,14 +570,17 @@ mod tests {
                     ..Visibility::default()
                 },
             ];
-            for vis in narrowed {
+            for (vis, isa) in narrowed
+                .into_iter()
+                .flat_map(|vis| Isa::available().into_iter().map(move |isa| (vis, isa)))
+            {
                 let mut out = vec![f32::NAN; q.len()];
-                causal_attention(&q, &k, &v, e, scale, vis, &mut out);
+                causal_attention_on(isa, &q, &k, &v, e, scale, vis, &mut out);
                 let want = reference(&q, &k, &v, e, scale, vis);
                 for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
                     assert!(
                         (g as f64 - w).abs() < 1e-5,
-                        "{e:?} {vis:?} element {i}: {g} vs {w}"
+                        "{isa:?} {e:?} {vis:?} element {i}: {g} vs {w}"
                     );
                 }
             }
@@ -505,15 +609,17 @@ mod tests {
                 }
             }
         }
-        let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
-        let vis = Visibility::default();
-        causal_attention(&q, &k, &v, e, 0.125, vis, &mut a);
-        causal_attention(&q, &k2, &v2, e, 0.125, vis, &mut b);
-        for pair in 0..e.pairs {
-            for r in 0..e.rows {
-                let row = (pair * e.rows + r) * 64;
-                let same = a[row..row + 64] == b[row..row + 64];
-                assert_eq!(same, r % 40 < 20, "pair {pair} row {r}");
+        for isa in Isa::available() {
+            let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+            let vis = Visibility::default();
+            causal_attention_on(isa, &q, &k, &v, e, 0.125, vis, &mut a);
+            causal_attention_on(isa, &q, &k2, &v2, e, 0.125, vis, &mut b);
+            for pair in 0..e.pairs {
+                for r in 0..e.rows {
+                    let row = (pair * e.rows + r) * 64;
+                    let same = a[row..row + 64] == b[row..row + 64];
+                    assert_eq!(same, r % 40 < 20, "{isa:?}: pair {pair} row {r}");
+                }
             }
         }
     }

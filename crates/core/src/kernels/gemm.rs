@@ -10,7 +10,8 @@
 //! 12×32 tile of `out` in 24 registers while it walks the depth, prefetching `b` ahead. Tasks are
 //! rectangles of `out`: blocks of rows, and of columns too when there are few rows (a decode step). Every
 //! output element is summed in the same order whatever the split, so results are bit-identical across runs
-//! and thread counts. Without AVX-512 the `gemm` crate does the work.
+//! and thread counts. Without AVX-512, an AVX2 micro-kernel runs the same packed panels as four 6×16 tiles
+//! (the same FMA chains, so the same bits); without AVX2 either, the `gemm` crate does the work.
 
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -64,16 +65,20 @@ pub enum Kernel {
     Avx512Bf16,
     /// f32 with AVX-512F FMAs (this file's micro-kernel).
     Avx512,
+    /// f32 with AVX2 FMAs (this file's micro-kernel on 8 lanes: AMD Zen 1–3 and other CPUs without
+    /// AVX-512). The same sums in the same order as [`Kernel::Avx512`], so the same bits.
+    Avx2,
     /// The `gemm` crate (f32; any CPU).
     Portable,
 }
 
 impl Kernel {
     /// Every kernel, fastest first.
-    pub const ALL: [Kernel; 4] = [
+    pub const ALL: [Kernel; 5] = [
         Kernel::Amx,
         Kernel::Avx512Bf16,
         Kernel::Avx512,
+        Kernel::Avx2,
         Kernel::Portable,
     ];
 
@@ -87,6 +92,10 @@ impl Kernel {
             #[cfg(not(target_arch = "x86_64"))]
             Kernel::Avx512Bf16 => false,
             Kernel::Avx512 => avx512,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => super::simd::avx2(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx2 => false,
             Kernel::Portable => true,
         }
     }
@@ -102,6 +111,7 @@ impl Kernel {
             Kernel::Amx => "AMX",
             Kernel::Avx512Bf16 => "AVX512-BF16",
             Kernel::Avx512 => "AVX-512",
+            Kernel::Avx2 => "AVX2",
             Kernel::Portable => "portable",
         }
     }
@@ -183,10 +193,13 @@ pub fn matmul_nt_bias_visit<R: Send>(
                 return super::amx::multiply_visit(a, n, &packed, bias, out, visit);
             }
             Kernel::Avx512Bf16 => {
-                return visit_blocked(&Packed::<Bf16Pairs>::new(b, m, d), a, bias, out, visit)
+                return visit_blocked::<Dpbf16, _>(&Packed::new(b, m, d), a, bias, out, visit)
             }
             Kernel::Avx512 => {
-                return visit_blocked(&Packed::<F32s>::new(b, m, d), a, bias, out, visit)
+                return visit_blocked::<Fma512, _>(&Packed::new(b, m, d), a, bias, out, visit)
+            }
+            Kernel::Avx2 => {
+                return visit_blocked::<Fma256, _>(&Packed::new(b, m, d), a, bias, out, visit)
             }
             Kernel::Portable => {}
         }
@@ -207,8 +220,8 @@ pub fn matmul_nt_bias_visit<R: Send>(
 /// [`matmul_nt_bias_visit`] on a packed AVX-512 kernel: tasks of whole rows (all column panels), as
 /// [`multiply_packed`] splits a product of many rows, so every sum is the same.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn visit_blocked<K: Packing, R: Send>(
-    b: &Packed<K>,
+fn visit_blocked<K: MicroKernel, R: Send>(
+    b: &Packed<K::Layout>,
     a: &[f32],
     bias: Option<&[f32]>,
     out: Option<&mut [f32]>,
@@ -224,9 +237,9 @@ fn visit_blocked<K: Packing, R: Send>(
             rows: 0..rows,
             panels: panels.clone(),
         };
-        let a_rows = K::rows(&a[row0 * d..][..rows * d], d);
+        let a_rows = K::Layout::rows(&a[row0 * d..][..rows * d], d);
         // SAFETY: `out` holds the task's rows × m floats, which only this task touches.
-        unsafe { block(&a_rows, b, &padded_bias, SharedOut(out.as_mut_ptr()), &task) };
+        unsafe { block::<K>(&a_rows, b, &padded_bias, SharedOut(out.as_mut_ptr()), &task) };
     };
     visit_row_tasks(n, m, MR, MC, out, compute, visit)
 }
@@ -298,8 +311,9 @@ pub fn matmul_nt_bias_with(
     if d > 0 {
         match kernel {
             Kernel::Amx => return super::amx::matmul_nt_bias(a, b, bias, out, n, m, d),
-            Kernel::Avx512Bf16 => return blocked::<Bf16Pairs>(a, b, bias, out, m, d),
-            Kernel::Avx512 => return blocked::<F32s>(a, b, bias, out, m, d),
+            Kernel::Avx512Bf16 => return blocked::<Dpbf16>(a, b, bias, out, m, d),
+            Kernel::Avx512 => return blocked::<Fma512>(a, b, bias, out, m, d),
+            Kernel::Avx2 => return blocked::<Fma256>(a, b, bias, out, m, d),
             Kernel::Portable => {}
         }
     }
@@ -315,7 +329,7 @@ pub fn matmul_nt_bias_with(
     }
 }
 
-/// A packed operand format and the micro-kernel that consumes it.
+/// A packed operand format: how `b`'s panels and `a`'s rows hold the depth.
 trait Packing {
     /// One packed depth step of one row.
     type Elem: Copy + Default + Send + Sync;
@@ -325,6 +339,12 @@ trait Packing {
     fn elem(row: &[f32], p: usize) -> Self::Elem;
     /// Rows of `a` (`d` values each) in the micro-kernel's form: row-major, `⌈d / STEP⌉` elements a row.
     fn rows(a: &[f32], d: usize) -> Cow<'_, [Self::Elem]>;
+}
+
+/// A micro-kernel and the packed format it consumes.
+trait MicroKernel {
+    /// The operands' format.
+    type Layout: Packing;
     /// c[MR × NR] = start + a-panel · b-panel over `kc` packed depth steps.
     ///
     /// # Safety
@@ -332,16 +352,19 @@ trait Packing {
     /// kc × NR elements, and `c` MR rows of NR floats `ldc` apart.
     unsafe fn kernel(
         kc: usize,
-        a: *const Self::Elem,
+        a: *const Elem<Self>,
         lda: usize,
-        b: *const Self::Elem,
+        b: *const Elem<Self>,
         c: *mut f32,
         ldc: usize,
         start: Start,
     );
 }
 
-/// Plain f32, one depth value per element (AVX-512F FMA).
+/// A micro-kernel's packed element.
+type Elem<K> = <<K as MicroKernel>::Layout as Packing>::Elem;
+
+/// Plain f32, one depth value per element.
 struct F32s;
 
 impl Packing for F32s {
@@ -356,6 +379,13 @@ impl Packing for F32s {
     fn rows(a: &[f32], _d: usize) -> Cow<'_, [f32]> {
         Cow::Borrowed(a)
     }
+}
+
+/// f32 FMAs on AVX-512F: [`kernel_f32`].
+struct Fma512;
+
+impl MicroKernel for Fma512 {
+    type Layout = F32s;
     unsafe fn kernel(
         kc: usize,
         a: *const f32,
@@ -367,6 +397,25 @@ impl Packing for F32s {
     ) {
         #[cfg(target_arch = "x86_64")]
         kernel_f32(kc, a, lda, b, c, ldc, start);
+    }
+}
+
+/// f32 FMAs on AVX2: [`kernel_f32_avx2`], the same sums in the same order as [`Fma512`] (so the same bits).
+struct Fma256;
+
+impl MicroKernel for Fma256 {
+    type Layout = F32s;
+    unsafe fn kernel(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        start: Start,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        kernel_f32_avx2(kc, a, lda, b, c, ldc, start);
     }
 }
 
@@ -390,6 +439,13 @@ impl Packing for Bf16Pairs {
         }
         Cow::Owned(out)
     }
+}
+
+/// bf16 pair dot products on AVX512-BF16: [`kernel_bf16`].
+struct Dpbf16;
+
+impl MicroKernel for Dpbf16 {
+    type Layout = Bf16Pairs;
     unsafe fn kernel(
         kc: usize,
         a: *const u32,
@@ -470,12 +526,20 @@ impl<K: Packing> Packed<K> {
     }
 }
 
-/// A weight `b [m × d]` packed once for f32 products with [`multiply`] (the AVX-512 kernel's layout), for
-/// matrices multiplied many times: a model's linear layers. Packing per call cost a quarter of a
-/// forward's products, and all of a decode step's.
+/// A weight `b [m × d]` packed once for f32 products with [`multiply`] (the layout of the AVX-512 and AVX2
+/// kernels), for matrices multiplied many times: a model's linear layers. Packing per call cost a quarter
+/// of a forward's products, and all of a decode step's.
 pub struct PackedB(Packed<F32s>);
 
 impl PackedB {
+    /// The kernel that multiplies packed weights on this CPU ([`Kernel::Avx512`], else [`Kernel::Avx2`]),
+    /// if it has one; without, a model's layers stay on candle's matmul.
+    pub fn kernel() -> Option<Kernel> {
+        [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .find(|k| k.available())
+    }
+
     /// Packs the row-major `b [m × d]`.
     pub fn new(b: &[f32], m: usize, d: usize) -> Self {
         Self(Packed::new(b, m, d))
@@ -515,16 +579,32 @@ impl PackedB {
     }
 }
 
-/// `out[n × m] = a[n × d] · b[m × d]ᵀ + bias[m]` with `b` packed once ([`PackedB`]); f32 on AVX-512, the
-/// sums in the order of [`matmul_nt_bias_with`]'s `Kernel::Avx512` (bit-identical to it).
+/// `out[n × m] = a[n × d] · b[m × d]ᵀ + bias[m]` with `b` packed once ([`PackedB`]); f32 on
+/// [`PackedB::kernel`], the sums in the order of [`matmul_nt_bias_with`]'s `Kernel::Avx512` and
+/// `Kernel::Avx2` (bit-identical to them).
 ///
 /// # Panics
-/// If the CPU lacks AVX-512 ([`Kernel::Avx512`] is not available), or the extents disagree.
+/// If the CPU has neither AVX-512 nor AVX2 ([`PackedB::kernel`] is `None`), or the extents disagree.
 pub fn multiply(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
+    let kernel = PackedB::kernel().expect("the packed f32 GEMM needs AVX-512 or AVX2");
+    multiply_with(kernel, a, b, bias, out)
+}
+
+/// [`multiply`] on a chosen kernel (tests force each).
+fn multiply_with(kernel: Kernel, a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
     let m = b.rows();
     assert!(m > 0 && out.len().is_multiple_of(m));
     // SAFETY: `out` holds n × m floats.
-    unsafe { multiply_into(a, b, bias, SharedOut(out.as_mut_ptr()), out.len() / m) }
+    unsafe {
+        multiply_into(
+            kernel,
+            a,
+            b,
+            bias,
+            SharedOut(out.as_mut_ptr()),
+            out.len() / m,
+        )
+    }
 }
 
 /// [`multiply`] into a new `[n × m]` vector, which is never zeroed first (every element is written; the
@@ -533,10 +613,11 @@ pub fn multiply(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
 /// # Panics
 /// As [`multiply`].
 pub fn product(a: &[f32], n: usize, b: &PackedB, bias: Option<&[f32]>) -> Vec<f32> {
+    let kernel = PackedB::kernel().expect("the packed f32 GEMM needs AVX-512 or AVX2");
     let mut out = Vec::with_capacity(n * b.rows());
     // SAFETY: the capacity holds n × m floats; `multiply_into` writes every one of them before `set_len`.
     unsafe {
-        multiply_into(a, b, bias, SharedOut(out.as_mut_ptr()), n);
+        multiply_into(kernel, a, b, bias, SharedOut(out.as_mut_ptr()), n);
         out.set_len(n * b.rows());
     }
     out
@@ -546,10 +627,17 @@ pub fn product(a: &[f32], n: usize, b: &PackedB, bias: Option<&[f32]>) -> Vec<f3
 ///
 /// # Safety
 /// `out` points at `n × b.rows()` writable floats that nothing else touches meanwhile.
-unsafe fn multiply_into(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: SharedOut, n: usize) {
+unsafe fn multiply_into(
+    kernel: Kernel,
+    a: &[f32],
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    out: SharedOut,
+    n: usize,
+) {
     assert!(
-        Kernel::Avx512.available(),
-        "the packed f32 GEMM needs AVX-512"
+        kernel.available(),
+        "the {kernel:?} GEMM kernel needs a CPU feature this one lacks"
     );
     let (m, d) = (b.rows(), b.depth());
     assert!(m > 0 && a.len() == n * d);
@@ -564,11 +652,17 @@ unsafe fn multiply_into(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: Share
         }
         return;
     }
-    multiply_packed(a, &b.0, bias, out, n);
+    match kernel {
+        Kernel::Avx512 => multiply_packed::<Fma512>(a, &b.0, bias, out, n),
+        Kernel::Avx2 => multiply_packed::<Fma256>(a, &b.0, bias, out, n),
+        _ => panic!(
+            "a packed f32 weight is multiplied by Kernel::Avx512 or Kernel::Avx2, not {kernel:?}"
+        ),
+    }
 }
 
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn blocked<K: Packing>(
+fn blocked<K: MicroKernel>(
     a: &[f32],
     b: &[f32],
     bias: Option<&[f32]>,
@@ -579,9 +673,9 @@ fn blocked<K: Packing>(
     let n = out.len() / m;
     // SAFETY: `out` holds n × m floats.
     unsafe {
-        multiply_packed(
+        multiply_packed::<K>(
             a,
-            &Packed::<K>::new(b, m, d),
+            &Packed::new(b, m, d),
             bias,
             SharedOut(out.as_mut_ptr()),
             n,
@@ -602,9 +696,9 @@ unsafe impl Sync for SharedOut {}
 /// # Safety
 /// `out` points at `n × b.m` writable floats that nothing else touches meanwhile.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-unsafe fn multiply_packed<K: Packing>(
+unsafe fn multiply_packed<K: MicroKernel>(
     a: &[f32],
-    b: &Packed<K>,
+    b: &Packed<K::Layout>,
     bias: Option<&[f32]>,
     shared: SharedOut,
     n: usize,
@@ -613,9 +707,9 @@ unsafe fn multiply_packed<K: Packing>(
     assert!(a.len() == n * d);
     let padded_bias = padded_bias(bias, m);
     grid(n, m).into_par_iter().for_each(|task| {
-        let a_rows = K::rows(&a[task.rows.start * d..task.rows.end * d], d);
+        let a_rows = K::Layout::rows(&a[task.rows.start * d..task.rows.end * d], d);
         // SAFETY: the task's rectangle lies inside `out` (n × m), and no other task writes it.
-        unsafe { block(&a_rows, b, &padded_bias, shared, &task) };
+        unsafe { block::<K>(&a_rows, b, &padded_bias, shared, &task) };
     });
 }
 
@@ -713,9 +807,9 @@ pub(crate) fn row_tasks<T>(
 /// # Safety
 /// `out` points at an `n × b.m` matrix that contains the task's rectangle, which nothing else touches
 /// meanwhile.
-unsafe fn block<K: Packing>(
-    a_rows: &[K::Elem],
-    b: &Packed<K>,
+unsafe fn block<K: MicroKernel>(
+    a_rows: &[Elem<K>],
+    b: &Packed<K::Layout>,
     padded_bias: &[f32],
     out: SharedOut,
     task: &Task,
@@ -724,7 +818,7 @@ unsafe fn block<K: Packing>(
     let rows = task.rows.len();
     let full_panels = rows / MR;
     // The last, partial row panel, zero-padded to MR rows (its extra rows feed sums that are never stored).
-    let mut tail = vec![K::Elem::default(); MR * lda];
+    let mut tail = vec![Elem::<K>::default(); MR * lda];
     tail[..(rows - full_panels * MR) * lda].copy_from_slice(&a_rows[full_panels * MR * lda..]);
     let mut b_at = 0;
     for (bi, &(start, len)) in b.blocks.iter().enumerate() {
@@ -776,11 +870,11 @@ enum Start<'a> {
 /// # Safety
 /// `c` points at `rows` rows of `cols` floats `ldc` apart that only this call touches.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<K: Packing>(
+unsafe fn tile<K: MicroKernel>(
     kc: usize,
-    a: &[K::Elem],
+    a: &[Elem<K>],
     lda: usize,
-    b: &[K::Elem],
+    b: &[Elem<K>],
     c: *mut f32,
     ldc: usize,
     rows: usize,
@@ -878,6 +972,87 @@ unsafe fn kernel_bf16(
         b = b.add(NR);
     }
     store(&acc, c, ldc, start);
+}
+
+/// [`kernel_f32`] on AVX2: the 12 × 32 tile as four 6 × 16 tiles (12 sums in registers of 8 floats, two of
+/// `b`, one broadcast of `a`: 15 of AVX2's 16 registers), each over the whole depth. Every sum is the FMA
+/// chain of [`kernel_f32`] over the same depth steps, so the bits are the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_f32_avx2(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    start: Start,
+) {
+    // Column halves outer: a half of the `b` panel, streamed from L2 for rows 0–5, is still in L1 for 6–11.
+    for col in [0, 16] {
+        for row in [0, 6] {
+            let start = match start {
+                Start::Bias(bias) => Start::Bias(&bias[col..]),
+                Start::Accumulate => Start::Accumulate,
+            };
+            kernel_6x16(
+                kc,
+                a.add(row * lda),
+                lda,
+                b.add(col),
+                c.add(row * ldc + col),
+                ldc,
+                start,
+            );
+        }
+    }
+}
+
+/// c[6 × 16] = start + a · b over `kc` depth steps: `a` 6 rows `lda` apart, `b` 16 floats per step, NR apart.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn kernel_6x16(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    start: Start,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+    let mut b = b;
+    for p in 0..kc {
+        _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH * NR).cast());
+        let b0 = _mm256_loadu_ps(b);
+        let b1 = _mm256_loadu_ps(b.add(8));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = _mm256_broadcast_ss(&*a.add(r * lda + p));
+            acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+        }
+        b = b.add(NR);
+    }
+    let bias = match start {
+        Start::Bias(bias) => Some((
+            _mm256_loadu_ps(bias.as_ptr()),
+            _mm256_loadu_ps(bias.as_ptr().add(8)),
+        )),
+        Start::Accumulate => None,
+    };
+    for (r, acc) in acc.iter().enumerate() {
+        let row = c.add(r * ldc);
+        let (lo, hi) = match bias {
+            Some((b0, b1)) => (_mm256_add_ps(acc[0], b0), _mm256_add_ps(acc[1], b1)),
+            None => (
+                _mm256_add_ps(acc[0], _mm256_loadu_ps(row)),
+                _mm256_add_ps(acc[1], _mm256_loadu_ps(row.add(8))),
+            ),
+        };
+        _mm256_storeu_ps(row, lo);
+        _mm256_storeu_ps(row.add(8), hi);
+    }
 }
 
 /// Adds a tile's sums to its start and stores them. Always inlined into the kernels (which enable
@@ -1012,6 +1187,26 @@ mod tests {
                 worst < 1e-4,
                 "({n}, {m}, {d}): differs from the gemm crate by {worst}"
             );
+            // Each f32 kernel of this file forced in turn: within f32 rounding of f64, and the AVX2 one
+            // bit-identical to the AVX-512 one (the same FMA chains).
+            let mut first: Option<Vec<f32>> = None;
+            for kernel in [Kernel::Avx512, Kernel::Avx2] {
+                if !kernel.available() {
+                    eprintln!("SKIPPED: {kernel:?} (this CPU lacks it)");
+                    continue;
+                }
+                let mut out = vec![f32::NAN; n * m];
+                matmul_nt_bias_with(kernel, &a, &b, Some(&bias), &mut out, n, m, d);
+                assert_near_naive(&out, &a, &b, &bias, (n, m, d));
+                let bits: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
+                match &first {
+                    Some(first) => assert!(
+                        first.iter().map(|x| x.to_bits()).eq(bits),
+                        "({n}, {m}, {d}): {kernel:?} differs from AVX-512 in bits"
+                    ),
+                    None => first = Some(out),
+                }
+            }
         }
     }
 
@@ -1061,6 +1256,8 @@ mod tests {
             Kernel::Avx512Bf16
         } else if Kernel::Avx512.available() {
             Kernel::Avx512
+        } else if Kernel::Avx2.available() {
+            Kernel::Avx2
         } else {
             Kernel::Portable
         };
@@ -1208,8 +1405,14 @@ mod tests {
     }
 
     #[test]
-    #[cfg_attr(missing = "avx512f", ignore = "needs a CPU with AVX-512")]
+    #[cfg_attr(missing = "avx2", ignore = "needs a CPU with AVX2")]
     fn a_weight_packed_once_gives_the_per_call_products_bits() {
+        assert_eq!(
+            PackedB::kernel(),
+            [Kernel::Avx512, Kernel::Avx2]
+                .into_iter()
+                .find(|k| k.available())
+        );
         // A decode step's few rows (tasks split by columns), a forward's many, ragged edges, two depth blocks.
         for &(n, m, d) in &[
             (1, 1, 1),
@@ -1228,7 +1431,12 @@ mod tests {
                 packed.unpack() == b,
                 "({m}, {d}): unpacking changed the weight"
             );
-            for threads in [1, 3] {
+            let kernels = [Kernel::Avx512, Kernel::Avx2];
+            for (threads, kernel) in [1, 3]
+                .into_iter()
+                .flat_map(|t| kernels.into_iter().map(move |k| (t, k)))
+                .filter(|(_, k)| k.available())
+            {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
@@ -1236,23 +1444,14 @@ mod tests {
                 let mut once = vec![f32::NAN; n * m];
                 let mut per_call = vec![f32::NAN; n * m];
                 pool.install(|| {
-                    multiply(&a, &packed, Some(&bias), &mut once);
-                    matmul_nt_bias_with(
-                        Kernel::Avx512,
-                        &a,
-                        &b,
-                        Some(&bias),
-                        &mut per_call,
-                        n,
-                        m,
-                        d,
-                    );
+                    multiply_with(kernel, &a, &packed, Some(&bias), &mut once);
+                    matmul_nt_bias_with(kernel, &a, &b, Some(&bias), &mut per_call, n, m, d);
                 });
                 assert!(
                     once.iter()
                         .zip(&per_call)
                         .all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "({n}, {m}, {d}), {threads} threads"
+                    "{kernel:?} ({n}, {m}, {d}), {threads} threads"
                 );
                 assert_near_naive(&once, &a, &b, &bias, (n, m, d));
             }

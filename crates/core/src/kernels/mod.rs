@@ -42,6 +42,51 @@ pub fn avx512() -> bool {
     })
 }
 
+/// Which vector width a kernel's build uses: the widest the CPU has ([`Isa::best`]); tests force each
+/// in turn ([`Isa::available`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// 16 lanes (AVX-512F, allowed by [`avx512`]).
+    Avx512,
+    /// 8 lanes (AVX2 + FMA: every x86-64 server since 2013, AMD's Zen 1–3 among them).
+    Avx2,
+    /// Scalar Rust (and libm).
+    Portable,
+}
+
+impl Isa {
+    /// The widest build this CPU runs.
+    pub(crate) fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx512() {
+                return Isa::Avx512;
+            }
+            if simd::avx2() {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Every build this CPU can run, widest first.
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .filter(|&isa| match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => avx512(),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => simd::avx2(),
+                #[cfg(not(target_arch = "x86_64"))]
+                Isa::Avx512 | Isa::Avx2 => false,
+                Isa::Portable => true,
+            })
+            .collect()
+    }
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     #[test]

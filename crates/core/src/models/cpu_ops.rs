@@ -287,19 +287,19 @@ impl CustomOp3 for SplitHeads {
     }
 }
 
-/// A linear layer's `[out, in]` f32 weight on a CPU with AVX-512, packed once for `kernels::gemm`'s
-/// AVX-512 kernel, which on Intel Xeon runs the forward's products 1.4–2× faster than candle's `gemm` crate
-/// (BENCHMARKS, "The forward's linear layers alone") and sums each output in a fixed order whatever the
-/// thread count. Packing per call cost a quarter of a forward's products and more than a decode step's
+/// A linear layer's `[out, in]` f32 weight on a CPU with AVX-512 or AVX2, packed once for `kernels::gemm`'s
+/// kernels, which on Intel Xeon run the forward's products 1.4–2× faster than candle's `gemm` crate
+/// (BENCHMARKS, "The forward's linear layers alone") and sum each output in a fixed order whatever the
+/// thread count (and the same bits on AVX2 as on AVX-512). Packing per call cost a quarter of a forward's products and more than a decode step's
 /// product, so only the packed copy is kept.
 #[derive(Clone)]
 pub struct PackedWeight(std::sync::Arc<crate::kernels::gemm::PackedB>);
 
 impl PackedWeight {
-    /// Packs `w` `[out, in]` where it is an f32 CPU tensor and the CPU has AVX-512; `None` elsewhere (the
-    /// layer stays a tensor, multiplied by candle's matmul).
+    /// Packs `w` `[out, in]` where it is an f32 CPU tensor and the CPU has AVX-512 or AVX2; `None`
+    /// elsewhere (the layer stays a tensor, multiplied by candle's matmul).
     pub fn new(w: &Tensor) -> candle_core::Result<Option<Self>> {
-        if !on_cpu_f32(w) || !crate::kernels::gemm::Kernel::Avx512.available() {
+        if !on_cpu_f32(w) || crate::kernels::gemm::PackedB::kernel().is_none() {
             return Ok(None);
         }
         let (rows, inner) = w.dims2()?;
@@ -333,7 +333,7 @@ pub fn linear_packed(x: &Tensor, w: &PackedWeight) -> candle_core::Result<Tensor
     x.contiguous()?.apply_op1_no_bwd(&PackedLinear(w.0.clone()))
 }
 
-/// `x · wᵀ` for a weight kept as a tensor `[out, in]` (GPUs, CPUs without AVX-512): candle's matmul
+/// `x · wᵀ` for a weight kept as a tensor `[out, in]` (GPUs, CPUs without AVX2): candle's matmul
 /// against a transposed view.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.matmul(&w.t()?)
@@ -363,7 +363,7 @@ fn linear_operands<'a>(
 /// sequence) costs more than the product itself (3.5× slower generation on SmolLM2 when the f32 path did).
 pub const GEMM_MIN_ROWS: usize = 64;
 
-/// `x · wᵀ` on AVX-512 against a packed f32 weight.
+/// `x · wᵀ` on AVX-512 or AVX2 against a packed f32 weight.
 struct PackedLinear(std::sync::Arc<crate::kernels::gemm::PackedB>);
 
 impl CustomOp1 for PackedLinear {

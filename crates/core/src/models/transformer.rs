@@ -452,11 +452,11 @@ pub struct Weights {
 /// multiplied by the `[out, in]` weight. Much faster on CPU than candle's batched broadcast matmul, which runs
 /// one small GEMM per sequence.
 enum Linear {
-    /// Candle's matmul (GPUs, CPUs without AVX-512).
+    /// Candle's matmul (GPUs, CPUs without AVX2).
     Dense {
         w: Tensor,
     },
-    /// f32 on a CPU with AVX-512: the weight packed once for `kernels::gemm` (`cpu_ops::linear_packed`).
+    /// f32 on a CPU with AVX-512 or AVX2: the weight packed once for `kernels::gemm` (`cpu_ops::linear_packed`).
     Packed {
         w: cpu_ops::PackedWeight,
     },
