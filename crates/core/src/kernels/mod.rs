@@ -57,16 +57,10 @@ pub(crate) enum Isa {
 impl Isa {
     /// The widest build this CPU runs.
     pub(crate) fn best() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if avx512() {
-                return Isa::Avx512;
-            }
-            if simd::avx2() {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|isa| isa.runs())
+            .unwrap_or(Isa::Portable)
     }
 
     /// Every build this CPU can run, widest first.
@@ -74,16 +68,21 @@ impl Isa {
     pub(crate) fn available() -> Vec<Isa> {
         [Isa::Avx512, Isa::Avx2, Isa::Portable]
             .into_iter()
-            .filter(|&isa| match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => avx512(),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => simd::avx2(),
-                #[cfg(not(target_arch = "x86_64"))]
-                Isa::Avx512 | Isa::Avx2 => false,
-                Isa::Portable => true,
-            })
+            .filter(|isa| isa.runs())
             .collect()
+    }
+
+    /// Whether this CPU runs the build.
+    fn runs(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => simd::avx2(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx512 | Isa::Avx2 => false,
+            Isa::Portable => true,
+        }
     }
 }
 
