@@ -372,8 +372,8 @@ pub fn train(
     let w: Vec<f32> = (0..d_sae * d_in)
         .map(|_| StandardNormal.sample(&mut rng))
         .collect();
-    for precision in [Precision::F32, Precision::Bf16] {
-        if precision == Precision::Bf16 && !Precision::bf16_native() {
+    for precision in [Precision::F32, Precision::Bf16, Precision::Int16] {
+        if precision != Precision::F32 && !Kernel::best(precision).rounds() {
             continue;
         }
         let started = std::time::Instant::now();
@@ -412,7 +412,9 @@ pub fn train(
         "saeflow topk, {} encoder: d_in {d_in}, d_sae {d_sae}, k {k}, batch {batch}, {} threads: {:.0} tokens/s, \
          {:.1} ms/step, {:.1} GFLOP/s on the needed work, FVU {fvu:.4}",
         match Kernel::best(precision) {
-            kernel if kernel.is_bf16() => format!("bf16-ranked ({})", kernel.name()),
+            kernel if kernel.rounds() => {
+                format!("{}-ranked ({})", kernel.precision().name(), kernel.name())
+            }
             _ => "f32".into(),
         },
         rayon::current_num_threads(),
@@ -420,8 +422,11 @@ pub fn train(
         1000.0 * secs / steps as f64,
         flop / secs / 1e9
     );
-    if Kernel::best(precision).is_bf16() {
-        println!("bf16-ranked TopK: {exact_per_token:.1} candidates per token recomputed in f32 (k = {k})");
+    if Kernel::best(precision).rounds() {
+        println!(
+            "{}-ranked TopK: {exact_per_token:.1} candidates per token recomputed in f32 (k = {k})",
+            precision.name()
+        );
     }
     Ok(())
 }

@@ -12,20 +12,25 @@ use saeflow_runner::Error;
 /// `encoder_precision`).
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum EncoderPrecision {
-    /// bf16 where it outruns f32 (AMX, or AVX512-BF16 on AMD), else f32 (the stage's default).
+    /// bf16 where it outruns f32 (AMX, or AVX512-BF16 on AMD), else int16 where that does (AVX2 without
+    /// AVX-512), else f32 (the stage's default).
     Auto,
     /// f32 throughout.
     F32,
     /// Latents ranked by a bf16 product.
     Bf16,
+    /// Latents ranked by a product of per-row scaled 16-bit integers.
+    Int16,
 }
 
 impl From<EncoderPrecision> for Precision {
     fn from(p: EncoderPrecision) -> Self {
         match p {
             EncoderPrecision::Auto if Precision::bf16_faster() => Self::Bf16,
+            EncoderPrecision::Auto if Precision::int16_faster() => Self::Int16,
             EncoderPrecision::Auto | EncoderPrecision::F32 => Self::F32,
             EncoderPrecision::Bf16 => Self::Bf16,
+            EncoderPrecision::Int16 => Self::Int16,
         }
     }
 }

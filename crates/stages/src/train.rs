@@ -64,8 +64,9 @@ pub enum EngineChoice {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PrecisionChoice {
-    /// `bf16` where it applies (TopK on the sparse engine) and bf16 products outrun f32 ones (AMX, or
-    /// AVX512-BF16 on AMD), `f32` otherwise.
+    /// Where it applies (TopK on the sparse engine): `bf16` where bf16 products outrun f32 ones (AMX, or
+    /// AVX512-BF16 on AMD), else `int16` where those do (AVX2 without AVX-512: AMD Zen 1–3); `f32`
+    /// otherwise.
     #[default]
     Auto,
     /// f32 throughout.
@@ -73,6 +74,9 @@ pub enum PrecisionChoice {
     /// Latents ranked by a bf16 product (AMX tiles, else AVX512-BF16), the chosen activations computed in
     /// f32; on a CPU with neither, the f32 product.
     Bf16,
+    /// Latents ranked by a product of per-row scaled 16-bit integers (AVX2 `vpmaddwd`, exact i32 sums),
+    /// the chosen activations computed in f32; on a CPU without AVX2, the f32 product.
+    Int16,
 }
 
 impl PrecisionChoice {
@@ -81,8 +85,19 @@ impl PrecisionChoice {
         match self {
             Self::F32 => Precision::F32,
             Self::Bf16 => Precision::Bf16,
-            Self::Auto if arch == Arch::Topk && Precision::bf16_faster() => Precision::Bf16,
+            Self::Int16 => Precision::Int16,
+            Self::Auto if arch != Arch::Topk => Precision::F32,
+            Self::Auto if Precision::bf16_faster() => Precision::Bf16,
+            Self::Auto if Precision::int16_faster() => Precision::Int16,
             Self::Auto => Precision::F32,
+        }
+    }
+
+    /// How `encoder_precision` spells a rounded ranking, for messages (`None` for `auto` and `f32`).
+    fn rounded(self) -> Option<&'static str> {
+        match self {
+            Self::Bf16 | Self::Int16 => Some(self.resolve(Arch::Topk).name()),
+            Self::Auto | Self::F32 => None,
         }
     }
 }
@@ -132,9 +147,10 @@ pub struct TrainParams {
     #[serde(default)]
     pub engine: EngineChoice,
     /// Encoder product that ranks TopK latents on the sparse engine: `auto` (`bf16` where the CPU
-    /// has AMX, or AVX512-BF16 on AMD; else `f32`), `f32`, or `bf16` (faster: candidates within a proven
-    /// error bound of the k-th bf16 value are recomputed in f32, so the chosen latents are f32 TopK's up to
-    /// f32 rounding order, and the kept activations and every gradient stay f32).
+    /// has AMX, or AVX512-BF16 on AMD; `int16` where it has AVX2 but not AVX-512; else `f32`), `f32`,
+    /// `bf16` or `int16` (faster: candidates within a proven error bound of the k-th rounded value are
+    /// recomputed in f32, so the chosen latents are f32 TopK's up to f32 rounding order, and the kept
+    /// activations and every gradient stay f32).
     #[serde(default)]
     pub encoder_precision: PrecisionChoice,
     /// Peak learning rate (default 2e-4 / √(d_sae / 2¹⁴), sparsify's rule for Adam).
@@ -282,7 +298,7 @@ impl Stage for Train {
                 });
             }
         }
-        if p.encoder_precision == PrecisionChoice::Bf16 {
+        if let Some(name) = p.encoder_precision.rounded() {
             let why = if p.arch != Arch::Topk {
                 Some("ranks TopK latents only: use it with `arch = \"topk\"`")
             } else if p.engine == EngineChoice::Dense {
@@ -293,7 +309,7 @@ impl Stage for Train {
             if let Some(why) = why {
                 return Err(ParamError {
                     at: key_path(&["encoder_precision"]),
-                    message: format!("`encoder_precision = \"bf16\"` {why}"),
+                    message: format!("`encoder_precision = \"{name}\"` {why}"),
                 });
             }
         }
@@ -536,9 +552,9 @@ fn prepare(p: &TrainParams, ctx: &StageContext) -> anyhow::Result<Prepared> {
         EngineChoice::Auto if device.is_cpu() => Engine::Sparse(precision),
         _ => Engine::Dense(device),
     };
-    if let (PrecisionChoice::Bf16, Engine::Dense(device)) = (p.encoder_precision, &engine) {
+    if let (Some(name), Engine::Dense(device)) = (p.encoder_precision.rounded(), &engine) {
         bail!(
-            "encoder_precision = \"bf16\" runs on the sparse CPU engine, but `engine = \"auto\"` \
+            "encoder_precision = \"{name}\" runs on the sparse CPU engine, but `engine = \"auto\"` \
              chose the dense engine on {device:?}; set `engine = \"sparse\"` or `encoder_precision = \"f32\"`"
         );
     }
@@ -589,13 +605,15 @@ fn prepare(p: &TrainParams, ctx: &StageContext) -> anyhow::Result<Prepared> {
 fn engine_name(engine: &Engine) -> String {
     match engine {
         Engine::Sparse(precision) => match Kernel::best(*precision) {
-            kernel if kernel.is_bf16() => {
-                format!("sparse CPU (bf16-ranked TopK, {})", kernel.name())
-            }
-            _ if *precision == Precision::Bf16 => {
-                "sparse CPU (bf16 ranking asked, but this CPU lacks AMX and AVX512-BF16: f32)"
-                    .into()
-            }
+            kernel if kernel.rounds() => format!(
+                "sparse CPU ({}-ranked TopK, {})",
+                kernel.precision().name(),
+                kernel.name()
+            ),
+            _ if *precision != Precision::F32 => format!(
+                "sparse CPU ({} ranking asked, but this CPU has no kernel for it: f32)",
+                precision.name()
+            ),
             _ => "sparse CPU".into(),
         },
         Engine::Dense(d) => format!("dense {d:?}"),

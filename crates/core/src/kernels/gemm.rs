@@ -37,9 +37,23 @@ pub enum Precision {
     /// has them ([`super::amx`], ~4× the f32 rate), else twice the f32 rate on CPUs with AVX512-BF16
     /// (`vdpbf16ps`); ~3 significant digits per product. Elsewhere the f32 product.
     Bf16,
+    /// Each row scaled by its own factor and rounded to 16-bit integers ([`int16_scale`]), products
+    /// summed exactly in i32 and multiplied back by the rows' factors: twice the f32 rate on CPUs with AVX2
+    /// but not AVX-512 (`vpmaddwd` on AMD Zen 1–3); ~4 significant digits per row. Elsewhere the f32
+    /// product.
+    Int16,
 }
 
 impl Precision {
+    /// As configs and logs spell it: `f32`, `bf16`, `int16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Int16 => "int16",
+        }
+    }
+
     /// Whether this CPU multiplies bfloat16 natively (otherwise [`Precision::Bf16`] computes in f32).
     pub fn bf16_native() -> bool {
         Kernel::Amx.available() || Kernel::Avx512Bf16.available()
@@ -53,6 +67,13 @@ impl Precision {
     pub fn bf16_faster() -> bool {
         Kernel::Amx.available() || (Kernel::Avx512Bf16.available() && super::amd())
     }
+
+    /// Whether int16 products outrun f32 ones on this CPU: AVX2 without AVX-512, where `vpmaddwd` does 16
+    /// multiply-adds an instruction against an FMA's 8 (AMD Zen 3 issues two of each a cycle). With
+    /// AVX-512 the f32 kernel already does 16 an instruction.
+    pub fn int16_faster() -> bool {
+        Kernel::Avx2Int16.available() && !Kernel::Avx512.available()
+    }
 }
 
 /// Which implementation multiplies. [`Kernel::best`] chooses per call from what the CPU has; tests and
@@ -65,6 +86,8 @@ pub enum Kernel {
     Avx512Bf16,
     /// f32 with AVX-512F FMAs (this file's micro-kernel).
     Avx512,
+    /// Per-row scaled 16-bit integer pairs with AVX2 `vpmaddwd`, exact i32 sums ([`Precision::Int16`]).
+    Avx2Int16,
     /// f32 with AVX2 FMAs (this file's micro-kernel on 8 lanes: AMD Zen 1–3 and other CPUs without
     /// AVX-512). The same sums in the same order as [`Kernel::Avx512`], so the same bits.
     Avx2,
@@ -74,10 +97,11 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel, fastest first.
-    pub const ALL: [Kernel; 5] = [
+    pub const ALL: [Kernel; 6] = [
         Kernel::Amx,
         Kernel::Avx512Bf16,
         Kernel::Avx512,
+        Kernel::Avx2Int16,
         Kernel::Avx2,
         Kernel::Portable,
     ];
@@ -93,16 +117,25 @@ impl Kernel {
             Kernel::Avx512Bf16 => false,
             Kernel::Avx512 => avx512,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => super::simd::avx2(),
+            Kernel::Avx2 | Kernel::Avx2Int16 => super::simd::avx2(),
             #[cfg(not(target_arch = "x86_64"))]
-            Kernel::Avx2 => false,
+            Kernel::Avx2 | Kernel::Avx2Int16 => false,
             Kernel::Portable => true,
         }
     }
 
-    /// Whether it rounds its inputs to bf16.
-    pub fn is_bf16(self) -> bool {
-        matches!(self, Kernel::Amx | Kernel::Avx512Bf16)
+    /// The precision it multiplies at.
+    pub fn precision(self) -> Precision {
+        match self {
+            Kernel::Amx | Kernel::Avx512Bf16 => Precision::Bf16,
+            Kernel::Avx2Int16 => Precision::Int16,
+            Kernel::Avx512 | Kernel::Avx2 | Kernel::Portable => Precision::F32,
+        }
+    }
+
+    /// Whether it rounds its inputs (to bf16 or to scaled integers), so its products rank but are not f32's.
+    pub fn rounds(self) -> bool {
+        self.precision() != Precision::F32
     }
 
     /// The instruction set it runs on, as logs and benchmarks name it.
@@ -111,16 +144,21 @@ impl Kernel {
             Kernel::Amx => "AMX",
             Kernel::Avx512Bf16 => "AVX512-BF16",
             Kernel::Avx512 => "AVX-512",
+            Kernel::Avx2Int16 => "AVX2 int16",
             Kernel::Avx2 => "AVX2",
             Kernel::Portable => "portable",
         }
     }
 
-    /// The fastest available kernel of `precision` (bf16 falls back to f32 where the CPU has no bf16).
+    /// The fastest available kernel of `precision`, else of f32 (where the CPU has no kernel of it).
     pub fn best(precision: Precision) -> Kernel {
-        Kernel::ALL
-            .into_iter()
-            .find(|k| k.available() && (precision == Precision::Bf16 || !k.is_bf16()))
+        let of = |precision| {
+            Kernel::ALL
+                .into_iter()
+                .find(move |k| k.available() && k.precision() == precision)
+        };
+        of(precision)
+            .or(of(Precision::F32))
             .unwrap_or(Kernel::Portable)
     }
 }
@@ -201,6 +239,9 @@ pub fn matmul_nt_bias_visit<R: Send>(
             Kernel::Avx2 => {
                 return visit_blocked::<Fma256, _>(&Packed::new(b, m, d), a, bias, out, visit)
             }
+            Kernel::Avx2Int16 => {
+                return visit_blocked::<Madd16, _>(&Packed::new(b, m, d), a, bias, out, visit)
+            }
             Kernel::Portable => {}
         }
     }
@@ -239,7 +280,7 @@ fn visit_blocked<K: MicroKernel, R: Send>(
         };
         let a_rows = K::Layout::rows(&a[row0 * d..][..rows * d], d);
         // SAFETY: `out` holds the task's rows × m floats, which only this task touches.
-        unsafe { block::<K>(&a_rows, b, &padded_bias, SharedOut(out.as_mut_ptr()), &task) };
+        unsafe { block::<K>(a_rows, b, &padded_bias, SharedOut(out.as_mut_ptr()), &task) };
     };
     visit_row_tasks(n, m, MR, MC, out, compute, visit)
 }
@@ -314,6 +355,7 @@ pub fn matmul_nt_bias_with(
             Kernel::Avx512Bf16 => return blocked::<Dpbf16>(a, b, bias, out, m, d),
             Kernel::Avx512 => return blocked::<Fma512>(a, b, bias, out, m, d),
             Kernel::Avx2 => return blocked::<Fma256>(a, b, bias, out, m, d),
+            Kernel::Avx2Int16 => return blocked::<Madd16>(a, b, bias, out, m, d),
             Kernel::Portable => {}
         }
     }
@@ -335,21 +377,31 @@ trait Packing {
     type Elem: Copy + Default + Send + Sync;
     /// Depth values per packed element.
     const STEP: usize;
-    /// The packed element at depth step `p` of `row` (zeros past its end).
-    fn elem(row: &[f32], p: usize) -> Self::Elem;
-    /// Rows of `a` (`d` values each) in the micro-kernel's form: row-major, `⌈d / STEP⌉` elements a row.
-    fn rows(a: &[f32], d: usize) -> Cow<'_, [Self::Elem]>;
+    /// Whether each row is packed multiplied by its own [`Packing::scale`] (integer formats), so a sum
+    /// must be multiplied back by its row's and column's factors (1 / scale).
+    const SCALED: bool = false;
+    /// The factor `row`'s values are multiplied by before they are packed (1 for float formats).
+    fn scale(_row: &[f32]) -> f32 {
+        1.0
+    }
+    /// The packed element at depth step `p` of `row`, scaled by `scale` (zeros past its end).
+    fn elem(row: &[f32], scale: f32, p: usize) -> Self::Elem;
+    /// Rows of `a` (`d` values each) in the micro-kernel's form (row-major, `⌈d / STEP⌉` elements a row),
+    /// and, for a scaled format, each row's factor (empty otherwise).
+    fn rows(a: &[f32], d: usize) -> (Cow<'_, [Self::Elem]>, Vec<f32>);
 }
 
 /// A micro-kernel and the packed format it consumes.
 trait MicroKernel {
     /// The operands' format.
     type Layout: Packing;
-    /// c[MR × NR] = start + a-panel · b-panel over `kc` packed depth steps.
+    /// c[MR × NR] = start + a-panel · b-panel over `kc` packed depth steps; for a scaled layout, each sum
+    /// multiplied by its row's and column's `factors` first.
     ///
     /// # Safety
     /// The CPU has the kernel's features; `a` holds MR rows of at least `kc` elements `lda` apart, `b`
     /// kc × NR elements, and `c` MR rows of NR floats `ldc` apart.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn kernel(
         kc: usize,
         a: *const Elem<Self>,
@@ -358,7 +410,15 @@ trait MicroKernel {
         c: *mut f32,
         ldc: usize,
         start: Start,
+        factors: Option<Factors>,
     );
+}
+
+/// The factors a scaled layout's sums are multiplied back by: a tile's MR rows' and NR columns'.
+#[derive(Clone, Copy)]
+struct Factors<'a> {
+    rows: &'a [f32],
+    cols: &'a [f32],
 }
 
 /// A micro-kernel's packed element.
@@ -371,13 +431,13 @@ impl Packing for F32s {
     type Elem = f32;
     const STEP: usize = 1;
     #[inline(always)]
-    fn elem(row: &[f32], p: usize) -> f32 {
+    fn elem(row: &[f32], _scale: f32, p: usize) -> f32 {
         row[p]
     }
     /// `a` as it is: its rows are read in place (a task's rows stay in L2 either way, and copying them
     /// into panels cost ~10% of a product).
-    fn rows(a: &[f32], _d: usize) -> Cow<'_, [f32]> {
-        Cow::Borrowed(a)
+    fn rows(a: &[f32], _d: usize) -> (Cow<'_, [f32]>, Vec<f32>) {
+        (Cow::Borrowed(a), Vec::new())
     }
 }
 
@@ -394,6 +454,7 @@ impl MicroKernel for Fma512 {
         c: *mut f32,
         ldc: usize,
         start: Start,
+        _unscaled: Option<Factors>,
     ) {
         #[cfg(target_arch = "x86_64")]
         kernel_f32(kc, a, lda, b, c, ldc, start);
@@ -413,6 +474,7 @@ impl MicroKernel for Fma256 {
         c: *mut f32,
         ldc: usize,
         start: Start,
+        _unscaled: Option<Factors>,
     ) {
         #[cfg(target_arch = "x86_64")]
         kernel_f32_avx2(kc, a, lda, b, c, ldc, start);
@@ -426,18 +488,18 @@ impl Packing for Bf16Pairs {
     type Elem = u32;
     const STEP: usize = 2;
     #[inline(always)]
-    fn elem(row: &[f32], p: usize) -> u32 {
+    fn elem(row: &[f32], _scale: f32, p: usize) -> u32 {
         let high = row.get(2 * p + 1).map_or(0, |&v| bf16_bits(v));
         bf16_bits(row[2 * p]) | high << 16
     }
-    fn rows(a: &[f32], d: usize) -> Cow<'_, [u32]> {
+    fn rows(a: &[f32], d: usize) -> (Cow<'_, [u32]>, Vec<f32>) {
         let steps = d.div_ceil(2);
         let mut out = vec![0u32; a.len() / d * steps];
         for (dst, src) in out.chunks_mut(steps).zip(a.chunks(d)) {
             // A row's values rounded in order are its pairs (low half first).
             super::amx::round_row(src, &mut bytemuck::cast_slice_mut(dst)[..d]);
         }
-        Cow::Owned(out)
+        (Cow::Owned(out), Vec::new())
     }
 }
 
@@ -454,9 +516,132 @@ impl MicroKernel for Dpbf16 {
         c: *mut f32,
         ldc: usize,
         start: Start,
+        _unscaled: Option<Factors>,
     ) {
         #[cfg(target_arch = "x86_64")]
         kernel_bf16(kc, a, lda, b, c, ldc, start);
+    }
+}
+
+/// Pairs of depth-adjacent 16-bit integers in one u32 (low half first), the operand of `vpmaddwd`: each
+/// row multiplied by its [`int16_scale`] and rounded to the nearest integer (ties to even).
+struct I16Pairs;
+
+impl Packing for I16Pairs {
+    type Elem = u32;
+    const STEP: usize = 2;
+    const SCALED: bool = true;
+    fn scale(row: &[f32]) -> f32 {
+        int16_scale(row)
+    }
+    #[inline(always)]
+    fn elem(row: &[f32], scale: f32, p: usize) -> u32 {
+        let high = row.get(2 * p + 1).map_or(0, |&v| int16_round(v, scale));
+        int16_round(row[2 * p], scale) as u16 as u32 | (high as u16 as u32) << 16
+    }
+    fn rows(a: &[f32], d: usize) -> (Cow<'_, [u32]>, Vec<f32>) {
+        let steps = d.div_ceil(2);
+        let mut out = vec![0u32; a.len() / d * steps];
+        let mut factors = Vec::with_capacity(a.len() / d);
+        for (dst, src) in out.chunks_mut(steps).zip(a.chunks(d)) {
+            let scale = int16_scale(src);
+            for (p, dst) in dst.iter_mut().enumerate() {
+                *dst = Self::elem(src, scale, p);
+            }
+            factors.push(1.0 / scale);
+        }
+        (Cow::Owned(out), factors)
+    }
+}
+
+/// Largest norm of a scaled row: two rows' integer dot product is at most 46000² < 2³¹ (Cauchy–Schwarz),
+/// so the i32 sums are exact (`vpmaddwd`'s pair sums cannot overflow either: |values| ≤ 32767).
+const INT16_NORM: f32 = 46000.0;
+/// Largest magnitude of a scaled value (i16's 32767, less a margin for the scale's own rounding).
+const INT16_MAX: f32 = 32000.0;
+
+/// The factor [`Precision::Int16`] multiplies `row` by before rounding it to integers: as large as keeps
+/// the rounded row's norm within [`INT16_NORM`] (the rounding adds at most √len / 2 to it) and every value
+/// within [`INT16_MAX`]. So the rounding residual's norm is at most √len / 2 / scale, at d = 576 ~1/4000 of
+/// the row's norm however its values are spread (bf16 keeps 1/256 of each value). 1 for a zero row; a row
+/// with a non-finite value gets a non-finite or zero scale, and the bound that uses it is then infinite.
+pub(crate) fn int16_scale(row: &[f32]) -> f32 {
+    // 16 lanes, fixed order: vectorised, and the same scale wherever it is computed.
+    let mut squares = [0f32; 16];
+    let mut largest = [0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for l in 0..16 {
+            squares[l] += chunk[l] * chunk[l];
+            largest[l] = largest[l].max(chunk[l].abs());
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        squares[l] += v * v;
+        largest[l] = largest[l].max(v.abs());
+    }
+    let norm = squares.iter().sum::<f32>().sqrt();
+    let largest = largest.iter().fold(0f32, |a, &b| a.max(b));
+    if norm == 0.0 {
+        return 1.0;
+    }
+    let room = INT16_NORM - 0.5 * (row.len() as f32).sqrt();
+    (room / norm).min(INT16_MAX / largest)
+}
+
+/// `v · scale` rounded to the nearest integer, ties to even, as an i16 (NaN → 0). Adding and taking away
+/// 1.5·2²³ rounds in the FPU's default mode without SSE4.1's `roundps` (so `Packed::new` vectorises on
+/// any x86-64); exact for |v · scale| < 2²², and scaled values are at most [`INT16_MAX`].
+#[inline(always)]
+pub(crate) fn int16_round(v: f32, scale: f32) -> i16 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((v * scale + MAGIC) - MAGIC) as i16
+}
+
+/// ‖v‖², ‖ṽ‖² and ‖v − ṽ‖² for ṽ the row [`Precision::Int16`]'s product multiplies: `v`'s scaled integers
+/// times its factor (1 / [`int16_scale`]). f32 sums in 16 lanes, as [`super::simd::bf16_rounding_norms`].
+pub(crate) fn int16_rounding_norms(v: &[f32]) -> [f32; 3] {
+    let scale = int16_scale(v);
+    let factor = 1.0 / scale;
+    let mut acc = [[0f32; 16]; 3];
+    let mut add = |l: usize, x: f32| {
+        let r = int16_round(x, scale) as f32 * factor;
+        acc[0][l] += x * x;
+        acc[1][l] += r * r;
+        acc[2][l] += (x - r) * (x - r);
+    };
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (l, &x) in chunk.iter().enumerate() {
+            add(l, x);
+        }
+    }
+    for (l, &x) in tail.iter().enumerate() {
+        add(l, x);
+    }
+    acc.map(|a| a.iter().sum())
+}
+
+/// Integer pair dot products on AVX2: [`kernel_i16_avx2`].
+struct Madd16;
+
+impl MicroKernel for Madd16 {
+    type Layout = I16Pairs;
+    unsafe fn kernel(
+        kc: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        start: Start,
+        factors: Option<Factors>,
+    ) {
+        let factors = factors.expect("an integer layout's sums are scaled back");
+        #[cfg(target_arch = "x86_64")]
+        kernel_i16_avx2(kc, a, lda, b, c, ldc, start, factors);
     }
 }
 
@@ -486,6 +671,9 @@ fn depth_blocks(steps: usize) -> Vec<(usize, usize)> {
 /// depth-major (zero-padded past m).
 struct Packed<K: Packing> {
     data: Vec<K::Elem>,
+    /// A scaled format's factor per row of `b` (column of the product), zero-padded to whole panels; empty
+    /// for the others.
+    factors: Vec<f32>,
     m: usize,
     d: usize,
     steps: usize,
@@ -498,26 +686,35 @@ impl<K: Packing> Packed<K> {
         let steps = d.div_ceil(K::STEP);
         let blocks = depth_blocks(steps);
         let panels = m.div_ceil(NR);
+        let scales: Vec<f32> = match K::SCALED {
+            true => b.par_chunks(d.max(1)).map(K::scale).collect(),
+            false => Vec::new(),
+        };
         let mut data = vec![K::Elem::default(); panels * NR * steps];
         data.par_chunks_mut(NR * steps.max(1))
             .enumerate()
             .for_each(|(panel, dst)| {
-                let rows: Vec<&[f32]> = (panel * NR..m.min(panel * NR + NR))
-                    .map(|r| &b[r * d..][..d])
+                let rows: Vec<(&[f32], f32)> = (panel * NR..m.min(panel * NR + NR))
+                    .map(|r| (&b[r * d..][..d], scales.get(r).copied().unwrap_or(1.0)))
                     .collect();
                 let mut at = 0;
                 for &(start, len) in &blocks {
                     for p in 0..len {
                         let out = &mut dst[at + p * NR..][..NR];
-                        for (o, row) in out.iter_mut().zip(&rows) {
-                            *o = K::elem(row, start + p);
+                        for (o, &(row, scale)) in out.iter_mut().zip(&rows) {
+                            *o = K::elem(row, scale, start + p);
                         }
                     }
                     at += len * NR;
                 }
             });
+        let mut factors: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+        if K::SCALED {
+            factors.resize(panels * NR, 0.0);
+        }
         Self {
             data,
+            factors,
             m,
             d,
             steps,
@@ -563,6 +760,7 @@ impl PackedB {
             d,
             steps,
             blocks,
+            ..
         } = &self.0;
         let mut b = vec![0f32; m * d];
         for (r, row) in b.chunks_mut((*d).max(1)).enumerate().take(*m) {
@@ -709,7 +907,7 @@ unsafe fn multiply_packed<K: MicroKernel>(
     grid(n, m).into_par_iter().for_each(|task| {
         let a_rows = K::Layout::rows(&a[task.rows.start * d..task.rows.end * d], d);
         // SAFETY: the task's rectangle lies inside `out` (n × m), and no other task writes it.
-        unsafe { block::<K>(&a_rows, b, &padded_bias, shared, &task) };
+        unsafe { block::<K>(a_rows, b, &padded_bias, shared, &task) };
     });
 }
 
@@ -802,13 +1000,14 @@ pub(crate) fn row_tasks<T>(
         .collect()
 }
 
-/// The task's rows of `a` (`a_rows`, in the kernel's form) times its panels of `b`, into `out`.
+/// The task's rows of `a` (in the kernel's form, with their factors if scaled: [`Packing::rows`]) times its
+/// panels of `b`, into `out`.
 ///
 /// # Safety
 /// `out` points at an `n × b.m` matrix that contains the task's rectangle, which nothing else touches
 /// meanwhile.
 unsafe fn block<K: MicroKernel>(
-    a_rows: &[Elem<K>],
+    (a_rows, mut row_factors): (Cow<[Elem<K>]>, Vec<f32>),
     b: &Packed<K::Layout>,
     padded_bias: &[f32],
     out: SharedOut,
@@ -816,6 +1015,15 @@ unsafe fn block<K: MicroKernel>(
 ) {
     let (m, lda) = (b.m, b.steps);
     let rows = task.rows.len();
+    if K::Layout::SCALED {
+        row_factors.resize(rows.div_ceil(MR) * MR, 0.0);
+    }
+    let factors = |i: usize, j: usize| {
+        K::Layout::SCALED.then(|| Factors {
+            rows: &row_factors[i * MR..][..MR],
+            cols: &b.factors[j * NR..][..NR],
+        })
+    };
     let full_panels = rows / MR;
     // The last, partial row panel, zero-padded to MR rows (its extra rows feed sums that are never stored).
     let mut tail = vec![Elem::<K>::default(); MR * lda];
@@ -849,6 +1057,7 @@ unsafe fn block<K: MicroKernel>(
                     tile_rows,
                     width,
                     start_with,
+                    factors(i, j),
                 );
             }
         }
@@ -880,12 +1089,14 @@ unsafe fn tile<K: MicroKernel>(
     rows: usize,
     cols: usize,
     start: Start,
+    factors: Option<Factors>,
 ) {
     assert!(a.len() >= (MR - 1) * lda + kc && b.len() >= kc * NR);
+    assert!(factors.is_none_or(|f| f.rows.len() == MR && f.cols.len() == NR));
     // SAFETY (both calls): `blocked` and `multiply` run only where the kernels' features were detected;
     // the panels' extents were just checked, and the tile lies in `c` (the caller's promise) or the scratch.
     if rows == MR && cols == NR {
-        K::kernel(kc, a.as_ptr(), lda, b.as_ptr(), c, ldc, start);
+        K::kernel(kc, a.as_ptr(), lda, b.as_ptr(), c, ldc, start, factors);
         return;
     }
     let mut scratch = [0f32; MR * NR];
@@ -902,6 +1113,7 @@ unsafe fn tile<K: MicroKernel>(
         scratch.as_mut_ptr(),
         NR,
         start,
+        factors,
     );
     for r in 0..rows {
         std::ptr::copy_nonoverlapping(scratch[r * NR..].as_ptr(), c.add(r * ldc), cols);
@@ -1005,6 +1217,101 @@ unsafe fn kernel_f32_avx2(
                 start,
             );
         }
+    }
+}
+
+/// [`kernel_f32_avx2`] on 16-bit integer pairs: each `vpmaddwd` multiplies two depth steps' pairs and adds
+/// them to 8 i32 sums, 16 multiply-adds where an FMA does 8. The sums are exact (the scaled rows' norms
+/// keep every partial sum within i32: [`INT16_NORM`]); each is made f32 once, times its row's and column's
+/// factors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_i16_avx2(
+    kc: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    start: Start,
+    factors: Factors,
+) {
+    for col in [0, 16] {
+        for row in [0, 6] {
+            let start = match start {
+                Start::Bias(bias) => Start::Bias(&bias[col..]),
+                Start::Accumulate => Start::Accumulate,
+            };
+            let factors = Factors {
+                rows: &factors.rows[row..],
+                cols: &factors.cols[col..],
+            };
+            kernel_6x16_i16(
+                kc,
+                a.add(row * lda),
+                lda,
+                b.add(col),
+                c.add(row * ldc + col),
+                ldc,
+                start,
+                factors,
+            );
+        }
+    }
+}
+
+/// c[6 × 16] = start + factors ∘ (a · b) over `kc` pair steps: `a` 6 rows `lda` apart, `b` 16 pairs per
+/// step, NR apart.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_6x16_i16(
+    kc: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    start: Start,
+    factors: Factors,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_si256(); 2]; 6];
+    let mut b = b;
+    for p in 0..kc {
+        _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH * NR).cast());
+        let b0 = _mm256_loadu_si256(b.cast());
+        let b1 = _mm256_loadu_si256(b.add(8).cast());
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = _mm256_set1_epi32(*a.add(r * lda + p) as i32);
+            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(x, b0));
+            acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(x, b1));
+        }
+        b = b.add(NR);
+    }
+    let cols = (
+        _mm256_loadu_ps(factors.cols.as_ptr()),
+        _mm256_loadu_ps(factors.cols.as_ptr().add(8)),
+    );
+    let bias = match start {
+        Start::Bias(bias) => Some((
+            _mm256_loadu_ps(bias.as_ptr()),
+            _mm256_loadu_ps(bias.as_ptr().add(8)),
+        )),
+        Start::Accumulate => None,
+    };
+    for (r, acc) in acc.iter().enumerate() {
+        let row = c.add(r * ldc);
+        let factor = _mm256_set1_ps(factors.rows[r]);
+        let (f0, f1) = (_mm256_mul_ps(factor, cols.0), _mm256_mul_ps(factor, cols.1));
+        let (s0, s1) = (_mm256_cvtepi32_ps(acc[0]), _mm256_cvtepi32_ps(acc[1]));
+        let (start0, start1) = match bias {
+            Some(bias) => bias,
+            None => (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))),
+        };
+        _mm256_storeu_ps(row, _mm256_fmadd_ps(s0, f0, start0));
+        _mm256_storeu_ps(row.add(8), _mm256_fmadd_ps(s1, f1, start1));
     }
 }
 

@@ -472,7 +472,7 @@ impl CustomOp2 for LinearBf16 {
         let (x, w, (rows, inner, out)) = linear_operands(self.name(), s1, l1, s2, l2)?;
         let mut y = vec![0f32; rows * out];
         let kernel = Kernel::best(Precision::Bf16);
-        if kernel.is_bf16() {
+        if kernel.precision() == Precision::Bf16 {
             matmul_nt_bias_with(kernel, x, w, None, &mut y, rows, out, inner);
         } else {
             // No bf16 kernel on this CPU: the same products from rounded inputs, in f32.

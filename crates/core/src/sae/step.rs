@@ -18,7 +18,9 @@
 use rayon::prelude::*;
 
 use super::select::{keep, select_above, select_batch, select_rows, top_k_unrestricted, Selection};
-use crate::kernels::gemm::{matmul_nt_bias, matmul_nt_bias_visit, Kernel, Precision};
+use crate::kernels::gemm::{
+    int16_rounding_norms, matmul_nt_bias, matmul_nt_bias_visit, Kernel, Precision,
+};
 use crate::kernels::simd::{axpy, bf16_rounding_norms, dot, dot4, prefetch};
 
 /// Tokens per block of the passes taken latent by latent (the exact re-ranking, decoding): a block's rows
@@ -158,8 +160,20 @@ pub enum Sparsity {
     },
 }
 
-/// Largest encoder row norm, largest norm of a row's bf16 rounding residual, largest |b_enc|: the
-/// weights' part of [`Weights::top_k`]'s bound.
+/// ‖v‖², ‖ṽ‖² and ‖v − ṽ‖² for ṽ the rounding of `v` that a `precision` product multiplies.
+fn rounding_norms(precision: Precision, v: &[f32]) -> [f32; 3] {
+    match precision {
+        Precision::Bf16 => bf16_rounding_norms(v),
+        Precision::Int16 => int16_rounding_norms(v),
+        Precision::F32 => {
+            let norm = dot(v, v);
+            [norm, norm, 0.0]
+        }
+    }
+}
+
+/// Largest encoder row norm, largest norm of a row's rounding residual, largest |b_enc|: the weights'
+/// part of [`Weights::top_k`]'s bound.
 pub struct WeightBounds {
     norm: f64,
     residual: f64,
@@ -167,17 +181,17 @@ pub struct WeightBounds {
 }
 
 impl WeightBounds {
-    fn of(weights: &Weights) -> Self {
+    fn of(weights: &Weights, precision: Precision) -> Self {
         let (norm, residual) = weights
             .w_enc
             .par_chunks(weights.d_in)
             .map(|w| {
-                let [norm, _, residual] = bf16_rounding_norms(w);
+                let [norm, _, residual] = rounding_norms(precision, w);
                 (norm as f64, residual as f64)
             })
             .reduce(|| (0.0, 0.0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
         let (norm, residual) = (norm.sqrt(), residual.sqrt());
-        // ‖w̃‖ ≤ ‖w‖ + ‖δw‖ bounds the rounded rows the bf16 product used.
+        // ‖w̃‖ ≤ ‖w‖ + ‖δw‖ bounds the rounded rows the product used.
         WeightBounds {
             norm: norm + residual,
             residual,
@@ -286,7 +300,7 @@ impl Weights {
         }
         let out = keep_pre.then_some(&mut pre[..]);
         let (w_enc, x) = (&self.w_enc[..], &centered[..]);
-        if !kernel.is_bf16() {
+        if !kernel.rounds() {
             let (mut index, mut value) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
             let top_k = |_, rows: &[f32]| select_rows(rows, m, k, None);
             for part in matmul_nt_bias_visit(kernel, x, w_enc, b_enc, out, n, m, d, top_k) {
@@ -303,14 +317,15 @@ impl Weights {
         }
         // Each token's candidates: the values within its slack (twice its bound E, with 1% for the norms'
         // rounding) of its k-th largest.
-        let weights = WeightBounds::of(self);
+        let precision = kernel.precision();
+        let weights = WeightBounds::of(self, precision);
         let gamma = {
             let nu = (d + 1) as f64 * f64::powi(2.0, -24);
             nu / (1.0 - nu)
         };
         let candidates_of = |t: usize, row: &[f32]| {
             let x = &centered[t * d..][..d];
-            let [norm, rounded, residual] = bf16_rounding_norms(x).map(|v| (v as f64).sqrt());
+            let [norm, rounded, residual] = rounding_norms(precision, x).map(|v| (v as f64).sqrt());
             let bound = residual * weights.norm
                 + rounded * weights.residual
                 + 2.0 * gamma * (norm * weights.norm + weights.bias);
@@ -440,8 +455,8 @@ impl Weights {
 
     /// Loss and gradients for a batch `x` `[n, d_in]` (already normalised). `dead` marks latents that have
     /// not fired recently (AuxK draws on them); `aux_coef` = 0 switches AuxK off. With
-    /// [`Precision::Bf16`] (TopK only) the encoder product that ranks the latents is bf16 and the chosen
-    /// activations exact (see [`Weights::top_k`]).
+    /// [`Precision::Bf16`] or [`Precision::Int16`] (TopK only) the encoder product that ranks the latents
+    /// rounds its inputs and the chosen activations are exact (see [`Weights::top_k`]).
     pub fn step(
         &self,
         x: &[f32],
@@ -454,10 +469,8 @@ impl Weights {
         let (d, m) = (self.d_in, self.d_sae);
         let n = x.len() / d;
         let mut pre = std::mem::take(&mut grads.pre);
-        // Whether the ranking product really was bf16 (then the AuxK values are recomputed exactly too).
-        let refine = matches!(sparsity, Sparsity::TopK(_))
-            && precision == Precision::Bf16
-            && Precision::bf16_native();
+        // Whether the ranking product really rounded (then the AuxK values are recomputed exactly too).
+        let refine = matches!(sparsity, Sparsity::TopK(_)) && Kernel::best(precision).rounds();
         // AuxK on dead latents: reconstruct the residual x − x̂ from the top k_aux dead pre-activations.
         let num_dead = dead.iter().filter(|&&x| x).count();
         let k_aux = (d / 2).min(num_dead);
