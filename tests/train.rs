@@ -585,9 +585,9 @@ fn the_dense_engine_trains_the_same_sae_up_to_rounding() {
 }
 
 #[test]
-fn the_bf16_ranked_encoder_trains_the_same_sae_up_to_rounding() {
-    // bf16 ranking re-ranks its candidates exactly, so it keeps the latents f32 TopK keeps; only the
-    // summation order of the kept pre-activations differs. The default, `auto`, is one of the two.
+fn the_rounded_ranked_encoders_train_the_same_sae_up_to_rounding() {
+    // bf16 and int16 ranking re-rank their candidates exactly, so they keep the latents f32 TopK keeps;
+    // only the summation order of the kept pre-activations differs. The default, `auto`, is one of them.
     let train = |precision: Option<&str>| {
         let dir = tempfile::tempdir().unwrap();
         let choice = precision.map_or(String::new(), |p| format!("encoder_precision = \"{p}\""));
@@ -613,14 +613,30 @@ fn the_bf16_ranked_encoder_trains_the_same_sae_up_to_rounding() {
         (f32_fvu - bf16_fvu).abs() < 1e-5 * f32_fvu,
         "f32 {f32_fvu} vs bf16 {bf16_fvu}"
     );
-    // `auto` is bf16 ranking where it outruns f32 (AMX, or AVX512-BF16 on AMD), f32 elsewhere: the same
-    // bytes.
+    let (out, int16_fvu, int16_weights) = train(Some("int16"));
+    assert!(out.contains("sparse CPU (int16"), "{out}");
+    assert!(
+        (f32_fvu - int16_fvu).abs() < 1e-5 * f32_fvu,
+        "f32 {f32_fvu} vs int16 {int16_fvu}"
+    );
+    // `auto` is bf16 ranking where it outruns f32 (AMX, or AVX512-BF16 on AMD), else int16 ranking where
+    // that does (AVX2 without AVX-512), f32 elsewhere: the same bytes.
+    use saeflow_core::kernels::gemm::Precision;
     let (out, _, auto_weights) = train(None);
-    if saeflow_core::kernels::gemm::Precision::bf16_faster() {
+    if Precision::bf16_faster() {
         assert!(out.contains("sparse CPU (bf16-ranked TopK, "), "{out}");
         assert!(
             auto_weights == bf16_weights,
             "auto's SAE is not bf16 ranking's"
+        );
+    } else if Precision::int16_faster() {
+        assert!(
+            out.contains("sparse CPU (int16-ranked TopK, AVX2 int16)"),
+            "{out}"
+        );
+        assert!(
+            auto_weights == int16_weights,
+            "auto's SAE is not int16 ranking's"
         );
     } else {
         assert!(out.contains("sparse CPU engine"), "{out}");
@@ -629,7 +645,7 @@ fn the_bf16_ranked_encoder_trains_the_same_sae_up_to_rounding() {
 }
 
 #[test]
-fn auto_keeps_the_f32_encoder_where_bf16_ranking_does_not_apply_or_pay() {
+fn auto_keeps_the_f32_encoder_where_rounded_ranking_does_not_apply_or_pay() {
     // ReLU has no TopK to rank; the explicit `bf16` is refused there, the default quietly keeps f32.
     let dir = tempfile::tempdir().unwrap();
     pipeline(
@@ -639,8 +655,9 @@ fn auto_keeps_the_f32_encoder_where_bf16_ranking_does_not_apply_or_pay() {
     let out = ok(dir.path(), &["run", "p.toml"]);
     assert!(out.contains("sparse CPU engine"), "{out}");
 
-    // With AMX switched off bf16's kernel is AVX512-BF16: twice f32's rate on AMD, half of it on Intel.
-    use saeflow_core::kernels::{amd, gemm::Kernel};
+    // With AMX switched off bf16's kernel is AVX512-BF16: twice f32's rate on AMD, half of it on Intel;
+    // without AVX-512, int16's on AVX2 is faster than f32's.
+    use saeflow_core::kernels::{amd, gemm::Kernel, gemm::Precision};
     let dir = tempfile::tempdir().unwrap();
     pipeline(dir.path(), "tokens = 2560\nengine = \"sparse\"");
     let out = common::saeflow(dir.path())
@@ -653,6 +670,8 @@ fn auto_keeps_the_f32_encoder_where_bf16_ranking_does_not_apply_or_pay() {
     let avx512_bf16 = Kernel::Avx512Bf16.available();
     let want = if avx512_bf16 && amd() {
         "sparse CPU (bf16-ranked TopK, AVX512-BF16) engine"
+    } else if Precision::int16_faster() {
+        "sparse CPU (int16-ranked TopK, AVX2 int16) engine"
     } else {
         "sparse CPU engine"
     };

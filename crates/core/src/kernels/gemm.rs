@@ -564,30 +564,39 @@ const INT16_MAX: f32 = 32000.0;
 /// the rounded row's norm within [`INT16_NORM`] (the rounding adds at most √len / 2 to it) and every value
 /// within [`INT16_MAX`]. So the rounding residual's norm is at most √len / 2 / scale, at d = 576 ~1/4000 of
 /// the row's norm however its values are spread (bf16 keeps 1/256 of each value). 1 for a zero row; a row
-/// with a non-finite value gets a non-finite or zero scale, and the bound that uses it is then infinite.
+/// with a non-finite value gets a NaN or zero scale, and the bound that uses it is then not finite.
 pub(crate) fn int16_scale(row: &[f32]) -> f32 {
-    // 16 lanes, fixed order: vectorised, and the same scale wherever it is computed.
-    let mut squares = [0f32; 16];
-    let mut largest = [0f32; 16];
+    let largest = fold_lanes(row, |a, v| a.max(v.abs()));
+    let largest = largest.into_iter().fold(0f32, f32::max);
+    if largest == 0.0 {
+        return 1.0;
+    }
+    // The norm over the largest value: its squares neither overflow nor underflow.
+    let inverse = 1.0 / largest;
+    let squares = fold_lanes(row, |a, v| a + (v * inverse) * (v * inverse));
+    let squares: f32 = squares.iter().sum();
+    let norm = largest * squares.sqrt();
+    let room = INT16_NORM - 0.5 * (row.len() as f32).sqrt();
+    // (2¹⁰⁰ keeps the scale finite for subnormal rows.)
+    (room / norm).min(INT16_MAX / largest).min(2f32.powi(100))
+}
+
+/// `f` folded over `row` in 16 lanes (value i into lane i mod 16), from zeros: vectorised, and in a fixed
+/// order, so the same result wherever it is computed.
+#[inline(always)]
+fn fold_lanes(row: &[f32], f: impl Fn(f32, f32) -> f32) -> [f32; 16] {
+    let mut acc = [0f32; 16];
     let chunks = row.chunks_exact(16);
     let tail = chunks.remainder();
     for chunk in chunks {
         for l in 0..16 {
-            squares[l] += chunk[l] * chunk[l];
-            largest[l] = largest[l].max(chunk[l].abs());
+            acc[l] = f(acc[l], chunk[l]);
         }
     }
     for (l, &v) in tail.iter().enumerate() {
-        squares[l] += v * v;
-        largest[l] = largest[l].max(v.abs());
+        acc[l] = f(acc[l], v);
     }
-    let norm = squares.iter().sum::<f32>().sqrt();
-    let largest = largest.iter().fold(0f32, |a, &b| a.max(b));
-    if norm == 0.0 {
-        return 1.0;
-    }
-    let room = INT16_NORM - 0.5 * (row.len() as f32).sqrt();
-    (room / norm).min(INT16_MAX / largest)
+    acc
 }
 
 /// `v · scale` rounded to the nearest integer, ties to even, as an i16 (NaN → 0). Adding and taking away
@@ -1569,8 +1578,146 @@ mod tests {
             Kernel::Portable
         };
         assert_eq!(best, expected);
-        assert!(!Kernel::best(Precision::F32).is_bf16());
-        assert_eq!(Precision::bf16_native(), best.is_bf16());
+        assert!(!Kernel::best(Precision::F32).rounds());
+        assert_eq!(Precision::bf16_native(), best.rounds());
+    }
+
+    #[test]
+    fn the_int16_precision_runs_on_avx2_and_falls_back_to_f32() {
+        let best = Kernel::best(Precision::Int16);
+        if Kernel::Avx2.available() {
+            assert_eq!(best, Kernel::Avx2Int16);
+        } else {
+            assert_eq!(best, Kernel::best(Precision::F32));
+        }
+        assert_eq!(
+            Precision::int16_faster(),
+            best.rounds() && !Kernel::Avx512.available()
+        );
+    }
+
+    #[test]
+    fn int16_scaling_keeps_values_and_norms_in_range_and_rounds_ties_to_even() {
+        // Spread rows, an outlier row (one value 10⁴ × the rest), a constant row, a zero row, odd lengths.
+        let mut rows = vec![
+            random(576, 21, 1.0),
+            random(7, 22, 1e-15),
+            random(2101, 23, 1e6),
+            vec![0.25; 576],
+            vec![0.0; 33],
+        ];
+        let mut outlier = random(577, 24, 1.0);
+        outlier[300] = 1e4;
+        rows.push(outlier);
+        for row in &rows {
+            let scale = int16_scale(row);
+            let q: Vec<i16> = row.iter().map(|&v| int16_round(v, scale)).collect();
+            let norm = q.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(norm <= INT16_NORM as f64 + 1.0, "norm {norm}");
+            assert!(q.iter().all(|v| v.unsigned_abs() <= INT16_MAX as u16));
+            for (&v, &q) in row.iter().zip(&q) {
+                assert_eq!(q as f32, (v * scale).round_ties_even(), "{v} × {scale}");
+            }
+            // The residual the bound uses: at most √len / 2 / scale, and the norms add up.
+            let [v2, r2, d2] = int16_rounding_norms(row).map(|x| x as f64);
+            let len = row.len() as f64;
+            assert!(d2.sqrt() <= 0.5 * len.sqrt() / scale as f64 * 1.001);
+            let exact: f64 = row.iter().map(|&v| (v as f64).powi(2)).sum();
+            assert!((v2 - exact).abs() <= 1e-5 * exact);
+            assert!((r2.sqrt() - norm / scale as f64).abs() <= 1e-5 * r2.sqrt() + 1e-30);
+            if row.iter().any(|&v| v != 0.0) {
+                // Scaled as far as the norm or the largest value allows.
+                let largest = q.iter().map(|v| v.unsigned_abs()).max().unwrap();
+                assert!(norm > 0.99 * INT16_NORM as f64 - 0.5 * len.sqrt() || largest > 31_990);
+            }
+        }
+        // Squares that underflow: the largest value sets the scale, which stays finite.
+        for tiny in [1e-30, 1e-44] {
+            let scale = int16_scale(&[tiny; 7]);
+            assert!(scale.is_finite() && int16_round(tiny, scale).unsigned_abs() <= 32000);
+        }
+        assert_eq!(int16_round(2.5, 1.0), 2);
+        assert_eq!(int16_round(3.5, 1.0), 4);
+        assert_eq!(int16_round(-2.5, 1.0), -2);
+        assert_eq!(int16_round(f32::NAN, 1.0), 0);
+    }
+
+    #[test]
+    #[cfg_attr(missing = "avx2", ignore = "needs a CPU with AVX2 and FMA")]
+    fn the_int16_product_sums_the_scaled_integers_exactly_and_keeps_the_rounding_bound() {
+        let kernel = Kernel::Avx2Int16;
+        assert!(kernel.available());
+        // Ragged edges as in the f32 test, an odd depth (half a pair), two depth blocks (2101), rows at
+        // the norm limit all of one sign (the largest sums i32 can meet), and an outlier row.
+        let shapes = [
+            (1, 1, 1),
+            (13, 33, 7),
+            (121, 70, 193),
+            (250, 64, 577),
+            (30, 40, 2101),
+        ];
+        for (case, &(n, m, d)) in shapes.iter().enumerate() {
+            let mut a = random(n * d, 1, 1.0);
+            let mut b = random(m * d, 2, 1.0);
+            if case == 3 {
+                a[..d].fill(0.5);
+                b[..d].fill(-3.0);
+                a[d + 100] = 1e4;
+            }
+            let bias = random(m, 5, 1.0);
+            let mut out = vec![f32::NAN; n * m];
+            matmul_nt_bias_with(kernel, &a, &b, Some(&bias), &mut out, n, m, d);
+            let quantize = |rows: &[f32]| -> Vec<(Vec<i16>, f64)> {
+                rows.chunks(d)
+                    .map(|row| {
+                        let scale = int16_scale(row);
+                        let q = row.iter().map(|&v| int16_round(v, scale)).collect();
+                        (q, 1.0 / scale as f64)
+                    })
+                    .collect()
+            };
+            let (qa, qb) = (quantize(&a), quantize(&b));
+            let norms = |rows: &[f32]| -> Vec<[f64; 3]> {
+                let sqrt = |v: f32| (v as f64).sqrt();
+                rows.chunks(d)
+                    .map(|r| int16_rounding_norms(r).map(sqrt))
+                    .collect()
+            };
+            let (na, nb) = (norms(&a), norms(&b));
+            let exact = naive(&a, &b, n, m, d);
+            for i in 0..n {
+                for j in 0..m {
+                    let ((x, fx), (w, fw)) = (&qa[i], &qb[j]);
+                    let sum: i64 = x.iter().zip(w).map(|(&x, &w)| x as i64 * w as i64).sum();
+                    let magnitude: i64 = x
+                        .iter()
+                        .zip(w)
+                        .map(|(&x, &w)| (x as i64 * w as i64).abs())
+                        .sum();
+                    assert!(
+                        sum.abs() < 1 << 31,
+                        "({n}, {m}, {d}) [{i}, {j}]: {sum} overflows"
+                    );
+                    let want = sum as f64 * fx * fw + bias[j] as f64;
+                    let got = out[i * m + j] as f64;
+                    // Each depth block's exact sum made f32, times the factors, added: a few roundings.
+                    let tolerance =
+                        8.0 * 2f64.powi(-24) * (magnitude as f64 * fx * fw + bias[j].abs() as f64);
+                    assert!(
+                        (got - want).abs() <= tolerance + 1e-30,
+                        "({n}, {m}, {d}) [{i}, {j}]: {got} vs {want}"
+                    );
+                    // The step's bound on the distance to the f32 product: ‖δx‖·‖w̃‖ + ‖x‖·‖δw‖ (with x·w
+                    // = x̃·w̃ + δx·w̃ + x·δw).
+                    let bound = na[i][2] * nb[j][1] + na[i][0] * nb[j][2] + tolerance;
+                    let f32_value = exact[i * m + j] + bias[j] as f64;
+                    assert!(
+                        (got - f32_value).abs() <= bound * 1.01 + 1e-30,
+                        "({n}, {m}, {d}) [{i}, {j}]: {got} vs f32 {f32_value}, bound {bound}"
+                    );
+                }
+            }
+        }
     }
 
     fn bf16_kernel_sums_the_rounded_inputs(kernel: Kernel) {

@@ -190,7 +190,11 @@ impl WeightBounds {
                 (norm as f64, residual as f64)
             })
             .reduce(|| (0.0, 0.0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
-        let (norm, residual) = (norm.sqrt(), residual.sqrt());
+        let (mut norm, residual) = (norm.sqrt(), residual.sqrt());
+        if norm < 1e-15 && weights.w_enc.iter().any(|&w| w != 0.0) {
+            // f32 squares that may have underflowed bound nothing (see `Weights::top_k`).
+            norm = f64::INFINITY;
+        }
         // ‖w̃‖ ≤ ‖w‖ + ‖δw‖ bounds the rounded rows the product used.
         WeightBounds {
             norm: norm + residual,
@@ -330,7 +334,13 @@ impl Weights {
                 + rounded * weights.residual
                 + 2.0 * gamma * (norm * weights.norm + weights.bias);
             let slack = (2.0 * 1.01 * bound) as f32;
-            let slack = if slack.is_finite() { slack } else { f32::MAX };
+            // A norm whose f32 squares may have underflowed (below 1e-15) bounds nothing, nor does one
+            // that overflowed: then every latent is a candidate (a zero row's pre-activations are the
+            // bias, exact either way).
+            let underflow = norm < 1e-15 && x.iter().any(|&v| v != 0.0);
+            if !slack.is_finite() || underflow {
+                return row.iter().zip(0..).map(|(&v, j)| (v, j)).collect();
+            }
             let mut list = Vec::new();
             top_k_unrestricted(row, k, slack, &mut list);
             list
@@ -359,6 +369,8 @@ impl Weights {
                 let rows = lists.len();
                 self.exact_candidates(&centered[block * BLOCK_ROWS * d..][..rows * d], &mut lists);
                 for (t, best) in lists.iter_mut().enumerate() {
+                    // As f32 TopK, never a NaN (a row of them keeps fewer than k latents).
+                    best.retain(|c| !c.0.is_nan());
                     best.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                     keep(best, k, &mut index[t * k..][..k], &mut value[t * k..][..k]);
                 }

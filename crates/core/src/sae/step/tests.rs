@@ -311,14 +311,15 @@ fn gradients_match_finite_differences_with_auxk_on_dead_latents() {
 }
 
 #[test]
-fn bf16_ranked_top_k_chooses_what_exact_top_k_chooses_even_among_near_ties() {
-    if !Precision::bf16_native() {
-        eprintln!("no AVX512-BF16 here: bf16 ranking falls back to the f32 product");
-        return;
-    }
+#[cfg_attr(
+    missing = "avx2",
+    ignore = "needs a CPU with AVX2 (every rounded product does)"
+)]
+fn rounded_ranked_top_k_chooses_what_exact_top_k_chooses_even_among_near_ties() {
     // Latents come in clusters of 12 encoder rows equal up to 1e-4 relative noise: within a cluster
-    // pre-activations differ far below bf16's resolution (~4e-3), so the bf16 product cannot rank
-    // them and only the exact re-ranking can pick the right ones.
+    // pre-activations differ far below bf16's resolution (~4e-3) and near int16's (~2.5e-4 of the
+    // norms' product), so the rounded products cannot rank them and only the exact re-ranking can pick
+    // the right ones.
     let (n, d, m, k) = (300, 64, 384, 16);
     let mut p = random_weights(d, m);
     let base = random(m / 12 * d, 21, 1.0);
@@ -331,13 +332,15 @@ fn bf16_ranked_top_k_chooses_what_exact_top_k_chooses_even_among_near_ties() {
     p.b_enc.iter_mut().for_each(|b| *b *= 1e-3);
     let x = random(n * d, 23, 2.0);
     let mut pre = Vec::new();
-    // Every bf16 product this CPU has (AMX, AVX512-BF16), each giving the same choice and values.
-    let kernels = [Kernel::Amx, Kernel::Avx512Bf16]
+    // Every rounded product this CPU has (AMX, AVX512-BF16, AVX2 int16), each giving the same choice and
+    // values.
+    let kernels = Kernel::ALL
         .into_iter()
-        .filter(|k| k.available());
+        .filter(|k| k.rounds() && k.available());
     let runs: Vec<_> = kernels
         .map(|kernel| (kernel, p.top_k_on(kernel, &x, k, &mut pre, false)))
         .collect();
+    assert!(runs.iter().any(|(kernel, _)| *kernel == Kernel::Avx2Int16));
     let (_, (centered, sel, exact)) = &runs[0];
     for (kernel, (_, other, _)) in &runs[1..] {
         assert_eq!(
@@ -383,7 +386,7 @@ fn bf16_ranked_top_k_chooses_what_exact_top_k_chooses_even_among_near_ties() {
     let differing = (0..n).filter(|&t| set(&f32_sel, t) != set(sel, t)).count();
     assert!(
         differing <= n / 100,
-        "{differing} tokens whose f32 and bf16-ranked choices differ"
+        "{differing} tokens whose f32 and rounded-ranked choices differ"
     );
 }
 
@@ -472,4 +475,49 @@ fn decoding_sums_each_tokens_latents_for_any_thread_count() {
             .zip(run(3))
             .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
+}
+
+#[test]
+#[cfg_attr(
+    missing = "avx2",
+    ignore = "needs a CPU with AVX2 (every rounded product does)"
+)]
+fn rounded_ranking_keeps_f32_top_k_on_tiny_huge_and_non_finite_inputs() {
+    // Rows whose squares underflow or overflow f32 (no bound holds: every latent is a candidate), rows
+    // with NaN (f32 TopK keeps no NaN) or ∞ (it keeps the +∞ values, lowest index first), and a zero row.
+    let (d, m, k) = (40, 96, 5);
+    let p = random_weights(d, m);
+    let mut x = random(8 * d, 31, 1.0);
+    for (row, scale) in [(1, 1e-25), (2, 1e25), (3, 1e-40)] {
+        x[row * d..][..d].iter_mut().for_each(|v| *v *= scale);
+    }
+    x[4 * d + 7] = f32::NAN;
+    x[5 * d + 3] = f32::INFINITY;
+    x[6 * d..][..d].fill(0.0);
+    let kernels = Kernel::ALL
+        .into_iter()
+        .filter(|k| k.rounds() && k.available());
+    let mut ran = false;
+    for kernel in kernels {
+        ran |= kernel == Kernel::Avx2Int16;
+        let (centered, sel, _) = p.top_k_on(kernel, &x, k, &mut Vec::new(), false);
+        for t in 0..8 {
+            let c = &centered[t * d..][..d];
+            let values: Vec<f32> = (0..m)
+                .map(|j| dot(c, &p.w_enc[j * d..][..d]) + p.b_enc[j])
+                .collect();
+            let want = top_k(&values, k, |_| true);
+            let got = &sel.index[t * k..][..want.len()];
+            assert_eq!(got, want.as_slice(), "{kernel:?} token {t}");
+            for (s, &j) in want.iter().enumerate() {
+                let value = values[j as usize].max(0.0);
+                assert_eq!(
+                    sel.value[t * k + s].to_bits(),
+                    value.to_bits(),
+                    "{kernel:?}"
+                );
+            }
+        }
+    }
+    assert!(ran, "the int16 product ran");
 }
