@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SAE training throughput, TopK d_in 576, d_sae 4608, k 32, batch 4096, 2 threads: saeflow (`saeflow bench
-# train` at the default `encoder_precision = "auto"`, bf16-ranked where bf16 outruns f32 here,
-# and with the f32 encoder product) and the peers in ../shared/bench/sae_train_reference.py (SAELens,
+# train` at the default `encoder_precision = "auto"`: bf16-ranked where bf16 outruns f32 here, int16-ranked
+# on AVX2 without AVX-512; and with the f32 encoder product) and the peers in ../shared/bench/sae_train_reference.py (SAELens,
 # sparsify, plain PyTorch), alternating, in one session. Usage: bench/train.sh PYTHON_WITH_SAELENS_AND_SPARSIFY
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -10,7 +10,7 @@ cd "$here"
 lscpu | grep -E 'Model name|^CPU\(s\)|^CPU family|^Model:' | sed 's/  */ /g'
 # The vector instruction sets the kernels choose from (none of the AVX-512 ones on, say, an AMD Zen 3).
 { grep -o -w -E 'avx2|fma|avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo || true; } | sort -u | tr '\n' ' '; echo
-for round in 1 2; do
+for round in 1 2 3; do
   echo "== round $round"
   for encoder in auto f32; do
     ./target/release/saeflow bench train --d-in 576 --expansion 8 --k 32 --batch 4096 --steps 10 --encoder "$encoder"
