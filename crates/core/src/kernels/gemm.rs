@@ -609,28 +609,11 @@ pub(crate) fn int16_round(v: f32, scale: f32) -> i16 {
 }
 
 /// ‖v‖², ‖ṽ‖² and ‖v − ṽ‖² for ṽ the row [`Precision::Int16`]'s product multiplies: `v`'s scaled integers
-/// times its factor (1 / [`int16_scale`]). f32 sums in 16 lanes, as [`super::simd::bf16_rounding_norms`].
+/// times its factor (1 / [`int16_scale`]). f32 sums in 16 lanes ([`super::simd::rounding_norms_lanes`]).
 pub(crate) fn int16_rounding_norms(v: &[f32]) -> [f32; 3] {
     let scale = int16_scale(v);
     let factor = 1.0 / scale;
-    let mut acc = [[0f32; 16]; 3];
-    let mut add = |l: usize, x: f32| {
-        let r = int16_round(x, scale) as f32 * factor;
-        acc[0][l] += x * x;
-        acc[1][l] += r * r;
-        acc[2][l] += (x - r) * (x - r);
-    };
-    let chunks = v.chunks_exact(16);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (l, &x) in chunk.iter().enumerate() {
-            add(l, x);
-        }
-    }
-    for (l, &x) in tail.iter().enumerate() {
-        add(l, x);
-    }
-    acc.map(|a| a.iter().sum())
+    super::simd::rounding_norms_lanes(v, |x| int16_round(x, scale) as f32 * factor)
 }
 
 /// Integer pair dot products on AVX2: [`kernel_i16_avx2`].

@@ -158,7 +158,14 @@ pub(crate) fn bf16_rounding_norms(v: &[f32]) -> [f32; 3] {
 #[inline(always)]
 fn bf16_rounding_norms_lanes(v: &[f32]) -> [f32; 3] {
     // The rounding the bf16 product packs with.
-    let round = |x: f32| f32::from_bits(crate::kernels::gemm::bf16_bits(x) << 16);
+    rounding_norms_lanes(v, |x| {
+        f32::from_bits(crate::kernels::gemm::bf16_bits(x) << 16)
+    })
+}
+
+/// ‖v‖², ‖ṽ‖² and ‖v − ṽ‖² for ṽ = `round` of each value, f32 sums in 16 lanes (value i in lane i mod 16).
+#[inline(always)]
+pub(crate) fn rounding_norms_lanes(v: &[f32], round: impl Fn(f32) -> f32) -> [f32; 3] {
     let mut acc = [[0f32; 16]; 3];
     let chunks = v.chunks_exact(16);
     let tail = chunks.remainder();
