@@ -54,3 +54,30 @@ fn every_shipped_pipeline_validates_and_unknown_keys_are_rejected() {
         );
     }
 }
+
+#[test]
+#[cfg(unix)]
+fn a_closed_stdout_ends_a_printing_command_without_a_panic() {
+    // `saeflow schema -o - | head -c 10`: the schema (~87 KB) outgrows the pipe's buffer, so the writes
+    // after the reader left hit a closed pipe. `println!` used to panic there (exit 101 and a backtrace).
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_saeflow"))
+        .args(["schema", "-o", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 10];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+    // (The stdout handle is dropped here: the pipe's only reader closes.)
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}

@@ -110,11 +110,39 @@ pub fn main() -> i32 {
     }
 }
 
+/// Commands that read and print, nothing else: no cache writes, no child processes, no sockets.
+fn prints_only(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Status(_)
+            | Command::Why(_)
+            | Command::Dag(_)
+            | Command::Show(_)
+            | Command::Bench { .. }
+            | Command::Schema(_)
+    )
+}
+
+/// Lets a closed stdout (`saeflow show … | head`) end the process as it ends `cat`, by SIGPIPE, where
+/// `println!` would panic on the broken pipe. Only for [`prints_only`] commands: Rust ignores SIGPIPE so
+/// that a write to a closed pipe is an error, and the runner, which writes to its children's pipes and to
+/// sockets, must see that error rather than die mid-write.
+fn stop_on_closed_stdout() {
+    // SAFETY: restores the default disposition of one signal, before any thread writes to a pipe.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Hands the command to its module.
 fn dispatch(cli: Cli) -> Result<(), Error> {
     let registry = saeflow_stages::builtin();
     let reporter = Reporter::new(cli.quiet);
     let cache_args = &cli.cache;
+    if prints_only(&cli.command) {
+        stop_on_closed_stdout();
+    }
     match cli.command {
         Command::Run(args) => run::run(cache_args, args, &registry, &reporter),
         Command::ExecStage(args) => run::exec_stage(cache_args, args, &registry, &reporter),
