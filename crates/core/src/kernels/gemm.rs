@@ -386,6 +386,13 @@ trait Packing {
     }
     /// The packed element at depth step `p` of `row`, scaled by `scale` (zeros past its end).
     fn elem(row: &[f32], scale: f32, p: usize) -> Self::Elem;
+    /// Every packed element of `row` into `out` (`⌈len / STEP⌉` of them): [`Packing::elem`] in turn,
+    /// unless a format has a faster way to the same values.
+    fn pack_row(row: &[f32], scale: f32, out: &mut [Self::Elem]) {
+        for (p, o) in out.iter_mut().enumerate() {
+            *o = Self::elem(row, scale, p);
+        }
+    }
     /// Rows of `a` (`d` values each) in the micro-kernel's form (row-major, `⌈d / STEP⌉` elements a row),
     /// and, for a scaled format, each row's factor (empty otherwise).
     fn rows(a: &[f32], d: usize) -> (Cow<'_, [Self::Elem]>, Vec<f32>);
@@ -433,6 +440,9 @@ impl Packing for F32s {
     #[inline(always)]
     fn elem(row: &[f32], _scale: f32, p: usize) -> f32 {
         row[p]
+    }
+    fn pack_row(row: &[f32], _scale: f32, out: &mut [f32]) {
+        out.copy_from_slice(row);
     }
     /// `a` as it is: its rows are read in place (a task's rows stay in L2 either way, and copying them
     /// into panels cost ~10% of a product).
@@ -539,19 +549,48 @@ impl Packing for I16Pairs {
         let high = row.get(2 * p + 1).map_or(0, |&v| int16_round(v, scale));
         int16_round(row[2 * p], scale) as u16 as u32 | (high as u16 as u32) << 16
     }
+    fn pack_row(row: &[f32], scale: f32, out: &mut [u32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::simd::avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked).
+            return unsafe { int16_pack_row_avx2(row, scale, out) };
+        }
+        int16_pack_row_lanes(row, scale, out)
+    }
     fn rows(a: &[f32], d: usize) -> (Cow<'_, [u32]>, Vec<f32>) {
         let steps = d.div_ceil(2);
         let mut out = vec![0u32; a.len() / d * steps];
         let mut factors = Vec::with_capacity(a.len() / d);
         for (dst, src) in out.chunks_mut(steps).zip(a.chunks(d)) {
             let scale = int16_scale(src);
-            for (p, dst) in dst.iter_mut().enumerate() {
-                *dst = Self::elem(src, scale, p);
-            }
+            Self::pack_row(src, scale, dst);
             factors.push(1.0 / scale);
         }
         (Cow::Owned(out), factors)
     }
+}
+
+/// [`I16Pairs::pack_row`]: the row's values two by two, so the compiler vectorises the rounding (the
+/// per-element [`Packing::elem`] with its bounds check did not).
+#[inline(always)]
+fn int16_pack_row_lanes(row: &[f32], scale: f32, out: &mut [u32]) {
+    let pairs = row.chunks_exact(2);
+    let last = pairs.remainder().first();
+    let pair = |low: f32, high: f32| {
+        int16_round(low, scale) as u16 as u32 | (int16_round(high, scale) as u16 as u32) << 16
+    };
+    for (o, p) in out.iter_mut().zip(pairs) {
+        *o = pair(p[0], p[1]);
+    }
+    if let Some(&v) = last {
+        out[row.len() / 2] = pair(v, 0.0);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int16_pack_row_avx2(row: &[f32], scale: f32, out: &mut [u32]) {
+    int16_pack_row_lanes(row, scale, out)
 }
 
 /// Largest norm of a scaled row: two rows' integer dot product is at most 46000² < 2³¹ (Cauchy–Schwarz),
@@ -566,6 +605,23 @@ const INT16_MAX: f32 = 32000.0;
 /// the row's norm however its values are spread (bf16 keeps 1/256 of each value). 1 for a zero row; a row
 /// with a non-finite value gets a NaN or zero scale, and the bound that uses it is then not finite.
 pub(crate) fn int16_scale(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked).
+        return unsafe { int16_scale_avx2(row) };
+    }
+    int16_scale_lanes(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int16_scale_avx2(row: &[f32]) -> f32 {
+    int16_scale_lanes(row)
+}
+
+/// [`int16_scale`]'s arithmetic, in 16 lanes (the same bits in every build: no FMA contraction).
+#[inline(always)]
+fn int16_scale_lanes(row: &[f32]) -> f32 {
     let largest = fold_lanes(row, |a, v| a.max(v.abs()));
     let largest = largest.into_iter().fold(0f32, f32::max);
     if largest == 0.0 {
@@ -599,21 +655,57 @@ fn fold_lanes(row: &[f32], f: impl Fn(f32, f32) -> f32) -> [f32; 16] {
     acc
 }
 
-/// `v · scale` rounded to the nearest integer, ties to even, as an i16 (NaN → 0). Adding and taking away
-/// 1.5·2²³ rounds in the FPU's default mode without SSE4.1's `roundps` (so `Packed::new` vectorises on
-/// any x86-64); exact for |v · scale| < 2²², and scaled values are at most [`INT16_MAX`].
+/// `v · scale` rounded to the nearest integer, ties to even, as an i16 (NaN → 0). Adding 1.5·2²³ rounds in
+/// the FPU's default mode without SSE4.1's `roundps`, and for |x| < 2²² the sum's bits are 0x4B40_0000 + x,
+/// so their low 16 are x's two's complement: no float-to-int conversion (Rust's saturating `as` kept the
+/// packing from vectorising well). Scaled values are at most [`INT16_MAX`].
 #[inline(always)]
 pub(crate) fn int16_round(v: f32, scale: f32) -> i16 {
-    const MAGIC: f32 = 12_582_912.0;
-    ((v * scale + MAGIC) - MAGIC) as i16
+    int16_shifted(v, scale).to_bits() as u16 as i16
+}
+
+/// [`int16_round`]'s integer as an f32.
+#[inline(always)]
+fn int16_rounded(v: f32, scale: f32) -> f32 {
+    int16_shifted(v, scale) - INT16_SHIFT
+}
+
+/// 1.5·2²³: adding it rounds to an integer (see [`int16_round`]).
+const INT16_SHIFT: f32 = 12_582_912.0;
+
+/// `v · scale + 1.5·2²³`, or 1.5·2²³ (the integer 0) for NaN.
+#[inline(always)]
+fn int16_shifted(v: f32, scale: f32) -> f32 {
+    let shifted = v * scale + INT16_SHIFT;
+    if shifted.is_nan() {
+        INT16_SHIFT
+    } else {
+        shifted
+    }
 }
 
 /// ‖v‖², ‖ṽ‖² and ‖v − ṽ‖² for ṽ the row [`Precision::Int16`]'s product multiplies: `v`'s scaled integers
 /// times its factor (1 / [`int16_scale`]). f32 sums in 16 lanes ([`super::simd::rounding_norms_lanes`]).
 pub(crate) fn int16_rounding_norms(v: &[f32]) -> [f32; 3] {
-    let scale = int16_scale(v);
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked).
+        return unsafe { int16_rounding_norms_avx2(v) };
+    }
+    int16_rounding_norms_lanes(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int16_rounding_norms_avx2(v: &[f32]) -> [f32; 3] {
+    int16_rounding_norms_lanes(v)
+}
+
+#[inline(always)]
+fn int16_rounding_norms_lanes(v: &[f32]) -> [f32; 3] {
+    let scale = int16_scale_lanes(v);
     let factor = 1.0 / scale;
-    super::simd::rounding_norms_lanes(v, |x| int16_round(x, scale) as f32 * factor)
+    super::simd::rounding_norms_lanes(v, |x| int16_rounded(x, scale) * factor)
 }
 
 /// Integer pair dot products on AVX2: [`kernel_i16_avx2`].
@@ -686,18 +778,18 @@ impl<K: Packing> Packed<K> {
         data.par_chunks_mut(NR * steps.max(1))
             .enumerate()
             .for_each(|(panel, dst)| {
-                let rows: Vec<(&[f32], f32)> = (panel * NR..m.min(panel * NR + NR))
-                    .map(|r| (&b[r * d..][..d], scales.get(r).copied().unwrap_or(1.0)))
-                    .collect();
-                let mut at = 0;
-                for &(start, len) in &blocks {
-                    for p in 0..len {
-                        let out = &mut dst[at + p * NR..][..NR];
-                        for (o, &(row, scale)) in out.iter_mut().zip(&rows) {
-                            *o = K::elem(row, scale, start + p);
+                // Each row packed whole (vectorised), then spread down its panel column.
+                let mut packed = vec![K::Elem::default(); steps];
+                for (i, r) in (panel * NR..m.min(panel * NR + NR)).enumerate() {
+                    let scale = scales.get(r).copied().unwrap_or(1.0);
+                    K::pack_row(&b[r * d..][..d], scale, &mut packed);
+                    let mut at = 0;
+                    for &(start, len) in &blocks {
+                        for (p, &v) in packed[start..][..len].iter().enumerate() {
+                            dst[at + p * NR + i] = v;
                         }
+                        at += len * NR;
                     }
-                    at += len * NR;
                 }
             });
         let mut factors: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
@@ -1623,6 +1715,44 @@ mod tests {
         assert_eq!(int16_round(3.5, 1.0), 4);
         assert_eq!(int16_round(-2.5, 1.0), -2);
         assert_eq!(int16_round(f32::NAN, 1.0), 0);
+    }
+
+    #[test]
+    fn int16_packing_rounds_to_nearest_even_in_every_build() {
+        // Rounding by the shifted float's bits against Rust's own ties-to-even rounding, over ties, both
+        // signs and the whole range a scaled value can take.
+        let values = (-32_000..=32_000).flat_map(|i| [i as f32, i as f32 + 0.5, i as f32 - 0.25]);
+        for v in values {
+            let expected = v.round_ties_even() as i16;
+            assert_eq!(int16_round(v, 1.0), expected, "{v}");
+            assert_eq!(int16_rounded(v, 1.0), expected as f32, "{v}");
+        }
+        assert_eq!(int16_rounded(f32::NAN, 3.0), 0.0);
+        // A whole row packed (odd length: the last pair's high half is 0) equals the element-wise
+        // packing, with the plain build and, where the CPU has it, the AVX2 one.
+        let mut row = random(577, 3, 2.0);
+        row[5] = f32::NAN;
+        row[6] = 0.5;
+        let scale = int16_scale(&row[7..]);
+        let expected: Vec<u32> = (0..289).map(|p| I16Pairs::elem(&row, scale, p)).collect();
+        let mut packed = vec![u32::MAX; 289];
+        int16_pack_row_lanes(&row, scale, &mut packed);
+        assert_eq!(packed, expected);
+        assert_eq!(packed[288] >> 16, 0);
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::simd::avx2() {
+            packed.fill(u32::MAX);
+            // SAFETY: the CPU has AVX2 and FMA (checked).
+            unsafe { int16_pack_row_avx2(&row, scale, &mut packed) };
+            assert_eq!(packed, expected);
+            let clean = &row[7..];
+            // SAFETY: as above.
+            let (fast, plain) = unsafe { (int16_scale_avx2(clean), int16_scale_lanes(clean)) };
+            assert_eq!(fast.to_bits(), plain.to_bits());
+            let (fast, plain) =
+                unsafe { (int16_rounding_norms_avx2(clean), int16_rounding_norms_lanes(clean)) };
+            assert_eq!(fast.map(f32::to_bits), plain.map(f32::to_bits));
+        }
     }
 
     #[test]
