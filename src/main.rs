@@ -10,5 +10,6 @@ mod report;
 static ALLOC: saeflow_core::huge_pages::HugePages = saeflow_core::huge_pages::HugePages;
 
 fn main() {
+    saeflow_core::huge_pages::keep_freed_blocks();
     std::process::exit(cli::main());
 }
