@@ -1749,8 +1749,12 @@ mod tests {
             // SAFETY: as above.
             let (fast, plain) = unsafe { (int16_scale_avx2(clean), int16_scale_lanes(clean)) };
             assert_eq!(fast.to_bits(), plain.to_bits());
-            let (fast, plain) =
-                unsafe { (int16_rounding_norms_avx2(clean), int16_rounding_norms_lanes(clean)) };
+            let (fast, plain) = unsafe {
+                (
+                    int16_rounding_norms_avx2(clean),
+                    int16_rounding_norms_lanes(clean),
+                )
+            };
             assert_eq!(fast.map(f32::to_bits), plain.map(f32::to_bits));
         }
     }
