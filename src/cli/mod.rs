@@ -87,6 +87,13 @@ pub fn main() -> i32 {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
+    // candle runs its element-wise ops on a pool of its own beside rayon's, whose idle workers spin
+    // 25,000 pauses before sleeping: on a CPU whose cores the products (rayon) keep busy, that spin took
+    // ~1.5% of a forward's samples in `perf`. 1,000 still covers back-to-back ops. A user's setting wins.
+    // (Set here, before any thread exists: candle reads it when its pool first starts.)
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
