@@ -393,8 +393,12 @@ trait Packing {
             *o = Self::elem(row, scale, p);
         }
     }
-    /// Rows of `a` (`d` values each) in the micro-kernel's form (row-major, `⌈d / STEP⌉` elements a row),
-    /// and, for a scaled format, each row's factor (empty otherwise).
+    /// Whether [`Packing::rows`] interleaves `a`'s rows in panels of MR (element (r, p) of panel i at
+    /// `(i·steps + p)·MR + r`, the last panel zero-padded), so that a micro-kernel finds a depth step's MR
+    /// values side by side; else `a`'s rows are row-major.
+    const INTERLEAVED: bool = false;
+    /// Rows of `a` (`d` values each) in the micro-kernel's form (`⌈d / STEP⌉` elements a row, row-major or
+    /// [`Packing::INTERLEAVED`]), and, for a scaled format, each row's factor (empty otherwise).
     fn rows(a: &[f32], d: usize) -> (Cow<'_, [Self::Elem]>, Vec<f32>);
 }
 
@@ -406,8 +410,8 @@ trait MicroKernel {
     /// multiplied by its row's and column's `factors` first.
     ///
     /// # Safety
-    /// The CPU has the kernel's features; `a` holds MR rows of at least `kc` elements `lda` apart, `b`
-    /// kc × NR elements, and `c` MR rows of NR floats `ldc` apart.
+    /// The CPU has the kernel's features; `a` holds MR rows of at least `kc` elements `lda` apart (an
+    /// interleaved layout: kc steps of MR), `b` kc × NR elements, and `c` MR rows of NR floats `ldc` apart.
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel(
         kc: usize,
@@ -557,13 +561,23 @@ impl Packing for I16Pairs {
         }
         int16_pack_row_lanes(row, scale, out)
     }
+    /// Interleaved: the kernel's six broadcasts a step then read one 24-byte run at a pointer it steps
+    /// along, where six rows' addresses cost six address computations a step (the kernel is bound by the
+    /// instructions it issues, not by its multiplies alone).
+    const INTERLEAVED: bool = true;
     fn rows(a: &[f32], d: usize) -> (Cow<'_, [u32]>, Vec<f32>) {
         let steps = d.div_ceil(2);
-        let mut out = vec![0u32; a.len() / d * steps];
-        let mut factors = Vec::with_capacity(a.len() / d);
-        for (dst, src) in out.chunks_mut(steps).zip(a.chunks(d)) {
+        let n = a.len() / d;
+        let mut out = vec![0u32; n.div_ceil(MR) * MR * steps];
+        let mut factors = Vec::with_capacity(n);
+        let mut packed = vec![0u32; steps];
+        for (t, src) in a.chunks(d).enumerate() {
             let scale = int16_scale(src);
-            Self::pack_row(src, scale, dst);
+            Self::pack_row(src, scale, &mut packed);
+            let panel = &mut out[t / MR * MR * steps..][..MR * steps];
+            for (p, &v) in packed.iter().enumerate() {
+                panel[p * MR + t % MR] = v;
+            }
             factors.push(1.0 / scale);
         }
         (Cow::Owned(out), factors)
@@ -713,10 +727,11 @@ struct Madd16;
 
 impl MicroKernel for Madd16 {
     type Layout = I16Pairs;
+    /// (`a` is an interleaved panel: `lda` is not used.)
     unsafe fn kernel(
         kc: usize,
         a: *const u32,
-        lda: usize,
+        _lda: usize,
         b: *const u32,
         c: *mut f32,
         ldc: usize,
@@ -725,7 +740,7 @@ impl MicroKernel for Madd16 {
     ) {
         let factors = factors.expect("an integer layout's sums are scaled back");
         #[cfg(target_arch = "x86_64")]
-        kernel_i16_avx2(kc, a, lda, b, c, ldc, start, factors);
+        kernel_i16_avx2(kc, a, b, c, ldc, start, factors);
     }
 }
 
@@ -1108,10 +1123,21 @@ unsafe fn block<K: MicroKernel>(
             cols: &b.factors[j * NR..][..NR],
         })
     };
-    let full_panels = rows / MR;
-    // The last, partial row panel, zero-padded to MR rows (its extra rows feed sums that are never stored).
-    let mut tail = vec![Elem::<K>::default(); MR * lda];
-    tail[..(rows - full_panels * MR) * lda].copy_from_slice(&a_rows[full_panels * MR * lda..]);
+    let interleaved = K::Layout::INTERLEAVED;
+    // Row panels read in place: every one of an interleaved layout (it comes zero-padded), else the whole
+    // ones, and the last, partial one is copied zero-padded to MR rows (its extra rows feed sums that are
+    // never stored).
+    let in_place = match interleaved {
+        true => rows.div_ceil(MR),
+        false => rows / MR,
+    };
+    let mut tail = Vec::new();
+    if !interleaved {
+        tail.resize(MR * lda, Elem::<K>::default());
+        tail[..(rows - in_place * MR) * lda].copy_from_slice(&a_rows[in_place * MR * lda..]);
+    }
+    // Where depth step `start` begins in a panel.
+    let step_at = |start: usize| if interleaved { start * MR } else { start };
     let mut b_at = 0;
     for (bi, &(start, len)) in b.blocks.iter().enumerate() {
         for j in task.panels.clone() {
@@ -1119,7 +1145,7 @@ unsafe fn block<K: MicroKernel>(
             let width = NR.min(m - j * NR);
             for i in 0..rows.div_ceil(MR) {
                 let tile_rows = MR.min(rows - i * MR);
-                let ap = if tile_rows == MR {
+                let ap = if i < in_place {
                     &a_rows[i * MR * lda..][..MR * lda]
                 } else {
                     &tail[..]
@@ -1133,7 +1159,7 @@ unsafe fn block<K: MicroKernel>(
                 let c = out.0.add(first_row * m + j * NR);
                 tile::<K>(
                     len,
-                    &ap[start..],
+                    &ap[step_at(start)..],
                     lda,
                     bp,
                     c,
@@ -1175,7 +1201,11 @@ unsafe fn tile<K: MicroKernel>(
     start: Start,
     factors: Option<Factors>,
 ) {
-    assert!(a.len() >= (MR - 1) * lda + kc && b.len() >= kc * NR);
+    let a_extent = match K::Layout::INTERLEAVED {
+        true => kc * MR,
+        false => (MR - 1) * lda + kc,
+    };
+    assert!(a.len() >= a_extent && b.len() >= kc * NR);
     assert!(factors.is_none_or(|f| f.rows.len() == MR && f.cols.len() == NR));
     // SAFETY (both calls): `blocked` and `multiply` run only where the kernels' features were detected;
     // the panels' extents were just checked, and the tile lies in `c` (the caller's promise) or the scratch.
@@ -1314,7 +1344,6 @@ unsafe fn kernel_f32_avx2(
 unsafe fn kernel_i16_avx2(
     kc: usize,
     a: *const u32,
-    lda: usize,
     b: *const u32,
     c: *mut f32,
     ldc: usize,
@@ -1333,8 +1362,7 @@ unsafe fn kernel_i16_avx2(
             };
             kernel_6x16_i16(
                 kc,
-                a.add(row * lda),
-                lda,
+                a.add(row),
                 b.add(col),
                 c.add(row * ldc + col),
                 ldc,
@@ -1345,15 +1373,14 @@ unsafe fn kernel_i16_avx2(
     }
 }
 
-/// c[6 × 16] = start + factors ∘ (a · b) over `kc` pair steps: `a` 6 rows `lda` apart, `b` 16 pairs per
-/// step, NR apart.
+/// c[6 × 16] = start + factors ∘ (a · b) over `kc` pair steps: `a` 6 rows of an interleaved panel (a
+/// step's pairs side by side, MR apart), `b` 16 pairs per step, NR apart.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel_6x16_i16(
     kc: usize,
     a: *const u32,
-    lda: usize,
     b: *const u32,
     c: *mut f32,
     ldc: usize,
@@ -1362,16 +1389,17 @@ unsafe fn kernel_6x16_i16(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_si256(); 2]; 6];
-    let mut b = b;
-    for p in 0..kc {
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
         _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH * NR).cast());
         let b0 = _mm256_loadu_si256(b.cast());
         let b1 = _mm256_loadu_si256(b.add(8).cast());
         for (r, acc) in acc.iter_mut().enumerate() {
-            let x = _mm256_set1_epi32(*a.add(r * lda + p) as i32);
+            let x = _mm256_set1_epi32(*a.add(r) as i32);
             acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(x, b0));
             acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(x, b1));
         }
+        a = a.add(MR);
         b = b.add(NR);
     }
     let cols = (
