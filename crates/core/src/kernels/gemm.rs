@@ -550,8 +550,8 @@ impl Packing for I16Pairs {
     }
     #[inline(always)]
     fn elem(row: &[f32], scale: f32, p: usize) -> u32 {
-        let high = row.get(2 * p + 1).map_or(0, |&v| int16_round(v, scale));
-        int16_round(row[2 * p], scale) as u16 as u32 | (high as u16 as u32) << 16
+        let high = row.get(2 * p + 1).copied().unwrap_or(0.0);
+        int16_pair(row[2 * p], high, scale)
     }
     fn pack_row(row: &[f32], scale: f32, out: &mut [u32]) {
         #[cfg(target_arch = "x86_64")]
@@ -590,15 +590,18 @@ impl Packing for I16Pairs {
 fn int16_pack_row_lanes(row: &[f32], scale: f32, out: &mut [u32]) {
     let pairs = row.chunks_exact(2);
     let last = pairs.remainder().first();
-    let pair = |low: f32, high: f32| {
-        int16_round(low, scale) as u16 as u32 | (int16_round(high, scale) as u16 as u32) << 16
-    };
     for (o, p) in out.iter_mut().zip(pairs) {
-        *o = pair(p[0], p[1]);
+        *o = int16_pair(p[0], p[1], scale);
     }
     if let Some(&v) = last {
-        out[row.len() / 2] = pair(v, 0.0);
+        out[row.len() / 2] = int16_pair(v, 0.0, scale);
     }
+}
+
+/// Two depth-adjacent values scaled and rounded into one [`I16Pairs`] element (`low` in the low half).
+#[inline(always)]
+fn int16_pair(low: f32, high: f32, scale: f32) -> u32 {
+    int16_round(low, scale) as u16 as u32 | (int16_round(high, scale) as u16 as u32) << 16
 }
 
 #[cfg(target_arch = "x86_64")]
