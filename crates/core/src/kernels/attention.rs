@@ -82,7 +82,27 @@ pub fn causal_attention(
     vis: Visibility,
     out: &mut [f32],
 ) {
-    causal_attention_on(Isa::best(), q, k, v, e, scale, vis, out)
+    causal_attention_on(Isa::best(), q, k, v, e, scale, vis, Layout::Pairs, out)
+}
+
+/// [`causal_attention`] with `out` by token: `[sequences, t, kv_heads · groups, head_dim]`, i.e. the
+/// `[batch, t, heads · head_dim]` the output projection reads (pairs = sequences × `kv_heads`, groups =
+/// rows / t). Each task's rows are computed in a small scratch block and copied to their places, instead
+/// of a separate pass over the whole output to merge the heads (~1.5% of a SmolLM2 forward).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_by_token(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    e: Extents,
+    kv_heads: usize,
+    scale: f32,
+    vis: Visibility,
+    out: &mut [f32],
+) {
+    assert!(kv_heads > 0 && e.pairs.is_multiple_of(kv_heads) && e.rows.is_multiple_of(e.t.max(1)));
+    let layout = Layout::Tokens { kv_heads };
+    causal_attention_on(Isa::best(), q, k, v, e, scale, vis, layout, out)
 }
 
 /// [`causal_attention`] on a chosen build.
@@ -95,6 +115,7 @@ fn causal_attention_on(
     e: Extents,
     scale: f32,
     vis: Visibility,
+    layout: Layout,
     out: &mut [f32],
 ) {
     let Extents {
@@ -123,59 +144,108 @@ fn causal_attention_on(
         });
     // Four rows at a time share every key and value load (a lone row waits on the cache, not the FMAs).
     let grouped = hd.is_multiple_of(64) && isa == Isa::Avx512;
-    out.par_chunks_mut(rows * hd)
-        .enumerate()
-        .for_each(|(pair, out)| {
-            let kt = &kt[pair * hd * padded..][..hd * padded];
-            let v = &v[pair * keys * hd..][..keys * hd];
-            out.par_chunks_mut(ROWS_PER_TASK * hd)
-                .enumerate()
-                .for_each(|(block, out)| {
+    let task = |pair: usize, block: usize, out: &mut [f32]| {
+        let kt = &kt[pair * hd * padded..][..hd * padded];
+        let v = &v[pair * keys * hd..][..keys * hd];
+        let first = block * ROWS_PER_TASK;
+        let q = &q[(pair * rows + first) * hd..][..out.len()];
+        let seen = |i: usize| (e.start + (first + i) % e.t + 1).min(keys);
+        let mut scores = vec![0f32; GROUP * padded];
+        let mut i = 0;
+        let count = out.len() / hd;
+        while i < count {
+            if grouped && i + GROUP <= count {
+                let seen = [seen(i), seen(i + 1), seen(i + 2), seen(i + 3)];
+                let (q, out) = (&q[i * hd..][..GROUP * hd], &mut out[i * hd..][..GROUP * hd]);
+                // SAFETY: `grouped` means AVX-512F and hd a multiple of 64; extents as in `row`.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx512::group(q, kt, padded, v, seen, (scale, vis, pair), &mut scores, out)
+                };
+                i += GROUP;
+            } else {
+                let (q, out) = (&q[i * hd..][..hd], &mut out[i * hd..][..hd]);
+                let scores = &mut scores[..padded];
+                row(
+                    isa,
+                    q,
+                    kt,
+                    padded,
+                    v,
+                    seen(i),
+                    (scale, vis, pair),
+                    scores,
+                    out,
+                );
+                i += 1;
+            }
+        }
+    };
+    match layout {
+        Layout::Pairs => out
+            .par_chunks_mut(rows * hd)
+            .enumerate()
+            .for_each(|(pair, out)| {
+                out.par_chunks_mut(ROWS_PER_TASK * hd)
+                    .enumerate()
+                    .for_each(|(block, out)| task(pair, block, out))
+            }),
+        Layout::Tokens { kv_heads } => {
+            // Each task's rows into a scratch block, then each row to its token's place:
+            // row r of pair (b, h) is query head h·groups + r / t of token b·t + r % t.
+            let (t, groups) = (e.t, rows / e.t);
+            let blocks = rows.div_ceil(ROWS_PER_TASK);
+            let dest = SharedOut(out.as_mut_ptr());
+            (0..pairs * blocks).into_par_iter().for_each_init(
+                Vec::new,
+                |scratch: &mut Vec<f32>, index| {
+                    let (pair, block) = (index / blocks, index % blocks);
                     let first = block * ROWS_PER_TASK;
-                    let q = &q[(pair * rows + first) * hd..][..out.len()];
-                    let seen = |i: usize| (e.start + (first + i) % e.t + 1).min(keys);
-                    let mut scores = vec![0f32; GROUP * padded];
-                    let mut i = 0;
-                    let count = out.len() / hd;
-                    while i < count {
-                        if grouped && i + GROUP <= count {
-                            let seen = [seen(i), seen(i + 1), seen(i + 2), seen(i + 3)];
-                            let (q, out) =
-                                (&q[i * hd..][..GROUP * hd], &mut out[i * hd..][..GROUP * hd]);
-                            // SAFETY: `grouped` means AVX-512F and hd a multiple of 64; extents as in `row`.
-                            #[cfg(target_arch = "x86_64")]
-                            unsafe {
-                                avx512::group(
-                                    q,
-                                    kt,
-                                    padded,
-                                    v,
-                                    seen,
-                                    (scale, vis, pair),
-                                    &mut scores,
-                                    out,
-                                )
-                            };
-                            i += GROUP;
-                        } else {
-                            let (q, out) = (&q[i * hd..][..hd], &mut out[i * hd..][..hd]);
-                            let scores = &mut scores[..padded];
-                            row(
-                                isa,
-                                q,
-                                kt,
-                                padded,
-                                v,
-                                seen(i),
-                                (scale, vis, pair),
-                                scores,
-                                out,
-                            );
-                            i += 1;
-                        }
+                    scratch.resize(ROWS_PER_TASK.min(rows - first) * hd, 0.0);
+                    task(pair, block, scratch);
+                    let (b, h) = (pair / kv_heads, pair % kv_heads);
+                    for (i, row) in scratch.chunks_exact(hd).enumerate() {
+                        let r = first + i;
+                        let token = b * t + r % t;
+                        let head = h * groups + r / t;
+                        let at = (token * kv_heads * groups + head) * hd;
+                        // SAFETY: `at + hd` ≤ out.len() (token < sequences · t, head < heads); each
+                        // (token, head) row is written by the one task that holds its (pair, r).
+                        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dest.at(at), hd) };
                     }
-                });
-        });
+                },
+            );
+        }
+    }
+}
+
+/// Where [`causal_attention`] puts a pair's query rows.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    /// `[pairs, rows, head_dim]`, as `q`.
+    Pairs,
+    /// `[sequences, t, kv_heads · groups, head_dim]`: by token, heads side by side.
+    Tokens {
+        /// kv heads per sequence (pairs = sequences × kv heads).
+        kv_heads: usize,
+    },
+}
+
+/// The output as a pointer the tasks share: each writes its own rows.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the tasks of `causal_attention_on` write disjoint rows of the output, which outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The output's float `i` (a method, so closures capture the whole `SharedOut`, not its pointer).
+    ///
+    /// # Safety
+    /// `i` is within the output.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
 }
 
 /// One query row over its first `seen` keys; `how` = (scale, visibility, pair).
@@ -575,13 +645,36 @@ mod tests {
                 .flat_map(|vis| Isa::available().into_iter().map(move |isa| (vis, isa)))
             {
                 let mut out = vec![f32::NAN; q.len()];
-                causal_attention_on(isa, &q, &k, &v, e, scale, vis, &mut out);
+                causal_attention_on(isa, &q, &k, &v, e, scale, vis, Layout::Pairs, &mut out);
                 let want = reference(&q, &k, &v, e, scale, vis);
                 for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
                     assert!(
                         (g as f64 - w).abs() < 1e-5,
                         "{isa:?} {e:?} {vis:?} element {i}: {g} vs {w}"
                     );
+                }
+                // By token, with the pairs as one sequence of `pairs` kv heads or `pairs` sequences of
+                // one: every row the same bits, at (token, head).
+                for kv_heads in [1, pairs] {
+                    let layout = Layout::Tokens { kv_heads };
+                    let mut by_token = vec![f32::NAN; q.len()];
+                    causal_attention_on(isa, &q, &k, &v, e, scale, vis, layout, &mut by_token);
+                    for pair in 0..pairs {
+                        for r in 0..e.rows {
+                            let (b, h) = (pair / kv_heads, pair % kv_heads);
+                            let (token, head) = (b * t + r % t, h * groups + r / t);
+                            let got = &by_token[(token * kv_heads * groups + head) * hd..][..hd];
+                            let want = &out[(pair * e.rows + r) * hd..][..hd];
+                            let same = got
+                                .iter()
+                                .zip(want)
+                                .all(|(x, y)| x.to_bits() == y.to_bits());
+                            assert!(
+                                same,
+                                "{isa:?} {e:?} by token, {kv_heads} kv heads: pair {pair} row {r}"
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -612,8 +705,8 @@ mod tests {
         for isa in Isa::available() {
             let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
             let vis = Visibility::default();
-            causal_attention_on(isa, &q, &k, &v, e, 0.125, vis, &mut a);
-            causal_attention_on(isa, &q, &k2, &v2, e, 0.125, vis, &mut b);
+            causal_attention_on(isa, &q, &k, &v, e, 0.125, vis, Layout::Pairs, &mut a);
+            causal_attention_on(isa, &q, &k2, &v2, e, 0.125, vis, Layout::Pairs, &mut b);
             for pair in 0..e.pairs {
                 for r in 0..e.rows {
                     let row = (pair * e.rows + r) * 64;

@@ -60,23 +60,66 @@ fn rms_norm_on(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let rows_per_task = (CHUNK / width).max(1);
     out.par_chunks_mut(rows_per_task * width)
         .zip(x.par_chunks(rows_per_task * width))
-        .for_each(|(out, x)| {
-            for (out, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
-                // SAFETY (both): `isa` is one the CPU has; the three rows have the same width.
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe { avx512::rms_norm_row(x, weight, eps, out) },
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { avx2::rms_norm_row(x, weight, eps, out) },
-                    _ => {
-                        let mean = x.iter().map(|v| v * v).sum::<f32>() / width as f32;
-                        let inv = 1.0 / (mean + eps).sqrt();
-                        for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
-                            *o = v * inv * w;
-                        }
-                    }
+        .for_each(|(out, x)| rms_norm_rows(isa, x, weight, eps, out));
+}
+
+/// [`rms_norm`] of whole rows on one thread.
+fn rms_norm_rows(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let width = weight.len();
+    for (out, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+        // SAFETY (both): `isa` is one the CPU has; the three rows have the same width.
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::rms_norm_row(x, weight, eps, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::rms_norm_row(x, weight, eps, out) },
+            _ => {
+                let mean = x.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                let inv = 1.0 / (mean + eps).sqrt();
+                for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+                    *o = v * inv * w;
                 }
             }
+        }
+    }
+}
+
+/// `sum = x + y` and its RMSNorm ([`rms_norm`]) in one pass over the rows: a transformer's residual add and
+/// the next norm, which read the sum back from memory when they were two passes. The same bits as the add
+/// followed by [`rms_norm`].
+pub fn add_rms_norm(
+    x: &[f32],
+    y: &[f32],
+    weight: &[f32],
+    eps: f32,
+    sum: &mut [f32],
+    normed: &mut [f32],
+) {
+    add_rms_norm_on(Isa::best(), x, y, weight, eps, sum, normed)
+}
+
+fn add_rms_norm_on(
+    isa: Isa,
+    x: &[f32],
+    y: &[f32],
+    weight: &[f32],
+    eps: f32,
+    sum: &mut [f32],
+    normed: &mut [f32],
+) {
+    let width = weight.len();
+    let n = x.len();
+    assert!(width > 0 && n.is_multiple_of(width));
+    assert!(y.len() == n && sum.len() == n && normed.len() == n);
+    let chunk = (CHUNK / width).max(1) * width;
+    sum.par_chunks_mut(chunk)
+        .zip(normed.par_chunks_mut(chunk))
+        .zip(x.par_chunks(chunk).zip(y.par_chunks(chunk)))
+        .for_each(|((sum, normed), (x, y))| {
+            for ((s, &a), &b) in sum.iter_mut().zip(x).zip(y) {
+                *s = a + b;
+            }
+            rms_norm_rows(isa, sum, weight, eps, normed);
         });
 }
 
@@ -240,7 +283,7 @@ mod avx512 {
 /// Skylake-SP). AVX2 has neither masked loads that cost nothing nor `scalef`: tails go through a small
 /// buffer, and `2^q` is built in the exponent bits.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     /// Up to 8 values, the lanes past `v`'s end set to `fill`.
@@ -344,13 +387,19 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
-        let one = _mm256_set1_ps(1.0);
         for ((o, g), u) in out.chunks_mut(8).zip(gate.chunks(8)).zip(up.chunks(8)) {
-            let (g, u) = (load(g, 0.0), load(u, 0.0));
-            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-            let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
-            store(o, _mm256_mul_ps(silu, u));
+            store(o, silu_mul8(load(g, 0.0), load(u, 0.0)));
         }
+    }
+
+    /// `silu(gate) · up` per lane, as [`silu_mul`] computes it (the GEMM's fused SwiGLU store calls this
+    /// too, so both give the same bits).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul8(gate: __m256, up: __m256) -> __m256 {
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate));
+        let silu = _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+        _mm256_mul_ps(silu, up)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -507,6 +556,30 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn add_rms_norm_is_the_sum_then_rms_norm_bit_for_bit() {
+        // Width 37 (a tail), rows over several tasks; the sum exactly `x + y`, the norm `rms_norm`'s
+        // bits of that sum (itself checked against f64 above), on every build this CPU runs.
+        let (width, rows) = (37, CHUNK / 37 * 2 + 3);
+        let x: Vec<f32> = (0..rows * width)
+            .map(|i| ((i * 7919) % 2001) as f32 / 100.0 - 10.0)
+            .collect();
+        let y: Vec<f32> = (0..rows * width)
+            .map(|i| ((i * 104_729) % 997) as f32 / 37.0 - 13.0)
+            .collect();
+        let weight: Vec<f32> = (0..width).map(|i| 0.5 + i as f32 / 10.0).collect();
+        let want_sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        for isa in Isa::available() {
+            let mut want = vec![0f32; x.len()];
+            rms_norm_on(isa, &want_sum, &weight, 1e-5, &mut want);
+            let (mut sum, mut normed) = (vec![f32::NAN; x.len()], vec![f32::NAN; x.len()]);
+            add_rms_norm_on(isa, &x, &y, &weight, 1e-5, &mut sum, &mut normed);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&sum), bits(&want_sum), "{isa:?} sum");
+            assert_eq!(bits(&normed), bits(&want), "{isa:?} norm");
         }
     }
 

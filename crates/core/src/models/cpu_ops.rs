@@ -66,6 +66,55 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
+/// `x + y` and [`rms_norm`] of the sum: on CPU f32 tensors of one shape one pass
+/// ([`vector::add_rms_norm`], the same bits as the two ops), candle's add and [`rms_norm`] elsewhere.
+pub fn add_rms_norm(
+    x: &Tensor,
+    y: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if ![x, y, weight].iter().all(|t| on_cpu_f32(t)) || x.dims() != y.dims() {
+        let sum = (x + y)?;
+        let normed = rms_norm(&sum, weight, eps)?;
+        return Ok((sum, normed));
+    }
+    let (x, y, weight) = (x.contiguous()?, y.contiguous()?, weight.contiguous()?);
+    let width = weight.elem_count();
+    if x.dims().last() != Some(&width) || width == 0 {
+        candle_core::bail!("add-rms-norm: input {:?}, weight of {width}", x.dims());
+    }
+    let (mut sum, mut normed) = (vec![0f32; x.elem_count()], vec![0f32; x.elem_count()]);
+    {
+        let op = "add-rms-norm";
+        let ((sx, lx), (sy, ly), (sw, lw)) = (
+            x.storage_and_layout(),
+            y.storage_and_layout(),
+            weight.storage_and_layout(),
+        );
+        let (
+            candle_core::Storage::Cpu(sx),
+            candle_core::Storage::Cpu(sy),
+            candle_core::Storage::Cpu(sw),
+        ) = (&*sx, &*sy, &*sw)
+        else {
+            candle_core::bail!("{op}: expects CPU tensors");
+        };
+        vector::add_rms_norm(
+            f32_slice(sx, lx, op)?,
+            f32_slice(sy, ly, op)?,
+            f32_slice(sw, lw, op)?,
+            eps,
+            &mut sum,
+            &mut normed,
+        );
+    }
+    Ok((
+        Tensor::from_vec(sum, x.shape(), x.device())?,
+        Tensor::from_vec(normed, x.shape(), x.device())?,
+    ))
+}
+
 /// SwiGLU of `[…, 2h]` (gate and up projections side by side, as one product over the stacked weights
 /// gives them) → `silu(gate) · up`, `[…, h]`.
 pub fn swiglu(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -333,6 +382,69 @@ pub fn linear_packed(x: &Tensor, w: &PackedWeight) -> candle_core::Result<Tensor
     x.contiguous()?.apply_op1_no_bwd(&PackedLinear(w.0.clone()))
 }
 
+/// A SwiGLU MLP's gate and up weights (`[width, in]` each) packed together for [`swiglu_linear`], where
+/// the CPU fuses the activation into the product ([`crate::kernels::gemm::PackedGlu`]: AVX2 without
+/// AVX-512).
+#[derive(Clone)]
+pub struct GluWeight(std::sync::Arc<crate::kernels::gemm::PackedGlu>);
+
+impl GluWeight {
+    /// Packs `gate` and `up` where they are f32 CPU tensors of one shape and the CPU fuses; `None`
+    /// elsewhere (they stay a stacked linear layer followed by [`swiglu`]).
+    pub fn new(gate: &Tensor, up: &Tensor) -> candle_core::Result<Option<Self>> {
+        if !on_cpu_f32(gate) || !on_cpu_f32(up) || gate.dims() != up.dims() {
+            return Ok(None);
+        }
+        let (width, inner) = gate.dims2()?;
+        let (gate, up) = (
+            gate.flatten_all()?.to_vec1::<f32>()?,
+            up.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let packed = crate::kernels::gemm::PackedGlu::new(&gate, &up, width, inner);
+        Ok(packed.map(|p| Self(std::sync::Arc::new(p))))
+    }
+
+    /// The weights as one `[2·width, in]` CPU tensor, gate rows first (exactly).
+    pub fn to_tensor(&self) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(
+            self.0.unpack(),
+            (2 * self.0.width(), self.0.depth()),
+            &candle_core::Device::Cpu,
+        )
+    }
+}
+
+/// `silu(x · gateᵀ) · (x · upᵀ)` for `x [rows, in]` (f32 on the CPU): [`swiglu`] of the stacked product,
+/// bit for bit, without writing that product.
+pub fn swiglu_linear(x: &Tensor, w: &GluWeight) -> candle_core::Result<Tensor> {
+    if !on_cpu_f32(x) {
+        candle_core::bail!("fused SwiGLU layers take f32 CPU inputs");
+    }
+    x.contiguous()?.apply_op1_no_bwd(&SwigluLinear(w.0.clone()))
+}
+
+struct SwigluLinear(std::sync::Arc<crate::kernels::gemm::PackedGlu>);
+
+impl CustomOp1 for SwigluLinear {
+    fn name(&self) -> &'static str {
+        "swiglu-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let (rows, inner) = l.shape().dims2()?;
+        if inner != self.0.depth() {
+            candle_core::bail!(
+                "swiglu-linear: x {:?} against weights of depth {}",
+                l.dims(),
+                self.0.depth()
+            );
+        }
+        let y = crate::kernels::gemm::product_glu(x, rows, &self.0);
+        Ok((CpuStorage::F32(y), Shape::from((rows, self.0.width()))))
+    }
+}
+
 /// `x · wᵀ` for a weight kept as a tensor `[out, in]` (GPUs, CPUs without AVX2): candle's matmul
 /// against a transposed view.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
@@ -488,9 +600,10 @@ impl CustomOp2 for LinearBf16 {
 
 /// Causal attention with GQA: `q [batch, kv_heads, groups·t, head_dim]` (the `groups` query heads sharing
 /// a kv head stacked along the query axis), `k, v [batch, kv_heads, s, head_dim]` → `softmax(scale ·
-/// q·kᵀ) · v` in `q`'s layout, where query row `r` (position `start + r % t`) sees keys
-/// `0..=start + r % t` only, narrowed further by `vis` (left padding per `batch × kv_heads` pair, sliding
-/// window, score softcap).
+/// q·kᵀ) · v` by token, heads side by side: `[batch, t, kv_heads·groups·head_dim]` (query head
+/// `h·groups + g` is row block `g` of kv head `h`), as the output projection reads it. Query row `r`
+/// (position `start + r % t`) sees keys `0..=start + r % t` only, narrowed further by `vis` (left padding
+/// per `batch × kv_heads` pair, sliding window, score softcap).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -502,6 +615,9 @@ pub fn causal_attention(
 ) -> candle_core::Result<Tensor> {
     let (bsz, kv_heads, rows, head_dim) = q.dims4()?;
     let keys = k.dim(2)?;
+    if t == 0 || rows % t != 0 {
+        candle_core::bail!("causal-attention: {rows} query rows are not groups of {t}");
+    }
     if [q, k, v].iter().all(|x| on_cpu_f32(x)) {
         let extents = Extents {
             pairs: bsz * kv_heads,
@@ -513,6 +629,7 @@ pub fn causal_attention(
         };
         let op = CausalAttention {
             extents,
+            kv_heads,
             scale,
             first_key: vis.first_key.to_vec(),
             window: vis.window,
@@ -522,6 +639,27 @@ pub fn causal_attention(
             .contiguous()?
             .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
     }
+    let by_pair = candle_attention(q, k, v, scale, t, start, vis)?;
+    // [batch, kv_heads, groups, t, d] → [batch, t, kv_heads, groups, d].
+    let groups = rows / t;
+    by_pair
+        .reshape((bsz, kv_heads * groups, t, head_dim))?
+        .transpose(1, 2)?
+        .reshape((bsz, t, kv_heads * groups * head_dim))
+}
+
+/// [`causal_attention`] by candle's ops, in `q`'s layout.
+fn candle_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    t: usize,
+    start: usize,
+    vis: Visibility,
+) -> candle_core::Result<Tensor> {
+    let (bsz, kv_heads, rows, _) = q.dims4()?;
+    let keys = k.dim(2)?;
     // Elsewhere (CUDA, bf16/f16, f64 tests): candle's ops over the whole score matrix with an additive
     // mask; bf16/f16 scores are masked, capped and softmaxed in f32 (as `transformers` does).
     let low = matches!(q.dtype(), DType::BF16 | DType::F16);
@@ -571,6 +709,7 @@ pub fn causal_attention(
 
 struct CausalAttention {
     extents: Extents,
+    kv_heads: usize,
     scale: f64,
     first_key: Vec<usize>,
     window: Option<usize>,
@@ -614,8 +753,10 @@ impl CustomOp3 for CausalAttention {
             window: self.window,
             softcap: self.softcap,
         };
-        attention::causal_attention(q, k, v, self.extents, self.scale as f32, vis, &mut out);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let (scale, kv_heads) = (self.scale as f32, self.kv_heads);
+        attention::causal_attention_by_token(q, k, v, e, kv_heads, scale, vis, &mut out);
+        let (sequences, width) = (e.pairs / kv_heads, e.rows / e.t * kv_heads * e.head_dim);
+        Ok((CpuStorage::F32(out), Shape::from((sequences, e.t, width))))
     }
 }
 

@@ -469,6 +469,11 @@ enum Linear {
     Quantized(candle_core::quantized::QMatMul),
     /// Quantized maps of one input, outputs side by side (quantized blocks are not concatenated).
     Stacked(Vec<Linear>),
+    /// A SwiGLU MLP's gate and up maps, whose forward is `silu(gate) · up` (the activation stored as the
+    /// product is computed: `cpu_ops::swiglu_linear`).
+    Glu {
+        w: cpu_ops::GluWeight,
+    },
 }
 
 impl Linear {
@@ -482,6 +487,22 @@ impl Linear {
                 Linear::Quantized(candle_core::quantized::QMatMul::from_arc(q.clone())?)
             }
         })
+    }
+
+    /// A SwiGLU MLP's input maps: [`Linear::Glu`] where the CPU fuses the activation into the product,
+    /// else gate and up [`Linear::stacked`] (the caller applies SwiGLU: see [`Linear::applies_swiglu`]).
+    fn swiglu(gate: &Matrix, up: &Matrix) -> candle_core::Result<Self> {
+        if let (Matrix::Dense(g), Matrix::Dense(u)) = (gate, up) {
+            if let Some(w) = cpu_ops::GluWeight::new(g, u)? {
+                return Ok(Linear::Glu { w });
+            }
+        }
+        Linear::stacked(&[gate, up])
+    }
+
+    /// Whether [`Linear::forward`] gives SwiGLU's output rather than the gate and up products.
+    fn applies_swiglu(&self) -> bool {
+        matches!(self, Linear::Glu { .. })
     }
 
     /// Maps of one input with their outputs side by side on the last axis: one GEMM over the stacked
@@ -519,6 +540,9 @@ impl Linear {
                 w: cpu_ops::PackedWeight::clone(w),
             },
             Linear::Packed { w } => Linear::Dense { w: w.to_tensor()? }.to_dtype(dtype)?,
+            Linear::Glu { w } if dtype == DType::F32 => Linear::Glu { w: w.clone() },
+            // Other dtypes multiply the stacked weights and apply SwiGLU after.
+            Linear::Glu { w } => Linear::Dense { w: w.to_tensor()? }.to_dtype(dtype)?,
             Linear::Bf16 { .. } => anyhow::bail!("bf16 weights cannot be converted again"),
             Linear::Quantized(_) => {
                 anyhow::bail!("quantized weights run in f32 only (use dtype = \"f32\")")
@@ -544,6 +568,7 @@ impl Linear {
             Linear::Dense { w } => flat(&|x| cpu_ops::linear(x, w)),
             Linear::Packed { w } => flat(&|x| cpu_ops::linear_packed(x, w)),
             Linear::Bf16 { w } => flat(&|x| cpu_ops::linear_bf16(x, w)),
+            Linear::Glu { w } => flat(&|x| cpu_ops::swiglu_linear(x, w)),
             Linear::Quantized(q) => candle_core::Module::forward(q, x),
             Linear::Stacked(maps) => {
                 let outs: Vec<Tensor> = maps
@@ -849,6 +874,10 @@ impl Transformer {
                 o: Linear::new(&b.o)?,
                 mlp_norm: norm(&b.mlp_norm, nb.map(|p| &p.1)),
                 mlp_in: match &b.gate {
+                    // (An MLP-in bias goes between the product and the activation: not fused.)
+                    Some(gate) if c.mlp == Mlp::SwiGlu && b.out_biases.is_none() => {
+                        Linear::swiglu(gate, &b.up)?
+                    }
                     Some(gate) => Linear::stacked(&[gate, &b.up])?,
                     None => Linear::new(&b.up)?,
                 },
@@ -969,6 +998,31 @@ impl Transformer {
         y.to_dtype(dtype)
     }
 
+    /// The residual add `x + y` and, where it can be fused with it, the norm `norm` of the sum that comes
+    /// next: an RMSNorm of f32 CPU tensors with no intervention at the `between` hooks (which may change
+    /// the sum before the norm sees it). `None` for the norm means the caller norms the sum itself.
+    fn add_and_norm(
+        &self,
+        hooks: &Hooks,
+        x: &Tensor,
+        y: &Tensor,
+        between: &[Hook],
+        norm: Option<&NormWeights>,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let fusable = self.config.norm == Norm::Rms
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && between.iter().all(|h| !hooks.interventions.contains_key(h));
+        match norm {
+            Some(w) if fusable && w.weight.dtype() == DType::F32 => {
+                let eps = self.config.norm_eps as f32;
+                let (sum, normed) = cpu_ops::add_rms_norm(x, y, &w.weight, eps)?;
+                Ok((sum, Some(normed)))
+            }
+            _ => Ok(((x + y)?, None)),
+        }
+    }
+
     fn at(
         &self,
         hooks: &Hooks,
@@ -1057,11 +1111,7 @@ impl Transformer {
             window: c.attn_windows.get(layer).copied().flatten(),
             softcap: c.attn_softcap.map(|s| s as f32),
         };
-        let y = cpu_ops::causal_attention(&q, &k, &v, scale, t, start, vis)?
-            .reshape((bsz, c.n_head, t, c.head_dim))?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((bsz, t, c.n_head * c.head_dim))?;
+        let y = cpu_ops::causal_attention(&q, &k, &v, scale, t, start, vis)?;
         let y = b.o.forward(&y)?;
         match &b.out_biases {
             Some((o, _, _)) => y.broadcast_add(o),
@@ -1075,6 +1125,7 @@ impl Transformer {
             h = h.broadcast_add(bias)?;
         }
         let h = match self.config.mlp {
+            _ if b.mlp_in.applies_swiglu() => h,
             Mlp::ReluSquared => h.relu()?.sqr()?,
             Mlp::SwiGlu => cpu_ops::swiglu(&h)?,
             Mlp::GeGlu => {
@@ -1157,26 +1208,49 @@ impl Transformer {
         if c.embed_norm {
             x = rms_in_f32(&x, &self.ones, c.norm_eps as f32)?;
         }
+        // The next block's attention-norm input, when the residual add that made `x` computed it too.
+        let mut normed: Option<Tensor> = None;
         for (i, b) in self.blocks.iter().enumerate().take(last) {
             x = self.at(hooks, &mut out, i, HookPoint::ResidPre, x)?;
-            let mut a = self.attention(
-                b,
-                &self.norm(&x, &b.attn_norm)?,
-                i,
-                cache.as_deref_mut(),
-                &at,
-            )?;
+            let h = match normed.take() {
+                Some(h) => h,
+                None => self.norm(&x, &b.attn_norm)?,
+            };
+            let mut a = self.attention(b, &h, i, cache.as_deref_mut(), &at)?;
             if let Some((post, _)) = &b.post_norms {
                 a = self.norm(&a, post)?;
             }
             let a = self.at(hooks, &mut out, i, HookPoint::AttnOut, a)?;
-            x = self.at(hooks, &mut out, i, HookPoint::ResidMid, (x + a)?)?;
-            let mut m = self.mlp(b, &self.norm(&x, &b.mlp_norm)?)?;
+            let mid = [Hook {
+                layer: i,
+                point: HookPoint::ResidMid,
+            }];
+            let (sum, h) = self.add_and_norm(hooks, &x, &a, &mid, Some(&b.mlp_norm))?;
+            x = self.at(hooks, &mut out, i, HookPoint::ResidMid, sum)?;
+            let h = match h {
+                Some(h) => h,
+                None => self.norm(&x, &b.mlp_norm)?,
+            };
+            let mut m = self.mlp(b, &h)?;
             if let Some((_, post)) = &b.post_norms {
                 m = self.norm(&m, post)?;
             }
             let m = self.at(hooks, &mut out, i, HookPoint::MlpOut, m)?;
-            x = self.at(hooks, &mut out, i, HookPoint::ResidPost, (x + m)?)?;
+            let between = [
+                Hook {
+                    layer: i,
+                    point: HookPoint::ResidPost,
+                },
+                Hook {
+                    layer: i + 1,
+                    point: HookPoint::ResidPre,
+                },
+            ];
+            let next = self.blocks.get(i + 1).filter(|_| i + 1 < last);
+            let (sum, h) =
+                self.add_and_norm(hooks, &x, &m, &between, next.map(|n| &n.attn_norm))?;
+            x = self.at(hooks, &mut out, i, HookPoint::ResidPost, sum)?;
+            normed = h;
         }
         if let Some(cache) = cache {
             cache.len += t;
