@@ -10,14 +10,18 @@ cd "$here"
 lscpu | grep -E 'Model name|^CPU\(s\)|^CPU family|^Model:' | sed 's/  */ /g'
 # The vector instruction sets the kernels choose from (none of the AVX-512 ones on, say, an AMD Zen 3).
 { grep -o -w -E 'avx2|fma|avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo || true; } | sort -u | tr '\n' ' '; echo
+# saeflow's rounds run 30 steps, the peers' 10: each tool is timed over a window of about the same length
+# (~7 s on an AMD Zen 3), so a slow spell of a shared host weighs the same in both (saeflow's 10 steps took
+# ~2.5 s, and one spell moved a round by a third).
+steps=30
 for round in 1 2 3; do
   echo "== round $round"
   for encoder in auto f32; do
-    ./target/release/saeflow bench train --d-in 576 --expansion 8 --k 32 --batch 4096 --steps 10 --encoder "$encoder"
+    ./target/release/saeflow bench train --d-in 576 --expansion 8 --k 32 --batch 4096 --steps $steps --encoder "$encoder"
   done
   if grep -q -w amx_bf16 /proc/cpuinfo; then
     # bf16 ranking on the AVX512-BF16 kernel, as on a CPU without AMX (why `auto` takes it on AMD only).
-    SAEFLOW_AMX=0 ./target/release/saeflow bench train --d-in 576 --expansion 8 --k 32 --batch 4096 --steps 10 --encoder bf16
+    SAEFLOW_AMX=0 ./target/release/saeflow bench train --d-in 576 --expansion 8 --k 32 --batch 4096 --steps $steps --encoder bf16
   fi
   for impl in sparsify saelens torch; do
     OMP_NUM_THREADS=2 "$py" ../shared/bench/sae_train_reference.py --impl "$impl" --d-in 576 --expansion 8 --k 32 --batch 4096 --steps 10
