@@ -257,11 +257,7 @@ fn at_least(row: &[f32], cut: f32, best: &mut Vec<(f32, u32)>) {
     for (c, block) in row.chunks(LANES).enumerate() {
         // Almost every block fails whole (one vectorised compare).
         if block.iter().fold(false, |any, &v| any | (v >= cut)) {
-            for (i, &v) in block.iter().enumerate() {
-                if v >= cut {
-                    best.push((v, (c * LANES + i) as u32));
-                }
-            }
+            push_at_least(block, c * LANES, cut, best);
         }
     }
 }
@@ -293,12 +289,7 @@ unsafe fn at_least_avx512(row: &[f32], cut: f32, best: &mut Vec<(f32, u32)>) {
             );
         }
     }
-    let first = row.len() - tail.len();
-    for (i, &v) in tail.iter().enumerate() {
-        if v >= cut {
-            best.push((v, (first + i) as u32));
-        }
-    }
+    push_at_least(tail, row.len() - tail.len(), cut, best);
 }
 
 /// [`at_least`] with AVX2: a block's 16 comparisons as one bit mask, and only its set bits visited.
@@ -321,8 +312,14 @@ unsafe fn at_least_avx2(row: &[f32], cut: f32, best: &mut Vec<(f32, u32)>) {
             pass &= pass - 1;
         }
     }
-    let first = row.len() - tail.len();
-    for (i, &v) in tail.iter().enumerate() {
+    push_at_least(tail, row.len() - tail.len(), cut, best);
+}
+
+/// Each value of `values` at or above `cut` with its column (`first` + its place), in order: a block that
+/// passed [`at_least`]'s test, or the vector builds' values past their last whole block.
+#[inline(always)]
+fn push_at_least(values: &[f32], first: usize, cut: f32, best: &mut Vec<(f32, u32)>) {
+    for (i, &v) in values.iter().enumerate() {
         if v >= cut {
             best.push((v, (first + i) as u32));
         }
