@@ -10,8 +10,7 @@
 
 use rayon::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
-use crate::kernels::simd::avx2;
+use crate::kernels::Isa;
 
 /// Per token: the selected latents and their (ReLU'd) activations, as compressed rows.
 #[derive(Debug, Clone)]
@@ -73,73 +72,65 @@ fn top_k_into(row: &[f32], k: usize, allowed: impl Fn(usize) -> bool, best: &mut
 /// With `slack` > 0 it keeps, beyond the k largest, every value within `slack` of the k-th largest (all of
 /// them, not necessarily in order): the candidates of [`Weights::top_k`](super::step::Weights::top_k)'s exact re-ranking.
 pub(super) fn top_k_unrestricted(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::avx512() {
-        // SAFETY: the CPU has AVX-512F (checked).
-        return unsafe { top_k_unrestricted_avx512(row, k, slack, best) };
+    match Isa::best() {
+        // SAFETY: the CPU has AVX-512F (`Isa::best` checked).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { top_k_unrestricted_avx512(row, k, slack, best) },
+        // SAFETY: the CPU has AVX2 and FMA (`Isa::best` checked).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { top_k_unrestricted_avx2(row, k, slack, best) },
+        _ => top_k_lanes(Isa::Portable, row, k, slack, best),
     }
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked).
-        return unsafe { top_k_unrestricted_avx2(row, k, slack, best) };
-    }
-    top_k_lanes::<ISA_PORTABLE>(row, k, slack, best)
 }
 
+// Each wrapper passes a constant build to the inlined scan, so its `match isa` folds away and the scan is
+// compiled once per build with that build's instructions.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn top_k_unrestricted_avx512(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
-    top_k_lanes::<ISA_AVX512>(row, k, slack, best)
+    top_k_lanes(Isa::Avx512, row, k, slack, best)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn top_k_unrestricted_avx2(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
-    top_k_lanes::<ISA_AVX2>(row, k, slack, best)
+    top_k_lanes(Isa::Avx2, row, k, slack, best)
 }
 
-/// The builds of [`top_k_lanes`]'s two passes, its const parameter (an enum cannot be one yet): the
-/// compiler's vectorisation of the portable code, or AVX2 or AVX-512 intrinsics.
-const ISA_PORTABLE: u8 = 0;
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const ISA_AVX2: u8 = 1;
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const ISA_AVX512: u8 = 2;
-
-/// [`lane_tops`] at depth `R` on the build `ISA`.
+/// [`lane_tops`] at depth `R` on the build `isa`.
 #[inline(always)]
-fn lane_tops_on<const ISA: u8, const R: usize>(row: &[f32], kept: &mut [f32; 8 * LANES]) {
-    #[cfg(target_arch = "x86_64")]
-    match ISA {
-        // SAFETY: only `top_k_unrestricted_avx512`, on a CPU with AVX-512F, passes `ISA_AVX512`.
-        ISA_AVX512 => return unsafe { lane_tops_avx512::<R>(row, kept) },
-        // SAFETY: only `top_k_unrestricted_avx2`, on a CPU with AVX2, passes `ISA_AVX2`.
-        ISA_AVX2 => return unsafe { lane_tops_avx2::<R>(row, kept) },
-        _ => {}
+fn lane_tops_on<const R: usize>(isa: Isa, row: &[f32], kept: &mut [f32; 8 * LANES]) {
+    match isa {
+        // SAFETY: only `top_k_unrestricted_avx512`, on a CPU with AVX-512F, passes `Isa::Avx512`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { lane_tops_avx512::<R>(row, kept) },
+        // SAFETY: only `top_k_unrestricted_avx2`, on a CPU with AVX2, passes `Isa::Avx2`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { lane_tops_avx2::<R>(row, kept) },
+        _ => lane_tops::<R>(row, kept),
     }
-    lane_tops::<R>(row, kept)
 }
 
-/// The scan, its two passes on the build `ISA` (the same values on every build).
+/// The scan, its two passes on the build `isa` (the same values on every build).
 #[inline(always)]
-fn top_k_lanes<const ISA: u8>(row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
+fn top_k_lanes(isa: Isa, row: &[f32], k: usize, slack: f32, best: &mut Vec<(f32, u32)>) {
     // Twice the minimum depth: a tighter bound, so far fewer candidates to sort.
     let r = 2 * k.div_ceil(LANES);
-    let mut kept = [0f32; 8 * LANES];
-    let tops = |kept: &mut [f32; 8 * LANES], r| match r {
-        2 => lane_tops_on::<ISA, 2>(row, kept),
-        4 => lane_tops_on::<ISA, 4>(row, kept),
-        6 => lane_tops_on::<ISA, 6>(row, kept),
-        _ => lane_tops_on::<ISA, 8>(row, kept),
-    };
-    let kept = (k > 0 && r <= 8 && row.len() >= r * LANES).then(|| {
-        tops(&mut kept, r);
-        &mut kept[..r * LANES]
-    });
-    let cut = kept.map_or(f32::NAN, |kept| {
+    // No closures here: one capturing `isa` by reference kept it from folding to the caller's constant.
+    let cut = if k > 0 && r <= 8 && row.len() >= r * LANES {
+        let mut kept = [0f32; 8 * LANES];
+        match r {
+            2 => lane_tops_on::<2>(isa, row, &mut kept),
+            4 => lane_tops_on::<4>(isa, row, &mut kept),
+            6 => lane_tops_on::<6>(isa, row, &mut kept),
+            _ => lane_tops_on::<8>(isa, row, &mut kept),
+        }
+        let kept = &mut kept[..r * LANES];
         kept.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         kept[k - 1] - slack
-    });
+    } else {
+        f32::NAN
+    };
     if cut.is_nan() {
         // Large k or short rows: the plain scan, then the values within the slack.
         top_k_into(row, k, |_| true, best);
@@ -157,13 +148,13 @@ fn top_k_lanes<const ISA: u8>(row: &[f32], k: usize, slack: f32, best: &mut Vec<
         return;
     }
     best.clear();
-    match ISA {
+    match isa {
         // SAFETY: as in `lane_tops_on`.
         #[cfg(target_arch = "x86_64")]
-        ISA_AVX512 => unsafe { at_least_avx512(row, cut, best) },
+        Isa::Avx512 => unsafe { at_least_avx512(row, cut, best) },
         // SAFETY: as in `lane_tops_on`.
         #[cfg(target_arch = "x86_64")]
-        ISA_AVX2 => unsafe { at_least_avx2(row, cut, best) },
+        Isa::Avx2 => unsafe { at_least_avx2(row, cut, best) },
         _ => at_least(row, cut, best),
     }
     // No NaN passed `v >= cut`, so the comparison is a total order.
@@ -490,28 +481,26 @@ mod tests {
                     t
                 };
                 let mut portable = Vec::new();
-                top_k_lanes::<ISA_PORTABLE>(&a, k, slack, &mut portable);
+                top_k_lanes(Isa::Portable, &a, k, slack, &mut portable);
                 let mut builds = Vec::new();
-                #[cfg(target_arch = "x86_64")]
-                {
-                    if crate::kernels::avx512() {
-                        let mut t = Vec::new();
-                        // SAFETY: the CPU has AVX-512F (checked).
-                        unsafe { top_k_unrestricted_avx512(&a, k, slack, &mut t) };
-                        builds.push(("avx512", t));
+                for isa in Isa::available() {
+                    let mut t = Vec::new();
+                    match isa {
+                        // SAFETY: `Isa::available` lists only builds this CPU runs.
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx512 => unsafe { top_k_unrestricted_avx512(&a, k, slack, &mut t) },
+                        // SAFETY: as above.
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => unsafe { top_k_unrestricted_avx2(&a, k, slack, &mut t) },
+                        _ => continue,
                     }
-                    if avx2() {
-                        let mut t = Vec::new();
-                        // SAFETY: the CPU has AVX2 and FMA (checked).
-                        unsafe { top_k_unrestricted_avx2(&a, k, slack, &mut t) };
-                        builds.push(("avx2", t));
-                    }
+                    builds.push((isa, t));
                 }
                 for (build, t) in builds {
                     assert_eq!(
                         sorted(t),
                         sorted(portable.clone()),
-                        "{build}, k {k}, slack {slack}"
+                        "{build:?}, k {k}, slack {slack}"
                     );
                 }
             }
