@@ -86,3 +86,16 @@ fn bad_overrides_exit_2_and_name_the_argument() {
         assert!(!text.contains("panicked"), "{text}");
     }
 }
+
+#[test]
+fn an_unknown_benchmark_shape_exits_2_and_lists_the_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = ["bench", "gemm", "--shape", "qkv", "--shape", "nope"];
+    let out = common::run(dir.path(), &all);
+    let text = common::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all:?}: {text}");
+    assert!(
+        text.contains("nope") && text.contains("qkv, o, gate_up, down, lm_head"),
+        "{text}"
+    );
+}

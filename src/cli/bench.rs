@@ -61,7 +61,7 @@ pub enum BenchCommand {
         #[arg(long, default_value = "f32")]
         dtype: WeightFormat,
     },
-    /// The model's linear layers alone (SmolLM2-135M's shapes): GFLOP/s of candle's matmul per shape.
+    /// The model's linear layers alone (SmolLM2-135M's shapes): GFLOP/s per shape of candle's matmul and of each GEMM kernel this CPU has.
     Gemm {
         /// Rows (tokens) per product.
         #[arg(long, default_value_t = 1024)]
@@ -69,6 +69,11 @@ pub enum BenchCommand {
         /// Timed products per shape (the best is reported).
         #[arg(long, default_value_t = 10)]
         iters: usize,
+        /// Only these shapes (repeat the flag for several); all by default.
+        #[arg(long = "shape", value_parser = clap::builder::PossibleValuesParser::new(
+            crate::bench::SMOLLM2_LINEARS.map(|(name, ..)| name)
+        ))]
+        shapes: Vec<String>,
     },
     /// TopK SAE training steps on random inputs: tokens/s, ms/step, GFLOP/s.
     Train {
@@ -134,7 +139,11 @@ pub fn bench(command: BenchCommand) -> Result<(), Error> {
             device,
             dtype,
         } => crate::bench::forward(&path, batch, seq, layer, iters, device, dtype),
-        BenchCommand::Gemm { tokens, iters } => crate::bench::gemm(tokens, iters),
+        BenchCommand::Gemm {
+            tokens,
+            iters,
+            shapes,
+        } => crate::bench::gemm(tokens, iters, &shapes),
         BenchCommand::Train {
             d_in,
             expansion,
