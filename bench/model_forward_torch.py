@@ -3,7 +3,9 @@
 transformers' GGUF loader, the same batch shape, the same thread count.
 
   python bench/model_forward_torch.py MODEL_DIR GGUF_FILE [--batch 8] [--seq 128] [--layer 15] [--iters 5] [--threads 2]
-                                      [--device cuda] [--dtype float32|bfloat16|float16]
+                                      [--device cuda] [--dtype float32|bfloat16|float16] [--profile]
+--profile also prints the share of the timed passes' CPU time in matrix products (aten::mm / addmm / bmm) and
+what they reach in GFLOP/s, from torch.profiler.
 Needs: torch, transformers, gguf (a venv: pip install torch transformers gguf).
 """
 import argparse
@@ -23,6 +25,7 @@ p.add_argument("--iters", type=int, default=5)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--device", default="cpu")
 p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+p.add_argument("--profile", action="store_true")
 a = p.parse_args()
 
 torch.set_num_threads(a.threads)
@@ -44,6 +47,20 @@ with torch.inference_mode():
         run()
     sync()
     secs = time.perf_counter() - t
+    if a.profile:
+        with torch.profiler.profile(with_flops=True) as prof:
+            for _ in range(a.iters):
+                run()
+            sync()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        products = [e for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+        mm_us = sum(e.self_cpu_time_total for e in products)
+        mm_flops = sum(e.flops for e in products)
+        print(
+            f"profile: matrix products {100 * mm_us / total:.1f}% of the CPU time, "
+            f"{mm_flops / mm_us / 1e3:.1f} GFLOP/s in them ({mm_flops / a.iters / 1e9:.1f} GFLOP per pass)"
+        )
 depth = f"up to blocks.{a.layer}" if a.layer is not None else "full depth + logits"
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(

@@ -59,15 +59,39 @@ pub fn forward(
         || "full depth + logits".to_string(),
         |l| format!("up to blocks.{l}"),
     );
+    let config = &model.transformer.config;
+    let layers = layer.map_or(config.n_layer, |l| l + 1);
+    let linear_flops = 2.0 * linear_macs_per_token(config, layers, layer.is_none()) * tokens;
     println!(
-        "{}: batch {batch} x {seq}, {depth}: {:.0} tokens/s ({:.3} s per pass), peak RSS {:.0} MiB, {} threads",
+        "{}: batch {batch} x {seq}, {depth}: {:.0} tokens/s ({:.3} s per pass), peak RSS {:.0} MiB, {} threads, \
+         {:.1} GFLOP/s on the linear layers' FLOPs",
         path.display(),
         tokens / secs,
         secs / iters as f64,
         peak_rss_mib().unwrap_or(f64::NAN),
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        linear_flops / secs / 1e9,
     );
     Ok(())
+}
+
+/// Multiply-adds per token in the linear layers of `layers` blocks (q, k, v, o and the MLP), plus the
+/// output head with `logits`: the bulk of a forward's arithmetic, so FLOPs / time set against the CPU's
+/// ceiling (`bench/peak.sh`) bound what any implementation can gain (attention's own products, ~2% at
+/// 128 tokens, are left out).
+fn linear_macs_per_token(
+    c: &saeflow_core::models::transformer::Config,
+    layers: usize,
+    logits: bool,
+) -> f64 {
+    use saeflow_core::models::transformer::Mlp;
+    let (d, q, kv) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+    let mlp_matrices = match c.mlp {
+        Mlp::SwiGlu | Mlp::GeGlu => 3,
+        Mlp::ReluSquared | Mlp::Gelu => 2,
+    };
+    let per_layer = d * (q + 2 * kv) + q * d + mlp_matrices * d * c.d_mlp;
+    (layers * per_layer + if logits { d * c.vocab_size } else { 0 }) as f64
 }
 
 /// The linear layers of SmolLM2-135M's forward over `tokens` rows, as (name, in, out): q/k/v stacked,
@@ -84,8 +108,9 @@ pub const SMOLLM2_LINEARS: [(&str, usize, usize); 5] = [
 /// matmul (the `gemm` crate), on every `kernels::gemm` kernel this CPU has with the weight packed per call
 /// (the trainer's case), and with the weight packed once as the model's layers hold it (`packed`: AVX-512
 /// f32 — the f32 forward's — and AMX bf16, the bf16 forward's, where the CPU has them). `bench/gemm_torch.py`
-/// times PyTorch on the same shapes.
-pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
+/// times PyTorch on the same shapes. `shapes` names the shapes to time (all if empty; the CLI admits only
+/// [`SMOLLM2_LINEARS`]' names).
+pub fn gemm(tokens: usize, iters: usize, shapes: &[String]) -> anyhow::Result<()> {
     use candle_core::{Device, Tensor};
     use saeflow_core::kernels::gemm::{matmul_nt_bias_with, Kernel};
     use saeflow_core::kernels::{amx, gemm};
@@ -101,7 +126,10 @@ pub fn gemm(tokens: usize, iters: usize) -> anyhow::Result<()> {
         }
         Ok(best)
     };
-    for (name, inner, out) in SMOLLM2_LINEARS {
+    let chosen = SMOLLM2_LINEARS
+        .iter()
+        .filter(|(name, ..)| shapes.is_empty() || shapes.iter().any(|s| s == name));
+    for &(name, inner, out) in chosen {
         let x = Tensor::randn(0f32, 1.0, (tokens, inner), &device)?;
         let w = Tensor::randn(0f32, 0.05, (out, inner), &device)?;
         let wt = w.t()?;
