@@ -44,24 +44,19 @@ int main(void) {
 #define PMADD(c) "vpmaddwd %%ymm12, %%ymm13, %%" #c "\n"
 #define PADD(c) "vpaddd %%ymm13, %%" #c ", %%" #c "\n"
 #define FMA1(c) "vfmadd231ps %%ymm12, %%ymm13, %%" #c "\n"
-  n = steps;
-  t = now();
-  __asm__ volatile("1:\n" PMADD(ymm0) PMADD(ymm1) PMADD(ymm2) PMADD(ymm3) PMADD(ymm4) PMADD(ymm5)
-                   PMADD(ymm6) PMADD(ymm7) PMADD(ymm8) PMADD(ymm9) PMADD(ymm10) PMADD(ymm11) "dec %0\n jnz 1b\n"
-                   : "+r"(n) : "r"(a) : REGS);
-  double madd = steps * 12.0 / (now() - t) / 1e9;
-  n = steps;
-  t = now();
-  __asm__ volatile("1:\n" PADD(ymm0) PADD(ymm1) PADD(ymm2) PADD(ymm3) PADD(ymm4) PADD(ymm5)
-                   PADD(ymm6) PADD(ymm7) PADD(ymm8) PADD(ymm9) PADD(ymm10) PADD(ymm11) "dec %0\n jnz 1b\n"
-                   : "+r"(n) : "r"(a) : REGS);
-  double add = steps * 12.0 / (now() - t) / 1e9;
-  n = steps;
-  t = now();
-  __asm__ volatile("1:\n" FMA1(ymm0) FMA1(ymm1) FMA1(ymm2) FMA1(ymm3) FMA1(ymm4) FMA1(ymm5)
-                   FMA1(ymm6) FMA1(ymm7) FMA1(ymm8) FMA1(ymm9) FMA1(ymm10) FMA1(ymm11) "dec %0\n jnz 1b\n"
-                   : "+r"(n) : "r"(a) : REGS);
-  double fma = steps * 12.0 / (now() - t) / 1e9;
+#define TWELVE(OP) OP(ymm0) OP(ymm1) OP(ymm2) OP(ymm3) OP(ymm4) OP(ymm5) OP(ymm6) OP(ymm7) OP(ymm8) \
+                   OP(ymm9) OP(ymm10) OP(ymm11)
+#define ALONE(OP, rate)                                                                                  \
+  do {                                                                                                   \
+    n = steps;                                                                                           \
+    t = now();                                                                                           \
+    __asm__ volatile("1:\n" TWELVE(OP) "dec %0\n jnz 1b\n" : "+r"(n) : "r"(a) : REGS);                  \
+    rate = steps * 12.0 / (now() - t) / 1e9;                                                             \
+  } while (0)
+  double madd, add, fma;
+  ALONE(PMADD, madd);
+  ALONE(PADD, add);
+  ALONE(FMA1, fma);
   printf("alone, instructions per ns: vpmaddwd %.2f, vpaddd %.2f, vfmadd231ps %.2f\n", madd, add, fma);
   return 0;
 }
