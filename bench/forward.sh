@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Model forward throughput, SmolLM2-135M (GGUF dequantized), batch 8 × 128, 2 threads: saeflow
-# (`saeflow bench forward`, f32, and the bf16 mode on CPUs with bf16 arithmetic) and PyTorch eager f32 (bench/model_forward_torch.py),
-# alternating in one session: five rounds up to blocks.15, three at full depth.
+# (`saeflow bench forward`, f32, and the bf16 mode on CPUs with bf16 arithmetic) and PyTorch eager f32
+# (bench/model_forward_torch.py), alternating in one session: five rounds up to blocks.15, three at full depth.
 # Usage: bench/forward.sh PYTHON_WITH_TORCH_TRANSFORMERS_GGUF
 # With BEFORE=path/to/an/older/saeflow, that binary runs in every round too (a before/after in one session).
 set -euo pipefail

@@ -219,11 +219,9 @@ impl State {
             .map(|g| sum_squares(g))
             .sum::<f64>()
             .sqrt();
-            if norm > cfg.grad_clip as f64 {
-                (cfg.grad_clip as f64 / norm) as f32
-            } else {
-                1.0
-            }
+            // min(1, clip / ‖g‖). A NaN norm leaves the scale at 1 (`f64::min` ignores NaN): the NaN
+            // gradient still reaches the weights, where the trainer's finiteness check stops the run.
+            (cfg.grad_clip as f64 / norm).min(1.0) as f32
         } else {
             1.0
         };
