@@ -10,8 +10,9 @@
 //! 12×32 tile of `out` in 24 registers while it walks the depth, prefetching `b` ahead. Tasks are
 //! rectangles of `out`: blocks of rows, and of columns too when there are few rows (a decode step). Every
 //! output element is summed in the same order whatever the split, so results are bit-identical across runs
-//! and thread counts. Without AVX-512, an AVX2 micro-kernel runs the same packed panels as four 6×16 tiles
-//! (the same FMA chains, so the same bits); without AVX2 either, the `gemm` crate does the work.
+//! and thread counts. Without AVX-512, an AVX2 micro-kernel runs 6×16 tiles on 16-column panels with `a`
+//! packed per task (the same FMA chains, so the same bits); without AVX2 either, the `gemm` crate does the
+//! work.
 
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -231,16 +232,40 @@ pub fn matmul_nt_bias_visit<R: Send>(
                 return super::amx::multiply_visit(a, n, &packed, bias, out, visit);
             }
             Kernel::Avx512Bf16 => {
-                return visit_blocked::<Dpbf16, _>(&Packed::new(b, m, d), a, bias, out, visit)
+                return visit_blocked::<Dpbf16, _>(
+                    &packed_for::<Dpbf16>(b, m, d),
+                    a,
+                    bias,
+                    out,
+                    visit,
+                )
             }
             Kernel::Avx512 => {
-                return visit_blocked::<Fma512, _>(&Packed::new(b, m, d), a, bias, out, visit)
+                return visit_blocked::<Fma512, _>(
+                    &packed_for::<Fma512>(b, m, d),
+                    a,
+                    bias,
+                    out,
+                    visit,
+                )
             }
             Kernel::Avx2 => {
-                return visit_blocked::<Fma256, _>(&Packed::new(b, m, d), a, bias, out, visit)
+                return visit_blocked::<Fma256, _>(
+                    &packed_for::<Fma256>(b, m, d),
+                    a,
+                    bias,
+                    out,
+                    visit,
+                )
             }
             Kernel::Avx2Int16 => {
-                return visit_blocked::<Madd16, _>(&Packed::new(b, m, d), a, bias, out, visit)
+                return visit_blocked::<Madd16, _>(
+                    &packed_for::<Madd16>(b, m, d),
+                    a,
+                    bias,
+                    out,
+                    visit,
+                )
             }
             Kernel::Portable => {}
         }
@@ -271,7 +296,7 @@ fn visit_blocked<K: MicroKernel, R: Send>(
     let (m, d) = (b.m, b.d);
     let n = a.len() / d;
     let padded_bias = padded_bias(bias, m);
-    let panels = 0..m.div_ceil(NR);
+    let panels = 0..m.div_ceil(K::COLS);
     let compute = |row0: usize, out: &mut [f32]| {
         let rows = out.len() / m;
         let task = Task {
@@ -406,15 +431,27 @@ trait Packing {
 trait MicroKernel {
     /// The operands' format.
     type Layout: Packing;
-    /// Columns of `out` a tile stores: NR, or half that for a kernel that stores one value per gate/up
+    /// Rows of `a` (and of `out`) per tile.
+    const ROWS: usize = MR;
+    /// Columns of `b` per tile, which is also the width of `b`'s packed panels ([`Packed::width`]).
+    const COLS: usize = NR;
+    /// Columns of `out` a tile stores: COLS, or half that for a kernel that stores one value per gate/up
     /// pair ([`Glu256`]).
-    const OUT_COLS: usize = NR;
-    /// c[MR × NR] = start + a-panel · b-panel over `kc` packed depth steps; for a scaled layout, each sum
-    /// multiplied by its row's and column's `factors` first.
+    const OUT_COLS: usize = Self::COLS;
+    /// Whether a task packs its rows of `a` into interleaved panels of ROWS before its tiles read them
+    /// (as [`Packing::INTERLEAVED`] layouts come), rather than reading them in place.
+    const PACKS_A: bool = false;
+    /// Panels of `b` a row panel meets before the next row panel does: 1 keeps one `b` panel in cache while
+    /// every row panel of the task passes it; more keep a (packed) row panel in L1 while a run of `b` panels
+    /// streams past it.
+    const PANEL_RUN: usize = 1;
+    /// c[ROWS × COLS] = start + a-panel · b-panel over `kc` packed depth steps; for a scaled layout, each
+    /// sum multiplied by its row's and column's `factors` first.
     ///
     /// # Safety
-    /// The CPU has the kernel's features; `a` holds MR rows of at least `kc` elements `lda` apart (an
-    /// interleaved layout: kc steps of MR), `b` kc × NR elements, and `c` MR rows of NR floats `ldc` apart.
+    /// The CPU has the kernel's features; `a` holds ROWS rows of at least `kc` elements `lda` apart (an
+    /// interleaved layout: kc steps of ROWS), `b` kc × COLS elements, and `c` ROWS rows of OUT_COLS floats
+    /// `ldc` apart.
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel(
         kc: usize,
@@ -428,7 +465,7 @@ trait MicroKernel {
     );
 }
 
-/// The factors a scaled layout's sums are multiplied back by: a tile's MR rows' and NR columns'.
+/// The factors a scaled layout's sums are multiplied back by: a tile's rows' and columns'.
 #[derive(Clone, Copy)]
 struct Factors<'a> {
     rows: &'a [f32],
@@ -451,8 +488,9 @@ impl Packing for F32s {
     fn pack_row(row: &[f32], _scale: f32, out: &mut [f32]) {
         out.copy_from_slice(row);
     }
-    /// `a` as it is: its rows are read in place (a task's rows stay in L2 either way, and copying them
-    /// into panels cost ~10% of a product).
+    /// `a` as it is: its rows are read in place by the AVX-512 kernel (a task's rows stay in L2 either way,
+    /// and copying them into panels cost ~10% of a product on an Intel Xeon), and packed per task for the
+    /// AVX2 kernel ([`MicroKernel::PACKS_A`]).
     fn rows(a: &[f32], _d: usize) -> (Cow<'_, [f32]>, Vec<f32>) {
         (Cow::Borrowed(a), Vec::new())
     }
@@ -478,15 +516,23 @@ impl MicroKernel for Fma512 {
     }
 }
 
-/// f32 FMAs on AVX2: [`kernel_f32_avx2`], the same sums in the same order as [`Fma512`] (so the same bits).
+/// f32 FMAs on AVX2: [`kernel_f32_avx2`], the same sums in the same order as [`Fma512`] (so the same bits),
+/// in 6 × 16 tiles: `a` packed per task, `b` in 16-column panels, and a row panel (in L1) meeting 16 of
+/// them (256 columns) in turn. On an AMD Zen 3 this ran the forward's products 15–30% faster than reading
+/// `a` in place against halves of 32-column panels (each a 36 KB stream, every other cache line, from L2),
+/// two threads, in-process alternating runs; the 16-column panels gave most of it.
 struct Fma256;
 
 impl MicroKernel for Fma256 {
     type Layout = F32s;
+    const ROWS: usize = 6;
+    const COLS: usize = 16;
+    const PACKS_A: bool = true;
+    const PANEL_RUN: usize = 16;
     unsafe fn kernel(
         kc: usize,
         a: *const f32,
-        lda: usize,
+        _interleaved: usize,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -494,7 +540,7 @@ impl MicroKernel for Fma256 {
         _unscaled: Option<Factors>,
     ) {
         #[cfg(target_arch = "x86_64")]
-        kernel_f32_avx2(kc, a, lda, b, c, ldc, start);
+        kernel_f32_avx2(kc, a, b, c, ldc, start);
     }
 }
 
@@ -503,11 +549,15 @@ struct Glu256;
 
 impl MicroKernel for Glu256 {
     type Layout = F32s;
-    const OUT_COLS: usize = NR / 2;
+    const ROWS: usize = Fma256::ROWS;
+    const COLS: usize = Fma256::COLS;
+    const OUT_COLS: usize = Fma256::COLS / 2;
+    const PACKS_A: bool = true;
+    const PANEL_RUN: usize = Fma256::PANEL_RUN;
     unsafe fn kernel(
         kc: usize,
         a: *const f32,
-        lda: usize,
+        _interleaved: usize,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -515,7 +565,7 @@ impl MicroKernel for Glu256 {
         _unscaled: Option<Factors>,
     ) {
         #[cfg(target_arch = "x86_64")]
-        kernel_glu_avx2(kc, a, lda, b, c, ldc, start);
+        kernel_glu_avx2(kc, a, b, c, ldc, start);
     }
 }
 
@@ -793,8 +843,8 @@ fn depth_blocks(steps: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// `b [m × d]` packed for the micro-kernel: per 32-row panel, per depth block, `len × 32` elements
-/// depth-major (zero-padded past m).
+/// `b [m × d]` packed for a micro-kernel: per panel of `width` rows (the kernel's [`MicroKernel::COLS`]),
+/// per depth block, `len × width` elements depth-major (zero-padded past m).
 struct Packed<K: Packing> {
     data: Vec<K::Elem>,
     /// A scaled format's factor per row of `b` (column of the product), zero-padded to whole panels; empty
@@ -804,39 +854,47 @@ struct Packed<K: Packing> {
     d: usize,
     steps: usize,
     blocks: Vec<(usize, usize)>,
+    /// Rows of `b` (columns of the product) per panel.
+    width: usize,
+}
+
+/// `b` packed for the micro-kernel `K`.
+fn packed_for<K: MicroKernel>(b: &[f32], m: usize, d: usize) -> Packed<K::Layout> {
+    Packed::new(b, m, d, K::COLS)
 }
 
 impl<K: Packing> Packed<K> {
-    fn new(b: &[f32], m: usize, d: usize) -> Self {
+    fn new(b: &[f32], m: usize, d: usize, width: usize) -> Self {
         assert_eq!(b.len(), m * d);
+        assert!(width == NR || width == NR / 2);
         let steps = d.div_ceil(K::STEP);
         let blocks = depth_blocks(steps);
-        let panels = m.div_ceil(NR);
+        let panels = m.div_ceil(width);
         let scales: Vec<f32> = match K::SCALED {
             true => b.par_chunks(d.max(1)).map(K::scale).collect(),
             false => Vec::new(),
         };
-        let mut data = vec![K::Elem::default(); panels * NR * steps];
-        data.par_chunks_mut(NR * steps.max(1))
+        let mut data = vec![K::Elem::default(); panels * width * steps];
+        data.par_chunks_mut(width * steps.max(1))
             .enumerate()
             .for_each(|(panel, dst)| {
                 // Each row packed whole (vectorised), then spread down its panel column.
                 let mut packed = vec![K::Elem::default(); steps];
-                for (i, r) in (panel * NR..m.min(panel * NR + NR)).enumerate() {
+                for (i, r) in (panel * width..m.min(panel * width + width)).enumerate() {
                     let scale = scales.get(r).copied().unwrap_or(1.0);
                     K::pack_row(&b[r * d..][..d], scale, &mut packed);
                     let mut at = 0;
                     for &(start, len) in &blocks {
                         for (p, &v) in packed[start..][..len].iter().enumerate() {
-                            dst[at + p * NR + i] = v;
+                            dst[at + p * width + i] = v;
                         }
-                        at += len * NR;
+                        at += len * width;
                     }
                 }
             });
         let mut factors: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
         if K::SCALED {
-            factors.resize(panels * NR, 0.0);
+            factors.resize(panels * width, 0.0);
         }
         Self {
             data,
@@ -845,6 +903,7 @@ impl<K: Packing> Packed<K> {
             d,
             steps,
             blocks,
+            width,
         }
     }
 }
@@ -863,9 +922,17 @@ impl PackedB {
             .find(|k| k.available())
     }
 
-    /// Packs the row-major `b [m × d]`.
+    /// Packs the row-major `b [m × d]` for [`PackedB::kernel`].
     pub fn new(b: &[f32], m: usize, d: usize) -> Self {
-        Self(Packed::new(b, m, d))
+        Self::for_kernel(Self::kernel().unwrap_or(Kernel::Avx512), b, m, d)
+    }
+
+    /// Packs `b` in the panels of `kernel` ([`Kernel::Avx512`]'s or [`Kernel::Avx2`]'s).
+    fn for_kernel(kernel: Kernel, b: &[f32], m: usize, d: usize) -> Self {
+        match kernel {
+            Kernel::Avx2 => Self(packed_for::<Fma256>(b, m, d)),
+            _ => Self(packed_for::<Fma512>(b, m, d)),
+        }
     }
 
     /// Rows of the unpacked `b` (columns of the product).
@@ -890,17 +957,18 @@ impl PackedB {
             d,
             steps,
             blocks,
+            width,
             ..
         } = packed;
         let mut b = vec![0f32; m * d];
         for (r, row) in b.chunks_mut((*d).max(1)).enumerate().take(*m) {
-            let panel = &data[r / NR * NR * steps..];
+            let panel = &data[r / width * width * steps..];
             let mut at = 0;
             for &(start, len) in blocks {
                 for p in 0..len {
-                    row[start + p] = panel[at + p * NR + r % NR];
+                    row[start + p] = panel[at + p * width + r % width];
                 }
-                at += len * NR;
+                at += len * width;
             }
         }
         b
@@ -911,8 +979,8 @@ impl PackedB {
 /// stores `silu(x·gateᵀ) · (x·upᵀ)` as it computes the products: the `[n × 2·width]` product is never
 /// written, and the separate SwiGLU pass over it (~2% of a SmolLM2 forward, plus writing and reading 12.6
 /// MB a layer) is gone. Rows are interleaved 8 by 8 (gate rows 8q..8q+8, then up's), so each 16-column
-/// half of a panel holds 8 outputs' gate and up sums side by side, as the AVX2 kernel's 6 × 16 tiles see
-/// them. AVX2 without AVX-512 only, for now (the AVX-512 kernel's 12 × 32 tiles would want halves of 16);
+/// panel holds 8 outputs' gate and up sums side by side, as the AVX2 kernel's 6 × 16 tiles see them.
+/// AVX2 without AVX-512 only, for now (the AVX-512 kernel's 12 × 32 tiles would want halves of 16);
 /// elsewhere the layer stays a [`PackedB`] followed by [`super::vector::swiglu`].
 pub struct PackedGlu {
     packed: Packed<F32s>,
@@ -934,7 +1002,7 @@ impl PackedGlu {
             rows.extend_from_slice(u);
         }
         Some(Self {
-            packed: Packed::new(&rows, 2 * width, d),
+            packed: packed_for::<Glu256>(&rows, 2 * width, d),
             width,
         })
     }
@@ -1073,7 +1141,7 @@ fn blocked<K: MicroKernel>(
     unsafe {
         multiply_packed::<K>(
             a,
-            &Packed::new(b, m, d),
+            &packed_for::<K>(b, m, d),
             bias,
             SharedOut(out.as_mut_ptr()),
             n,
@@ -1104,7 +1172,7 @@ unsafe fn multiply_packed<K: MicroKernel>(
     let (m, d) = (b.m, b.d);
     assert!(a.len() == n * d);
     let padded_bias = padded_bias(bias, m);
-    grid(n, m).into_par_iter().for_each(|task| {
+    grid(n, m, K::COLS).into_par_iter().for_each(|task| {
         let a_rows = K::Layout::rows(&a[task.rows.start * d..task.rows.end * d], d);
         // SAFETY: the task's rectangle lies inside `out` (n × m), and no other task writes it.
         unsafe { block::<K>(a_rows, b, &padded_bias, shared, &task) };
@@ -1128,10 +1196,11 @@ struct Task {
 
 /// `n × m` split into tasks: row blocks of whole MR groups, at most MC rows each unless that leaves a
 /// thread idle, and, where there are too few rows to keep every thread busy (a decode step's few rows),
-/// column blocks too. Several tasks per thread, sizes differing by at most one unit.
-fn grid(n: usize, m: usize) -> Vec<Task> {
+/// column blocks (of whole panels `width` columns wide) too. Several tasks per thread, sizes differing by
+/// at most one unit.
+fn grid(n: usize, m: usize, width: usize) -> Vec<Task> {
     let groups = n.div_ceil(MR);
-    let panels = m.div_ceil(NR);
+    let panels = m.div_ceil(width);
     let row_parts = task_count(groups, MC / MR);
     let col_parts = (4 * rayon::current_num_threads())
         .div_ceil(row_parts)
@@ -1213,69 +1282,93 @@ unsafe fn block<K: MicroKernel>(
     out: SharedOut,
     task: &Task,
 ) {
+    let (mr, nr) = (K::ROWS, K::COLS);
+    assert_eq!(b.width, nr, "`b` was packed for another kernel's panels");
     let (m, lda) = (b.m, b.steps);
     // `out`'s row length and a panel's columns of it (half of `b`'s for a GLU kernel).
-    let (ldc, per_panel) = (m * K::OUT_COLS / NR, K::OUT_COLS);
+    let (ldc, per_panel) = (m * K::OUT_COLS / nr, K::OUT_COLS);
     let rows = task.rows.len();
     if K::Layout::SCALED {
-        row_factors.resize(rows.div_ceil(MR) * MR, 0.0);
+        row_factors.resize(rows.div_ceil(mr) * mr, 0.0);
     }
     let factors = |i: usize, j: usize| {
         K::Layout::SCALED.then(|| Factors {
-            rows: &row_factors[i * MR..][..MR],
-            cols: &b.factors[j * NR..][..NR],
+            rows: &row_factors[i * mr..][..mr],
+            cols: &b.factors[j * nr..][..nr],
         })
     };
-    let interleaved = K::Layout::INTERLEAVED;
+    let interleaved = K::Layout::INTERLEAVED || K::PACKS_A;
+    let a_rows = match K::PACKS_A {
+        true => Cow::Owned(interleave(&a_rows, lda, mr)),
+        false => a_rows,
+    };
     // Row panels read in place: every one of an interleaved layout (it comes zero-padded), else the whole
-    // ones, and the last, partial one is copied zero-padded to MR rows (its extra rows feed sums that are
+    // ones, and the last, partial one is copied zero-padded to `mr` rows (its extra rows feed sums that are
     // never stored).
     let in_place = match interleaved {
-        true => rows.div_ceil(MR),
-        false => rows / MR,
+        true => rows.div_ceil(mr),
+        false => rows / mr,
     };
     let mut tail = Vec::new();
     if !interleaved {
-        tail.resize(MR * lda, Elem::<K>::default());
-        tail[..(rows - in_place * MR) * lda].copy_from_slice(&a_rows[in_place * MR * lda..]);
+        tail.resize(mr * lda, Elem::<K>::default());
+        tail[..(rows - in_place * mr) * lda].copy_from_slice(&a_rows[in_place * mr * lda..]);
     }
     // Where depth step `start` begins in a panel.
-    let step_at = |start: usize| if interleaved { start * MR } else { start };
+    let step_at = |start: usize| if interleaved { start * mr } else { start };
     let mut b_at = 0;
     for (bi, &(start, len)) in b.blocks.iter().enumerate() {
-        for j in task.panels.clone() {
-            let bp = &b.data[j * NR * b.steps + b_at..][..NR * len];
-            let width = per_panel.min(ldc - j * per_panel);
-            for i in 0..rows.div_ceil(MR) {
-                let tile_rows = MR.min(rows - i * MR);
+        for run in task.panels.clone().step_by(K::PANEL_RUN) {
+            let run = run..(run + K::PANEL_RUN).min(task.panels.end);
+            for i in 0..rows.div_ceil(mr) {
+                let tile_rows = mr.min(rows - i * mr);
                 let ap = if i < in_place {
-                    &a_rows[i * MR * lda..][..MR * lda]
+                    &a_rows[i * mr * lda..][..mr * lda]
                 } else {
                     &tail[..]
                 };
-                let first_row = task.rows.start + i * MR;
-                let start_with = if bi == 0 {
-                    Start::Bias(&padded_bias[j * NR..][..NR])
-                } else {
-                    Start::Accumulate
-                };
-                let c = out.0.add(first_row * ldc + j * per_panel);
-                tile::<K>(
-                    len,
-                    &ap[step_at(start)..],
-                    lda,
-                    bp,
-                    c,
-                    ldc,
-                    tile_rows,
-                    width,
-                    start_with,
-                    factors(i, j),
-                );
+                let first_row = task.rows.start + i * mr;
+                for j in run.clone() {
+                    let bp = &b.data[j * nr * b.steps + b_at..][..nr * len];
+                    let width = per_panel.min(ldc - j * per_panel);
+                    let start_with = if bi == 0 {
+                        Start::Bias(&padded_bias[j * nr..][..nr])
+                    } else {
+                        Start::Accumulate
+                    };
+                    let c = out.0.add(first_row * ldc + j * per_panel);
+                    tile::<K>(
+                        len,
+                        &ap[step_at(start)..],
+                        lda,
+                        bp,
+                        c,
+                        ldc,
+                        tile_rows,
+                        width,
+                        start_with,
+                        factors(i, j),
+                    );
+                }
             }
         }
-        b_at += len * NR;
+        b_at += len * nr;
     }
+}
+
+/// Row-major rows of `steps` elements interleaved in panels of `rows` (element (r, p) of panel i at
+/// `(i·steps + p)·rows + r`), the last panel zero-padded: a depth step's values side by side.
+fn interleave<T: Copy + Default>(a: &[T], steps: usize, rows: usize) -> Vec<T> {
+    let panels = (a.len() / steps.max(1)).div_ceil(rows);
+    let mut out = vec![T::default(); panels * rows * steps];
+    for (panel, src) in out.chunks_mut(rows * steps).zip(a.chunks(rows * steps)) {
+        for (r, row) in src.chunks(steps).enumerate() {
+            for (p, &v) in row.iter().enumerate() {
+                panel[p * rows + r] = v;
+            }
+        }
+    }
+    out
 }
 
 /// What a tile's sums are added to.
@@ -1287,8 +1380,8 @@ enum Start<'a> {
     Accumulate,
 }
 
-/// One MR × NR tile (MR × `K::OUT_COLS` of `out`): full tiles go straight to `c`, edge tiles through a
-/// scratch tile.
+/// One `K::ROWS × K::COLS` tile (`K::ROWS × K::OUT_COLS` of `out`): full tiles go straight to `c`, edge
+/// tiles through a scratch tile.
 ///
 /// # Safety
 /// `c` points at `rows` rows of `cols` floats `ldc` apart that only this call touches.
@@ -1305,15 +1398,17 @@ unsafe fn tile<K: MicroKernel>(
     start: Start,
     factors: Option<Factors>,
 ) {
-    let a_extent = match K::Layout::INTERLEAVED {
-        true => kc * MR,
-        false => (MR - 1) * lda + kc,
+    let (mr, nr) = (K::ROWS, K::COLS);
+    let a_extent = match K::Layout::INTERLEAVED || K::PACKS_A {
+        true => kc * mr,
+        false => (mr - 1) * lda + kc,
     };
-    assert!(a.len() >= a_extent && b.len() >= kc * NR);
-    assert!(factors.is_none_or(|f| f.rows.len() == MR && f.cols.len() == NR));
+    assert!(mr <= MR && nr <= NR && K::OUT_COLS <= nr);
+    assert!(a.len() >= a_extent && b.len() >= kc * nr);
+    assert!(factors.is_none_or(|f| f.rows.len() == mr && f.cols.len() == nr));
     // SAFETY (both calls): `blocked` and `multiply` run only where the kernels' features were detected;
     // the panels' extents were just checked, and the tile lies in `c` (the caller's promise) or the scratch.
-    if rows == MR && cols == K::OUT_COLS {
+    if rows == mr && cols == K::OUT_COLS {
         K::kernel(kc, a.as_ptr(), lda, b.as_ptr(), c, ldc, start, factors);
         return;
     }
@@ -1404,38 +1499,20 @@ unsafe fn kernel_bf16(
     store(&acc, c, ldc, start);
 }
 
-/// [`kernel_f32`] on AVX2: the 12 × 32 tile as four 6 × 16 tiles (12 sums in registers of 8 floats, two of
-/// `b`, one broadcast of `a`: 15 of AVX2's 16 registers), each over the whole depth. Every sum is the FMA
-/// chain of [`kernel_f32`] over the same depth steps, so the bits are the same.
+/// [`kernel_f32`] on AVX2, a 6 × 16 tile (12 sums in registers of 8 floats, two of `b`, one broadcast of
+/// `a`: 15 of AVX2's 16 registers): `a` a panel of 6 interleaved rows, `b` a 16-column panel. Every sum is
+/// the FMA chain of [`kernel_f32`] over the same depth steps, so the bits are the same.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel_f32_avx2(
     kc: usize,
     a: *const f32,
-    lda: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
     start: Start,
 ) {
-    // Column halves outer: a half of the `b` panel, streamed from L2 for rows 0–5, is still in L1 for 6–11.
-    for col in [0, 16] {
-        for row in [0, 6] {
-            let start = match start {
-                Start::Bias(bias) => Start::Bias(&bias[col..]),
-                Start::Accumulate => Start::Accumulate,
-            };
-            kernel_6x16(
-                kc,
-                a.add(row * lda),
-                lda,
-                b.add(col),
-                c.add(row * ldc + col),
-                ldc,
-                start,
-            );
-        }
-    }
+    kernel_6x16(kc, a, b, c, ldc, start);
 }
 
 /// [`kernel_f32_avx2`] on 16-bit integer pairs: each `vpmaddwd` multiplies two depth steps' pairs and adds
@@ -1531,20 +1608,20 @@ unsafe fn kernel_6x16_i16(
     }
 }
 
-/// c[6 × 16] = start + a · b over `kc` depth steps: `a` 6 rows `lda` apart, `b` 16 floats per step, NR apart.
+/// c[6 × 16] = start + a · b over `kc` depth steps: `a` a panel of 6 interleaved rows, `b` 16 floats per
+/// step.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn kernel_6x16(
     kc: usize,
     a: *const f32,
-    lda: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
     start: Start,
 ) {
     use std::arch::x86_64::*;
-    let acc = sums_6x16(kc, a, lda, b);
+    let acc = sums_6x16(kc, a, b);
     let bias = match start {
         Start::Bias(bias) => Some((
             _mm256_loadu_ps(bias.as_ptr()),
@@ -1566,43 +1643,42 @@ unsafe fn kernel_6x16(
     }
 }
 
-/// The sums of a 6 × 16 tile over `kc` depth steps: `a` 6 rows `lda` apart, `b` 16 floats per step, NR
-/// apart (two registers of 8 columns per row).
+/// The sums of a 6 × 16 tile over `kc` depth steps: `a` a panel of 6 interleaved rows (a step's 6 values
+/// side by side), `b` 16 floats per step (two registers of 8 columns per row).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn sums_6x16(
     kc: usize,
     a: *const f32,
-    lda: usize,
     b: *const f32,
 ) -> [[std::arch::x86_64::__m256; 2]; 6] {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-    let mut b = b;
-    for p in 0..kc {
-        _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH * NR).cast());
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH * 16).cast());
         let b0 = _mm256_loadu_ps(b);
         let b1 = _mm256_loadu_ps(b.add(8));
         for (r, acc) in acc.iter_mut().enumerate() {
-            let x = _mm256_broadcast_ss(&*a.add(r * lda + p));
+            let x = _mm256_broadcast_ss(&*a.add(r));
             acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
             acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
         }
-        b = b.add(NR);
+        a = a.add(6);
+        b = b.add(16);
     }
     acc
 }
 
-/// [`kernel_f32_avx2`] on a [`PackedGlu`]'s panels, whose 16-column halves hold 8 gate columns, then the
-/// same 8 outputs' up columns: each 6 × 16 tile stores `silu(gate + bias) · (up + bias)` as 6 × 8 values
-/// (`c` is the tile's first output, `ldc` the output's row length). One depth block only: the store needs
-/// the whole sums.
+/// [`kernel_f32_avx2`] on a [`PackedGlu`]'s 16-column panels, each 8 gate columns, then the same 8
+/// outputs' up columns: the 6 × 16 tile stores `silu(gate + bias) · (up + bias)` as 6 × 8 values (`c` is
+/// the tile's first output, `ldc` the output's row length). One depth block only: the store needs the
+/// whole sums.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel_glu_avx2(
     kc: usize,
     a: *const f32,
-    lda: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -1612,22 +1688,18 @@ unsafe fn kernel_glu_avx2(
     let Start::Bias(bias) = start else {
         unreachable!("a GLU product is one depth block (PackedGlu::new checks)")
     };
-    for col in [0, 16] {
-        let (gate_bias, up_bias) = (
-            _mm256_loadu_ps(bias[col..].as_ptr()),
-            _mm256_loadu_ps(bias[col + 8..].as_ptr()),
+    let (gate_bias, up_bias) = (
+        _mm256_loadu_ps(bias.as_ptr()),
+        _mm256_loadu_ps(bias[8..].as_ptr()),
+    );
+    let acc = sums_6x16(kc, a, b);
+    for (r, acc) in acc.iter().enumerate() {
+        let (gate, up) = (
+            _mm256_add_ps(acc[0], gate_bias),
+            _mm256_add_ps(acc[1], up_bias),
         );
-        for row in [0, 6] {
-            let acc = sums_6x16(kc, a.add(row * lda), lda, b.add(col));
-            for (r, acc) in acc.iter().enumerate() {
-                let (gate, up) = (
-                    _mm256_add_ps(acc[0], gate_bias),
-                    _mm256_add_ps(acc[1], up_bias),
-                );
-                let out = super::vector::avx2::silu_mul8(gate, up);
-                _mm256_storeu_ps(c.add((row + r) * ldc + col / 2), out);
-            }
-        }
+        let out = super::vector::avx2::silu_mul8(gate, up);
+        _mm256_storeu_ps(c.add(r * ldc), out);
     }
 }
 
@@ -1711,6 +1783,26 @@ mod tests {
         out
     }
 
+    /// What the f32 kernels compute, one scalar at a time: per depth block, a fused multiply-add chain
+    /// from zero over the block's steps in order, added to the bias (the first block) or to the sum so far.
+    fn fma_chains(
+        a: &[f32],
+        b: &[f32],
+        bias: &[f32],
+        (n, m, d): (usize, usize, usize),
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; n * m];
+        for (i, o) in out.iter_mut().enumerate() {
+            let (row, col) = (&a[i / m * d..][..d], &b[i % m * d..][..d]);
+            *o = bias[i % m];
+            for (start, len) in depth_blocks(d) {
+                let chain = (start..start + len).fold(0f32, |s, p| row[p].mul_add(col[p], s));
+                *o += chain;
+            }
+        }
+        out
+    }
+
     /// `out` is `a · bᵀ + bias` (f64) within f32 summation's error over the depth.
     fn assert_near_naive(
         out: &[f32],
@@ -1763,8 +1855,9 @@ mod tests {
                 worst < 1e-4,
                 "({n}, {m}, {d}): differs from the gemm crate by {worst}"
             );
-            // Each f32 kernel of this file forced in turn: within f32 rounding of f64, and the AVX2 one
-            // bit-identical to the AVX-512 one (the same FMA chains).
+            // Each f32 kernel of this file forced in turn: within f32 rounding of f64, and bit-identical to
+            // the scalar FMA chains they promise (so the AVX2 one to the AVX-512 one).
+            let chains = fma_chains(&a, &b, &bias, (n, m, d));
             let mut first: Option<Vec<f32>> = None;
             for kernel in [Kernel::Avx512, Kernel::Avx2] {
                 if !kernel.available() {
@@ -1774,6 +1867,12 @@ mod tests {
                 let mut out = vec![f32::NAN; n * m];
                 matmul_nt_bias_with(kernel, &a, &b, Some(&bias), &mut out, n, m, d);
                 assert_near_naive(&out, &a, &b, &bias, (n, m, d));
+                assert!(
+                    out.iter()
+                        .zip(&chains)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "({n}, {m}, {d}): {kernel:?} is not the FMA chains' bits"
+                );
                 let bits: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
                 match &first {
                     Some(first) => assert!(
@@ -2255,6 +2354,8 @@ mod tests {
                     .num_threads(threads)
                     .build()
                     .unwrap();
+                let packed = PackedB::for_kernel(kernel, &b, m, d);
+                assert!(packed.unpack() == b, "{kernel:?} ({m}, {d}): unpacking");
                 let mut once = vec![f32::NAN; n * m];
                 let mut per_call = vec![f32::NAN; n * m];
                 pool.install(|| {
@@ -2296,7 +2397,7 @@ mod tests {
                 (1024, 960),
                 (1024, 49152),
             ] {
-                let tasks = pool.install(|| grid(n, m));
+                let tasks = pool.install(|| grid(n, m, NR));
                 let mut covered = vec![0u8; n * m.div_ceil(NR)];
                 for t in &tasks {
                     assert!(t.rows.start % MR == 0 && t.rows.len() <= n);
