@@ -418,12 +418,8 @@ trait Packing {
             *o = Self::elem(row, scale, p);
         }
     }
-    /// Whether [`Packing::rows`] interleaves `a`'s rows in panels of MR (element (r, p) of panel i at
-    /// `(i·steps + p)·MR + r`, the last panel zero-padded), so that a micro-kernel finds a depth step's MR
-    /// values side by side; else `a`'s rows are row-major.
-    const INTERLEAVED: bool = false;
-    /// Rows of `a` (`d` values each) in the micro-kernel's form (`⌈d / STEP⌉` elements a row, row-major or
-    /// [`Packing::INTERLEAVED`]), and, for a scaled format, each row's factor (empty otherwise).
+    /// Rows of `a` (`d` values each) in the micro-kernel's form (`⌈d / STEP⌉` elements a row, row-major),
+    /// and, for a scaled format, each row's factor (empty otherwise).
     fn rows(a: &[f32], d: usize) -> (Cow<'_, [Self::Elem]>, Vec<f32>);
 }
 
@@ -438,8 +434,11 @@ trait MicroKernel {
     /// Columns of `out` a tile stores: COLS, or half that for a kernel that stores one value per gate/up
     /// pair ([`Glu256`]).
     const OUT_COLS: usize = Self::COLS;
-    /// Whether a task packs its rows of `a` into interleaved panels of ROWS before its tiles read them
-    /// (as [`Packing::INTERLEAVED`] layouts come), rather than reading them in place.
+    /// Whether a task packs its rows of `a` into interleaved panels of ROWS ([`interleave`]) before its
+    /// tiles read them, rather than reading them in place: the kernel's broadcasts a step then read one
+    /// run of ROWS values at a pointer it steps along, where ROWS rows' addresses cost as many address
+    /// computations a step (the AVX2 kernels are bound by the instructions they issue, not by their
+    /// multiplies alone).
     const PACKS_A: bool = false;
     /// Panels of `b` a row panel meets before the next row panel does: 1 keeps one `b` panel in cache while
     /// every row panel of the task passes it; more keep a (packed) row panel in L1 while a run of `b` panels
@@ -449,8 +448,8 @@ trait MicroKernel {
     /// sum multiplied by its row's and column's `factors` first.
     ///
     /// # Safety
-    /// The CPU has the kernel's features; `a` holds ROWS rows of at least `kc` elements `lda` apart (an
-    /// interleaved layout: kc steps of ROWS), `b` kc × COLS elements, and `c` ROWS rows of OUT_COLS floats
+    /// The CPU has the kernel's features; `a` holds ROWS rows of at least `kc` elements `lda` apart (a
+    /// packed `a`: kc steps of ROWS), `b` kc × COLS elements, and `c` ROWS rows of OUT_COLS floats
     /// `ldc` apart.
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel(
@@ -635,25 +634,18 @@ impl Packing for I16Pairs {
         }
         int16_pack_row_lanes(row, scale, out)
     }
-    /// Interleaved: the kernel's six broadcasts a step then read one 24-byte run at a pointer it steps
-    /// along, where six rows' addresses cost six address computations a step (the kernel is bound by the
-    /// instructions it issues, not by its multiplies alone).
-    const INTERLEAVED: bool = true;
     fn rows(a: &[f32], d: usize) -> (Cow<'_, [u32]>, Vec<f32>) {
         let steps = d.div_ceil(2);
-        let n = a.len() / d;
-        let mut out = vec![0u32; n.div_ceil(MR) * MR * steps];
-        let mut factors = Vec::with_capacity(n);
-        let mut packed = vec![0u32; steps];
-        for (t, src) in a.chunks(d).enumerate() {
-            let scale = int16_scale(src);
-            Self::pack_row(src, scale, &mut packed);
-            let panel = &mut out[t / MR * MR * steps..][..MR * steps];
-            for (p, &v) in packed.iter().enumerate() {
-                panel[p * MR + t % MR] = v;
-            }
-            factors.push(1.0 / scale);
-        }
+        let mut out = vec![0u32; a.len() / d * steps];
+        let factors = out
+            .chunks_mut(steps)
+            .zip(a.chunks(d))
+            .map(|(dst, src)| {
+                let scale = int16_scale(src);
+                Self::pack_row(src, scale, dst);
+                1.0 / scale
+            })
+            .collect();
         (Cow::Owned(out), factors)
     }
 }
@@ -804,6 +796,10 @@ struct Madd16;
 
 impl MicroKernel for Madd16 {
     type Layout = I16Pairs;
+    const ROWS: usize = Fma256::ROWS;
+    const COLS: usize = Fma256::COLS;
+    const PACKS_A: bool = true;
+    const PANEL_RUN: usize = Fma256::PANEL_RUN;
     /// (`a` is an interleaved panel: `lda` is not used.)
     unsafe fn kernel(
         kc: usize,
@@ -1297,14 +1293,13 @@ unsafe fn block<K: MicroKernel>(
             cols: &b.factors[j * nr..][..nr],
         })
     };
-    let interleaved = K::Layout::INTERLEAVED || K::PACKS_A;
-    let a_rows = match K::PACKS_A {
+    let interleaved = K::PACKS_A;
+    let a_rows = match interleaved {
         true => Cow::Owned(interleave(&a_rows, lda, mr)),
         false => a_rows,
     };
-    // Row panels read in place: every one of an interleaved layout (it comes zero-padded), else the whole
-    // ones, and the last, partial one is copied zero-padded to `mr` rows (its extra rows feed sums that are
-    // never stored).
+    // Row panels read in place: every one of a packed `a` (zero-padded), else the whole ones, and the last,
+    // partial one is copied zero-padded to `mr` rows (its extra rows feed sums that are never stored).
     let in_place = match interleaved {
         true => rows.div_ceil(mr),
         false => rows / mr,
@@ -1399,7 +1394,7 @@ unsafe fn tile<K: MicroKernel>(
     factors: Option<Factors>,
 ) {
     let (mr, nr) = (K::ROWS, K::COLS);
-    let a_extent = match K::Layout::INTERLEAVED || K::PACKS_A {
+    let a_extent = match K::PACKS_A {
         true => kc * mr,
         false => (mr - 1) * lda + kc,
     };
@@ -1499,67 +1494,14 @@ unsafe fn kernel_bf16(
     store(&acc, c, ldc, start);
 }
 
-/// [`kernel_f32`] on AVX2, a 6 × 16 tile (12 sums in registers of 8 floats, two of `b`, one broadcast of
-/// `a`: 15 of AVX2's 16 registers): `a` a panel of 6 interleaved rows, `b` a 16-column panel. Every sum is
-/// the FMA chain of [`kernel_f32`] over the same depth steps, so the bits are the same.
+/// [`kernel_f32_avx2`] on 16-bit integer pairs: c[6 × 16] = start + factors ∘ (a · b) over `kc` pair steps,
+/// `a` a panel of 6 interleaved rows (a step's pairs side by side), `b` 16 pairs per step. Each `vpmaddwd`
+/// multiplies two depth steps' pairs and adds them to 8 i32 sums, 16 multiply-adds where an FMA does 8.
+/// The sums are exact (the scaled rows' norms keep every partial sum within i32: [`INT16_NORM`]); each is
+/// made f32 once, times its row's and column's factors.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_f32_avx2(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    start: Start,
-) {
-    kernel_6x16(kc, a, b, c, ldc, start);
-}
-
-/// [`kernel_f32_avx2`] on 16-bit integer pairs: each `vpmaddwd` multiplies two depth steps' pairs and adds
-/// them to 8 i32 sums, 16 multiply-adds where an FMA does 8. The sums are exact (the scaled rows' norms
-/// keep every partial sum within i32: [`INT16_NORM`]); each is made f32 once, times its row's and column's
-/// factors.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn kernel_i16_avx2(
-    kc: usize,
-    a: *const u32,
-    b: *const u32,
-    c: *mut f32,
-    ldc: usize,
-    start: Start,
-    factors: Factors,
-) {
-    for col in [0, 16] {
-        for row in [0, 6] {
-            let start = match start {
-                Start::Bias(bias) => Start::Bias(&bias[col..]),
-                Start::Accumulate => Start::Accumulate,
-            };
-            let factors = Factors {
-                rows: &factors.rows[row..],
-                cols: &factors.cols[col..],
-            };
-            kernel_6x16_i16(
-                kc,
-                a.add(row),
-                b.add(col),
-                c.add(row * ldc + col),
-                ldc,
-                start,
-                factors,
-            );
-        }
-    }
-}
-
-/// c[6 × 16] = start + factors ∘ (a · b) over `kc` pair steps: `a` 6 rows of an interleaved panel (a
-/// step's pairs side by side, MR apart), `b` 16 pairs per step, NR apart.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_6x16_i16(
     kc: usize,
     a: *const u32,
     b: *const u32,
@@ -1572,7 +1514,7 @@ unsafe fn kernel_6x16_i16(
     let mut acc = [[_mm256_setzero_si256(); 2]; 6];
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {
-        _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH * NR).cast());
+        _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH * 16).cast());
         let b0 = _mm256_loadu_si256(b.cast());
         let b1 = _mm256_loadu_si256(b.add(8).cast());
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -1580,8 +1522,8 @@ unsafe fn kernel_6x16_i16(
             acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(x, b0));
             acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(x, b1));
         }
-        a = a.add(MR);
-        b = b.add(NR);
+        a = a.add(6);
+        b = b.add(16);
     }
     let cols = (
         _mm256_loadu_ps(factors.cols.as_ptr()),
@@ -1608,11 +1550,13 @@ unsafe fn kernel_6x16_i16(
     }
 }
 
-/// c[6 × 16] = start + a · b over `kc` depth steps: `a` a panel of 6 interleaved rows, `b` 16 floats per
-/// step.
+/// [`kernel_f32`] on AVX2, c[6 × 16] = start + a · b over `kc` depth steps (12 sums in registers of 8
+/// floats, two of `b`, one broadcast of `a`: 15 of AVX2's 16 registers): `a` a panel of 6 interleaved
+/// rows, `b` 16 floats per step. Every sum is the FMA chain of [`kernel_f32`] over the same depth steps,
+/// so the bits are the same.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn kernel_6x16(
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_f32_avx2(
     kc: usize,
     a: *const f32,
     b: *const f32,
