@@ -517,9 +517,9 @@ impl MicroKernel for Fma512 {
 
 /// f32 FMAs on AVX2: [`kernel_f32_avx2`], the same sums in the same order as [`Fma512`] (so the same bits),
 /// in 6 × 16 tiles: `a` packed per task, `b` in 16-column panels, and a row panel (in L1) meeting 16 of
-/// them (256 columns) in turn. On an AMD Zen 3 this ran the forward's products 15–30% faster than reading
-/// `a` in place against halves of 32-column panels (each a 36 KB stream, every other cache line, from L2),
-/// two threads, in-process alternating runs; the 16-column panels gave most of it.
+/// them (256 columns) in turn. On an AMD Zen 3 the SmolLM2 forward ran faster this way than with `a` read
+/// in place against halves of 32-column panels (each a 36 KB stream on every other cache line, re-read from
+/// L2) in every adjacent pair of `BEFORE=… bench/forward.sh` (BENCHMARKS, Zen 3 thirteenth session).
 struct Fma256;
 
 impl MicroKernel for Fma256 {
