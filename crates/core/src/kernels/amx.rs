@@ -179,8 +179,8 @@ pub fn matmul_nt_bias(
 /// # Panics
 /// If [`available`] is false, or the extents disagree.
 pub fn multiply(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
-    // SAFETY: f32 and MaybeUninit<f32> have the same layout, and only initialised values are written.
-    let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    // SAFETY: `multiply_into` writes only floats.
+    let out = unsafe { super::to_overwrite(out) };
     multiply_into(a, b, bias, out);
 }
 
@@ -242,8 +242,8 @@ pub fn multiply_visit<R: Send>(
     assert!(bias.is_none_or(|bias| bias.len() == m));
     let compute = |row0: usize, out: &mut [f32]| {
         let rows = out.len() / m;
-        // SAFETY: f32 and MaybeUninit<f32> have the same layout, and only initialised values are written.
-        let uninit = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        // SAFETY: `task` writes only floats.
+        let uninit = unsafe { super::to_overwrite(out) };
         task(&a[row0 * d..][..rows * d], b, bias, uninit);
     };
     super::gemm::visit_row_tasks(n, m, BLOCK, ROWS_PER_TASK, out, compute, visit)

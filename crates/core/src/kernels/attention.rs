@@ -8,8 +8,10 @@
 
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
 use super::vector::softmax_row;
-use super::Isa;
+use super::{to_overwrite, Isa};
 
 /// Query rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -83,13 +85,16 @@ pub fn causal_attention(
     vis: Visibility,
     out: &mut [f32],
 ) {
+    // SAFETY: the kernel writes only floats.
+    let out = unsafe { to_overwrite(out) };
     causal_attention_on(Isa::best(), q, k, v, e, scale, vis, Layout::Pairs, out)
 }
 
 /// [`causal_attention`] with `out` by token: `[sequences, t, kv_heads · groups, head_dim]`, i.e. the
 /// `[batch, t, heads · head_dim]` the output projection reads (pairs = sequences × `kv_heads`, groups =
 /// rows / t). Each task's rows are computed in a small scratch block and copied to their places, instead
-/// of a separate pass over the whole output to merge the heads (~1.5% of a SmolLM2 forward).
+/// of a separate pass over the whole output to merge the heads (~1.5% of a SmolLM2 forward). Every element
+/// of `out` is written (it need not be initialised).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_attention_by_token(
     q: &[f32],
@@ -99,7 +104,7 @@ pub fn causal_attention_by_token(
     kv_heads: usize,
     scale: f32,
     vis: Visibility,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     assert!(kv_heads > 0 && e.pairs.is_multiple_of(kv_heads) && e.rows.is_multiple_of(e.t.max(1)));
     let layout = Layout::Tokens { kv_heads };
@@ -117,7 +122,7 @@ fn causal_attention_on(
     scale: f32,
     vis: Visibility,
     layout: Layout,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let Extents {
         pairs,
@@ -191,42 +196,23 @@ fn causal_attention_on(
             }
         }
     };
-    match layout {
-        Layout::Pairs => out
-            .par_chunks_mut(rows * hd)
-            .enumerate()
-            .for_each(|(pair, out)| {
-                out.par_chunks_mut(ROWS_PER_TASK * hd)
-                    .enumerate()
-                    .for_each(|(block, out)| task(pair, block, out))
-            }),
-        Layout::Tokens { kv_heads } => {
-            // Each task's rows into a scratch block, then each row to its token's place:
-            // row r of pair (b, h) is query head h·groups + r / t of token b·t + r % t.
-            let (t, groups) = (e.t, rows / e.t);
-            let blocks = rows.div_ceil(ROWS_PER_TASK);
-            let dest = SharedOut(out.as_mut_ptr());
-            (0..pairs * blocks).into_par_iter().for_each_init(
-                Vec::new,
-                |scratch: &mut Vec<f32>, index| {
-                    let (pair, block) = (index / blocks, index % blocks);
-                    let first = block * ROWS_PER_TASK;
-                    scratch.resize(ROWS_PER_TASK.min(rows - first) * hd, 0.0);
-                    task(pair, block, scratch);
-                    let (b, h) = (pair / kv_heads, pair % kv_heads);
-                    for (i, row) in scratch.chunks_exact(hd).enumerate() {
-                        let r = first + i;
-                        let token = b * t + r % t;
-                        let head = h * groups + r / t;
-                        let at = (token * kv_heads * groups + head) * hd;
-                        // SAFETY: `at + hd` ≤ out.len() (token < sequences · t, head < heads); each
-                        // (token, head) row is written by the one task that holds its (pair, r).
-                        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dest.at(at), hd) };
-                    }
-                },
-            );
-        }
-    }
+    // Each task's rows into a scratch block, then each row to its place in `out`.
+    let blocks = rows.div_ceil(ROWS_PER_TASK);
+    let dest = SharedOut(out.as_mut_ptr().cast());
+    (0..pairs * blocks)
+        .into_par_iter()
+        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, index| {
+            let (pair, block) = (index / blocks, index % blocks);
+            let first = block * ROWS_PER_TASK;
+            scratch.resize(ROWS_PER_TASK.min(rows - first) * hd, 0.0);
+            task(pair, block, scratch);
+            for (i, row) in scratch.chunks_exact(hd).enumerate() {
+                let at = layout.row_at(pair, first + i, e) * hd;
+                // SAFETY: `at + hd` ≤ out.len() (`row_at` is below pairs · rows); each output row is
+                // written by the one task that holds its (pair, r).
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dest.at(at), hd) };
+            }
+        });
 }
 
 /// Where [`causal_attention`] puts a pair's query rows.
@@ -239,6 +225,21 @@ enum Layout {
         /// kv heads per sequence (pairs = sequences × kv heads).
         kv_heads: usize,
     },
+}
+
+impl Layout {
+    /// The output row of query row `r` of `pair`: in `Tokens`, row r of pair (b, h) is query head
+    /// h·groups + r / t of token b·t + r % t.
+    fn row_at(self, pair: usize, r: usize, e: Extents) -> usize {
+        match self {
+            Layout::Pairs => pair * e.rows + r,
+            Layout::Tokens { kv_heads } => {
+                let (t, groups) = (e.t, e.rows / e.t);
+                let (b, h) = (pair / kv_heads, pair % kv_heads);
+                (b * t + r % t) * kv_heads * groups + h * groups + r / t
+            }
+        }
+    }
 }
 
 /// The output as a pointer the tasks share: each writes its own rows.
@@ -644,6 +645,25 @@ mod avx2 {
 mod tests {
     use super::*;
 
+    /// [`causal_attention_on`] into initialised floats (NaN in most tests: a row left unwritten shows).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        isa: Isa,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        e: Extents,
+        scale: f32,
+        vis: Visibility,
+        layout: Layout,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the kernel writes only floats.
+        causal_attention_on(isa, q, k, v, e, scale, vis, layout, unsafe {
+            to_overwrite(out)
+        })
+    }
+
     /// The definition in f64: masked scores, softmax, weighted sum.
     #[allow(clippy::too_many_arguments)]
     fn reference(
@@ -746,7 +766,7 @@ mod tests {
                 .flat_map(|vis| Isa::available().into_iter().map(move |isa| (vis, isa)))
             {
                 let mut out = vec![f32::NAN; q.len()];
-                causal_attention_on(isa, &q, &k, &v, e, scale, vis, Layout::Pairs, &mut out);
+                attend(isa, &q, &k, &v, e, scale, vis, Layout::Pairs, &mut out);
                 let want = reference(&q, &k, &v, e, scale, vis);
                 for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
                     assert!(
@@ -759,7 +779,7 @@ mod tests {
                 for kv_heads in [1, pairs] {
                     let layout = Layout::Tokens { kv_heads };
                     let mut by_token = vec![f32::NAN; q.len()];
-                    causal_attention_on(isa, &q, &k, &v, e, scale, vis, layout, &mut by_token);
+                    attend(isa, &q, &k, &v, e, scale, vis, layout, &mut by_token);
                     for pair in 0..pairs {
                         for r in 0..e.rows {
                             let (b, h) = (pair / kv_heads, pair % kv_heads);
@@ -806,8 +826,8 @@ mod tests {
         for isa in Isa::available() {
             let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
             let vis = Visibility::default();
-            causal_attention_on(isa, &q, &k, &v, e, 0.125, vis, Layout::Pairs, &mut a);
-            causal_attention_on(isa, &q, &k2, &v2, e, 0.125, vis, Layout::Pairs, &mut b);
+            attend(isa, &q, &k, &v, e, 0.125, vis, Layout::Pairs, &mut a);
+            attend(isa, &q, &k2, &v2, e, 0.125, vis, Layout::Pairs, &mut b);
             for pair in 0..e.pairs {
                 for r in 0..e.rows {
                     let row = (pair * e.rows + r) * 64;

@@ -1352,17 +1352,27 @@ unsafe fn block<K: MicroKernel>(
 }
 
 /// Row-major rows of `steps` elements interleaved in panels of `rows` (element (r, p) of panel i at
-/// `(i·steps + p)·rows + r`), the last panel zero-padded: a depth step's values side by side.
+/// `(i·steps + p)·rows + r`), the last panel zero-padded: a depth step's values side by side. (Written
+/// once, never zeroed first: the zeroing was a fifth of this copy's time in a SmolLM2 forward.)
 fn interleave<T: Copy + Default>(a: &[T], steps: usize, rows: usize) -> Vec<T> {
-    let panels = (a.len() / steps.max(1)).div_ceil(rows);
-    let mut out = vec![T::default(); panels * rows * steps];
-    for (panel, src) in out.chunks_mut(rows * steps).zip(a.chunks(rows * steps)) {
+    let len = (a.len() / steps.max(1)).div_ceil(rows) * rows * steps;
+    let mut out = Vec::with_capacity(len);
+    let panels = out.spare_capacity_mut()[..len].chunks_mut(rows * steps);
+    for (panel, src) in panels.zip(a.chunks(rows * steps)) {
+        let filled = src.len() / steps;
         for (r, row) in src.chunks(steps).enumerate() {
             for (p, &v) in row.iter().enumerate() {
-                panel[p * rows + r] = v;
+                panel[p * rows + r].write(v);
+            }
+        }
+        for p in 0..steps {
+            for padding in &mut panel[p * rows..][filled..rows] {
+                padding.write(T::default());
             }
         }
     }
+    // SAFETY: each panel's `filled` rows were copied and its other rows written with zeros: all `len`.
+    unsafe { out.set_len(len) };
     out
 }
 

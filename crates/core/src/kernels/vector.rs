@@ -8,7 +8,9 @@
 
 use rayon::prelude::*;
 
-use super::Isa;
+use std::mem::MaybeUninit;
+
+use super::{assume_written, Isa};
 
 /// Elements per parallel task: large enough to amortise the task, small enough to balance two threads.
 const CHUNK: usize = 1 << 14;
@@ -49,12 +51,13 @@ fn silu_mul(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
-/// RMSNorm of each row of `x` (rows of `weight.len()`): `x / √(mean(x²) + eps) · weight`.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+/// RMSNorm of each row of `x` (rows of `weight.len()`): `x / √(mean(x²) + eps) · weight`, into `out`
+/// (every element written; it need not be initialised).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
     rms_norm_on(Isa::best(), x, weight, eps, out)
 }
 
-fn rms_norm_on(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+fn rms_norm_on(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
     let width = weight.len();
     assert!(width > 0 && x.len() == out.len() && x.len().is_multiple_of(width));
     let rows_per_task = (CHUNK / width).max(1);
@@ -64,7 +67,7 @@ fn rms_norm_on(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// [`rms_norm`] of whole rows on one thread.
-fn rms_norm_rows(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+fn rms_norm_rows(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
     let width = weight.len();
     for (out, x) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
         // SAFETY (both): `isa` is one the CPU has; the three rows have the same width.
@@ -77,7 +80,7 @@ fn rms_norm_rows(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32])
                 let mean = x.iter().map(|v| v * v).sum::<f32>() / width as f32;
                 let inv = 1.0 / (mean + eps).sqrt();
                 for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
-                    *o = v * inv * w;
+                    o.write(v * inv * w);
                 }
             }
         }
@@ -86,14 +89,14 @@ fn rms_norm_rows(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32])
 
 /// `sum = x + y` and its RMSNorm ([`rms_norm`]) in one pass over the rows: a transformer's residual add and
 /// the next norm, which read the sum back from memory when they were two passes. The same bits as the add
-/// followed by [`rms_norm`].
+/// followed by [`rms_norm`]. Every element of `sum` and `normed` is written (they need not be initialised).
 pub fn add_rms_norm(
     x: &[f32],
     y: &[f32],
     weight: &[f32],
     eps: f32,
-    sum: &mut [f32],
-    normed: &mut [f32],
+    sum: &mut [MaybeUninit<f32>],
+    normed: &mut [MaybeUninit<f32>],
 ) {
     add_rms_norm_on(Isa::best(), x, y, weight, eps, sum, normed)
 }
@@ -104,8 +107,8 @@ fn add_rms_norm_on(
     y: &[f32],
     weight: &[f32],
     eps: f32,
-    sum: &mut [f32],
-    normed: &mut [f32],
+    sum: &mut [MaybeUninit<f32>],
+    normed: &mut [MaybeUninit<f32>],
 ) {
     let width = weight.len();
     let n = x.len();
@@ -117,8 +120,10 @@ fn add_rms_norm_on(
         .zip(x.par_chunks(chunk).zip(y.par_chunks(chunk)))
         .for_each(|((sum, normed), (x, y))| {
             for ((s, &a), &b) in sum.iter_mut().zip(x).zip(y) {
-                *s = a + b;
+                s.write(a + b);
             }
+            // SAFETY: every element of this chunk of `sum` was written just above.
+            let sum = unsafe { assume_written(sum) };
             rms_norm_rows(isa, sum, weight, eps, normed);
         });
 }
@@ -168,6 +173,7 @@ fn exp_in_place(isa: Isa, x: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// Lanes as a mask for the first `len` (≤ 16) elements.
     #[inline(always)]
@@ -237,7 +243,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    pub unsafe fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
         let mut sum = _mm512_setzero_ps();
         for c in x.chunks(16) {
             let v = _mm512_maskz_loadu_ps(lanes(c.len()), c.as_ptr());
@@ -249,7 +255,7 @@ mod avx512 {
             let m = lanes(o.len());
             let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x.as_ptr()), inv);
             let w = _mm512_maskz_loadu_ps(m, w.as_ptr());
-            _mm512_mask_storeu_ps(o.as_mut_ptr(), m, _mm512_mul_ps(v, w));
+            _mm512_mask_storeu_ps(o.as_mut_ptr().cast(), m, _mm512_mul_ps(v, w));
         }
     }
 
@@ -285,6 +291,9 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    use crate::kernels::to_overwrite;
 
     /// Up to 8 values, the lanes past `v`'s end set to `fill`.
     #[inline(always)]
@@ -300,12 +309,21 @@ pub(super) mod avx2 {
     /// The first `v.len()` (≤ 8) lanes of `x` into `v`.
     #[inline(always)]
     unsafe fn store(v: &mut [f32], x: __m256) {
+        // SAFETY: `write` writes only lanes of `x`, initialised floats.
+        write(unsafe { to_overwrite(v) }, x)
+    }
+
+    /// [`store`] into floats that need not be initialised yet.
+    #[inline(always)]
+    unsafe fn write(v: &mut [MaybeUninit<f32>], x: __m256) {
         if v.len() == 8 {
-            return _mm256_storeu_ps(v.as_mut_ptr(), x);
+            return _mm256_storeu_ps(v.as_mut_ptr().cast(), x);
         }
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), x);
-        v.copy_from_slice(&lanes[..v.len()]);
+        for (v, &lane) in v.iter_mut().zip(&lanes) {
+            v.write(lane);
+        }
     }
 
     /// The sum of the 8 lanes (pairwise: high half onto low, then within the low half).
@@ -403,7 +421,7 @@ pub(super) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    pub unsafe fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
         let mut squares = _mm256_setzero_ps();
         for c in x.chunks(8) {
             let v = load(c, 0.0);
@@ -413,7 +431,7 @@ pub(super) mod avx2 {
         let inv = _mm256_set1_ps(1.0 / (mean + eps).sqrt());
         for ((o, x), w) in out.chunks_mut(8).zip(x.chunks(8)).zip(weight.chunks(8)) {
             let v = _mm256_mul_ps(load(x, 0.0), inv);
-            store(o, _mm256_mul_ps(v, load(w, 0.0)));
+            write(o, _mm256_mul_ps(v, load(w, 0.0)));
         }
     }
 
@@ -445,6 +463,7 @@ pub(super) mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::{to_overwrite, written};
 
     /// Distance in units in the last place between an f32 and the exact value.
     fn ulps(got: f32, exact: f64) -> f64 {
@@ -542,8 +561,10 @@ mod tests {
         let weight: Vec<f32> = (0..width).map(|i| 0.5 + i as f32 / 10.0).collect();
         let eps = 1e-5;
         for isa in Isa::available() {
+            // NaN until written: an element left unwritten fails the comparison.
             let mut out = vec![f32::NAN; x.len()];
-            rms_norm_on(isa, &x, &weight, eps, &mut out);
+            // SAFETY: `rms_norm_on` writes only floats.
+            rms_norm_on(isa, &x, &weight, eps, unsafe { to_overwrite(&mut out) });
             for (r, (row, got)) in x.chunks(width).zip(out.chunks(width)).enumerate() {
                 let mean = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / width as f64;
                 let inv = 1.0 / (mean + eps as f64).sqrt();
@@ -573,10 +594,16 @@ mod tests {
         let weight: Vec<f32> = (0..width).map(|i| 0.5 + i as f32 / 10.0).collect();
         let want_sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
         for isa in Isa::available() {
-            let mut want = vec![0f32; x.len()];
-            rms_norm_on(isa, &want_sum, &weight, 1e-5, &mut want);
+            // SAFETY (both): the kernels write only floats.
+            let want = unsafe {
+                written(x.len(), |want| {
+                    rms_norm_on(isa, &want_sum, &weight, 1e-5, want)
+                })
+            };
             let (mut sum, mut normed) = (vec![f32::NAN; x.len()], vec![f32::NAN; x.len()]);
-            add_rms_norm_on(isa, &x, &y, &weight, 1e-5, &mut sum, &mut normed);
+            let (sum_out, normed_out) =
+                unsafe { (to_overwrite(&mut sum), to_overwrite(&mut normed)) };
+            add_rms_norm_on(isa, &x, &y, &weight, 1e-5, sum_out, normed_out);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&sum), bits(&want_sum), "{isa:?} sum");
             assert_eq!(bits(&normed), bits(&want), "{isa:?} norm");
@@ -634,7 +661,10 @@ mod tests {
             let mut norm = vec![0f32; n];
             pool.install(|| {
                 swiglu_on(isa, &gate, 101, &mut out);
-                rms_norm_on(isa, &gate, &gate[..101], 1e-5, &mut norm);
+                // SAFETY: `rms_norm_on` writes only floats.
+                rms_norm_on(isa, &gate, &gate[..101], 1e-5, unsafe {
+                    to_overwrite(&mut norm)
+                });
             });
             (out, norm)
         };
