@@ -190,11 +190,8 @@ pub fn multiply(a: &[f32], b: &PackedB, bias: Option<&[f32]>, out: &mut [f32]) {
 /// # Panics
 /// As [`multiply`].
 pub fn product(a: &[f32], n: usize, b: &PackedB, bias: Option<&[f32]>) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n * b.m);
-    multiply_into(a, b, bias, &mut out.spare_capacity_mut()[..n * b.m]);
-    // SAFETY: `multiply_into` wrote every one of the n × m values.
-    unsafe { out.set_len(n * b.m) };
-    out
+    // SAFETY: `multiply_into` writes every one of the n × m values.
+    unsafe { super::written(n * b.m, |out| multiply_into(a, b, bias, out)) }
 }
 
 /// [`multiply`] into `out`, every element of which it writes.

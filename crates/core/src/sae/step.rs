@@ -22,6 +22,7 @@ use crate::kernels::gemm::{
     int16_rounding_norms, matmul_nt_bias, matmul_nt_bias_visit, Kernel, Precision,
 };
 use crate::kernels::simd::{axpy, bf16_rounding_norms, dot, dot4, prefetch};
+use crate::kernels::written;
 
 /// Tokens per block of the passes taken latent by latent (the exact re-ranking, decoding): a block's rows
 /// (2.3 KB each at d_in 576) stay in L2 while each encoder or decoder row is read once.
@@ -225,19 +226,20 @@ impl Weights {
         let d = self.d_in;
         // (Every value below is written only if the bias is a whole row.)
         assert_eq!(self.b_dec.len(), d, "b_dec has d_in values");
-        let mut out = Vec::with_capacity(x.len());
-        x.par_chunks(ROWS_PER_TASK * d)
-            .zip(out.spare_capacity_mut()[..x.len()].par_chunks_mut(ROWS_PER_TASK * d))
-            .for_each(|(x, out)| {
-                for (x, out) in x.chunks(d).zip(out.chunks_mut(d)) {
-                    for ((o, a), b) in out.iter_mut().zip(x).zip(&self.b_dec) {
-                        o.write(a - b);
-                    }
-                }
-            });
-        // SAFETY: every one of the x.len() values was written above (`x` and `out` split alike).
-        unsafe { out.set_len(x.len()) };
-        out
+        // SAFETY: every one of the x.len() values is written (`x` and `out` split alike).
+        unsafe {
+            written(x.len(), |out| {
+                x.par_chunks(ROWS_PER_TASK * d)
+                    .zip(out.par_chunks_mut(ROWS_PER_TASK * d))
+                    .for_each(|(x, out)| {
+                        for (x, out) in x.chunks(d).zip(out.chunks_mut(d)) {
+                            for ((o, a), b) in out.iter_mut().zip(x).zip(&self.b_dec) {
+                                o.write(a - b);
+                            }
+                        }
+                    })
+            })
+        }
     }
 
     /// [`Weights::pre_activations`] into a reused buffer; returns the centred inputs.
@@ -434,9 +436,14 @@ impl Weights {
         let d = self.d_in;
         let n = sel.offsets.len() - 1;
         assert_eq!(self.b_dec.len(), d, "b_dec has d_in values");
-        let mut out = Vec::with_capacity(n * d);
-        out.spare_capacity_mut()[..n * d]
-            .par_chunks_mut(BLOCK_ROWS * d)
+        // SAFETY: the blocks write all n·d values.
+        unsafe { written(n * d, |out| self.decode_into(sel, bias, out)) }
+    }
+
+    /// [`Weights::decode`] into `out` (n·d values, each written).
+    fn decode_into(&self, sel: &Selection, bias: bool, out: &mut [std::mem::MaybeUninit<f32>]) {
+        let d = self.d_in;
+        out.par_chunks_mut(BLOCK_ROWS * d)
             .enumerate()
             .for_each(|(block, rows)| {
                 let first = block * BLOCK_ROWS;
@@ -465,9 +472,6 @@ impl Weights {
                     }
                 }
             });
-        // SAFETY: the blocks wrote all n·d values.
-        unsafe { out.set_len(n * d) };
-        out
     }
 
     /// Reconstruction statistics of a batch without gradients (validation).
